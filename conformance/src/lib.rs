@@ -1,0 +1,2 @@
+//! The conformance suite (placeholder while being written).
+pub mod load;

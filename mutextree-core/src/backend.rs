@@ -1,0 +1,152 @@
+//! The contract between the lock handle and a store.
+//!
+//! A store implements [`LockBackend`]: the seed's primitives (an expiring
+//! lock on one node's key with an owner id, and the list of locks under a
+//! key prefix), release and refresh of one grant, and optionally the tree
+//! operation and wake-ups. The trait is object safe; the handle works on
+//! `Arc<dyn LockBackend>`, so code written against the memory store runs
+//! unchanged on Redis, etcd or PostgreSQL.
+//!
+//! Like object_store's `ObjectStore`, the trait has few default methods,
+//! because a default is easy for an implementer to get subtly wrong. The two
+//! it has are honest fallbacks: the stepwise tree algorithm over the
+//! primitives, and polling with backoff. Every shipped store overrides both.
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::error::Error;
+use crate::lock::{Attempt, Grant, HeldLock, LockKind, LockRequest, Ttl};
+use crate::path::LockPath;
+use crate::stepwise;
+use crate::wait::Listener;
+
+/// An expiring-lock store with owner ids, seen through one namespace.
+///
+/// # Contract
+///
+/// * Inputs are valid by construction; a store does not re-check them.
+/// * "Live" means granted, not released and not expired, by the store's own
+///   clock (never a client's).
+/// * Every method that reads or writes the store either completes or fails
+///   with [`Error::Store`]; a failure after the request was sent may still
+///   have taken effect, and anything it granted expires at its ttl.
+/// * Tokens: every grant (of either kind) takes a fencing token strictly
+///   greater than every token granted before in the namespace.
+#[async_trait]
+pub trait LockBackend: Send + Sync + fmt::Debug {
+    /// Primitive: locks the single key of `request.path` if no live lock is
+    /// on that exact key, ignoring ancestors and descendants. `kind` is
+    /// stored with the lock and reported in [`HeldLock::transient`].
+    async fn try_lock_key(&self, request: &LockRequest, kind: LockKind) -> Result<Attempt, Error>;
+
+    /// Releases exactly this grant (path, owner and token). Fails with
+    /// [`Error::NotHeld`], changing nothing, if it is not live.
+    async fn release(&self, grant: &Grant) -> Result<(), Error>;
+
+    /// Sets the remaining life of exactly this grant to `ttl` (not adds to
+    /// it), returning the grant with its new ttl and expiry. Fails with
+    /// [`Error::NotHeld`], changing nothing, if it is not live.
+    async fn refresh(&self, grant: &Grant, ttl: Ttl) -> Result<Grant, Error>;
+
+    /// Primitive and inspection: the live locks on `under` and below it, or
+    /// in the whole namespace for `None`, in key order.
+    async fn list(&self, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error>;
+
+    /// The tree operation: grants `request` iff, at one instant, no live
+    /// lock is held on the path, an ancestor or a descendant (by anyone, the
+    /// same owner included); otherwise reports one lock in the way.
+    ///
+    /// The default runs the seed's stepwise algorithm over the primitives
+    /// ([`stepwise::try_grant`]); every shipped store overrides it with one
+    /// atomic operation in one round trip.
+    async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error> {
+        stepwise::try_grant(self, request).await
+    }
+
+    /// A listener for changes that may unblock a waiter (a release, a purged
+    /// expired lock), taken *before* an attempt so that a release between the
+    /// refusal and the wait is not missed.
+    ///
+    /// The default polls with jittered backoff; stores override it with their
+    /// notifications ([`ChangeFeed`](crate::ChangeFeed)).
+    fn listen(&self) -> Listener {
+        Listener::polling()
+    }
+}
+
+#[async_trait]
+impl<B: LockBackend + ?Sized> LockBackend for Arc<B> {
+    async fn try_lock_key(&self, request: &LockRequest, kind: LockKind) -> Result<Attempt, Error> {
+        (**self).try_lock_key(request, kind).await
+    }
+
+    async fn release(&self, grant: &Grant) -> Result<(), Error> {
+        (**self).release(grant).await
+    }
+
+    async fn refresh(&self, grant: &Grant, ttl: Ttl) -> Result<Grant, Error> {
+        (**self).refresh(grant, ttl).await
+    }
+
+    async fn list(&self, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
+        (**self).list(under).await
+    }
+
+    async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error> {
+        (**self).try_grant(request).await
+    }
+
+    fn listen(&self) -> Listener {
+        (**self).listen()
+    }
+}
+
+/// A store seen through the seed's stepwise algorithm: tree grants go
+/// through [`stepwise::try_grant`] over the store's primitives instead of its
+/// native atomic operation; everything else is the store's own.
+///
+/// Useful to check that a store's primitives are enough for tree locks, and
+/// to run old-style clients beside native ones on one namespace (they
+/// interoperate: native grants respect the stepwise client's transient
+/// parent locks, and the stepwise client sees native locks as keys).
+#[derive(Debug, Clone)]
+pub struct Stepwise<B: ?Sized> {
+    inner: Arc<B>,
+}
+
+impl<B: LockBackend + ?Sized> Stepwise<B> {
+    /// Wraps a store.
+    pub fn new(inner: Arc<B>) -> Self {
+        Stepwise { inner }
+    }
+}
+
+#[async_trait]
+impl<B: LockBackend + ?Sized> LockBackend for Stepwise<B> {
+    async fn try_lock_key(&self, request: &LockRequest, kind: LockKind) -> Result<Attempt, Error> {
+        self.inner.try_lock_key(request, kind).await
+    }
+
+    async fn release(&self, grant: &Grant) -> Result<(), Error> {
+        self.inner.release(grant).await
+    }
+
+    async fn refresh(&self, grant: &Grant, ttl: Ttl) -> Result<Grant, Error> {
+        self.inner.refresh(grant, ttl).await
+    }
+
+    async fn list(&self, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
+        self.inner.list(under).await
+    }
+
+    async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error> {
+        stepwise::try_grant(&*self.inner, request).await
+    }
+
+    fn listen(&self) -> Listener {
+        self.inner.listen()
+    }
+}

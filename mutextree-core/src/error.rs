@@ -1,0 +1,292 @@
+//! The one public error type.
+//!
+//! Every fallible call of every crate in the workspace returns [`Error`].
+//! Stores keep their own client errors private and map them into
+//! [`Error::Store`], saying whether a retry can help. Messages are meant to
+//! be read by a person: what blocked and for how long, or which rule an input
+//! broke.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::time::Duration;
+
+use crate::lock::{HeldLock, Owner};
+use crate::path::{LockPath, MAX_DEPTH, MAX_PATH_BYTES, MAX_SEGMENT_BYTES};
+
+/// What can go wrong with a tree lock.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A path broke one of the rules of [`LockPath`]; nothing was sent.
+    #[error("invalid lock path {input}: {rule}")]
+    InvalidPath {
+        /// The rejected input, shortened for display.
+        input: String,
+        /// The rule it broke.
+        rule: PathRule,
+    },
+
+    /// A ttl outside the accepted range; nothing was sent.
+    #[error("invalid ttl {}: {reason}", human(*.ttl))]
+    InvalidTtl {
+        /// The rejected ttl.
+        ttl: Duration,
+        /// The rule it broke.
+        reason: String,
+    },
+
+    /// An owner id that is empty, too long or not printable; nothing was sent.
+    #[error("invalid owner id {owner}: {reason}")]
+    InvalidOwner {
+        /// The rejected owner id, shortened for display.
+        owner: String,
+        /// The rule it broke.
+        reason: String,
+    },
+
+    /// A namespace name a store cannot use; nothing was sent.
+    #[error("invalid namespace {namespace}: {reason}")]
+    InvalidNamespace {
+        /// The rejected name, shortened for display.
+        namespace: String,
+        /// The rule it broke.
+        reason: String,
+    },
+
+    /// A store's configuration (URL, option) is unusable.
+    #[error("invalid {store} configuration: {reason}")]
+    InvalidConfig {
+        /// The store: `memory`, `redis`, `postgres`, `etcd`.
+        store: &'static str,
+        /// What is wrong, and what would be right.
+        reason: String,
+    },
+
+    /// A non-blocking acquisition found the path, an ancestor or a
+    /// descendant held.
+    #[error("lock on {path} refused: {}", describe_blocker(path, blocker))]
+    Refused {
+        /// The path that was asked for.
+        path: LockPath,
+        /// The live lock in the way.
+        blocker: HeldLock,
+    },
+
+    /// A blocking acquisition waited as long as it was allowed to.
+    #[error("lock on {path} not granted after waiting {}: {}", human(*waited), describe_blocker(path, blocker))]
+    Timeout {
+        /// The path that was asked for.
+        path: LockPath,
+        /// How long the acquisition waited.
+        waited: Duration,
+        /// The last live lock seen in the way.
+        blocker: HeldLock,
+    },
+
+    /// The handle already holds its lock; tree locks are not re-entrant.
+    #[error("this handle already holds {path}; tree locks are not re-entrant, release it first")]
+    AlreadyHeld {
+        /// The path the handle holds.
+        path: LockPath,
+    },
+
+    /// Release or refresh of a grant that is not live: it expired, was
+    /// released, was taken over, or was never granted. Nothing was changed.
+    #[error("{}", describe_not_held(path, owner.as_ref(), *token))]
+    NotHeld {
+        /// The path of the grant.
+        path: LockPath,
+        /// Its owner id, if a grant existed.
+        owner: Option<Owner>,
+        /// Its fencing token, if a grant existed.
+        token: Option<u64>,
+    },
+
+    /// Automatic refresh could not keep the lock: the store refused the
+    /// refresh, or stayed unreachable until the lock's ttl ran out.
+    #[error("lock on {path} was lost: {reason}")]
+    Lost {
+        /// The path of the lost lock.
+        path: LockPath,
+        /// Why it was lost.
+        reason: String,
+    },
+
+    /// The store failed: unreachable, timed out, or answered something
+    /// unexpected. Whether the operation took effect is unknown unless the
+    /// message says otherwise; a grant it may have made expires at its ttl.
+    #[error("{store} store error: {message}")]
+    Store {
+        /// The store: `memory`, `redis`, `postgres`, `etcd`.
+        store: &'static str,
+        /// What failed.
+        message: String,
+        /// Whether trying again later can succeed (connection loss, timeout)
+        /// or not (a protocol or permission error).
+        retryable: bool,
+        /// The client library's error, if any.
+        #[source]
+        source: Option<Box<dyn StdError + Send + Sync>>,
+    },
+}
+
+impl Error {
+    pub(crate) fn invalid_path(input: &str, rule: PathRule) -> Self {
+        Error::InvalidPath { input: input.to_owned(), rule }
+    }
+
+    /// A store error from a client library's error.
+    pub fn store(
+        store: &'static str,
+        retryable: bool,
+        source: impl StdError + Send + Sync + 'static,
+    ) -> Self {
+        Error::Store { store, message: source.to_string(), retryable, source: Some(Box::new(source)) }
+    }
+
+    /// A store error with a message only.
+    pub fn store_message(store: &'static str, retryable: bool, message: impl Into<String>) -> Self {
+        Error::Store { store, message: message.into(), retryable, source: None }
+    }
+
+    /// Whether trying the same call again later may succeed: a lock that
+    /// was held (refused, timed out) or a store that was unreachable.
+    /// Invalid input never becomes valid.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Refused { .. } | Error::Timeout { .. } => true,
+            Error::Store { retryable, .. } => *retryable,
+            _ => false,
+        }
+    }
+
+    /// The live lock that blocked an acquisition, for refusals and timeouts.
+    pub fn blocker(&self) -> Option<&HeldLock> {
+        match self {
+            Error::Refused { blocker, .. } | Error::Timeout { blocker, .. } => Some(blocker),
+            _ => None,
+        }
+    }
+}
+
+/// The rule a rejected [`LockPath`] broke.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PathRule {
+    /// A path needs at least one segment.
+    NoSegments,
+    /// More than [`MAX_DEPTH`] segments.
+    TooDeep {
+        /// How many segments were given (counting stops early past the limit).
+        depth: usize,
+    },
+    /// A segment is the empty string (`a//b` in the text form).
+    EmptySegment {
+        /// Its position, from 0.
+        index: usize,
+    },
+    /// A segment longer than [`MAX_SEGMENT_BYTES`].
+    SegmentTooLong {
+        /// Its position, from 0.
+        index: usize,
+        /// Its length in UTF-8 bytes.
+        bytes: usize,
+    },
+    /// Segments longer than [`MAX_PATH_BYTES`] together.
+    TooLong {
+        /// Their total length in UTF-8 bytes.
+        bytes: usize,
+    },
+    /// The text form ends with a `\` that escapes nothing.
+    DanglingEscape,
+    /// The text form has `\` before something other than `/` or `\`.
+    UnknownEscape {
+        /// The character after the `\`.
+        found: char,
+    },
+    /// A key that [`LockPath::key`] did not make.
+    NotAKey,
+}
+
+impl fmt::Display for PathRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PathRule::NoSegments => write!(f, "a path needs at least one segment"),
+            PathRule::TooDeep { depth } => {
+                write!(f, "{depth} segments, but a path may have at most {MAX_DEPTH}")
+            }
+            PathRule::EmptySegment { index } => write!(
+                f,
+                "segment {} is empty; segments must have at least one character (in the text form, \
+                 `a//b` and a leading or trailing `/` make empty segments)",
+                index + 1
+            ),
+            PathRule::SegmentTooLong { index, bytes } => write!(
+                f,
+                "segment {} has {bytes} bytes, but a segment may have at most {MAX_SEGMENT_BYTES} bytes",
+                index + 1
+            ),
+            PathRule::TooLong { bytes } => write!(
+                f,
+                "the segments have {bytes} bytes together, but a path may have at most {MAX_PATH_BYTES} bytes"
+            ),
+            PathRule::DanglingEscape => {
+                write!(f, "the text ends with a lone `\\`; write `\\\\` for a backslash")
+            }
+            PathRule::UnknownEscape { found } => write!(
+                f,
+                "unknown escape `\\{found}`; only `\\/` (a slash inside a segment) and `\\\\` (a backslash) exist"
+            ),
+            PathRule::NotAKey => write!(f, "not a key made by LockPath::key"),
+        }
+    }
+}
+
+/// "its ancestor A/B is held by "web-1" for 29.8 s more (fencing token 17)".
+fn describe_blocker(path: &LockPath, blocker: &HeldLock) -> String {
+    let whose = if blocker.path == *path {
+        "it is held".to_owned()
+    } else if blocker.path.is_ancestor_of(path) {
+        format!("its ancestor {} is held", blocker.path)
+    } else {
+        format!("its descendant {} is held", blocker.path)
+    };
+    let transient = if blocker.transient {
+        ", a parent lock a stepwise client holds for a moment"
+    } else {
+        ""
+    };
+    format!(
+        "{whose} by {} for {} more (fencing token {}{transient})",
+        blocker.owner,
+        human(blocker.remaining),
+        blocker.token
+    )
+}
+
+fn describe_not_held(path: &LockPath, owner: Option<&Owner>, token: Option<u64>) -> String {
+    match (owner, token) {
+        (Some(owner), Some(token)) => format!(
+            "{path} is not held by owner {owner} with fencing token {token}: the lock expired, \
+             was released, or belongs to someone else"
+        ),
+        _ => format!("{path} is not held by this handle: acquire it first"),
+    }
+}
+
+/// A duration as a person reads it: `850 ms`, `29.8 s`, `2 h 5 min`.
+pub fn human(duration: Duration) -> String {
+    let millis = duration.as_millis();
+    if millis < 1_000 {
+        if duration > Duration::ZERO && millis == 0 {
+            return format!("{} µs", duration.as_micros());
+        }
+        format!("{millis} ms")
+    } else if millis < 120_000 {
+        format!("{:.1} s", duration.as_secs_f64())
+    } else if millis < 7_200_000 {
+        format!("{} min {} s", duration.as_secs() / 60, duration.as_secs() % 60)
+    } else {
+        format!("{} h {} min", duration.as_secs() / 3600, duration.as_secs() / 60 % 60)
+    }
+}

@@ -1,0 +1,559 @@
+//! The handle a user holds: [`TreeLock`], its guard and its closure wrapper.
+//!
+//! It mirrors the seed's `TreeLock(backend, nodes, expire=30, holder_id=None,
+//! timeout=0)`, itself modelled on Python's `threading.Lock`:
+//!
+//! | seed | here |
+//! | --- | --- |
+//! | `TreeLock(backend, nodes, expire, id, timeout)` | [`TreeLock::builder`]`(backend, path).ttl(..).owner(..).timeout(..).build()` |
+//! | `acquire()` | [`TreeLock::acquire`] (waits as configured), [`TreeLock::try_acquire`], [`TreeLock::acquire_timeout`] |
+//! | `release()` | [`TreeLock::release`] |
+//! | `refresh(expire=None)` | [`TreeLock::refresh`], [`TreeLock::refresh_to`] |
+//! | `with lock:` | [`TreeLock::lock`] returning a [`TreeLockGuard`] |
+//! | `@tree_lock(...)` | [`TreeLock::run`] |
+//!
+//! # Defaults
+//!
+//! The seed's: a 30 s ttl ([`DEFAULT_TTL`]), a random UUID owner id, and no
+//! waiting (`timeout=0`): [`TreeLock::acquire`] on a held path fails at once
+//! with [`Error::Refused`] unless a timeout or [`Wait::Forever`] is set.
+//! Automatic refresh is off.
+//!
+//! # Drop in async Rust
+//!
+//! `Drop` cannot await, so dropping a [`TreeLockGuard`] cannot release the
+//! lock and report the outcome. What it does: it forgets the grant at once
+//! (the handle no longer believes it holds the lock) and, when dropped
+//! inside a tokio runtime, spawns the release as a background task whose
+//! error is discarded. Outside a runtime, or if the runtime shuts down
+//! first, or if the store is unreachable, the lock stays until its ttl runs
+//! out. Call [`TreeLockGuard::release`] to release for certain and see the
+//! error.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::{sleep, sleep_until};
+
+use crate::backend::LockBackend;
+use crate::error::{human, Error};
+use crate::lock::{Grant, LockRequest, Owner, Ttl};
+use crate::path::LockPath;
+use crate::wait::{self, Wait};
+
+/// The seed's default ttl: 30 s.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
+
+/// Anything that names a lock path: a [`LockPath`], its text form (`"A/B/D"`)
+/// or its segments (`["A", "B", "D"]`, a `Vec` or a slice of strings).
+pub trait IntoLockPath {
+    /// Validates and converts.
+    fn into_lock_path(self) -> Result<LockPath, Error>;
+}
+
+impl IntoLockPath for LockPath {
+    fn into_lock_path(self) -> Result<LockPath, Error> {
+        Ok(self)
+    }
+}
+
+impl IntoLockPath for &LockPath {
+    fn into_lock_path(self) -> Result<LockPath, Error> {
+        Ok(self.clone())
+    }
+}
+
+impl IntoLockPath for &str {
+    fn into_lock_path(self) -> Result<LockPath, Error> {
+        LockPath::parse(self)
+    }
+}
+
+impl IntoLockPath for &String {
+    fn into_lock_path(self) -> Result<LockPath, Error> {
+        LockPath::parse(self)
+    }
+}
+
+impl<S: Into<String>, const N: usize> IntoLockPath for [S; N] {
+    fn into_lock_path(self) -> Result<LockPath, Error> {
+        LockPath::new(self)
+    }
+}
+
+impl<S: Into<String>> IntoLockPath for Vec<S> {
+    fn into_lock_path(self) -> Result<LockPath, Error> {
+        LockPath::new(self)
+    }
+}
+
+impl<S: Into<String> + Clone> IntoLockPath for &[S] {
+    fn into_lock_path(self) -> Result<LockPath, Error> {
+        LockPath::new(self.iter().cloned())
+    }
+}
+
+/// Configures a [`TreeLock`]; nothing is checked or sent until
+/// [`build`](TreeLockBuilder::build).
+#[derive(Debug)]
+#[must_use = "a builder does nothing until build() is called"]
+pub struct TreeLockBuilder {
+    backend: Arc<dyn LockBackend>,
+    path: Result<LockPath, Error>,
+    ttl: Duration,
+    owner: Option<String>,
+    wait: Wait,
+    auto_refresh: bool,
+}
+
+impl TreeLockBuilder {
+    /// How long the lock lives unless refreshed or released (default 30 s).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// The owner id (default: a random UUID).
+    pub fn owner(mut self, owner: impl Into<String>) -> Self {
+        self.owner = Some(owner.into());
+        self
+    }
+
+    /// How long [`TreeLock::acquire`] waits for a held lock (default: not at
+    /// all, as the seed's `timeout=0`).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.wait = Wait::For(timeout);
+        self
+    }
+
+    /// How [`TreeLock::acquire`] waits, in full.
+    pub fn wait(mut self, wait: Wait) -> Self {
+        self.wait = wait;
+        self
+    }
+
+    /// Refresh the lock in the background while it is held, every third of
+    /// its ttl; [`TreeLock::lost`] tells when that fails (default: off).
+    pub fn auto_refresh(mut self, on: bool) -> Self {
+        self.auto_refresh = on;
+        self
+    }
+
+    /// Checks the path, ttl and owner id and makes the handle.
+    pub fn build(self) -> Result<TreeLock, Error> {
+        let path = self.path?;
+        let ttl = Ttl::new(self.ttl)?;
+        let owner = match self.owner {
+            Some(owner) => Owner::new(owner)?,
+            None => Owner::random(),
+        };
+        Ok(TreeLock {
+            shared: Arc::new(Shared {
+                backend: self.backend,
+                request: LockRequest::new(path, owner, ttl),
+                wait: self.wait,
+                auto_refresh: self.auto_refresh,
+                held: Mutex::new(Held::default()),
+            }),
+        })
+    }
+}
+
+/// A lock on one node of the tree (and so its whole subtree), like the
+/// seed's `TreeLock`. See the [module docs](self) for the defaults.
+///
+/// Clones share one state: a grant taken through one clone is released
+/// through any. A handle holds at most one grant at a time.
+///
+/// ```
+/// # use std::{sync::Arc, time::Duration};
+/// # use mutextree_core::{Error, LockBackend, TreeLock, Wait};
+/// # async fn demo(backend: Arc<dyn LockBackend>) -> Result<(), Error> {
+/// let lock = TreeLock::builder(backend, ["eu-west", "rack-12", "host-7"])
+///     .ttl(Duration::from_secs(60))
+///     .timeout(Duration::from_secs(5))
+///     .build()?;
+/// let grant = lock.acquire().await?;
+/// println!("fencing token {}", grant.token);
+/// lock.release().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct TreeLock {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    backend: Arc<dyn LockBackend>,
+    request: LockRequest,
+    wait: Wait,
+    auto_refresh: bool,
+    /// A `std` mutex, not tokio's: it is never held across an `.await`.
+    held: Mutex<Held>,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    grant: Option<Grant>,
+    keeper: Option<Keeper>,
+}
+
+/// The automatic refresh task of one grant, and how it reports a loss.
+#[derive(Debug)]
+struct Keeper {
+    task: JoinHandle<()>,
+    lost: watch::Receiver<Option<String>>,
+}
+
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TreeLock {
+    /// A handle with the seed's defaults (30 s ttl, random owner, no waiting).
+    pub fn new(backend: Arc<dyn LockBackend>, path: impl IntoLockPath) -> Result<TreeLock, Error> {
+        TreeLock::builder(backend, path).build()
+    }
+
+    /// Configures a handle.
+    pub fn builder(backend: Arc<dyn LockBackend>, path: impl IntoLockPath) -> TreeLockBuilder {
+        TreeLockBuilder {
+            backend,
+            path: path.into_lock_path(),
+            ttl: DEFAULT_TTL,
+            owner: None,
+            wait: Wait::No,
+            auto_refresh: false,
+        }
+    }
+
+    /// The locked node.
+    pub fn path(&self) -> &LockPath {
+        &self.shared.request.path
+    }
+
+    /// The owner id grants are made for.
+    pub fn owner(&self) -> &Owner {
+        &self.shared.request.owner
+    }
+
+    /// The ttl of each grant and refresh.
+    pub fn ttl(&self) -> Duration {
+        self.shared.request.ttl.get()
+    }
+
+    /// The store.
+    pub fn backend(&self) -> &Arc<dyn LockBackend> {
+        &self.shared.backend
+    }
+
+    /// Acquires, waiting as configured (by default not at all).
+    pub async fn acquire(&self) -> Result<Grant, Error> {
+        self.acquire_with(self.shared.wait).await
+    }
+
+    /// Acquires without waiting for a held lock: [`Error::Refused`] names it.
+    pub async fn try_acquire(&self) -> Result<Grant, Error> {
+        self.acquire_with(Wait::No).await
+    }
+
+    /// Acquires, waiting up to `timeout`: [`Error::Timeout`] names the last
+    /// lock in the way.
+    pub async fn acquire_timeout(&self, timeout: Duration) -> Result<Grant, Error> {
+        self.acquire_with(Wait::For(timeout)).await
+    }
+
+    /// Acquires, waiting as `wait` says.
+    ///
+    /// Cancel safe: dropping the future leaves nothing held but, at worst, a
+    /// grant whose reply was in flight, which expires at its ttl.
+    pub async fn acquire_with(&self, wait: Wait) -> Result<Grant, Error> {
+        self.ensure_not_held()?;
+        let grant = wait::acquire(&*self.shared.backend, &self.shared.request, wait).await?;
+        let mut held = self.held();
+        if held.grant.as_ref().is_some_and(|other| !other.is_expired()) {
+            // Another acquisition through a clone of this handle won the race.
+            drop(held);
+            let _ = self.shared.backend.release(&grant).await;
+            return Err(Error::AlreadyHeld { path: self.path().clone() });
+        }
+        held.keeper = self.shared.auto_refresh.then(|| Keeper::start(&self.shared, &grant));
+        held.grant = Some(grant.clone());
+        Ok(grant)
+    }
+
+    /// Releases the grant this handle holds. [`Error::NotHeld`] if it holds
+    /// none, or if the store no longer has it (expired, or released by an
+    /// administrator); the handle forgets it either way.
+    ///
+    /// If the store cannot be reached, the error is returned and the handle
+    /// keeps the grant so the release can be tried again.
+    pub async fn release(&self) -> Result<(), Error> {
+        let grant = self.take_grant().ok_or_else(|| self.not_held())?;
+        match self.shared.backend.release(&grant).await {
+            Err(error @ Error::Store { .. }) => {
+                let mut held = self.held();
+                if held.grant.is_none() {
+                    held.grant = Some(grant);
+                }
+                Err(error)
+            }
+            other => other,
+        }
+    }
+
+    /// Sets the remaining life of the held lock to exactly the configured
+    /// ttl (the seed's `refresh()`).
+    pub async fn refresh(&self) -> Result<Grant, Error> {
+        self.refresh_to(self.ttl()).await
+    }
+
+    /// Sets the remaining life of the held lock to exactly `ttl` (the seed's
+    /// `refresh(expire)`); later refreshes go back to the configured ttl.
+    pub async fn refresh_to(&self, ttl: Duration) -> Result<Grant, Error> {
+        let ttl = Ttl::new(ttl)?;
+        let grant = self.grant().ok_or_else(|| self.not_held())?;
+        match self.shared.backend.refresh(&grant, ttl).await {
+            Ok(refreshed) => {
+                let mut held = self.held();
+                if held.grant.as_ref().is_some_and(|g| g.token == refreshed.token) {
+                    held.grant = Some(refreshed.clone());
+                }
+                Ok(refreshed)
+            }
+            Err(error @ Error::NotHeld { .. }) => {
+                self.forget(grant.token);
+                Err(error)
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Whether anyone (this handle included) holds a live lock on exactly
+    /// this path, as `threading.Lock.locked()`. Asks the store.
+    pub async fn locked(&self) -> Result<bool, Error> {
+        let held = self.shared.backend.list(Some(self.path())).await?;
+        Ok(held.iter().any(|lock| lock.path == *self.path()))
+    }
+
+    /// The grant this handle holds, if it believes it holds one (its local
+    /// expiry has not passed). Asks nothing.
+    pub fn grant(&self) -> Option<Grant> {
+        self.held().grant.clone().filter(|grant| !grant.is_expired())
+    }
+
+    /// Whether this handle believes it holds its lock. Asks nothing.
+    pub fn is_held(&self) -> bool {
+        self.grant().is_some()
+    }
+
+    /// Acquires (waiting as configured) and returns a guard that releases
+    /// on [`release`](TreeLockGuard::release) or, in the background, on drop.
+    pub async fn lock(&self) -> Result<TreeLockGuard, Error> {
+        let grant = self.acquire().await?;
+        Ok(TreeLockGuard { lock: self.clone(), grant, released: false })
+    }
+
+    /// Runs `work` under the lock (the seed's `@tree_lock` decorator):
+    /// acquires as configured, runs `work` with the grant (for its fencing
+    /// token), releases whatever the outcome, and returns `work`'s value.
+    ///
+    /// If the release fails (the lock expired while `work` ran), the error is
+    /// returned instead of the value: the work was not protected to its end.
+    /// With automatic refresh on, losing the lock stops `work` at its next
+    /// await point (the future is dropped) and returns [`Error::Lost`]. If
+    /// `work` panics, the guard's drop releases the lock in the background.
+    pub async fn run<F, Fut, T>(&self, work: F) -> Result<T, Error>
+    where
+        F: FnOnce(Grant) -> Fut,
+        Fut: Future<Output = T>,
+    {
+        let guard = self.lock().await?;
+        let work = work(guard.grant().clone());
+        let value = if self.shared.auto_refresh {
+            let lost = self.lost();
+            tokio::select! {
+                value = work => value,
+                error = lost => return Err(error),
+            }
+        } else {
+            work.await
+        };
+        guard.release().await?;
+        Ok(value)
+    }
+
+    /// Resolves with [`Error::Lost`] when the lock held now is lost: with
+    /// automatic refresh, when a refresh is refused or the store stays
+    /// unreachable until the lock's expiry; without, when its ttl runs out.
+    /// Resolves at once if nothing is held. Does not resolve on a release.
+    ///
+    /// The future owns what it needs: keep it beside the work it guards, as
+    /// in `tokio::select!`.
+    pub fn lost(&self) -> impl Future<Output = Error> + Send + 'static {
+        let path = self.path().clone();
+        let (grant, keeper) = {
+            let held = self.held();
+            (held.grant.clone(), held.keeper.as_ref().map(|k| k.lost.clone()))
+        };
+        async move {
+            let Some(grant) = grant else {
+                return Error::Lost { path, reason: "it is not held".into() };
+            };
+            let reason = match keeper {
+                Some(mut lost) => match lost.wait_for(Option::is_some).await {
+                    Ok(reason) => reason.clone().unwrap_or_default(),
+                    Err(_) => "the handle was dropped".into(),
+                },
+                None => {
+                    sleep_until(grant.expires_at).await;
+                    format!("its ttl of {} ran out without a refresh", human(grant.ttl))
+                }
+            };
+            Error::Lost { path, reason }
+        }
+    }
+
+    fn held(&self) -> MutexGuard<'_, Held> {
+        lock_state(&self.shared)
+    }
+
+    fn ensure_not_held(&self) -> Result<(), Error> {
+        let mut held = self.held();
+        match &held.grant {
+            Some(grant) if !grant.is_expired() => Err(Error::AlreadyHeld { path: self.path().clone() }),
+            Some(_) => {
+                *held = Held::default();
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn take_grant(&self) -> Option<Grant> {
+        let mut held = self.held();
+        held.keeper = None;
+        held.grant.take()
+    }
+
+    /// Forgets the grant with this token, if it is still the one held.
+    fn forget(&self, token: u64) -> Option<Grant> {
+        let mut held = self.held();
+        if held.grant.as_ref().is_some_and(|g| g.token == token) {
+            held.keeper = None;
+            return held.grant.take();
+        }
+        None
+    }
+
+    fn not_held(&self) -> Error {
+        Error::NotHeld { path: self.path().clone(), owner: None, token: None }
+    }
+}
+
+fn lock_state(shared: &Shared) -> MutexGuard<'_, Held> {
+    // The state is only ever replaced whole, so it is consistent even if a
+    // holder panicked.
+    shared.held.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Keeper {
+    /// Refreshes every third of the ttl; on a refusal, or when errors last
+    /// until the grant's expiry, reports the loss and stops.
+    fn start(shared: &Arc<Shared>, grant: &Grant) -> Keeper {
+        let (report, lost) = watch::channel(None);
+        let shared: Weak<Shared> = Arc::downgrade(shared);
+        let mut grant = grant.clone();
+        let task = tokio::spawn(async move {
+            let mut next_in = grant.ttl / 3;
+            let reason = loop {
+                sleep(next_in).await;
+                let Some(shared) = shared.upgrade() else { return };
+                match shared.backend.refresh(&grant, shared.request.ttl).await {
+                    Ok(refreshed) => {
+                        let mut held = lock_state(&shared);
+                        if held.grant.as_ref().is_some_and(|g| g.token == refreshed.token) {
+                            held.grant = Some(refreshed.clone());
+                        }
+                        next_in = refreshed.ttl / 3;
+                        grant = refreshed;
+                    }
+                    Err(error @ Error::NotHeld { .. }) => break format!("the store refused a refresh: {error}"),
+                    Err(error) if grant.is_expired() => {
+                        break format!("the store stayed unreachable until the lock expired: {error}")
+                    }
+                    // Retry soon, but not in a tight loop, and once more at
+                    // the expiry at the latest.
+                    Err(_) => next_in = (grant.ttl / 10).min(Duration::from_secs(1)).min(grant.remaining()),
+                }
+            };
+            let _ = report.send(Some(reason));
+        });
+        Keeper { task, lost }
+    }
+}
+
+/// Holds a lock until [`release`](TreeLockGuard::release) or drop. See the
+/// [module docs](self#drop-in-async-rust) for what drop can do.
+#[derive(Debug)]
+#[must_use = "dropping the guard releases the lock"]
+pub struct TreeLockGuard {
+    lock: TreeLock,
+    grant: Grant,
+    released: bool,
+}
+
+impl TreeLockGuard {
+    /// The grant, with its fencing token.
+    pub fn grant(&self) -> &Grant {
+        &self.grant
+    }
+
+    /// The fencing token to hand to the protected resource.
+    pub fn token(&self) -> u64 {
+        self.grant.token
+    }
+
+    /// The handle this guard came from.
+    pub fn lock(&self) -> &TreeLock {
+        &self.lock
+    }
+
+    /// Sets the remaining life to exactly the handle's ttl.
+    pub async fn refresh(&mut self) -> Result<&Grant, Error> {
+        self.grant = self.lock.refresh().await?;
+        Ok(&self.grant)
+    }
+
+    /// See [`TreeLock::lost`].
+    pub fn lost(&self) -> impl Future<Output = Error> + Send + 'static {
+        self.lock.lost()
+    }
+
+    /// Releases the lock and reports the outcome.
+    pub async fn release(mut self) -> Result<(), Error> {
+        self.released = true;
+        self.lock.release().await
+    }
+}
+
+impl Drop for TreeLockGuard {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        let Some(grant) = self.lock.forget(self.grant.token) else { return };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let backend = Arc::clone(self.lock.backend());
+            runtime.spawn(async move {
+                let _ = backend.release(&grant).await;
+            });
+        }
+    }
+}

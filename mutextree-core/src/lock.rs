@@ -1,0 +1,347 @@
+//! The values that cross the [`LockBackend`](crate::LockBackend) contract:
+//! validated inputs ([`Owner`], [`Ttl`], [`Namespace`], [`LockRequest`]) and
+//! the store's answers ([`Grant`], [`HeldLock`], [`Attempt`]).
+//!
+//! Inputs can only be built through constructors that check them, so a store
+//! never sees an empty owner, a zero ttl or an over-long path: bad input is
+//! refused before anything is sent.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::error::{human, Error};
+use crate::path::{quote, LockPath};
+
+/// Who holds a lock: an id chosen by the caller or a random UUID.
+///
+/// 1 to [`Owner::MAX_BYTES`] bytes of UTF-8 with no control characters, so
+/// it prints on one line and fits every store. Release and refresh need the
+/// fencing token as well, so two handles sharing an owner id still cannot
+/// release each other's grants.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Owner(Arc<str>);
+
+impl Owner {
+    /// Longest accepted owner id, in bytes.
+    pub const MAX_BYTES: usize = 255;
+
+    /// Checks and wraps an owner id.
+    pub fn new(id: impl Into<String>) -> Result<Self, Error> {
+        let id = id.into();
+        let reason = if id.is_empty() {
+            Some("an owner id needs at least one character".to_owned())
+        } else if id.len() > Self::MAX_BYTES {
+            Some(format!("{} bytes, but an owner id may have at most {}", id.len(), Self::MAX_BYTES))
+        } else if id.chars().any(char::is_control) {
+            Some("an owner id may not contain control characters".to_owned())
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => Err(Error::InvalidOwner { owner: quote(&id), reason }),
+            None => Ok(Owner(id.into())),
+        }
+    }
+
+    /// A fresh random id (a UUID v4), as the seed gave holders without one.
+    pub fn random() -> Self {
+        Owner(uuid::Uuid::new_v4().to_string().into())
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Owner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", &*self.0)
+    }
+}
+
+impl fmt::Debug for Owner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Owner({:?})", &*self.0)
+    }
+}
+
+/// How long a lock lives unless refreshed or released: from 1 ms to
+/// [`Ttl::MAX`], counted in whole milliseconds (finer values round up).
+///
+/// A store with a coarser clock (etcd leases count whole seconds from 2 s)
+/// may round it up further; the [`Grant`] says which ttl was applied.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ttl(Duration);
+
+impl Ttl {
+    /// The shortest ttl.
+    pub const MIN: Duration = Duration::from_millis(1);
+    /// The longest ttl: one day. Longer work keeps a shorter lock refreshed.
+    pub const MAX: Duration = Duration::from_secs(24 * 60 * 60);
+
+    /// Checks a ttl, rounding it up to whole milliseconds.
+    pub fn new(ttl: Duration) -> Result<Self, Error> {
+        if ttl.is_zero() {
+            return Err(Error::InvalidTtl {
+                ttl,
+                reason: "a lock needs a ttl greater than zero; a ttl of zero would never be held".into(),
+            });
+        }
+        if ttl > Self::MAX {
+            return Err(Error::InvalidTtl {
+                ttl,
+                reason: format!(
+                    "a ttl may be at most {}; keep a shorter lock refreshed instead",
+                    human(Self::MAX)
+                ),
+            });
+        }
+        let whole_millis = ttl.as_nanos().div_ceil(1_000_000);
+        Ok(Ttl(Duration::from_millis(whole_millis as u64)))
+    }
+
+    /// The ttl as a duration.
+    pub fn get(self) -> Duration {
+        self.0
+    }
+
+    /// The ttl in whole milliseconds.
+    pub fn as_millis(self) -> u64 {
+        self.0.as_millis() as u64
+    }
+}
+
+impl fmt::Debug for Ttl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Ttl({})", human(self.0))
+    }
+}
+
+impl TryFrom<Duration> for Ttl {
+    type Error = Error;
+
+    fn try_from(ttl: Duration) -> Result<Self, Error> {
+        Ttl::new(ttl)
+    }
+}
+
+/// The name that keeps one application's locks apart from another's on a
+/// shared store: 1 to [`Namespace::MAX_BYTES`] ASCII letters, digits and
+/// `_ - . :`.
+///
+/// The character set is narrow on purpose: the name becomes part of Redis
+/// keys (inside a `{hash tag}`, so braces are out), of etcd key prefixes and
+/// of PostgreSQL values, and must mean the same thing in all of them.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Namespace(Arc<str>);
+
+impl Namespace {
+    /// Longest accepted namespace, in bytes.
+    pub const MAX_BYTES: usize = 100;
+
+    /// Checks and wraps a namespace name.
+    pub fn new(name: impl Into<String>) -> Result<Self, Error> {
+        let name = name.into();
+        let reason = if name.is_empty() {
+            Some("a namespace needs at least one character".to_owned())
+        } else if name.len() > Self::MAX_BYTES {
+            Some(format!("{} bytes, but a namespace may have at most {}", name.len(), Self::MAX_BYTES))
+        } else if let Some(bad) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || "_-.:".contains(*c))) {
+            Some(format!(
+                "{bad:?} is not allowed; a namespace uses ASCII letters, digits and `_ - . :` only"
+            ))
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => Err(Error::InvalidNamespace { namespace: quote(&name), reason }),
+            None => Ok(Namespace(name.into())),
+        }
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for Namespace {
+    /// `mutextree`.
+    fn default() -> Self {
+        Namespace("mutextree".into())
+    }
+}
+
+impl fmt::Display for Namespace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Namespace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Namespace({:?})", &*self.0)
+    }
+}
+
+/// A request to lock `path` for `owner` during `ttl`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LockRequest {
+    /// The node to lock.
+    pub path: LockPath,
+    /// Who will hold it.
+    pub owner: Owner,
+    /// How long it lives unless refreshed or released.
+    pub ttl: Ttl,
+}
+
+impl LockRequest {
+    /// Bundles already-validated parts.
+    pub fn new(path: LockPath, owner: Owner, ttl: Ttl) -> Self {
+        LockRequest { path, owner, ttl }
+    }
+}
+
+/// What a single-key lock is for, in the stepwise algorithm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LockKind {
+    /// A lock the owner holds on its node until release or expiry.
+    Lock,
+    /// A parent lock the stepwise algorithm holds for a moment on its way to
+    /// the node below; others retry past it instead of giving up.
+    Transient,
+}
+
+/// A granted lock: what release and refresh need, and the fencing token to
+/// hand to the resource it protects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    /// The locked node.
+    pub path: LockPath,
+    /// Its holder.
+    pub owner: Owner,
+    /// Strictly greater than every token granted before in the namespace:
+    /// a protected resource that remembers the highest token it has seen can
+    /// refuse a holder that lost its lock without knowing it.
+    pub token: u64,
+    /// The ttl the store applied (a store may round the requested one up).
+    pub ttl: Duration,
+    /// When the lock expires at the latest, on this process's clock: the
+    /// moment the request was sent plus the ttl. The store may drop it
+    /// earlier (never later) from this process's point of view.
+    pub expires_at: Instant,
+    /// Whether this is a stepwise algorithm's transient parent lock.
+    pub kind: LockKind,
+}
+
+impl Grant {
+    /// A grant made by a store for `request`, which was sent at `sent_at`.
+    pub fn new(request: &LockRequest, kind: LockKind, token: u64, ttl: Duration, sent_at: Instant) -> Self {
+        Grant {
+            path: request.path.clone(),
+            owner: request.owner.clone(),
+            token,
+            ttl,
+            expires_at: sent_at + ttl,
+            kind,
+        }
+    }
+
+    /// How long this process can still count on the lock.
+    pub fn remaining(&self) -> Duration {
+        self.expires_at.saturating_duration_since(Instant::now())
+    }
+
+    /// Whether the lock has certainly expired by now.
+    pub fn is_expired(&self) -> bool {
+        self.remaining().is_zero()
+    }
+}
+
+/// A live lock as a store reports it: in a listing, or as the reason an
+/// acquisition was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldLock {
+    /// The locked node.
+    pub path: LockPath,
+    /// Its holder.
+    pub owner: Owner,
+    /// Its fencing token.
+    pub token: u64,
+    /// Its remaining life by the store's clock when the store answered.
+    pub remaining: Duration,
+    /// Whether it is a stepwise client's transient parent lock.
+    pub transient: bool,
+}
+
+impl fmt::Display for HeldLock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} held by {} for {} more (fencing token {})",
+            self.path,
+            self.owner,
+            human(self.remaining),
+            self.token
+        )?;
+        if self.transient {
+            f.write_str(", transient")?;
+        }
+        Ok(())
+    }
+}
+
+/// The answer to one attempt at a lock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Attempt {
+    /// The lock is held now.
+    Granted(Grant),
+    /// A live lock is in the way.
+    Blocked(HeldLock),
+}
+
+impl Attempt {
+    /// The grant, if the attempt succeeded.
+    pub fn granted(self) -> Option<Grant> {
+        match self {
+            Attempt::Granted(grant) => Some(grant),
+            Attempt::Blocked(_) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_rules() {
+        assert!(Ttl::new(Duration::ZERO).expect_err("zero").to_string().contains("greater than zero"));
+        assert!(Ttl::new(Duration::MAX).expect_err("huge").to_string().contains("at most"));
+        assert_eq!(Ttl::new(Duration::from_micros(1)).expect("1 µs").get(), Duration::from_millis(1));
+        assert_eq!(Ttl::new(Duration::from_micros(1_500)).expect("1.5 ms").as_millis(), 2);
+        assert_eq!(Ttl::new(Ttl::MAX).expect("max").get(), Ttl::MAX);
+    }
+
+    #[test]
+    fn owner_rules() {
+        assert!(Owner::new("").is_err());
+        assert!(Owner::new("a\nb").is_err());
+        assert!(Owner::new("x".repeat(1 << 20)).expect_err("1 MiB").to_string().len() < 300);
+        assert_eq!(Owner::new("web-1 (pid 7)").expect("ok").as_str(), "web-1 (pid 7)");
+        assert_ne!(Owner::random(), Owner::random());
+    }
+
+    #[test]
+    fn namespace_rules() {
+        for bad in ["", "{x}", "a}b", "a b", "é", "{"] {
+            assert!(Namespace::new(bad).is_err(), "{bad:?}");
+        }
+        assert!(Namespace::new("x".repeat(101)).is_err());
+        assert_eq!(Namespace::new("app:locks-1.2_b").expect("ok").as_str(), "app:locks-1.2_b");
+    }
+}

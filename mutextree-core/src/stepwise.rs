@@ -1,0 +1,131 @@
+//! The seed's stepwise algorithm, over a store's primitives only.
+//!
+//! For a store that offers just expiring single-key locks and "the locks
+//! under this prefix", a tree grant for `[A, B, D]` goes:
+//!
+//! 1. lock each strict ancestor's key, root first (`[A]`, then `[A, B]`) as a
+//!    *transient* lock that lives [`TRANSIENT_TTL`] at most;
+//! 2. lock the node's own key with the requested ttl;
+//! 3. list the locks under the node: if there is one, release the node and
+//!    report it;
+//! 4. release the ancestors' transient locks.
+//!
+//! Any refusal releases what was taken and reports the lock in the way.
+//!
+//! # Why this order, and why it is safe
+//!
+//! The seed checked descendants *before* locking the node (its steps 2 and
+//! 3), which lets a client locking `[A]` check, then a client locking
+//! `[A, B]` pass through `[A]` and lock `[A, B]`, then the first lock `[A]`:
+//! two holders. Checking after locking the node closes that window: of two
+//! clients locking overlapping paths X (above) and N (below), either the
+//! N-client passed through X before the X-client locked it, and then the
+//! X-client's check finds N; or the X-client held X first, and then the
+//! N-client cannot pass through it. Native grants (one atomic step that
+//! looks at ancestors, the node and descendants) interleave with the steps
+//! the same way, so stepwise and native clients can share a namespace.
+//!
+//! That argument needs the transient parent locks alive until the node is
+//! locked. Their expiry is known on this side conservatively (the moment the
+//! request was sent plus the ttl); if the node's grant arrives after the
+//! earliest of them, the protection may have lapsed: the node is released
+//! and the round starts again.
+//!
+//! # What it cannot do
+//!
+//! It costs `2 × depth + 1` round trips, and a client that dies midway
+//! leaves transient parent locks for at most [`TRANSIENT_TTL`] (the seed left
+//! them for `timeout + 5` s) and its node lock for its ttl. A parent held
+//! transiently by someone else is reported with
+//! [`HeldLock::transient`](crate::HeldLock::transient) set; the acquisition
+//! loop retries past it instead of failing, even when it was asked not to
+//! wait, so siblings never refuse each other.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::backend::LockBackend;
+use crate::error::Error;
+use crate::lock::{Attempt, Grant, LockKind, LockRequest, Ttl};
+
+/// The life of a transient parent lock: how long a client that dies midway
+/// can keep others out of a parent.
+pub const TRANSIENT_TTL: Duration = Duration::from_secs(2);
+
+/// How many times a grant is retried when the store answered so slowly that
+/// the transient parent locks may have expired before the node was locked.
+const SLOW_ROUNDS: usize = 3;
+
+/// A tree grant by the stepwise algorithm (see the module docs).
+pub async fn try_grant<B: LockBackend + ?Sized>(backend: &B, request: &LockRequest) -> Result<Attempt, Error> {
+    for _ in 0..SLOW_ROUNDS {
+        if let Some(attempt) = one_round(backend, request).await? {
+            return Ok(attempt);
+        }
+    }
+    Err(Error::store_message(
+        "stepwise",
+        true,
+        format!(
+            "the store answered too slowly to lock {} stepwise: its parent locks expired \
+             (after {TRANSIENT_TTL:?}) before the node was locked, {SLOW_ROUNDS} times",
+            request.path
+        ),
+    ))
+}
+
+/// One pass of the algorithm; `None` when the parent locks may have lapsed.
+async fn one_round<B: LockBackend + ?Sized>(backend: &B, request: &LockRequest) -> Result<Option<Attempt>, Error> {
+    let transient_ttl = Ttl::new(TRANSIENT_TTL)?;
+    let mut parents: Vec<Grant> = Vec::with_capacity(request.path.depth() - 1);
+    let outcome = lock_parents_then_node(backend, request, transient_ttl, &mut parents).await;
+    for parent in &parents {
+        // A parent that cannot be released now expires within TRANSIENT_TTL.
+        let _ = backend.release(parent).await;
+    }
+    match outcome? {
+        Attempt::Granted(node) => {
+            let parents_alive_until = parents.iter().map(|p| p.expires_at).min();
+            if parents_alive_until.is_some_and(|until| Instant::now() >= until) {
+                let _ = backend.release(&node).await;
+                return Ok(None);
+            }
+            Ok(Some(Attempt::Granted(node)))
+        }
+        blocked => Ok(Some(blocked)),
+    }
+}
+
+async fn lock_parents_then_node<B: LockBackend + ?Sized>(
+    backend: &B,
+    request: &LockRequest,
+    transient_ttl: Ttl,
+    parents: &mut Vec<Grant>,
+) -> Result<Attempt, Error> {
+    for ancestor in request.path.ancestors() {
+        let parent = LockRequest::new(ancestor, request.owner.clone(), transient_ttl);
+        match backend.try_lock_key(&parent, LockKind::Transient).await? {
+            Attempt::Granted(grant) => parents.push(grant),
+            blocked => return Ok(blocked),
+        }
+    }
+    let node = match backend.try_lock_key(request, LockKind::Lock).await? {
+        Attempt::Granted(grant) => grant,
+        blocked => return Ok(blocked),
+    };
+    let below = match backend.list(Some(&request.path)).await {
+        Ok(below) => below,
+        Err(error) => {
+            let _ = backend.release(&node).await;
+            return Err(error);
+        }
+    };
+    match below.into_iter().find(|held| held.path != request.path) {
+        Some(descendant) => {
+            let _ = backend.release(&node).await;
+            Ok(Attempt::Blocked(descendant))
+        }
+        None => Ok(Attempt::Granted(node)),
+    }
+}

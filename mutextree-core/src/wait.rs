@@ -1,0 +1,242 @@
+//! Waiting for a lock: notifications first, the blocker's expiry always,
+//! polling only as the fallback.
+//!
+//! A blocked acquisition sleeps until the first of:
+//!
+//! * a change the store reports (a release, a purged expired lock) through
+//!   the [`Listener`] taken *before* the attempt, so a release that lands
+//!   between the refusal and the sleep still wakes it;
+//! * the blocker's expiry, as the store reported its remaining life (expiry
+//!   sends no notification in any store);
+//! * the caller's deadline.
+//!
+//! Stores publish changes into a [`ChangeFeed`] (one per namespace and
+//! process, however many waiters). A store whose notification channel is
+//! down marks the feed not live, and its listeners poll with jittered
+//! backoff until it is back: a lost notification costs latency, never
+//! progress.
+//!
+//! Nothing here holds anything in the store between attempts: dropping an
+//! acquisition at any await point leaves at most a grant whose reply never
+//! arrived, which expires at its ttl.
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::{sleep, sleep_until, Instant};
+
+use crate::backend::LockBackend;
+use crate::error::Error;
+use crate::lock::{Attempt, Grant, LockRequest};
+use crate::stepwise::TRANSIENT_TTL;
+
+/// How long an acquisition may wait for a held lock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Wait {
+    /// Do not wait: a held lock is an immediate [`Error::Refused`] (the
+    /// seed's default, `timeout=0`).
+    #[default]
+    No,
+    /// Wait up to this long, then fail with [`Error::Timeout`].
+    For(Duration),
+    /// Wait until granted.
+    Forever,
+}
+
+/// Where a store publishes the changes its waiters care about.
+///
+/// Cheap to clone; all clones are one feed.
+#[derive(Clone, Debug)]
+pub struct ChangeFeed {
+    state: watch::Sender<FeedState>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct FeedState {
+    /// Bumped by every change.
+    changes: u64,
+    /// Whether notifications are arriving; listeners poll while not.
+    live: bool,
+}
+
+impl ChangeFeed {
+    /// A live feed.
+    pub fn new() -> Self {
+        ChangeFeed { state: watch::Sender::new(FeedState { changes: 0, live: true }) }
+    }
+
+    /// Wakes every listener: something was released or removed.
+    pub fn notify(&self) {
+        // No receivers, no work: keeps the uncontended path free of a shared write.
+        if self.state.receiver_count() > 0 {
+            self.state.send_modify(|state| state.changes = state.changes.wrapping_add(1));
+        }
+    }
+
+    /// Marks the feed live or not (a store's subscription connection went
+    /// down or came back). Either way listeners wake and retry once.
+    pub fn set_live(&self, live: bool) {
+        self.state.send_modify(|state| {
+            state.live = live;
+            state.changes = state.changes.wrapping_add(1);
+        });
+    }
+
+    /// A listener that wakes on the changes published after this call.
+    pub fn listen(&self) -> Listener {
+        Listener { feed: Some(self.state.subscribe()), backoff: Backoff::new() }
+    }
+}
+
+impl Default for ChangeFeed {
+    fn default() -> Self {
+        ChangeFeed::new()
+    }
+}
+
+/// Wakes a waiter when something may have changed. See the module docs.
+#[derive(Debug)]
+pub struct Listener {
+    feed: Option<watch::Receiver<FeedState>>,
+    backoff: Backoff,
+}
+
+impl Listener {
+    /// A listener for a store without notifications: every wait is one step
+    /// of a jittered exponential backoff.
+    pub fn polling() -> Self {
+        Listener { feed: None, backoff: Backoff::new() }
+    }
+
+    /// Whether this listener hears a store's notifications right now
+    /// (instead of polling).
+    pub fn is_notified(&self) -> bool {
+        self.feed.as_ref().is_some_and(|feed| feed.borrow().live)
+    }
+
+    /// Resolves at the next change published since the last call (or since
+    /// the listener was made), or after a backoff step when the store sends
+    /// no notifications.
+    pub async fn changed(&mut self) {
+        if let Some(feed) = &mut self.feed {
+            if feed.borrow().live {
+                if feed.changed().await.is_ok() {
+                    self.backoff.reset();
+                    return;
+                }
+                // The store is gone: nothing will ever be sent again.
+                self.feed = None;
+            } else {
+                feed.borrow_and_update();
+            }
+        }
+        sleep(self.backoff.next_delay()).await;
+    }
+}
+
+/// Jittered exponential backoff: 2 ms doubling to 250 ms, each step a random
+/// point in its upper half so that waiters do not retry in lockstep.
+#[derive(Debug, Clone)]
+struct Backoff {
+    step: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(2);
+    const LAST: Duration = Duration::from_millis(250);
+
+    fn new() -> Self {
+        Backoff { step: Self::FIRST }
+    }
+
+    fn reset(&mut self) {
+        self.step = Self::FIRST;
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let step = self.step;
+        self.step = (step * 2).min(Self::LAST);
+        step / 2 + step.mul_f64(fastrand::f64()) / 2
+    }
+}
+
+/// Acquires `request` on `backend`, waiting as `wait` allows (see the module
+/// docs). The lock handle is built on this; it is public for stores' and
+/// tools' own loops.
+///
+/// A blocker that is a stepwise client's transient parent lock is waited out
+/// (at most [`TRANSIENT_TTL`] past the start) even with [`Wait::No`]: it is
+/// gone in a moment, and treating it as held would make siblings refuse each
+/// other.
+pub async fn acquire(backend: &dyn LockBackend, request: &LockRequest, wait: Wait) -> Result<Grant, Error> {
+    let started = Instant::now();
+    let deadline = match wait {
+        Wait::No => Some(started),
+        Wait::For(limit) => started.checked_add(limit),
+        Wait::Forever => None,
+    };
+    let mut listener = backend.listen();
+    loop {
+        let blocker = match backend.try_grant(request).await? {
+            Attempt::Granted(grant) => return Ok(grant),
+            Attempt::Blocked(blocker) => blocker,
+        };
+        let now = Instant::now();
+        let give_up_at = match deadline {
+            Some(deadline) if blocker.transient => Some(deadline.max(started + TRANSIENT_TTL)),
+            other => other,
+        };
+        if give_up_at.is_some_and(|at| now >= at) {
+            let path = request.path.clone();
+            return Err(match wait {
+                Wait::No => Error::Refused { path, blocker },
+                _ => Error::Timeout { path, waited: now - started, blocker },
+            });
+        }
+        // Expiry sends no notification: retry just after the blocker's.
+        let blocker_gone_at = now + blocker.remaining + Duration::from_millis(1);
+        let wake_at = give_up_at.map_or(blocker_gone_at, |at| at.min(blocker_gone_at));
+        tokio::select! {
+            () = listener.changed() => {}
+            () = sleep_until(wake_at) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_listener_hears_changes_made_before_it_waits() {
+        let feed = ChangeFeed::new();
+        let mut listener = feed.listen();
+        assert!(listener.is_notified());
+        feed.notify();
+        let started = Instant::now();
+        listener.changed().await;
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_feed_that_is_down_falls_back_to_polling() {
+        let feed = ChangeFeed::new();
+        let mut listener = feed.listen();
+        feed.set_live(false);
+        listener.changed().await; // the state change itself
+        assert!(!listener.is_notified());
+        let started = Instant::now();
+        listener.changed().await;
+        let waited = started.elapsed();
+        assert!(waited >= Backoff::FIRST / 2 && waited <= Backoff::LAST, "{waited:?}");
+    }
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter() {
+        let mut backoff = Backoff::new();
+        let delays: Vec<Duration> = (0..12).map(|_| backoff.next_delay()).collect();
+        assert!(delays[0] >= Duration::from_millis(1) && delays[0] <= Duration::from_millis(2));
+        assert!(delays.iter().all(|d| *d <= Backoff::LAST));
+        assert!(delays[11] >= Backoff::LAST / 2);
+    }
+}

@@ -1,0 +1,520 @@
+//! The in-process mutextree store, on [`dashmap`].
+//!
+//! For unit tests and single-process programs: it behaves like the network
+//! stores (same contract, same conformance suite, fencing tokens, expiry,
+//! wake-ups), with no server.
+//!
+//! ```
+//! use std::{sync::Arc, time::Duration};
+//! use mutextree_core::{Error, LockBackend, TreeLock};
+//! use mutextree_memory::MemoryBackend;
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Error> {
+//! let store: Arc<dyn LockBackend> = Arc::new(MemoryBackend::new());
+//! let rack = TreeLock::new(store.clone(), ["eu-west", "rack-12"])?;
+//! let host = TreeLock::new(store, ["eu-west", "rack-12", "host-7"])?;
+//! rack.acquire().await?;
+//! assert!(matches!(host.try_acquire().await, Err(Error::Refused { .. })));
+//! # Ok(()) }
+//! ```
+//!
+//! # How a grant stays O(depth) without a global lock
+//!
+//! Each node of the tree that is locked, or has locks below it, is one map
+//! entry: its own lock, and how many locks lie below it through each child.
+//! A grant for `[A, B, D]` works like a database's multi-granularity locking
+//! (intention locks), touching one entry at a time, root first:
+//!
+//! 1. at `[A]` and `[A, B]`: refuse if the entry's own lock is live;
+//!    otherwise count one more lock below it (an *intention*);
+//! 2. at `[A, B, D]`: refuse if its own lock is live, or if locks are counted
+//!    below it and a search finds a live one; otherwise take the lock.
+//!
+//! A refusal takes back the intentions. Two overlapping grants always meet on
+//! the upper node's entry (one's intention against the other's lock), so one
+//! of them sees the other; two siblings only both bump their parent's count,
+//! in parallel. Each entry is changed under its shard's lock, and no code
+//! ever holds two entries at once (dashmap's locks are not re-entrant).
+//!
+//! An intention whose grant is still under way on another thread shows as a
+//! count with no live lock below: the grant retries for the microseconds that
+//! grant takes (no `.await` happens inside one). Expired locks are removed
+//! when a grant, release or listing comes across them, and by a sweep of the
+//! whole map every time as many grants were made as there are entries, so
+//! memory stays bounded by the live locks at an amortised O(1) per grant.
+//!
+//! Expiry is judged on tokio's clock ([`tokio::time::Instant`]), so tests can
+//! pause and advance time. Waiters wake through a [`ChangeFeed`] on every
+//! release and purge.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use dashmap::mapref::one::RefMut;
+use dashmap::DashMap;
+use mutextree_core::{
+    async_trait, Attempt, ChangeFeed, Error, Grant, HeldLock, Listener, LockBackend, LockKind, LockPath,
+    LockRequest, Namespace, Owner, Ttl,
+};
+use tokio::time::Instant;
+
+/// A store: independent namespaces, each a [`MemoryBackend`].
+///
+/// Cheap to clone; clones share the namespaces. Backends for the same
+/// namespace name share their locks, like two clients of one server.
+#[derive(Clone, Default)]
+pub struct MemoryStore {
+    namespaces: Arc<DashMap<Namespace, Arc<Space>>>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        MemoryStore::default()
+    }
+
+    /// A client of one namespace (made on first use).
+    pub fn namespace(&self, name: &str) -> Result<MemoryBackend, Error> {
+        let name = Namespace::new(name)?;
+        let space = self.namespaces.entry(name.clone()).or_insert_with(|| Arc::new(Space::new(name))).clone();
+        Ok(MemoryBackend { space })
+    }
+}
+
+impl fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryStore").field("namespaces", &self.namespaces.len()).finish()
+    }
+}
+
+/// One namespace of a [`MemoryStore`]: the [`LockBackend`].
+#[derive(Clone)]
+pub struct MemoryBackend {
+    space: Arc<Space>,
+}
+
+impl MemoryBackend {
+    /// A backend on a fresh store of its own, namespace `mutextree`.
+    pub fn new() -> Self {
+        MemoryBackend { space: Arc::new(Space::new(Namespace::default())) }
+    }
+
+    /// Removes every expired lock now (it also happens by itself).
+    pub fn sweep(&self) {
+        self.space.sweep(Instant::now());
+    }
+
+    /// How many map entries the namespace holds: the locks not yet purged
+    /// and the nodes above them. Zero once every lock is released or swept.
+    pub fn entries(&self) -> usize {
+        self.space.nodes.len()
+    }
+}
+
+impl Default for MemoryBackend {
+    fn default() -> Self {
+        MemoryBackend::new()
+    }
+}
+
+impl fmt::Debug for MemoryBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryBackend")
+            .field("namespace", &self.space.name)
+            .field("entries", &self.space.nodes.len())
+            .finish()
+    }
+}
+
+#[async_trait]
+impl LockBackend for MemoryBackend {
+    async fn try_lock_key(&self, request: &LockRequest, kind: LockKind) -> Result<Attempt, Error> {
+        Ok(self.space.grant(request, kind, Check::KeyOnly))
+    }
+
+    async fn release(&self, grant: &Grant) -> Result<(), Error> {
+        self.space.release(grant)
+    }
+
+    async fn refresh(&self, grant: &Grant, ttl: Ttl) -> Result<Grant, Error> {
+        self.space.refresh(grant, ttl)
+    }
+
+    async fn list(&self, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
+        Ok(self.space.list(under))
+    }
+
+    async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error> {
+        Ok(self.space.grant(request, LockKind::Lock, Check::Tree))
+    }
+
+    fn listen(&self) -> Listener {
+        self.space.feed.listen()
+    }
+}
+
+/// What a grant must find free.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Check {
+    /// The node, its ancestors and its descendants (the tree operation).
+    Tree,
+    /// The node's own key (the stepwise algorithm's primitive).
+    KeyOnly,
+}
+
+struct Space {
+    name: Namespace,
+    /// One entry per node that is locked or has locks counted below it.
+    nodes: DashMap<Box<str>, Node>,
+    last_token: AtomicU64,
+    feed: ChangeFeed,
+    grants_since_sweep: AtomicUsize,
+}
+
+#[derive(Default)]
+struct Node {
+    lock: Option<Lock>,
+    /// Locks counted below this node, by the key of the child they lie under.
+    below: HashMap<Box<str>, u32>,
+    below_total: u32,
+}
+
+impl Node {
+    fn is_empty(&self) -> bool {
+        self.lock.is_none() && self.below_total == 0
+    }
+
+    fn count_below(&mut self, child: &str) {
+        self.below_total += 1;
+        match self.below.get_mut(child) {
+            Some(count) => *count += 1,
+            None => {
+                self.below.insert(child.into(), 1);
+            }
+        }
+    }
+
+    fn uncount_below(&mut self, child: &str) {
+        if let Some(count) = self.below.get_mut(child) {
+            *count -= 1;
+            self.below_total -= 1;
+            if *count == 0 {
+                self.below.remove(child);
+            }
+        }
+    }
+}
+
+struct Lock {
+    path: LockPath,
+    owner: Owner,
+    token: u64,
+    expires_at: Instant,
+    transient: bool,
+}
+
+impl Lock {
+    fn is_live(&self, now: Instant) -> bool {
+        self.expires_at > now
+    }
+
+    fn held(&self, now: Instant) -> HeldLock {
+        HeldLock {
+            path: self.path.clone(),
+            owner: self.owner.clone(),
+            token: self.token,
+            remaining: self.expires_at - now,
+            transient: self.transient,
+        }
+    }
+
+    fn is_grant(&self, grant: &Grant) -> bool {
+        self.token == grant.token && self.owner == grant.owner
+    }
+}
+
+/// The keys from the root down to the node a key names: `a/b/` gives
+/// `a/`, `a/b/` (encoded segments never contain `/`).
+fn prefixes(key: &str) -> impl Iterator<Item = &str> {
+    key.match_indices('/').map(move |(at, _)| &key[..=at])
+}
+
+impl Space {
+    fn new(name: Namespace) -> Self {
+        Space {
+            name,
+            nodes: DashMap::new(),
+            last_token: AtomicU64::new(0),
+            feed: ChangeFeed::new(),
+            grants_since_sweep: AtomicUsize::new(0),
+        }
+    }
+
+    fn node_mut(&self, key: &str) -> RefMut<'_, Box<str>, Node> {
+        match self.nodes.get_mut(key) {
+            Some(node) => node,
+            None => self.nodes.entry(key.into()).or_default(),
+        }
+    }
+
+    fn remove_if_empty(&self, key: &str) {
+        self.nodes.remove_if(key, |_, node| node.is_empty());
+    }
+
+    fn grant(&self, request: &LockRequest, kind: LockKind, check: Check) -> Attempt {
+        self.maybe_sweep();
+        let levels: Vec<&str> = request.path.key_prefixes().collect();
+        let (node_key, ancestors) = levels.split_last().expect("a path has at least one segment");
+        let now = Instant::now();
+
+        // 1. Intentions on the ancestors, root first.
+        for (depth, ancestor) in ancestors.iter().enumerate() {
+            let child = levels[depth + 1];
+            loop {
+                let mut node = self.node_mut(ancestor);
+                if check == Check::Tree {
+                    if let Some(lock) = &node.lock {
+                        if lock.is_live(now) {
+                            let blocker = lock.held(now);
+                            drop(node);
+                            self.uncount(&levels[..=depth]);
+                            return Attempt::Blocked(blocker);
+                        }
+                        let token = lock.token;
+                        drop(node);
+                        self.purge(ancestor, token, now);
+                        continue;
+                    }
+                }
+                node.count_below(child);
+                break;
+            }
+        }
+
+        // 2. The node itself.
+        loop {
+            let mut node = self.node_mut(node_key);
+            if let Some(lock) = &node.lock {
+                if lock.is_live(now) {
+                    let blocker = lock.held(now);
+                    drop(node);
+                    self.uncount(&levels);
+                    self.remove_if_empty(node_key);
+                    return Attempt::Blocked(blocker);
+                }
+                let token = lock.token;
+                drop(node);
+                self.purge(node_key, token, now);
+                continue;
+            }
+            if check == Check::Tree && node.below_total > 0 {
+                drop(node);
+                if let Some(blocker) = self.find_live_below(node_key, now) {
+                    self.uncount(&levels);
+                    self.remove_if_empty(node_key);
+                    return Attempt::Blocked(blocker);
+                }
+                // Only expired locks (now purged) or a grant still under way
+                // on another thread: look again in a moment.
+                std::thread::yield_now();
+                continue;
+            }
+            let token = self.last_token.fetch_add(1, Ordering::Relaxed) + 1;
+            node.lock = Some(Lock {
+                path: request.path.clone(),
+                owner: request.owner.clone(),
+                token,
+                expires_at: now + request.ttl.get(),
+                transient: kind == LockKind::Transient,
+            });
+            return Attempt::Granted(Grant::new(request, kind, token, request.ttl.get(), now));
+        }
+    }
+
+    /// Takes back one counted lock from the ancestors among `levels` (the
+    /// last level is the node the lock was, or would have been, on).
+    fn uncount(&self, levels: &[&str]) {
+        for pair in levels.windows(2).rev() {
+            let (ancestor, child) = (pair[0], pair[1]);
+            let empty = match self.nodes.get_mut(ancestor) {
+                Some(mut node) => {
+                    node.uncount_below(child);
+                    node.is_empty()
+                }
+                None => false,
+            };
+            if empty {
+                self.remove_if_empty(ancestor);
+            }
+        }
+    }
+
+    /// Removes the lock on `key` with `token` if it is still there and
+    /// expired; whoever removes a lock takes back its counts, exactly once.
+    fn purge(&self, key: &str, token: u64, now: Instant) {
+        let removed = match self.nodes.get_mut(key) {
+            Some(mut node) => {
+                let expired = node.lock.as_ref().is_some_and(|lock| lock.token == token && !lock.is_live(now));
+                if expired {
+                    node.lock = None;
+                }
+                expired
+            }
+            None => false,
+        };
+        if removed {
+            self.unlink(key);
+        }
+    }
+
+    /// After the lock on `key` was taken out: uncount it above, drop the
+    /// entry if nothing is left in it, wake waiters.
+    fn unlink(&self, key: &str) {
+        let levels: Vec<&str> = prefixes(key).collect();
+        self.uncount(&levels);
+        self.remove_if_empty(key);
+        self.feed.notify();
+    }
+
+    /// A live lock strictly below `key`, purging the expired ones met on the
+    /// way.
+    fn find_live_below(&self, key: &str, now: Instant) -> Option<HeldLock> {
+        let mut found = None;
+        self.walk(key, now, |held| {
+            if held.path.key() != key {
+                found = Some(held);
+            }
+            found.is_none()
+        });
+        found
+    }
+
+    /// Visits the live locks at `key` and below (depth first) until `visit`
+    /// returns false; purges expired locks met on the way. One entry is
+    /// locked at a time, so the walk sees each node as it is when visited.
+    fn walk(&self, key: &str, now: Instant, mut visit: impl FnMut(HeldLock) -> bool) {
+        let mut stack: Vec<Box<str>> = vec![key.into()];
+        while let Some(next) = stack.pop() {
+            let (live, expired) = {
+                let Some(node) = self.nodes.get(&*next) else { continue };
+                stack.extend(node.below.keys().cloned());
+                match &node.lock {
+                    Some(lock) if lock.is_live(now) => (Some(lock.held(now)), None),
+                    Some(lock) => (None, Some(lock.token)),
+                    None => (None, None),
+                }
+            };
+            if let Some(token) = expired {
+                self.purge(&next, token, now);
+            }
+            if let Some(held) = live {
+                if !visit(held) {
+                    return;
+                }
+            }
+        }
+    }
+
+    fn release(&self, grant: &Grant) -> Result<(), Error> {
+        let key = grant.path.key();
+        let now = Instant::now();
+        let outcome = match self.nodes.get_mut(key) {
+            Some(mut node) => match node.lock.take() {
+                Some(lock) if lock.is_grant(grant) => Some(lock.is_live(now)),
+                other => {
+                    node.lock = other;
+                    None
+                }
+            },
+            None => None,
+        };
+        match outcome {
+            Some(was_live) => {
+                self.unlink(key);
+                if was_live {
+                    Ok(())
+                } else {
+                    Err(not_held(grant))
+                }
+            }
+            None => Err(not_held(grant)),
+        }
+    }
+
+    fn refresh(&self, grant: &Grant, ttl: Ttl) -> Result<Grant, Error> {
+        let key = grant.path.key();
+        let now = Instant::now();
+        let expired_token = {
+            let Some(mut node) = self.nodes.get_mut(key) else { return Err(not_held(grant)) };
+            match &mut node.lock {
+                Some(lock) if lock.is_grant(grant) && lock.is_live(now) => {
+                    lock.expires_at = now + ttl.get();
+                    return Ok(Grant { ttl: ttl.get(), expires_at: now + ttl.get(), ..grant.clone() });
+                }
+                Some(lock) if lock.is_grant(grant) => Some(lock.token),
+                _ => None,
+            }
+        };
+        if let Some(token) = expired_token {
+            self.purge(key, token, now);
+        }
+        Err(not_held(grant))
+    }
+
+    fn list(&self, under: Option<&LockPath>) -> Vec<HeldLock> {
+        let now = Instant::now();
+        let mut held = Vec::new();
+        match under {
+            Some(path) => self.walk(path.key(), now, |lock| {
+                held.push(lock);
+                true
+            }),
+            None => {
+                let mut expired = Vec::new();
+                for node in self.nodes.iter() {
+                    match &node.lock {
+                        Some(lock) if lock.is_live(now) => held.push(lock.held(now)),
+                        Some(lock) => expired.push((node.key().clone(), lock.token)),
+                        None => {}
+                    }
+                }
+                for (key, token) in expired {
+                    self.purge(&key, token, now);
+                }
+            }
+        }
+        held.sort_by(|a, b| a.path.cmp(&b.path));
+        held
+    }
+
+    /// Every time as many grants were made as there are entries, purge the
+    /// expired locks of the whole map: amortised O(1) per grant.
+    fn maybe_sweep(&self) {
+        const MIN_GRANTS: usize = 4096;
+        let grants = self.grants_since_sweep.fetch_add(1, Ordering::Relaxed) + 1;
+        if grants >= MIN_GRANTS && grants >= self.nodes.len() {
+            self.grants_since_sweep.store(0, Ordering::Relaxed);
+            self.sweep(Instant::now());
+        }
+    }
+
+    fn sweep(&self, now: Instant) {
+        let expired: Vec<(Box<str>, u64)> = self
+            .nodes
+            .iter()
+            .filter_map(|node| {
+                let lock = node.lock.as_ref()?;
+                (!lock.is_live(now)).then(|| (node.key().clone(), lock.token))
+            })
+            .collect();
+        for (key, token) in expired {
+            self.purge(&key, token, now);
+        }
+    }
+}
+
+fn not_held(grant: &Grant) -> Error {
+    Error::NotHeld { path: grant.path.clone(), owner: Some(grant.owner.clone()), token: Some(grant.token) }
+}

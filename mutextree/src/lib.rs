@@ -1,0 +1,9 @@
+#![doc = include_str!("../../README.md")]
+
+pub use mutextree_core::*;
+
+/// The in-process store (feature `memory`, on by default).
+#[cfg(feature = "memory")]
+pub mod memory {
+    pub use mutextree_memory::{MemoryBackend, MemoryStore};
+}
