@@ -1,2 +1,310 @@
-//! The conformance suite (placeholder while being written).
+//! The conformance suite every mutextree store runs, unchanged.
+//!
+//! Every case is a plain `async fn(Ctx)` in [`cases`]; [`suite!`] turns
+//! them into one named `#[tokio::test]` per case, so each can be run alone
+//! and a failure hides nothing else. A store's crate calls it once, in a
+//! test file, with an expression that makes its [`TestStore`]:
+//!
+//! ```ignore
+//! conformance::suite!(store: MemoryStoreUnderTest::default(), clock: paused);
+//! ```
+//!
+//! This expands into three modules, `native`, `stepwise` and `mixed`, each
+//! with every case: the store's own tree operation, core's stepwise
+//! algorithm over the store's primitives, and both kinds of client on one
+//! namespace (every tree grant alternates between them).
+//!
+//! `clock: paused` runs the timing cases on tokio's paused clock (the memory
+//! store expires locks on it, so ttls pass instantly); `clock: real` runs
+//! them in real time with the store's [`Timing`]. Concurrency cases always
+//! run in real time on several threads. The calling crate needs `tokio`
+//! (with `macros`, `rt-multi-thread`, `test-util`) as a dev-dependency.
+//!
+//! Each case works in a fresh random namespace, so cases run in parallel
+//! against one server without seeing each other.
+//!
+//! # Map
+//!
+//! * [`cases`]: the behaviour cases (the seed's table, ownership, expiry,
+//!   refresh, fencing, waiting, special names, namespaces, inspection, bad
+//!   input).
+//! * [`concurrency`]: many clients at once, checked by an [`oracle`].
+//! * [`model`]: a pure reference model and the proptest comparing a store
+//!   with it.
+//! * [`cancel`]: every await point of acquire, release and refresh cancelled
+//!   or failed, through a fault-gated backend.
+//! * [`harness`]: starting real store servers for the tests.
+//! * [`load`]: the load generator behind every store's benchmark.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cancel::Gated;
+use mutextree_core::{
+    Attempt, Error, Grant, HeldLock, Listener, LockBackend, LockKind, LockPath, LockRequest, Stepwise, Ttl,
+};
+
+pub mod cancel;
+pub mod cases;
+pub mod concurrency;
+pub mod harness;
 pub mod load;
+pub mod model;
+pub mod oracle;
+
+/// The store under test, as the suite needs it.
+#[async_trait]
+pub trait TestStore: Send + Sync + 'static {
+    /// A new client (connection) of the namespace `namespace`; clients of
+    /// the same name see the same locks, clients of different names none of
+    /// each other's.
+    async fn connect(&self, namespace: &str) -> Result<Arc<dyn LockBackend>, Error>;
+
+    /// The store's time scales, for cases that wait for ttls.
+    fn timing(&self) -> Timing {
+        Timing::REAL
+    }
+}
+
+/// Time scales for the cases that wait for locks to expire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timing {
+    /// The base ttl of timing cases; expiry is checked at `ttl ± slack`.
+    pub unit: Duration,
+    /// How far from its ttl a lock may be seen expiring: network and clock
+    /// granularity. Judged against the ttl the grant reports.
+    pub slack: Duration,
+}
+
+impl Timing {
+    /// For a store on tokio's paused clock: exact.
+    pub const PAUSED: Timing = Timing { unit: Duration::from_secs(10), slack: Duration::from_millis(1) };
+    /// For a network store on loopback.
+    pub const REAL: Timing = Timing { unit: Duration::from_millis(400), slack: Duration::from_millis(150) };
+}
+
+/// Which tree operation the clients of a case use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// The store's own atomic tree operation.
+    Native,
+    /// Core's stepwise algorithm over the store's primitives.
+    Stepwise,
+    /// Both on one namespace: each client alternates its tree grants
+    /// between a native connection and a stepwise one.
+    Mixed,
+}
+
+/// What a case gets: clients of its own fresh namespace.
+#[derive(Clone)]
+pub struct Ctx {
+    store: Arc<dyn TestStore>,
+    mode: Mode,
+    namespace: String,
+}
+
+impl std::fmt::Debug for Ctx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctx").field("mode", &self.mode).field("namespace", &self.namespace).finish()
+    }
+}
+
+impl Ctx {
+    /// A context on a fresh random namespace.
+    pub fn new(store: Arc<dyn TestStore>, mode: Mode) -> Self {
+        Ctx { store, mode, namespace: random_namespace() }
+    }
+
+    /// The mode of this run.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// The store's time scales.
+    pub fn timing(&self) -> Timing {
+        self.store.timing()
+    }
+
+    /// A new client of this case's namespace, in this run's mode.
+    pub async fn client(&self) -> Arc<dyn LockBackend> {
+        self.client_of(&self.namespace).await
+    }
+
+    /// A client of another fresh namespace on the same store.
+    pub async fn other_namespace(&self) -> Arc<dyn LockBackend> {
+        self.client_of(&random_namespace()).await
+    }
+
+    /// A new client of this case's namespace, in this run's mode, with
+    /// fault gates on its connection (under the stepwise algorithm, if any).
+    pub async fn gated_client(&self) -> (Arc<dyn LockBackend>, Arc<Gated>) {
+        let gated = Gated::new(self.connect(&self.namespace).await);
+        let connection: Arc<dyn LockBackend> = gated.clone();
+        (self.in_mode(connection.clone(), connection), gated)
+    }
+
+    async fn client_of(&self, namespace: &str) -> Arc<dyn LockBackend> {
+        let native = self.connect(namespace).await;
+        let second = match self.mode {
+            Mode::Mixed => self.connect(namespace).await,
+            _ => native.clone(),
+        };
+        self.in_mode(native, second)
+    }
+
+    /// Puts connections behind this run's tree operation; `second` serves
+    /// the stepwise half of a mixed client.
+    fn in_mode(&self, native: Arc<dyn LockBackend>, second: Arc<dyn LockBackend>) -> Arc<dyn LockBackend> {
+        match self.mode {
+            Mode::Native => native,
+            Mode::Stepwise => Arc::new(Stepwise::new(native)),
+            Mode::Mixed => Arc::new(Mixed {
+                native,
+                stepwise: Stepwise::new(second),
+                turn: AtomicUsize::new(fastrand::usize(..2)),
+            }),
+        }
+    }
+
+    async fn connect(&self, namespace: &str) -> Arc<dyn LockBackend> {
+        match self.store.connect(namespace).await {
+            Ok(client) => client,
+            Err(error) => panic!("cannot connect to the store under test: {error}"),
+        }
+    }
+}
+
+fn random_namespace() -> String {
+    format!("t-{:016x}", fastrand::u64(..))
+}
+
+/// Runs one case: the body of each test [`suite!`] writes.
+pub async fn run_case<S, F, Fut>(store: S, mode: Mode, case: F)
+where
+    S: TestStore,
+    F: FnOnce(Ctx) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    case(Ctx::new(Arc::new(store), mode)).await;
+}
+
+/// A native and a stepwise client of one namespace behind one face: tree
+/// grants alternate between them, everything else goes to the native one.
+#[derive(Debug)]
+struct Mixed {
+    native: Arc<dyn LockBackend>,
+    stepwise: Stepwise<dyn LockBackend>,
+    turn: AtomicUsize,
+}
+
+#[async_trait]
+impl LockBackend for Mixed {
+    async fn try_lock_key(&self, request: &LockRequest, kind: LockKind) -> Result<Attempt, Error> {
+        self.native.try_lock_key(request, kind).await
+    }
+
+    async fn release(&self, grant: &Grant) -> Result<(), Error> {
+        self.native.release(grant).await
+    }
+
+    async fn refresh(&self, grant: &Grant, ttl: Ttl) -> Result<Grant, Error> {
+        self.native.refresh(grant, ttl).await
+    }
+
+    async fn list(&self, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
+        self.native.list(under).await
+    }
+
+    async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error> {
+        if self.turn.fetch_add(1, Ordering::Relaxed) % 2 == 0 {
+            self.native.try_grant(request).await
+        } else {
+            self.stepwise.try_grant(request).await
+        }
+    }
+
+    fn listen(&self) -> Listener {
+        self.native.listen()
+    }
+}
+
+/// Expands into one named test per case and mode; see the crate docs.
+#[macro_export]
+macro_rules! suite {
+    (store: $store:expr, clock: $clock:ident $(,)?) => {
+        fn __conformance_store() -> impl $crate::TestStore {
+            $store
+        }
+        $crate::suite!(@mode native, Native, $clock);
+        $crate::suite!(@mode stepwise, Stepwise, $clock);
+        $crate::suite!(@mode mixed, Mixed, $clock);
+    };
+    (@mode $module:ident, $mode:ident, $clock:ident) => {
+        mod $module {
+            $crate::suite!(@cases $mode, $clock;
+                timed seed_node_held_refuses_itself_and_descendants,
+                timed seed_child_held_refuses_parent,
+                timed seed_grandchild_held_refuses_ancestors,
+                timed seed_ancestor_held_refuses_grandchild,
+                timed seed_parent_held_refuses_child,
+                timed seed_disjoint_roots_coexist,
+                timed seed_siblings_coexist,
+                timed not_reentrant_for_the_same_owner,
+                timed prefix_is_not_an_ancestor,
+                timed guard_releases_on_release_and_on_drop,
+                timed run_releases_after_success_error_and_panic,
+                timed release_and_refresh_of_nothing_held_are_not_held,
+                timed only_the_owners_grant_is_released,
+                timed stale_grant_cannot_touch_its_successor,
+                timed expiry_frees_a_crashed_holder,
+                timed refresh_sets_the_exact_ttl,
+                timed fencing_tokens_strictly_increase,
+                timed waiter_wakes_on_release_before_the_ttl,
+                timed waiter_wakes_at_the_blockers_expiry,
+                timed timeout_reports_the_blocker,
+                timed special_names_are_distinct_and_exact,
+                timed namespaces_are_isolated,
+                timed inspection_lists_exactly_the_live_locks,
+                timed bad_input_is_rejected_before_the_store,
+                timed auto_refresh_keeps_the_lock_and_reports_its_loss,
+                timed cancellation_leaves_nothing_beyond_the_ttl,
+                threaded concurrent_overlapping_paths_never_overlap,
+                threaded concurrent_siblings_are_never_refused,
+                threaded concurrent_waiters_all_get_their_turn,
+                model model_agrees_with_the_reference,
+            );
+        }
+    };
+    (@paused paused) => { true };
+    (@paused real) => { false };
+    (@cases $mode:ident, $clock:ident; $($kind:ident $case:ident),* $(,)?) => {
+        $( $crate::suite!(@test $kind, $clock, $mode, $case); )*
+    };
+    (@test timed, paused, $mode:ident, $case:ident) => {
+        #[tokio::test(start_paused = true)]
+        async fn $case() {
+            $crate::run_case(super::__conformance_store(), $crate::Mode::$mode, $crate::cases::$case).await;
+        }
+    };
+    (@test timed, real, $mode:ident, $case:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $case() {
+            $crate::run_case(super::__conformance_store(), $crate::Mode::$mode, $crate::cases::$case).await;
+        }
+    };
+    (@test threaded, $clock:ident, $mode:ident, $case:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn $case() {
+            $crate::run_case(super::__conformance_store(), $crate::Mode::$mode, $crate::concurrency::$case).await;
+        }
+    };
+    (@test model, $clock:ident, $mode:ident, $case:ident) => {
+        #[test]
+        fn $case() {
+            $crate::model::check(super::__conformance_store, $crate::Mode::$mode, $crate::suite!(@paused $clock));
+        }
+    };
+}

@@ -1,1 +1,477 @@
-//! Load generator.
+//! The load generator every store runs: acquire+release pairs from many
+//! simulated clients, with optional background locks held throughout.
+//!
+//! # What is measured
+//!
+//! The unit is the **pair**: one [`LockBackend::try_grant`] that is granted,
+//! then one [`LockBackend::release`] of that grant. A lock is worth nothing
+//! until it is released again (held forever it is an outage, not a
+//! throughput), so a store that grants fast and releases slowly must not look
+//! fast. Each simulated client is one tokio task doing pairs back to back on
+//! a prebuilt [`LockRequest`] until the run's deadline; nothing else happens
+//! in the loop (no sleeps; no allocation besides the store's own, the boxed
+//! futures of the trait and the growth of the latency buffer).
+//!
+//! * **Latency** is taken on every pair, through `&dyn LockBackend` as
+//!   core's acquisition loop calls a store, so it includes the
+//!   `async-trait` boxing of both calls (one boxed future each) and the
+//!   dynamic dispatch. The
+//!   samples of one client tile its run: a sample runs from the end of the
+//!   previous one (one clock read per pair), so it also holds the few
+//!   nanoseconds of picking the next request and storing the sample.
+//!   Percentiles are over granted pairs only.
+//! * **Refusals**: an attempt the store refuses (another client holds an
+//!   overlapping lock) is counted in [`LoadReport::refused`] and is not a
+//!   pair; its time still counts in the run's elapsed time.
+//! * **Throughput** is pairs divided by the wall time from the first
+//!   client's start to the last client's end.
+//!
+//! The deadline is checked after every pair, on the clock read the latency
+//! needs anyway. Every [`YIELD_EVERY`] iterations a client yields to the
+//! runtime (outside any sample), so that clients sharing a worker thread take
+//! turns even on a store whose calls never suspend (the memory store), and
+//! "16 clients" means 16 interleaved clients rather than one per worker
+//! running to the deadline.
+//!
+//! # Scenarios
+//!
+//! * [`Scenario::Siblings`]: client `i` locks its own leaf
+//!   `bench/r1/…/r{depth-2}/c{i}` (just `c{i}` at depth 1). The leaves share
+//!   every ancestor and never conflict: this is the cost of the tree
+//!   bookkeeping on shared parents, with no refusal.
+//! * [`Scenario::Contended`]: every client locks a node chosen at random in
+//!   one full binary tree of `depth` levels under `hot` (`2^depth - 1`
+//!   nodes: `hot`, `hot/0`, `hot/1`, `hot/0/1`, …), so clients keep running
+//!   into each other's locks, on the node itself, an ancestor or a
+//!   descendant. Each client draws from its own seeded generator, so a run is
+//!   repeatable in what it asks for.
+//!
+//! # Background locks
+//!
+//! [`LoadSpec::background`] unrelated locks are granted before the clock
+//! starts, under another root (`background/g{i / 1000}/n{i}`), with a long
+//! ttl, many at a time; they stay held during the run, so a store is measured
+//! with that much state in it, and are released after it.
+
+use std::fmt::{self, Write as _};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::stream::{self, StreamExt, TryStreamExt};
+use mutextree_core::{Attempt, Error, Grant, LockBackend, LockPath, LockRequest, Owner, Ttl};
+
+/// A client yields to the runtime once per this many iterations (outside
+/// the timed samples).
+pub const YIELD_EVERY: u32 = 64;
+
+/// Background grants (and releases) in flight at once.
+const BACKGROUND_IN_FLIGHT: usize = 512;
+
+/// Background locks per `background/g{n}` parent.
+const BACKGROUND_FAN_OUT: usize = 1000;
+
+/// What the clients lock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Scenario {
+    /// One leaf per client, all siblings under the same ancestors: no
+    /// conflicts, shared parents.
+    Siblings,
+    /// Random nodes of one small binary subtree (fan-out 2) of the spec's
+    /// depth: frequent refusals.
+    Contended,
+}
+
+impl fmt::Display for Scenario {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Scenario::Siblings => "siblings",
+            Scenario::Contended => "contended",
+        })
+    }
+}
+
+/// One run of the load generator.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoadSpec {
+    /// Simulated clients, each one tokio task.
+    pub clients: usize,
+    /// Depth of the locked paths (of the deepest ones for
+    /// [`Scenario::Contended`]), from 1 to [`mutextree_core::MAX_DEPTH`].
+    pub depth: usize,
+    /// What the clients lock.
+    pub scenario: Scenario,
+    /// Unrelated locks held during the run.
+    pub background: usize,
+    /// How long the clients run.
+    pub duration: Duration,
+    /// The ttl of the measured locks (they are released at once; it only
+    /// matters to a store that keeps it, or if a client dies).
+    pub ttl: Duration,
+}
+
+impl Default for LoadSpec {
+    /// One client, depth 3, siblings, no background, one second, ttl 30 s.
+    fn default() -> Self {
+        LoadSpec {
+            clients: 1,
+            depth: 3,
+            scenario: Scenario::Siblings,
+            background: 0,
+            duration: Duration::from_secs(1),
+            ttl: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What a run measured. See the module docs for the definitions.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoadReport {
+    /// Granted acquire+release pairs, all clients together.
+    pub pairs: u64,
+    /// Attempts refused because a live lock was in the way.
+    pub refused: u64,
+    /// Wall time from the clients' start to the last client's end.
+    pub elapsed: Duration,
+    /// `pairs / elapsed`.
+    pub pairs_per_sec: f64,
+    /// Median pair latency.
+    pub p50: Duration,
+    /// 99th percentile pair latency.
+    pub p99: Duration,
+    /// 99.9th percentile pair latency.
+    pub p999: Duration,
+    /// Slowest pair: the stalls (a store's housekeeping, a preempted
+    /// thread) that percentiles hide.
+    pub max: Duration,
+}
+
+impl LoadReport {
+    /// Refused attempts as a share of all attempts, in percent.
+    pub fn refused_percent(&self) -> f64 {
+        let attempts = self.pairs + self.refused;
+        if attempts == 0 {
+            0.0
+        } else {
+            self.refused as f64 * 100.0 / attempts as f64
+        }
+    }
+}
+
+/// Runs `spec` against a store.
+///
+/// Simulated client `i` uses `clients[i % clients.len()]`: pass one shared
+/// backend (the memory store, or a store whose client multiplexes), or one
+/// connected client per simulated client. Must be called inside a tokio
+/// runtime; the clients are spawned on it, so a multi-thread runtime runs
+/// them in parallel and a current-thread runtime interleaves them on one
+/// core.
+///
+/// Fails with the first error of the store, a release included (a pair
+/// whose release fails is a failed run, not a slow pair), or with
+/// [`Error::Refused`] if a background lock cannot be granted (the namespace
+/// was not empty).
+///
+/// # Panics
+///
+/// If `clients` is empty, `spec.clients` is 0 or `spec.depth` is 0.
+pub async fn run(clients: &[Arc<dyn LockBackend>], spec: &LoadSpec) -> Result<LoadReport, Error> {
+    assert!(!clients.is_empty(), "the load generator needs at least one backend");
+    assert!(spec.clients > 0, "the load generator needs at least one client");
+    assert!(spec.depth > 0, "a lock path has at least one segment");
+    let ttl = Ttl::new(spec.ttl)?;
+    let backend_of = |i: usize| Arc::clone(&clients[i % clients.len()]);
+
+    // Everything a client asks for is built before the clock starts.
+    let mut plans = Vec::with_capacity(spec.clients);
+    for client in 0..spec.clients {
+        let owner = Owner::new(format!("load-{client}"))?;
+        let paths = match spec.scenario {
+            Scenario::Siblings => vec![sibling_path(spec.depth, client)?],
+            Scenario::Contended => contended_paths(spec.depth)?,
+        };
+        let requests: Vec<LockRequest> =
+            paths.into_iter().map(|path| LockRequest::new(path, owner.clone(), ttl)).collect();
+        plans.push((backend_of(client), requests, client as u64));
+    }
+
+    let background = hold_background(clients, spec).await?;
+
+    let started = Instant::now();
+    let deadline = started + spec.duration;
+    let tasks: Vec<_> = plans
+        .into_iter()
+        .map(|(backend, requests, seed)| tokio::spawn(client_loop(backend, requests, seed, deadline)))
+        .collect();
+    let mut outcomes = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        match task.await {
+            Ok(outcome) => outcomes.push(outcome),
+            Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+            Err(join) => panic!("a load client was cancelled: {join}"),
+        }
+    }
+    let elapsed = started.elapsed();
+    let outcomes = outcomes.into_iter().collect::<Result<Vec<_>, Error>>();
+
+    // Release the background even if a client failed, then report.
+    release_background(clients, background).await?;
+    let outcomes = outcomes?;
+
+    let refused = outcomes.iter().map(|o| o.refused).sum();
+    let mut latencies = Vec::with_capacity(outcomes.iter().map(|o| o.latencies.len()).sum());
+    for outcome in outcomes {
+        latencies.extend_from_slice(&outcome.latencies);
+    }
+    latencies.sort_unstable();
+    let pairs = latencies.len() as u64;
+    Ok(LoadReport {
+        pairs,
+        refused,
+        elapsed,
+        pairs_per_sec: pairs as f64 / elapsed.as_secs_f64(),
+        p50: percentile(&latencies, 0.50),
+        p99: percentile(&latencies, 0.99),
+        p999: percentile(&latencies, 0.999),
+        max: Duration::from_nanos(latencies.last().copied().unwrap_or(0)),
+    })
+}
+
+/// What one client measured.
+struct ClientOutcome {
+    /// One sample per granted pair, in nanoseconds.
+    latencies: Vec<u64>,
+    refused: u64,
+}
+
+async fn client_loop(
+    backend: Arc<dyn LockBackend>,
+    requests: Vec<LockRequest>,
+    seed: u64,
+    deadline: Instant,
+) -> Result<ClientOutcome, Error> {
+    // Called through `&dyn`: on `Arc<dyn LockBackend>` itself, method
+    // resolution would pick core's `impl LockBackend for Arc<B>` and box every
+    // call twice.
+    let backend: &dyn LockBackend = &*backend;
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut latencies: Vec<u64> = Vec::with_capacity(1 << 16);
+    let mut refused = 0;
+    let mut since_yield = 0;
+    let mut previous = Instant::now();
+    loop {
+        let request = if requests.len() == 1 { &requests[0] } else { &requests[rng.usize(..requests.len())] };
+        let granted = match backend.try_grant(request).await? {
+            Attempt::Granted(grant) => {
+                backend.release(&grant).await?;
+                true
+            }
+            Attempt::Blocked(_) => false,
+        };
+        let now = Instant::now();
+        if granted {
+            latencies.push((now - previous).as_nanos() as u64);
+        } else {
+            refused += 1;
+        }
+        previous = now;
+        if now >= deadline {
+            break;
+        }
+        since_yield += 1;
+        if since_yield == YIELD_EVERY {
+            since_yield = 0;
+            tokio::task::yield_now().await;
+            previous = Instant::now();
+        }
+    }
+    Ok(ClientOutcome { latencies, refused })
+}
+
+/// `bench/r1/…/r{depth-2}/c{client}`, or `c{client}` at depth 1.
+fn sibling_path(depth: usize, client: usize) -> Result<LockPath, Error> {
+    let mut segments: Vec<String> = Vec::with_capacity(depth);
+    if depth > 1 {
+        segments.push("bench".to_owned());
+        segments.extend((1..depth - 1).map(|level| format!("r{level}")));
+    }
+    segments.push(format!("c{client}"));
+    LockPath::new(segments)
+}
+
+/// Every node of the full binary tree of `depth` levels under `hot`.
+fn contended_paths(depth: usize) -> Result<Vec<LockPath>, Error> {
+    let mut paths = Vec::new();
+    let mut level = vec![vec!["hot".to_owned()]];
+    for _ in 0..depth {
+        let mut next = Vec::with_capacity(level.len() * 2);
+        for segments in level {
+            paths.push(LockPath::new(segments.iter().cloned())?);
+            for branch in ["0", "1"] {
+                let mut child = segments.clone();
+                child.push(branch.to_owned());
+                next.push(child);
+            }
+        }
+        level = next;
+    }
+    Ok(paths)
+}
+
+/// Grants the background locks, many at a time, spread over the clients.
+async fn hold_background(clients: &[Arc<dyn LockBackend>], spec: &LoadSpec) -> Result<Vec<Grant>, Error> {
+    if spec.background == 0 {
+        return Ok(Vec::new());
+    }
+    // Held through the setup, the run and the release, with a wide margin.
+    let ttl = Ttl::new((spec.duration * 4 + Duration::from_secs(600)).min(Ttl::MAX))?;
+    let owner = Owner::new("load-background")?;
+    stream::iter(0..spec.background)
+        .map(|i| {
+            let backend = &clients[i % clients.len()];
+            let owner = owner.clone();
+            async move {
+                let path =
+                    LockPath::new(["background".to_owned(), format!("g{}", i / BACKGROUND_FAN_OUT), format!("n{i}")])?;
+                let request = LockRequest::new(path, owner, ttl);
+                match backend.try_grant(&request).await? {
+                    Attempt::Granted(grant) => Ok(grant),
+                    Attempt::Blocked(blocker) => Err(Error::Refused { path: request.path, blocker }),
+                }
+            }
+        })
+        .buffer_unordered(BACKGROUND_IN_FLIGHT)
+        .try_collect()
+        .await
+}
+
+async fn release_background(clients: &[Arc<dyn LockBackend>], grants: Vec<Grant>) -> Result<(), Error> {
+    stream::iter(grants.into_iter().enumerate())
+        .map(|(i, grant)| {
+            let backend = &clients[i % clients.len()];
+            async move { backend.release(&grant).await }
+        })
+        .buffer_unordered(BACKGROUND_IN_FLIGHT)
+        .try_collect()
+        .await
+}
+
+/// Nearest-rank percentile of sorted nanosecond samples.
+fn percentile(sorted: &[u64], quantile: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = (quantile * sorted.len() as f64).ceil() as usize;
+    Duration::from_nanos(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+/// The rows as a Markdown table: clients, depth, scenario, background,
+/// pairs/s, p50, p99, p99.9, max, refused %.
+pub fn markdown_table(rows: &[(LoadSpec, LoadReport)]) -> String {
+    let mut out = String::from(
+        "| clients | depth | scenario | background | pairs/s | p50 | p99 | p99.9 | max | refused % |\n\
+         | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    for (spec, report) in rows {
+        // Writing to a String cannot fail.
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} |",
+            spec.clients,
+            spec.depth,
+            spec.scenario,
+            thousands(spec.background as u64),
+            thousands(report.pairs_per_sec.round() as u64),
+            short(report.p50),
+            short(report.p99),
+            short(report.p999),
+            short(report.max),
+            report.refused_percent(),
+        );
+    }
+    out
+}
+
+/// `1234567` as `1,234,567`.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A latency with three significant digits at most: `412 ns`, `1.35 µs`,
+/// `12.4 ms`.
+fn short(d: Duration) -> String {
+    let ns = d.as_nanos() as f64;
+    let (value, unit) = if ns < 1e3 {
+        (ns, "ns")
+    } else if ns < 1e6 {
+        (ns / 1e3, "µs")
+    } else if ns < 1e9 {
+        (ns / 1e6, "ms")
+    } else {
+        (ns / 1e9, "s")
+    };
+    let decimals = if value < 10.0 && unit != "ns" {
+        2
+    } else if value < 100.0 && unit != "ns" {
+        1
+    } else {
+        0
+    };
+    format!("{value:.decimals$} {unit}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_have_the_requested_depth() {
+        assert_eq!(sibling_path(1, 7).expect("valid").to_string(), "c7");
+        assert_eq!(sibling_path(3, 0).expect("valid").to_string(), "bench/r1/c0");
+        assert_eq!(sibling_path(8, 15).expect("valid").depth(), 8);
+        let tree = contended_paths(3).expect("valid");
+        assert_eq!(tree.len(), 7);
+        assert_eq!(tree.iter().map(LockPath::depth).max(), Some(3));
+        assert!(tree.iter().any(|p| p.to_string() == "hot/1/0"));
+        assert_eq!(contended_paths(1).expect("valid").len(), 1);
+    }
+
+    #[test]
+    fn percentiles_use_the_nearest_rank() {
+        let samples: Vec<u64> = (1..=1000).collect();
+        assert_eq!(percentile(&samples, 0.5), Duration::from_nanos(500));
+        assert_eq!(percentile(&samples, 0.99), Duration::from_nanos(990));
+        assert_eq!(percentile(&samples, 0.999), Duration::from_nanos(999));
+        assert_eq!(percentile(&[], 0.5), Duration::ZERO);
+        assert_eq!(percentile(&[42], 0.999), Duration::from_nanos(42));
+    }
+
+    #[test]
+    fn table_cells_are_short() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1_234_567), "1,234,567");
+        assert_eq!(short(Duration::from_nanos(412)), "412 ns");
+        assert_eq!(short(Duration::from_nanos(1_350)), "1.35 µs");
+        assert_eq!(short(Duration::from_micros(12_400)), "12.4 ms");
+        let report = LoadReport {
+            pairs: 3,
+            refused: 1,
+            elapsed: Duration::from_secs(1),
+            pairs_per_sec: 3.0,
+            p50: Duration::from_nanos(1),
+            p99: Duration::from_nanos(2),
+            p999: Duration::from_nanos(3),
+            max: Duration::from_micros(40),
+        };
+        let table = markdown_table(&[(LoadSpec::default(), report)]);
+        assert!(table.ends_with("| 1 | 3 | siblings | 0 | 3 | 1 ns | 2 ns | 3 ns | 40.0 µs | 25.0 |\n"), "{table}");
+    }
+}

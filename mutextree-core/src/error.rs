@@ -136,11 +136,7 @@ impl Error {
     }
 
     /// A store error from a client library's error.
-    pub fn store(
-        store: &'static str,
-        retryable: bool,
-        source: impl StdError + Send + Sync + 'static,
-    ) -> Self {
+    pub fn store(store: &'static str, retryable: bool, source: impl StdError + Send + Sync + 'static) -> Self {
         Error::Store { store, message: source.to_string(), retryable, source: Some(Box::new(source)) }
     }
 
@@ -251,11 +247,7 @@ fn describe_blocker(path: &LockPath, blocker: &HeldLock) -> String {
     } else {
         format!("its descendant {} is held", blocker.path)
     };
-    let transient = if blocker.transient {
-        ", a parent lock a stepwise client holds for a moment"
-    } else {
-        ""
-    };
+    let transient = if blocker.transient { ", a parent lock a stepwise client holds for a moment" } else { "" };
     format!(
         "{whose} by {} for {} more (fencing token {}{transient})",
         blocker.owner,

@@ -276,15 +276,20 @@ impl TreeLock {
     pub async fn acquire_with(&self, wait: Wait) -> Result<Grant, Error> {
         self.ensure_not_held()?;
         let grant = wait::acquire(&*self.shared.backend, &self.shared.request, wait).await?;
-        let mut held = self.held();
-        if held.grant.as_ref().is_some_and(|other| !other.is_expired()) {
+        let installed = {
+            let mut held = self.held();
+            let raced = held.grant.as_ref().is_some_and(|other| !other.is_expired());
+            if !raced {
+                held.keeper = self.shared.auto_refresh.then(|| Keeper::start(&self.shared, &grant));
+                held.grant = Some(grant.clone());
+            }
+            !raced
+        };
+        if !installed {
             // Another acquisition through a clone of this handle won the race.
-            drop(held);
             let _ = self.shared.backend.release(&grant).await;
             return Err(Error::AlreadyHeld { path: self.path().clone() });
         }
-        held.keeper = self.shared.auto_refresh.then(|| Keeper::start(&self.shared, &grant));
-        held.grant = Some(grant.clone());
         Ok(grant)
     }
 
@@ -403,18 +408,17 @@ impl TreeLock {
             (held.grant.clone(), held.keeper.as_ref().map(|k| k.lost.clone()))
         };
         async move {
-            let Some(grant) = grant else {
-                return Error::Lost { path, reason: "it is not held".into() };
-            };
-            let reason = match keeper {
-                Some(mut lost) => match lost.wait_for(Option::is_some).await {
+            let reason = match (keeper, grant) {
+                // The keeper reports a loss even after it cleared the grant.
+                (Some(mut lost), _) => match lost.wait_for(Option::is_some).await {
                     Ok(reason) => reason.clone().unwrap_or_default(),
                     Err(_) => "the handle was dropped".into(),
                 },
-                None => {
+                (None, Some(grant)) => {
                     sleep_until(grant.expires_at).await;
                     format!("its ttl of {} ran out without a refresh", human(grant.ttl))
                 }
+                (None, None) => "it is not held".into(),
             };
             Error::Lost { path, reason }
         }
@@ -494,6 +498,12 @@ impl Keeper {
                 }
             };
             let _ = report.send(Some(reason));
+            if let Some(shared) = shared.upgrade() {
+                let mut held = lock_state(&shared);
+                if held.grant.as_ref().is_some_and(|g| g.token == grant.token) {
+                    held.grant = None;
+                }
+            }
         });
         Keeper { task, lost }
     }

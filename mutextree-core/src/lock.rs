@@ -94,10 +94,7 @@ impl Ttl {
         if ttl > Self::MAX {
             return Err(Error::InvalidTtl {
                 ttl,
-                reason: format!(
-                    "a ttl may be at most {}; keep a shorter lock refreshed instead",
-                    human(Self::MAX)
-                ),
+                reason: format!("a ttl may be at most {}; keep a shorter lock refreshed instead", human(Self::MAX)),
             });
         }
         let whole_millis = ttl.as_nanos().div_ceil(1_000_000);
@@ -151,9 +148,7 @@ impl Namespace {
         } else if name.len() > Self::MAX_BYTES {
             Some(format!("{} bytes, but a namespace may have at most {}", name.len(), Self::MAX_BYTES))
         } else if let Some(bad) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || "_-.:".contains(*c))) {
-            Some(format!(
-                "{bad:?} is not allowed; a namespace uses ASCII letters, digits and `_ - . :` only"
-            ))
+            Some(format!("{bad:?} is not allowed; a namespace uses ASCII letters, digits and `_ - . :` only"))
         } else {
             None
         };
@@ -241,14 +236,7 @@ pub struct Grant {
 impl Grant {
     /// A grant made by a store for `request`, which was sent at `sent_at`.
     pub fn new(request: &LockRequest, kind: LockKind, token: u64, ttl: Duration, sent_at: Instant) -> Self {
-        Grant {
-            path: request.path.clone(),
-            owner: request.owner.clone(),
-            token,
-            ttl,
-            expires_at: sent_at + ttl,
-            kind,
-        }
+        Grant { path: request.path.clone(), owner: request.owner.clone(), token, ttl, expires_at: sent_at + ttl, kind }
     }
 
     /// How long this process can still count on the lock.

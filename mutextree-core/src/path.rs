@@ -103,8 +103,7 @@ impl LockPath {
     /// Parses the text form: segments separated by `/`, with `\/` standing
     /// for a `/` inside a segment and `\\` for a backslash.
     pub fn parse(text: &str) -> Result<Self, Error> {
-        let segments =
-            split_text(text).map_err(|rule| Error::invalid_path(&quote(text), rule))?;
+        let segments = split_text(text).map_err(|rule| Error::invalid_path(&quote(text), rule))?;
         if let Err(rule) = check_segments(&segments) {
             return Err(Error::invalid_path(&quote(text), rule));
         }
@@ -501,7 +500,10 @@ mod tests {
         prop_oneof![
             // Characters that broke the seed, escapes and separators.
             proptest::collection::vec(
-                prop::sample::select(vec!['A', 'B', '/', ';', '*', '?', '[', ']', ':', '%', '\\', '{', '}', ' ', '\0', '\n', 'é', '0', '2', 'F']),
+                prop::sample::select(vec![
+                    'A', 'B', '/', ';', '*', '?', '[', ']', ':', '%', '\\', '{', '}', ' ', '\0', '\n', 'é', '0', '2',
+                    'F'
+                ]),
                 1..6
             )
             .prop_map(|chars| chars.into_iter().collect()),

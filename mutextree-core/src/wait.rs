@@ -16,6 +16,11 @@
 //! backoff until it is back: a lost notification costs latency, never
 //! progress.
 //!
+//! A waiter woken by a change that then finds the same lock in its way
+//! (the change concerned someone else, or was its own stepwise attempt
+//! releasing the node it had just locked) waits one backoff step before
+//! listening again, so unrelated churn cannot make it spin.
+//!
 //! Nothing here holds anything in the store between attempts: dropping an
 //! acquisition at any await point leaves at most a grant whose reply never
 //! arrived, which expires at its ttl.
@@ -28,6 +33,7 @@ use tokio::time::{sleep, sleep_until, Instant};
 use crate::backend::LockBackend;
 use crate::error::Error;
 use crate::lock::{Attempt, Grant, LockRequest};
+use crate::path::LockPath;
 use crate::stepwise::TRANSIENT_TTL;
 
 /// How long an acquisition may wait for a held lock.
@@ -121,7 +127,6 @@ impl Listener {
         if let Some(feed) = &mut self.feed {
             if feed.borrow().live {
                 if feed.changed().await.is_ok() {
-                    self.backoff.reset();
                     return;
                 }
                 // The store is gone: nothing will ever be sent again.
@@ -130,7 +135,21 @@ impl Listener {
                 feed.borrow_and_update();
             }
         }
+        self.pause().await;
+    }
+
+    /// Sleeps one backoff step, each longer than the last (up to 250 ms),
+    /// whatever the store publishes meanwhile: for a waiter that was woken
+    /// but found the same lock in its way, so that changes which do not
+    /// concern it (or its own stepwise attempts' releases) cannot make it
+    /// spin.
+    pub async fn pause(&mut self) {
         sleep(self.backoff.next_delay()).await;
+    }
+
+    /// Starts the backoff over: the waiter made progress.
+    pub fn reset(&mut self) {
+        self.backoff.reset();
     }
 }
 
@@ -176,12 +195,20 @@ pub async fn acquire(backend: &dyn LockBackend, request: &LockRequest, wait: Wai
         Wait::Forever => None,
     };
     let mut listener = backend.listen();
+    let mut last_blocker: Option<(LockPath, u64)> = None;
+    let mut woken_by_change = false;
     loop {
         let blocker = match backend.try_grant(request).await? {
             Attempt::Granted(grant) => return Ok(grant),
             Attempt::Blocked(blocker) => blocker,
         };
         let now = Instant::now();
+        let this_blocker = Some((blocker.path.clone(), blocker.token));
+        let spurious = woken_by_change && last_blocker == this_blocker;
+        if !spurious {
+            listener.reset();
+        }
+        last_blocker = this_blocker;
         let give_up_at = match deadline {
             Some(deadline) if blocker.transient => Some(deadline.max(started + TRANSIENT_TTL)),
             other => other,
@@ -196,10 +223,19 @@ pub async fn acquire(backend: &dyn LockBackend, request: &LockRequest, wait: Wai
         // Expiry sends no notification: retry just after the blocker's.
         let blocker_gone_at = now + blocker.remaining + Duration::from_millis(1);
         let wake_at = give_up_at.map_or(blocker_gone_at, |at| at.min(blocker_gone_at));
-        tokio::select! {
-            () = listener.changed() => {}
-            () = sleep_until(wake_at) => {}
-        }
+        let woken = async {
+            if spurious {
+                listener.pause().await;
+                false
+            } else {
+                listener.changed().await;
+                true
+            }
+        };
+        woken_by_change = tokio::select! {
+            woken = woken => woken,
+            () = sleep_until(wake_at) => false,
+        };
     }
 }
 

@@ -49,14 +49,14 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use dashmap::mapref::one::RefMut;
 use dashmap::DashMap;
 use mutextree_core::{
-    async_trait, Attempt, ChangeFeed, Error, Grant, HeldLock, Listener, LockBackend, LockKind, LockPath,
-    LockRequest, Namespace, Owner, Ttl,
+    async_trait, Attempt, ChangeFeed, Error, Grant, HeldLock, Listener, LockBackend, LockKind, LockPath, LockRequest,
+    Namespace, Owner, Ttl,
 };
 use tokio::time::Instant;
 
@@ -171,6 +171,15 @@ struct Space {
     last_token: AtomicU64,
     feed: ChangeFeed,
     grants_since_sweep: AtomicUsize,
+    /// Whether a single-key lock (the stepwise algorithm's primitive) was
+    /// ever taken here. Such a lock ignores intentions, so it can land on an
+    /// ancestor after a tree grant's step 1 passed it; a stepwise client
+    /// then checks descendants, and may miss the node the tree grant is
+    /// about to lock. So, once key locks exist, a tree grant looks at its
+    /// ancestors again after locking its node, and backs off if one was
+    /// locked meanwhile: then either the stepwise client sees the node in
+    /// its check, or the tree grant sees the stepwise client's lock.
+    key_locks_seen: AtomicBool,
 }
 
 #[derive(Default)]
@@ -249,6 +258,7 @@ impl Space {
             last_token: AtomicU64::new(0),
             feed: ChangeFeed::new(),
             grants_since_sweep: AtomicUsize::new(0),
+            key_locks_seen: AtomicBool::new(false),
         }
     }
 
@@ -265,6 +275,9 @@ impl Space {
 
     fn grant(&self, request: &LockRequest, kind: LockKind, check: Check) -> Attempt {
         self.maybe_sweep();
+        if check == Check::KeyOnly && !self.key_locks_seen.load(Ordering::Relaxed) {
+            self.key_locks_seen.store(true, Ordering::SeqCst);
+        }
         let levels: Vec<&str> = request.path.key_prefixes().collect();
         let (node_key, ancestors) = levels.split_last().expect("a path has at least one segment");
         let now = Instant::now();
@@ -329,8 +342,29 @@ impl Space {
                 expires_at: now + request.ttl.get(),
                 transient: kind == LockKind::Transient,
             });
+            drop(node);
+            if check == Check::Tree && self.key_locks_seen.load(Ordering::SeqCst) {
+                if let Some(blocker) = self.ancestor_locked_meanwhile(ancestors, now) {
+                    let mut node = self.node_mut(node_key);
+                    if node.lock.as_ref().is_some_and(|lock| lock.token == token) {
+                        node.lock = None;
+                    }
+                    drop(node);
+                    self.unlink(node_key);
+                    return Attempt::Blocked(blocker);
+                }
+            }
             return Attempt::Granted(Grant::new(request, kind, token, request.ttl.get(), now));
         }
+    }
+
+    /// A live lock on an ancestor, taken by a single-key lock after step 1
+    /// passed that ancestor (see [`Space::key_locks_seen`]).
+    fn ancestor_locked_meanwhile(&self, ancestors: &[&str], now: Instant) -> Option<HeldLock> {
+        ancestors.iter().find_map(|ancestor| {
+            let node = self.nodes.get(*ancestor)?;
+            node.lock.as_ref().filter(|lock| lock.is_live(now)).map(|lock| lock.held(now))
+        })
     }
 
     /// Takes back one counted lock from the ancestors among `levels` (the

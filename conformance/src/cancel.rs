@@ -1,0 +1,221 @@
+//! Faults at every await point, and cancellation.
+//!
+//! [`Gated`] wraps a store's client and puts a gate before and after each
+//! call it forwards (deadpool's fault-gate idea): the gate passes, fails
+//! with a store error, is slow, or never opens. The cancellation case drives
+//! acquire, release and refresh through every gate on every call they make,
+//! dropping the operation's future when a gate never opens, and then checks
+//! that nothing is left held once the ttls have run out.
+//!
+//! In stepwise mode the gates sit under the stepwise algorithm, on the
+//! primitives, so every step of it is cut too.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::future::join_all;
+use mutextree_core::stepwise::TRANSIENT_TTL;
+use mutextree_core::{
+    Attempt, Error, Grant, HeldLock, Listener, LockBackend, LockKind, LockPath, LockRequest, TreeLock, Ttl,
+};
+use tokio::sync::Notify;
+use tokio::time::{sleep, timeout};
+
+use crate::{Ctx, Mode};
+
+/// What a gate does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Fails the call with a retryable store error.
+    Fail,
+    /// Delays the call by this much.
+    Slow(Duration),
+    /// Never opens: the call hangs until its future is dropped.
+    Hang,
+}
+
+/// Where a gate stands around a forwarded call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Point {
+    /// Before the request reaches the store: the store sees nothing.
+    Before,
+    /// After the store answered: the call took effect, the caller does not
+    /// learn it (a lost reply).
+    After,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Plan {
+    call: usize,
+    point: Point,
+    fault: Fault,
+}
+
+/// A client wrapper with gates around every call; see the module docs. It
+/// also counts calls and tells when an attempt was blocked.
+#[derive(Debug)]
+pub struct Gated {
+    inner: Arc<dyn LockBackend>,
+    plan: Mutex<Option<Plan>>,
+    calls: AtomicUsize,
+    blocked: Notify,
+}
+
+impl Gated {
+    /// Wraps a client; every gate passes until [`Gated::arm`].
+    pub fn new(inner: Arc<dyn LockBackend>) -> Arc<Self> {
+        Arc::new(Gated { inner, plan: Mutex::new(None), calls: AtomicUsize::new(0), blocked: Notify::new() })
+    }
+
+    /// From now on, the `call`-th call (counting from 0 from now) meets
+    /// `fault` at `point`; every other call passes.
+    pub fn arm(&self, call: usize, point: Point, fault: Fault) {
+        let start = self.calls.load(Ordering::SeqCst);
+        *self.plan.lock().expect("plan lock") = Some(Plan { call: start + call, point, fault });
+    }
+
+    /// Every gate passes again.
+    pub fn disarm(&self) {
+        *self.plan.lock().expect("plan lock") = None;
+    }
+
+    /// How many calls reached this wrapper so far.
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    /// Resolves the next time, after this call, that an attempt comes back
+    /// blocked.
+    pub fn blocked(&self) -> tokio::sync::futures::Notified<'_> {
+        self.blocked.notified()
+    }
+
+    async fn gate(&self, call: usize, point: Point) -> Result<(), Error> {
+        let plan = *self.plan.lock().expect("plan lock");
+        match plan {
+            Some(plan) if plan.call == call && plan.point == point => match plan.fault {
+                Fault::Fail => {
+                    Err(Error::store_message("gated", true, format!("injected fault {point:?} call {call}")))
+                }
+                Fault::Slow(delay) => {
+                    sleep(delay).await;
+                    Ok(())
+                }
+                Fault::Hang => std::future::pending().await,
+            },
+            _ => Ok(()),
+        }
+    }
+
+    async fn around<T>(&self, call: impl std::future::Future<Output = Result<T, Error>>) -> Result<T, Error> {
+        let number = self.calls.fetch_add(1, Ordering::SeqCst);
+        self.gate(number, Point::Before).await?;
+        let outcome = call.await;
+        self.gate(number, Point::After).await?;
+        outcome
+    }
+}
+
+#[async_trait]
+impl LockBackend for Gated {
+    async fn try_lock_key(&self, request: &LockRequest, kind: LockKind) -> Result<Attempt, Error> {
+        self.around(self.inner.try_lock_key(request, kind)).await
+    }
+
+    async fn release(&self, grant: &Grant) -> Result<(), Error> {
+        self.around(self.inner.release(grant)).await
+    }
+
+    async fn refresh(&self, grant: &Grant, ttl: Ttl) -> Result<Grant, Error> {
+        self.around(self.inner.refresh(grant, ttl)).await
+    }
+
+    async fn list(&self, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
+        self.around(self.inner.list(under)).await
+    }
+
+    async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error> {
+        let attempt = self.around(self.inner.try_grant(request)).await;
+        if let Ok(Attempt::Blocked(_)) = attempt {
+            self.blocked.notify_waiters();
+        }
+        attempt
+    }
+
+    fn listen(&self) -> Listener {
+        self.inner.listen()
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Operation {
+    Acquire,
+    Release,
+    Refresh,
+}
+
+/// Acquire, release and refresh, each with every fault at every point of
+/// every call it makes, all at once on separate paths; then, once the ttls
+/// have passed, nothing is held and every path can be locked again.
+pub async fn cancellation_leaves_nothing_beyond_the_ttl(ctx: Ctx) {
+    let unit = ctx.timing().unit;
+    let ttl = unit;
+    // Up to 2 × depth + 1 calls for a stepwise grant at depth 2, plus the
+    // listener and a retry.
+    let calls = 0..6;
+    let mut runs = Vec::new();
+    for operation in [Operation::Acquire, Operation::Release, Operation::Refresh] {
+        for call in calls.clone() {
+            for point in [Point::Before, Point::After] {
+                for fault in [Fault::Fail, Fault::Hang, Fault::Slow(unit / 4)] {
+                    runs.push((operation, call, point, fault));
+                }
+            }
+        }
+    }
+    let probe = ctx.client().await;
+    let outcomes = join_all(runs.iter().enumerate().map(|(index, &(operation, call, point, fault))| {
+        let ctx = ctx.clone();
+        async move {
+            let (client, gated) = ctx.gated_client().await;
+            let path = LockPath::new([format!("run-{index}"), "leaf".to_owned()]).expect("path");
+            let lock = TreeLock::builder(client, &path).ttl(ttl).build().expect("lock");
+            if !matches!(operation, Operation::Acquire) {
+                lock.try_acquire().await.expect("a fresh path is free");
+            }
+            let calls_before = gated.calls();
+            gated.arm(call, point, fault);
+            let limit = unit / 2;
+            let outcome = match operation {
+                Operation::Acquire => timeout(limit, lock.try_acquire()).await.map(|r| r.map(drop)),
+                Operation::Release => timeout(limit, lock.release()).await,
+                Operation::Refresh => timeout(limit, lock.refresh()).await.map(|r| r.map(drop)),
+            };
+            gated.disarm();
+            if fault == Fault::Fail && ctx.mode() == Mode::Native {
+                // A native operation is one call: an injected failure on it
+                // must reach the caller. (The stepwise algorithm ignores
+                // failed releases of its transient parents by design.)
+                if let Ok(Ok(())) = &outcome {
+                    assert!(
+                        gated.calls() - calls_before <= call,
+                        "{operation:?}: fault at call {call} {point:?} was swallowed"
+                    );
+                }
+            }
+            (path, lock)
+        }
+    }))
+    .await;
+    // Everything granted expires within its ttl (transient parents within
+    // theirs); then every path is free and the namespace is empty.
+    sleep(ttl.max(TRANSIENT_TTL) + ctx.timing().slack).await;
+    let left = probe.list(None).await.expect("list");
+    assert!(left.is_empty(), "locks left after their ttl: {left:?}");
+    for (path, _lock) in outcomes {
+        let again = TreeLock::builder(probe.clone(), &path).ttl(ttl).build().expect("lock");
+        again.try_acquire().await.unwrap_or_else(|e| panic!("{path} still blocked: {e}"));
+    }
+}

@@ -1,0 +1,521 @@
+//! The behaviour cases, each a plain `async fn(Ctx)`.
+//!
+//! They use the public handle ([`TreeLock`]) the way an application does,
+//! and the [`LockBackend`] contract directly where a case needs to forge a
+//! grant or look inside. Time is only ever waited for where time is the
+//! thing under test (expiry, refresh, timeouts); everything else waits for
+//! events.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mutextree_core::{Error, Grant, LockBackend, LockPath, Owner, TreeLock, Ttl, Wait};
+use tokio::time::{sleep, sleep_until, Instant};
+
+pub use crate::cancel::cancellation_leaves_nothing_beyond_the_ttl;
+use crate::cancel::Gated;
+use crate::Ctx;
+
+fn path(text: &str) -> LockPath {
+    LockPath::parse(text).expect("test paths are valid")
+}
+
+/// A ttl no case outlives.
+fn long(ctx: &Ctx) -> Duration {
+    ctx.timing().unit * 30
+}
+
+fn handle(ctx: &Ctx, client: &Arc<dyn LockBackend>, at: &str) -> TreeLock {
+    TreeLock::builder(client.clone(), path(at)).ttl(long(ctx)).build().expect("valid lock")
+}
+
+async fn hold(ctx: &Ctx, client: &Arc<dyn LockBackend>, at: &str) -> TreeLock {
+    let lock = handle(ctx, client, at);
+    lock.try_acquire().await.unwrap_or_else(|e| panic!("{at} should be free: {e}"));
+    lock
+}
+
+/// Asserts that `at` is refused, blocked by a lock on `blocker` held by
+/// `owner`, and that the message says so.
+async fn assert_refused(ctx: &Ctx, client: &Arc<dyn LockBackend>, at: &str, blocker: &str, owner: &Owner) {
+    let lock = handle(ctx, client, at);
+    match lock.try_acquire().await {
+        Err(Error::Refused { path: refused, blocker: held }) => {
+            assert_eq!(refused, path(at));
+            assert_eq!(held.path, path(blocker), "{at} should be blocked by {blocker}");
+            assert_eq!(&held.owner, owner, "blocker's owner");
+            assert!(!held.remaining.is_zero() && held.remaining <= long(ctx));
+            let message = Error::Refused { path: refused, blocker: held }.to_string();
+            assert!(message.contains(blocker) && message.contains(owner.as_str()), "{message}");
+        }
+        other => panic!("{at} should be refused because of {blocker}, got {other:?}"),
+    }
+}
+
+/// `[A]` held refuses `[A]` and `[A, B]`.
+pub async fn seed_node_held_refuses_itself_and_descendants(ctx: Ctx) {
+    let (one, two) = (ctx.client().await, ctx.client().await);
+    let a = hold(&ctx, &one, "A").await;
+    assert_refused(&ctx, &two, "A", "A", a.owner()).await;
+    assert_refused(&ctx, &two, "A/B", "A", a.owner()).await;
+    assert_refused(&ctx, &one, "A/B", "A", a.owner()).await;
+}
+
+/// `[A, B]` held refuses `[A]`.
+pub async fn seed_child_held_refuses_parent(ctx: Ctx) {
+    let (one, two) = (ctx.client().await, ctx.client().await);
+    let ab = hold(&ctx, &one, "A/B").await;
+    assert_refused(&ctx, &two, "A", "A/B", ab.owner()).await;
+}
+
+/// `[A, B, C]` held refuses `[A]` and `[A, B]`.
+pub async fn seed_grandchild_held_refuses_ancestors(ctx: Ctx) {
+    let (one, two) = (ctx.client().await, ctx.client().await);
+    let abc = hold(&ctx, &one, "A/B/C").await;
+    assert_refused(&ctx, &two, "A", "A/B/C", abc.owner()).await;
+    assert_refused(&ctx, &two, "A/B", "A/B/C", abc.owner()).await;
+}
+
+/// `[A]` held refuses `[A, B, C]`.
+pub async fn seed_ancestor_held_refuses_grandchild(ctx: Ctx) {
+    let (one, two) = (ctx.client().await, ctx.client().await);
+    let a = hold(&ctx, &one, "A").await;
+    assert_refused(&ctx, &two, "A/B/C", "A", a.owner()).await;
+}
+
+/// `[A, B]` held refuses `[A, B, C]`.
+pub async fn seed_parent_held_refuses_child(ctx: Ctx) {
+    let (one, two) = (ctx.client().await, ctx.client().await);
+    let ab = hold(&ctx, &one, "A/B").await;
+    assert_refused(&ctx, &two, "A/B/C", "A/B", ab.owner()).await;
+}
+
+/// `[A]` and `[B]` are held at once, and released independently.
+pub async fn seed_disjoint_roots_coexist(ctx: Ctx) {
+    let (one, two) = (ctx.client().await, ctx.client().await);
+    let a = hold(&ctx, &one, "A").await;
+    let b = hold(&ctx, &two, "B").await;
+    a.release().await.expect("release A");
+    assert_refused(&ctx, &one, "B/x", "B", b.owner()).await;
+    b.release().await.expect("release B");
+}
+
+/// `[A, B]` and `[A, C]` are held at once, and so are cousins below them;
+/// their parent is refused while either is held.
+pub async fn seed_siblings_coexist(ctx: Ctx) {
+    let (one, two) = (ctx.client().await, ctx.client().await);
+    let ab = hold(&ctx, &one, "A/B").await;
+    let ac = hold(&ctx, &two, "A/C").await;
+    hold(&ctx, &one, "A/D/x").await.release().await.expect("release the cousin");
+    ab.release().await.expect("release A/B");
+    assert_refused(&ctx, &one, "A", "A/C", ac.owner()).await;
+    ac.release().await.expect("release A/C");
+    hold(&ctx, &two, "A/B/y").await;
+}
+
+/// Not re-entrant: the same owner is refused its own lock's path and
+/// subtree, like `threading.Lock`; one handle refuses to acquire twice.
+pub async fn not_reentrant_for_the_same_owner(ctx: Ctx) {
+    let client = ctx.client().await;
+    let first = TreeLock::builder(client.clone(), "A").owner("me").ttl(long(&ctx)).build().expect("lock");
+    first.try_acquire().await.expect("free");
+    for at in ["A", "A/B"] {
+        let again = TreeLock::builder(client.clone(), at).owner("me").build().expect("lock");
+        assert!(matches!(again.try_acquire().await, Err(Error::Refused { .. })), "{at}");
+    }
+    assert!(matches!(first.try_acquire().await, Err(Error::AlreadyHeld { .. })));
+    first.release().await.expect("release");
+}
+
+/// `[A]` is not an ancestor of `[AB]`, nor `[A, B]` of `[A, BC]`.
+pub async fn prefix_is_not_an_ancestor(ctx: Ctx) {
+    let client = ctx.client().await;
+    hold(&ctx, &client, "A").await;
+    hold(&ctx, &client, "AB").await;
+    hold(&ctx, &client, "X/B").await;
+    hold(&ctx, &client, "X/BC").await;
+    hold(&ctx, &client, "X/B C").await;
+    let listed: Vec<LockPath> =
+        client.list(Some(&path("A"))).await.expect("list").into_iter().map(|h| h.path).collect();
+    assert_eq!(listed, [path("A")]);
+}
+
+/// The guard releases on `release()` with its outcome, and on drop in the
+/// background: a waiter gets the lock long before the ttl.
+pub async fn guard_releases_on_release_and_on_drop(ctx: Ctx) {
+    let (one, two) = (ctx.client().await, ctx.client().await);
+    let lock = handle(&ctx, &one, "A/B");
+    let guard = lock.lock().await.expect("lock");
+    assert!(lock.is_held());
+    assert_eq!(lock.grant().map(|g| g.token), Some(guard.token()));
+    assert_refused(&ctx, &two, "A", "A/B", lock.owner()).await;
+    guard.release().await.expect("release");
+    assert!(!lock.is_held());
+    hold(&ctx, &two, "A").await.release().await.expect("free again");
+
+    let guard = lock.lock().await.expect("lock again");
+    let waiter = handle(&ctx, &two, "A");
+    let dropped_at = Instant::now();
+    drop(guard);
+    assert!(!lock.is_held(), "a dropped guard's handle holds nothing");
+    waiter.acquire_timeout(long(&ctx)).await.expect("released by the drop");
+    assert!(dropped_at.elapsed() < long(&ctx) / 4, "the drop released, not the ttl");
+}
+
+/// The closure wrapper releases after success, after an error value, and
+/// after a panic.
+pub async fn run_releases_after_success_error_and_panic(ctx: Ctx) {
+    let (one, two) = (ctx.client().await, ctx.client().await);
+    let lock = handle(&ctx, &one, "A");
+    let probe = handle(&ctx, &two, "A/B");
+
+    let token = lock.run(|grant| async move { grant.token }).await.expect("run");
+    assert!(token > 0);
+    probe.try_acquire().await.expect("released after success");
+    assert!(matches!(lock.run(|_| async {}).await, Err(Error::Refused { .. })), "run refuses a held path");
+    probe.release().await.expect("release");
+
+    let failed: Result<(), &str> = lock.run(|_| async { Err("boom") }).await.expect("run");
+    assert_eq!(failed, Err("boom"));
+    probe.try_acquire().await.expect("released after an error");
+    probe.release().await.expect("release");
+
+    let panicking = lock.clone();
+    let task = tokio::spawn(async move {
+        let _: Result<(), Error> = panicking.run(|_| async { panic!("work failed") }).await;
+    });
+    assert!(task.await.is_err(), "the work panicked");
+    let started = Instant::now();
+    probe.acquire_timeout(long(&ctx)).await.expect("released after a panic");
+    assert!(started.elapsed() < long(&ctx) / 4, "released by the guard, not the ttl");
+}
+
+/// Release and refresh of a lock that is not held fail with NotHeld.
+pub async fn release_and_refresh_of_nothing_held_are_not_held(ctx: Ctx) {
+    let client = ctx.client().await;
+    let lock = handle(&ctx, &client, "A");
+    assert!(matches!(lock.release().await, Err(Error::NotHeld { .. })));
+    assert!(matches!(lock.refresh().await, Err(Error::NotHeld { .. })));
+
+    let grant = lock.try_acquire().await.expect("free");
+    lock.release().await.expect("release");
+    assert!(matches!(lock.release().await, Err(Error::NotHeld { .. })), "double release");
+    assert!(matches!(client.release(&grant).await, Err(Error::NotHeld { .. })), "released grant");
+    let ttl = Ttl::new(long(&ctx)).expect("ttl");
+    assert!(matches!(client.refresh(&grant, ttl).await, Err(Error::NotHeld { .. })), "released grant");
+    let never = Grant { path: path("never/granted"), ..grant };
+    assert!(matches!(client.release(&never).await, Err(Error::NotHeld { .. })), "never granted");
+    assert!(client.list(None).await.expect("list").is_empty(), "nothing resurrected");
+}
+
+/// Only the very grant (path, owner, token) is released or refreshed.
+pub async fn only_the_owners_grant_is_released(ctx: Ctx) {
+    let (one, two) = (ctx.client().await, ctx.client().await);
+    let lock = handle(&ctx, &one, "A");
+    let grant = lock.try_acquire().await.expect("free");
+    let ttl = Ttl::new(ctx.timing().unit).expect("ttl");
+    let forgeries = [
+        Grant { owner: Owner::new("intruder").expect("owner"), ..grant.clone() },
+        Grant { token: grant.token + 1, ..grant.clone() },
+        Grant { token: grant.token.wrapping_sub(1), ..grant.clone() },
+    ];
+    for forged in &forgeries {
+        assert!(matches!(two.release(forged).await, Err(Error::NotHeld { .. })), "{forged:?}");
+        assert!(matches!(two.refresh(forged, ttl).await, Err(Error::NotHeld { .. })), "{forged:?}");
+    }
+    let held = two.list(None).await.expect("list");
+    assert_eq!(held.len(), 1);
+    assert!(held[0].remaining > ctx.timing().unit, "a forged refresh changed nothing");
+    assert_refused(&ctx, &two, "A", "A", lock.owner()).await;
+    lock.release().await.expect("the owner releases");
+}
+
+/// A holder whose lock expired and was taken over cannot release or
+/// refresh the new holder's lock.
+pub async fn stale_grant_cannot_touch_its_successor(ctx: Ctx) {
+    let (one, two) = (ctx.client().await, ctx.client().await);
+    let timing = ctx.timing();
+    let stale = TreeLock::builder(one.clone(), "A").ttl(timing.unit).build().expect("lock");
+    let old = stale.try_acquire().await.expect("free");
+    sleep(old.ttl + timing.slack).await;
+    let successor = hold(&ctx, &two, "A").await;
+    assert!(matches!(one.release(&old).await, Err(Error::NotHeld { .. })));
+    assert!(matches!(one.refresh(&old, Ttl::new(timing.unit).expect("ttl")).await, Err(Error::NotHeld { .. })));
+    assert!(matches!(stale.release().await, Err(Error::NotHeld { .. })));
+    assert_refused(&ctx, &one, "A/B", "A", successor.owner()).await;
+    successor.release().await.expect("the successor still holds it");
+}
+
+/// A holder that dies without releasing blocks others until its ttl, and
+/// not longer.
+pub async fn expiry_frees_a_crashed_holder(ctx: Ctx) {
+    let (one, two) = (ctx.client().await, ctx.client().await);
+    let timing = ctx.timing();
+    let crashed = TreeLock::builder(one, "A/B").ttl(timing.unit * 2).build().expect("lock");
+    let grant = crashed.try_acquire().await.expect("free");
+    let granted_at = Instant::now();
+    let owner = crashed.owner().clone();
+    drop(crashed); // dies: a handle without a guard releases nothing
+
+    sleep_until(granted_at + grant.ttl - timing.slack).await;
+    assert_refused(&ctx, &two, "A", "A/B", &owner).await;
+    sleep_until(granted_at + grant.ttl + timing.slack).await;
+    hold(&ctx, &two, "A").await;
+}
+
+/// `refresh(ttl)` sets the remaining life to exactly `ttl`, shorter or
+/// longer than what was left.
+pub async fn refresh_sets_the_exact_ttl(ctx: Ctx) {
+    let (one, two) = (ctx.client().await, ctx.client().await);
+    let timing = ctx.timing();
+
+    // Shorter: from 3 units left down to 1.
+    let lock = TreeLock::builder(one.clone(), "A").ttl(timing.unit * 3).build().expect("lock");
+    lock.try_acquire().await.expect("free");
+    let refreshed = lock.refresh_to(timing.unit).await.expect("refresh");
+    let refreshed_at = Instant::now();
+    assert_eq!(refreshed.token, lock.grant().expect("held").token, "a refresh keeps the token");
+    let held = two.list(Some(&path("A"))).await.expect("list");
+    assert!(held[0].remaining <= refreshed.ttl, "remaining {:?} > {:?}", held[0].remaining, refreshed.ttl);
+    sleep_until(refreshed_at + refreshed.ttl - timing.slack).await;
+    assert_refused(&ctx, &two, "A", "A", lock.owner()).await;
+    sleep_until(refreshed_at + refreshed.ttl + timing.slack).await;
+    hold(&ctx, &two, "A").await;
+
+    // Longer: 1 unit, refreshed half way to 2 units.
+    let lock = TreeLock::builder(one, "B").ttl(timing.unit).build().expect("lock");
+    lock.try_acquire().await.expect("free");
+    sleep(timing.unit / 2).await;
+    let refreshed = lock.refresh_to(timing.unit * 2).await.expect("refresh");
+    let refreshed_at = Instant::now();
+    sleep_until(refreshed_at + refreshed.ttl - timing.slack).await;
+    assert_refused(&ctx, &two, "B", "B", lock.owner()).await;
+    sleep_until(refreshed_at + refreshed.ttl + timing.slack).await;
+    hold(&ctx, &two, "B").await;
+}
+
+/// Every grant's token is greater than every token granted before in the
+/// namespace, across paths and clients; a refresh keeps it.
+pub async fn fencing_tokens_strictly_increase(ctx: Ctx) {
+    let clients = [ctx.client().await, ctx.client().await];
+    let mut last = 0;
+    for round in 0..20 {
+        let client = &clients[round % 2];
+        let at = ["A", "A/B", "C/D/E", "A"][round % 4];
+        let lock = handle(&ctx, client, at);
+        let grant = lock.try_acquire().await.expect("free");
+        assert!(grant.token > last, "token {} after {last}", grant.token);
+        last = grant.token;
+        assert_eq!(lock.refresh().await.expect("refresh").token, grant.token);
+        lock.release().await.expect("release");
+    }
+}
+
+/// A waiter wakes when the blocking lock is released, long before that
+/// lock's ttl.
+pub async fn waiter_wakes_on_release_before_the_ttl(ctx: Ctx) {
+    let (one, two) = (ctx.client().await, ctx.client().await);
+    let holder = hold(&ctx, &one, "A/B").await;
+    let gated = Gated::new(two);
+    let waiter = TreeLock::builder(gated.clone(), "A").wait(Wait::For(long(&ctx))).build().expect("lock");
+    let refused = gated.blocked();
+    let waiting = tokio::spawn(async move { waiter.acquire().await.map(|_| Instant::now()) });
+    refused.await;
+    let released_at = Instant::now();
+    holder.release().await.expect("release");
+    let granted_at = waiting.await.expect("waiter task").expect("granted after the release");
+    let delay = granted_at - released_at;
+    assert!(delay < ctx.timing().unit, "woke {delay:?} after the release, the blocker had {:?} left", long(&ctx));
+}
+
+/// A waiter blocked by a lock nobody releases wakes at that lock's expiry.
+pub async fn waiter_wakes_at_the_blockers_expiry(ctx: Ctx) {
+    let (one, two) = (ctx.client().await, ctx.client().await);
+    let timing = ctx.timing();
+    let crashed = TreeLock::builder(one, "A").ttl(timing.unit * 2).build().expect("lock");
+    let grant = crashed.try_acquire().await.expect("free");
+    let granted_at = Instant::now();
+    let waiter = TreeLock::builder(two, "A/B").build().expect("lock");
+    waiter.acquire_with(Wait::Forever).await.expect("granted at the expiry");
+    let waited = granted_at.elapsed();
+    assert!(waited + timing.slack >= grant.ttl, "granted after {waited:?}, before the ttl {:?}", grant.ttl);
+    assert!(waited <= grant.ttl + timing.slack * 2, "granted after {waited:?}, ttl {:?}", grant.ttl);
+}
+
+/// A timed-out acquisition names the lock in the way and how long it waited.
+pub async fn timeout_reports_the_blocker(ctx: Ctx) {
+    let (one, two) = (ctx.client().await, ctx.client().await);
+    let holder = hold(&ctx, &one, "A/B/C").await;
+    let unit = ctx.timing().unit;
+    let waiter = TreeLock::builder(two, "A").timeout(unit).build().expect("lock");
+    match waiter.acquire().await {
+        Err(error @ Error::Timeout { .. }) => {
+            let message = error.to_string();
+            let Error::Timeout { path: asked, waited, blocker } = error else { unreachable!() };
+            assert_eq!(asked, path("A"));
+            assert_eq!(blocker.path, path("A/B/C"));
+            assert_eq!(&blocker.owner, holder.owner());
+            assert!(waited >= unit && waited < unit * 3, "waited {waited:?}");
+            assert!(message.contains("A/B/C") && message.contains(holder.owner().as_str()), "{message}");
+        }
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+}
+
+/// Names full of separators, wildcards, escapes, braces, control and
+/// unicode characters are distinct nodes with exact tree semantics.
+pub async fn special_names_are_distinct_and_exact(ctx: Ctx) {
+    let client = ctx.client().await;
+    let names = [
+        "a", "a/b", "a\\", "a\\/b", ";", "a;b", "*", "a*", "?", "[", "[a]", "]", ":", "%", "%25", "%2F", "{", "}",
+        "{x}", " ", "a b", "\0", "\n", "\t\x7f", ".", "..", "\u{e9}", "e\u{301}", "🔒", "名前", "_", "0",
+    ];
+    let mut held = Vec::new();
+    for name in names {
+        let lock = TreeLock::builder(client.clone(), [name]).ttl(long(&ctx)).build().expect("valid");
+        lock.try_acquire().await.unwrap_or_else(|e| panic!("[{name:?}] should be free: {e}"));
+        held.push(lock);
+    }
+    for (lock, name) in held.iter().zip(names) {
+        let child = TreeLock::builder(client.clone(), [name, "child"]).build().expect("valid");
+        match child.try_acquire().await {
+            Err(Error::Refused { blocker, .. }) => assert_eq!(&blocker.path, lock.path(), "[{name:?}, child]"),
+            other => panic!("[{name:?}, child] should be refused by [{name:?}], got {other:?}"),
+        }
+        let listed = client.list(Some(lock.path())).await.expect("list");
+        assert_eq!(listed.len(), 1, "under [{name:?}]: {listed:?}");
+        assert_eq!(&listed[0].path, lock.path());
+    }
+    // `[a, b]` is not `[a/b]`: `[a]` is held, so it is refused by `[a]` only.
+    let two_segments = TreeLock::builder(client.clone(), ["a", "b"]).build().expect("valid");
+    match two_segments.try_acquire().await {
+        Err(Error::Refused { blocker, .. }) => assert_eq!(blocker.path, path("a")),
+        other => panic!("[a, b] should be refused by [a], got {other:?}"),
+    }
+    assert_eq!(client.list(None).await.expect("list").len(), names.len());
+}
+
+/// Two namespaces on one store never see each other's locks.
+pub async fn namespaces_are_isolated(ctx: Ctx) {
+    let here = ctx.client().await;
+    let there = ctx.other_namespace().await;
+    hold(&ctx, &here, "A").await;
+    hold(&ctx, &there, "A").await;
+    let below = handle(&ctx, &there, "A/B").try_acquire().await;
+    assert!(matches!(below, Err(Error::Refused { .. })), "A is held there: {below:?}");
+    let listed = there.list(None).await.expect("list");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(here.list(None).await.expect("list").len(), 1);
+}
+
+/// Listing shows exactly the live locks, with owner, token and remaining
+/// life; not the released ones, not the expired ones.
+pub async fn inspection_lists_exactly_the_live_locks(ctx: Ctx) {
+    let (one, two) = (ctx.client().await, ctx.client().await);
+    let timing = ctx.timing();
+    let short = TreeLock::builder(one.clone(), "E").ttl(timing.unit).build().expect("lock");
+    let expired = short.try_acquire().await.expect("free");
+    let a = hold(&ctx, &one, "A").await;
+    let bc = hold(&ctx, &two, "B/C").await;
+    let bde = hold(&ctx, &one, "B/D/E").await;
+    hold(&ctx, &two, "B/F").await.release().await.expect("release");
+    sleep(expired.ttl + timing.slack).await;
+
+    let listed = two.list(None).await.expect("list");
+    let expected = [&a, &bc, &bde];
+    assert_eq!(listed.len(), expected.len(), "{listed:?}");
+    for (held, lock) in listed.iter().zip(expected) {
+        let grant = lock.grant().expect("held");
+        assert_eq!(held.path, grant.path);
+        assert_eq!(held.owner, grant.owner);
+        assert_eq!(held.token, grant.token);
+        assert!(!held.transient);
+        assert!(held.remaining <= grant.ttl && held.remaining + timing.unit * 2 > grant.ttl, "{held:?}");
+    }
+    let under = |at: &str| {
+        let two = two.clone();
+        let at = path(at);
+        async move { two.list(Some(&at)).await.expect("list").into_iter().map(|h| h.path.to_string()).collect::<Vec<_>>() }
+    };
+    assert_eq!(under("B").await, ["B/C", "B/D/E"]);
+    assert_eq!(under("B/D").await, ["B/D/E"]);
+    assert_eq!(under("B/D/E").await, ["B/D/E"]);
+    assert!(under("Z").await.is_empty());
+    assert!(under("E").await.is_empty(), "expired");
+    assert!(under("B/F").await.is_empty(), "released");
+    assert!(a.locked().await.expect("locked"));
+    assert!(!handle(&ctx, &two, "B").locked().await.expect("locked"), "B itself is not locked");
+}
+
+/// Bad paths, ttls and owner ids get typed errors naming the rule, and
+/// nothing reaches the store; what is held is untouched.
+pub async fn bad_input_is_rejected_before_the_store(ctx: Ctx) {
+    let gated = Gated::new(ctx.client().await);
+    let client: Arc<dyn LockBackend> = gated.clone();
+    let held = hold(&ctx, &client, "A").await;
+    let calls = gated.calls();
+
+    let huge = "x".repeat(1 << 20);
+    let deep: Vec<String> = (0..=mutextree_core::MAX_DEPTH).map(|i| i.to_string()).collect();
+    let builds = [
+        (TreeLock::builder(client.clone(), "").build(), "at least one segment"),
+        (TreeLock::builder(client.clone(), "A//B").build(), "is empty"),
+        (TreeLock::builder(client.clone(), "/A").build(), "is empty"),
+        (TreeLock::builder(client.clone(), deep).build(), "at most"),
+        (TreeLock::builder(client.clone(), [huge.as_str()]).build(), "bytes"),
+        (TreeLock::builder(client.clone(), "A\\x").build(), "unknown escape"),
+        (TreeLock::builder(client.clone(), "B").ttl(Duration::ZERO).build(), "greater than zero"),
+        (TreeLock::builder(client.clone(), "B").ttl(Duration::MAX).build(), "at most"),
+        (TreeLock::builder(client.clone(), "B").ttl(Ttl::MAX + Duration::from_millis(1)).build(), "at most"),
+        (TreeLock::builder(client.clone(), "B").owner("").build(), "at least one character"),
+        (TreeLock::builder(client.clone(), "B").owner(huge.clone()).build(), "at most"),
+        (TreeLock::builder(client.clone(), "B").owner("a\nb").build(), "control"),
+    ];
+    for (index, (built, rule)) in builds.into_iter().enumerate() {
+        let error = built.expect_err("must be refused");
+        let message = error.to_string();
+        assert!(message.contains(rule), "case {index}: {message:?} should mention {rule:?}");
+        assert!(message.len() < 400, "case {index}: message of {} bytes", message.len());
+        assert!(
+            matches!(error, Error::InvalidPath { .. } | Error::InvalidTtl { .. } | Error::InvalidOwner { .. }),
+            "case {index}: {error:?}"
+        );
+    }
+    assert!(matches!(held.refresh_to(Duration::ZERO).await, Err(Error::InvalidTtl { .. })));
+    assert!(matches!(held.refresh_to(Duration::MAX).await, Err(Error::InvalidTtl { .. })));
+    assert_eq!(gated.calls(), calls, "bad input reached the store");
+    assert!(held.grant().expect("still held").remaining() > long(&ctx) / 2);
+    held.release().await.expect("untouched");
+}
+
+/// Automatic refresh keeps a short lock alive past its ttl, and reports
+/// the loss when the store refuses a refresh.
+pub async fn auto_refresh_keeps_the_lock_and_reports_its_loss(ctx: Ctx) {
+    let (one, two) = (ctx.client().await, ctx.client().await);
+    let unit = ctx.timing().unit;
+    let lock = TreeLock::builder(one, "A").ttl(unit).auto_refresh(true).build().expect("lock");
+    let first = lock.try_acquire().await.expect("free");
+    sleep(first.ttl * 4).await;
+    assert_refused(&ctx, &two, "A/B", "A", lock.owner()).await;
+    let current = lock.grant().expect("still held");
+    assert_eq!(current.token, first.token);
+
+    // An administrator takes the lock away: the next refresh is refused.
+    two.release(&current).await.expect("forced release");
+    let lost = lock.lost();
+    let error = tokio::time::timeout(unit * 2, lost).await.expect("the loss is reported within a ttl");
+    assert!(matches!(error, Error::Lost { .. }), "{error:?}");
+    assert!(error.to_string().contains("refused"), "{error}");
+    assert!(!lock.is_held());
+
+    // `run` keeps the lock for work longer than its ttl.
+    let worked = lock
+        .run(|grant| async move {
+            sleep(grant.ttl * 3).await;
+            grant.token
+        })
+        .await
+        .expect("run");
+    assert!(worked > first.token);
+    hold(&ctx, &two, "A").await;
+}
