@@ -209,6 +209,14 @@ pub async fn cancellation_leaves_nothing_beyond_the_ttl(ctx: Ctx) {
         }
     }))
     .await;
+    // The wait itself: an acquisition blocked by a held lock, dropped while
+    // it sleeps, holds nothing.
+    let blocker = TreeLock::builder(probe.clone(), "waited/on").ttl(ttl).build().expect("lock");
+    blocker.try_acquire().await.expect("free");
+    let waiter = TreeLock::builder(ctx.client().await, "waited").ttl(ttl).build().expect("lock");
+    assert!(timeout(unit / 2, waiter.acquire_timeout(unit * 10)).await.is_err(), "still waiting");
+    assert!(!waiter.is_held());
+
     // Everything granted expires within its ttl (transient parents within
     // theirs); then every path is free and the namespace is empty.
     sleep(ttl.max(TRANSIENT_TTL) + ctx.timing().slack).await;
@@ -218,4 +226,5 @@ pub async fn cancellation_leaves_nothing_beyond_the_ttl(ctx: Ctx) {
         let again = TreeLock::builder(probe.clone(), &path).ttl(ttl).build().expect("lock");
         again.try_acquire().await.unwrap_or_else(|e| panic!("{path} still blocked: {e}"));
     }
+    waiter.try_acquire().await.expect("the cancelled waiter left nothing behind");
 }

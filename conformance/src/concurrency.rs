@@ -1,4 +1,4 @@
-//! Many clients at once, judged by the [`Oracle`](crate::oracle::Oracle).
+//! Many clients at once, judged by the [oracle](crate::oracle).
 //!
 //! Every task has its own client (its own connection on a network store)
 //! and reports what it holds to the oracle, which fails the case if two
@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::join_all;
-use mutextree_core::{Error, LockPath, TreeLock, Wait};
+use mutextree_core::{Error, Grant, LockPath, TreeLock, Wait};
 
 use crate::oracle::Oracle;
 use crate::Ctx;
@@ -38,11 +38,15 @@ fn small_deep_tree(depth: usize) -> Vec<LockPath> {
     all
 }
 
-/// Holds the lock for a few scheduler turns, so that holders overlap in time.
-async fn hold_briefly() {
+/// Tells the oracle, holds the lock for a few scheduler turns (so that
+/// holders overlap in time), tells the oracle again and releases.
+async fn hold_briefly(oracle: &Oracle, lock: &TreeLock, grant: &Grant) {
+    oracle.enter(grant);
     for _ in 0..fastrand::usize(1..4) {
         tokio::task::yield_now().await;
     }
+    oracle.exit(grant);
+    lock.release().await.expect("release of a held lock");
 }
 
 /// Tasks lock random nodes of a small deep tree: never two overlapping
@@ -62,10 +66,7 @@ pub async fn concurrent_overlapping_paths_never_overlap(ctx: Ctx) {
                 let lock = TreeLock::builder(client.clone(), path).ttl(ttl).build().expect("lock");
                 match lock.try_acquire().await {
                     Ok(grant) => {
-                        oracle.enter(&grant);
-                        hold_briefly().await;
-                        oracle.exit(&grant);
-                        lock.release().await.expect("release of a held lock");
+                        hold_briefly(&oracle, &lock, &grant).await;
                         granted += 1;
                     }
                     Err(Error::Refused { .. }) => {
@@ -100,12 +101,7 @@ pub async fn concurrent_siblings_are_never_refused(ctx: Ctx) {
             let mut refusals = Vec::new();
             for _ in 0..ROUNDS / 2 {
                 match lock.try_acquire().await {
-                    Ok(grant) => {
-                        oracle.enter(&grant);
-                        hold_briefly().await;
-                        oracle.exit(&grant);
-                        lock.release().await.expect("release");
-                    }
+                    Ok(grant) => hold_briefly(&oracle, &lock, &grant).await,
                     Err(error) => refusals.push(error.to_string()),
                 }
             }
@@ -134,10 +130,7 @@ pub async fn concurrent_waiters_all_get_their_turn(ctx: Ctx) {
                 .expect("lock");
             for _ in 0..turns {
                 let grant = lock.acquire().await.unwrap_or_else(|e| panic!("waiter gave up: {e}"));
-                oracle.enter(&grant);
-                hold_briefly().await;
-                oracle.exit(&grant);
-                lock.release().await.expect("release");
+                hold_briefly(&oracle, &lock, &grant).await;
             }
         })
     });

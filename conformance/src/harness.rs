@@ -2,7 +2,7 @@
 //! temporary directory, once per test binary, and stopped with it.
 //!
 //! A store's test file describes its server with a [`ServerSpec`] and asks
-//! for it through [`ServerSpec::url`]: the `MUTEXTREE_<STORE>_URL` variable
+//! for it through [`SharedServer::url`]: the `MUTEXTREE_<STORE>_URL` variable
 //! if set (an existing server, e.g. in a developer's container), otherwise a
 //! server the harness starts from the installed binary. A binary that cannot
 //! be found is a test failure whose message says how to install it: a

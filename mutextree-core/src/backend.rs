@@ -77,33 +77,6 @@ pub trait LockBackend: Send + Sync + fmt::Debug {
     }
 }
 
-#[async_trait]
-impl<B: LockBackend + ?Sized> LockBackend for Arc<B> {
-    async fn try_lock_key(&self, request: &LockRequest, kind: LockKind) -> Result<Attempt, Error> {
-        (**self).try_lock_key(request, kind).await
-    }
-
-    async fn release(&self, grant: &Grant) -> Result<(), Error> {
-        (**self).release(grant).await
-    }
-
-    async fn refresh(&self, grant: &Grant, ttl: Ttl) -> Result<Grant, Error> {
-        (**self).refresh(grant, ttl).await
-    }
-
-    async fn list(&self, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
-        (**self).list(under).await
-    }
-
-    async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error> {
-        (**self).try_grant(request).await
-    }
-
-    fn listen(&self) -> Listener {
-        (**self).listen()
-    }
-}
-
 /// A store seen through the seed's stepwise algorithm: tree grants go
 /// through [`stepwise::try_grant`] over the store's primitives instead of its
 /// native atomic operation; everything else is the store's own.

@@ -9,7 +9,7 @@
 //! | `acquire()` | [`TreeLock::acquire`] (waits as configured), [`TreeLock::try_acquire`], [`TreeLock::acquire_timeout`] |
 //! | `release()` | [`TreeLock::release`] |
 //! | `refresh(expire=None)` | [`TreeLock::refresh`], [`TreeLock::refresh_to`] |
-//! | `with lock:` | [`TreeLock::lock`] returning a [`TreeLockGuard`] |
+//! | `with lock:` | [`TreeLock::lock`] (or [`try_lock`](TreeLock::try_lock), [`lock_with`](TreeLock::lock_with)) returning a [`TreeLockGuard`] |
 //! | `@tree_lock(...)` | [`TreeLock::run`] |
 //!
 //! # Defaults
@@ -361,7 +361,17 @@ impl TreeLock {
     /// Acquires (waiting as configured) and returns a guard that releases
     /// on [`release`](TreeLockGuard::release) or, in the background, on drop.
     pub async fn lock(&self) -> Result<TreeLockGuard, Error> {
-        let grant = self.acquire().await?;
+        self.lock_with(self.shared.wait).await
+    }
+
+    /// [`lock`](TreeLock::lock) without waiting for a held lock.
+    pub async fn try_lock(&self) -> Result<TreeLockGuard, Error> {
+        self.lock_with(Wait::No).await
+    }
+
+    /// [`lock`](TreeLock::lock), waiting as `wait` says.
+    pub async fn lock_with(&self, wait: Wait) -> Result<TreeLockGuard, Error> {
+        let grant = self.acquire_with(wait).await?;
         Ok(TreeLockGuard { lock: self.clone(), grant, released: false })
     }
 

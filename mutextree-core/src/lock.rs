@@ -143,14 +143,15 @@ impl Namespace {
     /// Checks and wraps a namespace name.
     pub fn new(name: impl Into<String>) -> Result<Self, Error> {
         let name = name.into();
+        let allowed = |c: char| c.is_ascii_alphanumeric() || "_-.:".contains(c);
         let reason = if name.is_empty() {
             Some("a namespace needs at least one character".to_owned())
         } else if name.len() > Self::MAX_BYTES {
             Some(format!("{} bytes, but a namespace may have at most {}", name.len(), Self::MAX_BYTES))
-        } else if let Some(bad) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || "_-.:".contains(*c))) {
-            Some(format!("{bad:?} is not allowed; a namespace uses ASCII letters, digits and `_ - . :` only"))
         } else {
-            None
+            name.chars()
+                .find(|c| !allowed(*c))
+                .map(|bad| format!("{bad:?} is not allowed; a namespace uses ASCII letters, digits and `_ - . :` only"))
         };
         match reason {
             Some(reason) => Err(Error::InvalidNamespace { namespace: quote(&name), reason }),

@@ -550,7 +550,8 @@ mod tests {
             let segments: Vec<String> = a.segments().map(str::to_owned).chain(extra).collect();
             if let Ok(b) = LockPath::new(segments) {
                 prop_assert!(a.is_ancestor_of(&b));
-                prop_assert_eq!(b.ancestors().get(a.depth() - 1), Some(&a));
+                let ancestors = b.ancestors();
+                prop_assert_eq!(ancestors.get(a.depth() - 1), Some(&a));
             }
         }
 

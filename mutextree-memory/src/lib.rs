@@ -42,6 +42,8 @@
 //! when a grant, release or listing comes across them, and by a sweep of the
 //! whole map every time as many grants were made as there are entries, so
 //! memory stays bounded by the live locks at an amortised O(1) per grant.
+//! Entries and counts that become empty are left for that sweep too: the
+//! next grant on the same nodes then allocates nothing.
 //!
 //! Expiry is judged on tokio's clock ([`tokio::time::Instant`]), so tests can
 //! pause and advance time. Waiters wake through a [`ChangeFeed`] on every
@@ -49,16 +51,19 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use dashmap::mapref::one::RefMut;
 use dashmap::DashMap;
 use mutextree_core::{
     async_trait, Attempt, ChangeFeed, Error, Grant, HeldLock, Listener, LockBackend, LockKind, LockPath, LockRequest,
-    Namespace, Owner, Ttl,
+    Namespace, Owner, Ttl, MAX_DEPTH,
 };
 use tokio::time::Instant;
+
+/// A fast hasher that is still seeded per map (paths come from users).
+type Hasher = foldhash::fast::RandomState;
 
 /// A store: independent namespaces, each a [`MemoryBackend`].
 ///
@@ -101,13 +106,17 @@ impl MemoryBackend {
         MemoryBackend { space: Arc::new(Space::new(Namespace::default())) }
     }
 
-    /// Removes every expired lock now (it also happens by itself).
+    /// Removes every expired lock and every empty entry now (it also
+    /// happens by itself, every time as many grants were made as there are
+    /// entries).
     pub fn sweep(&self) {
         self.space.sweep(Instant::now());
     }
 
-    /// How many map entries the namespace holds: the locks not yet purged
-    /// and the nodes above them. Zero once every lock is released or swept.
+    /// How many map entries the namespace holds now: one per lock not yet
+    /// removed and per node above one, and the empty ones left for the next
+    /// [`sweep`](Self::sweep). Zero after a sweep once every lock is
+    /// released or expired.
     pub fn entries(&self) -> usize {
         self.space.nodes.len()
     }
@@ -167,10 +176,11 @@ enum Check {
 struct Space {
     name: Namespace,
     /// One entry per node that is locked or has locks counted below it.
-    nodes: DashMap<Box<str>, Node>,
+    nodes: DashMap<Box<str>, Node, Hasher>,
     last_token: AtomicU64,
     feed: ChangeFeed,
-    grants_since_sweep: AtomicUsize,
+    /// The token counter's value at the last sweep.
+    last_sweep_token: AtomicU64,
     /// Whether a single-key lock (the stepwise algorithm's primitive) was
     /// ever taken here. Such a lock ignores intentions, so it can land on an
     /// ancestor after a tree grant's step 1 passed it; a stepwise client
@@ -186,7 +196,7 @@ struct Space {
 struct Node {
     lock: Option<Lock>,
     /// Locks counted below this node, by the key of the child they lie under.
-    below: HashMap<Box<str>, u32>,
+    below: HashMap<Box<str>, u32, Hasher>,
     below_total: u32,
 }
 
@@ -205,13 +215,12 @@ impl Node {
         }
     }
 
+    /// Counts that reach zero stay (the next grant reuses them without
+    /// allocating); sweeps drop them.
     fn uncount_below(&mut self, child: &str) {
         if let Some(count) = self.below.get_mut(child) {
             *count -= 1;
             self.below_total -= 1;
-            if *count == 0 {
-                self.below.remove(child);
-            }
         }
     }
 }
@@ -245,19 +254,40 @@ impl Lock {
 }
 
 /// The keys from the root down to the node a key names: `a/b/` gives
-/// `a/`, `a/b/` (encoded segments never contain `/`).
-fn prefixes(key: &str) -> impl Iterator<Item = &str> {
-    key.match_indices('/').map(move |(at, _)| &key[..=at])
+/// `a/`, `a/b/` (encoded segments never contain `/`). On the stack: a grant
+/// allocates nothing it does not keep.
+struct Levels<'k> {
+    keys: [&'k str; MAX_DEPTH],
+    len: usize,
+}
+
+impl<'k> Levels<'k> {
+    fn of(key: &'k str) -> Self {
+        let mut levels = Levels { keys: [""; MAX_DEPTH], len: 0 };
+        for (at, _) in key.match_indices('/') {
+            levels.keys[levels.len] = &key[..=at];
+            levels.len += 1;
+        }
+        levels
+    }
+}
+
+impl<'k> std::ops::Deref for Levels<'k> {
+    type Target = [&'k str];
+
+    fn deref(&self) -> &[&'k str] {
+        &self.keys[..self.len]
+    }
 }
 
 impl Space {
     fn new(name: Namespace) -> Self {
         Space {
             name,
-            nodes: DashMap::new(),
+            nodes: DashMap::default(),
             last_token: AtomicU64::new(0),
             feed: ChangeFeed::new(),
-            grants_since_sweep: AtomicUsize::new(0),
+            last_sweep_token: AtomicU64::new(0),
             key_locks_seen: AtomicBool::new(false),
         }
     }
@@ -269,16 +299,11 @@ impl Space {
         }
     }
 
-    fn remove_if_empty(&self, key: &str) {
-        self.nodes.remove_if(key, |_, node| node.is_empty());
-    }
-
     fn grant(&self, request: &LockRequest, kind: LockKind, check: Check) -> Attempt {
-        self.maybe_sweep();
         if check == Check::KeyOnly && !self.key_locks_seen.load(Ordering::Relaxed) {
             self.key_locks_seen.store(true, Ordering::SeqCst);
         }
-        let levels: Vec<&str> = request.path.key_prefixes().collect();
+        let levels = Levels::of(request.path.key());
         let (node_key, ancestors) = levels.split_last().expect("a path has at least one segment");
         let now = Instant::now();
 
@@ -314,7 +339,6 @@ impl Space {
                     let blocker = lock.held(now);
                     drop(node);
                     self.uncount(&levels);
-                    self.remove_if_empty(node_key);
                     return Attempt::Blocked(blocker);
                 }
                 let token = lock.token;
@@ -326,7 +350,6 @@ impl Space {
                 drop(node);
                 if let Some(blocker) = self.find_live_below(node_key, now) {
                     self.uncount(&levels);
-                    self.remove_if_empty(node_key);
                     return Attempt::Blocked(blocker);
                 }
                 // Only expired locks (now purged) or a grant still under way
@@ -343,14 +366,20 @@ impl Space {
                 transient: kind == LockKind::Transient,
             });
             drop(node);
+            self.maybe_sweep(token);
             if check == Check::Tree && self.key_locks_seen.load(Ordering::SeqCst) {
                 if let Some(blocker) = self.ancestor_locked_meanwhile(ancestors, now) {
-                    let mut node = self.node_mut(node_key);
-                    if node.lock.as_ref().is_some_and(|lock| lock.token == token) {
-                        node.lock = None;
+                    let removed = {
+                        let mut node = self.node_mut(node_key);
+                        let ours = node.lock.as_ref().is_some_and(|lock| lock.token == token);
+                        if ours {
+                            node.lock = None;
+                        }
+                        ours
+                    };
+                    if removed {
+                        self.unlink(node_key);
                     }
-                    drop(node);
-                    self.unlink(node_key);
                     return Attempt::Blocked(blocker);
                 }
             }
@@ -371,16 +400,8 @@ impl Space {
     /// last level is the node the lock was, or would have been, on).
     fn uncount(&self, levels: &[&str]) {
         for pair in levels.windows(2).rev() {
-            let (ancestor, child) = (pair[0], pair[1]);
-            let empty = match self.nodes.get_mut(ancestor) {
-                Some(mut node) => {
-                    node.uncount_below(child);
-                    node.is_empty()
-                }
-                None => false,
-            };
-            if empty {
-                self.remove_if_empty(ancestor);
+            if let Some(mut node) = self.nodes.get_mut(pair[0]) {
+                node.uncount_below(pair[1]);
             }
         }
     }
@@ -406,9 +427,7 @@ impl Space {
     /// After the lock on `key` was taken out: uncount it above, drop the
     /// entry if nothing is left in it, wake waiters.
     fn unlink(&self, key: &str) {
-        let levels: Vec<&str> = prefixes(key).collect();
-        self.uncount(&levels);
-        self.remove_if_empty(key);
+        self.uncount(&Levels::of(key));
         self.feed.notify();
     }
 
@@ -433,7 +452,7 @@ impl Space {
         while let Some(next) = stack.pop() {
             let (live, expired) = {
                 let Some(node) = self.nodes.get(&*next) else { continue };
-                stack.extend(node.below.keys().cloned());
+                stack.extend(node.below.iter().filter(|(_, count)| **count > 0).map(|(child, _)| child.clone()));
                 match &node.lock {
                     Some(lock) if lock.is_live(now) => (Some(lock.held(now)), None),
                     Some(lock) => (None, Some(lock.token)),
@@ -523,13 +542,19 @@ impl Space {
         held
     }
 
-    /// Every time as many grants were made as there are entries, purge the
-    /// expired locks of the whole map: amortised O(1) per grant.
-    fn maybe_sweep(&self) {
-        const MIN_GRANTS: usize = 4096;
-        let grants = self.grants_since_sweep.fetch_add(1, Ordering::Relaxed) + 1;
-        if grants >= MIN_GRANTS && grants >= self.nodes.len() {
-            self.grants_since_sweep.store(0, Ordering::Relaxed);
+    /// Every time as many grants were made as there are entries, remove the
+    /// expired locks and the empty entries of the whole map: amortised O(1)
+    /// per grant. Looks only every 1024th token, so the hot path pays one
+    /// comparison.
+    fn maybe_sweep(&self, token: u64) {
+        const CHECK_EVERY: u64 = 1024;
+        const MIN_GRANTS: u64 = 4096;
+        if token % CHECK_EVERY != 0 {
+            return;
+        }
+        let grants = token - self.last_sweep_token.load(Ordering::Relaxed);
+        if grants >= MIN_GRANTS && grants >= self.nodes.len() as u64 {
+            self.last_sweep_token.store(token, Ordering::Relaxed);
             self.sweep(Instant::now());
         }
     }
@@ -546,6 +571,12 @@ impl Space {
         for (key, token) in expired {
             self.purge(&key, token, now);
         }
+        // Counts at zero and entries with nothing in them are kept between
+        // sweeps so that the next grant on the same nodes allocates nothing.
+        self.nodes.retain(|_, node| {
+            node.below.retain(|_, count| *count > 0);
+            !node.is_empty()
+        });
     }
 }
 

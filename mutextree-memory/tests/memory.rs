@@ -1,0 +1,81 @@
+//! What only the memory store promises: its map stays as small as what is
+//! held, whatever is released, refused or left to expire.
+
+use std::time::Duration;
+
+use mutextree_core::{Attempt, LockBackend, LockPath, LockRequest, Owner, Ttl};
+use mutextree_memory::{MemoryBackend, MemoryStore};
+
+fn request(path: &str, ttl: Duration) -> LockRequest {
+    LockRequest::new(
+        LockPath::parse(path).expect("path"),
+        Owner::new("test").expect("owner"),
+        Ttl::new(ttl).expect("ttl"),
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn released_and_refused_locks_leave_no_entries() {
+    let store = MemoryBackend::new();
+    let long = Duration::from_secs(60);
+    let mut grants = Vec::new();
+    for host in 0..100 {
+        let attempt = store.try_grant(&request(&format!("dc/rack-{}/host-{host}", host % 7), long)).await;
+        grants.push(attempt.expect("grant").granted().expect("free"));
+    }
+    // Refusals at every level take their intentions back.
+    for refused in ["dc", "dc/rack-1", "dc/rack-1/host-1"] {
+        let attempt = store.try_grant(&request(refused, long)).await.expect("attempt");
+        assert!(matches!(attempt, Attempt::Blocked(_)), "{refused}");
+    }
+    for grant in &grants {
+        store.release(grant).await.expect("release");
+    }
+    store.sweep();
+    assert_eq!(store.entries(), 0, "{store:?}");
+    store.try_grant(&request("dc", long)).await.expect("grant").granted().expect("everything below was released");
+}
+
+#[tokio::test(start_paused = true)]
+async fn expired_locks_are_swept_without_being_touched() {
+    let store = MemoryBackend::new();
+    for host in 0..5_000 {
+        let old = request(&format!("old/rack-{}/host-{host}", host % 50), Duration::from_secs(1));
+        store.try_grant(&old).await.expect("grant").granted().expect("free");
+    }
+    assert!(store.entries() > 5_000);
+    tokio::time::advance(Duration::from_secs(2)).await;
+    // Enough grants elsewhere trigger a sweep of the whole map by themselves.
+    let ttl = Duration::from_secs(60);
+    for round in 0..10_000 {
+        let grant = store.try_grant(&request(&format!("new/{}", round % 10), ttl)).await.expect("grant").granted();
+        store.release(&grant.expect("free")).await.expect("release");
+    }
+    assert!(store.entries() <= 11, "expired locks were left behind: {store:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_expired_descendant_does_not_block_and_is_removed() {
+    let store = MemoryBackend::new();
+    store.try_grant(&request("a/b/c", Duration::from_secs(1))).await.expect("grant").granted().expect("free");
+    tokio::time::advance(Duration::from_secs(2)).await;
+    let grant = store.try_grant(&request("a", Duration::from_secs(60))).await.expect("grant").granted();
+    store.release(&grant.expect("the expired lock below does not block")).await.expect("release");
+    store.sweep();
+    assert_eq!(store.entries(), 0);
+}
+
+#[tokio::test]
+async fn backends_of_one_namespace_share_locks_and_others_do_not() {
+    let store = MemoryStore::new();
+    let (one, same, other) = (
+        store.namespace("app").expect("namespace"),
+        store.namespace("app").expect("namespace"),
+        store.namespace("other").expect("namespace"),
+    );
+    let ttl = Duration::from_secs(60);
+    one.try_grant(&request("a", ttl)).await.expect("grant").granted().expect("free");
+    assert!(same.try_grant(&request("a/b", ttl)).await.expect("attempt").granted().is_none());
+    assert!(other.try_grant(&request("a/b", ttl)).await.expect("attempt").granted().is_some());
+    assert!(store.namespace("{bad}").is_err());
+}
