@@ -88,14 +88,18 @@ async fn main() -> Result<(), Error> {
     println!("{:>6}     {:<16} {:<9} details", "time", "actor", "event");
 
     // The six actors run concurrently; the first error, if any, ends the run.
-    tokio::try_join!(
-        kernel_patcher(Arc::clone(&store), Arc::clone(&timeline)),
-        disk_scrubber(Arc::clone(&store), Arc::clone(&timeline)),
-        flaky_agent(Arc::clone(&store), Arc::clone(&timeline)),
-        rack_firmware(Arc::clone(&store), Arc::clone(&timeline)),
-        region_failover(Arc::clone(&store), Arc::clone(&timeline)),
-        cert_renewer(Arc::clone(&store), Arc::clone(&timeline)),
-    )?;
+    // Each actor is a task of its own: they really run at once.
+    let actors = [
+        tokio::spawn(kernel_patcher(Arc::clone(&store), Arc::clone(&timeline))),
+        tokio::spawn(disk_scrubber(Arc::clone(&store), Arc::clone(&timeline))),
+        tokio::spawn(flaky_agent(Arc::clone(&store), Arc::clone(&timeline))),
+        tokio::spawn(rack_firmware(Arc::clone(&store), Arc::clone(&timeline))),
+        tokio::spawn(region_failover(Arc::clone(&store), Arc::clone(&timeline))),
+        tokio::spawn(cert_renewer(Arc::clone(&store), Arc::clone(&timeline))),
+    ];
+    for actor in actors {
+        actor.await.expect("an actor panicked")?;
+    }
 
     let left = store.list(None).await?;
     println!("\nLocks left in the store: {}", if left.is_empty() { "none".to_owned() } else { left.len().to_string() });
