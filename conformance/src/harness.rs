@@ -86,7 +86,7 @@ impl ServerSpec {
 
 /// One server per test binary, shared by all its tests.
 ///
-/// ```ignore
+/// ```text
 /// static REDIS: SharedServer = SharedServer::new();
 /// let url = REDIS.url(&SPEC, || { let server = SPEC.start(...)?; Ok((url_of(&server), server)) });
 /// ```

@@ -5,7 +5,7 @@
 //! and a failure hides nothing else. A store's crate calls it once, in a
 //! test file, with an expression that makes its [`TestStore`]:
 //!
-//! ```ignore
+//! ```text
 //! conformance::suite!(store: MemoryStoreUnderTest::default(), clock: paused);
 //! ```
 //!

@@ -444,7 +444,7 @@ impl Space {
         found
     }
 
-    /// Visits the live locks at `key` and below (depth first) until `visit`
+    /// Visits the live locks at `key` and below, in key order, until `visit`
     /// returns false; purges expired locks met on the way. One entry is
     /// locked at a time, so the walk sees each node as it is when visited.
     fn walk(&self, key: &str, now: Instant, mut visit: impl FnMut(HeldLock) -> bool) {
@@ -452,7 +452,13 @@ impl Space {
         while let Some(next) = stack.pop() {
             let (live, expired) = {
                 let Some(node) = self.nodes.get(&*next) else { continue };
+                let first_child = stack.len();
                 stack.extend(node.below.iter().filter(|(_, count)| **count > 0).map(|(child, _)| child.clone()));
+                // Last pushed, first visited: children in descending order
+                // make the walk visit keys in ascending order, so a refusal
+                // names the first blocker in key order, as the network
+                // stores' range queries do.
+                stack[first_child..].sort_unstable_by(|a, b| b.cmp(a));
                 match &node.lock {
                     Some(lock) if lock.is_live(now) => (Some(lock.held(now)), None),
                     Some(lock) => (None, Some(lock.token)),
