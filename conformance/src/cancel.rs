@@ -10,7 +10,7 @@
 //! In stepwise mode the gates sit under the stepwise algorithm, on the
 //! primitives, so every step of it is cut too.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -59,6 +59,7 @@ struct Plan {
 pub struct Gated {
     inner: Arc<dyn LockBackend>,
     plan: Mutex<Option<Plan>>,
+    unreachable: AtomicBool,
     calls: AtomicUsize,
     blocked: Notify,
 }
@@ -66,7 +67,13 @@ pub struct Gated {
 impl Gated {
     /// Wraps a client; every gate passes until [`Gated::arm`].
     pub fn new(inner: Arc<dyn LockBackend>) -> Arc<Self> {
-        Arc::new(Gated { inner, plan: Mutex::new(None), calls: AtomicUsize::new(0), blocked: Notify::new() })
+        Arc::new(Gated {
+            inner,
+            plan: Mutex::new(None),
+            unreachable: AtomicBool::new(false),
+            calls: AtomicUsize::new(0),
+            blocked: Notify::new(),
+        })
     }
 
     /// From now on, the `call`-th call (counting from 0 from now) meets
@@ -79,6 +86,13 @@ impl Gated {
     /// Every gate passes again.
     pub fn disarm(&self) {
         *self.plan.lock().expect("plan lock") = None;
+        self.unreachable.store(false, Ordering::SeqCst);
+    }
+
+    /// From now on every call fails before reaching the store, as if it
+    /// were down, until [`Gated::disarm`].
+    pub fn cut_off(&self) {
+        self.unreachable.store(true, Ordering::SeqCst);
     }
 
     /// How many calls reached this wrapper so far.
@@ -93,6 +107,9 @@ impl Gated {
     }
 
     async fn gate(&self, call: usize, point: Point) -> Result<(), Error> {
+        if point == Point::Before && self.unreachable.load(Ordering::SeqCst) {
+            return Err(Error::store_message("gated", true, "injected: the store is unreachable"));
+        }
         let plan = *self.plan.lock().expect("plan lock");
         match plan {
             Some(plan) if plan.call == call && plan.point == point => match plan.fault {

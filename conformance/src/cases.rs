@@ -518,4 +518,30 @@ pub async fn auto_refresh_keeps_the_lock_and_reports_its_loss(ctx: Ctx) {
         .expect("run");
     assert!(worked > first.token);
     hold(&ctx, &two, "A").await;
+
+    // The store becomes unreachable: the loss is reported once the lock may
+    // have expired, not before, and the work under `run` is stopped.
+    let (cut, gated) = ctx.gated_client().await;
+    let lock = TreeLock::builder(cut, "U").ttl(unit).auto_refresh(true).build().expect("lock");
+    let outcome = lock
+        .run(|grant| {
+            gated.cut_off();
+            async move {
+                sleep(grant.ttl * 10).await;
+                grant
+            }
+        })
+        .await;
+    match outcome {
+        Err(error @ Error::Lost { .. }) => assert!(error.to_string().contains("unreachable"), "{error}"),
+        other => panic!("the work should have been stopped by the loss, got {other:?}"),
+    }
+    gated.disarm();
+    // Reported at the lock's expiry as this side reckons it, which is never
+    // after the store's: a moment later (the store's clock started a little
+    // later) the store holds nothing.
+    sleep(ctx.timing().slack).await;
+    let held = two.list(Some(&path("U"))).await.expect("list");
+    assert!(held.is_empty(), "the loss was reported long before the store let go: {held:?}");
+    hold(&ctx, &two, "U").await;
 }
