@@ -13,7 +13,7 @@ use mutextree_core::{Error, Grant, LockBackend, LockPath, Owner, TreeLock, Ttl, 
 use tokio::time::{sleep, sleep_until, Instant};
 
 pub use crate::cancel::cancellation_leaves_nothing_beyond_the_ttl;
-use crate::cancel::Gated;
+use crate::cancel::{Fault, Gated, Point};
 use crate::Ctx;
 
 fn path(text: &str) -> LockPath {
@@ -533,7 +533,7 @@ pub async fn auto_refresh_keeps_the_lock_and_reports_its_loss(ctx: Ctx) {
         })
         .await;
     match outcome {
-        Err(error @ Error::Lost { .. }) => assert!(error.to_string().contains("unreachable"), "{error}"),
+        Err(error @ Error::Lost { .. }) => assert!(!error.to_string().contains("refused"), "{error}"),
         other => panic!("the work should have been stopped by the loss, got {other:?}"),
     }
     gated.disarm();
@@ -544,4 +544,39 @@ pub async fn auto_refresh_keeps_the_lock_and_reports_its_loss(ctx: Ctx) {
     let held = two.list(Some(&path("U"))).await.expect("list");
     assert!(held.is_empty(), "the loss was reported long before the store let go: {held:?}");
     hold(&ctx, &two, "U").await;
+}
+
+/// `lost()` follows refreshes, never fires for a release, and fires at the
+/// expiry when an automatic refresh gets no answer at all.
+pub async fn lost_follows_refreshes_and_ignores_releases(ctx: Ctx) {
+    let timing = ctx.timing();
+    let unit = timing.unit;
+    let client = ctx.client().await;
+
+    // Without automatic refresh: lost at the expiry, which a refresh moves.
+    let lock = TreeLock::builder(client.clone(), "A").ttl(unit).build().expect("lock");
+    lock.try_acquire().await.expect("free");
+    let lost = tokio::spawn(lock.lost());
+    let refreshed = lock.refresh_to(unit * 3).await.expect("refresh");
+    let error = lost.await.expect("task");
+    assert!(matches!(error, Error::Lost { .. }), "{error:?}");
+    assert!(Instant::now() >= refreshed.expires_at, "lost before the refreshed expiry");
+
+    // A release is not a loss.
+    let lock = TreeLock::builder(client, "B").ttl(unit).build().expect("lock");
+    lock.try_acquire().await.expect("free");
+    let lost = lock.lost();
+    lock.release().await.expect("release");
+    assert!(tokio::time::timeout(unit * 3, lost).await.is_err(), "a release was reported as a loss");
+
+    // With automatic refresh, a refresh that never answers is a loss at the
+    // expiry, not never.
+    let (hanging, gated) = ctx.gated_client().await;
+    let lock = TreeLock::builder(hanging, "C").ttl(unit * 3).auto_refresh(true).build().expect("lock");
+    let grant = lock.try_acquire().await.expect("free");
+    gated.arm(0, Point::Before, Fault::Hang);
+    let error = tokio::time::timeout(unit * 6, lock.lost()).await.expect("the loss is reported");
+    assert!(matches!(error, Error::Lost { .. }), "{error:?}");
+    assert!(Instant::now() + timing.slack >= grant.expires_at, "reported before the expiry");
+    assert!(!lock.is_held());
 }

@@ -270,6 +270,7 @@ macro_rules! suite {
                 timed inspection_lists_exactly_the_live_locks,
                 timed bad_input_is_rejected_before_the_store,
                 timed auto_refresh_keeps_the_lock_and_reports_its_loss,
+                timed lost_follows_refreshes_and_ignores_releases,
                 timed cancellation_leaves_nothing_beyond_the_ttl,
                 threaded concurrent_overlapping_paths_never_overlap,
                 threaded concurrent_siblings_are_never_refused,

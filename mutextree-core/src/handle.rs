@@ -36,10 +36,10 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio::time::{sleep, sleep_until};
+use tokio::time::{sleep_until, timeout_at, Instant};
 
 use crate::backend::LockBackend;
-use crate::error::{human, Error};
+use crate::error::Error;
 use crate::lock::{Grant, LockRequest, Owner, Ttl};
 use crate::path::LockPath;
 use crate::wait::{self, Wait};
@@ -157,6 +157,8 @@ impl TreeLockBuilder {
                 wait: self.wait,
                 auto_refresh: self.auto_refresh,
                 held: Mutex::new(Held::default()),
+                refreshing: tokio::sync::Mutex::new(()),
+                status: watch::Sender::new(Status::default()),
             }),
         })
     }
@@ -194,6 +196,12 @@ struct Shared {
     auto_refresh: bool,
     /// A `std` mutex, not tokio's: it is never held across an `.await`.
     held: Mutex<Held>,
+    /// Serialises refreshes (explicit ones and the keeper's), so that their
+    /// replies are installed in the order the store applied them.
+    refreshing: tokio::sync::Mutex<()>,
+    /// What [`TreeLock::lost`] watches: the grant held, its expiry, and why
+    /// it was lost.
+    status: watch::Sender<Status>,
 }
 
 #[derive(Debug, Default)]
@@ -202,11 +210,18 @@ struct Held {
     keeper: Option<Keeper>,
 }
 
-/// The automatic refresh task of one grant, and how it reports a loss.
+#[derive(Debug, Clone, Default)]
+struct Status {
+    /// The token of the grant held, or of the grant just lost.
+    token: Option<u64>,
+    expires_at: Option<Instant>,
+    lost: Option<String>,
+}
+
+/// The automatic refresh task of one grant; dropping it stops the task.
 #[derive(Debug)]
 struct Keeper {
     task: JoinHandle<()>,
-    lost: watch::Receiver<Option<String>>,
 }
 
 impl Drop for Keeper {
@@ -282,6 +297,11 @@ impl TreeLock {
             if !raced {
                 held.keeper = self.shared.auto_refresh.then(|| Keeper::start(&self.shared, &grant));
                 held.grant = Some(grant.clone());
+                self.shared.status.send_replace(Status {
+                    token: Some(grant.token),
+                    expires_at: Some(grant.expires_at),
+                    lost: None,
+                });
             }
             !raced
         };
@@ -295,22 +315,23 @@ impl TreeLock {
 
     /// Releases the grant this handle holds. [`Error::NotHeld`] if it holds
     /// none, or if the store no longer has it (expired, or released by an
-    /// administrator); the handle forgets it either way.
+    /// administrator); the handle forgets it then.
     ///
-    /// If the store cannot be reached, the error is returned and the handle
-    /// keeps the grant so the release can be tried again.
+    /// The handle forgets the grant only once the store has answered: if the
+    /// store cannot be reached, or the call is cancelled, the handle still
+    /// holds it (and keeps refreshing it, with automatic refresh), so the
+    /// release can be tried again.
     pub async fn release(&self) -> Result<(), Error> {
-        let grant = self.take_grant().ok_or_else(|| self.not_held())?;
-        match self.shared.backend.release(&grant).await {
-            Err(error @ Error::Store { .. }) => {
-                let mut held = self.held();
-                if held.grant.is_none() {
-                    held.grant = Some(grant);
-                }
-                Err(error)
-            }
-            other => other,
+        let grant = self.held().grant.clone().ok_or_else(|| self.not_held())?;
+        self.release_grant(&grant).await
+    }
+
+    async fn release_grant(&self, grant: &Grant) -> Result<(), Error> {
+        let outcome = self.shared.backend.release(grant).await;
+        if matches!(outcome, Ok(()) | Err(Error::NotHeld { .. })) {
+            self.forget(grant.token);
         }
+        outcome
     }
 
     /// Sets the remaining life of the held lock to exactly the configured
@@ -323,13 +344,11 @@ impl TreeLock {
     /// `refresh(expire)`); later refreshes go back to the configured ttl.
     pub async fn refresh_to(&self, ttl: Duration) -> Result<Grant, Error> {
         let ttl = Ttl::new(ttl)?;
+        let _in_order = self.shared.refreshing.lock().await;
         let grant = self.grant().ok_or_else(|| self.not_held())?;
         match self.shared.backend.refresh(&grant, ttl).await {
             Ok(refreshed) => {
-                let mut held = self.held();
-                if held.grant.as_ref().is_some_and(|g| g.token == refreshed.token) {
-                    held.grant = Some(refreshed.clone());
-                }
+                install_refresh(&self.shared, &refreshed);
                 Ok(refreshed)
             }
             Err(error @ Error::NotHeld { .. }) => {
@@ -404,33 +423,53 @@ impl TreeLock {
         Ok(value)
     }
 
-    /// Resolves with [`Error::Lost`] when the lock held now is lost: with
-    /// automatic refresh, when a refresh is refused or the store stays
-    /// unreachable until the lock's expiry; without, when its ttl runs out.
-    /// Resolves at once if nothing is held. Does not resolve on a release.
+    /// Resolves with [`Error::Lost`] when the grant held now is lost: with
+    /// automatic refresh, when a refresh is refused, or when no refresh was
+    /// confirmed before the lock's expiry (the store is unreachable or does
+    /// not answer); without, when its ttl runs out. Follows refreshes.
+    /// Resolves at once if nothing is held; never resolves once the grant is
+    /// released (or replaced by a new one).
     ///
     /// The future owns what it needs: keep it beside the work it guards, as
     /// in `tokio::select!`.
     pub fn lost(&self) -> impl Future<Output = Error> + Send + 'static {
         let path = self.path().clone();
-        let (grant, keeper) = {
-            let held = self.held();
-            (held.grant.clone(), held.keeper.as_ref().map(|k| k.lost.clone()))
-        };
+        let mut status = self.shared.status.subscribe();
+        // The grant held when `lost()` is called, not when it is first polled.
+        let held_token = status.borrow_and_update().token;
+        let auto_refresh = self.shared.auto_refresh;
         async move {
-            let reason = match (keeper, grant) {
-                // The keeper reports a loss even after it cleared the grant.
-                (Some(mut lost), _) => match lost.wait_for(Option::is_some).await {
-                    Ok(reason) => reason.clone().unwrap_or_default(),
-                    Err(_) => "the handle was dropped".into(),
-                },
-                (None, Some(grant)) => {
-                    sleep_until(grant.expires_at).await;
-                    format!("its ttl of {} ran out without a refresh", human(grant.ttl))
-                }
-                (None, None) => "it is not held".into(),
+            let Some(token) = held_token else {
+                return Error::Lost { path, reason: "it is not held".into() };
             };
-            Error::Lost { path, reason }
+            // Released, replaced by a newer grant, or the handle is gone:
+            // nothing was lost, and this never resolves.
+            let never = std::future::pending::<Error>;
+            loop {
+                let now = status.borrow_and_update().clone();
+                if now.token != Some(token) {
+                    return never().await;
+                }
+                if let Some(reason) = now.lost {
+                    return Error::Lost { path, reason };
+                }
+                let Some(expires_at) = now.expires_at else { return never().await };
+                tokio::select! {
+                    changed = status.changed() => {
+                        if changed.is_err() {
+                            return never().await;
+                        }
+                    }
+                    () = sleep_until(expires_at) => {
+                        let reason = if auto_refresh {
+                            "no refresh was confirmed before its ttl ran out (the store did not answer in time)"
+                        } else {
+                            "its ttl ran out without a refresh"
+                        };
+                        return Error::Lost { path, reason: reason.to_owned() };
+                    }
+                }
+            }
         }
     }
 
@@ -442,18 +481,14 @@ impl TreeLock {
         let mut held = self.held();
         match &held.grant {
             Some(grant) if !grant.is_expired() => Err(Error::AlreadyHeld { path: self.path().clone() }),
-            Some(_) => {
+            Some(grant) => {
+                let token = grant.token;
                 *held = Held::default();
+                self.shared.status.send_if_modified(|status| forget_status(status, token));
                 Ok(())
             }
             None => Ok(()),
         }
-    }
-
-    fn take_grant(&self) -> Option<Grant> {
-        let mut held = self.held();
-        held.keeper = None;
-        held.grant.take()
     }
 
     /// Forgets the grant with this token, if it is still the one held.
@@ -461,6 +496,7 @@ impl TreeLock {
         let mut held = self.held();
         if held.grant.as_ref().is_some_and(|g| g.token == token) {
             held.keeper = None;
+            self.shared.status.send_if_modified(|status| forget_status(status, token));
             return held.grant.take();
         }
         None
@@ -471,51 +507,84 @@ impl TreeLock {
     }
 }
 
+fn forget_status(status: &mut Status, token: u64) -> bool {
+    if status.token == Some(token) {
+        *status = Status::default();
+        return true;
+    }
+    false
+}
+
 fn lock_state(shared: &Shared) -> MutexGuard<'_, Held> {
     // The state is only ever replaced whole, so it is consistent even if a
     // holder panicked.
     shared.held.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Installs a refresh's reply if it is for the grant still held.
+fn install_refresh(shared: &Shared, refreshed: &Grant) {
+    let mut held = lock_state(shared);
+    if held.grant.as_ref().is_some_and(|g| g.token == refreshed.token) {
+        held.grant = Some(refreshed.clone());
+        shared.status.send_if_modified(|status| {
+            let ours = status.token == Some(refreshed.token);
+            if ours {
+                status.expires_at = Some(refreshed.expires_at);
+            }
+            ours
+        });
+    }
+}
+
 impl Keeper {
-    /// Refreshes every third of the ttl; on a refusal, or when errors last
-    /// until the grant's expiry, reports the loss and stops.
+    /// Refreshes when a third of the ttl has passed; each refresh must be
+    /// confirmed before the grant's expiry. On a refusal, or when no refresh
+    /// is confirmed in time, reports the loss and stops.
     fn start(shared: &Arc<Shared>, grant: &Grant) -> Keeper {
-        let (report, lost) = watch::channel(None);
         let shared: Weak<Shared> = Arc::downgrade(shared);
         let mut grant = grant.clone();
         let task = tokio::spawn(async move {
-            let mut next_in = grant.ttl / 3;
+            let mut next_at = grant.expires_at - grant.ttl * 2 / 3;
             let reason = loop {
-                sleep(next_in).await;
+                sleep_until(next_at).await;
                 let Some(shared) = shared.upgrade() else { return };
-                match shared.backend.refresh(&grant, shared.request.ttl).await {
-                    Ok(refreshed) => {
-                        let mut held = lock_state(&shared);
-                        if held.grant.as_ref().is_some_and(|g| g.token == refreshed.token) {
-                            held.grant = Some(refreshed.clone());
-                        }
-                        next_in = refreshed.ttl / 3;
+                let outcome = {
+                    let _in_order = shared.refreshing.lock().await;
+                    timeout_at(grant.expires_at, shared.backend.refresh(&grant, shared.request.ttl)).await
+                };
+                match outcome {
+                    Ok(Ok(refreshed)) => {
+                        install_refresh(&shared, &refreshed);
+                        next_at = refreshed.expires_at - refreshed.ttl * 2 / 3;
                         grant = refreshed;
                     }
-                    Err(error @ Error::NotHeld { .. }) => break format!("the store refused a refresh: {error}"),
-                    Err(error) if grant.is_expired() => {
+                    Ok(Err(error @ Error::NotHeld { .. })) => break format!("the store refused a refresh: {error}"),
+                    Err(_) => break "the store did not answer a refresh before the lock expired".to_owned(),
+                    Ok(Err(error)) if grant.is_expired() => {
                         break format!("the store stayed unreachable until the lock expired: {error}")
                     }
                     // Retry soon, but not in a tight loop, and once more at
                     // the expiry at the latest.
-                    Err(_) => next_in = (grant.ttl / 10).min(Duration::from_secs(1)).min(grant.remaining()),
+                    Ok(Err(_)) => {
+                        next_at = Instant::now() + (grant.ttl / 10).min(Duration::from_secs(1)).min(grant.remaining())
+                    }
                 }
             };
-            let _ = report.send(Some(reason));
             if let Some(shared) = shared.upgrade() {
                 let mut held = lock_state(&shared);
                 if held.grant.as_ref().is_some_and(|g| g.token == grant.token) {
                     held.grant = None;
                 }
+                shared.status.send_if_modified(|status| {
+                    let ours = status.token == Some(grant.token);
+                    if ours {
+                        status.lost = Some(reason);
+                    }
+                    ours
+                });
             }
         });
-        Keeper { task, lost }
+        Keeper { task }
     }
 }
 
@@ -556,10 +625,12 @@ impl TreeLockGuard {
         self.lock.lost()
     }
 
-    /// Releases the lock and reports the outcome.
+    /// Releases the lock and reports the outcome. If this future is dropped
+    /// before the store answers, the guard's drop releases in the background.
     pub async fn release(mut self) -> Result<(), Error> {
+        let outcome = self.lock.release_grant(&self.grant).await;
         self.released = true;
-        self.lock.release().await
+        outcome
     }
 }
 

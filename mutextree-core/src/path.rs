@@ -382,11 +382,14 @@ fn decode_segment(encoded: &str) -> Option<String> {
     while let Some(at) = rest.find('%') {
         out.push_str(&rest[..at]);
         let hex = rest.get(at + 1..at + 3)?;
+        if !hex.bytes().all(|h| h.is_ascii_digit() || (b'A'..=b'F').contains(&h)) {
+            return None;
+        }
         let byte = u8::from_str_radix(hex, 16).ok()?;
         let c = char::from(byte);
         // Only what the encoder escapes may appear escaped, so that each path
         // has exactly one key.
-        if !byte.is_ascii() || !needs_escape(c) || hex.chars().any(|h| h.is_ascii_lowercase()) {
+        if !byte.is_ascii() || !needs_escape(c) {
             return None;
         }
         out.push(c);
@@ -477,6 +480,7 @@ mod tests {
             (LockPath::from_key("A"), "not a key"),
             (LockPath::from_key("A%2f/"), "not a key"),
             (LockPath::from_key("A%41/"), "not a key"),
+            (LockPath::from_key("%+1/"), "not a key"),
         ];
         for (result, expected) in cases {
             let message = result.expect_err("must be refused").to_string();

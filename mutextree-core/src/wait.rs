@@ -186,7 +186,7 @@ impl Backoff {
 /// A blocker that is a stepwise client's transient parent lock is waited out
 /// (at most [`TRANSIENT_TTL`] past the start) even with [`Wait::No`]: it is
 /// gone in a moment, and treating it as held would make siblings refuse each
-/// other.
+/// other. A timed wait never goes past its own deadline for it.
 pub async fn acquire(backend: &dyn LockBackend, request: &LockRequest, wait: Wait) -> Result<Grant, Error> {
     let started = Instant::now();
     let deadline = match wait {
@@ -204,14 +204,15 @@ pub async fn acquire(backend: &dyn LockBackend, request: &LockRequest, wait: Wai
         };
         let now = Instant::now();
         let this_blocker = Some((blocker.path.clone(), blocker.token));
-        let spurious = woken_by_change && last_blocker == this_blocker;
-        if !spurious {
+        let same_blocker = last_blocker == this_blocker;
+        let spurious = woken_by_change && same_blocker;
+        if !same_blocker {
             listener.reset();
         }
         last_blocker = this_blocker;
-        let give_up_at = match deadline {
-            Some(deadline) if blocker.transient => Some(deadline.max(started + TRANSIENT_TTL)),
-            other => other,
+        let give_up_at = match (wait, deadline) {
+            (Wait::No, Some(deadline)) if blocker.transient => Some(deadline.max(started + TRANSIENT_TTL)),
+            (_, other) => other,
         };
         if give_up_at.is_some_and(|at| now >= at) {
             let path = request.path.clone();
@@ -228,8 +229,10 @@ pub async fn acquire(backend: &dyn LockBackend, request: &LockRequest, wait: Wai
                 listener.pause().await;
                 false
             } else {
+                // A polling listener's wake is a backoff step, not news.
+                let notified = listener.is_notified();
                 listener.changed().await;
-                true
+                notified
             }
         };
         woken_by_change = tokio::select! {

@@ -140,7 +140,7 @@ impl fmt::Debug for MemoryBackend {
 #[async_trait]
 impl LockBackend for MemoryBackend {
     async fn try_lock_key(&self, request: &LockRequest, kind: LockKind) -> Result<Attempt, Error> {
-        Ok(self.space.grant(request, kind, Check::KeyOnly))
+        self.space.grant(request, kind, Check::KeyOnly)
     }
 
     async fn release(&self, grant: &Grant) -> Result<(), Error> {
@@ -156,7 +156,7 @@ impl LockBackend for MemoryBackend {
     }
 
     async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error> {
-        Ok(self.space.grant(request, LockKind::Lock, Check::Tree))
+        self.space.grant(request, LockKind::Lock, Check::Tree)
     }
 
     fn listen(&self) -> Listener {
@@ -299,7 +299,7 @@ impl Space {
         }
     }
 
-    fn grant(&self, request: &LockRequest, kind: LockKind, check: Check) -> Attempt {
+    fn grant(&self, request: &LockRequest, kind: LockKind, check: Check) -> Result<Attempt, Error> {
         if check == Check::KeyOnly && !self.key_locks_seen.load(Ordering::Relaxed) {
             self.key_locks_seen.store(true, Ordering::SeqCst);
         }
@@ -318,7 +318,7 @@ impl Space {
                             let blocker = lock.held(now);
                             drop(node);
                             self.uncount(&levels[..=depth]);
-                            return Attempt::Blocked(blocker);
+                            return Ok(Attempt::Blocked(blocker));
                         }
                         let token = lock.token;
                         drop(node);
@@ -332,6 +332,8 @@ impl Space {
         }
 
         // 2. The node itself.
+        const MAX_WAITS_FOR_OTHERS: u32 = 1_000_000;
+        let mut waited_for_others = 0;
         loop {
             let mut node = self.node_mut(node_key);
             if let Some(lock) = &node.lock {
@@ -339,7 +341,7 @@ impl Space {
                     let blocker = lock.held(now);
                     drop(node);
                     self.uncount(&levels);
-                    return Attempt::Blocked(blocker);
+                    return Ok(Attempt::Blocked(blocker));
                 }
                 let token = lock.token;
                 drop(node);
@@ -350,19 +352,34 @@ impl Space {
                 drop(node);
                 if let Some(blocker) = self.find_live_below(node_key, now) {
                     self.uncount(&levels);
-                    return Attempt::Blocked(blocker);
+                    return Ok(Attempt::Blocked(blocker));
                 }
                 // Only expired locks (now purged) or a grant still under way
-                // on another thread: look again in a moment.
+                // on another thread (it finishes in microseconds: no await
+                // happens inside one): look again in a moment. Counts that
+                // stay without a lock would be a bug of this store; say so
+                // rather than spin forever.
+                waited_for_others += 1;
+                if waited_for_others > MAX_WAITS_FOR_OTHERS {
+                    self.uncount(&levels);
+                    return Err(Error::store_message(
+                        "memory",
+                        true,
+                        format!("internal: locks are counted below {} but none was found", request.path),
+                    ));
+                }
                 std::thread::yield_now();
                 continue;
             }
             let token = self.last_token.fetch_add(1, Ordering::Relaxed) + 1;
+            // The lock lives from now, not from the start of the grant (which
+            // may have waited for another thread's grant).
+            let placed_at = Instant::now();
             node.lock = Some(Lock {
                 path: request.path.clone(),
                 owner: request.owner.clone(),
                 token,
-                expires_at: now + request.ttl.get(),
+                expires_at: placed_at + request.ttl.get(),
                 transient: kind == LockKind::Transient,
             });
             drop(node);
@@ -380,10 +397,10 @@ impl Space {
                     if removed {
                         self.unlink(node_key);
                     }
-                    return Attempt::Blocked(blocker);
+                    return Ok(Attempt::Blocked(blocker));
                 }
             }
-            return Attempt::Granted(Grant::new(request, kind, token, request.ttl.get(), now));
+            return Ok(Attempt::Granted(Grant::new(request, kind, token, request.ttl.get(), placed_at)));
         }
     }
 

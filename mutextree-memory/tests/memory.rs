@@ -79,3 +79,57 @@ async fn backends_of_one_namespace_share_locks_and_others_do_not() {
     assert!(other.try_grant(&request("a/b", ttl)).await.expect("attempt").granted().is_some());
     assert!(store.namespace("{bad}").is_err());
 }
+
+/// The memory store, seen through a client without notifications: waiting
+/// falls back to the default polling listener.
+#[derive(Debug)]
+struct Polling {
+    inner: MemoryBackend,
+    attempts: std::sync::atomic::AtomicUsize,
+}
+
+#[mutextree_core::async_trait]
+impl LockBackend for Polling {
+    async fn try_lock_key(
+        &self,
+        request: &LockRequest,
+        kind: mutextree_core::LockKind,
+    ) -> Result<Attempt, mutextree_core::Error> {
+        self.inner.try_lock_key(request, kind).await
+    }
+    async fn release(&self, grant: &mutextree_core::Grant) -> Result<(), mutextree_core::Error> {
+        self.inner.release(grant).await
+    }
+    async fn refresh(
+        &self,
+        grant: &mutextree_core::Grant,
+        ttl: Ttl,
+    ) -> Result<mutextree_core::Grant, mutextree_core::Error> {
+        self.inner.refresh(grant, ttl).await
+    }
+    async fn list(&self, under: Option<&LockPath>) -> Result<Vec<mutextree_core::HeldLock>, mutextree_core::Error> {
+        self.inner.list(under).await
+    }
+    async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, mutextree_core::Error> {
+        self.attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.try_grant(request).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn polling_backs_off_to_its_cap() {
+    let inner = MemoryBackend::new();
+    inner.try_grant(&request("a", Duration::from_secs(60))).await.expect("grant").granted().expect("free");
+    let polling = Polling { inner, attempts: Default::default() };
+    let outcome = mutextree_core::wait::acquire(
+        &polling,
+        &request("a/b", Duration::from_secs(1)),
+        mutextree_core::Wait::For(Duration::from_secs(10)),
+    )
+    .await;
+    assert!(matches!(outcome, Err(mutextree_core::Error::Timeout { .. })), "{outcome:?}");
+    let attempts = polling.attempts.load(std::sync::atomic::Ordering::Relaxed);
+    // 2 ms doubling to 250 ms (each step jittered to its upper half): about
+    // 50 attempts in 10 s; a backoff that never grows makes thousands.
+    assert!(attempts < 100, "{attempts} attempts in 10 s");
+}
