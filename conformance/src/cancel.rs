@@ -233,6 +233,8 @@ pub async fn cancellation_leaves_nothing_beyond_the_ttl(ctx: Ctx) {
     let waiter = TreeLock::builder(ctx.client().await, "waited").ttl(ttl).build().expect("lock");
     assert!(timeout(unit / 2, waiter.acquire_timeout(unit * 10)).await.is_err(), "still waiting");
     assert!(!waiter.is_held());
+    let now_held = probe.list(Some(waiter.path())).await.expect("list");
+    assert!(now_held.iter().all(|lock| lock.path != *waiter.path()), "the cancelled waiter holds {now_held:?}");
 
     // Everything granted expires within its ttl (transient parents within
     // theirs); then every path is free and the namespace is empty.
@@ -244,4 +246,25 @@ pub async fn cancellation_leaves_nothing_beyond_the_ttl(ctx: Ctx) {
         again.try_acquire().await.unwrap_or_else(|e| panic!("{path} still blocked: {e}"));
     }
     waiter.try_acquire().await.expect("the cancelled waiter left nothing behind");
+}
+
+/// A grant whose steps reach the store slowly (here: past the life of a
+/// stepwise client's transient parent lock) never ends up beside a faster
+/// grant of an overlapping path.
+pub async fn a_slow_grant_never_overlaps_a_faster_one(ctx: Ctx) {
+    let unit = ctx.timing().unit;
+    let long = unit * 30;
+    let (slow_client, gated) = ctx.gated_client().await;
+    let fast_client = ctx.client().await;
+    // Natively the grant is call 0; stepwise, call 0 locks the parent and
+    // call 1 the node, which is what arrives late.
+    let late_call = if ctx.mode() == Mode::Native { 0 } else { 1 };
+    gated.arm(late_call, Point::Before, Fault::Slow(TRANSIENT_TTL + unit));
+    let slow_lock = TreeLock::builder(slow_client, "A/B").ttl(long).build().expect("lock");
+    let slow = tokio::spawn(async move { slow_lock.try_acquire().await });
+    sleep(TRANSIENT_TTL + unit / 2).await;
+    let fast = TreeLock::builder(fast_client, "A").ttl(long).build().expect("lock").try_acquire().await;
+    let slow = slow.await.expect("task");
+    assert!(!(fast.is_ok() && slow.is_ok()), "both A and A/B were granted: {fast:?} {slow:?}");
+    assert!(fast.is_ok() || slow.is_ok(), "neither was granted: {fast:?} {slow:?}");
 }

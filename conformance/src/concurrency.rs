@@ -140,3 +140,38 @@ pub async fn concurrent_waiters_all_get_their_turn(ctx: Ctx) {
     oracle.assert_clean();
     assert_eq!(oracle.grants(), 8 * turns as u64);
 }
+
+/// Tasks on a root and tasks on paths 31 levels below it: the longest
+/// grants against the shortest, never overlapping.
+pub async fn concurrent_deep_and_shallow_never_overlap(ctx: Ctx) {
+    let oracle = Arc::new(Oracle::new());
+    let ttl = ctx.timing().unit * 30;
+    let tasks = (0..8).map(|task| {
+        let (ctx, oracle) = (ctx.clone(), oracle.clone());
+        tokio::spawn(async move {
+            let client = ctx.client().await;
+            let path = if task % 2 == 0 {
+                LockPath::new(["A"]).expect("path")
+            } else {
+                let mut segments: Vec<String> = std::iter::once("A".to_owned())
+                    .chain((1..mutextree_core::MAX_DEPTH - 1).map(|level| format!("d{level}")))
+                    .collect();
+                segments.push(format!("t{task}"));
+                LockPath::new(segments).expect("path")
+            };
+            let lock = TreeLock::builder(client, path).ttl(ttl).build().expect("lock");
+            for _ in 0..ROUNDS {
+                match lock.try_acquire().await {
+                    Ok(grant) => hold_briefly(&oracle, &lock, &grant).await,
+                    Err(Error::Refused { .. }) => tokio::task::yield_now().await,
+                    Err(other) => panic!("unexpected error: {other}"),
+                }
+            }
+        })
+    });
+    for task in join_all(tasks).await {
+        task.expect("task");
+    }
+    oracle.assert_clean();
+    assert!(oracle.grants() > 0);
+}
