@@ -589,13 +589,15 @@ pub async fn lost_follows_refreshes_and_ignores_releases(ctx: Ctx) {
 pub async fn an_expired_grant_stays_expired(ctx: Ctx) {
     let client = ctx.client().await;
     let timing = ctx.timing();
-    let lock = TreeLock::builder(client.clone(), "A/B").ttl(timing.unit).build().expect("lock");
-    let grant = lock.try_acquire().await.expect("free");
+    let first = TreeLock::builder(client.clone(), "A/B").ttl(timing.unit).build().expect("lock");
+    let second = TreeLock::builder(client.clone(), "C").ttl(timing.unit).build().expect("lock");
+    let (first, second) = (first.try_acquire().await.expect("free"), second.try_acquire().await.expect("free"));
     let granted_at = Instant::now();
-    sleep_until(granted_at + grant.ttl + timing.slack).await;
+    sleep_until(granted_at + first.ttl.max(second.ttl) + timing.slack).await;
+    // Each grant is touched once, so no earlier call can have cleaned it up.
+    assert!(matches!(client.release(&first).await, Err(Error::NotHeld { .. })), "released after expiry");
     let ttl = Ttl::new(long(&ctx)).expect("ttl");
-    assert!(matches!(client.refresh(&grant, ttl).await, Err(Error::NotHeld { .. })), "refreshed after expiry");
-    assert!(matches!(client.release(&grant).await, Err(Error::NotHeld { .. })), "released after expiry");
+    assert!(matches!(client.refresh(&second, ttl).await, Err(Error::NotHeld { .. })), "refreshed after expiry");
     assert!(client.list(None).await.expect("list").is_empty());
     hold(&ctx, &client, "A").await;
 }

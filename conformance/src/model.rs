@@ -64,6 +64,10 @@ pub enum Op {
         /// Whole units.
         units: u32,
     },
+    /// The live locks are listed and compared with the model's. Only at
+    /// these steps: a listing may clean up expired locks, which would hide a
+    /// store that wrongly revives them on release or refresh.
+    Inspect,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -73,6 +77,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (client.clone(), any::<usize>()).prop_map(|(client, slot)| Op::Release { client, slot }),
         1 => (client, any::<usize>(), 1..4u32).prop_map(|(client, slot, ttl_units)| Op::Refresh { client, slot, ttl_units }),
         1 => (1..3u32).prop_map(|units| Op::Advance { units }),
+        1 => Just(Op::Inspect),
     ]
 }
 
@@ -215,17 +220,23 @@ async fn run_history(store: Arc<dyn TestStore>, mode: Mode, ops: Vec<Op>) -> Res
                 model.expire();
                 sleep_until(start + model.now).await;
             }
+            Op::Inspect => inspect(&*clients[0], &model).await.map_err(fail)?,
         }
-        let listed = clients[0].list(None).await.map_err(|e| fail(format!("list failed: {e}")))?;
-        let mut expected: Vec<(String, String, u64)> =
-            model.locks.iter().map(|l| (l.path.key().to_owned(), l.owner.to_string(), l.token)).collect();
-        let mut actual: Vec<(String, String, u64)> =
-            listed.iter().map(|l| (l.path.key().to_owned(), l.owner.to_string(), l.token)).collect();
-        expected.sort();
-        actual.sort();
-        if expected != actual {
-            return Err(fail(format!("store holds {actual:?}, model holds {expected:?}")));
-        }
+    }
+    // Always compare once at the end.
+    inspect(&*clients[0], &model).await.map_err(|what| format!("at the end: {what}"))
+}
+
+async fn inspect(client: &dyn LockBackend, model: &Model) -> Result<(), String> {
+    let listed = client.list(None).await.map_err(|e| format!("list failed: {e}"))?;
+    let mut expected: Vec<(String, String, u64)> =
+        model.locks.iter().map(|l| (l.path.key().to_owned(), l.owner.to_string(), l.token)).collect();
+    let mut actual: Vec<(String, String, u64)> =
+        listed.iter().map(|l| (l.path.key().to_owned(), l.owner.to_string(), l.token)).collect();
+    expected.sort();
+    actual.sort();
+    if expected != actual {
+        return Err(format!("store holds {actual:?}, model holds {expected:?}"));
     }
     Ok(())
 }
