@@ -161,8 +161,8 @@ impl LockBackend for Gated {
         attempt
     }
 
-    fn listen(&self) -> Listener {
-        self.inner.listen()
+    fn listen(&self, path: &LockPath) -> Listener {
+        self.inner.listen(path)
     }
 }
 

@@ -78,7 +78,7 @@ impl ServerSpec {
         let binary = self.find_binary()?;
         let port = free_port();
         let dir = temp_dir(self.store)?;
-        let server = RunningServer::spawn(&binary, args(port, &dir), port, dir)?;
+        let mut server = RunningServer::spawn(&binary, args(port, &dir), port, dir)?;
         server.wait_until_listening(Duration::from_secs(60))?;
         Ok(server)
     }
@@ -196,11 +196,19 @@ impl RunningServer {
 
     /// Waits until the port accepts a connection; fails with the server's
     /// log if it exits or does not listen in time.
-    pub fn wait_until_listening(&self, limit: Duration) -> Result<(), String> {
+    pub fn wait_until_listening(&mut self, limit: Duration) -> Result<(), String> {
         let started = Instant::now();
         while started.elapsed() < limit {
             if TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).is_ok() {
                 return Ok(());
+            }
+            // The watchdog ends as soon as the server does.
+            if let Ok(Some(_)) = self.watchdog.try_wait() {
+                return Err(format!(
+                    "the server exited before listening on port {}; its log:\n{}",
+                    self.port,
+                    self.log()
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -212,11 +220,18 @@ impl RunningServer {
         std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_else(|e| format!("(no log: {e})"))
     }
 
-    /// Kills the server and its watchdog and removes the directory.
+    /// Kills the server and its watchdog, waits until the port is closed
+    /// (so a restart can take it again) and removes the directory.
     pub fn stop(mut self) {
         let group = format!("-{}", self.watchdog.id());
         let _ = Command::new("kill").args(["-9", "--", &group]).status();
         let _ = self.watchdog.wait();
+        let started = Instant::now();
+        while TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).is_ok()
+            && started.elapsed() < Duration::from_secs(10)
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -232,8 +232,8 @@ impl LockBackend for Mixed {
         }
     }
 
-    fn listen(&self) -> Listener {
-        self.native.listen()
+    fn listen(&self, path: &LockPath) -> Listener {
+        self.native.listen(path)
     }
 }
 

@@ -66,13 +66,16 @@ pub trait LockBackend: Send + Sync + fmt::Debug {
         stepwise::try_grant(self, request).await
     }
 
-    /// A listener for changes that may unblock a waiter (a release, a purged
-    /// expired lock), taken *before* an attempt so that a release between the
-    /// refusal and the wait is not missed.
+    /// A listener for changes that may unblock a waiter for `path` (a
+    /// release, a purged expired lock), taken *before* an attempt so that a
+    /// release between the refusal and the wait is not missed. A store may
+    /// wake it only for changes on the path, an ancestor or a descendant, or
+    /// for any change in the namespace.
     ///
     /// The default polls with jittered backoff; stores override it with their
     /// notifications ([`ChangeFeed`](crate::ChangeFeed)).
-    fn listen(&self) -> Listener {
+    fn listen(&self, path: &LockPath) -> Listener {
+        let _ = path;
         Listener::polling()
     }
 }
@@ -119,7 +122,7 @@ impl<B: LockBackend + ?Sized> LockBackend for Stepwise<B> {
         stepwise::try_grant(&*self.inner, request).await
     }
 
-    fn listen(&self) -> Listener {
-        self.inner.listen()
+    fn listen(&self, path: &LockPath) -> Listener {
+        self.inner.listen(path)
     }
 }

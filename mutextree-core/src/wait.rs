@@ -194,7 +194,7 @@ pub async fn acquire(backend: &dyn LockBackend, request: &LockRequest, wait: Wai
         Wait::For(limit) => started.checked_add(limit),
         Wait::Forever => None,
     };
-    let mut listener = backend.listen();
+    let mut listener = backend.listen(&request.path);
     let mut last_blocker: Option<(LockPath, u64)> = None;
     let mut woken_by_change = false;
     loop {

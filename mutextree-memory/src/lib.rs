@@ -159,7 +159,9 @@ impl LockBackend for MemoryBackend {
         self.space.grant(request, LockKind::Lock, Check::Tree)
     }
 
-    fn listen(&self) -> Listener {
+    /// Every release or purge in the namespace wakes every waiter (an
+    /// in-process wake-up is cheap); `path` is not used to filter.
+    fn listen(&self, _path: &LockPath) -> Listener {
         self.space.feed.listen()
     }
 }
