@@ -49,7 +49,7 @@ use std::time::Duration;
 
 use mutextree::error::human;
 use mutextree::memory::MemoryBackend;
-use mutextree::{Error, Grant, HeldLock, LockBackend, LockPath, TreeLock, Wait};
+use mutextree::{Error, Grant, HeldLock, IntoLockPath, LockBackend, LockPath, TreeLock, Wait};
 use tokio::time::{sleep, sleep_until, Instant};
 
 /// How long a worker's lock lives unless it is released first.
@@ -113,11 +113,7 @@ async fn kernel_patcher(store: Arc<dyn LockBackend>, timeline: Arc<Timeline>) ->
     const ME: &str = "kernel-patcher";
     for (host, start) in [("host-1", 0), ("host-2", 300), ("host-3", 600)] {
         timeline.at(start).await;
-        let lock = TreeLock::builder(Arc::clone(&store), ["eu-west", "rack-1", host])
-            .owner(ME)
-            .ttl(TTL)
-            .timeout(PATIENCE)
-            .build()?;
+        let lock = lock_for(&store, ME, ["eu-west", "rack-1", host])?;
         let guard = lock.lock().await?;
         timeline.got(ME, guard.grant(), "guard form: lock().await; patching the kernel");
         sleep(ms(280)).await;
@@ -127,12 +123,8 @@ async fn kernel_patcher(store: Arc<dyn LockBackend>, timeline: Arc<Timeline>) ->
 
     // A last reboot check of host-1, while rack-firmware holds its rack.
     timeline.at(1000).await;
-    let lock = TreeLock::builder(Arc::clone(&store), "eu-west/rack-1/host-1").owner(ME).ttl(TTL).build()?;
-    if take(&timeline, ME, &lock, "reboot check").await?.is_some() {
-        sleep(ms(100)).await;
-        lock.release().await?;
-        timeline.released(ME, lock.path(), "the host came back fine");
-    }
+    let lock = lock_for(&store, ME, "eu-west/rack-1/host-1")?;
+    hold_for(&timeline, ME, &lock, "reboot check", ms(100), "the host came back fine").await?;
     Ok(())
 }
 
@@ -142,11 +134,7 @@ async fn disk_scrubber(store: Arc<dyn LockBackend>, timeline: Arc<Timeline>) -> 
     const ME: &str = "disk-scrubber";
     for (host, start) in [("host-1", 10), ("host-3", 310)] {
         timeline.at(start).await;
-        let lock = TreeLock::builder(Arc::clone(&store), ["eu-west", "rack-2", host])
-            .owner(ME)
-            .ttl(TTL)
-            .timeout(PATIENCE)
-            .build()?;
+        let lock = lock_for(&store, ME, ["eu-west", "rack-2", host])?;
         let during = Arc::clone(&timeline);
         // `run` acquires, runs the closure with the grant (for its fencing
         // token), and releases whatever the closure's outcome.
@@ -159,12 +147,8 @@ async fn disk_scrubber(store: Arc<dyn LockBackend>, timeline: Arc<Timeline>) -> 
     }
 
     timeline.at(610).await;
-    let lock = TreeLock::builder(Arc::clone(&store), "eu-west/rack-2/host-2").owner(ME).ttl(TTL).build()?;
-    if take(&timeline, ME, &lock, "scrubbing disks").await?.is_some() {
-        sleep(ms(280)).await;
-        lock.release().await?;
-        timeline.released(ME, lock.path(), "scrubbed");
-    }
+    let lock = lock_for(&store, ME, "eu-west/rack-2/host-2")?;
+    hold_for(&timeline, ME, &lock, "scrubbing disks", ms(280), "scrubbed").await?;
     Ok(())
 }
 
@@ -189,12 +173,8 @@ async fn flaky_agent(store: Arc<dyn LockBackend>, timeline: Arc<Timeline>) -> Re
 async fn rack_firmware(store: Arc<dyn LockBackend>, timeline: Arc<Timeline>) -> Result<(), Error> {
     const ME: &str = "rack-firmware";
     timeline.at(700).await;
-    let lock = TreeLock::builder(store, "eu-west/rack-1").owner(ME).ttl(TTL).build()?;
-    if take(&timeline, ME, &lock, "flashing the rack's firmware").await?.is_some() {
-        sleep(ms(400)).await;
-        lock.release().await?;
-        timeline.released(ME, lock.path(), "firmware flashed");
-    }
+    let lock = lock_for(&store, ME, "eu-west/rack-1")?;
+    hold_for(&timeline, ME, &lock, "flashing the rack's firmware", ms(400), "firmware flashed").await?;
     Ok(())
 }
 
@@ -202,7 +182,7 @@ async fn rack_firmware(store: Arc<dyn LockBackend>, timeline: Arc<Timeline>) -> 
 /// is held), then later waits for it.
 async fn region_failover(store: Arc<dyn LockBackend>, timeline: Arc<Timeline>) -> Result<(), Error> {
     const ME: &str = "region-failover";
-    let lock = TreeLock::builder(store, "eu-west").owner(ME).ttl(TTL).build()?;
+    let lock = lock_for(&store, ME, "eu-west")?;
     timeline.at(400).await;
     match lock.try_acquire().await {
         Ok(_) => {
@@ -215,11 +195,7 @@ async fn region_failover(store: Arc<dyn LockBackend>, timeline: Arc<Timeline>) -
     }
 
     timeline.at(1050).await;
-    if take(&timeline, ME, &lock, "draining eu-west: its traffic goes to us-east").await?.is_some() {
-        sleep(ms(300)).await;
-        lock.release().await?;
-        timeline.released(ME, lock.path(), "eu-west drained");
-    }
+    hold_for(&timeline, ME, &lock, "draining eu-west: its traffic goes to us-east", ms(300), "eu-west drained").await?;
     Ok(())
 }
 
@@ -228,11 +204,7 @@ async fn cert_renewer(store: Arc<dyn LockBackend>, timeline: Arc<Timeline>) -> R
     const ME: &str = "cert-renewer";
     timeline.at(1600).await;
     for host in ["host-1", "host-2"] {
-        let lock = TreeLock::builder(Arc::clone(&store), ["us-east", "rack-1", host])
-            .owner(ME)
-            .ttl(TTL)
-            .timeout(PATIENCE)
-            .build()?;
+        let lock = lock_for(&store, ME, ["us-east", "rack-1", host])?;
         let during = Arc::clone(&timeline);
         lock.run(|grant| async move {
             during.got(ME, &grant, "closure form; eu-west is locked whole, but us-east is not under it");
@@ -240,6 +212,29 @@ async fn cert_renewer(store: Arc<dyn LockBackend>, timeline: Arc<Timeline>) -> R
         })
         .await?;
         timeline.released(ME, lock.path(), "certificate renewed");
+    }
+    Ok(())
+}
+
+/// A lock for `actor` with the demo's ttl and patience.
+fn lock_for(store: &Arc<dyn LockBackend>, actor: &str, path: impl IntoLockPath) -> Result<TreeLock, Error> {
+    TreeLock::builder(Arc::clone(store), path).owner(actor).ttl(TTL).timeout(PATIENCE).build()
+}
+
+/// Takes `lock` (telling what it waits for), works on it for `work`, then
+/// releases it.
+async fn hold_for(
+    timeline: &Timeline,
+    actor: &'static str,
+    lock: &TreeLock,
+    job: &str,
+    work: Duration,
+    done: &str,
+) -> Result<(), Error> {
+    if take(timeline, actor, lock, job).await?.is_some() {
+        sleep(work).await;
+        lock.release().await?;
+        timeline.released(actor, lock.path(), done);
     }
     Ok(())
 }
