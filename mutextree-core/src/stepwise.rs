@@ -121,7 +121,9 @@ async fn lock_parents_then_node<B: LockBackend + ?Sized>(
             return Err(error);
         }
     };
-    match below.into_iter().find(|held| held.path != request.path) {
+    // Prefer a held lock to a transient one: a transient one is waited out
+    // even by a non-blocking acquisition.
+    match below.into_iter().filter(|held| held.path != request.path).min_by_key(|held| held.transient) {
         Some(descendant) => {
             let _ = backend.release(&node).await;
             Ok(Attempt::Blocked(descendant))

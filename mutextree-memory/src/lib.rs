@@ -452,15 +452,23 @@ impl Space {
 
     /// A live lock strictly below `key`, purging the expired ones met on the
     /// way.
+    /// A non-transient one if there is any: a transient lock is waited out
+    /// even by a non-blocking acquisition, a held one is not.
     fn find_live_below(&self, key: &str, now: Instant) -> Option<HeldLock> {
-        let mut found = None;
+        let (mut held_lock, mut transient) = (None, None);
         self.walk(key, now, |held| {
-            if held.path.key() != key {
-                found = Some(held);
+            if held.path.key() == key {
+                return true;
             }
-            found.is_none()
+            if held.transient {
+                transient.get_or_insert(held);
+                true
+            } else {
+                held_lock = Some(held);
+                false
+            }
         });
-        found
+        held_lock.or(transient)
     }
 
     /// Visits the live locks at `key` and below, in key order, until `visit`
