@@ -327,11 +327,32 @@ impl TreeLock {
     }
 
     async fn release_grant(&self, grant: &Grant) -> Result<(), Error> {
+        // Stop refreshing first: a refresh racing the release would find the
+        // lock gone and report a loss that is only the release.
+        let stopped_keeper = self.stop_keeper(grant.token);
         let outcome = self.shared.backend.release(grant).await;
-        if matches!(outcome, Ok(()) | Err(Error::NotHeld { .. })) {
-            self.forget(grant.token);
+        match &outcome {
+            Ok(()) | Err(Error::NotHeld { .. }) => {
+                self.forget(grant.token);
+            }
+            Err(_) if stopped_keeper => self.restart_keeper(grant.token),
+            Err(_) => {}
         }
         outcome
+    }
+
+    /// Stops the automatic refresh of the grant with this token; whether
+    /// one was running.
+    fn stop_keeper(&self, token: u64) -> bool {
+        let mut held = self.held();
+        held.grant.as_ref().is_some_and(|g| g.token == token) && held.keeper.take().is_some()
+    }
+
+    fn restart_keeper(&self, token: u64) {
+        let mut held = self.held();
+        if let Some(grant) = held.grant.clone().filter(|g| g.token == token) {
+            held.keeper = Some(Keeper::start(&self.shared, &grant));
+        }
     }
 
     /// Sets the remaining life of the held lock to exactly the configured
@@ -344,18 +365,20 @@ impl TreeLock {
     /// `refresh(expire)`); later refreshes go back to the configured ttl.
     pub async fn refresh_to(&self, ttl: Duration) -> Result<Grant, Error> {
         let ttl = Ttl::new(ttl)?;
+        let token = self.grant().ok_or_else(|| self.not_held())?.token;
+        self.refresh_grant(token, ttl).await
+    }
+
+    /// Refreshes the grant with this token, if it is still the one held.
+    async fn refresh_grant(&self, token: u64, ttl: Ttl) -> Result<Grant, Error> {
         let _in_order = self.shared.refreshing.lock().await;
-        let grant = self.grant().ok_or_else(|| self.not_held())?;
-        match self.shared.backend.refresh(&grant, ttl).await {
-            Ok(refreshed) => {
-                install_refresh(&self.shared, &refreshed);
-                Ok(refreshed)
-            }
+        let grant = self.grant().filter(|g| g.token == token).ok_or_else(|| self.not_held())?;
+        match refresh_in_order(&self.shared, &grant, ttl).await {
             Err(error @ Error::NotHeld { .. }) => {
                 self.forget(grant.token);
                 Err(error)
             }
-            Err(error) => Err(error),
+            other => other,
         }
     }
 
@@ -521,6 +544,34 @@ fn lock_state(shared: &Shared) -> MutexGuard<'_, Held> {
     shared.held.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Sends a refresh and installs its reply; the caller holds
+/// `shared.refreshing`, so replies are installed in the order sent.
+///
+/// Before sending, the local expiry is lowered to what the new ttl would
+/// give if the store applied it now: if the reply is lost, or this future is
+/// dropped, the handle must not go on believing in the old, longer expiry.
+async fn refresh_in_order(shared: &Shared, grant: &Grant, ttl: Ttl) -> Result<Grant, Error> {
+    shorten_expiry(shared, grant.token, Instant::now() + ttl.get());
+    let refreshed = shared.backend.refresh(grant, ttl).await?;
+    install_refresh(shared, &refreshed);
+    Ok(refreshed)
+}
+
+/// Lowers the local expiry of the grant with this token to `at`, if later.
+fn shorten_expiry(shared: &Shared, token: u64, at: Instant) {
+    let mut held = lock_state(shared);
+    if let Some(grant) = held.grant.as_mut().filter(|g| g.token == token && g.expires_at > at) {
+        grant.expires_at = at;
+        shared.status.send_if_modified(|status| {
+            let ours = status.token == Some(token);
+            if ours {
+                status.expires_at = Some(at);
+            }
+            ours
+        });
+    }
+}
+
 /// Installs a refresh's reply if it is for the grant still held.
 fn install_refresh(shared: &Shared, refreshed: &Grant) {
     let mut held = lock_state(shared);
@@ -538,45 +589,49 @@ fn install_refresh(shared: &Shared, refreshed: &Grant) {
 
 impl Keeper {
     /// Refreshes when a third of the ttl has passed; each refresh must be
-    /// confirmed before the grant's expiry. On a refusal, or when no refresh
-    /// is confirmed in time, reports the loss and stops.
+    /// confirmed before the grant's expiry (as held now, whoever refreshed it
+    /// last). On a refusal, or when no refresh is confirmed in time, reports
+    /// the loss and stops. Stops quietly when the grant is released.
     fn start(shared: &Arc<Shared>, grant: &Grant) -> Keeper {
         let shared: Weak<Shared> = Arc::downgrade(shared);
-        let mut grant = grant.clone();
+        let token = grant.token;
+        let mut next_at = grant.expires_at - grant.ttl * 2 / 3;
         let task = tokio::spawn(async move {
-            let mut next_at = grant.expires_at - grant.ttl * 2 / 3;
             let reason = loop {
                 sleep_until(next_at).await;
                 let Some(shared) = shared.upgrade() else { return };
-                let outcome = {
+                let Some(deadline) = held_grant(&shared, token).map(|g| g.expires_at) else { return };
+                let attempt = timeout_at(deadline, async {
                     let _in_order = shared.refreshing.lock().await;
-                    timeout_at(grant.expires_at, shared.backend.refresh(&grant, shared.request.ttl)).await
-                };
-                match outcome {
-                    Ok(Ok(refreshed)) => {
-                        install_refresh(&shared, &refreshed);
-                        next_at = refreshed.expires_at - refreshed.ttl * 2 / 3;
-                        grant = refreshed;
-                    }
-                    Ok(Err(error @ Error::NotHeld { .. })) => break format!("the store refused a refresh: {error}"),
+                    let current = held_grant(&shared, token)?;
+                    let outcome = refresh_in_order(&shared, &current, shared.request.ttl).await;
+                    Some((current, outcome))
+                });
+                match attempt.await {
                     Err(_) => break "the store did not answer a refresh before the lock expired".to_owned(),
-                    Ok(Err(error)) if grant.is_expired() => {
+                    Ok(None) => return,
+                    Ok(Some((_, Ok(refreshed)))) => next_at = refreshed.expires_at - refreshed.ttl * 2 / 3,
+                    Ok(Some((_, Err(error @ Error::NotHeld { .. })))) => {
+                        break format!("the store refused a refresh: {error}")
+                    }
+                    Ok(Some((current, Err(error)))) if current.is_expired() => {
                         break format!("the store stayed unreachable until the lock expired: {error}")
                     }
                     // Retry soon, but not in a tight loop, and once more at
                     // the expiry at the latest.
-                    Ok(Err(_)) => {
-                        next_at = Instant::now() + (grant.ttl / 10).min(Duration::from_secs(1)).min(grant.remaining())
+                    Ok(Some((current, Err(_)))) => {
+                        next_at =
+                            Instant::now() + (current.ttl / 10).min(Duration::from_secs(1)).min(current.remaining())
                     }
                 }
             };
             if let Some(shared) = shared.upgrade() {
                 let mut held = lock_state(&shared);
-                if held.grant.as_ref().is_some_and(|g| g.token == grant.token) {
+                if held.grant.as_ref().is_some_and(|g| g.token == token) {
                     held.grant = None;
                 }
                 shared.status.send_if_modified(|status| {
-                    let ours = status.token == Some(grant.token);
+                    let ours = status.token == Some(token);
                     if ours {
                         status.lost = Some(reason);
                     }
@@ -586,6 +641,11 @@ impl Keeper {
         });
         Keeper { task }
     }
+}
+
+/// The grant with this token, if it is still the one held.
+fn held_grant(shared: &Shared, token: u64) -> Option<Grant> {
+    lock_state(shared).grant.clone().filter(|g| g.token == token)
 }
 
 /// Holds a lock until [`release`](TreeLockGuard::release) or drop. See the
@@ -614,9 +674,10 @@ impl TreeLockGuard {
         &self.lock
     }
 
-    /// Sets the remaining life to exactly the handle's ttl.
+    /// Sets the remaining life of this guard's grant to exactly the
+    /// handle's ttl; [`Error::NotHeld`] if that grant is no longer held.
     pub async fn refresh(&mut self) -> Result<&Grant, Error> {
-        self.grant = self.lock.refresh().await?;
+        self.grant = self.lock.refresh_grant(self.grant.token, self.lock.shared.request.ttl).await?;
         Ok(&self.grant)
     }
 
@@ -625,11 +686,13 @@ impl TreeLockGuard {
         self.lock.lost()
     }
 
-    /// Releases the lock and reports the outcome. If this future is dropped
-    /// before the store answers, the guard's drop releases in the background.
+    /// Releases the lock and reports the outcome. If the store could not be
+    /// reached, or this future is dropped before it answers, the guard's drop
+    /// forgets the grant (no more refreshes) and retries the release in the
+    /// background; the lock expires at its ttl at the latest.
     pub async fn release(mut self) -> Result<(), Error> {
         let outcome = self.lock.release_grant(&self.grant).await;
-        self.released = true;
+        self.released = matches!(outcome, Ok(()) | Err(Error::NotHeld { .. }));
         outcome
     }
 }

@@ -28,11 +28,11 @@
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tokio::time::{sleep, sleep_until, Instant};
+use tokio::time::{sleep, sleep_until, timeout_at, Instant};
 
 use crate::backend::LockBackend;
 use crate::error::Error;
-use crate::lock::{Attempt, Grant, LockRequest};
+use crate::lock::{Attempt, Grant, HeldLock, LockRequest};
 use crate::path::LockPath;
 use crate::stepwise::TRANSIENT_TTL;
 
@@ -197,11 +197,27 @@ pub async fn acquire(backend: &dyn LockBackend, request: &LockRequest, wait: Wai
     let mut listener = backend.listen(&request.path);
     let mut last_blocker: Option<(LockPath, u64)> = None;
     let mut woken_by_change = false;
+    let mut last_seen: Option<HeldLock> = None;
     loop {
-        let blocker = match backend.try_grant(request).await? {
+        let attempt = backend.try_grant(request);
+        // After the first refusal, an attempt that outlasts the deadline
+        // (a store that does not answer) ends the wait on time; the grant it
+        // may still make expires at its ttl.
+        let attempt = match (&last_seen, deadline, wait) {
+            (Some(blocker), Some(deadline), Wait::For(_)) => match timeout_at(deadline, attempt).await {
+                Ok(attempt) => attempt,
+                Err(_) => {
+                    let waited = Instant::now() - started;
+                    return Err(Error::Timeout { path: request.path.clone(), waited, blocker: blocker.clone() });
+                }
+            },
+            _ => attempt.await,
+        };
+        let blocker = match attempt? {
             Attempt::Granted(grant) => return Ok(grant),
             Attempt::Blocked(blocker) => blocker,
         };
+        last_seen = Some(blocker.clone());
         let now = Instant::now();
         let this_blocker = Some((blocker.path.clone(), blocker.token));
         let same_blocker = last_blocker == this_blocker;
