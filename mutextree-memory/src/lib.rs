@@ -374,9 +374,9 @@ impl Space {
                 continue;
             }
             let token = self.last_token.fetch_add(1, Ordering::Relaxed) + 1;
-            // The lock lives from now, not from the start of the grant (which
-            // may have waited for another thread's grant).
-            let placed_at = Instant::now();
+            // The lock lives from now, not from the start of the grant, if
+            // the grant waited for another thread's.
+            let placed_at = if waited_for_others == 0 { now } else { Instant::now() };
             node.lock = Some(Lock {
                 path: request.path.clone(),
                 owner: request.owner.clone(),
