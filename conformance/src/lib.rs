@@ -23,6 +23,29 @@
 //! Each case works in a fresh random namespace, so cases run in parallel
 //! against one server without seeing each other.
 //!
+//! # Adding a store
+//!
+//! Each store crate has the same few parts, so knowing one means knowing
+//! all:
+//!
+//! * `src/lib.rs` opens with `#![doc = include_str!("../README.md")]` (its
+//!   configuration, documented and compiled) and defines the backend: a
+//!   [`LockBackend`] whose `try_grant` is the store's own one-round-trip
+//!   atomic operation, whose primitives (`try_lock_key`, `list`) share its
+//!   key layout so stepwise and native clients interoperate, and whose
+//!   `listen` is fed by the store's notifications through a
+//!   [`ChangeFeed`](mutextree_core::ChangeFeed) (one subscription per
+//!   backend, marked not live while it is down). Store errors map into
+//!   [`Error::Store`] with `retryable` set.
+//! * `tests/conformance.rs` describes the server with a
+//!   [`harness::ServerSpec`], starts it once per test binary with a
+//!   [`harness::SharedServer`], implements [`TestStore`] (a fresh
+//!   connection per `connect`, the namespace given) and calls
+//!   `conformance::suite!(store: ..., clock: real)`.
+//! * The facade crate gets a feature for it; `scripts/test-all` gets the
+//!   Debian package of its server in its `needs`; its benchmark reuses
+//!   [`load`] and its figures go into `BENCHMARKS.md`.
+//!
 //! # Map
 //!
 //! * [`cases`]: the behaviour cases (the seed's table, ownership, expiry,
