@@ -2,6 +2,8 @@
 
 pub use mutextree_core::*;
 
+pub mod blocking;
+
 /// The in-process store (feature `memory`, on by default).
 #[cfg(feature = "memory")]
 pub mod memory {
