@@ -248,7 +248,7 @@ impl LockBackend for Mixed {
     }
 
     async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error> {
-        if self.turn.fetch_add(1, Ordering::Relaxed) % 2 == 0 {
+        if self.turn.fetch_add(1, Ordering::Relaxed).is_multiple_of(2) {
             self.native.try_grant(request).await
         } else {
             self.stepwise.try_grant(request).await

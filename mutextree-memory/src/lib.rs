@@ -582,7 +582,7 @@ impl Space {
     fn maybe_sweep(&self, token: u64) {
         const CHECK_EVERY: u64 = 1024;
         const MIN_GRANTS: u64 = 4096;
-        if token % CHECK_EVERY != 0 {
+        if !token.is_multiple_of(CHECK_EVERY) {
             return;
         }
         let grants = token - self.last_sweep_token.load(Ordering::Relaxed);
