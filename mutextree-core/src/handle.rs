@@ -562,13 +562,7 @@ fn shorten_expiry(shared: &Shared, token: u64, at: Instant) {
     let mut held = lock_state(shared);
     if let Some(grant) = held.grant.as_mut().filter(|g| g.token == token && g.expires_at > at) {
         grant.expires_at = at;
-        shared.status.send_if_modified(|status| {
-            let ours = status.token == Some(token);
-            if ours {
-                status.expires_at = Some(at);
-            }
-            ours
-        });
+        update_status(shared, token, |status| status.expires_at = Some(at));
     }
 }
 
@@ -577,14 +571,19 @@ fn install_refresh(shared: &Shared, refreshed: &Grant) {
     let mut held = lock_state(shared);
     if held.grant.as_ref().is_some_and(|g| g.token == refreshed.token) {
         held.grant = Some(refreshed.clone());
-        shared.status.send_if_modified(|status| {
-            let ours = status.token == Some(refreshed.token);
-            if ours {
-                status.expires_at = Some(refreshed.expires_at);
-            }
-            ours
-        });
+        update_status(shared, refreshed.token, |status| status.expires_at = Some(refreshed.expires_at));
     }
+}
+
+/// Changes the watched status if it is still about the grant with `token`.
+fn update_status(shared: &Shared, token: u64, change: impl FnOnce(&mut Status)) {
+    shared.status.send_if_modified(|status| {
+        let ours = status.token == Some(token);
+        if ours {
+            change(status);
+        }
+        ours
+    });
 }
 
 impl Keeper {
@@ -630,13 +629,7 @@ impl Keeper {
                 if held.grant.as_ref().is_some_and(|g| g.token == token) {
                     held.grant = None;
                 }
-                shared.status.send_if_modified(|status| {
-                    let ours = status.token == Some(token);
-                    if ours {
-                        status.lost = Some(reason);
-                    }
-                    ours
-                });
+                update_status(&shared, token, |status| status.lost = Some(reason));
             }
         });
         Keeper { task }
