@@ -173,13 +173,6 @@ impl LockPath {
         self.0.ends[..self.0.ends.len() - 1].iter().map(move |&end| &key[..end])
     }
 
-    /// The keys of every level from the root down to this node itself, as
-    /// prefixes of [`LockPath::key`] (no allocation).
-    pub fn key_prefixes(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
-        let key = self.key();
-        self.0.ends.iter().map(move |&end| &key[..end])
-    }
-
     /// The path one level up, or `None` for a root node.
     pub fn parent(&self) -> Option<LockPath> {
         (self.depth() > 1).then(|| self.prefix(self.depth() - 1))
