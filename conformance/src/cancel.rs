@@ -179,8 +179,8 @@ enum Operation {
 pub async fn cancellation_leaves_nothing_beyond_the_ttl(ctx: Ctx) {
     let unit = ctx.timing().unit;
     let ttl = unit;
-    // Up to 2 × depth + 1 calls for a stepwise grant at depth 2, plus the
-    // listener and a retry.
+    // Up to depth + 2 calls for a stepwise grant at depth 2 (two at once
+    // after the node is locked), plus a retry.
     let calls = 0..6;
     let mut runs = Vec::new();
     for operation in [Operation::Acquire, Operation::Release, Operation::Refresh] {
@@ -233,8 +233,14 @@ pub async fn cancellation_leaves_nothing_beyond_the_ttl(ctx: Ctx) {
     let waiter = TreeLock::builder(ctx.client().await, "waited").ttl(ttl).build().expect("lock");
     assert!(timeout(unit / 2, waiter.acquire_timeout(unit * 10)).await.is_err(), "still waiting");
     assert!(!waiter.is_held());
-    let now_held = probe.list(Some(waiter.path())).await.expect("list");
-    assert!(now_held.iter().all(|lock| lock.path != *waiter.path()), "the cancelled waiter holds {now_held:?}");
+    // Natively an attempt that finds a lock in the way writes nothing. A
+    // stepwise attempt locks the node before it looks below, so one cut off
+    // mid-way (a wake-up came just before the cancellation) may leave the
+    // node locked until its ttl, which the check below covers.
+    if ctx.mode() == Mode::Native {
+        let now_held = probe.list(Some(waiter.path())).await.expect("list");
+        assert!(now_held.iter().all(|lock| lock.path != *waiter.path()), "the cancelled waiter holds {now_held:?}");
+    }
 
     // Everything granted expires within its ttl (transient parents within
     // theirs); then every path is free and the namespace is empty.

@@ -475,3 +475,101 @@ mod tests {
         assert!(table.ends_with("| 1 | 3 | siblings | 0 | 3 | 1 ns | 2 ns | 3 ns | 40.0 µs | 25.0 |\n"), "{table}");
     }
 }
+
+/// What every store's benchmark reads from its environment:
+///
+/// * `MUTEXTREE_BENCH_SECS`: seconds per row (default 1, fractions allowed);
+/// * `MUTEXTREE_BENCH_RUNS=N`: each row N times, the run with the median
+///   pairs/s reported (for noisy machines);
+/// * `MUTEXTREE_BENCH_ROWS`: only the rows whose label contains one of these
+///   comma-separated parts (for profiling).
+#[derive(Clone, Debug)]
+pub struct BenchSettings {
+    /// How long each row runs.
+    pub duration: Duration,
+    /// How many times each row runs.
+    pub repeats: usize,
+    only: Option<Vec<String>>,
+}
+
+impl BenchSettings {
+    /// The settings from the environment; panics with a message naming a
+    /// malformed variable.
+    pub fn from_env() -> Self {
+        let duration = match std::env::var("MUTEXTREE_BENCH_SECS") {
+            Ok(text) => {
+                let secs: f64 =
+                    text.trim().parse().unwrap_or_else(|_| panic!("MUTEXTREE_BENCH_SECS={text:?} is not a number"));
+                assert!(secs > 0.0 && secs.is_finite(), "MUTEXTREE_BENCH_SECS must be positive");
+                Duration::from_secs_f64(secs)
+            }
+            Err(_) => Duration::from_secs(1),
+        };
+        let repeats = std::env::var("MUTEXTREE_BENCH_RUNS").map_or(1, |text| {
+            text.trim()
+                .parse()
+                .ok()
+                .filter(|&n| n > 0)
+                .unwrap_or_else(|| panic!("MUTEXTREE_BENCH_RUNS={text:?} is not a positive integer"))
+        });
+        let only = std::env::var("MUTEXTREE_BENCH_ROWS").ok().map(|rows| rows.split(',').map(str::to_owned).collect());
+        BenchSettings { duration, repeats, only }
+    }
+
+    /// Whether the row labelled `label` is to run.
+    pub fn includes(&self, label: &str) -> bool {
+        self.only.as_ref().is_none_or(|only| only.iter().any(|part| label.contains(part.as_str())))
+    }
+
+    /// Runs a row [`repeats`](Self::repeats) times and returns the run with
+    /// the median pairs/s, with the spread of all runs (`min..max`).
+    pub fn median(&self, mut run: impl FnMut() -> LoadReport) -> (LoadReport, String) {
+        let mut runs: Vec<LoadReport> = (0..self.repeats).map(|_| run()).collect();
+        runs.sort_by(|a, b| a.pairs_per_sec.total_cmp(&b.pairs_per_sec));
+        let spread = format!("{:.0}..{:.0}", runs[0].pairs_per_sec, runs[runs.len() - 1].pairs_per_sec);
+        (runs.swap_remove(runs.len() / 2), spread)
+    }
+}
+
+/// `N cores, CPU model`, from the OS: for the header of a benchmark's
+/// report.
+pub fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|line| line.starts_with("model name"))
+                .and_then(|line| line.split_once(':'))
+                .map(|(_, model)| model.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    format!("{cores} cores (nproc), {model}")
+}
+
+/// Now in UTC, from `date`, or the Unix time if it is missing: for the
+/// header of a benchmark's report.
+pub fn date() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .and_then(|out| String::from_utf8(out.stdout).ok())
+        .map(|text| text.trim().to_owned())
+        .unwrap_or_else(|| {
+            let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            format!("Unix time {secs}")
+        })
+}
+
+/// The runtime a benchmark row runs on: a current-thread one (one core) for
+/// one client, a multi-thread one with two workers for more.
+pub fn runtime_for(clients: usize) -> tokio::runtime::Runtime {
+    if clients == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()
+    }
+    .expect("a tokio runtime")
+}

@@ -10,7 +10,7 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::time::Duration;
 
-use crate::lock::{HeldLock, Owner};
+use crate::lock::{Grant, HeldLock, Owner};
 use crate::path::{LockPath, MAX_DEPTH, MAX_PATH_BYTES, MAX_SEGMENT_BYTES};
 
 /// What can go wrong with a tree lock.
@@ -143,6 +143,12 @@ impl Error {
     /// A store error with a message only.
     pub fn store_message(store: &'static str, retryable: bool, message: impl Into<String>) -> Self {
         Error::Store { store, message: message.into(), retryable, source: None }
+    }
+
+    /// [`Error::NotHeld`] for a grant the store found not live: what a
+    /// store's release or refresh returns.
+    pub fn not_held(grant: &Grant) -> Self {
+        Error::NotHeld { path: grant.path.clone(), owner: Some(grant.owner.clone()), token: Some(grant.token) }
     }
 
     /// Whether trying the same call again later may succeed: a lock that

@@ -6,9 +6,9 @@
 //! 1. lock each strict ancestor's key, root first (`[A]`, then `[A, B]`) as a
 //!    *transient* lock that lives [`TRANSIENT_TTL`] at most;
 //! 2. lock the node's own key with the requested ttl;
-//! 3. list the locks under the node: if there is one, release the node and
-//!    report it;
-//! 4. release the ancestors' transient locks.
+//! 3. release the ancestors' transient locks, all at once, and meanwhile
+//!    list the locks under the node: if there is one, release the node and
+//!    report it.
 //!
 //! Any refusal releases what was taken and reports the lock in the way.
 //!
@@ -26,14 +26,17 @@
 //! the same way, so stepwise and native clients can share a namespace.
 //!
 //! That argument needs the transient parent locks alive until the node is
-//! locked. Their expiry is known on this side conservatively (the moment the
+//! locked, and no longer: they are released as soon as it is, so siblings
+//! (who all pass through the same parents) queue behind each other for a
+//! few round trips only. Their expiry is known on this side conservatively (the moment the
 //! request was sent plus the ttl); if the node's grant arrives after the
 //! earliest of them, the protection may have lapsed: the node is released
 //! and the round starts again.
 //!
 //! # What it cannot do
 //!
-//! It costs `2 × depth + 1` round trips, and a client that dies midway
+//! It costs `depth + 1` round trips (one more to undo a refused node), and
+//! a client that dies (or an attempt that is cancelled) midway
 //! leaves transient parent locks for at most [`TRANSIENT_TTL`] (the seed left
 //! them for `timeout + 5` s) and its node lock for its ttl. A parent held
 //! transiently by someone else is reported with
@@ -43,6 +46,7 @@
 
 use std::time::Duration;
 
+use futures::future::{join, join_all};
 use tokio::time::Instant;
 
 use crate::backend::LockBackend;
@@ -79,24 +83,45 @@ pub async fn try_grant<B: LockBackend + ?Sized>(backend: &B, request: &LockReque
 async fn one_round<B: LockBackend + ?Sized>(backend: &B, request: &LockRequest) -> Result<Option<Attempt>, Error> {
     let transient_ttl = Ttl::new(TRANSIENT_TTL)?;
     let mut parents: Vec<Grant> = Vec::with_capacity(request.path.depth() - 1);
-    let outcome = lock_parents_then_node(backend, request, transient_ttl, &mut parents).await;
-    for parent in &parents {
-        // A parent that cannot be released now expires within TRANSIENT_TTL.
-        let _ = backend.release(parent).await;
-    }
-    match outcome? {
-        Attempt::Granted(node) => {
-            let parents_alive_until = parents.iter().map(|p| p.expires_at).min();
-            if parents_alive_until.is_some_and(|until| Instant::now() >= until) {
-                let _ = backend.release(&node).await;
-                return Ok(None);
-            }
-            Ok(Some(Attempt::Granted(node)))
+    let locked = lock_parents_then_node(backend, request, transient_ttl, &mut parents).await;
+    let parents_alive_until = parents.iter().map(|p| p.expires_at).min();
+    // The parents only have to stand until the node is locked: they are
+    // released now, all at once, while the subtree is checked. A parent that
+    // cannot be released expires within TRANSIENT_TTL.
+    let release_parents = join_all(parents.iter().map(|parent| backend.release(parent)));
+    let node = match locked {
+        Ok(Attempt::Granted(node)) => node,
+        other => {
+            release_parents.await;
+            return other.map(Some);
         }
-        blocked => Ok(Some(blocked)),
+    };
+    if parents_alive_until.is_some_and(|until| Instant::now() >= until) {
+        release_parents.await;
+        let _ = backend.release(&node).await;
+        return Ok(None);
+    }
+    let (_, below) = join(release_parents, backend.list(Some(&request.path))).await;
+    let below = match below {
+        Ok(below) => below,
+        Err(error) => {
+            let _ = backend.release(&node).await;
+            return Err(error);
+        }
+    };
+    // Prefer a held lock to a transient one: a transient one is waited out
+    // even by a non-blocking acquisition.
+    match below.into_iter().filter(|held| held.path != request.path).min_by_key(|held| held.transient) {
+        Some(descendant) => {
+            let _ = backend.release(&node).await;
+            Ok(Some(Attempt::Blocked(descendant)))
+        }
+        None => Ok(Some(Attempt::Granted(node))),
     }
 }
 
+/// Steps 1 and 2: the ancestors' transient locks (pushed to `parents` as
+/// they are granted), then the node's.
 async fn lock_parents_then_node<B: LockBackend + ?Sized>(
     backend: &B,
     request: &LockRequest,
@@ -110,24 +135,5 @@ async fn lock_parents_then_node<B: LockBackend + ?Sized>(
             blocked => return Ok(blocked),
         }
     }
-    let node = match backend.try_lock_key(request, LockKind::Lock).await? {
-        Attempt::Granted(grant) => grant,
-        blocked => return Ok(blocked),
-    };
-    let below = match backend.list(Some(&request.path)).await {
-        Ok(below) => below,
-        Err(error) => {
-            let _ = backend.release(&node).await;
-            return Err(error);
-        }
-    };
-    // Prefer a held lock to a transient one: a transient one is waited out
-    // even by a non-blocking acquisition.
-    match below.into_iter().filter(|held| held.path != request.path).min_by_key(|held| held.transient) {
-        Some(descendant) => {
-            let _ = backend.release(&node).await;
-            Ok(Attempt::Blocked(descendant))
-        }
-        None => Ok(Attempt::Granted(node)),
-    }
+    backend.try_lock_key(request, LockKind::Lock).await
 }

@@ -36,6 +36,13 @@ use crate::lock::{Attempt, Grant, HeldLock, LockRequest};
 use crate::path::LockPath;
 use crate::stepwise::TRANSIENT_TTL;
 
+/// How long an acquisition that was asked not to wait still retries past
+/// stepwise clients' transient parent locks. One such lock lives
+/// [`TRANSIENT_TTL`] at most, but siblings of stepwise clients all pass
+/// through the same parents, one at a time, and each wake-up is a race
+/// among them: on a loaded machine one of them can lose for seconds.
+pub const TRANSIENT_PATIENCE: Duration = Duration::from_secs(5 * TRANSIENT_TTL.as_secs());
+
 /// How long an acquisition may wait for a held lock.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Wait {
@@ -184,9 +191,9 @@ impl Backoff {
 /// tools' own loops.
 ///
 /// A blocker that is a stepwise client's transient parent lock is waited out
-/// (at most [`TRANSIENT_TTL`] past the start) even with [`Wait::No`]: it is
-/// gone in a moment, and treating it as held would make siblings refuse each
-/// other. A timed wait never goes past its own deadline for it.
+/// (at most [`TRANSIENT_PATIENCE`] past the start) even with [`Wait::No`]:
+/// it is gone in a moment, and treating it as held would make siblings
+/// refuse each other. A timed wait never goes past its own deadline for it.
 pub async fn acquire(backend: &dyn LockBackend, request: &LockRequest, wait: Wait) -> Result<Grant, Error> {
     let started = Instant::now();
     let deadline = match wait {
@@ -227,7 +234,7 @@ pub async fn acquire(backend: &dyn LockBackend, request: &LockRequest, wait: Wai
         }
         last_blocker = this_blocker;
         let give_up_at = match (wait, deadline) {
-            (Wait::No, Some(deadline)) if blocker.transient => Some(deadline.max(started + TRANSIENT_TTL)),
+            (Wait::No, Some(deadline)) if blocker.transient => Some(deadline.max(started + TRANSIENT_PATIENCE)),
             (_, other) => other,
         };
         if give_up_at.is_some_and(|at| now >= at) {

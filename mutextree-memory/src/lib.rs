@@ -522,10 +522,10 @@ impl Space {
                 if was_live {
                     Ok(())
                 } else {
-                    Err(not_held(grant))
+                    Err(Error::not_held(grant))
                 }
             }
-            None => Err(not_held(grant)),
+            None => Err(Error::not_held(grant)),
         }
     }
 
@@ -533,7 +533,7 @@ impl Space {
         let key = grant.path.key();
         let now = Instant::now();
         let expired_token = {
-            let Some(mut node) = self.nodes.get_mut(key) else { return Err(not_held(grant)) };
+            let Some(mut node) = self.nodes.get_mut(key) else { return Err(Error::not_held(grant)) };
             match &mut node.lock {
                 Some(lock) if lock.is_grant(grant) && lock.is_live(now) => {
                     lock.expires_at = now + ttl.get();
@@ -546,7 +546,7 @@ impl Space {
         if let Some(token) = expired_token {
             self.purge(key, token, now);
         }
-        Err(not_held(grant))
+        Err(Error::not_held(grant))
     }
 
     fn list(&self, under: Option<&LockPath>) -> Vec<HeldLock> {
@@ -611,8 +611,4 @@ impl Space {
             !node.is_empty()
         });
     }
-}
-
-fn not_held(grant: &Grant) -> Error {
-    Error::NotHeld { path: grant.path.clone(), owner: Some(grant.owner.clone()), token: Some(grant.token) }
 }

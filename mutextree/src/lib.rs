@@ -9,3 +9,10 @@ pub mod blocking;
 pub mod memory {
     pub use mutextree_memory::{MemoryBackend, MemoryStore};
 }
+
+/// The Redis store, standalone or cluster (feature `redis`; `redis-tls` for
+/// `rediss://`).
+#[cfg(feature = "redis")]
+pub mod redis {
+    pub use mutextree_redis::{RedisBackend, RedisOptions};
+}

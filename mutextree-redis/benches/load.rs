@@ -1,0 +1,188 @@
+//! The Redis store under the workspace's load generator, beside Redis's own
+//! `redis-benchmark` on the same server in the same run.
+//!
+//! `cargo bench -p mutextree-redis --bench load` starts a `redis-server` (or
+//! uses `MUTEXTREE_REDIS_URL`) and prints, as Markdown:
+//!
+//! 1. the commands the server executed per acquire+release pair at depth 1,
+//!    3 and 8, from `INFO commandstats` (the round trips: every call is
+//!    one script);
+//! 2. `redis-benchmark -c 1` and `-c 16` for `SET k v NX PX 10000`: one
+//!    round trip per request, the ceiling (a pair is two round trips, so
+//!    half of it is the physical limit);
+//! 3. pairs/s and latency of the load generator with 1 client and with 16
+//!    clients (one connection each), with 0, 10k and 100k unrelated locks
+//!    held, and each row's share of the ceiling.
+//!
+//! The `MUTEXTREE_BENCH_*` variables of
+//! [`BenchSettings`](conformance::load::BenchSettings) apply; a row's label
+//! is `c{clients}/d{depth}/{scenario}/b{background}`.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use conformance::load::{self, BenchSettings, LoadReport, LoadSpec, Scenario};
+use mutextree_core::{LockBackend, LockPath, LockRequest, Owner, Ttl};
+use mutextree_redis::RedisOptions;
+
+/// Pairs run to count commands.
+const COUNTED_PAIRS: u64 = 1000;
+
+fn main() {
+    let settings = BenchSettings::from_env();
+    let url = common::standalone_url();
+    let address = url::Url::parse(&url).expect("a redis:// URL");
+    let host = address.host_str().unwrap_or("127.0.0.1").to_owned();
+    let port = address.port().unwrap_or(6379);
+    let runtime = load::runtime_for(1);
+    let connect = |namespace: String| {
+        let url = url.clone();
+        async move { RedisOptions::from_url(&url)?.namespace(&namespace)?.connect().await }
+    };
+
+    println!("## mutextree-redis: load\n");
+    println!("* command: `cargo bench -p mutextree-redis --bench load`");
+    println!("* machine: {}", load::machine());
+    println!("* date: {}", load::date());
+    println!("* server: {} on {host}:{port}, same machine, loopback", server_version(&runtime, &url));
+    println!(
+        "* {} s per row, median of {} run(s); 1 client on a current-thread runtime, 16 clients (16 connections) on \
+         a multi-thread runtime with 2 workers\n",
+        settings.duration.as_secs_f64(),
+        settings.repeats
+    );
+
+    println!("### Round trips per acquire+release pair\n");
+    println!("| depth | commands per pair | of which scripts |\n| ---: | ---: | ---: |");
+    for depth in [1, 3, 8] {
+        let (all, scripts) = runtime.block_on(async {
+            let backend = connect(format!("bench-rt-{depth}")).await.expect("connect");
+            count_commands(&url, &backend, depth).await
+        });
+        let per_pair = |n: u64| n as f64 / COUNTED_PAIRS as f64;
+        println!("| {depth} | {:.2} | {:.2} |", per_pair(all), per_pair(scripts));
+        eprintln!("depth {depth}: {:.2} commands per pair", per_pair(all));
+    }
+
+    let ceiling_1 = redis_benchmark(&host, port, 1);
+    let ceiling_16 = redis_benchmark(&host, port, 16);
+    println!("\n### Ceiling: `redis-benchmark -q -n 200000 -c N SET k v NX PX 10000`\n");
+    println!("| connections | requests/s |\n| ---: | ---: |\n| 1 | {ceiling_1:.0} |\n| 16 | {ceiling_16:.0} |\n");
+
+    println!("### Load generator\n");
+    let mut rows: Vec<(LoadSpec, LoadReport)> = Vec::new();
+    let mut shares = Vec::new();
+    let mut round = 0;
+    for clients in [1, 16] {
+        for (depth, scenario, background) in [
+            (3, Scenario::Siblings, 0),
+            (3, Scenario::Siblings, 10_000),
+            (3, Scenario::Siblings, 100_000),
+            (1, Scenario::Siblings, 0),
+            (8, Scenario::Siblings, 0),
+            (3, Scenario::Contended, 0),
+        ] {
+            if !settings.includes(&format!("c{clients}/d{depth}/{scenario}/b{background}")) {
+                continue;
+            }
+            let spec =
+                LoadSpec { clients, depth, scenario, background, duration: settings.duration, ..LoadSpec::default() };
+            let (report, spread) = settings.median(|| {
+                round += 1;
+                let runtime = load::runtime_for(clients);
+                runtime.block_on(async {
+                    let namespace = format!("bench-{round}-{:08x}", fastrand::u32(..));
+                    let mut backends: Vec<Arc<dyn LockBackend>> = Vec::new();
+                    for _ in 0..clients {
+                        backends.push(Arc::new(connect(namespace.clone()).await.expect("connect")));
+                    }
+                    load::run(&backends, &spec).await.unwrap_or_else(|error| panic!("load run {spec:?}: {error}"))
+                })
+            });
+            let ceiling = if clients == 1 { ceiling_1 } else { ceiling_16 };
+            let share = report.pairs_per_sec / ceiling * 100.0;
+            eprintln!(
+                "clients {clients:>2} depth {depth} {scenario:<9} background {background:>6}: {:>8.0} pairs/s \
+                 ({share:.0}% of redis-benchmark; runs: {spread})",
+                report.pairs_per_sec
+            );
+            shares.push(format!("| {clients} | {depth} | {scenario} | {background} | {share:.0}% |"));
+            rows.push((spec, report));
+        }
+    }
+    print!("{}", load::markdown_table(&rows));
+    println!("\n### Pairs/s as a share of `redis-benchmark` with as many connections\n");
+    println!("| clients | depth | scenario | background | share |\n| ---: | ---: | --- | ---: | ---: |");
+    for share in shares {
+        println!("{share}");
+    }
+}
+
+/// Runs [`COUNTED_PAIRS`] pairs at `depth` and returns how many commands the
+/// server executed meanwhile, and how many of them were scripts.
+async fn count_commands(url: &str, backend: &mutextree_redis::RedisBackend, depth: usize) -> (u64, u64) {
+    let path = LockPath::new((0..depth).map(|level| format!("n{level}"))).expect("path");
+    let request = LockRequest::new(path, Owner::random(), Ttl::new(Duration::from_secs(30)).expect("ttl"));
+    let pair = || async {
+        let grant = backend.try_grant(&request).await.expect("grant").granted().expect("free");
+        backend.release(&grant).await.expect("release");
+    };
+    // Loads the scripts (after NOSCRIPT) outside the count.
+    pair().await;
+    let mut raw = redis::Client::open(url).expect("url").get_multiplexed_async_connection().await.expect("connect");
+    let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query_async(&mut raw).await.expect("resetstat");
+    for _ in 0..COUNTED_PAIRS {
+        pair().await;
+    }
+    let stats: String = redis::cmd("INFO").arg("commandstats").query_async(&mut raw).await.expect("info");
+    let mut all = 0;
+    let mut scripts = 0;
+    for line in stats.lines() {
+        let Some((command, fields)) = line.strip_prefix("cmdstat_").and_then(|line| line.split_once(':')) else {
+            continue;
+        };
+        // The counting itself, and the subscription's keep-alive.
+        if matches!(command, "info" | "config" | "ping") {
+            continue;
+        }
+        let calls: u64 = fields
+            .split(',')
+            .find_map(|field| field.strip_prefix("calls="))
+            .and_then(|calls| calls.parse().ok())
+            .expect("calls= in commandstats");
+        all += calls;
+        if command.starts_with("eval") {
+            scripts += calls;
+        }
+    }
+    (all, scripts)
+}
+
+/// `redis-benchmark`'s requests/s for `SET k v NX PX 10000` over
+/// `connections` connections.
+fn redis_benchmark(host: &str, port: u16, connections: usize) -> f64 {
+    let output = Command::new("redis-benchmark")
+        .args(["-h", host, "-p", &port.to_string(), "-q", "-n", "200000", "-c", &connections.to_string()])
+        .args(["SET", "k", "v", "NX", "PX", "10000"])
+        .output()
+        .expect("redis-benchmark (Debian package redis-tools) runs");
+    let text = String::from_utf8_lossy(&output.stdout);
+    // The last report line: "SET k v NX PX 10000: 45045.05 requests per second, p50=..."
+    text.rsplit(['\r', '\n'])
+        .find_map(|line| line.split_once(": ").and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok()))
+        .unwrap_or_else(|| panic!("no requests/s in redis-benchmark's output:\n{text}"))
+}
+
+fn server_version(runtime: &tokio::runtime::Runtime, url: &str) -> String {
+    runtime.block_on(async {
+        let mut raw = redis::Client::open(url).expect("url").get_multiplexed_async_connection().await.expect("connect");
+        let info: String = redis::cmd("INFO").arg("server").query_async(&mut raw).await.expect("info");
+        info.lines()
+            .find_map(|line| line.strip_prefix("redis_version:"))
+            .map_or_else(|| "redis".to_owned(), |version| format!("Redis {}", version.trim()))
+    })
+}

@@ -1,0 +1,13 @@
+-- The live locks in a key range, in key order; changes nothing.
+-- ARGV: ZRANGEBYLEX bounds. Returns {key, owner, token, remaining ms, transient}...
+local out = {}
+for _, key in ipairs(redis.call('ZRANGEBYLEX', index, ARGV[1], ARGV[2])) do
+  local value = redis.call('HGET', locks, key)
+  if value then
+    local lock = decode(value)
+    if lock.deadline > now then
+      table.insert(out, { key, lock.owner, lock.token, lock.deadline - now, lock.transient })
+    end
+  end
+end
+return out

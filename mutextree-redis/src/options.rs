@@ -1,0 +1,346 @@
+//! Where the store is, how the namespace's keys are named, and how long to
+//! wait for the server: from a URL or built in code, checked before
+//! anything connects.
+
+use std::fmt;
+use std::time::Duration;
+
+use mutextree_core::{Error, Namespace};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClientBuilder;
+
+use crate::{store_error, Connection, RedisBackend, STORE};
+
+/// How to reach a Redis server or cluster, and which namespace to lock in.
+///
+/// ```
+/// # fn main() -> Result<(), mutextree_core::Error> {
+/// use std::time::Duration;
+/// use mutextree_redis::RedisOptions;
+///
+/// let options = RedisOptions::from_url("redis://127.0.0.1:6379/?namespace=billing")?
+///     .response_timeout(Duration::from_secs(1));
+/// assert_eq!(options.namespace_name(), "billing");
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct RedisOptions {
+    /// Connection URLs: the server, or the cluster's seed nodes.
+    nodes: Vec<String>,
+    cluster: bool,
+    namespace: Namespace,
+    key_prefix: String,
+    connection_timeout: Duration,
+    response_timeout: Duration,
+}
+
+/// The longest timeout accepted: longer ones are surely a unit mistake.
+const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+
+impl RedisOptions {
+    /// Options from a URL:
+    ///
+    /// * `redis://[user:password@]host[:port][/db]`, `rediss://...` (TLS,
+    ///   with the `tls` feature), `redis+unix:///path/to/socket`: one
+    ///   server;
+    /// * `redis+cluster://[user:password@]host:port[,host:port...]` (or
+    ///   `rediss+cluster://`): a cluster, from one or more of its nodes;
+    ///
+    /// and these query parameters, all optional:
+    ///
+    /// | parameter | default | meaning |
+    /// | --- | --- | --- |
+    /// | `namespace` | `mutextree` | whose locks: 1–100 of `A-Z a-z 0-9 _ . : -` |
+    /// | `key_prefix` | `mutextree` | the start of every key, same characters |
+    /// | `cluster` | `false` | `true`: a cluster, as with `redis+cluster://` |
+    /// | `connection_timeout` | `5s` | to open a connection, e.g. `500ms`, `2s` |
+    /// | `response_timeout` | `5s` | for each reply |
+    /// | `protocol` | `resp2` | passed to the redis crate (`resp3`) |
+    ///
+    /// Anything else is an error, so that a misspelt option is not ignored.
+    pub fn from_url(url: &str) -> Result<Self, Error> {
+        let (scheme, rest) =
+            url.split_once("://").ok_or_else(|| invalid(format!("{url:?} is not a URL (redis://host:port)")))?;
+        let (address, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let mut options = RedisOptions {
+            nodes: Vec::new(),
+            cluster: false,
+            namespace: Namespace::default(),
+            key_prefix: "mutextree".to_owned(),
+            connection_timeout: Duration::from_secs(5),
+            response_timeout: Duration::from_secs(5),
+        };
+        let mut passed_on = Vec::new();
+        for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
+            match &*name {
+                "namespace" => options = options.namespace(&value)?,
+                "key_prefix" => options = options.key_prefix(&value)?,
+                "cluster" => {
+                    options.cluster = match &*value {
+                        "true" | "1" | "yes" => true,
+                        "false" | "0" | "no" => false,
+                        _ => return Err(invalid(format!("cluster={value:?}: write true or false"))),
+                    }
+                }
+                "connection_timeout" => options.connection_timeout = timeout(&name, &value)?,
+                "response_timeout" => options.response_timeout = timeout(&name, &value)?,
+                "protocol" => passed_on.push(format!("protocol={value}")),
+                _ => {
+                    return Err(invalid(format!(
+                        "unknown URL parameter {name:?}: the known ones are namespace, key_prefix, cluster, \
+                         connection_timeout, response_timeout and protocol"
+                    )))
+                }
+            }
+        }
+        let query = if passed_on.is_empty() { String::new() } else { format!("?{}", passed_on.join("&")) };
+        let plain_scheme = match scheme {
+            "redis+cluster" | "rediss+cluster" => {
+                options.cluster = true;
+                &scheme[..scheme.len() - "+cluster".len()]
+            }
+            "redis" | "rediss" | "redis+unix" | "unix" => scheme,
+            _ => {
+                return Err(invalid(format!(
+                    "unknown scheme {scheme:?}: use redis://, rediss://, redis+unix:// or redis+cluster://"
+                )))
+            }
+        };
+        if plain_scheme == "rediss" && !cfg!(feature = "tls") {
+            return Err(invalid("rediss:// needs TLS: enable the `tls` feature of mutextree-redis".to_owned()));
+        }
+        let (authority, path) = match address.find('/') {
+            Some(at) if !scheme.contains("unix") => address.split_at(at),
+            _ => (address, ""),
+        };
+        let (user, hosts) = match authority.rsplit_once('@') {
+            Some((user, hosts)) => (format!("{user}@"), hosts),
+            None => (String::new(), authority),
+        };
+        options.nodes = if scheme.contains("unix") {
+            vec![format!("{scheme}://{address}{query}")]
+        } else {
+            hosts.split(',').map(|host| format!("{plain_scheme}://{user}{host}{path}{query}")).collect()
+        };
+        for node in &options.nodes {
+            let parsed = url::Url::parse(node).map_err(|e| invalid(format!("{}: {e}", redacted(node))))?;
+            if !scheme.contains("unix") && parsed.host_str().is_none_or(str::is_empty) {
+                return Err(invalid(format!("{} names no host", redacted(node))));
+            }
+        }
+        if options.nodes.len() > 1 && !options.cluster {
+            return Err(invalid("several hosts are for a cluster: use redis+cluster://".to_owned()));
+        }
+        Ok(options)
+    }
+
+    /// The namespace to lock in (`mutextree` by default).
+    pub fn namespace(mut self, name: &str) -> Result<Self, Error> {
+        self.namespace = Namespace::new(name)?;
+        Ok(self)
+    }
+
+    /// The start of every key (`mutextree` by default): keys are
+    /// `<prefix>:{<namespace>}:locks` and so on.
+    pub fn key_prefix(mut self, prefix: &str) -> Result<Self, Error> {
+        // The namespace's rules keep braces (the hash tag) out.
+        Namespace::new(prefix).map_err(|_| {
+            invalid(format!(
+                "key prefix {prefix:?} must be 1 to 100 of A-Z a-z 0-9 _ . : - (braces would break the namespace's \
+                 hash tag)"
+            ))
+        })?;
+        self.key_prefix = prefix.to_owned();
+        Ok(self)
+    }
+
+    /// How long opening a connection may take (5 s by default).
+    pub fn connection_timeout(mut self, timeout: Duration) -> Self {
+        self.connection_timeout = timeout.clamp(Duration::from_millis(1), MAX_TIMEOUT);
+        self
+    }
+
+    /// How long each reply may take (5 s by default); a call that times
+    /// out fails with a retryable store error.
+    pub fn response_timeout(mut self, timeout: Duration) -> Self {
+        self.response_timeout = timeout.clamp(Duration::from_millis(1), MAX_TIMEOUT);
+        self
+    }
+
+    /// The namespace's name.
+    pub fn namespace_name(&self) -> &str {
+        self.namespace.as_str()
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.key_prefix
+    }
+
+    /// Whether the store is a cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster
+    }
+
+    /// Connects: one multiplexed connection for the scripts (reconnecting
+    /// by itself), and a subscription for wake-ups opened in the
+    /// background.
+    pub async fn connect(&self) -> Result<RedisBackend, Error> {
+        RedisBackend::open(self.clone()).await
+    }
+
+    /// One plain client per node, for the subscription (in a cluster, a
+    /// plain `PUBLISH` reaches the subscribers of every node).
+    pub(crate) fn node_clients(&self) -> Result<Vec<redis::Client>, Error> {
+        install_tls_provider();
+        self.nodes.iter().map(|node| redis::Client::open(node.as_str()).map_err(store_error)).collect()
+    }
+
+    pub(crate) fn connection_timeout_value(&self) -> Duration {
+        self.connection_timeout
+    }
+
+    pub(crate) fn response_timeout_value(&self) -> Duration {
+        self.response_timeout
+    }
+
+    pub(crate) async fn connection(&self) -> Result<Connection, Error> {
+        install_tls_provider();
+        let opened = async {
+            if self.cluster {
+                let client = ClusterClientBuilder::new(self.nodes.clone())
+                    .connection_timeout(self.connection_timeout)
+                    .response_timeout(self.response_timeout)
+                    .build()
+                    .map_err(store_error)?;
+                client.get_async_connection().await.map(Connection::Cluster).map_err(store_error)
+            } else {
+                let client = redis::Client::open(self.nodes[0].as_str()).map_err(store_error)?;
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(self.connection_timeout))
+                    .set_response_timeout(Some(self.response_timeout))
+                    .set_number_of_retries(1);
+                ConnectionManager::new_with_config(client, config)
+                    .await
+                    .map(Connection::Standalone)
+                    .map_err(store_error)
+            }
+        };
+        // Bounds the client's own retries, so an unreachable server is an
+        // error within a few connection timeouts.
+        tokio::time::timeout(self.connection_timeout * 3, opened).await.unwrap_or_else(|_| {
+            Err(Error::store_message(
+                STORE,
+                true,
+                format!("could not connect to {} within {:?}", self.describe_nodes(), self.connection_timeout * 3),
+            ))
+        })
+    }
+
+    fn describe_nodes(&self) -> String {
+        self.nodes.iter().map(|node| redacted(node)).collect::<Vec<_>>().join(", ")
+    }
+}
+
+impl fmt::Debug for RedisOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisOptions")
+            .field("nodes", &self.describe_nodes())
+            .field("cluster", &self.cluster)
+            .field("namespace", &self.namespace.as_str())
+            .field("key_prefix", &self.key_prefix)
+            .field("connection_timeout", &self.connection_timeout)
+            .field("response_timeout", &self.response_timeout)
+            .finish()
+    }
+}
+
+/// A URL with its password hidden, for messages.
+fn redacted(url: &str) -> String {
+    match url.split_once("://").and_then(|(scheme, rest)| Some((scheme, rest.split_once('@')?))) {
+        Some((scheme, (user, rest))) => {
+            let user = user.split_once(':').map_or(user, |(name, _)| name);
+            format!("{scheme}://{user}:***@{rest}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+fn invalid(reason: String) -> Error {
+    Error::InvalidConfig { store: STORE, reason }
+}
+
+/// `500ms`, `2s` or `1.5s`, between 1 ms and an hour.
+fn timeout(name: &str, text: &str) -> Result<Duration, Error> {
+    let parsed = if let Some(millis) = text.strip_suffix("ms") {
+        millis.trim().parse::<u64>().ok().map(Duration::from_millis)
+    } else if let Some(secs) = text.strip_suffix('s') {
+        secs.trim().parse::<f64>().ok().and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+    } else {
+        None
+    };
+    parsed
+        .filter(|d| *d >= Duration::from_millis(1) && *d <= MAX_TIMEOUT)
+        .ok_or_else(|| invalid(format!("{name}={text:?}: write a duration between 1ms and 3600s, such as 500ms or 2s")))
+}
+
+/// rustls needs a process-wide crypto provider; ring is the one this crate
+/// builds with. Installing twice is harmless (the first one stays).
+fn install_tls_provider() {
+    #[cfg(feature = "tls")]
+    {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let options =
+            RedisOptions::from_url("redis://127.0.0.1:6379/2?namespace=app&response_timeout=250ms").expect("valid");
+        assert_eq!(options.nodes, ["redis://127.0.0.1:6379/2"]);
+        assert_eq!(options.namespace_name(), "app");
+        assert_eq!(options.response_timeout, Duration::from_millis(250));
+        assert!(!options.is_cluster());
+
+        let cluster =
+            RedisOptions::from_url("redis+cluster://u:pw@10.0.0.1:7000,10.0.0.2:7001?key_prefix=locks&protocol=resp3")
+                .expect("valid");
+        assert!(cluster.is_cluster());
+        assert_eq!(
+            cluster.nodes,
+            ["redis://u:pw@10.0.0.1:7000?protocol=resp3", "redis://u:pw@10.0.0.2:7001?protocol=resp3"]
+        );
+        assert_eq!(cluster.prefix(), "locks");
+        assert!(!format!("{cluster:?}").contains("pw"), "{cluster:?}");
+
+        let seeded = RedisOptions::from_url("redis://h:7000?cluster=true&connection_timeout=1.5s").expect("valid");
+        assert!(seeded.is_cluster());
+        assert_eq!(seeded.connection_timeout, Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn bad_urls_say_what_is_wrong() {
+        for (url, says) in [
+            ("localhost:6379", "not a URL"),
+            ("http://h", "unknown scheme"),
+            ("redis://h?namespace=a{b}", "namespace"),
+            ("redis://h?namespace=", "namespace"),
+            ("redis://h?key_prefix=%7Bx%7D", "hash tag"),
+            ("redis://h?namepsace=x", "unknown URL parameter"),
+            ("redis://h?response_timeout=5", "500ms or 2s"),
+            ("redis://h?connection_timeout=0ms", "between 1ms"),
+            ("redis://h?cluster=maybe", "true or false"),
+            ("redis://a:1,b:2", "redis+cluster://"),
+            ("redis+cluster://", "no host"),
+        ] {
+            let error = RedisOptions::from_url(url).expect_err(url);
+            assert!(error.to_string().contains(says), "{url}: {error}");
+        }
+        #[cfg(not(feature = "tls"))]
+        assert!(RedisOptions::from_url("rediss://h").expect_err("no tls").to_string().contains("`tls` feature"));
+    }
+}

@@ -1,0 +1,286 @@
+//! What is particular to Redis: the script cache, the index of held locks,
+//! many locks held, a restart, and the cluster's hash slots.
+
+mod common;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::Redis;
+use conformance::harness::{temp_dir, RunningServer};
+use conformance::oracle::Oracle;
+use futures::{stream, StreamExt};
+use mutextree_core::{Attempt, Error, LockBackend, LockPath, LockRequest, Owner, TreeLock, Ttl};
+use mutextree_redis::{RedisBackend, RedisOptions};
+use tokio::sync::Notify;
+
+fn namespace() -> String {
+    format!("test-{:016x}", fastrand::u64(..))
+}
+
+fn request(path: &str, ttl: Duration) -> LockRequest {
+    LockRequest::new(LockPath::parse(path).expect("path"), Owner::random(), Ttl::new(ttl).expect("ttl"))
+}
+
+async fn grant(backend: &RedisBackend, path: &str, ttl: Duration) -> Attempt {
+    backend.try_grant(&request(path, ttl)).await.expect("the store answers")
+}
+
+/// A plain connection to the shared standalone server, to look behind the
+/// backend's back.
+async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url).expect("url").get_multiplexed_async_connection().await.expect("connect")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushed_scripts_are_sent_again() {
+    let store = Redis::standalone();
+    let backend = store.backend(&namespace()).await.expect("connect");
+    let mut raw = raw(store.url()).await;
+    for round in 0..3 {
+        let held = grant(&backend, "A/B", Duration::from_secs(30)).await.granted().expect("free");
+        let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut raw).await.expect("flush");
+        assert!(
+            matches!(grant(&backend, "A", Duration::from_secs(30)).await, Attempt::Blocked(ref b) if b.path == held.path),
+            "round {round}: the grant script, sent again, still sees A/B"
+        );
+        let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut raw).await.expect("flush");
+        backend.release(&held).await.expect("the release script is sent again too");
+        let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut raw).await.expect("flush");
+        assert!(backend.list(None).await.expect("list").is_empty());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_entries_of_expired_locks_never_block_and_are_removed() {
+    let store = Redis::standalone();
+    let backend = store.backend(&namespace()).await.expect("connect");
+    let [locks, index, expiry, _] = <[String; 4]>::try_from(backend.keys().to_vec()).expect("four keys");
+    let mut raw = raw(store.url()).await;
+    // All at once, so that none expires before the last is granted (each
+    // grant sweeps expired locks).
+    let short = Duration::from_secs(2);
+    let paths = (0..40).map(|leaf| format!("A/B/leaf-{leaf}")).chain(["X".to_owned()]);
+    let granted = futures::future::join_all(paths.map(|path| {
+        let backend = backend.clone();
+        async move { grant(&backend, &path, short).await.granted() }
+    }))
+    .await;
+    assert!(granted.iter().all(Option::is_some));
+    // Nothing removes them before someone looks: they are past their
+    // deadline, still in the index.
+    tokio::time::sleep(short + Duration::from_millis(100)).await;
+    let indexed: usize = redis::cmd("ZCARD").arg(&index).query_async(&mut raw).await.expect("zcard");
+    assert_eq!(indexed, 41);
+
+    // The subtree check meets the expired descendants, ignores and removes them.
+    let root = grant(&backend, "A", Duration::from_secs(30)).await.granted().expect("expired locks do not block");
+    let under_a: Vec<String> =
+        redis::cmd("ZRANGEBYLEX").arg(&index).arg("[A/").arg("(A0").query_async(&mut raw).await.expect("range");
+    assert_eq!(under_a, ["A/"], "only the new lock is left under A");
+    // The bounded sweep removes the other expired lock (X) on a later grant.
+    backend.release(&root).await.expect("release");
+    grant(&backend, "Y", Duration::from_secs(30)).await.granted().expect("free");
+    for key in [&locks, &expiry, &index] {
+        let kind: String = redis::cmd("TYPE").arg(key).query_async(&mut raw).await.expect("type");
+        let size: usize = redis::cmd(if kind == "hash" { "HLEN" } else { "ZCARD" })
+            .arg(key)
+            .query_async(&mut raw)
+            .await
+            .expect("size");
+        assert_eq!(size, 1, "{key} holds only the live lock Y");
+    }
+}
+
+/// The outcomes of a fixed sequence of grants and releases on one
+/// namespace, as text.
+async fn scripted_outcomes(backend: &RedisBackend) -> Vec<String> {
+    let ttl = Duration::from_secs(60);
+    let mut outcomes = Vec::new();
+    let mut held = Vec::new();
+    for path in ["work/a", "work/a/b", "work", "work/c/d", "work/c", "work/e", "bg", "bg/g0/new", "bg/g0/n0"] {
+        match grant(backend, path, ttl).await {
+            Attempt::Granted(grant) => {
+                outcomes.push(format!("{path}: granted"));
+                held.push(grant);
+            }
+            Attempt::Blocked(blocker) => outcomes.push(format!("{path}: blocked by {}", blocker.path)),
+        }
+    }
+    for grant in held {
+        backend.release(&grant).await.expect("release");
+    }
+    outcomes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_thousand_held_locks_change_no_outcome() {
+    const HELD: usize = 100_000;
+    let store = Redis::standalone();
+    let quiet = store.backend(&namespace()).await.expect("connect");
+    // The same background in both namespaces but one: bg/g0/n0 alone, and
+    // then 100k of them.
+    grant(&quiet, "bg/g0/n0", Duration::from_secs(600)).await.granted().expect("free");
+    let expected = scripted_outcomes(&quiet).await;
+
+    let busy = store.backend(&namespace()).await.expect("connect");
+    let granted = stream::iter(0..HELD)
+        .map(|n| {
+            let busy = busy.clone();
+            async move { grant(&busy, &format!("bg/g{}/n{}", n / 1000, n % 1000), Duration::from_secs(600)).await }
+        })
+        .buffer_unordered(256)
+        .filter(|attempt| std::future::ready(matches!(attempt, Attempt::Granted(_))))
+        .count()
+        .await;
+    assert_eq!(granted, HELD);
+    assert_eq!(scripted_outcomes(&busy).await, expected);
+    assert_eq!(busy.list(Some(&LockPath::parse("bg/g99").expect("path"))).await.expect("list").len(), 1000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespace_keys_share_one_cluster_slot() {
+    let store = Redis::cluster();
+    let mut slots = Vec::new();
+    for namespace in ["a", "b", "app:locks-1.2_b", "x.y"] {
+        let backend = store.backend(namespace).await.expect("connect");
+        let url = format!(
+            "redis://{}/",
+            store.url().trim_start_matches("redis+cluster://").split(',').next().expect("a node")
+        );
+        let mut raw = raw(&url).await;
+        let mut of_namespace = Vec::new();
+        for key in backend.keys() {
+            let slot: u16 = redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).query_async(&mut raw).await.expect("slot");
+            of_namespace.push(slot);
+        }
+        assert!(of_namespace.iter().all(|slot| *slot == of_namespace[0]), "{namespace}: {of_namespace:?}");
+        slots.push(of_namespace[0]);
+        // And the scripts run there: no CROSSSLOT.
+        let held = grant(&backend, "A/B", Duration::from_secs(5)).await.granted().expect("free");
+        backend.release(&held).await.expect("release");
+    }
+    assert!(slots.windows(2).any(|pair| pair[0] != pair[1]), "namespaces spread over slots: {slots:?}");
+    for bad in ["", "{", "}", "a}b", "{x}"] {
+        let error = RedisOptions::from_url(store.url()).expect("url").namespace(bad).expect_err(bad);
+        assert!(matches!(error, Error::InvalidNamespace { .. }), "{bad:?}: {error}");
+        assert!(error.to_string().contains("namespace"), "{error}");
+    }
+}
+
+/// Outcomes of the workers of the restart test.
+#[derive(Default)]
+struct Tally {
+    granted: AtomicU64,
+    errors: AtomicU64,
+    changed: Notify,
+}
+
+impl Tally {
+    async fn wait_until(&self, condition: impl Fn(&Tally) -> bool) {
+        loop {
+            let changed = self.changed.notified();
+            if condition(self) {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
+fn persistent_server(port: Option<u16>, data: &Path) -> RunningServer {
+    let extra = ["--appendonly", "yes", "--appendfsync", "always"];
+    match port {
+        None => common::own_server(&extra, data).expect("redis-server"),
+        Some(port) => {
+            let binary = common::SPEC.find_binary().expect("redis-server");
+            let dir = temp_dir("redis").expect("temp dir");
+            let mut args = common::server_args(port, &dir, &extra);
+            args.push("--dir".into());
+            args.push(data.as_os_str().to_owned());
+            let mut server = RunningServer::spawn(&binary, args, port, dir).expect("spawn");
+            server.wait_until_listening(Duration::from_secs(30)).expect("listening");
+            server
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_gives_errors_then_recovery_and_never_two_holders() {
+    let data = temp_dir("redis-data").expect("temp dir");
+    let server = persistent_server(None, &data);
+    let port = server.port;
+    let url = format!("redis://127.0.0.1:{port}/?response_timeout=500ms&connection_timeout=500ms");
+    let namespace = namespace();
+    let connect = || async { RedisOptions::from_url(&url)?.namespace(&namespace)?.connect().await };
+    let keeper: Arc<dyn LockBackend> = Arc::new(connect().await.expect("connect"));
+    let kept = TreeLock::builder(keeper.clone(), "site/rack-1").ttl(Duration::from_secs(60)).build().expect("lock");
+    kept.try_acquire().await.expect("free");
+
+    let oracle = Arc::new(Oracle::new());
+    let tally = Arc::new(Tally::default());
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let paths: Vec<LockPath> = ["site", "site/rack-2", "site/rack-2/host-1", "site/rack-2/host-2", "site/rack-3"]
+        .iter()
+        .map(|p| LockPath::parse(p).expect("path"))
+        .collect();
+    let mut workers = Vec::new();
+    for _ in 0..6 {
+        let (oracle, tally, stop, paths) = (oracle.clone(), tally.clone(), stop.clone(), paths.clone());
+        let backend: Arc<dyn LockBackend> = Arc::new(connect().await.expect("connect"));
+        workers.push(tokio::spawn(async move {
+            let stopped = stop.notified();
+            tokio::pin!(stopped);
+            loop {
+                let path = &paths[fastrand::usize(..paths.len())];
+                let lock = TreeLock::builder(backend.clone(), path).ttl(Duration::from_secs(5)).build().expect("lock");
+                let attempt = tokio::select! {
+                    () = &mut stopped => return,
+                    attempt = lock.try_acquire() => attempt,
+                };
+                match attempt {
+                    Ok(grant) => {
+                        oracle.enter(&grant);
+                        tokio::task::yield_now().await;
+                        oracle.exit(&grant);
+                        // A release lost in the outage leaves the lock to its ttl.
+                        let _ = lock.release().await;
+                        tally.granted.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(Error::Refused { .. }) => tokio::task::yield_now().await,
+                    Err(Error::Store { retryable: true, .. }) => {
+                        tally.errors.fetch_add(1, Ordering::SeqCst);
+                        // A pause between attempts while the server is down, not a spin.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Err(other) => panic!("unexpected error: {other}"),
+                }
+                tally.changed.notify_waiters();
+            }
+        }));
+    }
+
+    tally.wait_until(|t| t.granted.load(Ordering::SeqCst) >= 200).await;
+    server.stop();
+    tally.wait_until(|t| t.errors.load(Ordering::SeqCst) >= 6).await;
+    let server = persistent_server(Some(port), &data);
+    let granted_before = tally.granted.load(Ordering::SeqCst);
+    tally.wait_until(|t| t.granted.load(Ordering::SeqCst) >= granted_before + 200).await;
+    stop.notify_waiters();
+    for worker in workers {
+        worker.await.expect("worker");
+    }
+    oracle.assert_clean();
+
+    // The lock granted before the restart is still there (appendfsync
+    // always), still refuses overlapping paths, and is released by its holder.
+    let other = connect().await.expect("connect");
+    assert!(
+        matches!(grant(&other, "site", Duration::from_secs(1)).await, Attempt::Blocked(b) if b.path == *kept.path())
+    );
+    kept.release().await.expect("the holder releases after the restart");
+    server.stop();
+    let _ = std::fs::remove_dir_all(&data);
+}
