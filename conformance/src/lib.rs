@@ -57,6 +57,7 @@
 //! * [`cancel`]: every await point of acquire, release and refresh cancelled
 //!   or failed, through a fault-gated backend.
 //! * [`harness`]: starting real store servers for the tests.
+//! * [`servers`]: each store's server as every crate's tests start it.
 //! * [`load`]: the load generator behind every store's benchmark.
 
 use std::future::Future;
@@ -77,6 +78,7 @@ pub mod harness;
 pub mod load;
 pub mod model;
 pub mod oracle;
+pub mod servers;
 
 /// The store under test, as the suite needs it.
 #[async_trait]

@@ -18,9 +18,6 @@
 //! [`BenchSettings`](conformance::load::BenchSettings) apply; a row's label
 //! is `c{clients}/d{depth}/{scenario}/b{background}`.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,7 +31,7 @@ const COUNTED_PAIRS: u64 = 1000;
 
 fn main() {
     let settings = BenchSettings::from_env();
-    let url = common::standalone_url();
+    let url = conformance::servers::redis_url();
     let address = url::Url::parse(&url).expect("a redis:// URL");
     let host = address.host_str().unwrap_or("127.0.0.1").to_owned();
     let port = address.port().unwrap_or(6379);

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use common::Redis;
 use conformance::harness::{temp_dir, RunningServer};
+use conformance::servers;
 use conformance::oracle::Oracle;
 use futures::{stream, StreamExt};
 use mutextree_core::{Attempt, Error, LockBackend, LockPath, LockRequest, Owner, TreeLock, Ttl};
@@ -191,20 +192,7 @@ impl Tally {
 }
 
 fn persistent_server(port: Option<u16>, data: &Path) -> RunningServer {
-    let extra = ["--appendonly", "yes", "--appendfsync", "always"];
-    match port {
-        None => common::own_server(&extra, data).expect("redis-server"),
-        Some(port) => {
-            let binary = common::SPEC.find_binary().expect("redis-server");
-            let dir = temp_dir("redis").expect("temp dir");
-            let mut args = common::server_args(port, &dir, &extra);
-            args.push("--dir".into());
-            args.push(data.as_os_str().to_owned());
-            let mut server = RunningServer::spawn(&binary, args, port, dir).expect("spawn");
-            server.wait_until_listening(Duration::from_secs(30)).expect("listening");
-            server
-        }
-    }
+    servers::own_redis(port, &["--appendonly", "yes", "--appendfsync", "always"], data).expect("redis-server")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
