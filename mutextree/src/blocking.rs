@@ -46,6 +46,13 @@ fn block_on<F: Future>(future: F) -> F::Output {
     runtime().block_on(future)
 }
 
+/// Connects to the store a URL names (see [`crate::connect`]), on the
+/// blocking API's runtime, which then also runs the store's background
+/// work (its subscription for wake-ups, reconnection).
+pub fn connect(url: &str) -> Result<Arc<dyn LockBackend>, Error> {
+    block_on(crate::connect(url))
+}
+
 /// A blocking [`crate::TreeLock`]: same configuration, same defaults (30 s
 /// ttl, random owner, no waiting), same errors.
 #[derive(Debug, Clone)]

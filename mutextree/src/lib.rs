@@ -3,6 +3,9 @@
 pub use mutextree_core::*;
 
 pub mod blocking;
+mod connect;
+
+pub use connect::connect;
 
 /// The in-process store (feature `memory`, on by default).
 #[cfg(feature = "memory")]

@@ -1,20 +1,51 @@
-//! The blocking handle on the memory store, from plain threads.
+//! The blocking handle from plain threads, on every store this build has:
+//! the same tests, one module per store.
 
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use mutextree::memory::MemoryBackend;
 use mutextree::{blocking, Error, LockBackend, TreeLock};
 
-fn store() -> Arc<dyn LockBackend> {
-    Arc::new(MemoryBackend::new())
+/// Each store's module: its `store()` (a fresh namespace) and every test.
+macro_rules! on_store {
+    ($name:ident, $store:expr) => {
+        mod $name {
+            fn store() -> std::sync::Arc<dyn mutextree::LockBackend> {
+                $store
+            }
+
+            #[test]
+            fn the_guard_releases_when_dropped() {
+                super::the_guard_releases_when_dropped(store());
+            }
+
+            #[test]
+            fn run_releases_after_the_work_and_after_a_panic() {
+                super::run_releases_after_the_work_and_after_a_panic(store());
+            }
+
+            #[test]
+            fn a_waiter_on_another_thread_gets_the_lock_on_release() {
+                super::a_waiter_on_another_thread_gets_the_lock_on_release(store());
+            }
+        }
+    };
 }
 
-#[test]
-fn the_guard_releases_when_dropped() {
-    let store = store();
+/// A store's URL with a fresh namespace.
+#[allow(dead_code)] // Unused when no network store is enabled.
+fn fresh(url: &str) -> Arc<dyn LockBackend> {
+    let separator = if url.contains('?') { '&' } else { '?' };
+    blocking::connect(&format!("{url}{separator}namespace=blocking-{:016x}", fastrand::u64(..))).expect("connect")
+}
+
+on_store!(memory, std::sync::Arc::new(mutextree::memory::MemoryBackend::new()));
+#[cfg(feature = "redis")]
+on_store!(redis, super::fresh(&conformance::servers::redis_url()));
+
+fn the_guard_releases_when_dropped(store: Arc<dyn LockBackend>) {
     let rack = blocking::TreeLock::new(store.clone(), "dc/rack").expect("lock");
     let host = blocking::TreeLock::new(store, "dc/rack/host").expect("lock");
     {
@@ -27,9 +58,7 @@ fn the_guard_releases_when_dropped() {
     assert!(matches!(host.release(), Err(Error::NotHeld { .. })));
 }
 
-#[test]
-fn run_releases_after_the_work_and_after_a_panic() {
-    let store = store();
+fn run_releases_after_the_work_and_after_a_panic(store: Arc<dyn LockBackend>) {
     let lock = blocking::TreeLock::new(store.clone(), "a").expect("lock");
     assert_eq!(lock.run(|_| 7).expect("run"), 7);
     assert!(!lock.locked().expect("locked"));
@@ -38,9 +67,7 @@ fn run_releases_after_the_work_and_after_a_panic() {
     assert!(!lock.locked().expect("locked"), "released while unwinding");
 }
 
-#[test]
-fn a_waiter_on_another_thread_gets_the_lock_on_release() {
-    let store = store();
+fn a_waiter_on_another_thread_gets_the_lock_on_release(store: Arc<dyn LockBackend>) {
     let holder = blocking::TreeLock::new(store.clone(), "a/b").expect("lock");
     let guard = holder.lock().expect("free");
     let waiter: blocking::TreeLock =
