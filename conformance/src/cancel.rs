@@ -164,6 +164,10 @@ impl LockBackend for Gated {
     fn listen(&self, path: &LockPath) -> Listener {
         self.inner.listen(path)
     }
+
+    fn round_trips(&self) -> Option<u64> {
+        self.inner.round_trips()
+    }
 }
 
 #[derive(Clone, Copy, Debug)]

@@ -30,10 +30,8 @@ const REDIS_CLI: ServerSpec = ServerSpec { binary: "redis-cli", install: "apt-ge
 /// The command line of a test Redis server: loopback only, no snapshots,
 /// and whatever `extra` adds (later arguments win).
 pub fn redis_args(port: u16, dir: &Path, extra: &[&str]) -> Vec<OsString> {
-    let mut args: Vec<OsString> = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--port"]
-        .iter()
-        .map(OsString::from)
-        .collect();
+    let mut args: Vec<OsString> =
+        ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--port"].iter().map(OsString::from).collect();
     args.push(port.to_string().into());
     args.push("--dir".into());
     args.push(dir.as_os_str().to_owned());

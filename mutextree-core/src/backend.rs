@@ -78,6 +78,13 @@ pub trait LockBackend: Send + Sync + fmt::Debug {
         let _ = path;
         Listener::polling()
     }
+
+    /// How many requests this client has sent to its store so far, for
+    /// stores that count them (a benchmark's round trips per operation);
+    /// `None` for a store without requests or without a count.
+    fn round_trips(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// A store seen through the seed's stepwise algorithm: tree grants go
@@ -124,5 +131,9 @@ impl<B: LockBackend + ?Sized> LockBackend for Stepwise<B> {
 
     fn listen(&self, path: &LockPath) -> Listener {
         self.inner.listen(path)
+    }
+
+    fn round_trips(&self) -> Option<u64> {
+        self.inner.round_trips()
     }
 }

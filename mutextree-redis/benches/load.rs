@@ -4,9 +4,9 @@
 //! `cargo bench -p mutextree-redis --bench load` starts a `redis-server` (or
 //! uses `MUTEXTREE_REDIS_URL`) and prints, as Markdown:
 //!
-//! 1. the commands the server executed per acquire+release pair at depth 1,
-//!    3 and 8, from `INFO commandstats` (the round trips: every call is
-//!    one script);
+//! 1. the round trips per acquire+release pair at depth 1, 3 and 8: the
+//!    script calls the server executed (`INFO commandstats`, `eval*`), and
+//!    the requests the client sent (`LockBackend::round_trips`);
 //! 2. `redis-benchmark -c 1` and `-c 16` for `SET k v NX PX 10000`: one
 //!    round trip per request, the ceiling (a pair is two round trips, so
 //!    half of it is the physical limit);
@@ -54,15 +54,15 @@ fn main() {
     );
 
     println!("### Round trips per acquire+release pair\n");
-    println!("| depth | commands per pair | of which scripts |\n| ---: | ---: | ---: |");
+    println!("| depth | scripts run by the server | requests sent by the client |\n| ---: | ---: | ---: |");
     for depth in [1, 3, 8] {
-        let (all, scripts) = runtime.block_on(async {
+        let (scripts, sent) = runtime.block_on(async {
             let backend = connect(format!("bench-rt-{depth}")).await.expect("connect");
-            count_commands(&url, &backend, depth).await
+            count_round_trips(&url, &backend, depth).await
         });
         let per_pair = |n: u64| n as f64 / COUNTED_PAIRS as f64;
-        println!("| {depth} | {:.2} | {:.2} |", per_pair(all), per_pair(scripts));
-        eprintln!("depth {depth}: {:.2} commands per pair", per_pair(all));
+        println!("| {depth} | {:.2} | {:.2} |", per_pair(scripts), per_pair(sent));
+        eprintln!("depth {depth}: {:.2} scripts, {:.2} requests per pair", per_pair(scripts), per_pair(sent));
     }
 
     let ceiling_1 = redis_benchmark(&host, port, 1);
@@ -119,44 +119,40 @@ fn main() {
     }
 }
 
-/// Runs [`COUNTED_PAIRS`] pairs at `depth` and returns how many commands the
-/// server executed meanwhile, and how many of them were scripts.
-async fn count_commands(url: &str, backend: &mutextree_redis::RedisBackend, depth: usize) -> (u64, u64) {
+/// Runs [`COUNTED_PAIRS`] pairs at `depth` and returns how many scripts
+/// the server ran meanwhile (`eval*` in `INFO commandstats`; the commands
+/// a script runs inside are counted apart, as their own names) and how many
+/// requests the client sent.
+async fn count_round_trips(url: &str, backend: &mutextree_redis::RedisBackend, depth: usize) -> (u64, u64) {
     let path = LockPath::new((0..depth).map(|level| format!("n{level}"))).expect("path");
     let request = LockRequest::new(path, Owner::random(), Ttl::new(Duration::from_secs(30)).expect("ttl"));
     let pair = || async {
         let grant = backend.try_grant(&request).await.expect("grant").granted().expect("free");
         backend.release(&grant).await.expect("release");
     };
-    // Loads the scripts (after NOSCRIPT) outside the count.
+    // Caches the scripts (after NOSCRIPT) outside the count.
     pair().await;
     let mut raw = redis::Client::open(url).expect("url").get_multiplexed_async_connection().await.expect("connect");
     let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query_async(&mut raw).await.expect("resetstat");
+    let sent_before = backend.round_trips().expect("the Redis store counts its requests");
     for _ in 0..COUNTED_PAIRS {
         pair().await;
     }
+    let sent = backend.round_trips().expect("counted") - sent_before;
     let stats: String = redis::cmd("INFO").arg("commandstats").query_async(&mut raw).await.expect("info");
-    let mut all = 0;
-    let mut scripts = 0;
-    for line in stats.lines() {
-        let Some((command, fields)) = line.strip_prefix("cmdstat_").and_then(|line| line.split_once(':')) else {
-            continue;
-        };
-        // The counting itself, and the subscription's keep-alive.
-        if matches!(command, "info" | "config" | "ping") {
-            continue;
-        }
-        let calls: u64 = fields
-            .split(',')
-            .find_map(|field| field.strip_prefix("calls="))
-            .and_then(|calls| calls.parse().ok())
-            .expect("calls= in commandstats");
-        all += calls;
-        if command.starts_with("eval") {
-            scripts += calls;
-        }
-    }
-    (all, scripts)
+    let scripts = stats
+        .lines()
+        .filter_map(|line| line.strip_prefix("cmdstat_eval"))
+        .filter_map(|line| line.split_once(':'))
+        .map(|(_, fields)| {
+            fields
+                .split(',')
+                .find_map(|field| field.strip_prefix("calls="))
+                .and_then(|calls| calls.parse::<u64>().ok())
+                .expect("calls= in commandstats")
+        })
+        .sum();
+    (scripts, sent)
 }
 
 /// `redis-benchmark`'s requests/s for `SET k v NX PX 10000` over

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ use mutextree_core::{
 };
 use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
-use redis::{RedisError, RetryMethod, Script, ScriptInvocation, Value};
+use redis::{Cmd, ErrorKind, RedisError, Script, ServerErrorKind, ToRedisArgs, Value};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -22,26 +23,54 @@ pub use options::RedisOptions;
 /// The store's name in errors.
 const STORE: &str = "redis";
 
-/// The scripts, each one atomic step in one round trip. `EVALSHA` first;
-/// the redis crate sends the source again after `NOSCRIPT` (a restart, a
-/// failover, `SCRIPT FLUSH`).
-struct Scripts {
-    grant: Script,
-    release: Script,
-    refresh: Script,
-    list: Script,
+/// One Lua script: the shared prelude (`lua/common.lua`) and its body.
+/// Called by `EVALSHA`; after `NOSCRIPT` (a restart, a failover, `SCRIPT
+/// FLUSH`) by `EVAL` with its source, which caches it again. (Not `SCRIPT
+/// LOAD`: in a cluster that goes to every node and fails while one is down.)
+struct Lua {
+    source: String,
+    sha: String,
 }
 
-static SCRIPTS: std::sync::LazyLock<Scripts> = std::sync::LazyLock::new(|| {
-    const COMMON: &str = include_str!("lua/common.lua");
-    let script = |body: &str| Script::new(&format!("{COMMON}\n{body}"));
-    Scripts {
-        grant: script(include_str!("lua/grant.lua")),
-        release: script(include_str!("lua/release.lua")),
-        refresh: script(include_str!("lua/refresh.lua")),
-        list: script(include_str!("lua/list.lua")),
+impl Lua {
+    fn new(body: &str) -> Self {
+        let source = format!("{}\n{body}", include_str!("lua/common.lua"));
+        let sha = Script::new(&source).get_hash().to_owned();
+        Lua { source, sha }
     }
+
+    fn command(&self, keys: &[String], args: &[Vec<u8>], by_source: bool) -> Cmd {
+        let mut command = if by_source { redis::cmd("EVAL") } else { redis::cmd("EVALSHA") };
+        command.arg(if by_source { &self.source } else { &self.sha }).arg(keys.len()).arg(keys).arg(args);
+        command
+    }
+}
+
+/// The scripts, each one atomic step in one round trip.
+struct Scripts {
+    grant: Lua,
+    release: Lua,
+    refresh: Lua,
+    list: Lua,
+}
+
+static SCRIPTS: std::sync::LazyLock<Scripts> = std::sync::LazyLock::new(|| Scripts {
+    grant: Lua::new(include_str!("lua/grant.lua")),
+    release: Lua::new(include_str!("lua/release.lua")),
+    refresh: Lua::new(include_str!("lua/refresh.lua")),
+    list: Lua::new(include_str!("lua/list.lua")),
 });
+
+/// A script's arguments, each as the bytes sent.
+#[derive(Default)]
+struct Args(Vec<Vec<u8>>);
+
+impl Args {
+    fn with(mut self, value: impl ToRedisArgs) -> Self {
+        self.0.extend(value.to_redis_args());
+        self
+    }
+}
 
 /// A client of one namespace on a Redis server or cluster: the
 /// [`LockBackend`]. Cheap to clone; clones share the connection and the
@@ -56,12 +85,18 @@ struct Inner {
     connection: Connection,
     keys: Keys,
     feed: ChangeFeed,
-    subscriber: JoinHandle<()>,
+    _subscriber: AbortOnDrop,
+    /// Script calls sent, for [`LockBackend::round_trips`].
+    sent: AtomicU64,
 }
 
-impl Drop for Inner {
+/// Ends a background task when its owner goes, however it goes (a backend
+/// dropped, or a `connect` cancelled while it waits for the subscription).
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
     fn drop(&mut self) {
-        self.subscriber.abort();
+        self.0.abort();
     }
 }
 
@@ -93,22 +128,10 @@ enum Connection {
 }
 
 impl Connection {
-    /// Runs a script, once more if the connection turned out to be dead
-    /// (the server restarted since the last call: the client reconnects).
-    /// Every script is safe to run twice: a grant carries its request id,
-    /// release and refresh change nothing the second time.
-    async fn run(&self, call: &ScriptInvocation<'_>) -> Result<Value, Error> {
-        match self.run_once(call).await {
-            Err(error) if error.is_connection_dropped() => self.run_once(call).await,
-            done => done,
-        }
-        .map_err(store_error)
-    }
-
-    async fn run_once(&self, call: &ScriptInvocation<'_>) -> Result<Value, RedisError> {
+    async fn query(&self, command: &Cmd) -> Result<Value, RedisError> {
         match self {
-            Connection::Standalone(connection) => call.invoke_async(&mut connection.clone()).await,
-            Connection::Cluster(connection) => call.invoke_async(&mut connection.clone()).await,
+            Connection::Standalone(connection) => command.query_async(&mut connection.clone()).await,
+            Connection::Cluster(connection) => command.query_async(&mut connection.clone()).await,
         }
     }
 }
@@ -127,11 +150,21 @@ impl RedisBackend {
         // waiters poll meanwhile.
         feed.set_live(false);
         let (subscribed, first_attempt) = tokio::sync::oneshot::channel();
-        let subscriber = tokio::spawn(subscriber::run(options.clone(), keys.channel.clone(), feed.clone(), subscribed));
+        let subscriber =
+            AbortOnDrop(tokio::spawn(subscriber::run(options.clone(), keys.channel.clone(), feed.clone(), subscribed)));
         // A backend is ready to wake its waiters when it is returned,
         // unless the subscription fails: then they poll until it is up.
         let _ = first_attempt.await;
-        Ok(RedisBackend { inner: Arc::new(Inner { options, connection, keys, feed, subscriber }) })
+        Ok(RedisBackend {
+            inner: Arc::new(Inner {
+                options,
+                connection,
+                keys,
+                feed,
+                _subscriber: subscriber,
+                sent: AtomicU64::new(0),
+            }),
+        })
     }
 
     /// The options this backend was made with.
@@ -147,19 +180,17 @@ impl RedisBackend {
 
     async fn grant(&self, request: &LockRequest, kind: LockKind, mode: &str) -> Result<Attempt, Error> {
         let transient = u8::from(kind == LockKind::Transient);
-        // Identifies this request, so that a resent one (a lost reply, a
-        // client retry) is recognised as the same grant, not refused.
-        let nonce = format!("{:016x}", fastrand::u64(..));
-        let mut call = SCRIPTS.grant.prepare_invoke();
-        self.declare(&mut call)
-            .arg(mode)
-            .arg(request.path.key())
-            .arg(request.ttl.as_millis())
-            .arg(transient)
-            .arg(nonce)
-            .arg(request.owner.as_str());
+        // The request id lets a resent request (a lost reply, the client
+        // library's retry) be recognised as the same grant, not refused.
+        let args = Args::default()
+            .with(mode)
+            .with(request.path.key())
+            .with(request.ttl.as_millis())
+            .with(transient)
+            .with(nonce())
+            .with(request.owner.as_str());
         let sent_at = Instant::now();
-        let reply = Reply::new(self.inner.connection.run(&call).await?)?;
+        let reply = Reply::new(self.run(&SCRIPTS.grant, args).await?)?;
         if reply.int(0)? == 1 {
             let ttl = Duration::from_millis(reply.int(2)?);
             Ok(Attempt::Granted(Grant::new(request, kind, reply.int(1)?, ttl, sent_at)))
@@ -168,19 +199,33 @@ impl RedisBackend {
         }
     }
 
-    fn declare<'a, 'b>(&self, call: &'b mut ScriptInvocation<'a>) -> &'b mut ScriptInvocation<'a> {
-        for key in &self.inner.keys.declared {
-            call.key(key);
+    /// Runs a script on the namespace's keys: by its hash, by its source
+    /// if the server does not know it, and once more if the connection
+    /// turned out to be dead (the server restarted since the last call; the
+    /// client reconnects). Every script is safe to run twice: a grant
+    /// carries its request id, a release is remembered for a few seconds,
+    /// and a refresh sets the same deadline again.
+    async fn run(&self, script: &Lua, args: Args) -> Result<Value, Error> {
+        let keys = &self.inner.keys.declared;
+        let mut by_source = false;
+        let mut retried = false;
+        loop {
+            self.inner.sent.fetch_add(1, Ordering::Relaxed);
+            match self.inner.connection.query(&script.command(keys, &args.0, by_source)).await {
+                Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) && !by_source => {
+                    by_source = true;
+                }
+                Err(error) if error.is_connection_dropped() && !retried => retried = true,
+                done => return done.map_err(store_error),
+            }
         }
-        call
     }
 
     /// Runs a script that answers 1 if `grant` was live (and changed), 0
     /// if not.
-    async fn on_grant(&self, script: &Script, grant: &Grant, last: impl redis::ToRedisArgs) -> Result<(), Error> {
-        let mut call = script.prepare_invoke();
-        self.declare(&mut call).arg(grant.path.key()).arg(grant.owner.as_str()).arg(grant.token).arg(last);
-        match self.inner.connection.run(&call).await? {
+    async fn on_grant(&self, script: &Lua, grant: &Grant, last: impl ToRedisArgs) -> Result<(), Error> {
+        let args = Args::default().with(grant.path.key()).with(grant.owner.as_str()).with(grant.token).with(last);
+        match self.run(script, args).await? {
             Value::Int(1) => Ok(()),
             Value::Int(0) => Err(Error::not_held(grant)),
             other => Err(unexpected(&other)),
@@ -195,7 +240,8 @@ impl LockBackend for RedisBackend {
     }
 
     async fn release(&self, grant: &Grant) -> Result<(), Error> {
-        self.on_grant(&SCRIPTS.release, grant, &self.inner.keys.channel).await
+        let channel_and_nonce = [self.inner.keys.channel.clone(), nonce()];
+        self.on_grant(&SCRIPTS.release, grant, &channel_and_nonce[..]).await
     }
 
     async fn refresh(&self, grant: &Grant, ttl: Ttl) -> Result<Grant, Error> {
@@ -209,9 +255,7 @@ impl LockBackend for RedisBackend {
             Some(path) => (format!("[{}", path.key()), format!("({}", path.key_range_end())),
             None => ("-".to_owned(), "+".to_owned()),
         };
-        let mut call = SCRIPTS.list.prepare_invoke();
-        self.declare(&mut call).arg(from).arg(to);
-        match self.inner.connection.run(&call).await? {
+        match self.run(&SCRIPTS.list, Args::default().with(from).with(to)).await? {
             Value::Array(rows) => rows.into_iter().map(|row| Reply::new(row)?.held_lock(0)).collect(),
             other => Err(unexpected(&other)),
         }
@@ -226,6 +270,13 @@ impl LockBackend for RedisBackend {
     /// backend; `path` is not used to filter.
     fn listen(&self, _path: &LockPath) -> Listener {
         self.inner.feed.listen()
+    }
+
+    /// Script calls this backend (and its clones) sent so far: one per
+    /// operation, two when a dead connection was retried. (A `NOSCRIPT`
+    /// reply, once per script and server start, adds two more.)
+    fn round_trips(&self) -> Option<u64> {
+        Some(self.inner.sent.load(Ordering::Relaxed))
     }
 }
 
@@ -279,18 +330,30 @@ impl Reply {
     }
 }
 
+/// Identifies one request, so that the same request sent twice (after a
+/// lost reply) gets the answer the first one got.
+fn nonce() -> String {
+    format!("{:016x}", fastrand::u64(..))
+}
+
 fn unexpected(value: &Value) -> Error {
     Error::store_message(STORE, false, format!("unexpected reply from a mutextree script: {value:?}"))
 }
 
-/// A client library error as the public one: connection trouble, timeouts
-/// and cluster redirections are worth retrying; script and protocol errors
-/// are not.
+/// A client library error as the public one: connection trouble, timeouts,
+/// a cluster moving slots and a server busy or starting are worth retrying;
+/// wrong credentials, script and protocol errors are not.
 fn store_error(error: RedisError) -> Error {
-    let retryable = error.is_io_error()
-        || error.is_timeout()
-        || error.is_connection_dropped()
-        || error.is_connection_refusal()
-        || !matches!(error.retry_method(), RetryMethod::NoRetry);
+    let retryable = match error.kind() {
+        ErrorKind::AuthenticationFailed | ErrorKind::Parse | ErrorKind::InvalidClientConfig => false,
+        _ => {
+            error.is_io_error()
+                || error.is_timeout()
+                || error.is_connection_dropped()
+                || error.is_connection_refusal()
+                || error.is_cluster_error()
+                || matches!(error.code(), Some("BUSY" | "LOADING" | "MASTERDOWN" | "READONLY"))
+        }
+    };
     Error::store(STORE, retryable, error)
 }

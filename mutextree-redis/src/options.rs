@@ -8,6 +8,9 @@ use std::time::Duration;
 use mutextree_core::{Error, Namespace};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
+use redis::io::tcp::socket2::TcpKeepalive;
+use redis::io::tcp::TcpSettings;
+use redis::IntoConnectionInfo;
 
 use crate::{store_error, Connection, RedisBackend, STORE};
 
@@ -19,7 +22,7 @@ use crate::{store_error, Connection, RedisBackend, STORE};
 /// use mutextree_redis::RedisOptions;
 ///
 /// let options = RedisOptions::from_url("redis://127.0.0.1:6379/?namespace=billing")?
-///     .response_timeout(Duration::from_secs(1));
+///     .response_timeout(Duration::from_secs(1))?;
 /// assert_eq!(options.namespace_name(), "billing");
 /// # Ok(()) }
 /// ```
@@ -59,8 +62,9 @@ impl RedisOptions {
     ///
     /// Anything else is an error, so that a misspelt option is not ignored.
     pub fn from_url(url: &str) -> Result<Self, Error> {
+        // Messages never repeat the URL: it may hold a password.
         let (scheme, rest) =
-            url.split_once("://").ok_or_else(|| invalid(format!("{url:?} is not a URL (redis://host:port)")))?;
+            url.split_once("://").ok_or_else(|| invalid("this is not a URL: write redis://host:port".to_owned()))?;
         let (address, query) = rest.split_once('?').unwrap_or((rest, ""));
         let mut options = RedisOptions {
             nodes: Vec::new(),
@@ -82,14 +86,18 @@ impl RedisOptions {
                         _ => return Err(invalid(format!("cluster={value:?}: write true or false"))),
                     }
                 }
-                "connection_timeout" => options.connection_timeout = timeout(&name, &value)?,
-                "response_timeout" => options.response_timeout = timeout(&name, &value)?,
-                "protocol" => passed_on.push(format!("protocol={value}")),
+                "connection_timeout" => options = options.connection_timeout(timeout(&name, &value)?)?,
+                "response_timeout" => options = options.response_timeout(timeout(&name, &value)?)?,
+                "protocol" => match &*value {
+                    "resp2" | "resp3" => passed_on.push(format!("protocol={value}")),
+                    _ => return Err(invalid(format!("protocol={value:?}: write resp2 or resp3"))),
+                },
                 _ => {
-                    return Err(invalid(format!(
-                        "unknown URL parameter {name:?}: the known ones are namespace, key_prefix, cluster, \
+                    return Err(invalid(
+                        "unknown URL parameter: the known ones are namespace, key_prefix, cluster, \
                          connection_timeout, response_timeout and protocol"
-                    )))
+                            .to_owned(),
+                    ))
                 }
             }
         }
@@ -122,6 +130,9 @@ impl RedisOptions {
         } else {
             hosts.split(',').map(|host| format!("{plain_scheme}://{user}{host}{path}{query}")).collect()
         };
+        if options.cluster && scheme.contains("unix") {
+            return Err(invalid("a cluster is reached over TCP, not a Unix socket".to_owned()));
+        }
         for node in &options.nodes {
             let parsed = url::Url::parse(node).map_err(|e| invalid(format!("{}: {e}", redacted(node))))?;
             if !scheme.contains("unix") && parsed.host_str().is_none_or(str::is_empty) {
@@ -154,17 +165,20 @@ impl RedisOptions {
         Ok(self)
     }
 
-    /// How long opening a connection may take (5 s by default).
-    pub fn connection_timeout(mut self, timeout: Duration) -> Self {
-        self.connection_timeout = timeout.clamp(Duration::from_millis(1), MAX_TIMEOUT);
-        self
+    /// How long opening a connection may take (5 s by default), from 1 ms
+    /// to an hour.
+    pub fn connection_timeout(mut self, timeout: Duration) -> Result<Self, Error> {
+        self.connection_timeout = checked_timeout("connection_timeout", timeout)?;
+        Ok(self)
     }
 
-    /// How long each reply may take (5 s by default); a call that times
-    /// out fails with a retryable store error.
-    pub fn response_timeout(mut self, timeout: Duration) -> Self {
-        self.response_timeout = timeout.clamp(Duration::from_millis(1), MAX_TIMEOUT);
-        self
+    /// How long each reply may take (5 s by default), from 1 ms to an hour;
+    /// a call that times out fails with a retryable store error. It also
+    /// bounds how long a connection may leave a request unanswered before
+    /// it is dropped and opened again (a server gone without closing it).
+    pub fn response_timeout(mut self, timeout: Duration) -> Result<Self, Error> {
+        self.response_timeout = checked_timeout("response_timeout", timeout)?;
+        Ok(self)
     }
 
     /// The namespace's name.
@@ -193,7 +207,24 @@ impl RedisOptions {
     /// plain `PUBLISH` reaches the subscribers of every node).
     pub(crate) fn node_clients(&self) -> Result<Vec<redis::Client>, Error> {
         install_tls_provider();
-        self.nodes.iter().map(|node| redis::Client::open(node.as_str()).map_err(store_error)).collect()
+        self.nodes.iter().map(|node| self.client(node)).collect()
+    }
+
+    fn client(&self, node: &str) -> Result<redis::Client, Error> {
+        let info = node.into_connection_info().map_err(store_error)?.set_tcp_settings(self.tcp_settings());
+        redis::Client::open(info).map_err(store_error)
+    }
+
+    /// No Nagle delay (requests are small and answered at once); a
+    /// connection that leaves a request unacknowledged for the response
+    /// timeout, or goes silent, is dropped and opened again, so a server
+    /// that vanished without closing it (a host lost, an address moved)
+    /// costs one timeout, not the kernel's quarter of an hour.
+    fn tcp_settings(&self) -> TcpSettings {
+        // Keep-alive times are whole seconds.
+        let idle = Duration::from_secs(self.response_timeout.as_secs_f64().ceil() as u64);
+        let keepalive = TcpKeepalive::new().with_time(idle).with_interval(Duration::from_secs(1)).with_retries(3);
+        TcpSettings::default().set_nodelay(true).set_keepalive(keepalive).set_user_timeout(self.response_timeout)
     }
 
     pub(crate) fn connection_timeout_value(&self) -> Duration {
@@ -211,11 +242,12 @@ impl RedisOptions {
                 let client = ClusterClientBuilder::new(self.nodes.clone())
                     .connection_timeout(self.connection_timeout)
                     .response_timeout(self.response_timeout)
+                    .tcp_settings(self.tcp_settings())
                     .build()
                     .map_err(store_error)?;
                 client.get_async_connection().await.map(Connection::Cluster).map_err(store_error)
             } else {
-                let client = redis::Client::open(self.nodes[0].as_str()).map_err(store_error)?;
+                let client = self.client(&self.nodes[0])?;
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(self.connection_timeout))
                     .set_response_timeout(Some(self.response_timeout))
@@ -257,7 +289,7 @@ impl fmt::Debug for RedisOptions {
 
 /// A URL with its password hidden, for messages.
 fn redacted(url: &str) -> String {
-    match url.split_once("://").and_then(|(scheme, rest)| Some((scheme, rest.split_once('@')?))) {
+    match url.split_once("://").and_then(|(scheme, rest)| Some((scheme, rest.rsplit_once('@')?))) {
         Some((scheme, (user, rest))) => {
             let user = user.split_once(':').map_or(user, |(name, _)| name);
             format!("{scheme}://{user}:***@{rest}")
@@ -270,7 +302,7 @@ fn invalid(reason: String) -> Error {
     Error::InvalidConfig { store: STORE, reason }
 }
 
-/// `500ms`, `2s` or `1.5s`, between 1 ms and an hour.
+/// `500ms`, `2s` or `1.5s`.
 fn timeout(name: &str, text: &str) -> Result<Duration, Error> {
     let parsed = if let Some(millis) = text.strip_suffix("ms") {
         millis.trim().parse::<u64>().ok().map(Duration::from_millis)
@@ -279,9 +311,15 @@ fn timeout(name: &str, text: &str) -> Result<Duration, Error> {
     } else {
         None
     };
-    parsed
-        .filter(|d| *d >= Duration::from_millis(1) && *d <= MAX_TIMEOUT)
-        .ok_or_else(|| invalid(format!("{name}={text:?}: write a duration between 1ms and 3600s, such as 500ms or 2s")))
+    parsed.ok_or_else(|| invalid(format!("{name}={text:?}: write a duration such as 500ms or 2s")))
+}
+
+fn checked_timeout(name: &str, timeout: Duration) -> Result<Duration, Error> {
+    if timeout >= Duration::from_millis(1) && timeout <= MAX_TIMEOUT {
+        Ok(timeout)
+    } else {
+        Err(invalid(format!("{name} of {timeout:?}: write a duration between 1ms and 3600s")))
+    }
 }
 
 /// rustls needs a process-wide crypto provider; ring is the one this crate
@@ -316,6 +354,7 @@ mod tests {
         );
         assert_eq!(cluster.prefix(), "locks");
         assert!(!format!("{cluster:?}").contains("pw"), "{cluster:?}");
+        assert_eq!(redacted("redis://u:p@ss@h:1"), "redis://u:***@h:1");
 
         let seeded = RedisOptions::from_url("redis://h:7000?cluster=true&connection_timeout=1.5s").expect("valid");
         assert!(seeded.is_cluster());
@@ -326,12 +365,15 @@ mod tests {
     fn bad_urls_say_what_is_wrong() {
         for (url, says) in [
             ("localhost:6379", "not a URL"),
+            ("user:secret@localhost:6379", "not a URL"),
             ("http://h", "unknown scheme"),
             ("redis://h?namespace=a{b}", "namespace"),
             ("redis://h?namespace=", "namespace"),
             ("redis://h?key_prefix=%7Bx%7D", "hash tag"),
             ("redis://h?namepsace=x", "unknown URL parameter"),
             ("redis://h?response_timeout=5", "500ms or 2s"),
+            ("redis://h?protocol=resp3%26db%3D5", "resp2 or resp3"),
+            ("redis+unix:///tmp/r.sock?cluster=true", "Unix socket"),
             ("redis://h?connection_timeout=0ms", "between 1ms"),
             ("redis://h?cluster=maybe", "true or false"),
             ("redis://a:1,b:2", "redis+cluster://"),
@@ -339,6 +381,7 @@ mod tests {
         ] {
             let error = RedisOptions::from_url(url).expect_err(url);
             assert!(error.to_string().contains(says), "{url}: {error}");
+            assert!(!error.to_string().contains("secret"), "{url}: {error}");
         }
         #[cfg(not(feature = "tls"))]
         assert!(RedisOptions::from_url("rediss://h").expect_err("no tls").to_string().contains("`tls` feature"));

@@ -51,7 +51,7 @@ pub(crate) async fn run(options: RedisOptions, channel: String, feed: ChangeFeed
                         None => break,
                     },
                     () = sleep(PING_EVERY) => {
-                        let answered = timeout(options.response_timeout_value(), sink.ping::<String>()).await;
+                        let answered = timeout(options.response_timeout_value(), sink.ping::<redis::Value>()).await;
                         if !matches!(answered, Ok(Ok(_))) {
                             break;
                         }

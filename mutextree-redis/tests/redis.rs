@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use common::Redis;
 use conformance::harness::{temp_dir, RunningServer};
-use conformance::servers;
 use conformance::oracle::Oracle;
+use conformance::servers;
 use futures::{stream, StreamExt};
 use mutextree_core::{Attempt, Error, LockBackend, LockPath, LockRequest, Owner, TreeLock, Ttl};
 use mutextree_redis::{RedisBackend, RedisOptions};
@@ -82,17 +82,19 @@ async fn index_entries_of_expired_locks_never_block_and_are_removed() {
         redis::cmd("ZRANGEBYLEX").arg(&index).arg("[A/").arg("(A0").query_async(&mut raw).await.expect("range");
     assert_eq!(under_a, ["A/"], "only the new lock is left under A");
     // The bounded sweep removes the other expired lock (X) on a later grant.
-    backend.release(&root).await.expect("release");
-    grant(&backend, "Y", Duration::from_secs(30)).await.granted().expect("free");
+    let other = grant(&backend, "Y", Duration::from_secs(30)).await.granted().expect("free");
     for key in [&locks, &expiry, &index] {
         let kind: String = redis::cmd("TYPE").arg(key).query_async(&mut raw).await.expect("type");
-        let size: usize = redis::cmd(if kind == "hash" { "HLEN" } else { "ZCARD" })
-            .arg(key)
-            .query_async(&mut raw)
-            .await
-            .expect("size");
-        assert_eq!(size, 1, "{key} holds only the live lock Y");
+        let mut members: Vec<String> = if kind == "hash" {
+            redis::cmd("HKEYS").arg(key).query_async(&mut raw).await.expect("hkeys")
+        } else {
+            redis::cmd("ZRANGE").arg(key).arg(0).arg(-1).query_async(&mut raw).await.expect("zrange")
+        };
+        members.sort();
+        assert_eq!(members, ["A/", "Y/"], "{key} holds only the live locks");
     }
+    backend.release(&root).await.expect("release");
+    backend.release(&other).await.expect("release");
 }
 
 /// The outcomes of a fixed sequence of grants and releases on one
@@ -197,6 +199,10 @@ fn persistent_server(port: Option<u16>, data: &Path) -> RunningServer {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_gives_errors_then_recovery_and_never_two_holders() {
+    tokio::time::timeout(Duration::from_secs(120), restart_run()).await.expect("recovered within two minutes");
+}
+
+async fn restart_run() {
     let data = temp_dir("redis-data").expect("temp dir");
     let server = persistent_server(None, &data);
     let port = server.port;
@@ -269,6 +275,76 @@ async fn a_restart_gives_errors_then_recovery_and_never_two_holders() {
         matches!(grant(&other, "site", Duration::from_secs(1)).await, Attempt::Blocked(b) if b.path == *kept.path())
     );
     kept.release().await.expect("the holder releases after the restart");
+    server.stop();
+    let _ = std::fs::remove_dir_all(&data);
+}
+
+/// The scripts as the backend sends them, for calls by hand.
+fn script(body: &str) -> redis::Script {
+    redis::Script::new(&format!("{}\n{body}", include_str!("../src/lua/common.lua")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_sent_twice_get_the_first_answer() {
+    let store = Redis::standalone();
+    let backend = store.backend(&namespace()).await.expect("connect");
+    let keys = backend.keys().to_vec();
+    let mut raw = raw(store.url()).await;
+    let grant_script = script(include_str!("../src/lua/grant.lua"));
+    let release_script = script(include_str!("../src/lua/release.lua"));
+    let call_grant = |nonce: &'static str| {
+        let mut call = grant_script.prepare_invoke();
+        call.key(&keys).arg("tree").arg("A/").arg(30_000).arg(0).arg(nonce).arg("me");
+        call
+    };
+    let first: Vec<redis::Value> = call_grant("g1").invoke_async(&mut raw).await.expect("grant");
+    let again: Vec<redis::Value> = call_grant("g1").invoke_async(&mut raw).await.expect("grant");
+    assert_eq!(first[..2], again[..2], "the same request gets the same grant (token)");
+    let other: Vec<redis::Value> = call_grant("g2").invoke_async(&mut raw).await.expect("grant");
+    assert_eq!(other[0], redis::Value::Int(0), "another request is refused");
+
+    let token = match &first[1] {
+        redis::Value::Int(token) => *token,
+        other => panic!("token: {other:?}"),
+    };
+    let call_release = |nonce: &'static str| {
+        let mut call = release_script.prepare_invoke();
+        call.key(&keys).arg("A/").arg("me").arg(token).arg("channel").arg(nonce);
+        call
+    };
+    let released: i64 = call_release("r1").invoke_async(&mut raw).await.expect("release");
+    let again: i64 = call_release("r1").invoke_async(&mut raw).await.expect("release");
+    let other: i64 = call_release("r2").invoke_async(&mut raw).await.expect("release");
+    assert_eq!((released, again, other), (1, 1, 0), "the same release is answered twice, another one is not");
+    assert!(backend.list(None).await.expect("list").is_empty(), "a released lock is not listed");
+    grant(&backend, "A/B", Duration::from_secs(5)).await.granted().expect("a released lock blocks nothing");
+
+    // Through the backend, a second release is a second request.
+    let held = grant(&backend, "C", Duration::from_secs(5)).await.granted().expect("free");
+    backend.release(&held).await.expect("release");
+    assert!(matches!(backend.release(&held).await, Err(Error::NotHeld { .. })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_subscription_stays_up() {
+    let data = temp_dir("redis-data").expect("temp dir");
+    let server = servers::own_redis(None, &[], &data).expect("redis-server");
+    let url = format!("redis://127.0.0.1:{}/", server.port);
+    let backend = RedisBackend::connect(&url).await.expect("connect");
+    let mut raw = raw(&url).await;
+    let connections = |info: String| {
+        info.lines()
+            .find_map(|line| line.strip_prefix("total_connections_received:"))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .expect("total_connections_received")
+    };
+    let before = connections(redis::cmd("INFO").arg("stats").query_async(&mut raw).await.expect("info"));
+    // Past the subscription's idle ping: there is no event for "nothing
+    // happened", only time.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let after = connections(redis::cmd("INFO").arg("stats").query_async(&mut raw).await.expect("info"));
+    assert_eq!(before, after, "nothing reconnected");
+    assert!(format!("{backend:?}").contains("notified: true"), "{backend:?}");
     server.stop();
     let _ = std::fs::remove_dir_all(&data);
 }

@@ -33,7 +33,9 @@ pub async fn connect(url: &str) -> Result<Arc<dyn LockBackend>, Error> {
         "redis" | "rediss" | "redis+unix" | "redis+cluster" | "rediss+cluster" => redis(url).await,
         other => Err(Error::InvalidConfig {
             store: "mutextree",
-            reason: format!("unknown store {other}://: the stores are memory://, redis:// (rediss://, redis+cluster://)"),
+            reason: format!(
+                "unknown store {other}://: the stores are memory://, redis:// (rediss://, redis+cluster://)"
+            ),
         }),
     }
 }
@@ -117,9 +119,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_store_left_out_of_the_build_names_its_feature() {
-        for (url, feature, enabled) in
-            [("memory://", "memory", cfg!(feature = "memory")), ("redis://127.0.0.1:1", "redis", cfg!(feature = "redis"))]
-        {
+        for (url, feature, enabled) in [
+            ("memory://", "memory", cfg!(feature = "memory")),
+            ("redis://127.0.0.1:1", "redis", cfg!(feature = "redis")),
+        ] {
             if !enabled {
                 let error = connect(url).await.expect_err("feature off");
                 assert!(error.to_string().contains(&format!("enable the `{feature}` feature")), "{error}");

@@ -1,23 +1,35 @@
 -- Shared by every script (prepended to each). One namespace, four keys in
 -- one hash slot:
---   KEYS[1] locks:   hash, path key -> "deadline token transient nonce owner"
---   KEYS[2] index:   sorted set, every path key at score 0 (lexical order)
+--   KEYS[1] locks:   hash, path key -> "deadline token state nonce owner"
+--   KEYS[2] index:   sorted set, the held path keys at score 0 (lexical order)
 --   KEYS[3] expiry:  sorted set, path key at its deadline (for the sweep)
 --   KEYS[4] counter: the fencing token counter (INCR)
--- Deadlines are milliseconds of the server's TIME, the only clock used.
+-- Deadlines are microseconds of the server's TIME, the only clock used
+-- (below 2^53, so exact in Lua's numbers). A lock lives exactly its ttl
+-- from the moment its script ran, never less, so a client that counts the
+-- ttl from the moment it sent the request never outlives it.
+-- state: 0 held, 1 held transiently (a stepwise client's parent), 2
+-- released (kept a few seconds so that a release sent twice, after a lost
+-- reply, is answered as the first one was).
 local locks, index, expiry, counter = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 
 local now = redis.call('TIME')
-now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+now = tonumber(now[1]) * 1000000 + tonumber(now[2])
 
-local function decode(value)
-  local deadline, token, transient, nonce, owner = string.match(value, '^(%d+) (%d+) ([01]) (%S+) (.*)$')
-  return { deadline = tonumber(deadline), token = tonumber(token), transient = tonumber(transient),
+local RELEASED = 2
+local REMEMBER_RELEASE = 5000000
+
+local function decode(key, value)
+  local deadline, token, state, nonce, owner = string.match(value, '^(%d+) (%d+) ([012]) (%S+) (.*)$')
+  if not deadline then
+    error('mutextree: the lock at key ' .. key .. ' of ' .. locks .. ' is unreadable: ' .. value)
+  end
+  return { deadline = tonumber(deadline), token = tonumber(token), state = tonumber(state),
            nonce = nonce, owner = owner }
 end
 
-local function encode(deadline, token, transient, nonce, owner)
-  return string.format('%d %d %d %s %s', deadline, token, transient, nonce, owner)
+local function encode(deadline, token, state, nonce, owner)
+  return string.format('%d %d %d %s %s', deadline, token, state, nonce, owner)
 end
 
 local function forget(key)
@@ -32,14 +44,22 @@ local function live(key)
   if not value then
     return nil
   end
-  local lock = decode(value)
-  if lock.deadline > now then
-    return lock
+  local lock = decode(key, value)
+  if lock.deadline <= now then
+    forget(key)
+    return nil
   end
-  forget(key)
-  return nil
+  if lock.state == RELEASED then
+    return nil
+  end
+  return lock
+end
+
+-- Milliseconds left, rounded down.
+local function remaining(lock)
+  return math.floor((lock.deadline - now) / 1000)
 end
 
 local function blocked(key, lock)
-  return { 0, key, lock.owner, lock.token, lock.deadline - now, lock.transient }
+  return { 0, key, lock.owner, lock.token, remaining(lock), lock.state }
 end

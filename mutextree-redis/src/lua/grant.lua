@@ -1,8 +1,8 @@
 -- Grants one lock, or reports one live lock in the way.
 -- ARGV: mode ("tree": node, ancestors and descendants must be free; "key":
--- only the node), node key, ttl ms, transient (0/1), nonce, owner.
+-- only the node), node key, ttl ms, state (0 held, 1 transient), nonce, owner.
 -- Returns {1, token, ttl ms} or {0, key, owner, token, remaining ms, transient}.
-local tree, node, ttl, transient, nonce, owner =
+local tree, node, ttl, state, nonce, owner =
   ARGV[1] == 'tree', ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], ARGV[6]
 
 -- Bounded sweep: a few expired locks of the namespace, oldest first, so
@@ -15,7 +15,7 @@ local mine = live(node)
 if mine then
   if mine.nonce == nonce then
     -- This very request, sent again after a lost reply: the same grant.
-    return { 1, mine.token, mine.deadline - now }
+    return { 1, mine.token, remaining(mine) }
   end
   return blocked(node, mine)
 end
@@ -50,8 +50,8 @@ if tree then
 end
 
 local token = redis.call('INCR', counter)
-local deadline = now + ttl
-redis.call('HSET', locks, node, encode(deadline, token, transient, nonce, owner))
+local deadline = now + ttl * 1000
+redis.call('HSET', locks, node, encode(deadline, token, state, nonce, owner))
 redis.call('ZADD', index, 0, node)
 redis.call('ZADD', expiry, deadline, node)
 return { 1, token, ttl }

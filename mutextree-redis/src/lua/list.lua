@@ -4,9 +4,9 @@ local out = {}
 for _, key in ipairs(redis.call('ZRANGEBYLEX', index, ARGV[1], ARGV[2])) do
   local value = redis.call('HGET', locks, key)
   if value then
-    local lock = decode(value)
-    if lock.deadline > now then
-      table.insert(out, { key, lock.owner, lock.token, lock.deadline - now, lock.transient })
+    local lock = decode(key, value)
+    if lock.deadline > now and lock.state ~= RELEASED then
+      table.insert(out, { key, lock.owner, lock.token, remaining(lock), lock.state })
     end
   end
 end

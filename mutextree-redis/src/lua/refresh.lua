@@ -5,7 +5,7 @@ local lock = live(node)
 if not lock or lock.owner ~= owner or lock.token ~= token then
   return 0
 end
-local deadline = now + ttl
-redis.call('HSET', locks, node, encode(deadline, lock.token, lock.transient, lock.nonce, lock.owner))
+local deadline = now + ttl * 1000
+redis.call('HSET', locks, node, encode(deadline, lock.token, lock.state, lock.nonce, lock.owner))
 redis.call('ZADD', expiry, deadline, node)
 return 1

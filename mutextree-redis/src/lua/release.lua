@@ -1,10 +1,22 @@
 -- Releases exactly one grant and announces it to waiters.
--- ARGV: node key, owner, token, channel. Returns 1, or 0 if not live.
-local node, owner, token, channel = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
-local lock = live(node)
-if not lock or lock.owner ~= owner or lock.token ~= token then
+-- ARGV: node key, owner, token, channel, nonce (this release request's).
+-- Returns 1, or 0 if not live.
+local node, owner, token, channel, nonce = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
+local value = redis.call('HGET', locks, node)
+local lock = value and decode(node, value)
+if not lock or lock.deadline <= now or lock.owner ~= owner or lock.token ~= token then
   return 0
 end
-forget(node)
+if lock.state == RELEASED then
+  -- Released already: by this same request, sent again after its reply
+  -- was lost (1), or by an earlier one (0).
+  return lock.nonce == nonce and 1 or 0
+end
+-- Kept, marked released by this request, out of the index, for a few
+-- seconds at most.
+local until_ = math.min(lock.deadline, now + REMEMBER_RELEASE)
+redis.call('HSET', locks, node, encode(until_, lock.token, RELEASED, nonce, lock.owner))
+redis.call('ZREM', index, node)
+redis.call('ZADD', expiry, until_, node)
 redis.call('PUBLISH', channel, node)
 return 1
