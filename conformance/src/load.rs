@@ -40,8 +40,9 @@
 //!   every ancestor and never conflict: this is the cost of the tree
 //!   bookkeeping on shared parents, with no refusal.
 //! * [`Scenario::Contended`]: every client locks a node chosen at random in
-//!   one full binary tree of `depth` levels under `hot` (`2^depth - 1`
-//!   nodes: `hot`, `hot/0`, `hot/1`, `hot/0/1`, …), so clients keep running
+//!   one full tree of `depth` levels and [`LoadSpec::fan_out`] children per
+//!   node under `hot` (binary by default, `2^depth - 1` nodes: `hot`,
+//!   `hot/0`, `hot/1`, `hot/0/1`, …), so clients keep running
 //!   into each other's locks, on the node itself, an ancestor or a
 //!   descendant. Each client draws from its own seeded generator, so a run is
 //!   repeatable in what it asks for.
@@ -76,8 +77,8 @@ pub enum Scenario {
     /// One leaf per client, all siblings under the same ancestors: no
     /// conflicts, shared parents.
     Siblings,
-    /// Random nodes of one small binary subtree (fan-out 2) of the spec's
-    /// depth: frequent refusals.
+    /// Random nodes of one small full subtree of the spec's depth and
+    /// fan-out (2 by default): frequent refusals.
     Contended,
 }
 
@@ -107,6 +108,9 @@ pub struct LoadSpec {
     /// The ttl of the measured locks (they are released at once; it only
     /// matters to a store that keeps it, or if a client dies).
     pub ttl: Duration,
+    /// Children per node of the [`Scenario::Contended`] tree (2 or more);
+    /// the tree has at most a million nodes.
+    pub fan_out: usize,
 }
 
 impl Default for LoadSpec {
@@ -119,6 +123,7 @@ impl Default for LoadSpec {
             background: 0,
             duration: Duration::from_secs(1),
             ttl: Duration::from_secs(30),
+            fan_out: 2,
         }
     }
 }
@@ -173,7 +178,8 @@ impl LoadReport {
 ///
 /// # Panics
 ///
-/// If `clients` is empty, `spec.clients` is 0 or `spec.depth` is 0.
+/// If `clients` is empty, `spec.clients` is 0, `spec.depth` is 0, or the
+/// contended tree is below a fan-out of 2 or above a million nodes.
 pub async fn run(clients: &[Arc<dyn LockBackend>], spec: &LoadSpec) -> Result<LoadReport, Error> {
     assert!(!clients.is_empty(), "the load generator needs at least one backend");
     assert!(spec.clients > 0, "the load generator needs at least one client");
@@ -187,7 +193,7 @@ pub async fn run(clients: &[Arc<dyn LockBackend>], spec: &LoadSpec) -> Result<Lo
         let owner = Owner::new(format!("load-{client}"))?;
         let paths = match spec.scenario {
             Scenario::Siblings => vec![sibling_path(spec.depth, client)?],
-            Scenario::Contended => contended_paths(spec.depth)?,
+            Scenario::Contended => contended_paths(spec.depth, spec.fan_out)?,
         };
         let requests: Vec<LockRequest> =
             paths.into_iter().map(|path| LockRequest::new(path, owner.clone(), ttl)).collect();
@@ -299,16 +305,21 @@ fn sibling_path(depth: usize, client: usize) -> Result<LockPath, Error> {
 }
 
 /// Every node of the full binary tree of `depth` levels under `hot`.
-fn contended_paths(depth: usize) -> Result<Vec<LockPath>, Error> {
+fn contended_paths(depth: usize, fan_out: usize) -> Result<Vec<LockPath>, Error> {
+    let nodes = (0..depth).try_fold(0usize, |total, level| {
+        u32::try_from(level).ok().and_then(|level| fan_out.checked_pow(level)).and_then(|n| total.checked_add(n))
+    });
+    assert!(fan_out >= 2, "a contended tree needs a fan-out of 2 or more");
+    assert!(nodes.is_some_and(|n| n <= 1_000_000), "the contended tree (fan-out {fan_out}, depth {depth}) is too big");
     let mut paths = Vec::new();
     let mut level = vec![vec!["hot".to_owned()]];
     for _ in 0..depth {
-        let mut next = Vec::with_capacity(level.len() * 2);
+        let mut next = Vec::with_capacity(level.len() * fan_out);
         for segments in level {
             paths.push(LockPath::new(segments.iter().cloned())?);
-            for branch in ["0", "1"] {
+            for branch in 0..fan_out {
                 let mut child = segments.clone();
-                child.push(branch.to_owned());
+                child.push(branch.to_string());
                 next.push(child);
             }
         }
@@ -436,11 +447,12 @@ mod tests {
         assert_eq!(sibling_path(1, 7).expect("valid").to_string(), "c7");
         assert_eq!(sibling_path(3, 0).expect("valid").to_string(), "bench/r1/c0");
         assert_eq!(sibling_path(8, 15).expect("valid").depth(), 8);
-        let tree = contended_paths(3).expect("valid");
+        let tree = contended_paths(3, 2).expect("valid");
         assert_eq!(tree.len(), 7);
         assert_eq!(tree.iter().map(LockPath::depth).max(), Some(3));
         assert!(tree.iter().any(|p| p.to_string() == "hot/1/0"));
-        assert_eq!(contended_paths(1).expect("valid").len(), 1);
+        assert_eq!(contended_paths(1, 2).expect("valid").len(), 1);
+        assert_eq!(contended_paths(3, 10).expect("valid").len(), 111);
     }
 
     #[test]

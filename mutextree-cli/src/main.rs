@@ -1,0 +1,139 @@
+//! `mutextree`: tree locks from the shell, the way `flock(1)` serves files.
+//!
+//! ```text
+//! mutextree --store redis://127.0.0.1:6379 run eu-west/rack-12 -- ./patch-rack.sh
+//! mutextree --store redis://127.0.0.1:6379 status eu-west
+//! ```
+//!
+//! Every subcommand's `--help` has an example; the exit statuses are in
+//! [`exit`].
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use mutextree::{Error, LockBackend, LockPath};
+
+mod admin;
+mod bench;
+mod exit;
+mod run;
+mod show;
+
+/// Tree locks from the shell: hold a lock while a command runs, see who
+/// holds what, measure a store.
+///
+/// A lock on a path (A/B/D) protects the node and its whole subtree: it is
+/// refused while the node, an ancestor or a descendant is held. Segments
+/// are separated by "/"; write "\/" for a slash inside a segment.
+#[derive(Debug, Parser)]
+#[command(name = "mutextree", version, after_help = exit::HELP)]
+struct Cli {
+    /// The store: memory:// (this process only), redis://host:port,
+    /// redis+cluster://host:port,..., with ?namespace=NAME and the store's
+    /// options.
+    #[arg(long, env = "MUTEXTREE_STORE", global = true)]
+    store: Option<String>,
+
+    /// The namespace, instead of the URL's (default: mutextree).
+    #[arg(long, env = "MUTEXTREE_NAMESPACE", global = true)]
+    namespace: Option<String>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    Run(run::Run),
+    Status(show::Status),
+    Why(show::Why),
+    Release(admin::Release),
+    Bench(bench::Bench),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime can be built");
+    match runtime.block_on(cli.command.execute(cli.store.as_deref(), cli.namespace.as_deref())) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("mutextree: {error}");
+            exit::for_error(&error)
+        }
+    }
+}
+
+impl Command {
+    async fn execute(self, store: Option<&str>, namespace: Option<&str>) -> Result<ExitCode, Error> {
+        let url = store_url(store, namespace)?;
+        match self {
+            Command::Run(run) => run.execute(&url).await,
+            Command::Status(status) => status.execute(&connect(&url).await?).await,
+            Command::Why(why) => why.execute(&connect(&url).await?).await,
+            Command::Release(release) => release.execute(&connect(&url).await?).await,
+            Command::Bench(bench) => bench.execute(&url).await,
+        }
+    }
+}
+
+/// The store URL, with `--namespace` put into its query.
+fn store_url(store: Option<&str>, namespace: Option<&str>) -> Result<String, Error> {
+    let store = store.ok_or_else(|| Error::InvalidConfig {
+        store: "mutextree",
+        reason: "no store: pass --store URL or set MUTEXTREE_STORE (e.g. redis://127.0.0.1:6379)".to_owned(),
+    })?;
+    let Some(namespace) = namespace else { return Ok(store.to_owned()) };
+    // Checked here so that the message names the option.
+    mutextree::Namespace::new(namespace)?;
+    let (base, query) = store.split_once('?').unwrap_or((store, ""));
+    let kept: Vec<&str> = query.split('&').filter(|pair| !pair.is_empty() && !pair.starts_with("namespace=")).collect();
+    let separator = if kept.is_empty() { "" } else { "&" };
+    Ok(format!("{base}?{}{separator}namespace={namespace}", kept.join("&")))
+}
+
+async fn connect(url: &str) -> Result<Arc<dyn LockBackend>, Error> {
+    if url.starts_with("memory://") {
+        eprintln!("mutextree: note: memory:// locks live in this process only; other processes do not see them");
+    }
+    mutextree::connect(url).await
+}
+
+/// A path in its text form (`A/B/D`).
+fn parse_path(text: &str) -> Result<LockPath, String> {
+    LockPath::parse(text).map_err(|error| error.to_string())
+}
+
+/// `30s`, `500ms`, `2m`, `1h 30m`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|error| format!("{error} (write e.g. 30s, 500ms, 2m)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_namespace_option_replaces_the_urls() {
+        let url = |store, namespace| store_url(Some(store), namespace).expect("valid");
+        assert_eq!(url("redis://h:1", Some("a")), "redis://h:1?namespace=a");
+        assert_eq!(
+            url("redis://h:1?namespace=b&response_timeout=1s", Some("a")),
+            "redis://h:1?response_timeout=1s&namespace=a"
+        );
+        assert_eq!(url("memory://", None), "memory://");
+        assert!(store_url(None, None).expect_err("no store").to_string().contains("MUTEXTREE_STORE"));
+        assert!(store_url(Some("memory://"), Some("a b")).is_err());
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

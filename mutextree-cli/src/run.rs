@@ -1,0 +1,178 @@
+//! `mutextree run`: a lock held for exactly as long as a command runs.
+
+use std::ffi::OsString;
+use std::os::unix::process::ExitStatusExt;
+use std::process::{ExitCode, ExitStatus};
+use std::time::Duration;
+
+use mutextree::{Error, LockPath, TreeLock, Wait};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::{exit, parse_duration, parse_path};
+
+/// Hold PATH's lock while COMMAND runs.
+///
+/// Acquires the lock (waiting up to --timeout for an overlapping one), runs
+/// COMMAND, keeps the lock refreshed while it runs, releases it when it
+/// ends and exits with its status. Refused and timed-out acquisitions exit
+/// 3 and 4 and name the lock in the way.
+///
+/// COMMAND runs in its own process group: SIGINT and SIGTERM sent to
+/// mutextree are passed on to the group. It finds the lock in
+/// MUTEXTREE_PATH, MUTEXTREE_OWNER and MUTEXTREE_TOKEN (the fencing token to
+/// hand to what it changes). If the lock is lost while it runs (a refresh
+/// refused, or the store unreachable until the ttl ran out), mutextree says
+/// so, stops the group (SIGTERM, then SIGKILL after --kill-after) and exits
+/// 5. If mutextree itself is killed with SIGKILL, COMMAND goes on
+/// unprotected and the lock expires at its ttl.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:
+  mutextree --store redis://127.0.0.1:6379 run eu-west/rack-12 -- ./patch-rack.sh rack-12
+  mutextree run --ttl 2m --timeout 10m eu-west -- sh -c 'echo token $MUTEXTREE_TOKEN; ./migrate.sh'")]
+pub(crate) struct Run {
+    /// The path to lock, e.g. eu-west/rack-12.
+    #[arg(value_parser = parse_path)]
+    path: LockPath,
+
+    /// How long the lock lives unless refreshed; it is refreshed while the
+    /// command runs, so this is how long it outlives a mutextree that
+    /// died.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    ttl: Duration,
+
+    /// How long to wait for an overlapping lock: 0 (not at all), a
+    /// duration (30s, 5m), or "forever".
+    #[arg(long, default_value = "0s", value_parser = parse_wait)]
+    timeout: Wait,
+
+    /// The owner id to lock as (default: HOSTNAME:PID).
+    #[arg(long)]
+    owner: Option<String>,
+
+    /// After the lock is lost: how long the command has between SIGTERM
+    /// and SIGKILL.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    kill_after: Duration,
+
+    /// The command and its arguments, after "--".
+    #[arg(last = true, required = true)]
+    command: Vec<OsString>,
+}
+
+impl Run {
+    pub(crate) async fn execute(self, url: &str) -> Result<ExitCode, Error> {
+        let store = crate::connect(url).await?;
+        let lock = TreeLock::builder(store, &self.path)
+            .ttl(self.ttl)
+            .owner(self.owner.clone().unwrap_or_else(default_owner))
+            .wait(self.timeout)
+            .auto_refresh(true)
+            .build()?;
+        let grant = lock.acquire().await?;
+        let lost = lock.lost();
+        let name = self.command[0].to_string_lossy().into_owned();
+        let mut command = tokio::process::Command::new(&self.command[0]);
+        command
+            .args(&self.command[1..])
+            .env("MUTEXTREE_PATH", grant.path.to_string())
+            .env("MUTEXTREE_OWNER", grant.owner.as_str())
+            .env("MUTEXTREE_TOKEN", grant.token.to_string())
+            .process_group(0);
+        let mut child = match command.spawn() {
+            Ok(child) => child,
+            Err(error) => {
+                release(&lock).await;
+                eprintln!("mutextree: cannot run {name}: {error}");
+                let status =
+                    if error.kind() == std::io::ErrorKind::NotFound { exit::NOT_FOUND } else { exit::NOT_EXECUTABLE };
+                return Ok(ExitCode::from(status));
+            }
+        };
+        let group = Pid::from_raw(child.id().and_then(|id| i32::try_from(id).ok()).unwrap_or(0));
+        let mut interrupt = signal(SignalKind::interrupt()).expect("a SIGINT handler can be installed");
+        let mut terminate = signal(SignalKind::terminate()).expect("a SIGTERM handler can be installed");
+        tokio::pin!(lost);
+        let status = loop {
+            tokio::select! {
+                status = child.wait() => break status,
+                _ = interrupt.recv() => pass_on(group, Signal::SIGINT),
+                _ = terminate.recv() => pass_on(group, Signal::SIGTERM),
+                error = &mut lost => {
+                    eprintln!("mutextree: {error}; stopping {name}");
+                    pass_on(group, Signal::SIGTERM);
+                    if tokio::time::timeout(self.kill_after, child.wait()).await.is_err() {
+                        eprintln!("mutextree: {name} did not end within {:?} of SIGTERM; killing it", self.kill_after);
+                        pass_on(group, Signal::SIGKILL);
+                        let _ = child.wait().await;
+                    }
+                    return Ok(ExitCode::from(exit::LOST));
+                }
+            }
+        };
+        release(&lock).await;
+        Ok(match status {
+            Ok(status) => ExitCode::from(status_code(status)),
+            Err(error) => {
+                eprintln!("mutextree: waiting for {name}: {error}");
+                ExitCode::from(exit::FAILED)
+            }
+        })
+    }
+}
+
+/// Releases, saying so on stderr if that failed: the command's status
+/// stays the exit status (the lock then expires at its ttl).
+async fn release(lock: &TreeLock) {
+    if let Err(error) = lock.release().await {
+        eprintln!("mutextree: releasing {}: {error}", lock.path());
+    }
+}
+
+fn pass_on(group: Pid, signal: Signal) {
+    // The group may be gone already: nothing to stop then.
+    let _ = killpg(group, signal);
+}
+
+/// A command's exit status as ours: its code, or 128 + the signal that
+/// killed it (as shells report it).
+fn status_code(status: ExitStatus) -> u8 {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => u8::try_from(code & 0xff).unwrap_or(exit::FAILED),
+        (None, Some(signal)) => u8::try_from(128 + signal).unwrap_or(exit::FAILED),
+        (None, None) => exit::FAILED,
+    }
+}
+
+/// `HOSTNAME:PID`: who holds a lock, at a glance in `status`.
+fn default_owner() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned());
+    format!("{host}:{}", std::process::id())
+}
+
+/// `0` (no waiting), a duration, or `forever`.
+fn parse_wait(text: &str) -> Result<Wait, String> {
+    match text {
+        "forever" => Ok(Wait::Forever),
+        _ => parse_duration(text).map(|wait| if wait.is_zero() { Wait::No } else { Wait::For(wait) }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waits() {
+        assert_eq!(parse_wait("0s"), Ok(Wait::No));
+        assert_eq!(parse_wait("0"), Ok(Wait::No));
+        assert_eq!(parse_wait("forever"), Ok(Wait::Forever));
+        assert_eq!(parse_wait("2m"), Ok(Wait::For(Duration::from_secs(120))));
+        assert!(parse_wait("soon").is_err());
+    }
+}

@@ -1,0 +1,186 @@
+//! `mutextree status` and `mutextree why`: who holds what, and what is in
+//! the way.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use mutextree::{human, Error, HeldLock, LockBackend, LockPath};
+
+use crate::{exit, parse_path};
+
+/// Show the locks held at and under PATH (or in the whole namespace) as a
+/// tree: owner, remaining life and fencing token of each.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:
+  mutextree --store redis://127.0.0.1:6379 status
+  mutextree status eu-west --json | jq '.[].owner'")]
+pub(crate) struct Status {
+    /// Where to look (default: the whole namespace).
+    #[arg(value_parser = parse_path)]
+    path: Option<LockPath>,
+
+    /// A JSON array instead of a tree, one object per lock.
+    #[arg(long)]
+    json: bool,
+}
+
+impl Status {
+    pub(crate) async fn execute(self, store: &Arc<dyn LockBackend>) -> Result<ExitCode, Error> {
+        let held = store.list(self.path.as_ref()).await?;
+        if self.json {
+            println!("{}", json(&held));
+        } else if held.is_empty() {
+            match &self.path {
+                Some(path) => println!("no locks held at or under {path}"),
+                None => println!("no locks held"),
+            }
+        } else {
+            print!("{}", tree(self.path.as_ref(), &held));
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+/// Say what would block a lock on PATH right now, and for how long; exit 3
+/// if something does.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Example:
+  mutextree --store redis://127.0.0.1:6379 why eu-west/rack-12/host-7")]
+pub(crate) struct Why {
+    /// The path that would be locked.
+    #[arg(value_parser = parse_path)]
+    path: LockPath,
+}
+
+impl Why {
+    pub(crate) async fn execute(self, store: &Arc<dyn LockBackend>) -> Result<ExitCode, Error> {
+        // Everything under the path's root holds its ancestors and its
+        // subtree; the listing asks the store once.
+        let root = LockPath::new([self.path.segments().next().unwrap_or_default()])?;
+        let blockers: Vec<HeldLock> =
+            store.list(Some(&root)).await?.into_iter().filter(|lock| lock.path.overlaps(&self.path)).collect();
+        if blockers.is_empty() {
+            println!("{} is free: a lock on it would be granted now", self.path);
+            return Ok(ExitCode::SUCCESS);
+        }
+        println!("{} is blocked by {} lock{}:", self.path, blockers.len(), if blockers.len() == 1 { "" } else { "s" });
+        for lock in &blockers {
+            let relation = if lock.path == self.path {
+                "the path itself"
+            } else if lock.path.is_ancestor_of(&self.path) {
+                "an ancestor"
+            } else {
+                "a descendant"
+            };
+            println!("  {} ({relation}): {}", lock.path, describe(lock));
+        }
+        Ok(ExitCode::from(exit::REFUSED))
+    }
+}
+
+/// `held by OWNER for 12.3 s more, fencing token 17`.
+fn describe(lock: &HeldLock) -> String {
+    let transient = if lock.transient { ", a stepwise client's passing parent lock" } else { "" };
+    format!("held by {} for {} more, fencing token {}{transient}", lock.owner, human(lock.remaining), lock.token)
+}
+
+/// The locks as `tree(1)` draws directories: nodes by name under `root`
+/// (or the namespace), each lock's details beside its node.
+fn tree(root: Option<&LockPath>, held: &[HeldLock]) -> String {
+    #[derive(Default)]
+    struct Node<'a> {
+        lock: Option<&'a HeldLock>,
+        children: BTreeMap<&'a str, Node<'a>>,
+    }
+    let skip = root.map_or(0, LockPath::depth);
+    let mut top = Node::default();
+    for lock in held {
+        let mut node = &mut top;
+        for segment in lock.path.segments().skip(skip) {
+            node = node.children.entry(segment).or_default();
+        }
+        node.lock = Some(lock);
+    }
+    fn draw(out: &mut String, node: &Node<'_>, prefix: &str) {
+        let count = node.children.len();
+        for (index, (name, child)) in node.children.iter().enumerate() {
+            let last = index + 1 == count;
+            let name = name.replace('/', "\\/");
+            let _ = write!(out, "{prefix}{}{name}", if last { "└── " } else { "├── " });
+            if let Some(lock) = child.lock {
+                let _ = write!(out, "  [{}]", describe(lock));
+            }
+            out.push('\n');
+            draw(out, child, &format!("{prefix}{}", if last { "    " } else { "│   " }));
+        }
+    }
+    let mut out = root.map_or_else(|| "(namespace)".to_owned(), ToString::to_string);
+    if let Some(lock) = top.lock {
+        let _ = write!(out, "  [{}]", describe(lock));
+    }
+    out.push('\n');
+    draw(&mut out, &top, "");
+    out
+}
+
+fn json(held: &[HeldLock]) -> serde_json::Value {
+    held.iter()
+        .map(|lock| {
+            serde_json::json!({
+                "path": lock.path.to_string(),
+                "segments": lock.path.segments().collect::<Vec<_>>(),
+                "owner": lock.owner.as_str(),
+                "remaining_ms": u64::try_from(lock.remaining.as_millis()).unwrap_or(u64::MAX),
+                "token": lock.token,
+                "transient": lock.transient,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use mutextree::Owner;
+
+    use super::*;
+
+    fn held(path: &str, token: u64) -> HeldLock {
+        HeldLock {
+            path: LockPath::parse(path).expect("path"),
+            owner: Owner::new("web-1").expect("owner"),
+            token,
+            remaining: Duration::from_millis(12_300),
+            transient: false,
+        }
+    }
+
+    #[test]
+    fn a_tree_like_tree_draws_it() {
+        let locks = [held("eu/rack-1", 3), held("eu/rack-2/host-1", 4), held("eu/rack-2/host-2", 5), held("us", 6)];
+        let drawn = tree(None, &locks);
+        let expected = "(namespace)
+├── eu
+│   ├── rack-1  [held by \"web-1\" for 12.3 s more, fencing token 3]
+│   └── rack-2
+│       ├── host-1  [held by \"web-1\" for 12.3 s more, fencing token 4]
+│       └── host-2  [held by \"web-1\" for 12.3 s more, fencing token 5]
+└── us  [held by \"web-1\" for 12.3 s more, fencing token 6]
+";
+        assert_eq!(drawn, expected);
+        let under = tree(Some(&LockPath::parse("eu/rack-2").expect("path")), &locks[1..3]);
+        assert!(under.starts_with("eu/rack-2\n├── host-1"), "{under}");
+    }
+
+    #[test]
+    fn json_has_every_field() {
+        let value = json(&[held("a\\/b/c", 9)]);
+        assert_eq!(value[0]["segments"], serde_json::json!(["a/b", "c"]));
+        assert_eq!(value[0]["path"], "a\\/b/c");
+        assert_eq!(value[0]["remaining_ms"], 12_300);
+        assert_eq!(value[0]["token"], 9);
+    }
+}
