@@ -1,20 +1,20 @@
 //! One URL picks the store: configuration files and the command line name a
 //! store without code that knows which one it is.
-//!
-//! | URL | store | feature |
-//! | --- | --- | --- |
-//! | `memory://` | this process's memory store (all `memory://` connections of a process share it) | `memory` |
-//! | `redis://`, `rediss://`, `redis+unix://`, `redis+cluster://`, `rediss+cluster://` | [Redis](mutextree_redis::RedisOptions::from_url) | `redis` (`redis-tls` for TLS) |
-//!
-//! Every URL takes `?namespace=NAME` (default `mutextree`); each store's
-//! own options come from the rest of the query, as its documentation says.
-//! A URL for a store whose feature is off is an error naming the feature.
 
 use std::sync::Arc;
 
 use mutextree_core::{Error, LockBackend};
 
-/// Connects to the store a URL names; see the [module docs](self).
+/// Connects to the store a URL names.
+///
+/// | URL | store | feature |
+/// | --- | --- | --- |
+/// | `memory://` | this process's memory store (all `memory://` connections of a process share it) | `memory` |
+/// | `redis://`, `rediss://`, `redis+unix://`, `redis+cluster://`, `rediss+cluster://` | Redis, see `mutextree_redis::RedisOptions::from_url` | `redis` (`redis-tls` for TLS) |
+///
+/// Every URL takes `?namespace=NAME` (default `mutextree`); each store's
+/// own options come from the rest of the query, as its documentation says.
+/// A URL for a store whose feature is off is an error naming the feature.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), mutextree::Error> {
