@@ -8,6 +8,7 @@ use std::sync::Arc;
 use mutextree::{Error, Grant, HeldLock, LockBackend, LockKind, LockPath};
 use tokio::time::Instant;
 
+use crate::show::{describe, shown};
 use crate::{exit, parse_path};
 
 /// Release someone else's lock on PATH (and, with --recursive, every lock
@@ -46,18 +47,18 @@ impl Release {
             listed.into_iter().partition(|lock| self.recursive || lock.path == self.path);
         if targets.is_empty() {
             if below.is_empty() {
-                println!("no lock is held at or under {}", self.path);
+                println!("no lock is held at or under {}", shown(&self.path));
                 return Ok(ExitCode::SUCCESS);
             }
             eprintln!(
                 "mutextree: no lock on {} itself, {} under it: add --recursive to release those",
-                self.path,
+                shown(&self.path),
                 below.len()
             );
             return Ok(ExitCode::from(exit::FAILED));
         }
         for lock in &targets {
-            println!("{lock}");
+            println!("{}: {}", shown(&lock.path), describe(lock));
         }
         if !self.yes && !confirm(targets.len())? {
             eprintln!("mutextree: nothing released");
@@ -66,10 +67,10 @@ impl Release {
         let mut failed = false;
         for lock in &targets {
             match store.release(&as_grant(lock)).await {
-                Ok(()) => println!("released {} (owner {}, token {})", lock.path, lock.owner, lock.token),
-                Err(Error::NotHeld { .. }) => println!("{} was already released or expired", lock.path),
+                Ok(()) => println!("released {} (owner {}, token {})", shown(&lock.path), lock.owner, lock.token),
+                Err(Error::NotHeld { .. }) => println!("{} was already released or expired", shown(&lock.path)),
                 Err(error) => {
-                    eprintln!("mutextree: releasing {}: {error}", lock.path);
+                    eprintln!("mutextree: releasing {}: {error}", shown(&lock.path));
                     failed = true;
                 }
             }
@@ -95,7 +96,7 @@ fn as_grant(lock: &HeldLock) -> Grant {
 fn confirm(count: usize) -> Result<bool, Error> {
     let usage = |reason: String| Error::InvalidConfig { store: "mutextree", reason };
     if !std::io::stdin().is_terminal() {
-        return Err(usage("refusing to release without confirmation: stdin is not a terminal, pass --yes".to_owned()));
+        return Err(usage("no terminal to confirm on: pass --yes to release without asking".to_owned()));
     }
     eprint!("release {count} lock{} held by others? [y/N] ", if count == 1 { "" } else { "s" });
     let _ = std::io::stderr().flush();

@@ -50,6 +50,18 @@ pub(crate) struct Bench {
 
 impl Bench {
     pub(crate) async fn execute(self, url: &str) -> Result<ExitCode, Error> {
+        let nodes = (0..u32::from(self.depth)).try_fold(0u64, |total, level| {
+            u64::from(self.fan_out).checked_pow(level).and_then(|n| total.checked_add(n))
+        });
+        if self.scenario == Scenario::Contended && nodes.is_none_or(|nodes| nodes > 1_000_000) {
+            return Err(Error::InvalidConfig {
+                store: "mutextree",
+                reason: format!(
+                    "a contended tree of depth {} and fan-out {} has over a million nodes: make one smaller",
+                    self.depth, self.fan_out
+                ),
+            });
+        }
         let namespace = format!("bench-{:08x}", fastrand::u32(..));
         let url = crate::store_url(Some(url), Some(&namespace))?;
         let mut clients: Vec<Arc<dyn LockBackend>> = Vec::new();
@@ -83,7 +95,13 @@ impl Bench {
         let report = report?;
         let sent_after: Option<u64> = clients.iter().map(|client| client.round_trips()).sum();
 
-        println!("store: {}, namespace {namespace}", url.split('?').next().unwrap_or(&url));
+        // Scheme and address only: the URL may hold a password.
+        let place = url.split('?').next().unwrap_or_default();
+        let place = match place.split_once("://") {
+            Some((scheme, rest)) => format!("{scheme}://{}", rest.rsplit_once('@').map_or(rest, |(_, host)| host)),
+            None => place.to_owned(),
+        };
+        println!("store: {place}, namespace {namespace}");
         print!("{}", load::markdown_table(&[(spec, report.clone())]));
         match sent_before.zip(sent_after) {
             Some((before, after)) if report.pairs > 0 => {

@@ -98,8 +98,11 @@ fn store_url(store: Option<&str>, namespace: Option<&str>) -> Result<String, Err
 }
 
 async fn connect(url: &str) -> Result<Arc<dyn LockBackend>, Error> {
+    static NOTED: std::sync::Once = std::sync::Once::new();
     if url.starts_with("memory://") {
-        eprintln!("mutextree: note: memory:// locks live in this process only; other processes do not see them");
+        NOTED.call_once(|| {
+            eprintln!("mutextree: note: memory:// locks live in this process only; other processes do not see them");
+        });
     }
     mutextree::connect(url).await
 }

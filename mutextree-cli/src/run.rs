@@ -5,10 +5,11 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::{ExitCode, ExitStatus};
 use std::time::Duration;
 
+use futures::FutureExt;
 use mutextree::{Error, LockPath, TreeLock, Wait};
-use nix::sys::signal::{killpg, Signal};
-use nix::unistd::Pid;
-use tokio::signal::unix::{signal, SignalKind};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::{getpgrp, tcgetpgrp, Pid};
+use tokio::signal::unix::SignalKind;
 
 use crate::{exit, parse_duration, parse_path};
 
@@ -19,14 +20,18 @@ use crate::{exit, parse_duration, parse_path};
 /// ends and exits with its status. Refused and timed-out acquisitions exit
 /// 3 and 4 and name the lock in the way.
 ///
-/// COMMAND runs in its own process group: SIGINT and SIGTERM sent to
-/// mutextree are passed on to the group. It finds the lock in
-/// MUTEXTREE_PATH, MUTEXTREE_OWNER and MUTEXTREE_TOKEN (the fencing token to
-/// hand to what it changes). If the lock is lost while it runs (a refresh
-/// refused, or the store unreachable until the ttl ran out), mutextree says
-/// so, stops the group (SIGTERM, then SIGKILL after --kill-after) and exits
-/// 5. If mutextree itself is killed with SIGKILL, COMMAND goes on
-/// unprotected and the lock expires at its ttl.
+/// COMMAND runs in mutextree's own process group, as it would from the
+/// shell: a terminal's Ctrl-C, Ctrl-Z and hangup reach both. SIGTERM,
+/// SIGHUP, and SIGINT or SIGQUIT not sent by a terminal, are passed on to
+/// it. It finds the lock in MUTEXTREE_PATH, MUTEXTREE_OWNER and
+/// MUTEXTREE_TOKEN (the fencing token to hand to what it changes).
+///
+/// If the lock is lost while it runs (a refresh refused, or the store
+/// unreachable until the ttl ran out), or turns out at the end to have been
+/// lost, mutextree says so, stops COMMAND (SIGTERM, then SIGKILL after
+/// --kill-after) and exits 5. Processes COMMAND started in the background
+/// are not followed. If mutextree itself is killed with SIGKILL, COMMAND
+/// goes on unprotected and the lock expires at its ttl.
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
   mutextree --store redis://127.0.0.1:6379 run eu-west/rack-12 -- ./patch-rack.sh rack-12
@@ -63,6 +68,11 @@ pub(crate) struct Run {
 
 impl Run {
     pub(crate) async fn execute(self, url: &str) -> Result<ExitCode, Error> {
+        // Listening before anything is held: a signal from now on ends the
+        // run properly (nothing held, or the command stopped and the lock
+        // released), never by the default action that would leave the
+        // command running unprotected.
+        let mut signals = Signals::new();
         let store = crate::connect(url).await?;
         let lock = TreeLock::builder(store, &self.path)
             .ttl(self.ttl)
@@ -70,7 +80,10 @@ impl Run {
             .wait(self.timeout)
             .auto_refresh(true)
             .build()?;
-        let grant = lock.acquire().await?;
+        let grant = tokio::select! {
+            grant = lock.acquire() => grant?,
+            signal = signals.next() => return Ok(ExitCode::from(signal_status(signal as i32))),
+        };
         let lost = lock.lost();
         let name = self.command[0].to_string_lossy().into_owned();
         let mut command = tokio::process::Command::new(&self.command[0]);
@@ -78,8 +91,7 @@ impl Run {
             .args(&self.command[1..])
             .env("MUTEXTREE_PATH", grant.path.to_string())
             .env("MUTEXTREE_OWNER", grant.owner.as_str())
-            .env("MUTEXTREE_TOKEN", grant.token.to_string())
-            .process_group(0);
+            .env("MUTEXTREE_TOKEN", grant.token.to_string());
         let mut child = match command.spawn() {
             Ok(child) => child,
             Err(error) => {
@@ -90,28 +102,54 @@ impl Run {
                 return Ok(ExitCode::from(status));
             }
         };
-        let group = Pid::from_raw(child.id().and_then(|id| i32::try_from(id).ok()).unwrap_or(0));
-        let mut interrupt = signal(SignalKind::interrupt()).expect("a SIGINT handler can be installed");
-        let mut terminate = signal(SignalKind::terminate()).expect("a SIGTERM handler can be installed");
+        let pid = Pid::from_raw(
+            child.id().and_then(|id| i32::try_from(id).ok()).expect("a child that was just spawned has a pid"),
+        );
         tokio::pin!(lost);
         let status = loop {
             tokio::select! {
+                // The command's end first: when it ended and the lock was
+                // lost at once, the check below still sees the loss.
+                biased;
                 status = child.wait() => break status,
-                _ = interrupt.recv() => pass_on(group, Signal::SIGINT),
-                _ = terminate.recv() => pass_on(group, Signal::SIGTERM),
+                signal = signals.next() => {
+                    if !signals.came_from_the_terminal(signal) {
+                        let _ = kill(pid, signal);
+                    }
+                }
                 error = &mut lost => {
                     eprintln!("mutextree: {error}; stopping {name}");
-                    pass_on(group, Signal::SIGTERM);
+                    let _ = kill(pid, Signal::SIGTERM);
                     if tokio::time::timeout(self.kill_after, child.wait()).await.is_err() {
                         eprintln!("mutextree: {name} did not end within {:?} of SIGTERM; killing it", self.kill_after);
-                        pass_on(group, Signal::SIGKILL);
+                        let _ = kill(pid, Signal::SIGKILL);
                         let _ = child.wait().await;
                     }
                     return Ok(ExitCode::from(exit::LOST));
                 }
             }
         };
-        release(&lock).await;
+        // The lock may have been lost while the command ended, or since the
+        // keeper last refreshed it: then the command ran unprotected, and
+        // its success is not ours to report.
+        let lost_meanwhile = lost.as_mut().now_or_never();
+        let released = lock.release().await;
+        match (lost_meanwhile, released) {
+            (Some(error), _) => {
+                eprintln!("mutextree: {error}, before {name} ended");
+                return Ok(ExitCode::from(exit::LOST));
+            }
+            (None, Err(Error::NotHeld { .. })) => {
+                eprintln!(
+                    "mutextree: the lock on {} was lost before {name} ended: it expired or was released by someone \
+                     else",
+                    self.path
+                );
+                return Ok(ExitCode::from(exit::LOST));
+            }
+            (None, Err(error)) => eprintln!("mutextree: releasing {}: {error}", self.path),
+            (None, Ok(())) => {}
+        }
         Ok(match status {
             Ok(status) => ExitCode::from(status_code(status)),
             Err(error) => {
@@ -119,6 +157,45 @@ impl Run {
                 ExitCode::from(exit::FAILED)
             }
         })
+    }
+}
+
+/// The signals `run` passes on to the command.
+struct Signals {
+    streams: Vec<(Signal, tokio::signal::unix::Signal)>,
+}
+
+impl Signals {
+    fn new() -> Self {
+        let streams = [
+            (Signal::SIGINT, SignalKind::interrupt()),
+            (Signal::SIGTERM, SignalKind::terminate()),
+            (Signal::SIGHUP, SignalKind::hangup()),
+            (Signal::SIGQUIT, SignalKind::quit()),
+        ]
+        .into_iter()
+        .map(|(signal, kind)| (signal, tokio::signal::unix::signal(kind).expect("a signal handler can be installed")))
+        .collect();
+        Signals { streams }
+    }
+
+    /// The next signal received.
+    async fn next(&mut self) -> Signal {
+        let waits = self.streams.iter_mut().map(|(signal, stream)| {
+            let signal = *signal;
+            Box::pin(async move {
+                stream.recv().await;
+                signal
+            })
+        });
+        futures::future::select_all(waits).await.0
+    }
+
+    /// Whether a terminal sent `signal` to its foreground group (ours,
+    /// the command's too): then the command has it already.
+    fn came_from_the_terminal(&self, signal: Signal) -> bool {
+        matches!(signal, Signal::SIGINT | Signal::SIGQUIT)
+            && tcgetpgrp(std::io::stdin()).is_ok_and(|foreground| foreground == getpgrp())
     }
 }
 
@@ -130,19 +207,19 @@ async fn release(lock: &TreeLock) {
     }
 }
 
-fn pass_on(group: Pid, signal: Signal) {
-    // The group may be gone already: nothing to stop then.
-    let _ = killpg(group, signal);
-}
-
 /// A command's exit status as ours: its code, or 128 + the signal that
 /// killed it (as shells report it).
 fn status_code(status: ExitStatus) -> u8 {
     match (status.code(), status.signal()) {
         (Some(code), _) => u8::try_from(code & 0xff).unwrap_or(exit::FAILED),
-        (None, Some(signal)) => u8::try_from(128 + signal).unwrap_or(exit::FAILED),
+        (None, Some(signal)) => signal_status(signal),
         (None, None) => exit::FAILED,
     }
+}
+
+/// 128 + the signal, as shells report a process a signal ended.
+fn signal_status(signal: i32) -> u8 {
+    u8::try_from(128 + signal).unwrap_or(exit::FAILED)
 }
 
 /// `HOSTNAME:PID`: who holds a lock, at a glance in `status`.

@@ -33,7 +33,7 @@ impl Status {
             println!("{}", json(&held));
         } else if held.is_empty() {
             match &self.path {
-                Some(path) => println!("no locks held at or under {path}"),
+                Some(path) => println!("no locks held at or under {}", shown(path)),
                 None => println!("no locks held"),
             }
         } else {
@@ -62,10 +62,11 @@ impl Why {
         let blockers: Vec<HeldLock> =
             store.list(Some(&root)).await?.into_iter().filter(|lock| lock.path.overlaps(&self.path)).collect();
         if blockers.is_empty() {
-            println!("{} is free: a lock on it would be granted now", self.path);
+            println!("{} is free: a lock on it would be granted now", shown(&self.path));
             return Ok(ExitCode::SUCCESS);
         }
-        println!("{} is blocked by {} lock{}:", self.path, blockers.len(), if blockers.len() == 1 { "" } else { "s" });
+        let count = blockers.len();
+        println!("{} is blocked by {count} lock{}:", shown(&self.path), if count == 1 { "" } else { "s" });
         for lock in &blockers {
             let relation = if lock.path == self.path {
                 "the path itself"
@@ -74,14 +75,25 @@ impl Why {
             } else {
                 "a descendant"
             };
-            println!("  {} ({relation}): {}", lock.path, describe(lock));
+            println!("  {} ({relation}): {}", shown(&lock.path), describe(lock));
         }
         Ok(ExitCode::from(exit::REFUSED))
     }
 }
 
+/// A path as the command prints it: its text form (`\\/` for a slash in a
+/// segment), with control characters shown as escapes, so that no name can
+/// break the layout or drive the terminal.
+pub(crate) fn shown(path: &LockPath) -> String {
+    visible(&path.to_string())
+}
+
+fn visible(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { c.escape_unicode().to_string() } else { c.to_string() }).collect()
+}
+
 /// `held by OWNER for 12.3 s more, fencing token 17`.
-fn describe(lock: &HeldLock) -> String {
+pub(crate) fn describe(lock: &HeldLock) -> String {
     let transient = if lock.transient { ", a stepwise client's passing parent lock" } else { "" };
     format!("held by {} for {} more, fencing token {}{transient}", lock.owner, human(lock.remaining), lock.token)
 }
@@ -107,7 +119,7 @@ fn tree(root: Option<&LockPath>, held: &[HeldLock]) -> String {
         let count = node.children.len();
         for (index, (name, child)) in node.children.iter().enumerate() {
             let last = index + 1 == count;
-            let name = name.replace('/', "\\/");
+            let name = LockPath::new([*name]).map_or_else(|_| visible(name), |one| shown(&one));
             let _ = write!(out, "{prefix}{}{name}", if last { "└── " } else { "├── " });
             if let Some(lock) = child.lock {
                 let _ = write!(out, "  [{}]", describe(lock));
@@ -116,7 +128,7 @@ fn tree(root: Option<&LockPath>, held: &[HeldLock]) -> String {
             draw(out, child, &format!("{prefix}{}", if last { "    " } else { "│   " }));
         }
     }
-    let mut out = root.map_or_else(|| "(namespace)".to_owned(), ToString::to_string);
+    let mut out = root.map_or_else(|| "(namespace)".to_owned(), shown);
     if let Some(lock) = top.lock {
         let _ = write!(out, "  [{}]", describe(lock));
     }
@@ -173,6 +185,16 @@ mod tests {
         assert_eq!(drawn, expected);
         let under = tree(Some(&LockPath::parse("eu/rack-2").expect("path")), &locks[1..3]);
         assert!(under.starts_with("eu/rack-2\n├── host-1"), "{under}");
+    }
+
+    #[test]
+    fn names_cannot_break_the_tree() {
+        let locks = [held("a\\\\/b\\/c", 1), held("x\n\u{1b}[2Jy", 2)];
+        let drawn = tree(None, &locks);
+        assert_eq!(drawn.lines().count(), 4, "{drawn}");
+        assert!(drawn.contains("a\\\\"), "a backslash is escaped: {drawn}");
+        assert!(drawn.contains("b\\/c"), "a slash in a segment is escaped: {drawn}");
+        assert!(drawn.contains("x\\u{a}\\u{1b}[2Jy") && !drawn.contains('\u{1b}'), "{drawn}");
     }
 
     #[test]

@@ -115,7 +115,10 @@ impl RedisOptions {
             }
         };
         if plain_scheme == "rediss" && !cfg!(feature = "tls") {
-            return Err(invalid("rediss:// needs TLS: enable the `tls` feature of mutextree-redis".to_owned()));
+            return Err(invalid(
+                "rediss:// needs TLS: enable the `tls` feature of mutextree-redis (`redis-tls` of mutextree)"
+                    .to_owned(),
+            ));
         }
         let (authority, path) = match address.find('/') {
             Some(at) if !scheme.contains("unix") => address.split_at(at),

@@ -26,7 +26,8 @@ use mutextree_core::{Error, LockBackend};
 pub async fn connect(url: &str) -> Result<Arc<dyn LockBackend>, Error> {
     let scheme = url.split_once("://").map(|(scheme, _)| scheme).ok_or_else(|| Error::InvalidConfig {
         store: "mutextree",
-        reason: format!("{url:?} is not a store URL: write memory://, redis://host:port, ..."),
+        // Not repeated: it may hold a password.
+        reason: "this is not a store URL: write memory://, redis://host:port, ...".to_owned(),
     })?;
     match scheme {
         "memory" => memory(url),
@@ -48,7 +49,7 @@ fn memory(url: &str) -> Result<Arc<dyn LockBackend>, Error> {
 
     static STORE: OnceLock<MemoryStore> = OnceLock::new();
     let invalid = |reason: String| Error::InvalidConfig { store: "memory", reason };
-    let rest = url.trim_start_matches("memory://");
+    let rest = url.strip_prefix("memory://").unwrap_or_default();
     let (place, query) = rest.split_once('?').unwrap_or((rest, ""));
     if !place.is_empty() && place != "/" {
         return Err(invalid(format!("memory:// names no place ({place:?}): write memory://?namespace=NAME")));
