@@ -12,10 +12,10 @@ use crate::STORE;
 
 /// How to reach the server and where the locks live.
 ///
-/// Every setter only records its value; [`PostgresStore::connect`]
-/// (crate::PostgresStore::connect) checks them all before it connects, and
-/// refuses a bad one with [`Error::InvalidConfig`] or
-/// [`Error::InvalidNamespace`].
+/// Every setter only records its value;
+/// [`PostgresStore::connect`](crate::PostgresStore::connect) checks them all
+/// before it connects, and refuses a bad one with [`Error::InvalidConfig`]
+/// or [`Error::InvalidNamespace`].
 #[derive(Clone)]
 pub struct PostgresConfig {
     pub(crate) url: String,

@@ -1,4 +1,7 @@
 #![doc = include_str!("../README.md")]
+// The TLS connector is cloned for every connection: `Clone` with the `tls`
+// feature, `Copy` (so the clones are trivial) without it.
+#![cfg_attr(not(feature = "tls"), allow(clippy::clone_on_copy))]
 
 use std::fmt;
 use std::sync::Arc;

@@ -216,6 +216,7 @@ DECLARE
     v_ancestor text;
     v_now timestamptz;
     v_blocker {s}.locks%ROWTYPE;
+    v_held {s}.locks%ROWTYPE;
 BEGIN
     -- Under REPEATABLE READ or SERIALIZABLE every statement would read the
     -- snapshot taken before the advisory locks were granted.
@@ -246,32 +247,34 @@ BEGIN
         --    reported rather than a stepwise client's transient one when
         --    both are there.
         IF p_tree THEN
-            SELECT * INTO v_blocker FROM {s}.locks l
-             WHERE l.namespace = p_namespace AND l.key = ANY (p_ancestors) AND l.expires_at > v_now
-             ORDER BY l.transient, l.key LIMIT 1;
-            IF NOT FOUND THEN
-                SELECT * INTO v_blocker FROM {s}.locks l
+            -- One statement: the first live ancestor (a held one before a
+            -- transient one), then the first live lock of the subtree.
+            -- Ancestors' keys sort before the subtree's.
+            SELECT b.* INTO v_blocker FROM (
+                (SELECT l.* FROM {s}.locks l
+                  WHERE l.namespace = p_namespace AND l.key = ANY (p_ancestors) AND l.expires_at > v_now
+                  ORDER BY l.transient, l.key LIMIT 1)
+                UNION ALL
+                (SELECT l.* FROM {s}.locks l
+                  WHERE l.namespace = p_namespace AND l.key >= p_key AND l.key < p_range_end
+                    AND l.expires_at > v_now
+                  ORDER BY l.key LIMIT 1)
+            ) b ORDER BY b.transient, b.key LIMIT 1;
+            v_blocked := FOUND;
+            IF v_blocked AND v_blocker.transient THEN
+                SELECT * INTO v_held FROM {s}.locks l
                  WHERE l.namespace = p_namespace AND l.key >= p_key AND l.key < p_range_end
-                   AND l.expires_at > v_now
+                   AND l.expires_at > v_now AND NOT l.transient
                  ORDER BY l.key LIMIT 1;
-                IF FOUND AND v_blocker.transient THEN
-                    SELECT * INTO v_blocker FROM {s}.locks l
-                     WHERE l.namespace = p_namespace AND l.key >= p_key AND l.key < p_range_end
-                       AND l.expires_at > v_now AND NOT l.transient
-                     ORDER BY l.key LIMIT 1;
-                    IF NOT FOUND THEN
-                        SELECT * INTO v_blocker FROM {s}.locks l
-                         WHERE l.namespace = p_namespace AND l.key >= p_key AND l.key < p_range_end
-                           AND l.expires_at > v_now
-                         ORDER BY l.key LIMIT 1;
-                    END IF;
+                IF FOUND THEN
+                    v_blocker := v_held;
                 END IF;
             END IF;
         ELSE
             SELECT * INTO v_blocker FROM {s}.locks l
              WHERE l.namespace = p_namespace AND l.key = p_key AND l.expires_at > v_now;
+            v_blocked := FOUND;
         END IF;
-        v_blocked := FOUND;
         EXIT WHEN v_blocked;
     END LOOP;
     IF v_blocked THEN

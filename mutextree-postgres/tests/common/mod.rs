@@ -40,8 +40,8 @@ pub fn url() -> String {
     })
 }
 
-/// How a started server runs.
-#[derive(Debug, Clone)]
+/// How a started server runs; the default is the tests' server.
+#[derive(Debug, Clone, Default)]
 pub struct Settings {
     /// `fsync`: off for the tests (a killed server still keeps every
     /// commit, since the WAL is written before a commit is acknowledged;
@@ -52,12 +52,6 @@ pub struct Settings {
     /// Whether [`Postgres::restart`] will be used: the first server then
     /// logs to a directory of its own, so that stopping it leaves the data.
     pub restartable: bool,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Settings { fsync: false, extra: Vec::new(), restartable: false }
-    }
 }
 
 /// A server the test started, and where its files are.
@@ -219,7 +213,7 @@ pub fn url_for(port: u16) -> String {
 
 /// The directory of the installed `postgres`, which holds `initdb` and
 /// `pg_isready` too (a `postgres` on PATH may be a link to it).
-fn bin_dir() -> Result<PathBuf, String> {
+pub fn bin_dir() -> Result<PathBuf, String> {
     let found = SPEC.find_binary()?;
     let postgres = std::fs::canonicalize(&found).map_err(|e| format!("cannot resolve {}: {e}", found.display()))?;
     Ok(postgres.parent().map(Path::to_path_buf).unwrap_or_default())
