@@ -9,3 +9,9 @@ pub mod blocking;
 pub mod memory {
     pub use mutextree_memory::{MemoryBackend, MemoryStore};
 }
+
+/// The PostgreSQL store (feature `postgres`; `postgres-tls` adds TLS).
+#[cfg(feature = "postgres")]
+pub mod postgres {
+    pub use mutextree_postgres::{PostgresBackend, PostgresConfig, PostgresStore, SchemaName};
+}
