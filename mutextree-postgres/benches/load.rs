@@ -45,7 +45,6 @@ fn main() {
         None => Some(common::Postgres::create(&settings).unwrap_or_else(|message| panic!("{message}"))),
     };
     let url = SPEC_URL.clone().unwrap_or_else(|| server.as_ref().expect("started").url());
-    let pgbench = Pgbench::new(&url, duration);
 
     println!("## PostgreSQL store: load\n");
     println!("* command: `cargo bench -p mutextree-postgres --bench load`");
@@ -58,8 +57,30 @@ fn main() {
          pgbench alternating\n"
     );
 
+    // `MUTEXTREE_BENCH_ONLY=held` runs the last part only.
+    let only_held = std::env::var("MUTEXTREE_BENCH_ONLY").is_ok_and(|only| only == "held");
+    if !only_held {
+        compare_with_pgbench(&url, duration, runs);
+    }
+
+    println!("\n### Unrelated locks held\n");
+    let mut rows = Vec::new();
+    for (clients, scenario) in [(1, Scenario::Siblings), (4, Scenario::Contended)] {
+        for background in [0, 10_000, 100_000] {
+            let spec = spec(clients, 3, scenario, background, duration);
+            let report = run_row(&url, &spec);
+            rows.push((spec, report));
+        }
+    }
+    print!("{}", load::markdown_table(&rows));
+    drop(server);
+}
+
+/// Parts 1 to 3: round trips, one client against pgbench, scaling.
+fn compare_with_pgbench(url: &str, duration: Duration, runs: usize) {
+    let pgbench = Pgbench::new(url, duration);
     println!("### Round trips\n");
-    println!("{}\n", block_on(count_round_trips(&url)));
+    println!("{}\n", block_on(count_round_trips(url)));
 
     println!("### One client, against pgbench -c 1\n");
     println!("| what | per second | runs |\n| --- | ---: | --- |");
@@ -68,8 +89,8 @@ fn main() {
     let mut ours_d3 = Vec::new();
     for _ in 0..runs {
         pgbench_runs.push(pgbench.run(1));
-        ours_d1.push(run_row(&url, &spec(1, 1, Scenario::Siblings, 0, duration)).pairs_per_sec);
-        ours_d3.push(run_row(&url, &spec(1, 3, Scenario::Siblings, 0, duration)).pairs_per_sec);
+        ours_d1.push(run_row(url, &spec(1, 1, Scenario::Siblings, 0, duration)).pairs_per_sec);
+        ours_d3.push(run_row(url, &spec(1, 3, Scenario::Siblings, 0, duration)).pairs_per_sec);
     }
     let base = median(&pgbench_runs);
     println!(
@@ -88,23 +109,11 @@ fn main() {
         let mut theirs = Vec::new();
         for _ in 0..runs {
             theirs.push(pgbench.run(clients));
-            ours.push(run_row(&url, &spec(clients, 3, Scenario::Siblings, 0, duration)).pairs_per_sec);
+            ours.push(run_row(url, &spec(clients, 3, Scenario::Siblings, 0, duration)).pairs_per_sec);
         }
         let (ours, theirs) = (median(&ours), median(&theirs));
         println!("| {clients} | {ours:.0} | {theirs:.0} | {:.0} % |", ours * 100.0 / theirs);
     }
-
-    println!("\n### Unrelated locks held\n");
-    let mut rows = Vec::new();
-    for (clients, scenario) in [(1, Scenario::Siblings), (4, Scenario::Contended)] {
-        for background in [0, 10_000, 100_000] {
-            let spec = spec(clients, 3, scenario, background, duration);
-            let report = run_row(&url, &spec);
-            rows.push((spec, report));
-        }
-    }
-    print!("{}", load::markdown_table(&rows));
-    drop(server);
 }
 
 static SPEC_URL: std::sync::LazyLock<Option<String>> = std::sync::LazyLock::new(|| common::SPEC.url_from_env());

@@ -44,10 +44,9 @@
 //!
 //! # Keeping the table small
 //!
-//! A grant removes the expired rows it looked at (its ancestors and its
-//! subtree), and every 128th token also removes up to 256 expired rows
-//! anywhere, oldest first, through the index on `expires_at`: at most a
-//! bounded amount of work per grant, and the table holds little more than
+//! A grant removes the expired rows of the subtree it locks, and every
+//! 128th token also removes up to 256 expired rows anywhere, oldest first,
+//! through the index on `expires_at`: a bounded amount of work per grant, and the table holds little more than
 //! the live locks.
 //!
 //! # Versions
@@ -217,6 +216,7 @@ DECLARE
     v_now timestamptz;
     v_blocker {s}.locks%ROWTYPE;
     v_held {s}.locks%ROWTYPE;
+    v_row {s}.locks%ROWTYPE;
 BEGIN
     -- Under REPEATABLE READ or SERIALIZABLE every statement would read the
     -- snapshot taken before the advisory locks were granted.
@@ -247,27 +247,39 @@ BEGIN
         --    reported rather than a stepwise client's transient one when
         --    both are there.
         IF p_tree THEN
-            -- One statement: the first live ancestor (a held one before a
-            -- transient one), then the first live lock of the subtree.
-            -- Ancestors' keys sort before the subtree's.
-            SELECT b.* INTO v_blocker FROM (
-                (SELECT l.* FROM {s}.locks l
-                  WHERE l.namespace = p_namespace AND l.key = ANY (p_ancestors) AND l.expires_at > v_now
-                  ORDER BY l.transient, l.key LIMIT 1)
-                UNION ALL
-                (SELECT l.* FROM {s}.locks l
-                  WHERE l.namespace = p_namespace AND l.key >= p_key AND l.key < p_range_end
-                    AND l.expires_at > v_now
-                  ORDER BY l.key LIMIT 1)
-            ) b ORDER BY b.transient, b.key LIMIT 1;
-            v_blocked := FOUND;
-            IF v_blocked AND v_blocker.transient THEN
-                SELECT * INTO v_held FROM {s}.locks l
+            -- Each ancestor by one lookup of the whole primary key, and the
+            -- subtree by one range of it: statements that leave the planner
+            -- no other choice, whatever its statistics say, so the cost
+            -- never depends on how many locks are held elsewhere.
+            v_blocked := false;
+            FOREACH v_ancestor IN ARRAY p_ancestors LOOP
+                SELECT * INTO v_row FROM {s}.locks l
+                 WHERE l.namespace = p_namespace AND l.key = v_ancestor AND l.expires_at > v_now;
+                IF FOUND AND (NOT v_blocked OR NOT v_row.transient) THEN
+                    v_blocker := v_row;
+                    v_blocked := true;
+                    EXIT WHEN NOT v_row.transient;
+                END IF;
+            END LOOP;
+            IF NOT v_blocked OR v_blocker.transient THEN
+                SELECT * INTO v_row FROM {s}.locks l
                  WHERE l.namespace = p_namespace AND l.key >= p_key AND l.key < p_range_end
-                   AND l.expires_at > v_now AND NOT l.transient
+                   AND l.expires_at > v_now
                  ORDER BY l.key LIMIT 1;
                 IF FOUND THEN
-                    v_blocker := v_held;
+                    IF v_row.transient THEN
+                        SELECT * INTO v_held FROM {s}.locks l
+                         WHERE l.namespace = p_namespace AND l.key >= p_key AND l.key < p_range_end
+                           AND l.expires_at > v_now AND NOT l.transient
+                         ORDER BY l.key LIMIT 1;
+                        IF FOUND THEN
+                            v_row := v_held;
+                        END IF;
+                    END IF;
+                    IF NOT v_blocked OR NOT v_row.transient THEN
+                        v_blocker := v_row;
+                    END IF;
+                    v_blocked := true;
                 END IF;
             END IF;
         ELSE
@@ -287,15 +299,15 @@ BEGIN
         RETURN;
     END IF;
 
-    -- 3. Nothing live is in the way: what is left there has expired. A
+    -- 3. Nothing live is in the way: what is left in the subtree has expired. A
     --    stepwise client may have locked a descendant's key since the check
     --    (its key lock does not wait for this node's); that row is live and
     --    stays.
     IF p_tree THEN
+        -- The subtree only (a range of the primary key); expired ancestors
+        -- are left to the sweep.
         DELETE FROM {s}.locks l
-         WHERE l.namespace = p_namespace
-           AND (l.key = ANY (p_ancestors) OR (l.key >= p_key AND l.key < p_range_end))
-           AND l.expires_at <= v_now;
+         WHERE l.namespace = p_namespace AND l.key >= p_key AND l.key < p_range_end AND l.expires_at <= v_now;
         INSERT INTO {s}.locks AS l VALUES
             (p_namespace, p_key, p_owner, nextval('{s}.tokens'), v_now + p_ttl_ms * interval '1 millisecond', p_transient)
         RETURNING l.token INTO token;
