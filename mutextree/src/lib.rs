@@ -19,3 +19,9 @@ pub mod memory {
 pub mod redis {
     pub use mutextree_redis::{RedisBackend, RedisOptions};
 }
+
+/// The PostgreSQL store (feature `postgres`; `postgres-tls` adds TLS).
+#[cfg(feature = "postgres")]
+pub mod postgres {
+    pub use mutextree_postgres::{PostgresBackend, PostgresConfig, PostgresStore, SchemaName};
+}

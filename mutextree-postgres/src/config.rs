@@ -1,0 +1,176 @@
+//! What a store needs to know to connect: checked as a whole before
+//! anything is sent.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use mutextree_core::{Error, Namespace};
+
+use crate::schema::SchemaName;
+use crate::STORE;
+
+/// How to reach the server and where the locks live.
+///
+/// Every setter only records its value;
+/// [`PostgresStore::connect`](crate::PostgresStore::connect) checks them all
+/// before it connects, and refuses a bad one with [`Error::InvalidConfig`]
+/// or [`Error::InvalidNamespace`].
+#[derive(Clone)]
+pub struct PostgresConfig {
+    pub(crate) url: String,
+    pub(crate) schema: String,
+    pub(crate) namespace: String,
+    pub(crate) pool_size: usize,
+    pub(crate) connect_timeout: Duration,
+    #[cfg(feature = "tls")]
+    pub(crate) tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+}
+
+impl PostgresConfig {
+    /// The default number of pooled connections.
+    pub const DEFAULT_POOL_SIZE: usize = 10;
+    /// The default limit on opening one connection.
+    pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// A configuration for the server at `url`: a `postgres://` URL or a
+    /// `key=value` connection string, as `tokio-postgres` reads them
+    /// (`host` may be a Unix socket directory). The other settings start
+    /// at their defaults: schema `mutextree`, namespace `mutextree`,
+    /// [`DEFAULT_POOL_SIZE`](Self::DEFAULT_POOL_SIZE) connections.
+    pub fn new(url: impl Into<String>) -> Self {
+        PostgresConfig {
+            url: url.into(),
+            schema: SchemaName::default().as_str().to_owned(),
+            namespace: Namespace::default().as_str().to_owned(),
+            pool_size: Self::DEFAULT_POOL_SIZE,
+            connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
+            #[cfg(feature = "tls")]
+            tls: None,
+        }
+    }
+
+    /// The PostgreSQL schema holding the store's table, sequence and
+    /// functions, created if missing (see [`SchemaName`] for the rules).
+    pub fn schema(mut self, name: impl Into<String>) -> Self {
+        self.schema = name.into();
+        self
+    }
+
+    /// The namespace of [`PostgresBackend::connect`](crate::PostgresBackend::connect):
+    /// several applications can share one schema without seeing each
+    /// other's locks.
+    pub fn namespace(mut self, name: impl Into<String>) -> Self {
+        self.namespace = name.into();
+        self
+    }
+
+    /// How many connections the pool keeps at most (at least 1). A call
+    /// holds one for its single round trip; waiting for a lock holds none.
+    pub fn pool_size(mut self, size: usize) -> Self {
+        self.pool_size = size;
+        self
+    }
+
+    /// How long opening one connection may take, unless the connection
+    /// string sets `connect_timeout` itself.
+    pub fn connect_timeout(mut self, limit: Duration) -> Self {
+        self.connect_timeout = limit;
+        self
+    }
+
+    /// The rustls configuration for TLS connections (feature `tls`). Without
+    /// it, the server's certificate is checked against the webpki roots.
+    /// TLS is used as the connection string's `sslmode` says (`prefer` by
+    /// default, `require`, or `disable`).
+    #[cfg(feature = "tls")]
+    pub fn tls_config(mut self, config: rustls::ClientConfig) -> Self {
+        self.tls = Some(std::sync::Arc::new(config));
+        self
+    }
+
+    /// The checked parts, or the first rule broken.
+    pub(crate) fn check(&self) -> Result<Checked, Error> {
+        let schema = SchemaName::new(self.schema.clone())?;
+        let namespace = Namespace::new(self.namespace.clone())?;
+        if self.pool_size == 0 {
+            return Err(invalid("the pool needs at least one connection"));
+        }
+        let mut pg = tokio_postgres::Config::from_str(&self.url)
+            .map_err(|error| invalid(format!("the connection string cannot be read: {error}")))?;
+        if pg.get_connect_timeout().is_none() {
+            pg.connect_timeout(self.connect_timeout);
+        }
+        if pg.get_application_name().is_none() {
+            pg.application_name("mutextree");
+        }
+        // The grant function needs READ COMMITTED (see the schema module);
+        // whatever the server's default, this session gets it.
+        let options = match pg.get_options() {
+            Some(given) => format!("{given} {READ_COMMITTED}"),
+            None => READ_COMMITTED.to_owned(),
+        };
+        pg.options(options);
+        Ok(Checked { schema, namespace, pg })
+    }
+}
+
+/// The session option that makes READ COMMITTED the default isolation.
+const READ_COMMITTED: &str = r"-c default_transaction_isolation=read\ committed";
+
+fn invalid(reason: impl Into<String>) -> Error {
+    Error::InvalidConfig { store: STORE, reason: reason.into() }
+}
+
+/// A configuration that passed [`PostgresConfig::check`].
+pub(crate) struct Checked {
+    pub(crate) schema: SchemaName,
+    pub(crate) namespace: Namespace,
+    pub(crate) pg: tokio_postgres::Config,
+}
+
+impl fmt::Debug for PostgresConfig {
+    /// Leaves out the connection string, which may hold a password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("schema", &self.schema)
+            .field("namespace", &self.namespace)
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_settings_are_refused_before_connecting() {
+        let good = PostgresConfig::new("host=/nowhere user=x");
+        assert!(good.check().is_ok());
+        let cases = [
+            (good.clone().schema("Bad-Name"), "schema name"),
+            (good.clone().namespace("{x}"), "namespace"),
+            (good.clone().pool_size(0), "at least one connection"),
+            (PostgresConfig::new("postgres://[::1"), "cannot be read"),
+        ];
+        for (config, expected) in cases {
+            let message = config.check().err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(message.contains(expected), "{config:?}: {message:?}");
+        }
+    }
+
+    #[test]
+    fn the_password_is_not_printed() {
+        let config = PostgresConfig::new("postgres://me:secret@db/app");
+        assert!(!format!("{config:?}").contains("secret"));
+    }
+
+    #[test]
+    fn sessions_are_read_committed() {
+        let checked = PostgresConfig::new("host=db options='-c work_mem=4MB'").check().expect("valid");
+        let options = checked.pg.get_options().expect("options");
+        assert!(options.starts_with("-c work_mem=4MB ") && options.ends_with(READ_COMMITTED), "{options}");
+    }
+}

@@ -1,0 +1,418 @@
+//! The objects the store keeps in its schema, and the migration that
+//! creates them.
+//!
+//! # Why functions
+//!
+//! Every tree operation must be one round trip and atomic. A single SQL
+//! statement cannot do it safely: a statement takes its snapshot before it
+//! waits on a lock, so a check in the statement (or in a CTE of it, or
+//! anywhere in a REPEATABLE READ transaction) that waited for a concurrent
+//! grant's advisory lock reads the rows as they were *before* that grant
+//! committed, and grants again. A `VOLATILE` plpgsql function under READ
+//! COMMITTED runs each statement with a fresh snapshot: it takes its advisory
+//! locks in statements of their own, and only then reads, so it sees every
+//! grant that held those locks before it.
+//!
+//! # Why these advisory locks
+//!
+//! A grant first looks without any lock: a live lock in the way refuses it
+//! at once, since it was live at that instant, so refusals never queue
+//! behind the grants holding the advisory locks. Otherwise it takes its
+//! locks and looks again before it writes.
+//!
+//! A tree grant takes a *shared* transaction-scoped advisory lock on each
+//! ancestor's key and an *exclusive* one on its node's key, root first. Two
+//! overlapping paths always meet on one key: for `[A]` and `[A, B]`, the
+//! first holds `A` exclusively and the second wants it shared, so one
+//! commits before the other reads. Siblings only share their parents'
+//! locks, so they never wait for each other. A stepwise client's single-key
+//! lock takes the exclusive lock on its key too, so it serialises with every
+//! native grant that passes through that key, which is what the stepwise
+//! algorithm's argument needs (see `mutextree_core::stepwise`).
+//!
+//! The keys are 64-bit hashes of namespace and key. A collision merges two
+//! unrelated keys into one lock: that only serialises more than needed, but
+//! can make two grants wait for each other in opposite orders; PostgreSQL
+//! then aborts one with a deadlock (SQLSTATE 40P01), which the client
+//! retries.
+//!
+//! # Why the server's clock, read at the call
+//!
+//! Expiry is judged by `clock_timestamp()` (the present), read once after
+//! the locks were taken, never by `now()` (the start of the transaction) nor
+//! by a client's clock.
+//!
+//! # Keeping the table small
+//!
+//! A grant removes the expired rows of the subtree it locks, and every
+//! 128th token also removes up to 256 expired rows anywhere, oldest first,
+//! through the index on `expires_at`: a bounded amount of work per grant, and the table holds little more than
+//! the live locks.
+//!
+//! # Versions
+//!
+//! `schema_version` holds the version of the objects. A client migrates an
+//! older schema step by step inside one transaction, under a transaction-
+//! scoped advisory lock on the schema's name, so processes that start at
+//! once wait for each other instead of failing; one that finds the current
+//! version does nothing but read it. A schema migrated by a newer version
+//! of this crate is refused rather than misused.
+
+use std::fmt;
+
+use mutextree_core::Error;
+
+/// The version of the objects this crate creates and uses.
+pub(crate) const VERSION: i32 = 1;
+
+/// The name of a PostgreSQL schema the store keeps its objects in.
+///
+/// 1 to [`SchemaName::MAX_BYTES`] lowercase ASCII letters, digits and `_`,
+/// starting with a letter or `_`, and not starting with `pg_` (PostgreSQL
+/// reserves those). Narrow on purpose: the name is spliced into SQL (always
+/// quoted as well) and into the notification channel, whose name is limited
+/// to 63 bytes.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct SchemaName(String);
+
+impl SchemaName {
+    /// Longest accepted schema name, in bytes.
+    pub const MAX_BYTES: usize = 48;
+
+    /// Checks a schema name.
+    pub fn new(name: impl Into<String>) -> Result<Self, Error> {
+        let name = name.into();
+        let valid_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_';
+        let reason = if name.is_empty() {
+            Some("a schema name needs at least one character".to_owned())
+        } else if name.len() > Self::MAX_BYTES {
+            Some(format!("{} bytes, but a schema name may have at most {}", name.len(), Self::MAX_BYTES))
+        } else if let Some(bad) = name.chars().find(|c| !valid_char(*c)) {
+            Some(format!("{bad:?} is not allowed; a schema name uses lowercase ASCII letters, digits and `_` only"))
+        } else if name.starts_with(|c: char| c.is_ascii_digit()) {
+            Some("a schema name may not start with a digit".to_owned())
+        } else if name.starts_with("pg_") {
+            Some("names starting with `pg_` are reserved by PostgreSQL".to_owned())
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => Err(Error::InvalidConfig {
+                store: crate::STORE,
+                reason: format!("schema name {}: {reason}", crate::error::shorten(&name)),
+            }),
+            None => Ok(SchemaName(name)),
+        }
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The name as a quoted SQL identifier.
+    pub(crate) fn quoted(&self) -> String {
+        // The accepted characters need no escaping inside the quotes.
+        format!("\"{}\"", self.0)
+    }
+
+    /// The channel releases are announced on.
+    pub(crate) fn channel(&self) -> String {
+        format!("{}_changes", self.0)
+    }
+}
+
+impl Default for SchemaName {
+    /// `mutextree`.
+    fn default() -> Self {
+        SchemaName("mutextree".to_owned())
+    }
+}
+
+impl fmt::Display for SchemaName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for SchemaName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SchemaName({:?})", self.0)
+    }
+}
+
+/// The statements the store runs, with the schema spliced in.
+#[derive(Debug, Clone)]
+pub(crate) struct Statements {
+    pub(crate) read_version: String,
+    pub(crate) grant: String,
+    pub(crate) release: String,
+    pub(crate) refresh: String,
+    pub(crate) list_all: String,
+    pub(crate) list_under: String,
+}
+
+impl Statements {
+    pub(crate) fn new(schema: &SchemaName) -> Self {
+        let s = schema.quoted();
+        let list = format!(
+            "SELECT l.key, l.owner, l.token, \
+                    (extract(epoch FROM l.expires_at - n.now) * 1000000)::bigint, l.transient \
+             FROM {s}.locks l, (SELECT clock_timestamp() AS now) n \
+             WHERE l.namespace = $1 AND l.expires_at > n.now"
+        );
+        Statements {
+            read_version: format!("SELECT version FROM {s}.schema_version"),
+            grant: format!("SELECT * FROM {s}.try_grant($1, $2, $3, $4, $5, $6, $7, $8)"),
+            release: format!("SELECT {s}.release($1, $2, $3, $4)"),
+            refresh: format!("SELECT {s}.refresh($1, $2, $3, $4, $5)"),
+            list_all: format!("{list} ORDER BY l.key"),
+            list_under: format!("{list} AND l.key >= $2 AND l.key < $3 ORDER BY l.key"),
+        }
+    }
+}
+
+/// The statements that take the schema from `version - 1` to `version`.
+pub(crate) fn migration_step(schema: &SchemaName, version: i32) -> Option<String> {
+    match version {
+        1 => Some(version_1(schema)),
+        _ => None,
+    }
+}
+
+/// The first version: the lock table, its indexes, the token sequence and
+/// the three functions.
+fn version_1(schema: &SchemaName) -> String {
+    let s = schema.quoted();
+    let channel = schema.channel();
+    format!(
+        r#"
+CREATE SEQUENCE {s}.tokens AS bigint MINVALUE 1;
+
+CREATE TABLE {s}.locks (
+    namespace  text COLLATE "C" NOT NULL,
+    key        text COLLATE "C" NOT NULL,
+    owner      text NOT NULL,
+    token      bigint NOT NULL,
+    expires_at timestamptz NOT NULL,
+    transient  boolean NOT NULL,
+    PRIMARY KEY (namespace, key)
+);
+
+CREATE INDEX locks_expires_at ON {s}.locks (expires_at);
+
+-- A tree grant (p_tree) or a single-key lock; see the crate's schema module.
+CREATE FUNCTION {s}.try_grant(
+    p_namespace text, p_key text, p_ancestors text[], p_range_end text,
+    p_owner text, p_ttl_ms bigint, p_tree boolean, p_transient boolean,
+    OUT granted boolean, OUT token bigint,
+    OUT blocker_key text, OUT blocker_owner text, OUT blocker_token bigint,
+    OUT blocker_remaining_us bigint, OUT blocker_transient boolean)
+LANGUAGE plpgsql VOLATILE AS $fn$
+DECLARE
+    v_pass integer;
+    v_blocked boolean;
+    v_ancestor text;
+    v_now timestamptz;
+    v_blocker {s}.locks%ROWTYPE;
+    v_held {s}.locks%ROWTYPE;
+    v_row {s}.locks%ROWTYPE;
+BEGIN
+    -- Under REPEATABLE READ or SERIALIZABLE every statement would read the
+    -- snapshot taken before the advisory locks were granted.
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'mutextree grants need READ COMMITTED, not %', current_setting('transaction_isolation')
+            USING ERRCODE = '25001';
+    END IF;
+
+    FOR v_pass IN 1..2 LOOP
+        -- 1. On the second pass only: the advisory locks, each in a
+        --    statement of its own, root first, so that every later
+        --    statement reads with a snapshot taken after they were held.
+        --    The first pass looks without them: a live lock it sees
+        --    refuses the call at once (it was live at that instant), so
+        --    refusals never queue behind the lock holders.
+        IF v_pass = 2 THEN
+            IF p_tree THEN
+                FOREACH v_ancestor IN ARRAY p_ancestors LOOP
+                    PERFORM pg_advisory_xact_lock_shared(hashtextextended(p_namespace || ' ' || v_ancestor, 0));
+                END LOOP;
+            END IF;
+            PERFORM pg_advisory_xact_lock(hashtextextended(p_namespace || ' ' || p_key, 0));
+        END IF;
+        v_now := clock_timestamp();
+
+        -- 2. The check: the node alone, or its ancestors (by equality) and
+        --    its subtree (a range of the primary key). A held lock is
+        --    reported rather than a stepwise client's transient one when
+        --    both are there.
+        IF p_tree THEN
+            -- Each ancestor by one lookup of the whole primary key, and the
+            -- subtree by one range of it: statements that leave the planner
+            -- no other choice, whatever its statistics say, so the cost
+            -- never depends on how many locks are held elsewhere.
+            v_blocked := false;
+            FOREACH v_ancestor IN ARRAY p_ancestors LOOP
+                SELECT * INTO v_row FROM {s}.locks l
+                 WHERE l.namespace = p_namespace AND l.key = v_ancestor AND l.expires_at > v_now;
+                IF FOUND AND (NOT v_blocked OR NOT v_row.transient) THEN
+                    v_blocker := v_row;
+                    v_blocked := true;
+                    EXIT WHEN NOT v_row.transient;
+                END IF;
+            END LOOP;
+            IF NOT v_blocked OR v_blocker.transient THEN
+                SELECT * INTO v_row FROM {s}.locks l
+                 WHERE l.namespace = p_namespace AND l.key >= p_key AND l.key < p_range_end
+                   AND l.expires_at > v_now
+                 ORDER BY l.key LIMIT 1;
+                IF FOUND THEN
+                    IF v_row.transient THEN
+                        SELECT * INTO v_held FROM {s}.locks l
+                         WHERE l.namespace = p_namespace AND l.key >= p_key AND l.key < p_range_end
+                           AND l.expires_at > v_now AND NOT l.transient
+                         ORDER BY l.key LIMIT 1;
+                        IF FOUND THEN
+                            v_row := v_held;
+                        END IF;
+                    END IF;
+                    IF NOT v_blocked OR NOT v_row.transient THEN
+                        v_blocker := v_row;
+                    END IF;
+                    v_blocked := true;
+                END IF;
+            END IF;
+        ELSE
+            SELECT * INTO v_blocker FROM {s}.locks l
+             WHERE l.namespace = p_namespace AND l.key = p_key AND l.expires_at > v_now;
+            v_blocked := FOUND;
+        END IF;
+        EXIT WHEN v_blocked;
+    END LOOP;
+    IF v_blocked THEN
+        granted := false;
+        blocker_key := v_blocker.key;
+        blocker_owner := v_blocker.owner;
+        blocker_token := v_blocker.token;
+        blocker_remaining_us := (extract(epoch FROM v_blocker.expires_at - v_now) * 1000000)::bigint;
+        blocker_transient := v_blocker.transient;
+        RETURN;
+    END IF;
+
+    -- 3. Nothing live is in the way: what is left in the subtree has expired. A
+    --    stepwise client may have locked a descendant's key since the check
+    --    (its key lock does not wait for this node's); that row is live and
+    --    stays.
+    IF p_tree THEN
+        -- The subtree only (a range of the primary key); expired ancestors
+        -- are left to the sweep.
+        DELETE FROM {s}.locks l
+         WHERE l.namespace = p_namespace AND l.key >= p_key AND l.key < p_range_end AND l.expires_at <= v_now;
+        INSERT INTO {s}.locks AS l VALUES
+            (p_namespace, p_key, p_owner, nextval('{s}.tokens'), v_now + p_ttl_ms * interval '1 millisecond', p_transient)
+        RETURNING l.token INTO token;
+    ELSE
+        INSERT INTO {s}.locks AS l VALUES
+            (p_namespace, p_key, p_owner, nextval('{s}.tokens'), v_now + p_ttl_ms * interval '1 millisecond', p_transient)
+        ON CONFLICT (namespace, key) DO UPDATE
+            SET owner = excluded.owner, token = excluded.token, expires_at = excluded.expires_at,
+                transient = excluded.transient
+            WHERE l.expires_at <= v_now
+        RETURNING l.token INTO token;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'mutextree: % was locked while its advisory lock was held', p_key;
+        END IF;
+    END IF;
+    granted := true;
+
+    -- 4. The bounded sweep of expired rows anywhere.
+    IF token % 128 = 0 THEN
+        DELETE FROM {s}.locks l
+         USING (SELECT e.namespace, e.key FROM {s}.locks e WHERE e.expires_at <= v_now
+                 ORDER BY e.expires_at LIMIT 256 FOR UPDATE SKIP LOCKED) old
+         WHERE l.namespace = old.namespace AND l.key = old.key AND l.expires_at <= v_now;
+    END IF;
+END
+$fn$;
+
+-- Removes exactly this grant; true if it was live. Waiters hear of it on
+-- the channel (sent at commit); an expired grant is removed silently.
+CREATE FUNCTION {s}.release(p_namespace text, p_key text, p_owner text, p_token bigint)
+RETURNS boolean LANGUAGE plpgsql VOLATILE AS $fn$
+DECLARE
+    v_live boolean;
+BEGIN
+    DELETE FROM {s}.locks l
+     WHERE l.namespace = p_namespace AND l.key = p_key AND l.owner = p_owner AND l.token = p_token
+    RETURNING l.expires_at > clock_timestamp() INTO v_live;
+    IF v_live THEN
+        PERFORM pg_notify('{channel}', p_namespace);
+    END IF;
+    RETURN coalesce(v_live, false);
+END
+$fn$;
+
+-- Sets the remaining life of exactly this grant, if it is live.
+CREATE FUNCTION {s}.refresh(p_namespace text, p_key text, p_owner text, p_token bigint, p_ttl_ms bigint)
+RETURNS boolean LANGUAGE plpgsql VOLATILE AS $fn$
+DECLARE
+    v_now timestamptz := clock_timestamp();
+BEGIN
+    UPDATE {s}.locks l SET expires_at = v_now + p_ttl_ms * interval '1 millisecond'
+     WHERE l.namespace = p_namespace AND l.key = p_key AND l.owner = p_owner AND l.token = p_token
+       AND l.expires_at > v_now;
+    RETURN FOUND;
+END
+$fn$;
+"#
+    )
+}
+
+/// The statements that migrate, in one transaction: the schema-wide lock,
+/// then the version table.
+pub(crate) fn migration_prelude(schema: &SchemaName) -> String {
+    let s = schema.quoted();
+    format!(
+        "CREATE SCHEMA IF NOT EXISTS {s}; \
+         CREATE TABLE IF NOT EXISTS {s}.schema_version ( \
+             singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton), \
+             version integer NOT NULL);"
+    )
+}
+
+/// Records `version` as the schema's.
+pub(crate) fn record_version(schema: &SchemaName, version: i32) -> String {
+    let s = schema.quoted();
+    format!(
+        "INSERT INTO {s}.schema_version (version) VALUES ({version}) \
+         ON CONFLICT (singleton) DO UPDATE SET version = excluded.version;"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_names() {
+        for good in ["mutextree", "_x", "a1_b", &"x".repeat(SchemaName::MAX_BYTES)] {
+            assert_eq!(SchemaName::new(good).expect(good).as_str(), good);
+        }
+        for (bad, rule) in [
+            ("", "at least one"),
+            ("Upper", "'U'"),
+            ("a-b", "'-'"),
+            ("a\"b", "'\"'"),
+            ("a;drop", "';'"),
+            ("1abc", "digit"),
+            ("pg_locks", "reserved"),
+            ("é", "'é'"),
+        ] {
+            let message = SchemaName::new(bad).expect_err(bad).to_string();
+            assert!(message.contains(rule), "{bad:?}: {message}");
+        }
+        let long = "x".repeat(SchemaName::MAX_BYTES + 1);
+        assert!(SchemaName::new(long).is_err());
+        assert!(SchemaName::default().channel().len() < 64);
+    }
+}

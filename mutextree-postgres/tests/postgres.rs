@@ -1,0 +1,296 @@
+//! What only the PostgreSQL store promises, on a real server: migrations
+//! racing each other, the READ COMMITTED snapshot race on parent/child
+//! paths, a server crash and restart, the table staying small, one
+//! listening connection per backend, and bad schema names.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use conformance::cancel::Gated;
+use conformance::oracle::Oracle;
+use futures::future::join_all;
+use mutextree_core::{Attempt, Error, LockBackend, LockPath, LockRequest, Owner, Stepwise, TreeLock, Ttl, Wait};
+use mutextree_postgres::{PostgresBackend, PostgresConfig, PostgresStore};
+use tokio::time::Instant;
+
+fn request(path: &str, owner: &str, ttl: Duration) -> LockRequest {
+    LockRequest::new(
+        LockPath::parse(path).expect("path"),
+        Owner::new(owner).expect("owner"),
+        Ttl::new(ttl).expect("ttl"),
+    )
+}
+
+fn fresh_name(prefix: &str) -> String {
+    format!("{prefix}_{:012x}", fastrand::u64(..1 << 48))
+}
+
+/// A plain connection for looking at the server's side of things.
+async fn inspector(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("connect");
+    tokio::spawn(connection);
+    client
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_migrations_of_a_fresh_schema_all_succeed() {
+    let url = common::url();
+    for _ in 0..4 {
+        let schema = fresh_name("migrate");
+        let starts = (0..8).map(|_| {
+            let config = PostgresConfig::new(url.clone()).schema(schema.clone()).pool_size(1);
+            tokio::spawn(async move { PostgresStore::connect(&config).await })
+        });
+        let stores: Vec<PostgresStore> = join_all(starts)
+            .await
+            .into_iter()
+            .map(|joined| joined.expect("task").unwrap_or_else(|e| panic!("a concurrent migration failed: {e}")))
+            .collect();
+        let backend = stores[3].backend("app").expect("namespace");
+        let grant = backend.try_grant(&request("a/b", "me", Duration::from_secs(30))).await.expect("grant");
+        let grant = grant.granted().expect("a fresh schema holds no lock");
+        let other = stores[5].backend("app").expect("namespace");
+        let refused = other.try_grant(&request("a", "you", Duration::from_secs(30))).await.expect("attempt");
+        assert!(matches!(refused, Attempt::Blocked(ref held) if held.token == grant.token), "{refused:?}");
+
+        let client = inspector(&url).await;
+        let versions = client.query(&format!("SELECT version FROM \"{schema}\".schema_version"), &[]).await;
+        let versions: Vec<i32> = versions.expect("version table").iter().map(|row| row.get(0)).collect();
+        assert_eq!(versions, [1], "one version row");
+        // A later start finds the current version and changes nothing.
+        PostgresStore::connect(&PostgresConfig::new(url.clone()).schema(schema.clone())).await.expect("again");
+        client.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE")).await.expect("drop");
+    }
+}
+
+/// Many clients grant [A], [A, B], [A, B, C] and [A, B, D] at once and
+/// hold them for a moment: the oracle sees every grant and release and
+/// fails on any two overlapping holders. This is the race a statement that
+/// waits for an advisory lock and then checks with its old snapshot loses.
+async fn parent_child_race(stepwise_every: usize) {
+    const CLIENTS: usize = 24;
+    const ROUNDS: usize = 150;
+    let url = common::url();
+    let namespace = fresh_name("race");
+    let paths = ["A", "A/B", "A/B/C", "A/B/D"].map(|p| LockPath::parse(p).expect("path"));
+    let oracle = Arc::new(Oracle::new());
+    let refused = Arc::new(AtomicU64::new(0));
+    let tasks = (0..CLIENTS).map(|client| {
+        let (url, namespace, paths, oracle, refused) =
+            (url.clone(), namespace.clone(), paths.clone(), oracle.clone(), refused.clone());
+        tokio::spawn(async move {
+            let config = PostgresConfig::new(url).namespace(namespace).pool_size(1);
+            let native: Arc<dyn LockBackend> = Arc::new(PostgresBackend::connect(&config).await.expect("connect"));
+            let backend: Arc<dyn LockBackend> = if stepwise_every > 0 && client % stepwise_every == 0 {
+                Arc::new(Stepwise::new(native))
+            } else {
+                native
+            };
+            let owner = Owner::new(format!("client-{client}")).expect("owner");
+            let ttl = Ttl::new(Duration::from_secs(60)).expect("ttl");
+            for round in 0..ROUNDS {
+                let path = paths[(client + round * 7) % paths.len()].clone();
+                match backend.try_grant(&LockRequest::new(path, owner.clone(), ttl)).await.expect("attempt") {
+                    Attempt::Granted(grant) => {
+                        oracle.enter(&grant);
+                        for _ in 0..fastrand::usize(1..4) {
+                            tokio::task::yield_now().await;
+                        }
+                        oracle.exit(&grant);
+                        backend.release(&grant).await.expect("release of a held lock");
+                    }
+                    Attempt::Blocked(_) => {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        })
+    });
+    for task in join_all(tasks).await {
+        task.expect("client task");
+    }
+    oracle.assert_clean();
+    let (grants, refused) = (oracle.grants(), refused.load(Ordering::Relaxed));
+    assert!(grants > CLIENTS as u64, "only {grants} grants");
+    assert!(refused > 0, "{CLIENTS} clients on four overlapping paths must run into each other");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn read_committed_parent_child_race_never_grants_twice() {
+    parent_child_race(0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parent_child_race_with_stepwise_clients_never_grants_twice() {
+    parent_child_race(3).await;
+}
+
+/// The server is killed mid-run and started again on the same data: calls
+/// fail (retryably) while it is down, the pool recovers by itself, the
+/// granted locks are still there with their tokens, tokens keep rising, and
+/// waiters hear releases again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_yields_errors_then_recovery_and_keeps_the_locks() {
+    let settings = common::Settings { fsync: true, restartable: true, ..common::Settings::default() };
+    let server = common::Postgres::create(&settings).unwrap_or_else(|message| panic!("{message}"));
+    let config = PostgresConfig::new(server.url()).namespace("restart").pool_size(2);
+    let backend = PostgresBackend::connect(&config).await.expect("connect");
+    let long = Duration::from_secs(600);
+    let parent = backend.try_grant(&request("A", "holder", long)).await.expect("grant").granted().expect("free");
+    let other = backend.try_grant(&request("X/Y", "holder", long)).await.expect("grant").granted().expect("free");
+
+    let stopped = server.stop();
+    let error = backend.try_grant(&request("B", "me", long)).await.expect_err("the server is down");
+    assert!(matches!(error, Error::Store { retryable: true, .. }), "{error:?}");
+    let error = backend.list(None).await.expect_err("the server is down");
+    assert!(error.is_retryable(), "{error:?}");
+
+    let server = stopped.start_again().unwrap_or_else(|message| panic!("{message}"));
+    // The first calls may still meet connections broken by the crash;
+    // within a bounded number of calls the pool has replaced them.
+    let mut recovered = None;
+    for _ in 0..50 {
+        match backend.list(None).await {
+            Ok(held) => {
+                recovered = Some(held);
+                break;
+            }
+            Err(error) => assert!(error.is_retryable(), "{error:?}"),
+        }
+    }
+    let held = recovered.expect("the pool recovers once the server is back");
+    let tokens: Vec<u64> = held.iter().map(|lock| lock.token).collect();
+    assert_eq!(tokens, [parent.token, other.token], "the granted locks survived the restart");
+
+    let refused = backend.try_grant(&request("A/B", "me", long)).await.expect("attempt");
+    assert!(matches!(refused, Attempt::Blocked(ref held) if held.token == parent.token), "{refused:?}");
+    let next = backend.try_grant(&request("C", "me", long)).await.expect("grant").granted().expect("free");
+    assert!(next.token > other.token, "tokens rise across the restart: {} after {}", next.token, other.token);
+
+    backend.release(&other).await.expect("release");
+    backend.release(&next).await.expect("release");
+
+    // Waiters hear releases again: the listening connection came back.
+    let waiter_backend = Arc::new(PostgresBackend::connect(&config).await.expect("connect"));
+    let gated = Gated::new(waiter_backend);
+    let waiter = TreeLock::builder(gated.clone(), "A/B").wait(Wait::For(long)).build().expect("lock");
+    let refused = gated.blocked();
+    let waiting = tokio::spawn(async move { waiter.acquire().await.map(|_| Instant::now()) });
+    tokio::time::timeout(Duration::from_secs(30), refused).await.expect("the waiter is refused first");
+    let released_at = Instant::now();
+    backend.release(&parent).await.expect("the old grant is still releasable");
+    let granted_at = waiting.await.expect("task").expect("granted after the release");
+    let delay = granted_at - released_at;
+    assert!(delay < Duration::from_secs(2), "woke {delay:?} after the release, the blocker had 10 min left");
+    drop(server);
+}
+
+/// Locks that are never released (their holders died) expire, and grants
+/// elsewhere sweep them: the table stays about as small as what is live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_rows_are_swept_so_the_table_stays_small() {
+    let url = common::url();
+    let schema = fresh_name("sweep");
+    let config = PostgresConfig::new(url.clone()).schema(schema.clone()).namespace("sweep");
+    let backend = PostgresBackend::connect(&config).await.expect("connect");
+    let client = inspector(&url).await;
+    let sql = format!("SELECT count(*) FROM \"{schema}\".locks");
+    let count = || async { client.query_one(&sql, &[]).await.expect("count").get::<_, i64>(0) };
+    // 2000 holders that never release, each lock gone after 1 ms: without
+    // the sweep the table would hold all 2000.
+    let short = Duration::from_millis(1);
+    let mut largest = 0;
+    for i in 0..2000 {
+        backend.try_grant(&request(&format!("dead/n{i}"), "gone", short)).await.expect("grant");
+        if i % 100 == 99 {
+            largest = largest.max(count().await);
+        }
+    }
+    assert!(largest > 0, "the rows are there until swept");
+    assert!(largest <= 400, "{largest} rows for locks that expired long ago");
+    // Once they have all expired, a few hundred grants elsewhere remove them.
+    tokio::time::sleep(short * 2).await;
+    let long = Duration::from_secs(60);
+    for _ in 0..300 {
+        let grant = backend.try_grant(&request("live/x", "me", long)).await.expect("grant").granted().expect("free");
+        backend.release(&grant).await.expect("release");
+    }
+    let left = count().await;
+    assert_eq!(left, 0, "{left} expired rows were left behind");
+    client.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE")).await.expect("drop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_waiters_share_one_listening_connection() {
+    let url = common::url();
+    let schema = fresh_name("listen");
+    let config = PostgresConfig::new(url.clone()).schema(schema.clone()).namespace("listen");
+    let backend = Arc::new(PostgresBackend::connect(&config).await.expect("connect"));
+    let holder = backend.try_grant(&request("A", "holder", Duration::from_secs(60))).await.expect("grant");
+    let holder = holder.granted().expect("free");
+    let waiters: Vec<_> = (0..10)
+        .map(|i| {
+            let lock = TreeLock::builder(backend.clone() as Arc<dyn LockBackend>, &format!("A/w{i}"))
+                .wait(Wait::For(Duration::from_secs(60)))
+                .build()
+                .expect("lock");
+            tokio::spawn(async move { lock.acquire().await.map(|_| Instant::now()) })
+        })
+        .collect();
+    let client = inspector(&url).await;
+    let listening = format!("LISTEN \"{schema}_changes\"");
+    let connections = || async {
+        let row = client
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE query = $1", &[&listening])
+            .await
+            .expect("activity");
+        row.get::<_, i64>(0)
+    };
+    let started = Instant::now();
+    while !backend.is_listening() {
+        assert!(started.elapsed() < Duration::from_secs(10), "the listening connection never came up");
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(connections().await, 1, "one LISTEN connection for ten waiters");
+    let released_at = Instant::now();
+    backend.release(&holder).await.expect("release");
+    for waiter in waiters {
+        let granted_at = waiter.await.expect("task").expect("granted");
+        assert!(granted_at - released_at < Duration::from_secs(2));
+    }
+    client.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE")).await.expect("drop");
+}
+
+#[tokio::test]
+async fn bad_schema_names_are_rejected_before_connecting() {
+    // Nothing listens on port 1: a connection attempt would be a store error.
+    let unreachable = "host=127.0.0.1 port=1 user=postgres connect_timeout=1";
+    for (schema, rule) in [
+        ("", "at least one character"),
+        ("Locks", "lowercase"),
+        ("locks; DROP TABLE x", "lowercase"),
+        ("\"quoted\"", "lowercase"),
+        ("pg_locks", "reserved"),
+        ("9lives", "digit"),
+    ] {
+        let config = PostgresConfig::new(unreachable).schema(schema);
+        match PostgresStore::connect(&config).await {
+            Err(error @ Error::InvalidConfig { .. }) => {
+                let message = error.to_string();
+                assert!(message.contains("schema name") && message.contains(rule), "{schema:?}: {message}");
+            }
+            other => panic!("{schema:?} should be refused before connecting, got {other:?}"),
+        }
+    }
+    let too_long = "x".repeat(mutextree_postgres::SchemaName::MAX_BYTES + 1);
+    let refused = PostgresStore::connect(&PostgresConfig::new(unreachable).schema(too_long)).await;
+    assert!(matches!(refused, Err(Error::InvalidConfig { .. })), "{refused:?}");
+    let refused = PostgresStore::connect(&PostgresConfig::new(unreachable).namespace("a b")).await;
+    assert!(matches!(refused, Err(Error::InvalidNamespace { .. })), "{refused:?}");
+    // And a good name against the unreachable server is a retryable store error.
+    let down = PostgresStore::connect(&PostgresConfig::new(unreachable)).await;
+    assert!(matches!(down, Err(Error::Store { retryable: true, .. })), "{down:?}");
+}
