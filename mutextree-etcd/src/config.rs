@@ -123,9 +123,11 @@ impl EtcdConfig {
             let rest = endpoint.strip_prefix("http://").or_else(|| endpoint.strip_prefix("https://"));
             match rest {
                 Some(authority) if !authority.is_empty() && !authority.contains(char::is_whitespace) => {}
-                _ => return invalid(format!(
+                _ => {
+                    return invalid(format!(
                     "endpoint {endpoint:?} is not an http:// or https:// URL with a host, e.g. http://127.0.0.1:2379"
-                )),
+                ))
+                }
             }
             if endpoint.starts_with("https://") && !cfg!(feature = "tls") {
                 return invalid(format!("endpoint {endpoint:?} needs TLS: enable the `tls` feature of mutextree-etcd"));

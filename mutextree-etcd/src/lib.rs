@@ -2,6 +2,7 @@
 
 mod config;
 mod layout;
+mod members;
 mod store;
 mod watch;
 

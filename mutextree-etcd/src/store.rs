@@ -1,13 +1,13 @@
 //! The backend: every lock operation as etcd requests. See the crate docs
 //! for the design; the comments here say what each request is for.
 
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, KvClient, LeaseClient, PutOptions, Txn, TxnOp,
-    TxnOpResponse, TxnResponse,
+    Client, Compare, CompareOp, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
 };
 use futures::stream::{self, StreamExt, TryStreamExt};
 use mutextree_core::{
@@ -19,6 +19,7 @@ use tokio::time::Instant;
 
 use crate::config::{EtcdConfig, STORE};
 use crate::layout::{decode_value, encode_value, Layout};
+use crate::members::Members;
 use crate::watch;
 
 /// etcd's minimum lease ttl with its default timing (`--election-timeout`
@@ -30,6 +31,11 @@ pub const MIN_LEASE_TTL: Duration = Duration::from_secs(2);
 const LIST_PAGE: i64 = 1000;
 /// Lease lookups in flight at once when listing.
 const LOOKUPS_IN_FLIGHT: usize = 32;
+/// How long after its grant a lease may still take new locks: a
+/// twentieth of its ttl, at most [`MAX_SHARING`]. A lock on a shared lease
+/// lives that much less than its ttl at most, and its grant says so.
+const SHARING_SHARE: u32 = 20;
+const MAX_SHARING: Duration = Duration::from_millis(500);
 /// How often a grant is retried when the lock in its way vanished (its
 /// lease expired) between the transaction and the lookup of its lease.
 const VANISHED_BLOCKER_RETRIES: usize = 3;
@@ -40,19 +46,24 @@ const VANISHED_BLOCKER_RETRIES: usize = 3;
 /// connection (one multiplexed gRPC channel per endpoint).
 #[derive(Clone)]
 pub struct EtcdStore {
-    client: Client,
+    members: Arc<Members>,
     config: EtcdConfig,
 }
 
 impl EtcdStore {
-    /// Checks the configuration and connects. Without credentials this
-    /// sends nothing (the connection is made on first use, and re-made by
-    /// itself after a failure); with credentials it authenticates, so wrong
-    /// ones fail here.
+    /// Checks the configuration and connects, one connection per endpoint
+    /// (see [the failover](crate#how-it-works)). Without credentials this
+    /// sends nothing (connections are made on first use, and re-made by
+    /// themselves after a failure); with credentials it authenticates with
+    /// every endpoint, so wrong ones fail here.
     pub async fn connect(config: EtcdConfig) -> Result<Self, Error> {
         config.check()?;
-        let client = Client::connect(config.endpoints(), Some(config.connect_options())).await.map_err(store_error)?;
-        Ok(EtcdStore { client, config })
+        let mut clients = Vec::with_capacity(config.endpoints().len());
+        for endpoint in config.endpoints() {
+            let client = Client::connect([endpoint], Some(config.connect_options())).await.map_err(store_error)?;
+            clients.push(client);
+        }
+        Ok(EtcdStore { members: Arc::new(Members::new(clients)), config })
     }
 
     /// A backend for one namespace on this connection.
@@ -63,13 +74,12 @@ impl EtcdStore {
         feed.set_live(false);
         Ok(EtcdBackend {
             inner: Arc::new(Inner {
-                kv: self.client.kv_client(),
-                lease: self.client.lease_client(),
-                watch_client: self.client.watch_client(),
+                members: self.members.clone(),
                 layout: Layout::new(self.config.key_prefix(), name.as_str()),
                 namespace: name,
                 feed,
                 watch: Mutex::new(None),
+                shared_leases: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -90,14 +100,14 @@ pub struct EtcdBackend {
 }
 
 struct Inner {
-    kv: KvClient,
-    lease: LeaseClient,
-    watch_client: etcd_client::WatchClient,
+    members: Arc<Members>,
     layout: Layout,
     namespace: Namespace,
     feed: ChangeFeed,
     /// The watch task, started by the first `listen`.
     watch: Mutex<Option<JoinHandle<()>>>,
+    /// The lease new grants of each ttl (in seconds) go on, while young.
+    shared_leases: Mutex<HashMap<i64, Lease>>,
 }
 
 impl Drop for Inner {
@@ -106,6 +116,12 @@ impl Drop for Inner {
             task.abort();
         }
     }
+}
+
+/// A mutex that outlives a panic elsewhere: its data stays consistent
+/// because no code panics while holding it.
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl fmt::Debug for EtcdBackend {
@@ -126,10 +142,20 @@ enum Check {
     KeyOnly,
 }
 
-/// A lease granted for one lock: its id and the ttl etcd applied.
+/// A granted lease: its id, the ttl etcd applied, and when it was asked
+/// for (its life counts from a moment after that).
+#[derive(Clone, Copy)]
 struct Lease {
     id: i64,
     ttl: Duration,
+    sent_at: Instant,
+}
+
+impl Lease {
+    /// Whether new locks may still go on it.
+    fn is_young(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.sent_at) <= (self.ttl / SHARING_SHARE).min(MAX_SHARING)
+    }
 }
 
 #[async_trait]
@@ -139,58 +165,42 @@ impl LockBackend for EtcdBackend {
     }
 
     /// One transaction: if the key still has this grant's create revision
-    /// (the token) and value (kind and owner), delete it. Its lease is then
-    /// revoked in the background: it holds nothing any more, and revoking
-    /// spares the server from tracking it until its ttl.
+    /// (the token) and value (kind and owner), delete it. Its lease is left
+    /// to lapse: other locks may share it.
     async fn release(&self, grant: &Grant) -> Result<(), Error> {
         let key = self.inner.layout.key(&grant.path);
-        let txn = Txn::new()
-            .when(is_grant(&key, grant))
-            .and_then([TxnOp::delete(key, Some(DeleteOptions::new().with_prev_key()))]);
-        let response = self.inner.kv.clone().txn(txn).await.map_err(store_error)?;
+        let txn = Txn::new().when(is_grant(&key, grant)).and_then([TxnOp::delete(key, None)]);
+        let response = self.inner.members.kv(|mut kv| async move { kv.txn(txn).await }).await.map_err(store_error)?;
         if !response.succeeded() {
             return Err(not_held(grant));
-        }
-        if let Some(TxnOpResponse::Delete(deleted)) = response.op_responses().first() {
-            for previous in deleted.prev_kvs() {
-                self.revoke_in_background(previous.lease());
-            }
         }
         Ok(())
     }
 
-    /// A new lease with the new ttl, then one transaction that re-puts the
-    /// key (same value, same create revision, so the same token) on it if
-    /// the key is still this grant's; the old lease is revoked in the
-    /// background. A keep-alive would restore the lease's *original* ttl,
-    /// and etcd 3.4 can answer a keep-alive of a revoked lease with success.
+    /// A new lease of its own with the new ttl (so the remaining life is
+    /// exactly that), then one transaction that re-puts the key (same
+    /// value, same create revision, so the same token) on it if the key is
+    /// still this grant's. The old lease is left to lapse: other locks may
+    /// share it. A keep-alive would restore the lease's *original* ttl, and
+    /// etcd 3.4 can answer a keep-alive of a revoked lease with success.
     async fn refresh(&self, grant: &Grant, ttl: Ttl) -> Result<Grant, Error> {
-        let sent_at = Instant::now();
         let lease = self.grant_lease(ttl).await?;
         let key = self.inner.layout.key(&grant.path);
         let value = encode_value(grant.kind, &grant.owner);
         let txn = Txn::new().when(is_grant(&key, grant)).and_then([TxnOp::put(
             key,
             value,
-            Some(PutOptions::new().with_lease(lease.id).with_prev_key()),
+            Some(PutOptions::new().with_lease(lease.id)),
         )]);
-        let response = match self.inner.kv.clone().txn(txn).await {
-            Ok(response) => response,
-            Err(error) => {
-                self.revoke_in_background(lease.id);
-                return Err(store_error(error));
-            }
-        };
+        // On an error the put may have been applied: the lease then holds
+        // the lock, and is not revoked.
+        let response = self.inner.members.kv(|mut kv| async move { kv.txn(txn).await }).await.map_err(store_error)?;
         if !response.succeeded() {
+            // Nothing went on it.
             self.revoke_in_background(lease.id);
             return Err(not_held(grant));
         }
-        if let Some(TxnOpResponse::Put(put)) = response.op_responses().first() {
-            if let Some(previous) = put.prev_key() {
-                self.revoke_in_background(previous.lease());
-            }
-        }
-        Ok(Grant { ttl: lease.ttl, expires_at: sent_at + lease.ttl, ..grant.clone() })
+        Ok(Grant { ttl: lease.ttl, expires_at: lease.sent_at + lease.ttl, ..grant.clone() })
     }
 
     /// Range requests of at most [`LIST_PAGE`] keys, all at the revision
@@ -201,13 +211,14 @@ impl LockBackend for EtcdBackend {
             Some(path) => self.inner.layout.subtree(path),
             None => self.inner.layout.namespace(),
         };
-        let mut kv = self.inner.kv.clone();
         let mut found: Vec<KeyValue> = Vec::new();
         let mut from = start.into_bytes();
         let mut revision = 0;
         loop {
             let options = GetOptions::new().with_range(end.clone()).with_limit(LIST_PAGE).with_revision(revision);
-            let mut page = kv.get(from.clone(), Some(options)).await.map_err(store_error)?;
+            let key = from.clone();
+            let page = self.inner.members.kv(|mut kv| async move { kv.get(key, Some(options)).await });
+            let mut page = page.await.map_err(store_error)?;
             if revision == 0 {
                 revision = page.header().map_or(0, |header| header.revision());
             }
@@ -239,10 +250,10 @@ impl LockBackend for EtcdBackend {
     /// Every delete in the namespace wakes every waiter of this backend;
     /// `path` is not used to filter (a retry is one transaction).
     fn listen(&self, _path: &LockPath) -> Listener {
-        let mut task = self.inner.watch.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut task = locked(&self.inner.watch);
         if task.is_none() {
             let prefix = self.inner.layout.namespace_prefix().to_owned();
-            let watching = watch::run(self.inner.watch_client.clone(), prefix, self.inner.feed.clone());
+            let watching = watch::run(self.inner.members.clone(), prefix, self.inner.feed.clone());
             *task = Some(tokio::spawn(watching));
         }
         self.inner.feed.listen()
@@ -255,52 +266,48 @@ impl EtcdBackend {
         &self.inner.namespace
     }
 
-    /// A lease for a lock with `ttl` (then the transaction that puts the
-    /// key), or the lock in the way.
+    /// One transaction that puts the node's key on a young shared lease
+    /// of the request's ttl, or reports the lock in the way.
     ///
     /// The transaction compares, for [`Check::Tree`], `version == 0` on
     /// each ancestor's key and on the range of the node and its descendants
     /// (an empty range passes); for [`Check::KeyOnly`], on the node's key.
-    /// On success it puts the node's key on the lease; on failure it reads
-    /// the keys it compared (the subtree's first key only), so a refusal
-    /// names a blocker without another request for the key. Its lease is
-    /// then looked up for the remaining life, and the unused lease revoked
-    /// in the background.
+    /// On failure it reads the keys it compared (the subtree's first key
+    /// only), so a refusal names a blocker without another request for the
+    /// key; its lease is then looked up for the remaining life.
     async fn grant(&self, request: &LockRequest, kind: LockKind, check: Check) -> Result<Attempt, Error> {
-        let sent_at = Instant::now();
-        let lease = self.grant_lease(request.ttl).await?;
-        let txn = self.grant_txn(request, kind, check, lease.id);
-        let mut kv = self.inner.kv.clone();
+        let mut lease = self.shared_lease(request.ttl).await?;
+        let mut lease_replaced = false;
         let mut last_blocker = None;
-        for _ in 0..VANISHED_BLOCKER_RETRIES {
-            let response = match kv.txn(txn.clone()).await {
+        let mut refusals = 0;
+        while refusals < VANISHED_BLOCKER_RETRIES {
+            let txn = self.grant_txn(request, kind, check, lease.id);
+            let response = match self.inner.members.kv(|mut kv| async move { kv.txn(txn).await }).await {
                 Ok(response) => response,
-                Err(error) => {
-                    // Applied or not, nobody will hold what it granted.
-                    self.revoke_in_background(lease.id);
-                    return Err(store_error(error));
+                Err(error) if is_lease_not_found(&error) && !lease_replaced => {
+                    // Someone revoked the shared lease: the put named a
+                    // lease that is gone, so nothing was written.
+                    self.forget_shared_lease(&lease);
+                    lease = self.shared_lease(request.ttl).await?;
+                    lease_replaced = true;
+                    continue;
                 }
+                // Applied or not, what it granted lapses with the lease.
+                Err(error) => return Err(store_error(error)),
             };
             if response.succeeded() {
                 let token = revision(&response)?;
-                return Ok(Attempt::Granted(Grant::new(request, kind, token, lease.ttl, sent_at)));
+                return Ok(Attempt::Granted(Grant::new(request, kind, token, lease.ttl, lease.sent_at)));
             }
+            refusals += 1;
             let blocker = first_blocker(&response).ok_or_else(|| {
                 Error::store_message(STORE, false, "a refused grant transaction returned none of the keys it compared")
             })?;
-            match self.describe(&blocker).await {
-                Ok(Some(held)) => {
-                    self.revoke_in_background(lease.id);
-                    return Ok(Attempt::Blocked(held));
-                }
-                Ok(None) => last_blocker = Some(blocker),
-                Err(error) => {
-                    self.revoke_in_background(lease.id);
-                    return Err(error);
-                }
+            match self.describe(&blocker).await? {
+                Some(held) => return Ok(Attempt::Blocked(held)),
+                None => last_blocker = Some(blocker),
             }
         }
-        self.revoke_in_background(lease.id);
         // The blocker kept expiring under our eyes: report the last one as
         // ending now; a waiter retries at once.
         let blocker = last_blocker.expect("the loop ran at least once");
@@ -312,6 +319,24 @@ impl EtcdBackend {
             remaining: Duration::from_millis(1),
             transient,
         }))
+    }
+
+    /// A young lease for locks of `ttl`: the one this backend granted
+    /// last for that many seconds if it is young enough, else a new one.
+    /// Sharing saves a request per grant; a refused grant wastes nothing.
+    async fn shared_lease(&self, ttl: Ttl) -> Result<Lease, Error> {
+        let seconds = lease_seconds(ttl);
+        let now = Instant::now();
+        if let Some(lease) = locked(&self.inner.shared_leases).get(&seconds).filter(|lease| lease.is_young(now)) {
+            return Ok(*lease);
+        }
+        let lease = self.grant_lease(ttl).await?;
+        locked(&self.inner.shared_leases).insert(seconds, lease);
+        Ok(lease)
+    }
+
+    fn forget_shared_lease(&self, gone: &Lease) {
+        locked(&self.inner.shared_leases).retain(|_, lease| lease.id != gone.id);
     }
 
     fn grant_txn(&self, request: &LockRequest, kind: LockKind, check: Check, lease: i64) -> Txn {
@@ -340,14 +365,16 @@ impl EtcdBackend {
     /// A lease of `ttl` in whole seconds, rounded up; etcd raises it to its
     /// minimum ([`MIN_LEASE_TTL`] by default) and says what it applied.
     async fn grant_lease(&self, ttl: Ttl) -> Result<Lease, Error> {
+        let sent_at = Instant::now();
         let seconds = lease_seconds(ttl);
-        let granted = self.inner.lease.clone().grant(seconds, None).await.map_err(store_error)?;
+        let granted = self.inner.members.lease(|mut lease| async move { lease.grant(seconds, None).await });
+        let granted = granted.await.map_err(store_error)?;
         if granted.id() == 0 || !granted.error().is_empty() {
             let message = format!("etcd granted no lease: {:?}", granted.error());
             return Err(Error::store_message(STORE, true, message));
         }
         let applied = granted.ttl().max(seconds) as u64;
-        Ok(Lease { id: granted.id(), ttl: Duration::from_secs(applied) })
+        Ok(Lease { id: granted.id(), ttl: Duration::from_secs(applied), sent_at })
     }
 
     /// A stored lock as a [`HeldLock`], with its remaining life from its
@@ -355,7 +382,9 @@ impl EtcdBackend {
     async fn describe(&self, kv: &KeyValue) -> Result<Option<HeldLock>, Error> {
         let path = self.inner.layout.path_of(kv.key())?;
         let (transient, owner) = decode_value(kv.value())?;
-        let lookup = self.inner.lease.clone().time_to_live(kv.lease(), None).await.map_err(store_error)?;
+        let id = kv.lease();
+        let lookup = self.inner.members.lease(|mut lease| async move { lease.time_to_live(id, None).await });
+        let lookup = lookup.await.map_err(store_error)?;
         if lookup.ttl() < 0 {
             return Ok(None);
         }
@@ -372,10 +401,10 @@ impl EtcdBackend {
         if lease == 0 {
             return;
         }
-        let mut client = self.inner.lease.clone();
+        let members = self.inner.members.clone();
         // If it fails, the lease lapses at its ttl.
         tokio::spawn(async move {
-            let _ = client.revoke(lease).await;
+            let _ = members.lease(|mut client| async move { client.revoke(lease).await }).await;
         });
     }
 }
@@ -436,12 +465,24 @@ fn remaining_life(seconds_left: i64, granted_seconds: i64) -> Duration {
     upper.min(Duration::from_secs(granted_seconds.max(1) as u64))
 }
 
-/// A client error as the workspace's error. Losing the connection, a
-/// timeout, no leader (during an election) or an overloaded server can pass;
-/// a refused permission or a malformed request cannot.
+/// etcd's answer to a put naming a lease that does not exist (any more).
+fn is_lease_not_found(error: &etcd_client::Error) -> bool {
+    matches!(error, etcd_client::Error::GRpcStatus(status)
+        if status.code() == tonic::Code::NotFound && status.message().contains("lease not found"))
+}
+
+/// A client error as the workspace's error.
 pub(crate) fn store_error(error: etcd_client::Error) -> Error {
+    let retryable = is_retryable(&error);
+    Error::store(STORE, retryable, error)
+}
+
+/// Whether an error can pass: a lost connection, a timeout, no leader
+/// (during an election) or an overloaded server can; a refused permission or
+/// a malformed request cannot.
+pub(crate) fn is_retryable(error: &etcd_client::Error) -> bool {
     use tonic::Code;
-    let retryable = match &error {
+    match error {
         etcd_client::Error::GRpcStatus(status) => matches!(
             status.code(),
             Code::Unavailable
@@ -456,8 +497,7 @@ pub(crate) fn store_error(error: etcd_client::Error) -> Error {
             true
         }
         _ => false,
-    };
-    Error::store(STORE, retryable, error)
+    }
 }
 
 #[cfg(test)]

@@ -16,20 +16,26 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use etcd_client::{WatchClient, WatchFilterType, WatchOptions};
 use mutextree_core::ChangeFeed;
 use tokio::time::sleep;
+
+use crate::members::Members;
 
 /// First pause before re-opening a broken watch; doubles up to [`MAX_PAUSE`].
 const FIRST_PAUSE: Duration = Duration::from_millis(50);
 const MAX_PAUSE: Duration = Duration::from_secs(2);
 
 /// Runs until aborted (the backend's drop aborts it).
-pub(crate) async fn run(mut client: WatchClient, prefix: String, feed: ChangeFeed) {
+pub(crate) async fn run(members: Arc<Members>, prefix: String, feed: ChangeFeed) {
     let mut pause = FIRST_PAUSE;
     loop {
+        let (member, mut client) = members.watch();
         watch_once(&mut client, &prefix, &feed, &mut pause).await;
         feed.set_live(false);
+        members.failed(member);
         // Jittered, so that many clients do not reconnect in step.
         sleep(pause / 2 + pause.mul_f64(fastrand::f64()) / 2).await;
         pause = (pause * 2).min(MAX_PAUSE);

@@ -70,9 +70,9 @@ async fn short_ttls_are_rounded_up_to_whole_lease_seconds() {
     grant(&backend, "short/child", Duration::from_secs(5)).await;
 }
 
-/// A refresh moves the lock to a lease of exactly the new ttl, shorter or
-/// longer than what was left, keeps the token, and leaves the old lease
-/// revoked rather than holding anything.
+/// A refresh moves the lock to a lease of its own with exactly the new
+/// ttl, shorter or longer than what was left, and keeps the token; the old
+/// lease (which other locks may share) no longer holds the key.
 #[tokio::test]
 async fn refresh_sets_the_remaining_life_to_the_new_ttl() {
     let (backend, namespace) = fresh().await;
@@ -88,12 +88,9 @@ async fn refresh_sets_the_remaining_life_to_the_new_ttl() {
     let lease = client.lease_time_to_live(record.lease(), None).await.expect("lookup");
     assert_eq!(lease.granted_ttl(), 3);
     assert!((1..=3).contains(&lease.ttl()), "{} s left", lease.ttl());
-    // The old lease is revoked in the background.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while client.lease_time_to_live(old_lease, None).await.expect("lookup").ttl() >= 0 {
-        assert!(Instant::now() < deadline, "the old lease was never revoked");
-        sleep(Duration::from_millis(20)).await;
-    }
+    let with_keys = Some(etcd_client::LeaseTimeToLiveOptions::new().with_keys());
+    let old = client.lease_time_to_live(old_lease, with_keys).await.expect("lookup");
+    assert!(old.keys().is_empty(), "the old lease still holds {:?}", old.keys());
     sleep_until(refreshed_at + Duration::from_secs(3) + TIMING.slack).await;
     assert!(backend.list(None).await.expect("list").is_empty(), "the 3 s refresh replaced the 60 s life");
 
@@ -122,6 +119,11 @@ async fn release_and_refresh_on_a_revoked_lease_are_not_held() {
     assert!(matches!(backend.release(&held).await, Err(Error::NotHeld { .. })));
     assert!(stored(&namespace, "A/B").await.is_none(), "nothing resurrected");
     assert!(backend.list(None).await.expect("list").is_empty());
+    // The revoked lease was the one this backend shares between grants of
+    // that ttl: the next grant notices and takes a new one.
+    let again = grant(&backend, "A/C", Duration::from_secs(60)).await;
+    assert_ne!(stored(&namespace, "A/C").await.expect("stored").lease(), lease);
+    backend.release(&again).await.expect("release");
 
     // And on a lease that expired by itself.
     let short = grant(&backend, "A", Duration::from_secs(2)).await;

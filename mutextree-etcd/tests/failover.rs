@@ -135,14 +135,25 @@ async fn killing_the_leader_never_double_grants_and_clients_fail_over() {
         sleep(Duration::from_millis(50)).await;
     }
 
+    let before: Vec<u64> = counts.iter().map(|c| c.grants.load(Ordering::Relaxed)).collect();
+    eprintln!("before the kill: grants {before:?}");
     let killed_at = Instant::now();
     cluster.members[leading].take().expect("the leader runs").stop();
     killed.store(true, Ordering::Relaxed);
 
     let deadline = killed_at + Duration::from_secs(60);
+    let mut report_at = Instant::now();
     while after_kill.iter().any(|n| n.load(Ordering::Relaxed) < PROGRESS_AFTER_KILL) {
         let made: Vec<u64> = after_kill.iter().map(|n| n.load(Ordering::Relaxed)).collect();
-        assert!(Instant::now() < deadline, "clients did not fail over within 60 s; grants since the kill: {made:?}");
+        let errors: u64 = counts.iter().map(|c| c.errors.load(Ordering::Relaxed)).sum();
+        if Instant::now() >= report_at {
+            eprintln!("{:?} after the kill: grants since {made:?}, {errors} retryable errors", killed_at.elapsed());
+            report_at += Duration::from_secs(5);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "clients did not fail over within 60 s; grants since the kill: {made:?}, {errors} retryable errors"
+        );
         sleep(Duration::from_millis(50)).await;
     }
     let recovered_in = killed_at.elapsed();
