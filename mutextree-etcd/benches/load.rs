@@ -40,11 +40,7 @@ fn main() {
     runtime.block_on(async {
         println!("## mutextree-etcd: load\n");
         println!("* command: `cargo bench -p mutextree-etcd --bench load`");
-        println!(
-            "* server: {} (single member, loopback, data dir in {})",
-            etcd_version(),
-            std::env::temp_dir().display()
-        );
+        println!("* server: {} (single member, loopback, data on tmpfs where the machine has one)", etcd_version());
         println!(
             "* {secs} s per row; one tokio runtime with 2 workers; each simulated client has its own connection\n"
         );
@@ -53,13 +49,14 @@ fn main() {
     });
 }
 
-async fn backend(url: &str) -> Arc<dyn LockBackend> {
-    Arc::new(common::backend(&[url.to_owned()], &common::namespace()).await.expect("connect"))
+/// A client of `namespace` on its own connection.
+async fn backend(url: &str, namespace: &str) -> Arc<dyn LockBackend> {
+    Arc::new(common::backend(&[url.to_owned()], namespace).await.expect("connect"))
 }
 
 /// Requests per operation, from the server's own counters.
 async fn round_trips(url: &str) {
-    let store = backend(url).await;
+    let store = backend(url, &common::namespace()).await;
     let owner = Owner::new("bench").expect("owner");
     let ttl = Ttl::new(Duration::from_secs(30)).expect("ttl");
     let requests: Vec<LockRequest> = (0..COUNTED)
@@ -145,12 +142,14 @@ async fn throughput(url: &str, duration: Duration) {
     let mut rows = Vec::new();
     let mut puts = Vec::new();
     for clients in [1, 16] {
-        let mut backends = Vec::new();
-        for _ in 0..clients {
-            backends.push(backend(url).await);
-        }
         for depth in [1, 3] {
             for scenario in [Scenario::Siblings, Scenario::Contended] {
+                // One fresh namespace per row, shared by its clients.
+                let namespace = common::namespace();
+                let mut backends = Vec::new();
+                for _ in 0..clients {
+                    backends.push(backend(url, &namespace).await);
+                }
                 let spec = LoadSpec { clients, depth, scenario, duration, ..LoadSpec::default() };
                 let report = load::run(&backends, &spec).await.unwrap_or_else(|e| panic!("{spec:?}: {e}"));
                 eprintln!("clients {clients:>2} depth {depth} {scenario:<9}: {:>8.0} pairs/s", report.pairs_per_sec);

@@ -203,7 +203,7 @@ impl LockBackend for EtcdBackend {
         Ok(Grant { ttl: lease.ttl, expires_at: lease.sent_at + lease.ttl, ..grant.clone() })
     }
 
-    /// Range requests of at most [`LIST_PAGE`] keys, all at the revision
+    /// Range requests of at most 1000 keys, all at the revision
     /// of the first, then one lease lookup per lock for its remaining life
     /// (a lock whose lease is gone by then is not listed).
     async fn list(&self, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
