@@ -9,3 +9,12 @@ pub mod blocking;
 pub mod memory {
     pub use mutextree_memory::{MemoryBackend, MemoryStore};
 }
+
+/// The etcd store (feature `etcd`; TLS with `etcd-tls`).
+#[cfg(feature = "etcd")]
+pub mod etcd {
+    pub use mutextree_etcd::{EtcdBackend, EtcdConfig, EtcdStore, MIN_LEASE_TTL};
+    /// TLS settings for [`EtcdConfig::tls`].
+    #[cfg(feature = "etcd-tls")]
+    pub use mutextree_etcd::{Certificate, Identity, TlsOptions};
+}
