@@ -38,10 +38,7 @@ impl Members {
         F: FnOnce(KvClient) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        let member = self.current();
-        let outcome = call(self.clients[member].kv_client()).await;
-        self.judge(member, &outcome);
-        outcome
+        self.request(Client::kv_client, call).await
     }
 
     /// A lease request to the member in use.
@@ -50,9 +47,21 @@ impl Members {
         F: FnOnce(LeaseClient) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
+        self.request(Client::lease_client, call).await
+    }
+
+    /// `call` with the service `service` picks from the member in use; a
+    /// retryable failure moves on to the next member.
+    async fn request<S, T, F, Fut>(&self, service: fn(&Client) -> S, call: F) -> Result<T, etcd_client::Error>
+    where
+        F: FnOnce(S) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
         let member = self.current();
-        let outcome = call(self.clients[member].lease_client()).await;
-        self.judge(member, &outcome);
+        let outcome = call(service(&self.clients[member])).await;
+        if outcome.as_ref().is_err_and(is_retryable) {
+            self.failed(member);
+        }
         outcome
     }
 
@@ -72,13 +81,5 @@ impl Members {
 
     fn current(&self) -> usize {
         self.current.load(Ordering::Relaxed)
-    }
-
-    fn judge<T>(&self, member: usize, outcome: &Result<T, etcd_client::Error>) {
-        if let Err(error) = outcome {
-            if is_retryable(error) {
-                self.failed(member);
-            }
-        }
     }
 }

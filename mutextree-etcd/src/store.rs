@@ -11,7 +11,7 @@ use etcd_client::{
 };
 use futures::stream::{self, StreamExt, TryStreamExt};
 use mutextree_core::{
-    async_trait, Attempt, ChangeFeed, Error, Grant, HeldLock, Listener, LockBackend, LockKind, LockPath, LockRequest,
+    async_trait, Attempt, Error, Grant, HeldLock, Listener, LockBackend, LockKind, LockPath, LockRequest,
     Namespace, Ttl,
 };
 use tokio::task::JoinHandle;
@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use crate::config::{EtcdConfig, STORE};
 use crate::layout::{decode_value, encode_value, Layout};
 use crate::members::Members;
-use crate::watch;
+use crate::watch::{self, Feeds};
 
 /// etcd's minimum lease ttl with its default timing (`--election-timeout`
 /// 1000 ms: one and a half election timeouts, in whole seconds). A server
@@ -69,15 +69,12 @@ impl EtcdStore {
     /// A backend for one namespace on this connection.
     pub fn namespace(&self, name: &str) -> Result<EtcdBackend, Error> {
         let name = Namespace::new(name)?;
-        let feed = ChangeFeed::new();
-        // Not live until the watch is confirmed: listeners poll until then.
-        feed.set_live(false);
         Ok(EtcdBackend {
             inner: Arc::new(Inner {
                 members: self.members.clone(),
                 layout: Layout::new(self.config.key_prefix(), name.as_str()),
                 namespace: name,
-                feed,
+                feeds: Arc::new(Feeds::default()),
                 watch: Mutex::new(None),
                 shared_leases: Mutex::new(HashMap::new()),
             }),
@@ -103,7 +100,8 @@ struct Inner {
     members: Arc<Members>,
     layout: Layout,
     namespace: Namespace,
-    feed: ChangeFeed,
+    /// The waiters' feeds, fed by the watch.
+    feeds: Arc<Feeds>,
     /// The watch task, started by the first `listen`.
     watch: Mutex<Option<JoinHandle<()>>>,
     /// The lease new grants of each ttl (in seconds) go on, while young.
@@ -247,16 +245,16 @@ impl LockBackend for EtcdBackend {
         self.grant(request, LockKind::Lock, Check::Tree).await
     }
 
-    /// Every delete in the namespace wakes every waiter of this backend;
-    /// `path` is not used to filter (a retry is one transaction).
-    fn listen(&self, _path: &LockPath) -> Listener {
+    /// Wakes on deletes of `path`, its ancestors and its descendants, as
+    /// this backend's watch reports them.
+    fn listen(&self, path: &LockPath) -> Listener {
         let mut task = locked(&self.inner.watch);
         if task.is_none() {
             let prefix = self.inner.layout.namespace_prefix().to_owned();
-            let watching = watch::run(self.inner.members.clone(), prefix, self.inner.feed.clone());
+            let watching = watch::run(self.inner.members.clone(), prefix, self.inner.feeds.clone());
             *task = Some(tokio::spawn(watching));
         }
-        self.inner.feed.listen()
+        self.inner.feeds.listen(path.key())
     }
 }
 

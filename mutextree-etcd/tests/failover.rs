@@ -20,26 +20,10 @@ const CLIENTS: usize = 12;
 /// Grants every client must make after the kill.
 const PROGRESS_AFTER_KILL: u64 = 20;
 
-/// Every node of a binary tree of depth 3 (14 paths): clients keep running
-/// into each other on nodes, ancestors and descendants.
-fn tree() -> Vec<LockPath> {
-    let mut all = Vec::new();
-    let mut level: Vec<Vec<String>> = vec![Vec::new()];
-    for _ in 0..3 {
-        level = level
-            .into_iter()
-            .flat_map(|parent| {
-                ["a", "b"].map(|name| {
-                    let mut child = parent.clone();
-                    child.push(name.to_owned());
-                    child
-                })
-            })
-            .collect();
-        all.extend(level.iter().map(|segments| LockPath::new(segments.clone()).expect("path")));
-    }
-    all
-}
+/// A node, its children and grandchildren, and an unrelated root: clients
+/// keep running into each other on nodes, ancestors and descendants.
+const PATHS: [&str; 14] =
+    ["a", "a/a", "a/b", "a/a/a", "a/a/b", "a/b/a", "a/b/b", "b", "b/a", "b/b", "b/a/a", "b/a/b", "b/b/a", "c"];
 
 /// The index of the member that leads, once all members agree on one.
 async fn leader(urls: &[String]) -> usize {
@@ -77,7 +61,7 @@ async fn killing_the_leader_never_double_grants_and_clients_fail_over() {
     let leading = leader(&urls).await;
 
     let namespace = common::namespace();
-    let paths = Arc::new(tree());
+    let paths: Arc<Vec<LockPath>> = Arc::new(PATHS.iter().map(|p| LockPath::parse(p).expect("path")).collect());
     let oracle = Arc::new(Oracle::new());
     let killed = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
