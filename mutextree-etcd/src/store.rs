@@ -11,8 +11,8 @@ use etcd_client::{
 };
 use futures::stream::{self, StreamExt, TryStreamExt};
 use mutextree_core::{
-    async_trait, Attempt, Error, Grant, HeldLock, Listener, LockBackend, LockKind, LockPath, LockRequest,
-    Namespace, Ttl,
+    async_trait, Attempt, Error, Grant, HeldLock, Listener, LockBackend, LockKind, LockPath, LockRequest, Namespace,
+    Ttl,
 };
 use tokio::task::JoinHandle;
 use tokio::time::Instant;

@@ -219,3 +219,33 @@ async fn prefixes_are_isolated() {
     grant(&two, "A/B", Duration::from_secs(30)).await;
     assert_eq!(one.list(None).await.expect("list").len(), 1);
 }
+
+/// With etcd's auth on, the configured user's credentials are used (and
+/// checked when connecting); without them, a lock request is refused by
+/// the server as a permission error that retrying cannot fix.
+#[tokio::test]
+async fn credentials_reach_a_cluster_with_auth_on() {
+    let cluster = common::Cluster::start(1).unwrap_or_else(|message| panic!("{message}"));
+    let urls = cluster.urls();
+    let mut admin = Client::connect(&urls, None).await.expect("connect");
+    admin.user_add("root", "root-password", None).await.expect("user");
+    admin.user_grant_role("root", "root").await.expect("role");
+    admin.user_add("locker", "locker-password", None).await.expect("user");
+    admin.role_add("locks").await.expect("role");
+    let everything = etcd_client::Permission::read_write("mutextree/").with_prefix();
+    admin.role_grant_permission("locks", everything).await.expect("permission");
+    admin.user_grant_role("locker", "locks").await.expect("role");
+    admin.auth_enable().await.expect("auth on");
+
+    let config = EtcdConfig::new(urls.clone()).user("locker", "locker-password");
+    let backend = EtcdStore::connect(config).await.expect("right credentials").namespace("auth").expect("ns");
+    let held = grant(&backend, "A/B", Duration::from_secs(30)).await;
+    backend.release(&held).await.expect("release");
+
+    let wrong = EtcdStore::connect(EtcdConfig::new(urls.clone()).user("locker", "guess")).await;
+    assert!(matches!(wrong, Err(Error::Store { retryable: false, .. })), "{wrong:?}");
+    let anonymous = EtcdStore::connect(EtcdConfig::new(urls)).await.expect("connecting sends nothing");
+    let anonymous = anonymous.namespace("auth").expect("ns");
+    let refused = anonymous.try_grant(&request(&path("A"), Duration::from_secs(30))).await;
+    assert!(matches!(refused, Err(Error::Store { retryable: false, .. })), "{refused:?}");
+}
