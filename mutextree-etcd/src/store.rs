@@ -11,8 +11,8 @@ use etcd_client::{
 };
 use futures::stream::{self, StreamExt, TryStreamExt};
 use mutextree_core::{
-    async_trait, Attempt, Error, Grant, HeldLock, Listener, LockBackend, LockKind, LockPath, LockRequest, Namespace,
-    Ttl,
+    async_trait, stepwise::TRANSIENT_TTL, Attempt, Error, Grant, HeldLock, Listener, LockBackend, LockKind, LockPath,
+    LockRequest, Namespace, Ttl,
 };
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -375,24 +375,43 @@ impl EtcdBackend {
         Ok(Lease { id: granted.id(), ttl: Duration::from_secs(applied), sent_at })
     }
 
-    /// A stored lock as a [`HeldLock`], with its remaining life from its
-    /// lease; `None` if the lease is already gone (the lock expired).
+    /// A stored lock as a [`HeldLock`]; `None` if its lease is already
+    /// gone (the lock expired since it was read).
+    ///
+    /// The remaining life costs a lease lookup, except where it is known
+    /// without one: a lease this backend shares (its life counts from when
+    /// it was asked for, so this errs short), and a stepwise client's
+    /// transient parent lock, which core gives [`TRANSIENT_TTL`] and which a
+    /// waiter waits out anyway (reported as that, an upper bound). Stepwise
+    /// rounds and their refusals then cost one request less.
     async fn describe(&self, kv: &KeyValue) -> Result<Option<HeldLock>, Error> {
         let path = self.inner.layout.path_of(kv.key())?;
         let (transient, owner) = decode_value(kv.value())?;
-        let id = kv.lease();
-        let lookup = self.inner.members.lease(|mut lease| async move { lease.time_to_live(id, None).await });
-        let lookup = lookup.await.map_err(store_error)?;
-        if lookup.ttl() < 0 {
-            return Ok(None);
-        }
-        Ok(Some(HeldLock {
-            path,
-            owner,
-            token: kv.create_revision() as u64,
-            remaining: remaining_life(lookup.ttl(), lookup.granted_ttl()),
-            transient,
-        }))
+        let known = if transient { Some(TRANSIENT_TTL) } else { self.shared_lease_life(kv.lease()) };
+        let remaining = match known {
+            Some(remaining) => remaining,
+            None => {
+                let id = kv.lease();
+                let lookup = self.inner.members.lease(|mut lease| async move { lease.time_to_live(id, None).await });
+                let lookup = lookup.await.map_err(store_error)?;
+                if lookup.ttl() < 0 {
+                    return Ok(None);
+                }
+                remaining_life(lookup.ttl(), lookup.granted_ttl())
+            }
+        };
+        Ok(Some(HeldLock { path, owner, token: kv.create_revision() as u64, remaining, transient }))
+    }
+
+    /// What is left of a lease this backend shares, if it is one and not
+    /// run out by this side's reckoning.
+    fn shared_lease_life(&self, id: i64) -> Option<Duration> {
+        let now = Instant::now();
+        locked(&self.inner.shared_leases)
+            .values()
+            .find(|lease| lease.id == id)
+            .map(|lease| (lease.sent_at + lease.ttl).saturating_duration_since(now))
+            .filter(|left| !left.is_zero())
     }
 
     fn revoke_in_background(&self, lease: i64) {
