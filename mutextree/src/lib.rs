@@ -13,8 +13,8 @@ pub mod memory {
 /// The etcd store (feature `etcd`; TLS with `etcd-tls`).
 #[cfg(feature = "etcd")]
 pub mod etcd {
-    pub use mutextree_etcd::{EtcdBackend, EtcdConfig, EtcdStore, MIN_LEASE_TTL};
     /// TLS settings for [`EtcdConfig::tls`].
     #[cfg(feature = "etcd-tls")]
     pub use mutextree_etcd::{Certificate, Identity, TlsOptions};
+    pub use mutextree_etcd::{EtcdBackend, EtcdConfig, EtcdStore, MIN_LEASE_TTL};
 }
