@@ -201,9 +201,9 @@ impl LockBackend for EtcdBackend {
         Ok(Grant { ttl: lease.ttl, expires_at: lease.sent_at + lease.ttl, ..grant.clone() })
     }
 
-    /// Range requests of at most 1000 keys, all at the revision
-    /// of the first, then one lease lookup per lock for its remaining life
-    /// (a lock whose lease is gone by then is not listed).
+    /// Range requests of at most 1000 keys, all at the revision of the
+    /// first, then the remaining lives, with a lease lookup where one is
+    /// needed (a lock whose lease is gone by then is not listed).
     async fn list(&self, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
         let (start, end) = match under {
             Some(path) => self.inner.layout.subtree(path),
