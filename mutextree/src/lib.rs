@@ -25,3 +25,12 @@ pub mod redis {
 pub mod postgres {
     pub use mutextree_postgres::{PostgresBackend, PostgresConfig, PostgresStore, SchemaName};
 }
+
+/// The etcd store (feature `etcd`; TLS with `etcd-tls`).
+#[cfg(feature = "etcd")]
+pub mod etcd {
+    /// TLS settings for [`EtcdConfig::tls`].
+    #[cfg(feature = "etcd-tls")]
+    pub use mutextree_etcd::{Certificate, Identity, TlsOptions};
+    pub use mutextree_etcd::{EtcdBackend, EtcdConfig, EtcdStore, MIN_LEASE_TTL};
+}

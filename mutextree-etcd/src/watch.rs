@@ -1,0 +1,141 @@
+//! Wake-ups: one etcd watch per backend on its namespace's prefix, fanned
+//! out to the waiters whose paths a change concerns.
+//!
+//! Waiters listen on a [`ChangeFeed`] per path they wait for; this task
+//! turns every delete event under the prefix (a release, a lease that
+//! expired or was revoked) into one notification of the feeds of the
+//! deleted node, its ancestors and its descendants: a delete elsewhere in
+//! the namespace cannot unblock them, and waking them would only cost a
+//! transaction each. The server filters out puts: a new or refreshed lock
+//! never unblocks anyone.
+//!
+//! The watch starts on the first `listen`, so a backend that never waits
+//! opens no stream. Until the server confirms it (and whenever the stream
+//! breaks, e.g. its member died) the feeds are marked not live and
+//! listeners poll; once a new stream is confirmed they are live again and
+//! every listener wakes to retry, which also covers any delete missed while
+//! it was down. No start revision is needed: a missed event costs a retry,
+//! never a lost wake-up.
+//!
+//! A feed is kept while its path is listened to; once there are
+//! [`MAX_FEEDS`] of them, those not listened to for [`FORGET_AFTER`] are
+//! dropped (a waiter that still holds one then wakes only at its blocker's
+//! expiry).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use etcd_client::{EventType, WatchClient, WatchFilterType, WatchOptions};
+use mutextree_core::{ChangeFeed, Listener};
+use tokio::time::{sleep, Instant};
+
+use crate::members::Members;
+
+/// First pause before re-opening a broken watch; doubles up to [`MAX_PAUSE`].
+const FIRST_PAUSE: Duration = Duration::from_millis(50);
+const MAX_PAUSE: Duration = Duration::from_secs(2);
+const MAX_FEEDS: usize = 10_000;
+const FORGET_AFTER: Duration = Duration::from_secs(600);
+
+/// The feeds of one backend's waiters, by the key of the path they wait for.
+#[derive(Default)]
+pub(crate) struct Feeds {
+    state: Mutex<FeedsState>,
+}
+
+#[derive(Default)]
+struct FeedsState {
+    /// Whether the watch is confirmed and running.
+    live: bool,
+    by_path: HashMap<String, Waited>,
+}
+
+struct Waited {
+    feed: ChangeFeed,
+    listened_at: Instant,
+}
+
+impl Feeds {
+    /// A listener for changes that may unblock `path_key` (a
+    /// [`LockPath::key`](mutextree_core::LockPath::key)).
+    pub(crate) fn listen(&self, path_key: &str) -> Listener {
+        let mut state = self.locked();
+        let now = Instant::now();
+        if state.by_path.len() >= MAX_FEEDS {
+            state.by_path.retain(|_, waited| now.saturating_duration_since(waited.listened_at) < FORGET_AFTER);
+        }
+        let live = state.live;
+        let waited = state.by_path.entry(path_key.to_owned()).or_insert_with(|| {
+            let feed = ChangeFeed::new();
+            feed.set_live(live);
+            Waited { feed, listened_at: now }
+        });
+        waited.listened_at = now;
+        waited.feed.listen()
+    }
+
+    fn set_live(&self, live: bool) {
+        let mut state = self.locked();
+        state.live = live;
+        for waited in state.by_path.values() {
+            waited.feed.set_live(live);
+        }
+    }
+
+    /// Wakes the waiters of `path_key`, its ancestors and its descendants.
+    fn deleted(&self, path_key: &str) {
+        for (waited_key, waited) in &self.locked().by_path {
+            if waited_key.starts_with(path_key) || path_key.starts_with(waited_key.as_str()) {
+                waited.feed.notify();
+            }
+        }
+    }
+
+    fn locked(&self) -> MutexGuard<'_, FeedsState> {
+        // No code panics while holding it, so its data stays consistent.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Runs until aborted (the backend's drop aborts it).
+pub(crate) async fn run(members: Arc<Members>, prefix: String, feeds: Arc<Feeds>) {
+    let mut pause = FIRST_PAUSE;
+    loop {
+        let (member, mut client) = members.watch();
+        watch_once(&mut client, &prefix, &feeds, &mut pause).await;
+        feeds.set_live(false);
+        members.failed(member);
+        // Jittered, so that many clients do not reconnect in step.
+        sleep(pause / 2 + pause.mul_f64(fastrand::f64()) / 2).await;
+        pause = (pause * 2).min(MAX_PAUSE);
+    }
+}
+
+/// One watch stream, from creation to its end (an error, a cancellation by
+/// the server, or the connection closing).
+async fn watch_once(client: &mut WatchClient, prefix: &str, feeds: &Feeds, pause: &mut Duration) {
+    let options = WatchOptions::new().with_prefix().with_filters([WatchFilterType::NoPut]);
+    let Ok(mut stream) = client.watch(prefix, Some(options)).await else {
+        return;
+    };
+    while let Ok(Some(response)) = stream.message().await {
+        if response.created() {
+            feeds.set_live(true);
+            *pause = FIRST_PAUSE;
+        }
+        if response.canceled() {
+            return;
+        }
+        for event in response.events() {
+            let path_key = event
+                .kv()
+                .filter(|_| event.event_type() == EventType::Delete)
+                .and_then(|kv| kv.key_str().ok())
+                .and_then(|key| key.strip_prefix(prefix));
+            if let Some(path_key) = path_key {
+                feeds.deleted(path_key);
+            }
+        }
+    }
+}
