@@ -31,8 +31,8 @@ mod show;
 #[command(name = "mutextree", version, after_help = exit::HELP)]
 struct Cli {
     /// The store: memory:// (this process only), redis://host:port,
-    /// redis+cluster://host:port,..., with ?namespace=NAME and the store's
-    /// options.
+    /// redis+cluster://host:port,..., postgres://user@host/db,
+    /// etcd://host:port,..., with ?namespace=NAME and the store's options.
     #[arg(long, env = "MUTEXTREE_STORE", global = true)]
     store: Option<String>,
 

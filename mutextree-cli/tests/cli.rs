@@ -9,9 +9,24 @@ use std::time::{Duration, Instant};
 
 use mutextree::{blocking, LockBackend};
 
-/// A fresh namespace on the shared test server: `(url, namespace)`.
+// The servers as the stores' own tests start them.
+#[path = "../../mutextree-etcd/tests/common/mod.rs"]
+mod etcd_server;
+#[path = "../../mutextree-postgres/tests/common/mod.rs"]
+mod postgres_server;
+
+/// A fresh namespace on the shared Redis test server: `(url, namespace)`.
 fn store() -> (String, String) {
-    (conformance::servers::redis_url(), format!("cli-{:016x}", fastrand::u64(..)))
+    (conformance::servers::redis_url(), namespace())
+}
+
+/// A fresh namespace on each store's test server.
+fn every_store() -> Vec<(String, String)> {
+    vec![store(), (postgres_server::connect_url(), namespace()), (etcd_server::connect_url(), namespace())]
+}
+
+fn namespace() -> String {
+    format!("cli-{:016x}", fastrand::u64(..))
 }
 
 fn mutextree(store: &(String, String)) -> Command {
@@ -61,8 +76,13 @@ fn scratch() -> PathBuf {
 }
 
 #[test]
-fn overlapping_runs_exclude_each_other() {
-    let store = store();
+fn overlapping_runs_exclude_each_other_on_every_store() {
+    for store in every_store() {
+        overlapping_runs_exclude_each_other(&store);
+    }
+}
+
+fn overlapping_runs_exclude_each_other(store: &(String, String)) {
     let dir = scratch();
     let log = dir.join("log");
     let work = format!("echo start >> {log}; sleep 0.2; echo end >> {log}", log = log.display());
@@ -76,7 +96,9 @@ fn overlapping_runs_exclude_each_other() {
         assert!(run.wait().expect("wait").success());
     }
     let lines = std::fs::read_to_string(&log).expect("log");
-    assert_eq!(lines, "start\nend\n".repeat(4), "the commands never overlapped");
+    assert_eq!(lines, "start\nend\n".repeat(4), "the commands never overlapped on {}", store.0);
+    let status = output(mutextree(store).arg("status"));
+    assert_eq!(text(&status.stdout), "no locks held\n", "all released on {}", store.0);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -29,7 +29,7 @@ pub mod stepwise;
 pub mod wait;
 
 pub use backend::{LockBackend, Stepwise};
-pub use error::{human, Error, PathRule};
+pub use error::{human, parse_duration, Error, PathRule};
 pub use handle::{IntoLockPath, TreeLock, TreeLockBuilder, TreeLockGuard, DEFAULT_TTL};
 pub use lock::{Attempt, Grant, HeldLock, LockKind, LockRequest, Namespace, Owner, Ttl};
 pub use path::{LockPath, MAX_DEPTH, MAX_PATH_BYTES, MAX_SEGMENT_BYTES};

@@ -9,7 +9,7 @@ use std::fmt;
 use std::time::Duration;
 
 use etcd_client::ConnectOptions;
-use mutextree_core::Error;
+use mutextree_core::{Error, Namespace};
 
 /// The store's name in errors.
 pub(crate) const STORE: &str = "etcd";
@@ -64,6 +64,70 @@ impl EtcdConfig {
             #[cfg(feature = "tls")]
             tls: None,
         }
+    }
+
+    /// A configuration, and the namespace, from one URL:
+    /// `etcd://host:port[,host:port...]` (plain HTTP endpoints) or
+    /// `etcds://...` (HTTPS, with the `tls` feature and the system's roots
+    /// unless [`tls`](Self::tls) says otherwise), with the optional query
+    /// parameters `namespace` (default `mutextree`), `prefix`, `user` and
+    /// `password`, `connect_timeout` and `request_timeout` (`500ms`, `2s`).
+    ///
+    /// ```
+    /// # use mutextree_etcd::EtcdConfig;
+    /// let (config, namespace) =
+    ///     EtcdConfig::from_url("etcd://10.0.0.1:2379,10.0.0.2:2379?namespace=fleet&request_timeout=2s")?;
+    /// assert_eq!(config.endpoints(), ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]);
+    /// assert_eq!(namespace, "fleet");
+    /// # Ok::<(), mutextree_core::Error>(())
+    /// ```
+    pub fn from_url(url: &str) -> Result<(Self, String), Error> {
+        let invalid = |reason: String| Error::InvalidConfig { store: STORE, reason };
+        // Messages never repeat the URL: it may hold a password.
+        let (scheme, rest) =
+            url.split_once("://").ok_or_else(|| invalid("this is not a URL: write etcd://host:port".to_owned()))?;
+        let http = match scheme {
+            "etcd" => "http",
+            "etcds" => "https",
+            _ => return Err(invalid(format!("unknown scheme {scheme}://: write etcd:// or etcds://"))),
+        };
+        let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let hosts = hosts.trim_end_matches('/');
+        if hosts.is_empty() || hosts.contains(['/', '@']) {
+            return Err(invalid(
+                "write the endpoints as etcd://host:port[,host:port...], credentials as ?user=&password=".to_owned(),
+            ));
+        }
+        let mut config = EtcdConfig::new(hosts.split(',').map(|host| format!("{http}://{host}")));
+        let mut namespace = Namespace::default().as_str().to_owned();
+        let (mut user, mut password) = (None, None);
+        let duration = |name: &str, value: &str| {
+            mutextree_core::parse_duration(value)
+                .ok_or_else(|| invalid(format!("{name}={value:?}: write a duration such as 500ms or 2s")))
+        };
+        for (name, value) in form_urlencoded_pairs(query) {
+            match &*name {
+                "namespace" => namespace = value,
+                "prefix" => config = config.prefix(value),
+                "user" => user = Some(value),
+                "password" => password = Some(value),
+                "connect_timeout" => config = config.connect_timeout(duration(&name, &value)?),
+                "request_timeout" => config = config.request_timeout(duration(&name, &value)?),
+                _ => {
+                    return Err(invalid(
+                        "unknown URL parameter: the known ones are namespace, prefix, user, password, \
+                         connect_timeout and request_timeout"
+                            .to_owned(),
+                    ))
+                }
+            }
+        }
+        match (user, password) {
+            (Some(user), Some(password)) => config = config.user(user, password),
+            (None, None) => {}
+            _ => return Err(invalid("give both user and password, or neither".to_owned())),
+        }
+        Ok((config, namespace))
     }
 
     /// The first part of every key (default [`Self::DEFAULT_PREFIX`]): lock
@@ -224,4 +288,9 @@ mod tests {
         let shown = format!("{:?}", EtcdConfig::new(["http://a"]).user("locker", "hunter2"));
         assert!(shown.contains("locker") && !shown.contains("hunter2"), "{shown}");
     }
+}
+
+/// A URL query's `name=value` pairs, percent-decoded.
+fn form_urlencoded_pairs(query: &str) -> Vec<(String, String)> {
+    url::form_urlencoded::parse(query.as_bytes()).map(|(name, value)| (name.into_owned(), value.into_owned())).collect()
 }

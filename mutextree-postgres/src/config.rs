@@ -50,6 +50,42 @@ impl PostgresConfig {
         }
     }
 
+    /// A configuration from one URL: a `postgres://` (or `postgresql://`)
+    /// URL as `tokio-postgres` reads it, whose query may also name the
+    /// `namespace`, the `schema` and the `pool_size`; every other parameter
+    /// (`sslmode`, `connect_timeout`, `application_name`, …) goes to
+    /// `tokio-postgres`, which refuses what it does not know.
+    ///
+    /// ```
+    /// # use mutextree_postgres::PostgresConfig;
+    /// let config = PostgresConfig::from_url(
+    ///     "postgres://locker@db.internal/app?namespace=billing&schema=locks&pool_size=4&sslmode=require",
+    /// )?;
+    /// # Ok::<(), mutextree_core::Error>(())
+    /// ```
+    pub fn from_url(url: &str) -> Result<Self, Error> {
+        let (base, query) = url.split_once('?').unwrap_or((url, ""));
+        let mut config = PostgresConfig::new(String::new());
+        let mut passed_on = url::form_urlencoded::Serializer::new(String::new());
+        for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
+            match &*name {
+                "namespace" => config.namespace = value.into_owned(),
+                "schema" => config.schema = value.into_owned(),
+                "pool_size" => {
+                    config.pool_size = value
+                        .parse()
+                        .map_err(|_| invalid(format!("pool_size={value:?}: write a number of connections")))?;
+                }
+                _ => {
+                    passed_on.append_pair(&name, &value);
+                }
+            }
+        }
+        let passed_on = passed_on.finish();
+        config.url = if passed_on.is_empty() { base.to_owned() } else { format!("{base}?{passed_on}") };
+        Ok(config)
+    }
+
     /// The PostgreSQL schema holding the store's table, sequence and
     /// functions, created if missing (see [`SchemaName`] for the rules).
     pub fn schema(mut self, name: impl Into<String>) -> Self {

@@ -305,16 +305,10 @@ fn invalid(reason: String) -> Error {
     Error::InvalidConfig { store: STORE, reason }
 }
 
-/// `500ms`, `2s` or `1.5s`.
+/// A URL's duration parameter.
 fn timeout(name: &str, text: &str) -> Result<Duration, Error> {
-    let parsed = if let Some(millis) = text.strip_suffix("ms") {
-        millis.trim().parse::<u64>().ok().map(Duration::from_millis)
-    } else if let Some(secs) = text.strip_suffix('s') {
-        secs.trim().parse::<f64>().ok().and_then(|secs| Duration::try_from_secs_f64(secs).ok())
-    } else {
-        None
-    };
-    parsed.ok_or_else(|| invalid(format!("{name}={text:?}: write a duration such as 500ms or 2s")))
+    mutextree_core::parse_duration(text)
+        .ok_or_else(|| invalid(format!("{name}={text:?}: write a duration such as 500ms or 2s")))
 }
 
 fn checked_timeout(name: &str, timeout: Duration) -> Result<Duration, Error> {

@@ -11,6 +11,8 @@ use mutextree_core::{Error, LockBackend};
 /// | --- | --- | --- |
 /// | `memory://` | this process's memory store (all `memory://` connections of a process share it) | `memory` |
 /// | `redis://`, `rediss://`, `redis+unix://`, `redis+cluster://`, `rediss+cluster://` | Redis, see `mutextree_redis::RedisOptions::from_url` | `redis` (`redis-tls` for TLS) |
+/// | `postgres://`, `postgresql://` | PostgreSQL, see `mutextree_postgres::PostgresConfig::from_url` | `postgres` (`postgres-tls`) |
+/// | `etcd://host:port[,host:port...]`, `etcds://` | etcd, see `mutextree_etcd::EtcdConfig::from_url` | `etcd` (`etcd-tls`) |
 ///
 /// Every URL takes `?namespace=NAME` (default `mutextree`); each store's
 /// own options come from the rest of the query, as its documentation says.
@@ -32,10 +34,13 @@ pub async fn connect(url: &str) -> Result<Arc<dyn LockBackend>, Error> {
     match scheme {
         "memory" => memory(url),
         "redis" | "rediss" | "redis+unix" | "redis+cluster" | "rediss+cluster" => redis(url).await,
+        "postgres" | "postgresql" => postgres(url).await,
+        "etcd" | "etcds" => etcd(url).await,
         other => Err(Error::InvalidConfig {
             store: "mutextree",
             reason: format!(
-                "unknown store {other}://: the stores are memory://, redis:// (rediss://, redis+cluster://)"
+                "unknown store {other}://: the stores are memory://, redis:// (rediss://, redis+cluster://), \
+                 postgres:// and etcd://"
             ),
         }),
     }
@@ -77,6 +82,28 @@ async fn redis(url: &str) -> Result<Arc<dyn LockBackend>, Error> {
 #[cfg(not(feature = "redis"))]
 async fn redis(_url: &str) -> Result<Arc<dyn LockBackend>, Error> {
     Err(feature_off("redis"))
+}
+
+#[cfg(feature = "postgres")]
+async fn postgres(url: &str) -> Result<Arc<dyn LockBackend>, Error> {
+    let config = mutextree_postgres::PostgresConfig::from_url(url)?;
+    Ok(Arc::new(mutextree_postgres::PostgresBackend::connect(&config).await?))
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn postgres(_url: &str) -> Result<Arc<dyn LockBackend>, Error> {
+    Err(feature_off("postgres"))
+}
+
+#[cfg(feature = "etcd")]
+async fn etcd(url: &str) -> Result<Arc<dyn LockBackend>, Error> {
+    let (config, namespace) = mutextree_etcd::EtcdConfig::from_url(url)?;
+    Ok(Arc::new(mutextree_etcd::EtcdStore::connect(config).await?.namespace(&namespace)?))
+}
+
+#[cfg(not(feature = "etcd"))]
+async fn etcd(_url: &str) -> Result<Arc<dyn LockBackend>, Error> {
+    Err(feature_off("etcd"))
 }
 
 #[allow(dead_code)] // Used only when some store's feature is off.

@@ -40,6 +40,16 @@ pub fn url() -> String {
     })
 }
 
+/// The shared server as a `postgres://` URL, as `mutextree::connect` and
+/// the command line take it.
+pub fn connect_url() -> String {
+    let url = url();
+    match url.split_whitespace().find_map(|part| part.strip_prefix("port=")) {
+        Some(port) => format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+        None => url,
+    }
+}
+
 /// How a started server runs; the default is the tests' server.
 #[derive(Debug, Clone, Default)]
 pub struct Settings {
