@@ -89,7 +89,7 @@ fn overlapping_runs_exclude_each_other(store: &(String, String)) {
     let runs: Vec<Child> = ["A", "A/B", "A", "A/B/C"]
         .iter()
         .map(|path| {
-            mutextree(&store).args(["run", "--timeout", "60s", path, "--", "sh", "-c", &work]).spawn().expect("spawn")
+            mutextree(store).args(["run", "--timeout", "60s", path, "--", "sh", "-c", &work]).spawn().expect("spawn")
         })
         .collect();
     for mut run in runs {

@@ -56,3 +56,42 @@ mod etcd_server;
 #[cfg(feature = "postgres")]
 #[path = "../../mutextree-postgres/tests/common/mod.rs"]
 mod postgres_server;
+
+fn the_guard_releases_when_dropped(store: Arc<dyn LockBackend>) {
+    let rack = blocking::TreeLock::new(store.clone(), "dc/rack").expect("lock");
+    let host = blocking::TreeLock::new(store, "dc/rack/host").expect("lock");
+    {
+        let guard = rack.lock().expect("free");
+        assert!(guard.token() > 0);
+        assert!(matches!(host.try_acquire(), Err(Error::Refused { .. })));
+    }
+    host.try_acquire().expect("released by the drop");
+    host.release().expect("release");
+    assert!(matches!(host.release(), Err(Error::NotHeld { .. })));
+}
+
+fn run_releases_after_the_work_and_after_a_panic(store: Arc<dyn LockBackend>) {
+    let lock = blocking::TreeLock::new(store.clone(), "a").expect("lock");
+    assert_eq!(lock.run(|_| 7).expect("run"), 7);
+    assert!(!lock.locked().expect("locked"));
+    let panicking = lock.clone();
+    assert!(thread::spawn(move || panicking.run(|_| panic!("work failed"))).join().is_err());
+    assert!(!lock.locked().expect("locked"), "released while unwinding");
+}
+
+fn a_waiter_on_another_thread_gets_the_lock_on_release(store: Arc<dyn LockBackend>) {
+    let holder = blocking::TreeLock::new(store.clone(), "a/b").expect("lock");
+    let guard = holder.lock().expect("free");
+    let waiter: blocking::TreeLock =
+        TreeLock::builder(store, "a").timeout(Duration::from_secs(30)).build().expect("lock").into();
+    let (refused, was_refused) = mpsc::channel();
+    let waiting = thread::spawn(move || {
+        refused.send(matches!(waiter.try_acquire(), Err(Error::Refused { .. }))).expect("send");
+        let started = Instant::now();
+        waiter.acquire().map(|_| started.elapsed())
+    });
+    assert!(was_refused.recv().expect("recv"), "the waiter should find the lock held first");
+    guard.release().expect("release");
+    let waited = waiting.join().expect("thread").expect("granted after the release");
+    assert!(waited < Duration::from_secs(15), "woke on the release, not at a timeout: {waited:?}");
+}
