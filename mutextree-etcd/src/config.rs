@@ -255,6 +255,11 @@ impl fmt::Debug for EtcdConfig {
     }
 }
 
+/// A URL query's `name=value` pairs, percent-decoded.
+fn form_urlencoded_pairs(query: &str) -> Vec<(String, String)> {
+    url::form_urlencoded::parse(query.as_bytes()).map(|(name, value)| (name.into_owned(), value.into_owned())).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,9 +293,4 @@ mod tests {
         let shown = format!("{:?}", EtcdConfig::new(["http://a"]).user("locker", "hunter2"));
         assert!(shown.contains("locker") && !shown.contains("hunter2"), "{shown}");
     }
-}
-
-/// A URL query's `name=value` pairs, percent-decoded.
-fn form_urlencoded_pairs(query: &str) -> Vec<(String, String)> {
-    url::form_urlencoded::parse(query.as_bytes()).map(|(name, value)| (name.into_owned(), value.into_owned())).collect()
 }
