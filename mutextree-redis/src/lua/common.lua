@@ -38,9 +38,9 @@ local function forget(key)
   redis.call('ZREM', expiry, key)
 end
 
--- The live lock on `key`, or nil; an expired one is removed on the way.
-local function live(key)
-  local value = redis.call('HGET', locks, key)
+-- The live lock whose stored value (from HGET or HMGET: false when
+-- missing) is `value`, or nil; an expired one is removed on the way.
+local function live_value(key, value)
   if not value then
     return nil
   end
@@ -53,6 +53,11 @@ local function live(key)
     return nil
   end
   return lock
+end
+
+-- The live lock on `key`, or nil.
+local function live(key)
+  return live_value(key, redis.call('HGET', locks, key))
 end
 
 -- Milliseconds left, rounded down.
