@@ -56,6 +56,12 @@
 //!   with it.
 //! * [`cancel`]: every await point of acquire, release and refresh cancelled
 //!   or failed, through a fault-gated backend.
+//! * [`proxy`]: a TCP proxy between a client and a real server that
+//!   delays, black-holes, cuts and resets the connection, or loses replies.
+//! * [`chaos`]: many clients under injected faults (the proxy's, server
+//!   crashes, pauses past the ttl), judged from their history.
+//! * [`churn`]: how long a waiter for an ancestor waits while its
+//!   descendants churn.
 //! * [`harness`]: starting real store servers for the tests.
 //! * [`servers`]: each store's server as every crate's tests start it.
 //! * [`load`]: the load generator behind every store's benchmark.
@@ -73,11 +79,14 @@ use mutextree_core::{
 
 pub mod cancel;
 pub mod cases;
+pub mod chaos;
+pub mod churn;
 pub mod concurrency;
 pub mod harness;
 pub mod load;
 pub mod model;
 pub mod oracle;
+pub mod proxy;
 pub mod servers;
 
 /// The store under test, as the suite needs it.

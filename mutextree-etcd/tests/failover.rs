@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use conformance::oracle::Oracle;
-use etcd_client::Client;
 use mutextree_core::{Attempt, Error, LockBackend, LockPath, LockRequest, Owner, Ttl};
 use mutextree_etcd::{EtcdConfig, EtcdStore};
 use tokio::time::{sleep, Instant};
@@ -25,29 +24,6 @@ const PROGRESS_AFTER_KILL: u64 = 20;
 const PATHS: [&str; 14] =
     ["a", "a/a", "a/b", "a/a/a", "a/a/b", "a/b/a", "a/b/b", "b", "b/a", "b/b", "b/a/a", "b/a/b", "b/b/a", "c"];
 
-/// The index of the member that leads, once all members agree on one.
-async fn leader(urls: &[String]) -> usize {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let mut seen = Vec::new();
-        for url in urls {
-            let status = async { Client::connect([url], None).await?.status().await };
-            if let Ok(status) = status.await {
-                let member = status.header().map_or(0, |header| header.member_id());
-                seen.push((member, status.leader()));
-            }
-        }
-        let leaders: Vec<u64> = seen.iter().map(|(_, leader)| *leader).collect();
-        if seen.len() == urls.len() && leaders[0] != 0 && leaders.iter().all(|l| *l == leaders[0]) {
-            if let Some(index) = seen.iter().position(|(member, _)| *member == leaders[0]) {
-                return index;
-            }
-        }
-        assert!(Instant::now() < deadline, "the cluster elected no leader in 60 s: {seen:?}");
-        sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[derive(Default)]
 struct Counts {
     grants: AtomicU64,
@@ -58,7 +34,7 @@ struct Counts {
 async fn killing_the_leader_never_double_grants_and_clients_fail_over() {
     let mut cluster = common::Cluster::start(3).unwrap_or_else(|message| panic!("{message}"));
     let urls = cluster.urls();
-    let leading = leader(&urls).await;
+    let leading = common::leader(&urls).await;
 
     let namespace = common::namespace();
     let paths: Arc<Vec<LockPath>> = Arc::new(PATHS.iter().map(|p| LockPath::parse(p).expect("path")).collect());
@@ -154,6 +130,6 @@ async fn killing_the_leader_never_double_grants_and_clients_fail_over() {
          {grants} grants, {errors} retryable errors in all; oracle judged {} grants",
         oracle.grants()
     );
-    let new_leader = leader(&[urls[(leading + 1) % 3].clone(), urls[(leading + 2) % 3].clone()]).await;
+    let new_leader = common::leader(&[urls[(leading + 1) % 3].clone(), urls[(leading + 2) % 3].clone()]).await;
     assert!(new_leader < 2, "the survivors agree on a leader");
 }

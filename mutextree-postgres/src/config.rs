@@ -23,6 +23,7 @@ pub struct PostgresConfig {
     pub(crate) namespace: String,
     pub(crate) pool_size: usize,
     pub(crate) connect_timeout: Duration,
+    pub(crate) request_timeout: Duration,
     #[cfg(feature = "tls")]
     pub(crate) tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
@@ -32,6 +33,8 @@ impl PostgresConfig {
     pub const DEFAULT_POOL_SIZE: usize = 10;
     /// The default limit on opening one connection.
     pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+    /// The default limit on one call's round trip.
+    pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
     /// A configuration for the server at `url`: a `postgres://` URL or a
     /// `key=value` connection string, as `tokio-postgres` reads them
@@ -45,6 +48,7 @@ impl PostgresConfig {
             namespace: Namespace::default().as_str().to_owned(),
             pool_size: Self::DEFAULT_POOL_SIZE,
             connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
+            request_timeout: Self::DEFAULT_REQUEST_TIMEOUT,
             #[cfg(feature = "tls")]
             tls: None,
         }
@@ -52,7 +56,8 @@ impl PostgresConfig {
 
     /// A configuration from one URL: a `postgres://` (or `postgresql://`)
     /// URL as `tokio-postgres` reads it, whose query may also name the
-    /// `namespace`, the `schema` and the `pool_size`; every other parameter
+    /// `namespace`, the `schema`, the `pool_size` and the `request_timeout`
+    /// (`500ms`, `5s`); every other parameter
     /// (`sslmode`, `connect_timeout`, `application_name`, …) goes to
     /// `tokio-postgres`, which refuses what it does not know.
     ///
@@ -75,6 +80,10 @@ impl PostgresConfig {
                     config.pool_size = value
                         .parse()
                         .map_err(|_| invalid(format!("pool_size={value:?}: write a number of connections")))?;
+                }
+                "request_timeout" => {
+                    config.request_timeout = mutextree_core::parse_duration(&value)
+                        .ok_or_else(|| invalid(format!("request_timeout={value:?}: write a duration such as 5s")))?;
                 }
                 _ => {
                     passed_on.append_pair(&name, &value);
@@ -115,6 +124,16 @@ impl PostgresConfig {
         self
     }
 
+    /// How long one call may wait for its answer (after it has a
+    /// connection) before it fails with a retryable [`Error::Store`]; the
+    /// connection is then closed, since its answer may still come.
+    /// Whether a call that timed out took effect is unknown: a grant may
+    /// have been made, and lives until its ttl.
+    pub fn request_timeout(mut self, limit: Duration) -> Self {
+        self.request_timeout = limit;
+        self
+    }
+
     /// The rustls configuration for TLS connections (feature `tls`). Without
     /// it, the server's certificate is checked against the webpki roots.
     /// TLS is used as the connection string's `sslmode` says (`prefer` by
@@ -132,10 +151,21 @@ impl PostgresConfig {
         if self.pool_size == 0 {
             return Err(invalid("the pool needs at least one connection"));
         }
+        if self.request_timeout.is_zero() || self.request_timeout > MAX_TIMEOUT {
+            return Err(invalid(format!(
+                "request_timeout must be more than zero and at most {}",
+                mutextree_core::human(MAX_TIMEOUT)
+            )));
+        }
         let mut pg = tokio_postgres::Config::from_str(&self.url)
             .map_err(|error| invalid(format!("the connection string cannot be read: {error}")))?;
         if pg.get_connect_timeout().is_none() {
             pg.connect_timeout(self.connect_timeout);
+        }
+        // A connection whose peer stopped acknowledging fails within the
+        // request timeout instead of the kernel's quarter of an hour.
+        if pg.get_tcp_user_timeout().is_none() {
+            pg.tcp_user_timeout(self.request_timeout);
         }
         if pg.get_application_name().is_none() {
             pg.application_name("mutextree");
@@ -150,6 +180,9 @@ impl PostgresConfig {
         Ok(Checked { schema, namespace, pg })
     }
 }
+
+/// The longest timeout accepted: a longer one is surely a unit mistake.
+const MAX_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 
 /// The session option that makes READ COMMITTED the default isolation.
 const READ_COMMITTED: &str = r"-c default_transaction_isolation=read\ committed";
@@ -173,6 +206,7 @@ impl fmt::Debug for PostgresConfig {
             .field("namespace", &self.namespace)
             .field("pool_size", &self.pool_size)
             .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.request_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -189,6 +223,8 @@ mod tests {
             (good.clone().schema("Bad-Name"), "schema name"),
             (good.clone().namespace("{x}"), "namespace"),
             (good.clone().pool_size(0), "at least one connection"),
+            (good.clone().request_timeout(Duration::ZERO), "request_timeout"),
+            (good.clone().request_timeout(Duration::MAX), "request_timeout"),
             (PostgresConfig::new("postgres://[::1"), "cannot be read"),
         ];
         for (config, expected) in cases {

@@ -14,6 +14,8 @@ pub(crate) enum CallError {
     Pool(PoolError),
     /// The statement failed, or the connection broke while it ran.
     Query(tokio_postgres::Error),
+    /// No answer within the request timeout.
+    Timeout(std::time::Duration),
 }
 
 impl From<PoolError> for CallError {
@@ -43,6 +45,11 @@ impl From<CallError> for Error {
             CallError::Pool(PoolError::Backend(error)) => query_error(error),
             CallError::Pool(error @ PoolError::Timeout(_)) => Error::store(STORE, true, error),
             CallError::Pool(error) => Error::store(STORE, false, error),
+            CallError::Timeout(limit) => Error::store_message(
+                STORE,
+                true,
+                format!("no answer within the request timeout of {}", mutextree_core::human(limit)),
+            ),
         }
     }
 }

@@ -85,6 +85,7 @@ struct Shared {
     pg: tokio_postgres::Config,
     tls: Tls,
     namespace: Namespace,
+    request_timeout: Duration,
 }
 
 impl PostgresStore {
@@ -118,6 +119,7 @@ impl PostgresStore {
             pg: checked.pg,
             tls,
             namespace: checked.namespace,
+            request_timeout: config.request_timeout,
         };
         shared.migrate().await?;
         Ok(PostgresStore { shared: Arc::new(shared) })
@@ -190,11 +192,22 @@ impl Shared {
     }
 
     /// One statement on a pooled connection: one round trip (plus one to
-    /// prepare it, the first time on each connection).
+    /// prepare it, the first time on each connection), within the request
+    /// timeout. A connection whose answer did not come in time is closed,
+    /// not handed back: the answer may still arrive on it.
     async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, CallError> {
         let client = self.pool.get().await?;
-        let statement = client.prepare_cached(sql).await?;
-        Ok(client.query(&statement, params).await?)
+        let call = async {
+            let statement = client.prepare_cached(sql).await?;
+            client.query(&statement, params).await
+        };
+        match tokio::time::timeout(self.request_timeout, call).await {
+            Ok(answer) => Ok(answer?),
+            Err(_) => {
+                drop(deadpool_postgres::Object::take(client));
+                Err(CallError::Timeout(self.request_timeout))
+            }
+        }
     }
 
     /// [`Shared::query`] for a statement that returns exactly one row, sent

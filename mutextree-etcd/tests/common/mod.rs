@@ -108,11 +108,16 @@ fn member_args(name: &str, client_port: u16, peer_port: u16, dir: &Path, cluster
     .collect()
 }
 
-/// A 3-member cluster on loopback, each member under the harness's
-/// watchdog.
+/// A cluster of members on loopback, each under the harness's watchdog.
+/// Each member keeps its data in a home directory of its own, outside the
+/// directory its watchdog removes, so that a killed member can be started
+/// again on its data.
 pub(crate) struct Cluster {
     pub(crate) members: Vec<Option<RunningServer>>,
     pub(crate) client_ports: Vec<u16>,
+    binary: PathBuf,
+    args: Vec<Vec<OsString>>,
+    homes: Vec<PathBuf>,
 }
 
 impl Cluster {
@@ -120,19 +125,44 @@ impl Cluster {
         let binary: PathBuf = SPEC.find_binary()?;
         let ports: Vec<(String, u16, u16)> = (0..size).map(|i| (format!("m{i}"), free_port(), free_port())).collect();
         let peers: Vec<(String, u16)> = ports.iter().map(|(name, _, peer)| (name.clone(), *peer)).collect();
-        let mut members = Vec::new();
+        let mut cluster = Cluster {
+            members: Vec::new(),
+            client_ports: ports.iter().map(|(_, client, _)| *client).collect(),
+            binary,
+            args: Vec::new(),
+            homes: Vec::new(),
+        };
         for (name, client_port, peer_port) in &ports {
-            let dir = data_dir()?;
-            let args = member_args(name, *client_port, *peer_port, &dir, &peers);
-            members.push(RunningServer::spawn(&binary, args, *client_port, dir)?);
+            let home = data_dir()?;
+            cluster.args.push(member_args(name, *client_port, *peer_port, &home, &peers));
+            cluster.homes.push(home);
+            cluster.members.push(None);
         }
-        for member in &mut members {
+        for member in 0..size {
+            cluster.members[member] = Some(cluster.spawn(member)?);
+        }
+        for member in cluster.members.iter_mut().flatten() {
             member.wait_until_listening(Duration::from_secs(60))?;
         }
-        Ok(Cluster {
-            members: members.into_iter().map(Some).collect(),
-            client_ports: ports.iter().map(|(_, client, _)| *client).collect(),
-        })
+        Ok(cluster)
+    }
+
+    /// Starts a member on its data, with a fresh run directory.
+    fn spawn(&self, member: usize) -> Result<RunningServer, String> {
+        let run = self.homes[member].join(format!("run-{:08x}", fastrand::u32(..)));
+        std::fs::create_dir_all(&run).map_err(|e| format!("cannot create {}: {e}", run.display()))?;
+        RunningServer::spawn(&self.binary, self.args[member].clone(), self.client_ports[member], run)
+    }
+
+    /// Kills a member (`kill -9`) and starts it again on its data.
+    pub(crate) fn crash_and_restart(&mut self, member: usize) -> Result<(), String> {
+        if let Some(running) = self.members[member].take() {
+            running.stop();
+        }
+        let mut running = self.spawn(member)?;
+        running.wait_until_listening(Duration::from_secs(60))?;
+        self.members[member] = Some(running);
+        Ok(())
     }
 
     pub(crate) fn urls(&self) -> Vec<String> {
@@ -145,6 +175,34 @@ impl Drop for Cluster {
         for member in self.members.iter_mut().filter_map(Option::take) {
             member.stop();
         }
+        for home in &self.homes {
+            let _ = std::fs::remove_dir_all(home);
+        }
+    }
+}
+
+/// The index of the member that leads, once all members agree on one.
+pub(crate) async fn leader(urls: &[String]) -> usize {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut seen = Vec::new();
+        for url in urls {
+            let status = async { etcd_client::Client::connect([url], None).await?.status().await };
+            if let Ok(status) = status.await {
+                let member = status.header().map_or(0, |header| header.member_id());
+                seen.push((member, status.leader()));
+            }
+        }
+        let leaders: Vec<u64> = seen.iter().map(|(_, leader)| *leader).collect();
+        if seen.len() == urls.len() && leaders[0] != 0 && leaders.iter().all(|l| *l == leaders[0]) {
+            if let Some(index) = seen.iter().position(|(member, _)| *member == leaders[0]) {
+                return index;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the cluster elected no leader in 60 s: {seen:?}");
+        // No event tells when an election ends; the members' own status
+        // is asked again shortly.
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -156,6 +156,16 @@ impl Postgres {
         stopped.start_again()
     }
 
+    /// Kills the server (`kill -9`, as a crash) and starts a new one on the
+    /// same port and data directory, logging to a fresh run directory, so
+    /// that it can crash again; whoever started it removes `base` at the
+    /// end.
+    pub fn crash_and_restart(self) -> Result<Postgres, String> {
+        let Stopped { base, port, settings } = self.stop();
+        let run_dir = base.join(format!("run-{:08x}", fastrand::u32(..)));
+        Postgres::start(base, run_dir, port, &settings)
+    }
+
     /// Kills the server (`kill -9`, as a crash), keeping its data.
     ///
     /// PostgreSQL's child processes run in sessions of their own, so

@@ -1,0 +1,696 @@
+//! Chaos runs: many clients on overlapping paths while faults are
+//! injected, judged afterwards from the history of what they were told.
+//!
+//! The trusted lock systems are judged by what survives faults, so ours
+//! are too. A run has three phases:
+//!
+//! 1. **Faults.** Clients acquire (some waiting, some not), hold, refresh
+//!    and release random nodes of a small deep tree, while the store's
+//!    [`ChaosStore::inject`] breaks things: the [proxy](crate::proxy)
+//!    between clients and server, the server process itself (`kill -9` and
+//!    a restart), a member of a cluster. Some clients also *pause* while
+//!    holding, past their ttl, as a process stopped by `SIGSTOP` or a long
+//!    garbage collection would, and then carry on as if they still held
+//!    the lock.
+//! 2. **Recovery.** Faults stop; every client must be granted something
+//!    within a bounded time.
+//! 3. **Settling.** Once every ttl has passed, the namespace must be empty
+//!    and its roots lockable: no fault left a lock behind for good.
+//!
+//! Every grant is recorded as the interval in which its client may
+//! believe it holds the lock: from the reply to the release being sent,
+//! cut at the grant's own `expires_at` (which counts from when the
+//! request was *sent*, so it never outlives the store's expiry). If the
+//! store is right, no two such intervals on overlapping paths intersect,
+//! whatever the faults. The history is checked for that, and for fencing
+//! tokens that rise with every holder of an overlapping path. A shadow
+//! resource plays the fenced service: each holder writes its token when
+//! granted and before releasing, and paused holders try to write after
+//! waking; a live holder's write must never be refused, and the stale
+//! writes it refuses are counted. Every call runs under a limit, and a
+//! call past it is a violation too (no call may hang).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::future::join_all;
+use mutextree_core::{Error, Grant, LockBackend, LockPath, TreeLock};
+use tokio::time::{sleep, sleep_until, timeout, Instant};
+
+use crate::proxy::{FaultProxy, NetFault};
+
+/// The random source of a run's choices, seeded by [`ChaosSettings::seed`].
+pub use fastrand::Rng;
+
+/// How long and how hard a run is.
+#[derive(Clone, Debug)]
+pub struct ChaosSettings {
+    /// Concurrent clients, each with its own connection.
+    pub clients: usize,
+    /// How long faults are injected.
+    pub duration: Duration,
+    /// The ttl of every lock.
+    pub ttl: Duration,
+    /// No call may take longer: the store's request timeout, its retries
+    /// and some margin. Waiting acquisitions get their wait on top.
+    pub call_limit: Duration,
+    /// After faults stop, every client must be granted a lock within this.
+    pub recovery: Duration,
+    /// The seed of every random choice of the run (faults, paths, holds).
+    pub seed: u64,
+}
+
+impl ChaosSettings {
+    /// `clients` clients, faults for `MUTEXTREE_CHAOS_SECS` seconds (30 by
+    /// default), the seed from `MUTEXTREE_CHAOS_SEED` or a random one.
+    pub fn from_env(clients: usize, ttl: Duration, call_limit: Duration) -> Self {
+        let number = |name: &str| std::env::var(name).ok().and_then(|value| value.trim().parse::<u64>().ok());
+        ChaosSettings {
+            clients,
+            duration: Duration::from_secs(number("MUTEXTREE_CHAOS_SECS").unwrap_or(30)),
+            ttl,
+            call_limit,
+            recovery: Duration::from_secs(60),
+            seed: number("MUTEXTREE_CHAOS_SEED").unwrap_or_else(|| fastrand::u64(..)),
+        }
+    }
+}
+
+/// What a store gives a chaos run.
+#[async_trait]
+pub trait ChaosStore: Send + Sync {
+    /// The store's name in the report.
+    fn name(&self) -> String;
+
+    /// A new client of `namespace` whose traffic meets the faults (through
+    /// the proxies), with timeouts short enough for [`ChaosSettings::call_limit`].
+    async fn connect(&self, namespace: &str) -> Result<Arc<dyn LockBackend>, Error>;
+
+    /// Injects the run's `round`-th fault (counting from 0), chosen with
+    /// `rng`: lets it last, heals it, and returns its name. The run calls
+    /// it again and again during the fault phase. [`proxy_fault`] is the
+    /// usual menu.
+    async fn inject(&self, round: usize, rng: &mut Rng) -> String;
+
+    /// Whether the store ends every lock at its ttl, so that a holder
+    /// paused past it can never release it. etcd cannot: a new leader
+    /// renews every lease, so a lock may outlive its ttl (never its
+    /// holder's belief: `expires_at` still counts from the request).
+    fn expiry_is_exact(&self) -> bool {
+        true
+    }
+}
+
+/// One proxy fault, for 50 ms to 1.5 s, on one of `proxies` or on all of
+/// them: a black hole, lost replies, a reset of every connection, a cut at
+/// a random byte, a delay, or refused connections. Returns its name.
+pub async fn proxy_fault(proxies: &[&FaultProxy], rng: &mut Rng) -> String {
+    if proxies.is_empty() {
+        return "none".to_owned();
+    }
+    let chosen: Vec<&FaultProxy> =
+        if rng.bool() { proxies.to_vec() } else { vec![proxies[rng.usize(..proxies.len())]] };
+    let lasting = Duration::from_millis(rng.u64(50..1500));
+    let (fault, name) = match rng.u8(..6) {
+        0 => (NetFault::BlackHole, "black hole"),
+        1 => (NetFault::DropReplies, "lost replies"),
+        2 => {
+            chosen.iter().for_each(|proxy| proxy.reset_all());
+            return "connections reset".to_owned();
+        }
+        3 => (NetFault::CutAfter(rng.usize(1..400)), "cut at a random byte"),
+        4 => (NetFault::Delay(Duration::from_millis(rng.u64(1..300))), "delay"),
+        _ => (NetFault::Refuse, "new connections refused"),
+    };
+    chosen.iter().for_each(|proxy| proxy.set(fault));
+    sleep(lasting).await;
+    chosen.iter().for_each(|proxy| proxy.set(NetFault::Pass));
+    name.to_owned()
+}
+
+/// What a run did and found.
+#[derive(Debug, Default)]
+pub struct ChaosReport {
+    /// The store's name.
+    pub store: String,
+    /// The run's seed.
+    pub seed: u64,
+    /// How long faults were injected.
+    pub duration: Duration,
+    /// Calls made (acquire, refresh, release).
+    pub calls: u64,
+    /// Grants acknowledged to a client.
+    pub grants: u64,
+    /// Acquisitions refused or timed out on a held lock.
+    pub refusals: u64,
+    /// Calls that failed with a store error.
+    pub errors: u64,
+    /// Holders that paused past their ttl.
+    pub pauses: u64,
+    /// Writes of paused holders that the fenced resource refused.
+    pub stale_writes_refused: u64,
+    /// Releases by paused holders, after their ttl, that found the lock
+    /// still there (only where expiry is not exact).
+    pub late_releases: u64,
+    /// Faults injected, by name.
+    pub faults: BTreeMap<String, u64>,
+    /// Everything that broke an invariant.
+    pub violations: Vec<String>,
+}
+
+impl ChaosReport {
+    /// Panics with the violations, if any.
+    pub fn assert_clean(&self) {
+        assert!(
+            self.violations.is_empty(),
+            "{} violations (seed {}; rerun with MUTEXTREE_CHAOS_SEED={}), first ones:\n{}",
+            self.violations.len(),
+            self.seed,
+            self.seed,
+            self.violations.iter().take(40).cloned().collect::<Vec<_>>().join("\n")
+        );
+    }
+}
+
+impl fmt::Display for ChaosReport {
+    /// One line: the store, the figures, the faults.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let faults: Vec<String> = self.faults.iter().map(|(name, count)| format!("{name} ×{count}")).collect();
+        write!(
+            f,
+            "chaos {}: {} s of faults, seed {}: {} calls, {} grants, {} refused, {} store errors, {} pauses past the \
+             ttl ({} stale writes refused, {} late releases accepted), {} violations; faults: {}",
+            self.store,
+            self.duration.as_secs(),
+            self.seed,
+            self.calls,
+            self.grants,
+            self.refusals,
+            self.errors,
+            self.pauses,
+            self.stale_writes_refused,
+            self.late_releases,
+            self.violations.len(),
+            faults.join(", ")
+        )
+    }
+}
+
+/// Runs a chaos run on `store` and returns its report (printed too).
+pub async fn run(store: Arc<dyn ChaosStore>, settings: ChaosSettings) -> ChaosReport {
+    let namespace = format!("chaos-{:016x}", settings.seed);
+    let mut clients = Vec::new();
+    for _ in 0..settings.clients {
+        clients.push(store.connect(&namespace).await.expect("a client connects before the faults"));
+    }
+    let run = Arc::new(Run::new(&settings, store.expiry_is_exact()));
+    let started = Instant::now();
+    let faults_end = started + settings.duration;
+    let workers = clients.into_iter().enumerate().map(|(index, client)| {
+        let run = run.clone();
+        let seed = settings.seed.wrapping_add(index as u64 + 1);
+        tokio::spawn(async move { run.worker(index, client, seed, faults_end).await })
+    });
+    let workers: Vec<_> = workers.collect();
+    let mut faults = BTreeMap::new();
+    let mut rng = Rng::with_seed(settings.seed);
+    for round in 0.. {
+        if Instant::now() >= faults_end {
+            break;
+        }
+        let name = store.inject(round, &mut rng).await;
+        *faults.entry(name).or_insert(0) += 1;
+        sleep(Duration::from_millis(rng.u64(100..600))).await;
+    }
+    for worker in join_all(workers).await {
+        worker.expect("a worker panicked");
+    }
+    // Settling: every lock has expired or was released.
+    sleep(settings.ttl + settings.call_limit).await;
+    let checker = store.connect(&namespace).await.expect("a client connects after the faults");
+    match checker.list(None).await {
+        Ok(left) if left.is_empty() => {}
+        Ok(left) => run.violation(format!("{} locks left a ttl after the run, e.g. {}", left.len(), left[0].path)),
+        Err(error) => run.violation(format!("cannot list after the run: {error}")),
+    }
+    for root in ["a", "b", "c"] {
+        let lock = TreeLock::builder(checker.clone(), root).ttl(settings.ttl).build().expect("lock");
+        match lock.try_acquire().await {
+            Ok(_) => {
+                let _ = lock.release().await;
+            }
+            Err(error) => run.violation(format!("root {root} cannot be locked after the run: {error}")),
+        }
+    }
+    let report = run.report(store.name(), &settings, faults);
+    println!("{report}");
+    report
+}
+
+/// A grant whose reply is lost on the wire: `proxied` sends it through
+/// `proxy`, which forwards the request and throws the reply away.
+///
+/// The call must fail (within `call_limit`) and the handle must not
+/// believe it holds anything; the store holds at most that one orphan,
+/// owned by the handle's owner, which blocks overlapping paths (the handle
+/// itself included: retrying never makes a second grant) and is gone at
+/// its ttl: a waiting retry by the same handle is granted no earlier than
+/// the orphan's expiry and no later than `slack` after it. `observer` is a
+/// client that does not go through the proxy.
+pub async fn lost_grant_reply_leaves_at_most_an_orphan(
+    proxied: Arc<dyn LockBackend>,
+    proxy: &FaultProxy,
+    observer: Arc<dyn LockBackend>,
+    ttl: Duration,
+    slack: Duration,
+    call_limit: Duration,
+) {
+    let path = LockPath::parse("lost/reply").expect("path");
+    let lock = TreeLock::builder(proxied, path.clone()).ttl(ttl).owner("lost-reply").build().expect("lock");
+    assert!(!lock.locked().await.expect("the proxy passes"), "a fresh namespace");
+    // A first grant and release on the connection, so that what is lost
+    // is the grant's answer, not a first exchange (loading a script,
+    // preparing a statement) that would leave nothing behind.
+    let warm = TreeLock::builder(lock.backend().clone(), "lost/warm").ttl(ttl).build().expect("lock");
+    warm.try_acquire().await.expect("the proxy passes");
+    warm.release().await.expect("the proxy passes");
+    let dropped_before = proxy.stats().dropped_bytes;
+    proxy.set(NetFault::DropReplies);
+    let sent = Instant::now();
+    let outcome = timeout(call_limit, lock.try_acquire()).await.expect("the call gives up by its limit");
+    let sent_at_most = Instant::now();
+    proxy.set(NetFault::Pass);
+    assert!(outcome.is_err(), "no reply, yet the call says {outcome:?}");
+    assert!(!lock.is_held(), "the handle believes it holds a lock it was never told of");
+    assert!(proxy.stats().dropped_bytes > dropped_before, "no reply was lost: the request never reached the store");
+
+    let listed_at = Instant::now();
+    let orphans = observer.list(Some(&path)).await.expect("list");
+    assert_eq!(orphans.len(), 1, "exactly one orphan: {orphans:?}");
+    let orphan = &orphans[0];
+    assert_eq!(orphan.owner, *lock.owner());
+    assert!(orphan.remaining <= ttl, "the orphan outlives its ttl: {orphan:?}");
+    let orphan_expiry = listed_at + orphan.remaining;
+
+    // The same handle tries again, then waits: the orphan blocks it (a lock
+    // is not re-entrant) until it expires, and it never holds two.
+    match timeout(call_limit, lock.try_acquire()).await.expect("no hang") {
+        Err(Error::Refused { blocker, .. }) => assert_eq!(blocker.token, orphan.token, "{blocker:?}"),
+        other => panic!("the retry must be refused by the orphan, got {other:?}"),
+    }
+    let grant = timeout(call_limit + ttl * 2, lock.acquire_timeout(ttl * 2))
+        .await
+        .expect("no hang")
+        .expect("granted once the orphan expired");
+    let granted_at = Instant::now();
+    assert_ne!(grant.token, orphan.token);
+    assert!(granted_at + slack >= orphan_expiry, "granted {:?} before the orphan's expiry", orphan_expiry - granted_at);
+    assert!(
+        granted_at <= sent_at_most.max(sent) + ttl + slack + call_limit,
+        "the orphan lived {:?}, its ttl is {ttl:?}",
+        granted_at - sent
+    );
+    let held = observer.list(Some(&path)).await.expect("list");
+    assert_eq!(held.iter().map(|lock| lock.token).collect::<Vec<_>>(), vec![grant.token], "one lock, the new one");
+    lock.release().await.expect("release");
+}
+
+/// The nodes of the run's tree: depth 3, fan-out 3 (39 nodes, 3 roots).
+fn tree() -> Vec<LockPath> {
+    const NAMES: [&str; 3] = ["a", "b", "c"];
+    let mut all = Vec::new();
+    for a in NAMES {
+        all.push(LockPath::new([a]).expect("path"));
+        for b in NAMES {
+            all.push(LockPath::new([a, b]).expect("path"));
+            for c in NAMES {
+                all.push(LockPath::new([a, b, c]).expect("path"));
+            }
+        }
+    }
+    all
+}
+
+/// A grant as its client saw it.
+#[derive(Clone, Debug)]
+struct Held {
+    path: LockPath,
+    token: u64,
+    client: usize,
+    from: Instant,
+    until: Instant,
+}
+
+/// The state shared by a run's workers.
+struct Run {
+    tree: Vec<LockPath>,
+    ttl: Duration,
+    call_limit: Duration,
+    recovery: Duration,
+    exact_expiry: bool,
+    history: Mutex<Vec<Held>>,
+    fence: Mutex<HashMap<LockPath, u64>>,
+    violations: Mutex<Vec<String>>,
+    calls: AtomicU64,
+    refusals: AtomicU64,
+    errors: AtomicU64,
+    pauses: AtomicU64,
+    stale_writes_refused: AtomicU64,
+    late_releases: AtomicU64,
+}
+
+impl Run {
+    fn new(settings: &ChaosSettings, exact_expiry: bool) -> Self {
+        Run {
+            tree: tree(),
+            ttl: settings.ttl,
+            call_limit: settings.call_limit,
+            recovery: settings.recovery,
+            exact_expiry,
+            history: Mutex::new(Vec::new()),
+            fence: Mutex::new(HashMap::new()),
+            violations: Mutex::new(Vec::new()),
+            calls: AtomicU64::new(0),
+            refusals: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            pauses: AtomicU64::new(0),
+            stale_writes_refused: AtomicU64::new(0),
+            late_releases: AtomicU64::new(0),
+        }
+    }
+
+    fn violation(&self, what: String) {
+        self.violations.lock().expect("violations").push(what);
+    }
+
+    /// One call under the run's limit; a call past it is a violation, and
+    /// comes back as `None`.
+    async fn call<T>(&self, what: &str, limit: Duration, call: impl std::future::Future<Output = T>) -> Option<T> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        match timeout(limit, call).await {
+            Ok(outcome) => Some(outcome),
+            Err(_) => {
+                self.violation(format!("{what} hung: no answer {:?} after it started", started.elapsed()));
+                None
+            }
+        }
+    }
+
+    /// The fenced resource: a write is accepted if its token is above
+    /// every token written on an overlapping path (or is the writer's own
+    /// last one, on its path).
+    fn write(&self, grant: &Grant) -> bool {
+        let mut fence = self.fence.lock().expect("fence");
+        let accepted = fence.iter().all(|(path, &token)| {
+            !path.overlaps(&grant.path) || token < grant.token || (token == grant.token && *path == grant.path)
+        });
+        if accepted {
+            fence.insert(grant.path.clone(), grant.token);
+        }
+        accepted
+    }
+
+    /// A live holder writes; being refused means a later token was already
+    /// given to an overlapping holder.
+    fn write_live(&self, grant: &Grant) {
+        if !self.write(grant) && !grant.is_expired() {
+            self.violation(format!("the fenced resource refused live holder {} token {}", grant.path, grant.token));
+        }
+    }
+
+    async fn worker(&self, index: usize, client: Arc<dyn LockBackend>, seed: u64, faults_end: Instant) {
+        let mut rng = Rng::with_seed(seed);
+        let owner = format!("client-{index}");
+        while Instant::now() < faults_end {
+            self.round(index, &client, &owner, &mut rng, faults_end).await;
+        }
+        // Recovery: faults have stopped, so a grant must come.
+        let deadline = Instant::now() + self.recovery;
+        loop {
+            if self.round(index, &client, &owner, &mut rng, Instant::now()).await {
+                return;
+            }
+            if Instant::now() >= deadline {
+                self.violation(format!("client {index} got no grant within {:?} after the faults", self.recovery));
+                return;
+            }
+        }
+    }
+
+    /// One acquisition and what follows it; whether it was granted. Pauses
+    /// only before `pause_before`, so recovery is not one.
+    async fn round(
+        &self,
+        index: usize,
+        client: &Arc<dyn LockBackend>,
+        owner: &str,
+        rng: &mut Rng,
+        pause_before: Instant,
+    ) -> bool {
+        let path = self.tree[rng.usize(..self.tree.len())].clone();
+        let lock = TreeLock::builder(client.clone(), path.clone())
+            .ttl(self.ttl)
+            .owner(owner)
+            .build()
+            .expect("the run's locks are valid");
+        let waiting = rng.bool();
+        let acquired = if waiting {
+            let wait = self.ttl / 2;
+            self.call("a waiting acquire", self.call_limit + wait, lock.acquire_timeout(wait)).await
+        } else {
+            self.call("an acquire", self.call_limit, lock.try_acquire()).await
+        };
+        let mut grant = match acquired {
+            Some(Ok(grant)) => grant,
+            Some(Err(Error::Refused { .. } | Error::Timeout { .. })) => {
+                self.refusals.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+            Some(Err(_)) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                // A client backs off a little before trying a failing
+                // store again.
+                sleep(Duration::from_millis(rng.u64(10..50))).await;
+                return false;
+            }
+            None => return false,
+        };
+        let from = Instant::now();
+        self.write_live(&grant);
+        let mut held = Held { path, token: grant.token, client: index, from, until: grant.expires_at };
+        let choice = rng.u8(..10);
+        if choice == 0 && Instant::now() + self.ttl * 2 < pause_before {
+            // Stopped past the ttl, then carrying on.
+            self.pauses.fetch_add(1, Ordering::Relaxed);
+            sleep_until(grant.expires_at + self.ttl / 2).await;
+            if !self.write(&grant) {
+                self.stale_writes_refused.fetch_add(1, Ordering::Relaxed);
+            }
+            match self.call("a release after a pause", self.call_limit, client.release(&grant)).await {
+                Some(Ok(())) if self.exact_expiry => self.violation(format!(
+                    "{} token {} was released by its holder a ttl after it expired",
+                    grant.path, grant.token
+                )),
+                Some(Ok(())) => {
+                    self.late_releases.fetch_add(1, Ordering::Relaxed);
+                }
+                Some(Err(error)) if !error.is_retryable() && !matches!(error, Error::NotHeld { .. }) => {
+                    self.violation(format!("a release after a pause failed: {error}"));
+                }
+                _ => {}
+            }
+            self.record(held);
+            return true;
+        }
+        sleep(Duration::from_millis(rng.u64(0..=self.ttl.as_millis() as u64 / 16))).await;
+        if choice == 1 {
+            match self.call("a refresh", self.call_limit, lock.refresh()).await {
+                Some(Ok(refreshed)) => {
+                    grant = refreshed;
+                    held.until = held.until.max(grant.expires_at);
+                }
+                Some(Err(Error::NotHeld { .. })) => {}
+                Some(Err(_)) => {
+                    self.errors.fetch_add(1, Ordering::Relaxed);
+                }
+                None => {}
+            }
+            sleep(Duration::from_millis(rng.u64(0..=self.ttl.as_millis() as u64 / 16))).await;
+        }
+        self.write_live(&grant);
+        held.until = held.until.min(Instant::now());
+        self.record(held);
+        match self.call("a release", self.call_limit, lock.release()).await {
+            Some(Ok(()) | Err(Error::NotHeld { .. })) | None => {}
+            Some(Err(_)) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        true
+    }
+
+    fn record(&self, held: Held) {
+        self.history.lock().expect("history").push(held);
+    }
+
+    fn report(&self, store: String, settings: &ChaosSettings, faults: BTreeMap<String, u64>) -> ChaosReport {
+        let history = self.history.lock().expect("history");
+        let mut violations = self.violations.lock().expect("violations").clone();
+        violations.extend(check_history(&history, &self.tree));
+        ChaosReport {
+            store,
+            seed: settings.seed,
+            duration: settings.duration,
+            calls: self.calls.load(Ordering::Relaxed),
+            grants: history.len() as u64,
+            refusals: self.refusals.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            pauses: self.pauses.load(Ordering::Relaxed),
+            stale_writes_refused: self.stale_writes_refused.load(Ordering::Relaxed),
+            late_releases: self.late_releases.load(Ordering::Relaxed),
+            faults,
+            violations,
+        }
+    }
+}
+
+/// The history's violations: two overlapping intervals on overlapping
+/// paths, or a holder whose token is not above that of every earlier
+/// holder of an overlapping path.
+fn check_history(history: &[Held], tree: &[LockPath]) -> Vec<String> {
+    // Ends sort before starts at the same instant: touching is not
+    // overlapping.
+    let mut events: Vec<(Instant, bool, usize)> = Vec::new();
+    for (index, held) in history.iter().enumerate() {
+        if held.from < held.until {
+            events.push((held.from, true, index));
+            events.push((held.until, false, index));
+        }
+    }
+    events.sort_by_key(|&(at, is_start, _)| (at, is_start));
+    let mut live: Vec<usize> = Vec::new();
+    let mut highest_ended: HashMap<&LockPath, u64> = HashMap::new();
+    let mut violations = Vec::new();
+    for (_, is_start, index) in events {
+        let held = &history[index];
+        if !is_start {
+            live.retain(|&other| other != index);
+            let highest = highest_ended.entry(&held.path).or_insert(0);
+            *highest = (*highest).max(held.token);
+            continue;
+        }
+        for &other in &live {
+            let other = &history[other];
+            if other.path.overlaps(&held.path) {
+                violations.push(format!(
+                    "client {} held {} (token {}) while client {} held {} (token {})",
+                    held.client, held.path, held.token, other.client, other.path, other.token
+                ));
+            }
+        }
+        for path in tree.iter().filter(|path| path.overlaps(&held.path)) {
+            if let Some(&earlier) = highest_ended.get(path).filter(|&&token| token >= held.token) {
+                violations.push(format!(
+                    "client {} got token {} on {} after token {earlier} on {path} had been held",
+                    held.client, held.token, held.path
+                ));
+            }
+        }
+        live.push(index);
+    }
+    violations
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mutextree_core::{Attempt, HeldLock, Listener, LockKind, LockRequest, Ttl};
+
+    /// A store that grants everything: a run on it must find violations.
+    #[derive(Debug, Default)]
+    struct Liar {
+        tokens: AtomicU64,
+    }
+
+    #[async_trait]
+    impl LockBackend for Liar {
+        async fn try_lock_key(&self, request: &LockRequest, kind: LockKind) -> Result<Attempt, Error> {
+            let token = self.tokens.fetch_add(1, Ordering::SeqCst) + 1;
+            Ok(Attempt::Granted(Grant::new(request, kind, token, request.ttl.get(), Instant::now())))
+        }
+        async fn release(&self, _grant: &Grant) -> Result<(), Error> {
+            Ok(())
+        }
+        async fn refresh(&self, grant: &Grant, _ttl: Ttl) -> Result<Grant, Error> {
+            Ok(grant.clone())
+        }
+        async fn list(&self, _under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
+            Ok(Vec::new())
+        }
+        fn listen(&self, _path: &LockPath) -> Listener {
+            Listener::polling()
+        }
+    }
+
+    struct LyingStore(Arc<Liar>);
+
+    #[async_trait]
+    impl ChaosStore for LyingStore {
+        fn name(&self) -> String {
+            "liar".to_owned()
+        }
+        async fn connect(&self, _namespace: &str) -> Result<Arc<dyn LockBackend>, Error> {
+            Ok(self.0.clone())
+        }
+        async fn inject(&self, _round: usize, _rng: &mut Rng) -> String {
+            sleep(Duration::from_millis(50)).await;
+            "none".to_owned()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_run_on_a_store_that_grants_everything_finds_violations() {
+        let settings = ChaosSettings {
+            clients: 8,
+            duration: Duration::from_secs(1),
+            ttl: Duration::from_millis(400),
+            call_limit: Duration::from_millis(200),
+            recovery: Duration::from_secs(1),
+            seed: 7,
+        };
+        let report = run(Arc::new(LyingStore(Arc::default())), settings).await;
+        assert!(report.violations.iter().any(|v| v.contains("while client")), "{:?}", report.violations);
+        assert!(report.violations.iter().any(|v| v.contains("released by its holder")), "{:?}", report.violations);
+        assert!(std::panic::catch_unwind(|| report.assert_clean()).is_err());
+    }
+
+    fn held(path: &str, token: u64, from_ms: u64, until_ms: u64, origin: Instant) -> Held {
+        Held {
+            path: LockPath::parse(path).expect("path"),
+            token,
+            client: token as usize,
+            from: origin + Duration::from_millis(from_ms),
+            until: origin + Duration::from_millis(until_ms),
+        }
+    }
+
+    #[test]
+    fn the_history_check_finds_overlaps_and_stale_tokens() {
+        let origin = Instant::now();
+        let tree = tree();
+        let clean = [held("a", 1, 0, 10, origin), held("a/b", 2, 10, 20, origin), held("b", 3, 5, 30, origin)];
+        assert_eq!(check_history(&clean, &tree), Vec::<String>::new());
+        let overlapping = [held("a", 1, 0, 10, origin), held("a/b/a", 2, 9, 20, origin)];
+        assert_eq!(check_history(&overlapping, &tree).len(), 1);
+        let stale = [held("a/a", 5, 0, 10, origin), held("a", 4, 11, 20, origin)];
+        assert_eq!(check_history(&stale, &tree).len(), 1);
+        // A grant its client got after its expiry is an empty interval.
+        let empty = [held("a", 1, 0, 10, origin), held("a", 2, 5, 5, origin)];
+        assert_eq!(check_history(&empty, &tree), Vec::<String>::new());
+    }
+}
