@@ -496,6 +496,41 @@ pub async fn bad_input_is_rejected_before_the_store(ctx: Ctx) {
     held.release().await.expect("untouched");
 }
 
+/// The extreme ttls. The shortest (1 ms) is granted, possibly raised by
+/// the store (etcd's leases last at least 2 s; the grant says so), and is
+/// gone within that ttl and the store's slack. The longest (a day) is kept
+/// as asked, listed with at most a day left, refreshed and released:
+/// nothing overflows, and nothing becomes immortal.
+pub async fn extreme_ttls_are_kept_and_never_immortal(ctx: Ctx) {
+    let (one, two) = (ctx.client().await, ctx.client().await);
+    let slack = ctx.timing().slack;
+
+    let shortest = TreeLock::builder(one.clone(), path("S")).ttl(Ttl::MIN).build().expect("the shortest ttl");
+    let sent = Instant::now();
+    let grant = shortest.try_acquire().await.expect("free");
+    assert!(grant.ttl >= Ttl::MIN, "{grant:?}");
+    assert!(grant.expires_at >= sent + grant.ttl && grant.expires_at <= Instant::now() + grant.ttl, "{grant:?}");
+    let next = TreeLock::builder(two.clone(), path("S")).ttl(long(&ctx)).build().expect("lock");
+    next.acquire_timeout(grant.ttl + slack * 4).await.expect("free once the shortest ttl has passed");
+    next.release().await.expect("release");
+
+    let longest = TreeLock::builder(one, path("D")).ttl(Ttl::MAX).build().expect("the longest ttl");
+    let grant = longest.try_acquire().await.expect("free");
+    assert_eq!(grant.ttl, Ttl::MAX, "a day is kept as asked");
+    let listed = two.list(Some(&path("D"))).await.expect("list");
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert!(
+        listed[0].remaining <= Ttl::MAX && listed[0].remaining > Ttl::MAX - long(&ctx),
+        "{:?} left of a day",
+        listed[0].remaining
+    );
+    let below = TreeLock::builder(two.clone(), path("D/x")).ttl(long(&ctx)).build().expect("lock");
+    assert!(matches!(below.try_acquire().await, Err(Error::Refused { .. })), "the day-long lock holds");
+    longest.refresh_to(Ttl::MAX).await.expect("refreshed to a day again");
+    longest.release().await.expect("release");
+    assert!(two.list(Some(&path("D"))).await.expect("list").is_empty(), "released, not immortal");
+}
+
 /// Automatic refresh keeps a short lock alive past its ttl, and reports
 /// the loss when the store refuses a refresh.
 pub async fn auto_refresh_keeps_the_lock_and_reports_its_loss(ctx: Ctx) {

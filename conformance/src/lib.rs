@@ -311,6 +311,7 @@ macro_rules! suite {
                 timed namespaces_are_isolated,
                 timed inspection_lists_exactly_the_live_locks,
                 timed bad_input_is_rejected_before_the_store,
+                timed extreme_ttls_are_kept_and_never_immortal,
                 timed auto_refresh_keeps_the_lock_and_reports_its_loss,
                 timed lost_follows_refreshes_and_ignores_releases,
                 timed cancellation_leaves_nothing_beyond_the_ttl,
