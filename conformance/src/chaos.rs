@@ -105,6 +105,96 @@ pub trait ChaosStore: Send + Sync {
     }
 }
 
+/// A store of one server, as the Redis and PostgreSQL tests start it: how
+/// to reach it on a port, and how to crash it.
+#[async_trait]
+pub trait CrashableServer: Send + Sync + 'static {
+    /// The store's name in the report.
+    fn name(&self) -> String;
+
+    /// The server's own port.
+    fn port(&self) -> u16;
+
+    /// A new client of `namespace` connecting to `port` (the server's or
+    /// a proxy's), with short timeouts.
+    async fn connect_to(&self, port: u16, namespace: &str) -> Result<Arc<dyn LockBackend>, Error>;
+
+    /// Kills the server (`kill -9`) and starts it again on the same port
+    /// and data; blocks until it accepts connections.
+    fn crash_and_restart(&self);
+}
+
+/// A [`CrashableServer`] behind a [`FaultProxy`]: a [`ChaosStore`] whose
+/// every fifth fault is a crash and a restart, the others the proxy's.
+#[derive(Debug)]
+pub struct BehindProxy<S> {
+    /// The server.
+    pub server: Arc<S>,
+    /// The proxy its chaos clients go through.
+    pub proxy: FaultProxy,
+}
+
+impl<S: CrashableServer> BehindProxy<S> {
+    /// Puts a proxy in front of `server`.
+    pub async fn start(server: S) -> Self {
+        let proxy = FaultProxy::to_port(server.port()).await.expect("a proxy on loopback");
+        BehindProxy { server: Arc::new(server), proxy }
+    }
+
+    /// [`lost_grant_reply_leaves_at_most_an_orphan`] through the proxy,
+    /// observed on a direct connection.
+    pub async fn lose_a_grant_reply(&self, ttl: Duration, slack: Duration, call_limit: Duration) {
+        let namespace = crate::random_namespace();
+        let proxied = self.connect(&namespace).await.expect("connect through the proxy");
+        let observer = self.server.connect_to(self.server.port(), &namespace).await.expect("connect");
+        lost_grant_reply_leaves_at_most_an_orphan(proxied, &self.proxy, observer, ttl, slack, call_limit).await;
+    }
+}
+
+#[async_trait]
+impl<S: CrashableServer> ChaosStore for BehindProxy<S> {
+    fn name(&self) -> String {
+        self.server.name()
+    }
+
+    async fn connect(&self, namespace: &str) -> Result<Arc<dyn LockBackend>, Error> {
+        self.server.connect_to(self.proxy.port(), namespace).await
+    }
+
+    async fn inject(&self, round: usize, rng: &mut Rng) -> String {
+        if round % 5 == 4 {
+            let server = self.server.clone();
+            tokio::task::spawn_blocking(move || server.crash_and_restart()).await.expect("the restart panicked");
+            return "kill -9 and restart".to_owned();
+        }
+        proxy_fault(&[&self.proxy], rng).await
+    }
+}
+
+/// The chaos run and the lost-reply case of a [`CrashableServer`] behind a
+/// proxy, as two named tests:
+///
+/// ```text
+/// conformance::behind_proxy_tests!(server: Server::start(), ttl: TTL, call_limit: CALL_LIMIT, slack: SLACK);
+/// ```
+#[macro_export]
+macro_rules! behind_proxy_tests {
+    (server: $server:expr, ttl: $ttl:expr, call_limit: $limit:expr, slack: $slack:expr $(,)?) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn chaos_proxy_faults_crashes_and_pauses() {
+            let store = $crate::chaos::BehindProxy::start($server).await;
+            let settings = $crate::chaos::ChaosSettings::from_env(16, $ttl, $limit);
+            $crate::chaos::run(::std::sync::Arc::new(store), settings).await.assert_clean();
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_lost_grant_reply_leaves_at_most_an_orphan() {
+            let store = $crate::chaos::BehindProxy::start($server).await;
+            store.lose_a_grant_reply($ttl, $slack, $limit).await;
+        }
+    };
+}
+
 /// One proxy fault, for 50 ms to 1.5 s, on one of `proxies` or on all of
 /// them: a black hole, lost replies, a reset of every connection, a cut at
 /// a random byte, a delay, or refused connections. Returns its name.

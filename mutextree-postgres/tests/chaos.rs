@@ -1,6 +1,7 @@
 //! Faults on the wire and on the server, for the PostgreSQL store: a chaos
 //! run through a fault proxy with the server killed (`kill -9`) and
-//! restarted, and a grant whose reply is lost.
+//! restarted, a grant whose reply is lost, and an ancestor waiter under
+//! churn.
 
 mod common;
 
@@ -8,8 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{Postgres, Settings};
-use conformance::chaos::{self, ChaosSettings, ChaosStore};
-use conformance::proxy::FaultProxy;
+use conformance::chaos::CrashableServer;
 use mutextree_core::{async_trait, Error, LockBackend};
 use mutextree_postgres::{PostgresBackend, PostgresConfig};
 
@@ -19,22 +19,31 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 /// margin.
 const CALL_LIMIT: Duration = Duration::from_secs(5);
 
-struct Faulty {
-    server: Arc<Mutex<Option<Postgres>>>,
+/// A server of the test's own, restartable on its data.
+struct Server {
+    running: Mutex<Option<Postgres>>,
     port: u16,
-    proxy: FaultProxy,
 }
 
-impl Faulty {
-    async fn start() -> Faulty {
+impl Server {
+    fn start() -> Server {
         let settings = Settings { restartable: true, ..Settings::default() };
-        let server = Postgres::create(&settings).expect("postgres");
-        let port = server.port;
-        let proxy = FaultProxy::to_port(port).await.expect("proxy");
-        Faulty { server: Arc::new(Mutex::new(Some(server))), port, proxy }
+        let running = Postgres::create(&settings).expect("postgres");
+        Server { port: running.port, running: Mutex::new(Some(running)) }
+    }
+}
+
+#[async_trait]
+impl CrashableServer for Server {
+    fn name(&self) -> String {
+        "postgres".to_owned()
     }
 
-    async fn backend(&self, port: u16, namespace: &str) -> Result<Arc<dyn LockBackend>, Error> {
+    fn port(&self) -> u16 {
+        self.port
+    }
+
+    async fn connect_to(&self, port: u16, namespace: &str) -> Result<Arc<dyn LockBackend>, Error> {
         let config = PostgresConfig::new(common::url_for(port))
             .namespace(namespace)
             .pool_size(2)
@@ -42,37 +51,17 @@ impl Faulty {
             .request_timeout(REQUEST_TIMEOUT);
         Ok(Arc::new(PostgresBackend::connect(&config).await?))
     }
-}
 
-#[async_trait]
-impl ChaosStore for Faulty {
-    fn name(&self) -> String {
-        "postgres".to_owned()
-    }
-
-    async fn connect(&self, namespace: &str) -> Result<Arc<dyn LockBackend>, Error> {
-        self.backend(self.proxy.port(), namespace).await
-    }
-
-    async fn inject(&self, round: usize, rng: &mut chaos::Rng) -> String {
-        if round % 5 == 4 {
-            let server = self.server.clone();
-            tokio::task::spawn_blocking(move || {
-                let mut server = server.lock().expect("server");
-                let running = server.take().expect("the server runs");
-                *server = Some(running.crash_and_restart().expect("restart"));
-            })
-            .await
-            .expect("restart");
-            return "kill -9 and restart".to_owned();
-        }
-        chaos::proxy_fault(&[&self.proxy], rng).await
+    fn crash_and_restart(&self) {
+        let mut running = self.running.lock().expect("server");
+        let server = running.take().expect("the server runs");
+        *running = Some(server.crash_and_restart().expect("restart"));
     }
 }
 
-impl Drop for Faulty {
+impl Drop for Server {
     fn drop(&mut self) {
-        if let Some(server) = self.server.lock().expect("server").take() {
+        if let Some(server) = self.running.lock().expect("server").take() {
             let base = server.base.clone();
             server.stop();
             let _ = std::fs::remove_dir_all(base);
@@ -80,22 +69,7 @@ impl Drop for Faulty {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn chaos_proxy_faults_crashes_and_pauses() {
-    let store = Faulty::start().await;
-    let settings = ChaosSettings::from_env(16, TTL, CALL_LIMIT);
-    chaos::run(Arc::new(store), settings).await.assert_clean();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lost_grant_reply_leaves_at_most_an_orphan() {
-    let store = Faulty::start().await;
-    let namespace = format!("t-{:016x}", fastrand::u64(..));
-    let proxied = store.connect(&namespace).await.expect("connect");
-    let observer = store.backend(store.port, &namespace).await.expect("connect");
-    let slack = conformance::Timing::REAL.slack;
-    chaos::lost_grant_reply_leaves_at_most_an_orphan(proxied, &store.proxy, observer, TTL, slack, CALL_LIMIT).await;
-}
+conformance::behind_proxy_tests!(server: Server::start(), ttl: TTL, call_limit: CALL_LIMIT, slack: conformance::Timing::REAL.slack);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_ancestor_waiter_under_descendant_churn() {
