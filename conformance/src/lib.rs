@@ -54,6 +54,8 @@
 //! * [`concurrency`]: many clients at once, checked by an [`oracle`].
 //! * [`model`]: a pure reference model and the proptest comparing a store
 //!   with it.
+//! * [`segments`]: the proptest over arbitrary segment strings, comparing a
+//!   store's grants and listings with the reference.
 //! * [`cancel`]: every await point of acquire, release and refresh cancelled
 //!   or failed, through a fault-gated backend.
 //! * [`proxy`]: a TCP proxy between a client and a real server that
@@ -87,6 +89,7 @@ pub mod load;
 pub mod model;
 pub mod oracle;
 pub mod proxy;
+pub mod segments;
 pub mod servers;
 
 /// The store under test, as the suite needs it.
@@ -320,6 +323,7 @@ macro_rules! suite {
                 threaded concurrent_waiters_all_get_their_turn,
                 threaded concurrent_deep_and_shallow_never_overlap,
                 model model_agrees_with_the_reference,
+                segments arbitrary_segments_agree_with_the_reference,
             );
         }
     };
@@ -350,6 +354,12 @@ macro_rules! suite {
         #[test]
         fn $case() {
             $crate::model::check(super::__conformance_store, $crate::Mode::$mode, $crate::suite!(@paused $clock));
+        }
+    };
+    (@test segments, $clock:ident, $mode:ident, $case:ident) => {
+        #[test]
+        fn $case() {
+            $crate::segments::check(super::__conformance_store, $crate::Mode::$mode, $crate::suite!(@paused $clock));
         }
     };
 }

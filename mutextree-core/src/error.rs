@@ -237,7 +237,8 @@ impl fmt::Display for PathRule {
             }
             PathRule::UnknownEscape { found } => write!(
                 f,
-                "unknown escape `\\{found}`; only `\\/` (a slash inside a segment) and `\\\\` (a backslash) exist"
+                "unknown escape: `\\` before {found:?}; only `\\/` (a slash inside a segment) and `\\\\` (a \
+                 backslash) exist"
             ),
             PathRule::NotAKey => write!(f, "not a key made by LockPath::key"),
         }

@@ -21,6 +21,8 @@
 //! * [`error`]: the one public [`Error`].
 
 pub mod backend;
+#[doc(hidden)]
+pub mod checks;
 pub mod error;
 pub mod handle;
 pub mod lock;

@@ -373,6 +373,11 @@ fn decode_segment(encoded: &str) -> Option<String> {
     let mut out = String::with_capacity(encoded.len());
     let mut rest = encoded;
     while let Some(at) = rest.find('%') {
+        // Plain text between escapes must not hold what the encoder
+        // escapes either, or two keys would decode to one path.
+        if rest[..at].chars().any(needs_escape) {
+            return None;
+        }
         out.push_str(&rest[..at]);
         let hex = rest.get(at + 1..at + 3)?;
         if !hex.bytes().all(|h| h.is_ascii_digit() || (b'A'..=b'F').contains(&h)) {
@@ -398,23 +403,39 @@ fn decode_segment(encoded: &str) -> Option<String> {
 /// A short, printable rendering of rejected input for error messages: a
 /// megabyte name must not become a megabyte message.
 pub(crate) fn quote(text: &str) -> String {
-    const SHOWN: usize = 64;
-    let shown: String = text.chars().take(SHOWN).collect();
-    if shown.len() < text.len() {
-        format!("{shown:?}… ({} bytes)", text.len())
+    quote_within(text, 120)
+}
+
+/// `text` quoted and escaped as `{:?}` does, cut so that the quoted part
+/// has at most `budget` bytes. The budget counts escaped bytes, not
+/// characters: a control character escapes to up to ten bytes (`\u{1f}`),
+/// so sixty-four of them would make a message too long to read.
+fn quote_within(text: &str, budget: usize) -> String {
+    const SHOWN_CHARS: usize = 64;
+    let mut end = text.char_indices().nth(SHOWN_CHARS).map_or(text.len(), |(at, _)| at);
+    let mut shown = format!("{:?}", &text[..end]);
+    while shown.len() > budget {
+        end /= 2;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        shown = format!("{:?}", &text[..end]);
+    }
+    if end < text.len() {
+        format!("{shown}… ({} bytes)", text.len())
     } else {
-        format!("{shown:?}")
+        shown
     }
 }
 
 fn describe_segments(segments: &[String]) -> String {
-    const SHOWN: usize = 4;
+    const SHOWN: usize = 3;
     let mut out = String::from("[");
     for (index, segment) in segments.iter().take(SHOWN).enumerate() {
         if index > 0 {
             out.push_str(", ");
         }
-        out.push_str(&quote(segment));
+        out.push_str(&quote_within(segment, 40));
     }
     if segments.len() > SHOWN {
         out.push_str(&format!(", … {} segments in all", segments.len()));
@@ -474,6 +495,10 @@ mod tests {
             (LockPath::from_key("A%2f/"), "not a key"),
             (LockPath::from_key("A%41/"), "not a key"),
             (LockPath::from_key("%+1/"), "not a key"),
+            // A control character left plain before an escape: the key of
+            // `["\0/"]` is `%00%2F/`, and it must be its only key.
+            (LockPath::from_key("\0%2F/"), "not a key"),
+            (LockPath::from_key("a\n%25/"), "not a key"),
         ];
         for (result, expected) in cases {
             let message = result.expect_err("must be refused").to_string();
@@ -485,6 +510,30 @@ mod tests {
     fn a_megabyte_name_gives_a_short_message() {
         let error = LockPath::new(["x".repeat(1 << 20)]).expect_err("too long");
         assert!(error.to_string().len() < 300, "{error}");
+    }
+
+    #[test]
+    fn escaped_characters_count_towards_the_message_length() {
+        // Each control character is escaped to several bytes: sixty-four of
+        // them once made a message of over 400 bytes.
+        let controls = "\u{1f}".repeat(100);
+        let errors = [
+            LockPath::parse(&format!("a\\\u{1}{controls}")).expect_err("unknown escape"),
+            LockPath::parse(&format!("{controls}//")).expect_err("empty segment"),
+            LockPath::new([controls.as_str(), "", controls.as_str(), controls.as_str(), "x"]).expect_err("empty"),
+            LockPath::from_key(&controls).expect_err("not a key"),
+        ];
+        for error in errors {
+            let message = error.to_string();
+            assert!(message.len() < 400, "{} bytes: {message}", message.len());
+            assert!(!message.chars().any(char::is_control), "{message:?}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_escape_shows_the_character_escaped() {
+        let message = LockPath::parse("a\\\n").expect_err("unknown escape").to_string();
+        assert!(message.contains(r"before '\n'"), "{message}");
     }
 
     #[test]

@@ -136,6 +136,34 @@ mod tests {
         assert!(!(start.as_str()..end.as_str()).contains(&Layout::new("mt", "app2").key(&path("A")).as_str()));
     }
 
+    /// This store's layout, for the property checks core's fuzz targets run.
+    impl mutextree_core::checks::KeyLayout for Layout {
+        fn key(&self, path: &LockPath) -> String {
+            Layout::key(self, path)
+        }
+
+        fn ancestor_keys(&self, path: &LockPath) -> Vec<String> {
+            Layout::ancestor_keys(self, path)
+        }
+
+        fn subtree(&self, path: &LockPath) -> (String, String) {
+            Layout::subtree(self, path)
+        }
+
+        fn path_of(&self, key: &str) -> Option<LockPath> {
+            Layout::path_of(self, key.as_bytes()).ok()
+        }
+    }
+
+    /// The prefix keeps every property of the path keys: the fuzz seeds of
+    /// `path_keys`, through this layout.
+    #[test]
+    fn the_layout_keeps_the_key_properties() {
+        let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/path_keys");
+        let layout = Layout::new("mt", "app");
+        mutextree_core::checks::replay_seeds(&corpus, |data| mutextree_core::checks::path_keys_with(&layout, data));
+    }
+
     #[test]
     fn keys_and_values_round_trip() {
         let layout = Layout::new("mt", "app");
