@@ -575,9 +575,12 @@ impl Run {
         let mut held = Held { path, token: grant.token, client: index, from, until: grant.expires_at };
         let choice = rng.u8(..10);
         if choice == 0 && Instant::now() + self.ttl * 2 < pause_before {
-            // Stopped past the ttl, then carrying on.
+            // Stopped past the ttl, then carrying on. The store granted
+            // the lock at the latest when its reply came, so its expiry is
+            // at most a ttl after that (a delayed request starts the
+            // store's ttl later than the client's `expires_at` says).
             self.pauses.fetch_add(1, Ordering::Relaxed);
-            sleep_until(grant.expires_at + self.ttl / 2).await;
+            sleep_until(from + grant.ttl + self.ttl / 2).await;
             if !self.write(&grant) {
                 self.stale_writes_refused.fetch_add(1, Ordering::Relaxed);
             }
