@@ -1,8 +1,9 @@
 //! What only the PostgreSQL store promises, on a real server: migrations
 //! racing each other, the READ COMMITTED snapshot race on parent/child
 //! paths, a server crash and restart, the table staying small, grants
-//! planned the same way whatever the statistics say, one listening
-//! connection per backend, and bad schema names.
+//! planned the same way whatever the statistics say, calls one at a time
+//! on one pooled connection, one listening connection per backend, and bad
+//! schema names.
 
 mod common;
 
@@ -302,6 +303,40 @@ async fn grants_read_only_the_primary_key_whatever_the_statistics() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let read = scans().await - before;
     assert!(read <= PAIRS / 128 + 2, "{read} scans of the index on expires_at in {PAIRS} grants");
+    client.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE")).await.expect("drop");
+}
+
+/// Once concurrent calls have opened every pooled connection, calls one
+/// at a time keep going to the one used last, not to each in turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_one_at_a_time_reuse_one_connection() {
+    let url = common::url();
+    let schema = fresh_name("reuse");
+    let config = PostgresConfig::new(url.clone()).schema(schema.clone()).namespace("reuse").pool_size(8);
+    let backend = PostgresBackend::connect(&config).await.expect("connect");
+    let long = Duration::from_secs(60);
+    let opened = join_all((0..32).map(|i| {
+        let backend = backend.clone();
+        async move { backend.try_grant(&request(&format!("many/n{i}"), "me", long)).await.expect("grant") }
+    }))
+    .await;
+    let client = inspector(&url).await;
+    let sessions = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE $1 AND query_start > $2::text::timestamptz";
+    let pattern = format!("%\"{schema}\".%");
+    let count = |since: String| {
+        let (client, pattern) = (&client, &pattern);
+        async move { client.query_one(sessions, &[pattern, &since]).await.expect("activity").get::<_, i64>(0) }
+    };
+    let since: String = client.query_one("SELECT clock_timestamp()::text", &[]).await.expect("clock").get(0);
+    assert!(count(String::from("-infinity")).await > 1, "the concurrent calls opened several connections");
+    for _ in 0..50 {
+        let grant = backend.try_grant(&request("one/x", "me", long)).await.expect("grant").granted().expect("free");
+        backend.release(&grant).await.expect("release");
+    }
+    assert_eq!(count(since).await, 1, "calls one at a time went to several connections");
+    for grant in opened {
+        backend.release(&grant.granted().expect("free")).await.expect("release");
+    }
     client.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE")).await.expect("drop");
 }
 
