@@ -7,7 +7,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, QueueMode, RecyclingMethod, Runtime};
 use mutextree_core::{
     async_trait, Attempt, Error, Grant, HeldLock, Listener, LockBackend, LockKind, LockPath, LockRequest, Namespace,
     Ttl,
@@ -107,6 +107,12 @@ impl PostgresStore {
         );
         let pool = Pool::builder(manager)
             .max_size(config.pool_size)
+            // The connection handed back last is handed out first. In the
+            // default order (the oldest first) a caller alone on a pool of
+            // 8 went through all 8 in turn, each call waking a server
+            // process idle for 7 calls: twice the time per call on 2 cores,
+            // once anything had made the pool grow.
+            .queue_mode(QueueMode::Lifo)
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(POOL_WAIT))
             .create_timeout(Some(config.connect_timeout))

@@ -1,7 +1,9 @@
 //! What only the PostgreSQL store promises, on a real server: migrations
 //! racing each other, the READ COMMITTED snapshot race on parent/child
-//! paths, a server crash and restart, the table staying small, one
-//! listening connection per backend, and bad schema names.
+//! paths, a server crash and restart, the table staying small, grants
+//! planned the same way whatever the statistics say, calls one at a time
+//! on one pooled connection, one listening connection per backend, and bad
+//! schema names.
 
 mod common;
 
@@ -59,7 +61,7 @@ async fn concurrent_migrations_of_a_fresh_schema_all_succeed() {
         let client = inspector(&url).await;
         let versions = client.query(&format!("SELECT version FROM \"{schema}\".schema_version"), &[]).await;
         let versions: Vec<i32> = versions.expect("version table").iter().map(|row| row.get(0)).collect();
-        assert_eq!(versions, [1], "one version row");
+        assert_eq!(versions, [2], "one version row");
         // A later start finds the current version and changes nothing.
         PostgresStore::connect(&PostgresConfig::new(url.clone()).schema(schema.clone())).await.expect("again");
         client.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE")).await.expect("drop");
@@ -220,6 +222,121 @@ async fn expired_rows_are_swept_so_the_table_stays_small() {
     }
     let left = count().await;
     assert_eq!(left, 0, "{left} expired rows were left behind");
+    client.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE")).await.expect("drop");
+}
+
+/// A schema left at version 1 is brought to the current version by the
+/// next client, and its functions get their planning setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_schema_is_migrated() {
+    let url = common::url();
+    let schema = fresh_name("older");
+    let config = PostgresConfig::new(url.clone()).schema(schema.clone()).namespace("older");
+    PostgresStore::connect(&config).await.expect("connect");
+    let client = inspector(&url).await;
+    // What version 1 left: the same functions, without the setting.
+    client
+        .batch_execute(&format!(
+            "UPDATE \"{schema}\".schema_version SET version = 1; \
+             ALTER FUNCTION \"{schema}\".try_grant RESET ALL; ALTER FUNCTION \"{schema}\".refresh RESET ALL;"
+        ))
+        .await
+        .expect("back to version 1");
+    let backend = PostgresBackend::connect(&config).await.expect("migrate");
+    let version = client.query_one(&format!("SELECT version FROM \"{schema}\".schema_version"), &[]).await;
+    assert_eq!(version.expect("version").get::<_, i32>(0), 2);
+    let settings = client
+        .query(
+            "SELECT p.proname::text, array_to_string(p.proconfig, ',') FROM pg_proc p \
+             JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = $1 ORDER BY 1",
+            &[&schema],
+        )
+        .await
+        .expect("functions");
+    let settings: Vec<(String, Option<String>)> = settings.iter().map(|row| (row.get(0), row.get(1))).collect();
+    let generic = Some("plan_cache_mode=force_generic_plan".to_owned());
+    assert_eq!(
+        settings,
+        [("refresh".to_owned(), generic.clone()), ("release".to_owned(), None), ("try_grant".to_owned(), generic)]
+    );
+    let grant = backend.try_grant(&request("a/b", "me", Duration::from_secs(30))).await.expect("grant");
+    let grant = grant.granted().expect("free");
+    backend.refresh(&grant, Ttl::new(Duration::from_secs(30)).expect("ttl")).await.expect("refresh");
+    backend.release(&grant).await.expect("release");
+    client.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE")).await.expect("drop");
+}
+
+/// Grants look rows up by the primary key, however the statistics of the
+/// table look: with many locks held for long, analyzed, a grant and release
+/// on one connection never read the index on `expires_at` (only the sweep
+/// does, every 128th token). Version 1 planned its subtree cleanup for each
+/// call and read that index twice per grant, from its lowest entry, through
+/// every released row not yet vacuumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_read_only_the_primary_key_whatever_the_statistics() {
+    const PAIRS: i64 = 300;
+    let url = common::url();
+    let schema = fresh_name("plans");
+    let config = PostgresConfig::new(url.clone()).schema(schema.clone()).namespace("plans").pool_size(1);
+    let backend = PostgresBackend::connect(&config).await.expect("connect");
+    let client = inspector(&url).await;
+    client
+        .batch_execute(&format!(
+            "INSERT INTO \"{schema}\".locks \
+             SELECT 'plans', 'background/g' || (i / 1000) || '/n' || i || '/', 'holder', nextval('\"{schema}\".tokens'), \
+                    clock_timestamp() + interval '1 hour', false \
+             FROM generate_series(1, 10000) i; \
+             ANALYZE \"{schema}\".locks;"
+        ))
+        .await
+        .expect("locks held");
+    let sql = "SELECT idx_scan FROM pg_stat_user_indexes WHERE schemaname = $1 AND indexrelname = 'locks_expires_at'";
+    let scans = || async { client.query_one(sql, &[&schema]).await.expect("index statistics").get::<_, i64>(0) };
+    let before = scans().await;
+    let request = request("bench/r1/c0", "me", Duration::from_secs(30));
+    for _ in 0..PAIRS {
+        let grant = backend.try_grant(&request).await.expect("grant").granted().expect("free");
+        backend.release(&grant).await.expect("release");
+    }
+    // A session reports all its statistics when it ends.
+    drop(backend);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let read = scans().await - before;
+    assert!(read <= PAIRS / 128 + 2, "{read} scans of the index on expires_at in {PAIRS} grants");
+    client.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE")).await.expect("drop");
+}
+
+/// Once concurrent calls have opened every pooled connection, calls one
+/// at a time keep going to the one used last, not to each in turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_one_at_a_time_reuse_one_connection() {
+    let url = common::url();
+    let schema = fresh_name("reuse");
+    let config = PostgresConfig::new(url.clone()).schema(schema.clone()).namespace("reuse").pool_size(8);
+    let backend = PostgresBackend::connect(&config).await.expect("connect");
+    let long = Duration::from_secs(60);
+    let opened = join_all((0..32).map(|i| {
+        let backend = backend.clone();
+        async move { backend.try_grant(&request(&format!("many/n{i}"), "me", long)).await.expect("grant") }
+    }))
+    .await;
+    let client = inspector(&url).await;
+    let sessions = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE $1 AND query_start > $2::text::timestamptz";
+    let pattern = format!("%\"{schema}\".%");
+    let count = |since: String| {
+        let (client, pattern) = (&client, &pattern);
+        async move { client.query_one(sessions, &[pattern, &since]).await.expect("activity").get::<_, i64>(0) }
+    };
+    let since: String = client.query_one("SELECT clock_timestamp()::text", &[]).await.expect("clock").get(0);
+    assert!(count(String::from("-infinity")).await > 1, "the concurrent calls opened several connections");
+    for _ in 0..50 {
+        let grant = backend.try_grant(&request("one/x", "me", long)).await.expect("grant").granted().expect("free");
+        backend.release(&grant).await.expect("release");
+    }
+    assert_eq!(count(since).await, 1, "calls one at a time went to several connections");
+    for grant in opened {
+        backend.release(&grant.granted().expect("free")).await.expect("release");
+    }
     client.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE")).await.expect("drop");
 }
 
