@@ -249,24 +249,29 @@ fn a_lock_lost_while_the_command_runs_stops_it() {
 /// learns of the loss at its next refresh, stops its command and exits 5,
 /// and the new holder keeps the lock.
 #[test]
-fn a_holder_stopped_past_its_ttl_learns_its_loss_when_it_resumes() {
-    let store = store();
-    let (run, command_pid) = start_run(&store, &["--ttl", "2s", "--kill-after", "5s"], "P", "exec sleep 60");
-    let other = blocking::TreeLock::new(library(&store), "P").expect("lock");
-    let first = other.as_async().backend().clone();
-    let held_by_run = blocking_list(&first, "P");
+fn a_holder_stopped_past_its_ttl_learns_its_loss_when_it_resumes_on_every_store() {
+    for store in every_store() {
+        a_holder_stopped_past_its_ttl_learns_its_loss_when_it_resumes(&store);
+    }
+}
+
+fn a_holder_stopped_past_its_ttl_learns_its_loss_when_it_resumes(store: &(String, String)) {
+    let (run, command_pid) = start_run(store, &["--ttl", "2s", "--kill-after", "5s"], "P", "exec sleep 60");
+    let other = blocking::TreeLock::new(library(store), "P").expect("lock");
+    let backend = other.as_async().backend().clone();
+    let held_by_run = blocking_list(&backend, "P");
     let pid = run.id().to_string();
     assert!(Command::new("kill").args(["-STOP", &pid]).status().expect("kill").success());
 
     let taken = other.acquire_timeout(Duration::from_secs(15)).expect("free once the stopped holder's ttl passed");
-    assert!(taken.token > held_by_run, "token {} after {held_by_run}", taken.token);
+    assert!(taken.token > held_by_run, "token {} after {held_by_run} on {}", taken.token, store.0);
     assert!(Command::new("kill").args(["-CONT", &pid]).status().expect("kill").success());
     let finished = run.wait_with_output().expect("wait");
-    assert_eq!(finished.status.code(), Some(5), "{}", text(&finished.stderr));
+    assert_eq!(finished.status.code(), Some(5), "{}: {}", store.0, text(&finished.stderr));
     assert!(text(&finished.stderr).contains("was lost"), "{}", text(&finished.stderr));
     let alive = Command::new("kill").args(["-0", &command_pid]).stderr(Stdio::null()).status().expect("kill -0");
     assert!(!alive.success(), "the command was stopped");
-    assert_eq!(blocking_list(&first, "P"), taken.token, "the new holder keeps the lock");
+    assert_eq!(blocking_list(&backend, "P"), taken.token, "the new holder keeps the lock on {}", store.0);
     other.release().expect("the new holder releases");
 }
 

@@ -36,11 +36,16 @@ use crate::lock::{Attempt, Grant, HeldLock, LockRequest};
 use crate::path::LockPath;
 use crate::stepwise::TRANSIENT_TTL;
 
-/// How long an acquisition that was asked not to wait still retries past
-/// stepwise clients' transient parent locks. One such lock lives
-/// [`TRANSIENT_TTL`] at most, but siblings of stepwise clients all pass
-/// through the same parents, one at a time, and each wake-up is a race
-/// among them: on a loaded machine one of them can lose for seconds.
+/// How long an acquisition that was asked not to wait retries past one and
+/// the same stepwise client's transient parent lock before it gives up.
+///
+/// Such a lock lives [`TRANSIENT_TTL`] at most, so in practice it is gone
+/// first. Transient locks of *different* clients are waited out for as long
+/// as they keep coming: siblings of stepwise clients all pass through the
+/// same parents, one at a time, and each wake-up is a race among them; a
+/// fixed limit from the start made siblings refuse each other on a loaded
+/// machine, which is exactly what tree locks promise not to do. Each new
+/// transient blocker is another client's progress, so the wait ends.
 pub const TRANSIENT_PATIENCE: Duration = Duration::from_secs(5 * TRANSIENT_TTL.as_secs());
 
 /// How long an acquisition may wait for a held lock.
@@ -191,7 +196,7 @@ impl Backoff {
 /// tools' own loops.
 ///
 /// A blocker that is a stepwise client's transient parent lock is waited out
-/// (at most [`TRANSIENT_PATIENCE`] past the start) even with [`Wait::No`]:
+/// even with [`Wait::No`] (one such lock for at most [`TRANSIENT_PATIENCE`]):
 /// it is gone in a moment, and treating it as held would make siblings
 /// refuse each other. A timed wait never goes past its own deadline for it.
 pub async fn acquire(backend: &dyn LockBackend, request: &LockRequest, wait: Wait) -> Result<Grant, Error> {
@@ -205,6 +210,8 @@ pub async fn acquire(backend: &dyn LockBackend, request: &LockRequest, wait: Wai
     let mut last_blocker: Option<(LockPath, u64)> = None;
     let mut woken_by_change = false;
     let mut last_seen: Option<HeldLock> = None;
+    // The transient blocker seen last, and since when.
+    let mut transient_since: Option<((LockPath, u64), Instant)> = None;
     loop {
         let attempt = backend.try_grant(request);
         // After the first refusal, an attempt that outlasts the deadline
@@ -234,7 +241,15 @@ pub async fn acquire(backend: &dyn LockBackend, request: &LockRequest, wait: Wai
         }
         last_blocker = this_blocker;
         let give_up_at = match (wait, deadline) {
-            (Wait::No, Some(deadline)) if blocker.transient => Some(deadline.max(started + TRANSIENT_PATIENCE)),
+            (Wait::No, Some(deadline)) if blocker.transient => {
+                let key = (blocker.path.clone(), blocker.token);
+                let since = match &transient_since {
+                    Some((seen, since)) if *seen == key => *since,
+                    _ => now,
+                };
+                transient_since = Some((key, since));
+                Some(deadline.max(since + TRANSIENT_PATIENCE))
+            }
             (_, other) => other,
         };
         if give_up_at.is_some_and(|at| now >= at) {
@@ -268,6 +283,80 @@ pub async fn acquire(backend: &dyn LockBackend, request: &LockRequest, wait: Wai
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lock::{LockKind, Owner, Ttl};
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// Refuses every tree grant with a stepwise client's transient parent
+    /// lock until `free_at`: a new one each time, or always the same.
+    #[derive(Debug)]
+    struct TransientParents {
+        free_at: Instant,
+        same_lock: bool,
+        attempts: AtomicU64,
+    }
+
+    #[async_trait::async_trait]
+    impl LockBackend for TransientParents {
+        async fn try_lock_key(&self, _request: &LockRequest, _kind: LockKind) -> Result<Attempt, Error> {
+            unreachable!("only tree grants are asked")
+        }
+        async fn release(&self, grant: &Grant) -> Result<(), Error> {
+            Err(Error::not_held(grant))
+        }
+        async fn refresh(&self, grant: &Grant, _ttl: Ttl) -> Result<Grant, Error> {
+            Err(Error::not_held(grant))
+        }
+        async fn list(&self, _under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
+            Ok(Vec::new())
+        }
+        async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error> {
+            let attempt = self.attempts.fetch_add(1, Ordering::SeqCst);
+            if Instant::now() >= self.free_at {
+                return Ok(Attempt::Granted(Grant::new(request, LockKind::Lock, 1, request.ttl.get(), Instant::now())));
+            }
+            Ok(Attempt::Blocked(HeldLock {
+                path: request.path.parent().expect("a child"),
+                owner: Owner::new("stepwise sibling").expect("owner"),
+                token: if self.same_lock { 7 } else { attempt + 100 },
+                remaining: Duration::from_millis(50),
+                transient: true,
+            }))
+        }
+        fn listen(&self, _path: &LockPath) -> Listener {
+            Listener::polling()
+        }
+    }
+
+    fn sibling() -> LockRequest {
+        let path = LockPath::parse("dc/rack/host").expect("path");
+        LockRequest::new(path, Owner::new("me").expect("owner"), Ttl::new(Duration::from_secs(5)).expect("ttl"))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_try_waits_out_other_clients_transient_locks_for_as_long_as_they_come() {
+        let started = Instant::now();
+        let backend = TransientParents {
+            free_at: started + TRANSIENT_PATIENCE * 3,
+            same_lock: false,
+            attempts: AtomicU64::new(0),
+        };
+        let grant = acquire(&backend, &sibling(), Wait::No).await.expect("granted once the parents are free");
+        assert_eq!(grant.token, 1);
+        assert!(started.elapsed() >= TRANSIENT_PATIENCE * 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_try_gives_up_on_one_transient_lock_that_stays() {
+        let started = Instant::now();
+        let backend =
+            TransientParents { free_at: started + TRANSIENT_PATIENCE * 3, same_lock: true, attempts: AtomicU64::new(0) };
+        match acquire(&backend, &sibling(), Wait::No).await {
+            Err(Error::Refused { blocker, .. }) => assert!(blocker.transient && blocker.token == 7, "{blocker:?}"),
+            other => panic!("refused by the stuck lock, got {other:?}"),
+        }
+        let waited = started.elapsed();
+        assert!(waited >= TRANSIENT_PATIENCE && waited < TRANSIENT_PATIENCE * 2, "{waited:?}");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_listener_hears_changes_made_before_it_waits() {
