@@ -232,9 +232,11 @@ pub async fn cancellation_leaves_nothing_beyond_the_ttl(ctx: Ctx) {
     .await;
     // The wait itself: an acquisition blocked by a held lock, dropped while
     // it sleeps, holds nothing.
-    let blocker = TreeLock::builder(probe.clone(), "waited/on").ttl(ttl).build().expect("lock");
-    blocker.try_acquire().await.expect("free");
+    // The blocker outlives the wait however slow the machine, and is
+    // released after it.
     let waiter = TreeLock::builder(ctx.client().await, "waited").ttl(ttl).build().expect("lock");
+    let blocker = TreeLock::builder(probe.clone(), "waited/on").ttl(unit * 30).build().expect("lock");
+    blocker.try_acquire().await.expect("free");
     assert!(timeout(unit / 2, waiter.acquire_timeout(unit * 10)).await.is_err(), "still waiting");
     assert!(!waiter.is_held());
     // Natively an attempt that finds a lock in the way writes nothing. A
@@ -245,6 +247,7 @@ pub async fn cancellation_leaves_nothing_beyond_the_ttl(ctx: Ctx) {
         let now_held = probe.list(Some(waiter.path())).await.expect("list");
         assert!(now_held.iter().all(|lock| lock.path != *waiter.path()), "the cancelled waiter holds {now_held:?}");
     }
+    blocker.release().await.expect("the blocker releases");
 
     // Everything granted expires within its ttl (transient parents within
     // theirs); then every path is free and the namespace is empty.

@@ -348,8 +348,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_try_gives_up_on_one_transient_lock_that_stays() {
         let started = Instant::now();
-        let backend =
-            TransientParents { free_at: started + TRANSIENT_PATIENCE * 3, same_lock: true, attempts: AtomicU64::new(0) };
+        let backend = TransientParents {
+            free_at: started + TRANSIENT_PATIENCE * 3,
+            same_lock: true,
+            attempts: AtomicU64::new(0),
+        };
         match acquire(&backend, &sibling(), Wait::No).await {
             Err(Error::Refused { blocker, .. }) => assert!(blocker.transient && blocker.token == 7, "{blocker:?}"),
             other => panic!("refused by the stuck lock, got {other:?}"),

@@ -127,7 +127,7 @@ impl Postgres {
         server_args.extend(["-p".into(), port.to_string().into(), "-k".into(), base.clone().into()]);
         let mut settings_list = vec![
             "listen_addresses=127.0.0.1".to_owned(),
-            "max_connections=400".to_owned(),
+            "max_connections=1000".to_owned(),
             "shared_buffers=128MB".to_owned(),
             format!("fsync={}", if settings.fsync { "on" } else { "off" }),
         ];
