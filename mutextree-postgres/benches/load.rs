@@ -19,7 +19,8 @@
 //! 4. **locks held**: 0, 10k and 100k unrelated locks held during the run
 //!    (one run per row: setting up 100k locks takes a while).
 //!
-//! `MUTEXTREE_BENCH_SECS` sets the seconds per row (default 3). The server
+//! `MUTEXTREE_BENCH_ONLY=scaling` runs part 3 only, `MUTEXTREE_BENCH_ONLY=held`
+//! part 4 only. `MUTEXTREE_BENCH_SECS` sets the seconds per row (default 3). The server
 //! runs with `fsync` off unless `MUTEXTREE_BENCH_FSYNC=on`: with it on, this
 //! machine's disk (a few ms per flush) is all that is measured.
 
@@ -57,9 +58,15 @@ fn main() {
          pgbench alternating\n"
     );
 
-    // `MUTEXTREE_BENCH_ONLY=held` runs the last part only.
-    let only_held = std::env::var("MUTEXTREE_BENCH_ONLY").is_ok_and(|only| only == "held");
-    if !only_held {
+    // `MUTEXTREE_BENCH_ONLY=held` runs the last part only,
+    // `MUTEXTREE_BENCH_ONLY=scaling` the third only.
+    let only = std::env::var("MUTEXTREE_BENCH_ONLY").unwrap_or_default();
+    if only == "scaling" {
+        scaling(&url, &Pgbench::new(&url, duration), duration, runs);
+        drop(server);
+        return;
+    }
+    if only != "held" {
         compare_with_pgbench(&url, duration, runs);
     }
 
@@ -101,7 +108,11 @@ fn compare_with_pgbench(url: &str, duration: Duration, runs: usize) {
         let ours = median(values);
         println!("| {label} ({:.0} % of pgbench) | {ours:.0} | {} |", ours * 100.0 / base, list(values));
     }
+    scaling(url, &pgbench, duration, runs);
+}
 
+/// Part 3: scaling with clients, against pgbench at the same counts.
+fn scaling(url: &str, pgbench: &Pgbench, duration: Duration, runs: usize) {
     println!("\n### Scaling with clients (siblings, depth 3)\n");
     println!("| clients | mutextree pairs/s | pgbench scripts/s | ratio |\n| ---: | ---: | ---: | ---: |");
     for clients in [1, 2, 4, 8] {
