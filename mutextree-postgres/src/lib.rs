@@ -274,7 +274,7 @@ impl PostgresBackend {
         let notifications = Notifications::new(
             shared.pg.clone(),
             shared.tls.clone(),
-            shared.schema.channel(),
+            schema::ListenerStatements::new(&shared.schema),
             namespace.as_str().to_owned(),
         );
         PostgresBackend { shared, namespace, notifications: Arc::new(notifications) }

@@ -1,7 +1,11 @@
 //! Wake-ups: one `LISTEN` connection per backend, however many waiters.
 //!
 //! A release sends `NOTIFY` on the schema's channel with the namespace as
-//! payload, at commit. Each backend runs one background task that holds a
+//! payload, at commit, if a session listens for the namespace (a row in the
+//! schema's `listeners` table; see "Wake-ups" in the schema module): a
+//! notifying commit takes a database-wide lock until its WAL is flushed, so
+//! releases nobody waits for must not notify, or their commits could not be
+//! flushed together. Each backend runs one background task that holds a
 //! dedicated connection (not a pooled one: a pooled connection is handed to
 //! whoever asks next) listening on that channel, and turns every
 //! notification for its namespace into a [`ChangeFeed`] change, which wakes
@@ -10,12 +14,15 @@
 //!
 //! The task starts with the first [`LockBackend::listen`]
 //! (mutextree_core::LockBackend::listen), so clients that never wait never
-//! open the connection. The feed is marked *not live* until the `LISTEN` is
-//! confirmed, and again whenever the connection is lost: waiters then poll
-//! with backoff, and the reconnection (with jittered backoff, 50 ms to 2 s)
-//! marks it live and wakes them all once, so a release missed while the
-//! connection was down costs latency, never progress. Expiry sends nothing:
-//! core's wait loop also wakes at the blocker's expiry.
+//! open the connection, nor make releases notify. On connecting it removes
+//! the rows of ended sessions, adds its own, and only then listens. The
+//! feed is marked *not live* until the `LISTEN` is confirmed, and again
+//! whenever the connection is lost: waiters then poll with backoff, and the
+//! reconnection (with jittered backoff, 50 ms to 2 s) marks it live and
+//! wakes them all once, so a release missed while the connection was down
+//! (or not notified, before this session's row existed) costs latency,
+//! never progress. Expiry sends nothing: core's wait loop also wakes at the
+//! blocker's expiry.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -25,6 +32,7 @@ use mutextree_core::{ChangeFeed, Listener};
 use tokio::task::JoinHandle;
 use tokio_postgres::AsyncMessage;
 
+use crate::schema::ListenerStatements;
 use crate::Tls;
 
 const RECONNECT_FIRST: Duration = Duration::from_millis(50);
@@ -33,7 +41,7 @@ const RECONNECT_LAST: Duration = Duration::from_secs(2);
 /// What the listening task needs, and the task itself once started.
 pub(crate) struct Notifications {
     feed: ChangeFeed,
-    channel: String,
+    statements: ListenerStatements,
     namespace: String,
     config: tokio_postgres::Config,
     tls: Tls,
@@ -41,10 +49,15 @@ pub(crate) struct Notifications {
 }
 
 impl Notifications {
-    pub(crate) fn new(config: tokio_postgres::Config, tls: Tls, channel: String, namespace: String) -> Self {
+    pub(crate) fn new(
+        config: tokio_postgres::Config,
+        tls: Tls,
+        statements: ListenerStatements,
+        namespace: String,
+    ) -> Self {
         let feed = ChangeFeed::new();
         feed.set_live(false);
-        Notifications { feed, channel, namespace, config, tls, task: Mutex::new(None) }
+        Notifications { feed, statements, namespace, config, tls, task: Mutex::new(None) }
     }
 
     /// A listener subscribed now, with the listening task running (started,
@@ -59,7 +72,7 @@ impl Notifications {
                 let listening = listen_forever(
                     self.config.clone(),
                     self.tls.clone(),
-                    self.channel.clone(),
+                    self.statements.clone(),
                     self.namespace.clone(),
                     self.feed.clone(),
                 );
@@ -77,7 +90,10 @@ impl Notifications {
 
 impl std::fmt::Debug for Notifications {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Notifications").field("channel", &self.channel).field("namespace", &self.namespace).finish()
+        f.debug_struct("Notifications")
+            .field("listen", &self.statements.listen)
+            .field("namespace", &self.namespace)
+            .finish()
     }
 }
 
@@ -102,14 +118,14 @@ impl Drop for DownOnExit {
 async fn listen_forever(
     config: tokio_postgres::Config,
     tls: Tls,
-    channel: String,
+    statements: ListenerStatements,
     namespace: String,
     feed: ChangeFeed,
 ) {
     let _down = DownOnExit(feed.clone());
     let mut delay = RECONNECT_FIRST;
     loop {
-        let was_live = listen_once(&config, tls.clone(), &channel, &namespace, &feed).await;
+        let was_live = listen_once(&config, tls.clone(), &statements, &namespace, &feed).await;
         if was_live {
             feed.set_live(false);
             delay = RECONNECT_FIRST;
@@ -124,16 +140,34 @@ async fn listen_forever(
 async fn listen_once(
     config: &tokio_postgres::Config,
     tls: Tls,
-    channel: &str,
+    statements: &ListenerStatements,
     namespace: &str,
     feed: &ChangeFeed,
 ) -> bool {
     let Ok((client, mut connection)) = config.connect(tls).await else { return false };
     let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
     // The connection only makes progress while its messages are polled, so
-    // the LISTEN is sent while they are.
-    let listen = format!("LISTEN \"{channel}\"");
-    let subscribe = client.batch_execute(&listen);
+    // the statements are sent while they are.
+    let subscribe = async {
+        client.batch_execute(&statements.forget_ended).await?;
+        // This session's row, in a transaction that first waits for every
+        // release of the namespace holding the listeners' advisory key
+        // (shared) and keeps new ones from taking it until the row is
+        // committed. A release either looks for listeners after the row
+        // was committed, and notifies, or has committed before the barrier
+        // was passed.
+        client.batch_execute("BEGIN").await?;
+        client.execute(&statements.barrier, &[&namespace]).await?;
+        client.execute(&statements.register, &[&namespace]).await?;
+        client.batch_execute("COMMIT").await?;
+        // Only then LISTEN. A release that committed before the LISTEN took
+        // effect is not heard, whether it notified or not: marking the feed
+        // live below wakes every waiter, and each tries again after the
+        // LISTEN, so it sees every release committed before, and hears
+        // every one committed after (the row being there by then, those
+        // notify).
+        client.batch_execute(&statements.listen).await
+    };
     tokio::pin!(subscribe);
     loop {
         tokio::select! {

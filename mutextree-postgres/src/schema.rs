@@ -73,11 +73,46 @@
 //! for the values of a call. The sweep alone reads the index on
 //! `expires_at`, on purpose.
 //!
+//! # Wake-ups
+//!
+//! A release that removed a live grant sends `NOTIFY` on the schema's
+//! channel, but only if a live session listens for its namespace: a
+//! notifying commit holds a database-wide lock from before its commit
+//! record until that record is flushed, so with `fsync` on, releases that
+//! notify get no group commit (they flush one at a time), and most releases
+//! have nobody waiting. Since version 3 the table `listeners` holds a row
+//! (namespace, pid) for each listening connection, which a client opens the
+//! first time one of its acquisitions in the namespace waits (see the
+//! notify module). A release notifies if a row of its namespace names a
+//! session that still runs (`pg_stat_get_activity(pid)`). Clients never
+//! remove their row: when the session ends, the row is ignored (it costs a
+//! look at the server's list of sessions, not a `NOTIFY`), and removed by
+//! the next listening connection to open. A pid reused by another session
+//! only costs a needless `NOTIFY`.
+//!
+//! A release that looked for listeners just before a new row committed
+//! would not notify, and could commit after that listener's waiters looked
+//! again; they would then sleep until the blocker's expiry. So a release
+//! looks for listeners holding, until its commit, a *shared* advisory lock
+//! on a key of the namespace (`hashtextextended` with seed 1, apart from
+//! the grants' keys, seed 0), taken in a statement of its own before the
+//! look; a listening connection adds its row in a transaction that first
+//! takes that lock *exclusively*, and only then `LISTEN`s. Every release
+//! then either looks after the row was committed, and notifies, or
+//! committed before the row did. A release that commits after the
+//! `LISTEN` has notified, and is heard; one that committed before it is
+//! seen by the waiters, which all look again once the `LISTEN` is
+//! confirmed. The exclusive lock is taken once per connection: the
+//! namespace's releases wait for it for a moment, only then.
+//!
 //! # Versions
 //!
 //! 1. The table, its indexes, the token sequence and the three functions.
 //! 2. `try_grant` and `refresh` replaced, with the same arguments and
 //!    results, for the plans above.
+//! 3. The table `listeners`, and `release` replaced, with the same
+//!    arguments and result, to notify only when a session listens (see
+//!    "Wake-ups").
 //!
 //! `schema_version` holds the version of the objects. A client migrates an
 //! older schema step by step inside one transaction, under a transaction-
@@ -91,7 +126,7 @@ use std::fmt;
 use mutextree_core::Error;
 
 /// The version of the objects this crate creates and uses.
-pub(crate) const VERSION: i32 = 2;
+pub(crate) const VERSION: i32 = 3;
 
 /// The name of a PostgreSQL schema the store keeps its objects in.
 ///
@@ -205,6 +240,7 @@ pub(crate) fn migration_step(schema: &SchemaName, version: i32) -> Option<String
     match version {
         1 => Some(version_1(schema)),
         2 => Some(version_2(schema)),
+        3 => Some(version_3(schema)),
         _ => None,
     }
 }
@@ -555,6 +591,92 @@ END
 $fn$;
 "#
     )
+}
+
+/// The third version: the table of listening sessions, and `release`
+/// again, with the same arguments and result, sending `NOTIFY` only when a
+/// session listens for the namespace (see "Wake-ups" in the module docs).
+fn version_3(schema: &SchemaName) -> String {
+    let s = schema.quoted();
+    let channel = schema.channel();
+    let barrier = listeners_lock(schema, "p_namespace");
+    format!(
+        r#"
+-- The sessions listening for releases, by namespace: the listening
+-- connection of a client that waits adds its own row. A row whose session
+-- has ended is ignored, and removed when a listening connection opens.
+CREATE TABLE {s}.listeners (
+    namespace text COLLATE "C" NOT NULL,
+    pid       integer NOT NULL,
+    PRIMARY KEY (namespace, pid)
+);
+
+-- Removes exactly this grant; true if it was live. If a session listens
+-- for the namespace, waiters hear of it on the channel (sent at commit);
+-- an expired grant is removed silently.
+CREATE OR REPLACE FUNCTION {s}.release(p_namespace text, p_key text, p_owner text, p_token bigint)
+RETURNS boolean LANGUAGE plpgsql VOLATILE AS $fn$
+DECLARE
+    v_live boolean;
+BEGIN
+    DELETE FROM {s}.locks l
+     WHERE l.namespace = p_namespace AND l.key = p_key AND l.owner = p_owner AND l.token = p_token
+    RETURNING l.expires_at > clock_timestamp() INTO v_live;
+    IF v_live THEN
+        -- Held until commit: a session registering as a listener waits for
+        -- this release to commit, or this release, looking in a statement
+        -- of its own (a snapshot taken after the lock), sees its row.
+        PERFORM pg_advisory_xact_lock_shared({barrier});
+        IF EXISTS (SELECT 1 FROM {s}.listeners r
+                    WHERE r.namespace = p_namespace
+                      AND EXISTS (SELECT 1 FROM pg_stat_get_activity(r.pid))) THEN
+            PERFORM pg_notify('{channel}', p_namespace);
+        END IF;
+    END IF;
+    RETURN coalesce(v_live, false);
+END
+$fn$;
+"#
+    )
+}
+
+/// The advisory key a listening session's registration takes exclusively
+/// and a release shared, for the namespace in the SQL expression
+/// `namespace`. Seed 1, so that it is independent of the grants' keys
+/// (seed 0).
+fn listeners_lock(schema: &SchemaName, namespace: &str) -> String {
+    format!("hashtextextended('mutextree listeners {schema} ' || {namespace}, 1)")
+}
+
+/// The statements a listening connection runs, in this order, before it
+/// marks its feed live (see "Wake-ups" in the module docs).
+#[derive(Debug, Clone)]
+pub(crate) struct ListenerStatements {
+    /// Removes the rows of sessions that have ended.
+    pub(crate) forget_ended: String,
+    /// In a transaction of its own with [`ListenerStatements::register`]:
+    /// waits for the releases of the namespace `$1` that may have looked
+    /// for listeners before this session's row existed, and keeps new ones
+    /// from looking until the row is committed.
+    pub(crate) barrier: String,
+    /// Adds this session's row for the namespace `$1`.
+    pub(crate) register: String,
+    /// `LISTEN` on the channel.
+    pub(crate) listen: String,
+}
+
+impl ListenerStatements {
+    pub(crate) fn new(schema: &SchemaName) -> Self {
+        let s = schema.quoted();
+        ListenerStatements {
+            forget_ended: format!("DELETE FROM {s}.listeners WHERE pid NOT IN (SELECT pid FROM pg_stat_activity)"),
+            barrier: format!("SELECT pg_advisory_xact_lock({})", listeners_lock(schema, "$1::text")),
+            register: format!(
+                "INSERT INTO {s}.listeners (namespace, pid) VALUES ($1::text, pg_backend_pid()) ON CONFLICT DO NOTHING"
+            ),
+            listen: format!("LISTEN \"{}\"", schema.channel()),
+        }
+    }
 }
 
 /// The statements that migrate, in one transaction: the schema-wide lock,

@@ -2,8 +2,9 @@
 //! racing each other, the READ COMMITTED snapshot race on parent/child
 //! paths, a server crash and restart, the table staying small, grants
 //! planned the same way whatever the statistics say, calls one at a time
-//! on one pooled connection, one listening connection per backend, and bad
-//! schema names.
+//! on one pooled connection, one listening connection per backend,
+//! releases that notify only when a backend of the namespace listens, and
+//! bad schema names.
 
 mod common;
 
@@ -14,7 +15,7 @@ use std::time::Duration;
 use conformance::cancel::Gated;
 use conformance::oracle::Oracle;
 use futures::future::join_all;
-use mutextree_core::{Attempt, Error, LockBackend, LockPath, LockRequest, Owner, Stepwise, TreeLock, Ttl, Wait};
+use mutextree_core::{Attempt, Error, Grant, LockBackend, LockPath, LockRequest, Owner, Stepwise, TreeLock, Ttl, Wait};
 use mutextree_postgres::{PostgresBackend, PostgresConfig, PostgresStore};
 use tokio::time::Instant;
 
@@ -61,7 +62,7 @@ async fn concurrent_migrations_of_a_fresh_schema_all_succeed() {
         let client = inspector(&url).await;
         let versions = client.query(&format!("SELECT version FROM \"{schema}\".schema_version"), &[]).await;
         let versions: Vec<i32> = versions.expect("version table").iter().map(|row| row.get(0)).collect();
-        assert_eq!(versions, [2], "one version row");
+        assert_eq!(versions, [3], "one version row");
         // A later start finds the current version and changes nothing.
         PostgresStore::connect(&PostgresConfig::new(url.clone()).schema(schema.clone())).await.expect("again");
         client.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE")).await.expect("drop");
@@ -226,7 +227,8 @@ async fn expired_rows_are_swept_so_the_table_stays_small() {
 }
 
 /// A schema left at version 1 is brought to the current version by the
-/// next client, and its functions get their planning setting.
+/// next client, and its functions get their planning setting. (The table
+/// version 3 adds stays: the step from 2 is tested below.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_older_schema_is_migrated() {
     let url = common::url();
@@ -238,13 +240,15 @@ async fn an_older_schema_is_migrated() {
     client
         .batch_execute(&format!(
             "UPDATE \"{schema}\".schema_version SET version = 1; \
-             ALTER FUNCTION \"{schema}\".try_grant RESET ALL; ALTER FUNCTION \"{schema}\".refresh RESET ALL;"
+             ALTER FUNCTION \"{schema}\".try_grant RESET ALL; ALTER FUNCTION \"{schema}\".refresh RESET ALL; \
+             DROP TABLE \"{schema}\".listeners; {release_before}",
+            release_before = RELEASE_BEFORE_3.replace("{schema}", &schema)
         ))
         .await
         .expect("back to version 1");
     let backend = PostgresBackend::connect(&config).await.expect("migrate");
     let version = client.query_one(&format!("SELECT version FROM \"{schema}\".schema_version"), &[]).await;
-    assert_eq!(version.expect("version").get::<_, i32>(0), 2);
+    assert_eq!(version.expect("version").get::<_, i32>(0), 3);
     let settings = client
         .query(
             "SELECT p.proname::text, array_to_string(p.proconfig, ',') FROM pg_proc p \
@@ -263,6 +267,213 @@ async fn an_older_schema_is_migrated() {
     let grant = grant.granted().expect("free");
     backend.refresh(&grant, Ttl::new(Duration::from_secs(30)).expect("ttl")).await.expect("refresh");
     backend.release(&grant).await.expect("release");
+    client.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE")).await.expect("drop");
+}
+
+/// `release` as versions 1 and 2 left it: it notifies at every release of
+/// a live grant. `{schema}` and `{channel}` are to be filled in.
+const RELEASE_BEFORE_3: &str = r#"
+CREATE OR REPLACE FUNCTION "{schema}".release(p_namespace text, p_key text, p_owner text, p_token bigint)
+RETURNS boolean LANGUAGE plpgsql VOLATILE AS $fn$
+DECLARE
+    v_live boolean;
+BEGIN
+    DELETE FROM "{schema}".locks l
+     WHERE l.namespace = p_namespace AND l.key = p_key AND l.owner = p_owner AND l.token = p_token
+    RETURNING l.expires_at > clock_timestamp() INTO v_live;
+    IF v_live THEN
+        PERFORM pg_notify('{schema}_changes', p_namespace);
+    END IF;
+    RETURN coalesce(v_live, false);
+END
+$fn$;
+"#;
+
+/// A schema left at version 2 (no table of listeners, a release that
+/// always notifies) is brought to version 3: the table is there, a release
+/// nobody listens for no longer notifies, and a waiter still wakes on a
+/// release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_2_schema_is_migrated() {
+    let url = common::url();
+    let schema = fresh_name("older");
+    let config = PostgresConfig::new(url.clone()).schema(schema.clone()).namespace("older");
+    PostgresStore::connect(&config).await.expect("connect");
+    let client = inspector(&url).await;
+    let release_before = RELEASE_BEFORE_3.replace("{schema}", &schema);
+    client
+        .batch_execute(&format!(
+            "UPDATE \"{schema}\".schema_version SET version = 2; DROP TABLE \"{schema}\".listeners; {release_before}"
+        ))
+        .await
+        .expect("back to version 2");
+    let mut raw = RawListener::new(&url, &schema).await;
+    // Version 2's release notifies with nobody listening.
+    let grant = client
+        .query_one(
+            &format!("SELECT * FROM \"{schema}\".try_grant('older', 'x/', '{{}}', 'x0', 'me', 60000, true, false)"),
+            &[],
+        )
+        .await
+        .expect("grant");
+    let token: i64 = grant.get(1);
+    client
+        .query_one(&format!("SELECT \"{schema}\".release('older', 'x/', 'me', $1)"), &[&token])
+        .await
+        .expect("release");
+    assert_eq!(raw.until_sentinel(&client).await.len(), 2, "version 2 notified");
+
+    let backend = Arc::new(PostgresBackend::connect(&config).await.expect("migrate"));
+    let version = client.query_one(&format!("SELECT version FROM \"{schema}\".schema_version"), &[]).await;
+    assert_eq!(version.expect("version").get::<_, i32>(0), 3);
+    let rows = client.query_one(&format!("SELECT count(*) FROM \"{schema}\".listeners"), &[]).await;
+    assert_eq!(rows.expect("listeners table").get::<_, i64>(0), 0);
+    let long = Duration::from_secs(60);
+    let grant = backend.try_grant(&request("a/b", "me", long)).await.expect("grant").granted().expect("free");
+    backend.release(&grant).await.expect("release");
+    assert_eq!(raw.until_sentinel(&client).await.len(), 1, "version 3 notified with nobody listening");
+
+    let holder = backend.try_grant(&request("a", "holder", long)).await.expect("grant").granted().expect("free");
+    let waiter = waiter(&backend, "a/b");
+    wait_until_listening(&backend).await;
+    let released_at = Instant::now();
+    backend.release(&holder).await.expect("release");
+    let (grant, granted_at) = waiter.await.expect("task").expect("granted");
+    assert!(granted_at - released_at < Duration::from_secs(2), "the waiter woke late");
+    backend.release(&grant).await.expect("release");
+    client.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE")).await.expect("drop");
+}
+
+/// A connection that listens on a store's channel as any client could,
+/// without adding a row to the store's table of listeners.
+struct RawListener {
+    channel: String,
+    notifications: tokio::sync::mpsc::UnboundedReceiver<String>,
+    _client: tokio_postgres::Client,
+}
+
+impl RawListener {
+    async fn new(url: &str, schema: &str) -> Self {
+        let (client, mut connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("connect");
+        let (sender, notifications) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(Ok(message)) = futures::StreamExt::next(&mut messages).await {
+                if let tokio_postgres::AsyncMessage::Notification(notification) = message {
+                    let _ = sender.send(notification.payload().to_owned());
+                }
+            }
+        });
+        let channel = format!("{schema}_changes");
+        client.batch_execute(&format!("LISTEN \"{channel}\"")).await.expect("listen");
+        RawListener { channel, notifications, _client: client }
+    }
+
+    /// Sends a sentinel notification through `sender` and returns the
+    /// payloads received up to it, the sentinel last.
+    async fn until_sentinel(&mut self, sender: &tokio_postgres::Client) -> Vec<String> {
+        let sentinel = fresh_name("sentinel");
+        sender.execute("SELECT pg_notify($1, $2)", &[&self.channel, &sentinel]).await.expect("sentinel");
+        let mut received = Vec::new();
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(10), self.notifications.recv()).await;
+            let payload = next.expect("the sentinel never came").expect("listening connection");
+            let last = payload == sentinel;
+            received.push(payload);
+            if last {
+                return received;
+            }
+        }
+    }
+}
+
+/// A task waiting for `path` on `backend`: the grant, and when it came.
+fn waiter(backend: &Arc<PostgresBackend>, path: &str) -> tokio::task::JoinHandle<Result<(Grant, Instant), Error>> {
+    let lock = TreeLock::builder(backend.clone() as Arc<dyn LockBackend>, path)
+        .owner("waiter")
+        .wait(Wait::For(Duration::from_secs(60)))
+        .build()
+        .expect("lock");
+    tokio::spawn(async move { lock.acquire().await.map(|grant| (grant, Instant::now())) })
+}
+
+async fn wait_until_listening(backend: &PostgresBackend) {
+    let started = Instant::now();
+    while !backend.is_listening() {
+        assert!(started.elapsed() < Duration::from_secs(10), "the listening connection never came up");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A release in a namespace no session listens for sends no notification:
+/// a connection listening on the channel without registering hears only
+/// the sentinel sent after the releases, even with a row left by a session
+/// that has ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_nobody_listens_for_sends_no_notification() {
+    let url = common::url();
+    let schema = fresh_name("quiet");
+    let config = PostgresConfig::new(url.clone()).schema(schema.clone()).namespace("quiet");
+    let backend = PostgresBackend::connect(&config).await.expect("connect");
+    let client = inspector(&url).await;
+    let mut raw = RawListener::new(&url, &schema).await;
+    // A row of a listening session that has ended without removing it.
+    let ended = inspector(&url).await;
+    let pid: i32 = ended.query_one("SELECT pg_backend_pid()", &[]).await.expect("pid").get(0);
+    drop(ended);
+    let started = Instant::now();
+    loop {
+        let alive = client.query_one("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", &[&pid]).await;
+        if alive.expect("activity").get::<_, i64>(0) == 0 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "the session never ended");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    client
+        .execute(&format!("INSERT INTO \"{schema}\".listeners VALUES ('quiet', $1)"), &[&pid])
+        .await
+        .expect("stale row");
+    for i in 0..3 {
+        let grant = backend.try_grant(&request(&format!("a/n{i}"), "me", Duration::from_secs(60))).await;
+        backend.release(&grant.expect("grant").granted().expect("free")).await.expect("release");
+    }
+    assert!(!backend.is_listening(), "this backend never waited");
+    let received = raw.until_sentinel(&client).await;
+    assert_eq!(received.len(), 1, "the releases notified: {received:?}");
+    client.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE")).await.expect("drop");
+}
+
+/// Once a backend of the namespace has waited, its listening connection
+/// is registered and a release notifies, before the sentinel sent after
+/// it; a release in another namespace of the same schema still does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_notifies_once_a_backend_of_the_namespace_listens() {
+    let url = common::url();
+    let schema = fresh_name("loud");
+    let store = PostgresStore::connect(&PostgresConfig::new(url.clone()).schema(schema.clone())).await.expect("store");
+    let backend = Arc::new(store.backend("loud").expect("namespace"));
+    let other = store.backend("other").expect("namespace");
+    let client = inspector(&url).await;
+    let mut raw = RawListener::new(&url, &schema).await;
+    let long = Duration::from_secs(60);
+    let holder = backend.try_grant(&request("a", "holder", long)).await.expect("grant").granted().expect("free");
+    let waiter = waiter(&backend, "a/b");
+    wait_until_listening(&backend).await;
+    let rows = client.query(&format!("SELECT namespace FROM \"{schema}\".listeners"), &[]).await.expect("listeners");
+    let rows: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
+    assert_eq!(rows, ["loud"], "one row, the listening connection's");
+
+    backend.release(&holder).await.expect("release");
+    let received = raw.until_sentinel(&client).await;
+    assert_eq!(received.first().map(String::as_str), Some("loud"), "{received:?}");
+    let (grant, _) = waiter.await.expect("task").expect("granted");
+    backend.release(&grant).await.expect("release");
+
+    let grant = other.try_grant(&request("a", "me", long)).await.expect("grant").granted().expect("free");
+    other.release(&grant).await.expect("release");
+    let received = raw.until_sentinel(&client).await;
+    assert!(!received.contains(&"other".to_owned()), "a release nobody listens for notified: {received:?}");
     client.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE")).await.expect("drop");
 }
 
