@@ -90,8 +90,8 @@ struct Inner {
     sent: AtomicU64,
 }
 
-/// Ends a background task when its owner goes, however it goes (a backend
-/// dropped, or a `connect` cancelled while it waits for the subscription).
+/// Ends a background task when its owner goes: the last clone of a backend
+/// dropped.
 struct AbortOnDrop(JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
@@ -146,15 +146,12 @@ impl RedisBackend {
         let connection = options.connection().await?;
         let keys = Keys::new(&options);
         let feed = ChangeFeed::new();
-        // Until the subscription is confirmed a release could go unheard:
-        // waiters poll meanwhile.
+        // Until a waiter needs it and it is confirmed, there is no
+        // subscription, and a release could go unheard: waiters poll
+        // meanwhile.
         feed.set_live(false);
-        let (subscribed, first_attempt) = tokio::sync::oneshot::channel();
         let subscriber =
-            AbortOnDrop(tokio::spawn(subscriber::run(options.clone(), keys.channel.clone(), feed.clone(), subscribed)));
-        // A backend is ready to wake its waiters when it is returned,
-        // unless the subscription fails: then they poll until it is up.
-        let _ = first_attempt.await;
+            AbortOnDrop(tokio::spawn(subscriber::run(options.clone(), keys.channel.clone(), feed.clone())));
         Ok(RedisBackend {
             inner: Arc::new(Inner {
                 options,

@@ -201,7 +201,7 @@ impl RedisOptions {
 
     /// Connects: one multiplexed connection for the scripts (reconnecting
     /// by itself), and a subscription for wake-ups opened in the
-    /// background.
+    /// background while a waiter waits.
     pub async fn connect(&self) -> Result<RedisBackend, Error> {
         RedisBackend::open(self.clone()).await
     }

@@ -13,7 +13,7 @@ use conformance::harness::{temp_dir, RunningServer};
 use conformance::oracle::Oracle;
 use conformance::servers;
 use futures::{stream, StreamExt};
-use mutextree_core::{Attempt, Error, LockBackend, LockPath, LockRequest, Owner, TreeLock, Ttl};
+use mutextree_core::{Attempt, Error, LockBackend, LockPath, LockRequest, Owner, TreeLock, Ttl, Wait};
 use mutextree_redis::{RedisBackend, RedisOptions};
 use tokio::sync::Notify;
 
@@ -335,25 +335,67 @@ async fn requests_sent_twice_get_the_first_answer() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_subscription_stays_up() {
+async fn the_subscription_is_up_while_waiters_wait_and_only_then() {
     let data = temp_dir("redis-data").expect("temp dir");
     let server = servers::own_redis(None, &[], &data).expect("redis-server");
     let url = format!("redis://127.0.0.1:{}/", server.port);
     let backend = RedisBackend::connect(&url).await.expect("connect");
+    let channel = backend.keys()[0].replace(":locks", ":released");
     let mut raw = raw(&url).await;
+    let subscribers = |raw: &mut redis::aio::MultiplexedConnection| {
+        let command = redis::cmd("PUBSUB").arg("NUMSUB").arg(&channel).clone();
+        let mut raw = raw.clone();
+        async move {
+            let (_, count): (String, u64) = command.query_async(&mut raw).await.expect("pubsub numsub");
+            count
+        }
+    };
+    // The server's state has no event to wait for: look until it shows.
+    let until_subscribers = |raw: &mut redis::aio::MultiplexedConnection, wanted: u64| {
+        let mut raw = raw.clone();
+        async move {
+            let started = std::time::Instant::now();
+            while subscribers(&mut raw).await != wanted {
+                assert!(started.elapsed() < Duration::from_secs(20), "{wanted} subscriber(s) expected by now");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
     let connections = |info: String| {
         info.lines()
             .find_map(|line| line.strip_prefix("total_connections_received:"))
             .and_then(|n| n.trim().parse::<u64>().ok())
             .expect("total_connections_received")
     };
+
+    let held = grant(&backend, "A", Duration::from_secs(60)).await.granted().expect("free");
+    backend.release(&held).await.expect("release");
+    assert_eq!(subscribers(&mut raw).await, 0, "grants and releases alone subscribe nothing");
+
+    let held = grant(&backend, "A", Duration::from_secs(60)).await.granted().expect("free");
+    let waiter = tokio::spawn({
+        let backend = backend.clone();
+        async move {
+            let request = request("A/B", Duration::from_secs(5));
+            mutextree_core::wait::acquire(&backend, &request, Wait::For(Duration::from_secs(60))).await
+        }
+    });
+    until_subscribers(&mut raw, 1).await;
     let before = connections(redis::cmd("INFO").arg("stats").query_async(&mut raw).await.expect("info"));
-    // Past the subscription's idle ping: there is no event for "nothing
+    // Past the subscription's 5 s ping: there is no event for "nothing
     // happened", only time.
     tokio::time::sleep(Duration::from_secs(6)).await;
     let after = connections(redis::cmd("INFO").arg("stats").query_async(&mut raw).await.expect("info"));
-    assert_eq!(before, after, "nothing reconnected");
+    assert_eq!(before, after, "nothing reconnected while the waiter waited");
+    assert_eq!(subscribers(&mut raw).await, 1, "still subscribed while the waiter waits");
     assert!(format!("{backend:?}").contains("notified: true"), "{backend:?}");
+    assert!(!waiter.is_finished());
+
+    backend.release(&held).await.expect("release");
+    let granted = waiter.await.expect("the waiter ran").expect("granted once released");
+    backend.release(&granted).await.expect("release");
+    until_subscribers(&mut raw, 0).await;
+    assert!(format!("{backend:?}").contains("notified: false"), "{backend:?}");
     server.stop();
     let _ = std::fs::remove_dir_all(&data);
 }
