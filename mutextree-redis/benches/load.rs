@@ -11,12 +11,16 @@
 //!    round trip per request, the ceiling (a pair is two round trips, so
 //!    half of it is the physical limit);
 //! 3. pairs/s and latency of the load generator with 1 client and with 16
-//!    clients (one connection each), with 0, 10k and 100k unrelated locks
-//!    held, and each row's share of the ceiling.
+//!    clients, with 0, 10k and 100k unrelated locks held, and each row's
+//!    share of the ceiling. The 16 clients run twice: each with its own
+//!    backend (16 connections, like `redis-benchmark -c 16`), and all on
+//!    one backend (its one multiplexed connection, as an application's
+//!    tasks share a backend's clones).
 //!
 //! The `MUTEXTREE_BENCH_*` variables of
 //! [`BenchSettings`](conformance::load::BenchSettings) apply; a row's label
-//! is `c{clients}/d{depth}/{scenario}/b{background}`.
+//! is `c{clients}/d{depth}/{scenario}/b{background}`, with `c16-shared`
+//! for the 16 clients on one backend.
 
 use std::process::Command;
 use std::sync::Arc;
@@ -69,12 +73,21 @@ fn main() {
     let ceiling_16 = redis_benchmark(&host, port, 16);
     println!("\n### Ceiling: `redis-benchmark -q -n 200000 -c N SET k v NX PX 10000`\n");
     println!("| connections | requests/s |\n| ---: | ---: |\n| 1 | {ceiling_1:.0} |\n| 16 | {ceiling_16:.0} |\n");
+    let floor = runtime.block_on(client_round_trips(&url));
+    println!(
+        "The same `SET`, one at a time, through the redis crate's multiplexed connection (the backend's, on \
+         the 1-client runtime): {floor:.0} requests/s, {:.0}% of `redis-benchmark -c 1`. A pair of round trips \
+         through it can reach at most half of that: {:.0}% of `redis-benchmark -c 1`, before any script runs.\n",
+        floor / ceiling_1 * 100.0,
+        floor / ceiling_1 * 50.0
+    );
+    eprintln!("redis crate, 1 connection: {floor:.0} SET/s");
 
-    println!("### Load generator\n");
-    let mut rows: Vec<(LoadSpec, LoadReport)> = Vec::new();
     let mut shares = Vec::new();
     let mut round = 0;
-    for clients in [1, 16] {
+    for (clients, connections) in [(1, 1), (16, 16), (16, 1)] {
+        let mut rows: Vec<(LoadSpec, LoadReport)> = Vec::new();
+        let shared = if connections < clients { "-shared" } else { "" };
         for (depth, scenario, background) in [
             (3, Scenario::Siblings, 0),
             (3, Scenario::Siblings, 10_000),
@@ -83,7 +96,7 @@ fn main() {
             (8, Scenario::Siblings, 0),
             (3, Scenario::Contended, 0),
         ] {
-            if !settings.includes(&format!("c{clients}/d{depth}/{scenario}/b{background}")) {
+            if !settings.includes(&format!("c{clients}{shared}/d{depth}/{scenario}/b{background}")) {
                 continue;
             }
             let spec =
@@ -94,7 +107,7 @@ fn main() {
                 runtime.block_on(async {
                     let namespace = format!("bench-{round}-{:08x}", fastrand::u32(..));
                     let mut backends: Vec<Arc<dyn LockBackend>> = Vec::new();
-                    for _ in 0..clients {
+                    for _ in 0..connections {
                         backends.push(Arc::new(connect(namespace.clone()).await.expect("connect")));
                     }
                     load::run(&backends, &spec).await.unwrap_or_else(|error| panic!("load run {spec:?}: {error}"))
@@ -103,17 +116,22 @@ fn main() {
             let ceiling = if clients == 1 { ceiling_1 } else { ceiling_16 };
             let share = report.pairs_per_sec / ceiling * 100.0;
             eprintln!(
-                "clients {clients:>2} depth {depth} {scenario:<9} background {background:>6}: {:>8.0} pairs/s \
-                 ({share:.0}% of redis-benchmark; runs: {spread})",
+                "clients {clients:>2} connections {connections:>2} depth {depth} {scenario:<9} background \
+                 {background:>6}: {:>8.0} pairs/s ({share:.0}% of redis-benchmark; runs: {spread})",
                 report.pairs_per_sec
             );
-            shares.push(format!("| {clients} | {depth} | {scenario} | {background} | {share:.0}% |"));
+            shares.push(format!("| {clients} | {connections} | {depth} | {scenario} | {background} | {share:.0}% |"));
             rows.push((spec, report));
         }
+        if !rows.is_empty() {
+            println!("### Load generator: {clients} client(s), {connections} connection(s)\n");
+            println!("{}", load::markdown_table(&rows));
+        }
     }
-    print!("{}", load::markdown_table(&rows));
-    println!("\n### Pairs/s as a share of `redis-benchmark` with as many connections\n");
-    println!("| clients | depth | scenario | background | share |\n| ---: | ---: | --- | ---: | ---: |");
+    println!("### Pairs/s as a share of `redis-benchmark -c <clients>`\n");
+    println!(
+        "| clients | connections | depth | scenario | background | share |\n| ---: | ---: | ---: | --- | ---: | ---: |"
+    );
     for share in shares {
         println!("{share}");
     }
@@ -153,6 +171,20 @@ async fn count_round_trips(url: &str, backend: &mutextree_redis::RedisBackend, d
         })
         .sum();
     (scripts, sent)
+}
+
+/// Requests/s of `SET k v NX PX 10000`, one at a time, through the redis
+/// crate's multiplexed connection: what this client library costs a round
+/// trip.
+async fn client_round_trips(url: &str) -> f64 {
+    const REQUESTS: u32 = 20_000;
+    let mut raw = redis::Client::open(url).expect("url").get_multiplexed_async_connection().await.expect("connect");
+    let set = redis::cmd("SET").arg("k").arg("v").arg("NX").arg("PX").arg(10_000).clone();
+    let started = std::time::Instant::now();
+    for _ in 0..REQUESTS {
+        let _: redis::Value = set.query_async(&mut raw).await.expect("set");
+    }
+    f64::from(REQUESTS) / started.elapsed().as_secs_f64()
 }
 
 /// `redis-benchmark`'s requests/s for `SET k v NX PX 10000` over

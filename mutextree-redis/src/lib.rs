@@ -52,6 +52,7 @@ struct Scripts {
     release: Lua,
     refresh: Lua,
     list: Lua,
+    listen: Lua,
 }
 
 static SCRIPTS: std::sync::LazyLock<Scripts> = std::sync::LazyLock::new(|| Scripts {
@@ -59,6 +60,7 @@ static SCRIPTS: std::sync::LazyLock<Scripts> = std::sync::LazyLock::new(|| Scrip
     release: Lua::new(include_str!("lua/release.lua")),
     refresh: Lua::new(include_str!("lua/refresh.lua")),
     list: Lua::new(include_str!("lua/list.lua")),
+    listen: Lua::new(include_str!("lua/listen.lua")),
 });
 
 /// A script's arguments, each as the bytes sent.
@@ -82,10 +84,16 @@ pub struct RedisBackend {
 
 struct Inner {
     options: RedisOptions,
-    connection: Connection,
-    keys: Keys,
+    scripts: Arc<ScriptRunner>,
     feed: ChangeFeed,
     _subscriber: AbortOnDrop,
+}
+
+/// Runs the scripts on the namespace's keys over the command connection;
+/// shared by the backend and its subscriber.
+struct ScriptRunner {
+    connection: Connection,
+    keys: Keys,
     /// Script calls sent, for [`LockBackend::round_trips`].
     sent: AtomicU64,
 }
@@ -127,6 +135,44 @@ enum Connection {
     Cluster(ClusterConnection),
 }
 
+impl ScriptRunner {
+    /// Runs a script on the namespace's keys: by its hash, by its source
+    /// if the server does not know it, and once more if the connection
+    /// turned out to be dead (the server restarted since the last call; the
+    /// client reconnects). Every script is safe to run twice: a grant
+    /// carries its request id, a release is remembered for a few seconds,
+    /// and a refresh sets the same deadline again.
+    async fn run(&self, script: &Lua, args: Args) -> Result<Value, Error> {
+        let keys = &self.keys.declared;
+        let mut by_source = false;
+        let mut retried = false;
+        loop {
+            self.sent.fetch_add(1, Ordering::Relaxed);
+            match self.connection.query(&script.command(keys, &args.0, by_source)).await {
+                Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) && !by_source => {
+                    by_source = true;
+                }
+                Err(error) if error.is_connection_dropped() && !retried => retried = true,
+                done => return done.map_err(store_error),
+            }
+        }
+    }
+
+    /// Tells releases to publish for the next `lifetime`: this backend's
+    /// subscription is up (see `lua/listen.lua`).
+    pub(crate) async fn announce_listener(&self, lifetime: Duration) -> Result<(), Error> {
+        match self.run(&SCRIPTS.listen, Args::default().with(lifetime.as_millis() as u64)).await? {
+            Value::Int(1) => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The namespace's release channel.
+    pub(crate) fn channel(&self) -> &str {
+        &self.keys.channel
+    }
+}
+
 impl Connection {
     async fn query(&self, command: &Cmd) -> Result<Value, RedisError> {
         match self {
@@ -143,25 +189,18 @@ impl RedisBackend {
     }
 
     pub(crate) async fn open(options: RedisOptions) -> Result<Self, Error> {
-        let connection = options.connection().await?;
-        let keys = Keys::new(&options);
+        let scripts = Arc::new(ScriptRunner {
+            connection: options.connection().await?,
+            keys: Keys::new(&options),
+            sent: AtomicU64::new(0),
+        });
         let feed = ChangeFeed::new();
         // Until a waiter needs it and it is confirmed, there is no
         // subscription, and a release could go unheard: waiters poll
         // meanwhile.
         feed.set_live(false);
-        let subscriber =
-            AbortOnDrop(tokio::spawn(subscriber::run(options.clone(), keys.channel.clone(), feed.clone())));
-        Ok(RedisBackend {
-            inner: Arc::new(Inner {
-                options,
-                connection,
-                keys,
-                feed,
-                _subscriber: subscriber,
-                sent: AtomicU64::new(0),
-            }),
-        })
+        let subscriber = AbortOnDrop(tokio::spawn(subscriber::run(options.clone(), scripts.clone(), feed.clone())));
+        Ok(RedisBackend { inner: Arc::new(Inner { options, scripts, feed, _subscriber: subscriber }) })
     }
 
     /// The options this backend was made with.
@@ -172,7 +211,7 @@ impl RedisBackend {
     /// The four keys that hold the namespace (locks, index, expiry, token
     /// counter), all in one cluster slot.
     pub fn keys(&self) -> &[String] {
-        &self.inner.keys.declared
+        &self.inner.scripts.keys.declared
     }
 
     async fn grant(&self, request: &LockRequest, kind: LockKind, mode: &str) -> Result<Attempt, Error> {
@@ -187,7 +226,7 @@ impl RedisBackend {
             .with(nonce())
             .with(request.owner.as_str());
         let sent_at = Instant::now();
-        let reply = Reply::new(self.run(&SCRIPTS.grant, args).await?)?;
+        let reply = Reply::new(self.inner.scripts.run(&SCRIPTS.grant, args).await?)?;
         if reply.int(0)? == 1 {
             let ttl = Duration::from_millis(reply.int(2)?);
             Ok(Attempt::Granted(Grant::new(request, kind, reply.int(1)?, ttl, sent_at)))
@@ -196,33 +235,11 @@ impl RedisBackend {
         }
     }
 
-    /// Runs a script on the namespace's keys: by its hash, by its source
-    /// if the server does not know it, and once more if the connection
-    /// turned out to be dead (the server restarted since the last call; the
-    /// client reconnects). Every script is safe to run twice: a grant
-    /// carries its request id, a release is remembered for a few seconds,
-    /// and a refresh sets the same deadline again.
-    async fn run(&self, script: &Lua, args: Args) -> Result<Value, Error> {
-        let keys = &self.inner.keys.declared;
-        let mut by_source = false;
-        let mut retried = false;
-        loop {
-            self.inner.sent.fetch_add(1, Ordering::Relaxed);
-            match self.inner.connection.query(&script.command(keys, &args.0, by_source)).await {
-                Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) && !by_source => {
-                    by_source = true;
-                }
-                Err(error) if error.is_connection_dropped() && !retried => retried = true,
-                done => return done.map_err(store_error),
-            }
-        }
-    }
-
     /// Runs a script that answers 1 if `grant` was live (and changed), 0
     /// if not.
     async fn on_grant(&self, script: &Lua, grant: &Grant, last: impl ToRedisArgs) -> Result<(), Error> {
         let args = Args::default().with(grant.path.key()).with(grant.owner.as_str()).with(grant.token).with(last);
-        match self.run(script, args).await? {
+        match self.inner.scripts.run(script, args).await? {
             Value::Int(1) => Ok(()),
             Value::Int(0) => Err(Error::not_held(grant)),
             other => Err(unexpected(&other)),
@@ -237,7 +254,7 @@ impl LockBackend for RedisBackend {
     }
 
     async fn release(&self, grant: &Grant) -> Result<(), Error> {
-        let channel_and_nonce = [self.inner.keys.channel.clone(), nonce()];
+        let channel_and_nonce = [self.inner.scripts.keys.channel.clone(), nonce()];
         self.on_grant(&SCRIPTS.release, grant, &channel_and_nonce[..]).await
     }
 
@@ -252,7 +269,7 @@ impl LockBackend for RedisBackend {
             Some(path) => (format!("[{}", path.key()), format!("({}", path.key_range_end())),
             None => ("-".to_owned(), "+".to_owned()),
         };
-        match self.run(&SCRIPTS.list, Args::default().with(from).with(to)).await? {
+        match self.inner.scripts.run(&SCRIPTS.list, Args::default().with(from).with(to)).await? {
             Value::Array(rows) => rows.into_iter().map(|row| Reply::new(row)?.held_lock(0)).collect(),
             other => Err(unexpected(&other)),
         }
@@ -273,7 +290,7 @@ impl LockBackend for RedisBackend {
     /// operation, two when a dead connection was retried. (A `NOSCRIPT`
     /// reply, once per script and server start, adds two more.)
     fn round_trips(&self) -> Option<u64> {
-        Some(self.inner.sent.load(Ordering::Relaxed))
+        Some(self.inner.scripts.sent.load(Ordering::Relaxed))
     }
 }
 
@@ -281,7 +298,7 @@ impl fmt::Debug for RedisBackend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisBackend")
             .field("options", &self.inner.options)
-            .field("keys", &self.inner.keys)
+            .field("keys", &self.inner.scripts.keys)
             .field("notified", &self.inner.feed.listen().is_notified())
             .finish()
     }

@@ -367,10 +367,20 @@ async fn the_subscription_is_up_while_waiters_wait_and_only_then() {
             .and_then(|n| n.trim().parse::<u64>().ok())
             .expect("total_connections_received")
     };
+    let publishes = |raw: &mut redis::aio::MultiplexedConnection| {
+        let mut raw = raw.clone();
+        async move {
+            let info: String = redis::cmd("INFO").arg("commandstats").query_async(&mut raw).await.expect("info");
+            info.lines()
+                .find_map(|line| line.strip_prefix("cmdstat_publish:calls="))
+                .map_or(0, |rest| rest.split(',').next().and_then(|n| n.parse::<u64>().ok()).expect("calls"))
+        }
+    };
 
     let held = grant(&backend, "A", Duration::from_secs(60)).await.granted().expect("free");
     backend.release(&held).await.expect("release");
     assert_eq!(subscribers(&mut raw).await, 0, "grants and releases alone subscribe nothing");
+    assert_eq!(publishes(&mut raw).await, 0, "a release nobody listens for publishes nothing");
 
     let held = grant(&backend, "A", Duration::from_secs(60)).await.granted().expect("free");
     let waiter = tokio::spawn({
@@ -391,8 +401,12 @@ async fn the_subscription_is_up_while_waiters_wait_and_only_then() {
     assert!(format!("{backend:?}").contains("notified: true"), "{backend:?}");
     assert!(!waiter.is_finished());
 
+    let record: u64 =
+        redis::cmd("HGET").arg(&backend.keys()[0]).arg("listened").query_async(&mut raw).await.expect("hget");
+    assert!(record > 0, "the subscribed backend said it listens");
     backend.release(&held).await.expect("release");
     let granted = waiter.await.expect("the waiter ran").expect("granted once released");
+    assert_eq!(publishes(&mut raw).await, 1, "the release a backend listened for was published");
     backend.release(&granted).await.expect("release");
     until_subscribers(&mut raw, 0).await;
     assert!(format!("{backend:?}").contains("notified: false"), "{backend:?}");

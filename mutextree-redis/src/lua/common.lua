@@ -1,6 +1,8 @@
 -- Shared by every script (prepended to each). One namespace, four keys in
 -- one hash slot:
---   KEYS[1] locks:   hash, path key -> "deadline token state nonce owner"
+--   KEYS[1] locks:   hash, path key -> "deadline token state nonce owner",
+--                    and the field LISTENED (no path key lacks the final
+--                    "/"): until when some backend listens for releases
 --   KEYS[2] index:   sorted set, the held path keys at score 0 (lexical order)
 --   KEYS[3] expiry:  sorted set, path key at its deadline (for the sweep)
 --   KEYS[4] counter: the fencing token counter (INCR)
@@ -18,6 +20,7 @@ now = tonumber(now[1]) * 1000000 + tonumber(now[2])
 
 local RELEASED = 2
 local REMEMBER_RELEASE = 5000000
+local LISTENED = 'listened'
 
 local function decode(key, value)
   local deadline, token, state, nonce, owner = string.match(value, '^(%d+) (%d+) ([012]) (%S+) (.*)$')
