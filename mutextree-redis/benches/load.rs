@@ -33,6 +33,19 @@ use mutextree_redis::RedisOptions;
 /// Pairs run to count commands.
 const COUNTED_PAIRS: u64 = 1000;
 
+/// Requests of the `redis-benchmark` runs in the ceiling table.
+const CEILING_REQUESTS: u64 = 200_000;
+
+/// Requests of the `redis-benchmark` run before each run of a row: a
+/// second or two here.
+fn adjacent_ceiling_requests(clients: usize) -> u64 {
+    if clients == 1 {
+        30_000
+    } else {
+        120_000
+    }
+}
+
 fn main() {
     let settings = BenchSettings::from_env();
     let url = conformance::servers::redis_url();
@@ -69,8 +82,8 @@ fn main() {
         eprintln!("depth {depth}: {:.2} scripts, {:.2} requests per pair", per_pair(scripts), per_pair(sent));
     }
 
-    let ceiling_1 = redis_benchmark(&host, port, 1);
-    let ceiling_16 = redis_benchmark(&host, port, 16);
+    let ceiling_1 = redis_benchmark(&host, port, 1, CEILING_REQUESTS);
+    let ceiling_16 = redis_benchmark(&host, port, 16, CEILING_REQUESTS);
     println!("\n### Ceiling: `redis-benchmark -q -n 200000 -c N SET k v NX PX 10000`\n");
     println!("| connections | requests/s |\n| ---: | ---: |\n| 1 | {ceiling_1:.0} |\n| 16 | {ceiling_16:.0} |\n");
     let floor = runtime.block_on(client_round_trips(&url));
@@ -101,8 +114,13 @@ fn main() {
             }
             let spec =
                 LoadSpec { clients, depth, scenario, background, duration: settings.duration, ..LoadSpec::default() };
+            // Each run's share is against a `redis-benchmark` run just before
+            // it: this machine's speed drifts between minutes, and a ratio
+            // of two runs minutes apart would measure the drift.
+            let mut run_shares = Vec::new();
             let (report, spread) = settings.median(|| {
                 round += 1;
+                let ceiling = redis_benchmark(&host, port, clients, adjacent_ceiling_requests(clients));
                 let runtime = load::runtime_for(clients);
                 runtime.block_on(async {
                     let namespace = format!("bench-{round}-{:08x}", fastrand::u32(..));
@@ -110,17 +128,24 @@ fn main() {
                     for _ in 0..connections {
                         backends.push(Arc::new(connect(namespace.clone()).await.expect("connect")));
                     }
-                    load::run(&backends, &spec).await.unwrap_or_else(|error| panic!("load run {spec:?}: {error}"))
+                    let report =
+                        load::run(&backends, &spec).await.unwrap_or_else(|error| panic!("load run {spec:?}: {error}"));
+                    run_shares.push(report.pairs_per_sec / ceiling * 100.0);
+                    report
                 })
             });
-            let ceiling = if clients == 1 { ceiling_1 } else { ceiling_16 };
-            let share = report.pairs_per_sec / ceiling * 100.0;
+            run_shares.sort_by(f64::total_cmp);
+            let share = run_shares[run_shares.len() / 2];
+            let share_spread = format!("{:.0}..{:.0}%", run_shares[0], run_shares[run_shares.len() - 1]);
             eprintln!(
                 "clients {clients:>2} connections {connections:>2} depth {depth} {scenario:<9} background \
-                 {background:>6}: {:>8.0} pairs/s ({share:.0}% of redis-benchmark; runs: {spread})",
+                 {background:>6}: {:>8.0} pairs/s (runs: {spread}), {share:.0}% of redis-benchmark (runs: \
+                 {share_spread})",
                 report.pairs_per_sec
             );
-            shares.push(format!("| {clients} | {connections} | {depth} | {scenario} | {background} | {share:.0}% |"));
+            shares.push(format!(
+                "| {clients} | {connections} | {depth} | {scenario} | {background} | {share:.0}% | {share_spread} |"
+            ));
             rows.push((spec, report));
         }
         if !rows.is_empty() {
@@ -130,7 +155,14 @@ fn main() {
     }
     println!("### Pairs/s as a share of `redis-benchmark -c <clients>`\n");
     println!(
-        "| clients | connections | depth | scenario | background | share |\n| ---: | ---: | ---: | --- | ---: | ---: |"
+        "Each run of a row against a `redis-benchmark -c <clients>` run ({} requests with 1 client, {} with 16) \
+         just before it; the median run's share and the spread of all runs.\n",
+        adjacent_ceiling_requests(1),
+        adjacent_ceiling_requests(16)
+    );
+    println!(
+        "| clients | connections | depth | scenario | background | share | runs |\n\
+         | ---: | ---: | ---: | --- | ---: | ---: | ---: |"
     );
     for share in shares {
         println!("{share}");
@@ -187,11 +219,12 @@ async fn client_round_trips(url: &str) -> f64 {
     f64::from(REQUESTS) / started.elapsed().as_secs_f64()
 }
 
-/// `redis-benchmark`'s requests/s for `SET k v NX PX 10000` over
-/// `connections` connections.
-fn redis_benchmark(host: &str, port: u16, connections: usize) -> f64 {
+/// `redis-benchmark`'s requests/s for `requests` of `SET k v NX PX 10000`
+/// over `connections` connections.
+fn redis_benchmark(host: &str, port: u16, connections: usize, requests: u64) -> f64 {
     let output = Command::new("redis-benchmark")
-        .args(["-h", host, "-p", &port.to_string(), "-q", "-n", "200000", "-c", &connections.to_string()])
+        .args(["-h", host, "-p", &port.to_string(), "-q", "-n", &requests.to_string()])
+        .args(["-c", &connections.to_string()])
         .args(["SET", "k", "v", "NX", "PX", "10000"])
         .output()
         .expect("redis-benchmark (Debian package redis-tools) runs");
