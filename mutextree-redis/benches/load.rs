@@ -64,8 +64,8 @@ fn main() {
     println!("* date: {}", load::date());
     println!("* server: {} on {host}:{port}, same machine, loopback", server_version(&runtime, &url));
     println!(
-        "* {} s per row, median of {} run(s); 1 client on a current-thread runtime, 16 clients (16 connections) on \
-         a multi-thread runtime with 2 workers\n",
+        "* {} s per row, median of {} run(s); 1 client on a current-thread runtime, 16 clients on a multi-thread \
+         runtime with 2 workers\n",
         settings.duration.as_secs_f64(),
         settings.repeats
     );
