@@ -62,7 +62,7 @@ async fn concurrent_migrations_of_a_fresh_schema_all_succeed() {
         let client = inspector(&url).await;
         let versions = client.query(&format!("SELECT version FROM \"{schema}\".schema_version"), &[]).await;
         let versions: Vec<i32> = versions.expect("version table").iter().map(|row| row.get(0)).collect();
-        assert_eq!(versions, [3], "one version row");
+        assert_eq!(versions, [4], "one version row");
         // A later start finds the current version and changes nothing.
         PostgresStore::connect(&PostgresConfig::new(url.clone()).schema(schema.clone())).await.expect("again");
         client.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE")).await.expect("drop");
@@ -248,7 +248,7 @@ async fn an_older_schema_is_migrated() {
         .expect("back to version 1");
     let backend = PostgresBackend::connect(&config).await.expect("migrate");
     let version = client.query_one(&format!("SELECT version FROM \"{schema}\".schema_version"), &[]).await;
-    assert_eq!(version.expect("version").get::<_, i32>(0), 3);
+    assert_eq!(version.expect("version").get::<_, i32>(0), 4);
     let settings = client
         .query(
             "SELECT p.proname::text, array_to_string(p.proconfig, ',') FROM pg_proc p \
@@ -290,7 +290,7 @@ $fn$;
 "#;
 
 /// A schema left at version 2 (no table of listeners, a release that
-/// always notifies) is brought to version 3: the table is there, a release
+/// always notifies) is brought to the current version: the table is there, a release
 /// nobody listens for no longer notifies, and a waiter still wakes on a
 /// release.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -325,13 +325,13 @@ async fn a_version_2_schema_is_migrated() {
 
     let backend = Arc::new(PostgresBackend::connect(&config).await.expect("migrate"));
     let version = client.query_one(&format!("SELECT version FROM \"{schema}\".schema_version"), &[]).await;
-    assert_eq!(version.expect("version").get::<_, i32>(0), 3);
+    assert_eq!(version.expect("version").get::<_, i32>(0), 4);
     let rows = client.query_one(&format!("SELECT count(*) FROM \"{schema}\".listeners"), &[]).await;
     assert_eq!(rows.expect("listeners table").get::<_, i64>(0), 0);
     let long = Duration::from_secs(60);
     let grant = backend.try_grant(&request("a/b", "me", long)).await.expect("grant").granted().expect("free");
     backend.release(&grant).await.expect("release");
-    assert_eq!(raw.until_sentinel(&client).await.len(), 1, "version 3 notified with nobody listening");
+    assert_eq!(raw.until_sentinel(&client).await.len(), 1, "the current version notified with nobody listening");
 
     let holder = backend.try_grant(&request("a", "holder", long)).await.expect("grant").granted().expect("free");
     let waiter = waiter(&backend, "a/b");
