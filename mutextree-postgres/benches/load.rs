@@ -3,7 +3,7 @@
 //! run.
 //!
 //! `cargo bench -p mutextree-postgres --bench load` starts a server the way
-//! the tests do (initdb + postgres on a free port, `fsync` on), or uses
+//! the tests do (initdb + postgres on a free port, `fsync` off unless asked), or uses
 //! `MUTEXTREE_POSTGRES_URL`, and prints a Markdown report:
 //!
 //! 1. **round trips**: 1000 acquire+release pairs, counted on the server
