@@ -258,6 +258,7 @@ pub(crate) fn migration_step(schema: &SchemaName, version: i32) -> Option<String
 fn version_1(schema: &SchemaName) -> String {
     let s = schema.quoted();
     let channel = schema.channel();
+    let (isolation, refusal) = (GRANT_ISOLATION, GRANT_REFUSAL);
     format!(
         r#"
 CREATE SEQUENCE {s}.tokens AS bigint MINVALUE 1;
@@ -291,14 +292,7 @@ DECLARE
     v_held {s}.locks%ROWTYPE;
     v_row {s}.locks%ROWTYPE;
 BEGIN
-    -- Under REPEATABLE READ or SERIALIZABLE every statement would read the
-    -- snapshot taken before the advisory locks were granted.
-    IF current_setting('transaction_isolation') <> 'read committed' THEN
-        RAISE EXCEPTION 'mutextree grants need READ COMMITTED, not %', current_setting('transaction_isolation')
-            USING ERRCODE = '25001';
-    END IF;
-
-    FOR v_pass IN 1..2 LOOP
+{isolation}    FOR v_pass IN 1..2 LOOP
         -- 1. On the second pass only: the advisory locks, each in a
         --    statement of its own, root first, so that every later
         --    statement reads with a snapshot taken after they were held.
@@ -362,17 +356,7 @@ BEGIN
         END IF;
         EXIT WHEN v_blocked;
     END LOOP;
-    IF v_blocked THEN
-        granted := false;
-        blocker_key := v_blocker.key;
-        blocker_owner := v_blocker.owner;
-        blocker_token := v_blocker.token;
-        blocker_remaining_us := (extract(epoch FROM v_blocker.expires_at - v_now) * 1000000)::bigint;
-        blocker_transient := v_blocker.transient;
-        RETURN;
-    END IF;
-
-    -- 3. Nothing live is in the way: what is left in the subtree has expired. A
+{refusal}    -- 3. Nothing live is in the way: what is left in the subtree has expired. A
     --    stepwise client may have locked a descendant's key since the check
     --    (its key lock does not wait for this node's); that row is live and
     --    stays.
@@ -628,7 +612,7 @@ LANGUAGE plpgsql VOLATILE SET plan_cache_mode = force_generic_plan AS $fn$
     }
 }
 
-/// The first statement of `try_grant`'s body since version 2.
+/// The first statement of `try_grant`'s body in every version.
 const GRANT_ISOLATION: &str = r#"    -- Under REPEATABLE READ or SERIALIZABLE every statement would read the
     -- snapshot taken before the advisory locks were granted.
     IF current_setting('transaction_isolation') <> 'read committed' THEN
@@ -638,8 +622,8 @@ const GRANT_ISOLATION: &str = r#"    -- Under REPEATABLE READ or SERIALIZABLE ev
 
 "#;
 
-/// How `try_grant` reports the lock in `v_blocker` as of `v_now`, since
-/// version 2.
+/// How `try_grant` reports the lock in `v_blocker` as of `v_now`, in
+/// every version.
 const GRANT_REFUSAL: &str = r#"    IF v_blocked THEN
         granted := false;
         blocker_key := v_blocker.key;
