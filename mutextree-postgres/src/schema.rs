@@ -258,7 +258,8 @@ pub(crate) fn migration_step(schema: &SchemaName, version: i32) -> Option<String
 fn version_1(schema: &SchemaName) -> String {
     let s = schema.quoted();
     let channel = schema.channel();
-    let (isolation, refusal) = (GRANT_ISOLATION, GRANT_REFUSAL);
+    let GrantParts { declarations, wait_for_locks, .. } = GrantParts::new(schema);
+    let (isolation, two_passes, refusal) = (GRANT_ISOLATION, GRANT_TWO_PASSES, GRANT_REFUSAL);
     format!(
         r#"
 CREATE SEQUENCE {s}.tokens AS bigint MINVALUE 1;
@@ -283,30 +284,8 @@ CREATE FUNCTION {s}.try_grant(
     OUT blocker_key text, OUT blocker_owner text, OUT blocker_token bigint,
     OUT blocker_remaining_us bigint, OUT blocker_transient boolean)
 LANGUAGE plpgsql VOLATILE AS $fn$
-DECLARE
-    v_pass integer;
-    v_blocked boolean;
-    v_ancestor text;
-    v_now timestamptz;
-    v_blocker {s}.locks%ROWTYPE;
-    v_held {s}.locks%ROWTYPE;
-    v_row {s}.locks%ROWTYPE;
-BEGIN
-{isolation}    FOR v_pass IN 1..2 LOOP
-        -- 1. On the second pass only: the advisory locks, each in a
-        --    statement of its own, root first, so that every later
-        --    statement reads with a snapshot taken after they were held.
-        --    The first pass looks without them: a live lock it sees
-        --    refuses the call at once (it was live at that instant), so
-        --    refusals never queue behind the lock holders.
-        IF v_pass = 2 THEN
-            IF p_tree THEN
-                FOREACH v_ancestor IN ARRAY p_ancestors LOOP
-                    PERFORM pg_advisory_xact_lock_shared(hashtextextended(p_namespace || ' ' || v_ancestor, 0));
-                END LOOP;
-            END IF;
-            PERFORM pg_advisory_xact_lock(hashtextextended(p_namespace || ' ' || p_key, 0));
-        END IF;
+{declarations}BEGIN
+{isolation}{two_passes}{wait_for_locks}        END IF;
         v_now := clock_timestamp();
 
         -- 2. The check: the node alone, or its ancestors (by equality) and
@@ -431,20 +410,12 @@ $fn$;
 fn version_2(schema: &SchemaName) -> String {
     let s = schema.quoted();
     let GrantParts { signature, declarations, wait_for_locks, check, write } = GrantParts::new(schema);
-    let (isolation, refusal) = (GRANT_ISOLATION, GRANT_REFUSAL);
+    let (isolation, two_passes, refusal) = (GRANT_ISOLATION, GRANT_TWO_PASSES, GRANT_REFUSAL);
     format!(
         r#"
 -- A tree grant (p_tree) or a single-key lock; see the crate's schema module.
 {signature}{declarations}BEGIN
-{isolation}    FOR v_pass IN 1..2 LOOP
-        -- 1. On the second pass only: the advisory locks, each in a
-        --    statement of its own, root first, so that every later
-        --    statement reads with a snapshot taken after they were held.
-        --    The first pass looks without them: a live lock it sees
-        --    refuses the call at once (it was live at that instant), so
-        --    refusals never queue behind the lock holders.
-        IF v_pass = 2 THEN
-{wait_for_locks}        END IF;
+{isolation}{two_passes}{wait_for_locks}        END IF;
 {check}        EXIT WHEN v_blocked;
     END LOOP;
 {refusal}{write}END
@@ -466,7 +437,7 @@ $fn$;
     )
 }
 
-/// The parts of `try_grant` that every version since 2 has, with the
+/// The parts of `try_grant` that its versions share, with the
 /// schema spliced in.
 struct GrantParts {
     /// Its arguments, results and settings, up to its declarations.
@@ -620,6 +591,18 @@ const GRANT_ISOLATION: &str = r#"    -- Under REPEATABLE READ or SERIALIZABLE ev
             USING ERRCODE = '25001';
     END IF;
 
+"#;
+
+/// The head of `try_grant`'s loop over its two passes in versions 1 to 3,
+/// up to the waiting locks of the second pass.
+const GRANT_TWO_PASSES: &str = r#"    FOR v_pass IN 1..2 LOOP
+        -- 1. On the second pass only: the advisory locks, each in a
+        --    statement of its own, root first, so that every later
+        --    statement reads with a snapshot taken after they were held.
+        --    The first pass looks without them: a live lock it sees
+        --    refuses the call at once (it was live at that instant), so
+        --    refusals never queue behind the lock holders.
+        IF v_pass = 2 THEN
 "#;
 
 /// How `try_grant` reports the lock in `v_blocker` as of `v_now`, in
