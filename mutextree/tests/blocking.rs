@@ -30,6 +30,11 @@ macro_rules! on_store {
             fn a_waiter_on_another_thread_gets_the_lock_on_release() {
                 super::a_waiter_on_another_thread_gets_the_lock_on_release(store());
             }
+
+            #[test]
+            fn a_timed_wait_cut_at_its_deadline_leaves_nothing() {
+                super::a_timed_wait_cut_at_its_deadline_leaves_nothing(store());
+            }
         }
     };
 }
@@ -94,4 +99,43 @@ fn a_waiter_on_another_thread_gets_the_lock_on_release(store: Arc<dyn LockBacken
     guard.release().expect("release");
     let waited = waiting.join().expect("thread").expect("granted after the release");
     assert!(waited < Duration::from_secs(15), "woke on the release, not at a timeout: {waited:?}");
+}
+
+/// The blocking face of the conformance race: a holder on another thread
+/// releases within 5 ms either side of a timed wait's deadline, 200 times;
+/// the wait returns a live grant or times out holding nothing, and nothing
+/// is ever left in the store.
+fn a_timed_wait_cut_at_its_deadline_leaves_nothing(store: Arc<dyn LockBackend>) {
+    let patience = Duration::from_millis(20);
+    let (mut granted, mut timed_out) = (0, 0);
+    for trial in 0..200 {
+        let holder = blocking::TreeLock::new(store.clone(), format!("race-{trial}/A").as_str()).expect("lock");
+        holder.try_acquire().expect("a fresh path is free");
+        let waiter = blocking::TreeLock::new(store.clone(), format!("race-{trial}").as_str()).expect("lock");
+        let release_after = patience - Duration::from_millis(5) + Duration::from_millis(10).mul_f64(fastrand::f64());
+        let started = Instant::now();
+        let releasing = thread::spawn(move || {
+            thread::sleep(release_after.saturating_sub(started.elapsed()));
+            holder.release().expect("the holder releases");
+        });
+        match waiter.acquire_timeout(patience) {
+            Ok(_) => {
+                granted += 1;
+                waiter.release().expect("a grant returned to the waiter is live");
+            }
+            Err(Error::Timeout { .. }) => timed_out += 1,
+            Err(other) => panic!("trial {trial}: {other}"),
+        }
+        releasing.join().expect("holder thread");
+        waiter.settled();
+        let left = blocking::TreeLock::new(store.clone(), "probe").expect("lock").as_async().backend().clone();
+        let left = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(async move { left.list(None).await })
+            .expect("list");
+        assert!(left.is_empty(), "trial {trial}: left {left:?}");
+    }
+    assert!(granted > 0 && timed_out > 0, "{granted} granted, {timed_out} timed out: the race was not run");
 }
