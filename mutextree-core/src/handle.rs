@@ -45,7 +45,7 @@
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -211,9 +211,8 @@ impl<H: From<TreeLock>> TreeLockBuilder<H> {
                 auto_refresh: self.auto_refresh,
                 on_wait: self.on_wait,
                 background: Background::default(),
-                held: Mutex::new(Held::default()),
                 refreshing: tokio::sync::Mutex::new(()),
-                status: watch::Sender::new(Status::default()),
+                state: watch::Sender::new(State::default()),
             }),
         }
         .into())
@@ -252,28 +251,36 @@ struct Shared {
     on_wait: Option<OnWait>,
     /// Releases and attempts left to finish after their caller moved on.
     background: Background,
-    /// A `std` mutex, not tokio's: it is never held across an `.await`.
-    held: Mutex<Held>,
     /// Serialises refreshes (explicit ones and the keeper's), so that their
     /// replies are installed in the order the store applied them.
     refreshing: tokio::sync::Mutex<()>,
-    /// What [`TreeLock::lost`] watches: the grant held, its expiry, and why
-    /// it was lost.
-    status: watch::Sender<Status>,
+    /// What the handle believes, in one place: a watch, so that
+    /// [`TreeLock::lost`] follows it. Never borrowed across an `.await`.
+    state: watch::Sender<State>,
 }
 
+/// The grant a handle holds, or the one it just lost and why.
 #[derive(Debug, Default)]
-struct Held {
+struct State {
+    /// With the expiry the handle believes in (never later than the
+    /// store's).
     grant: Option<Grant>,
+    /// Why `grant` was lost; `None` while it is held.
+    lost: Option<String>,
+    /// The automatic refresh of `grant`, while it is held.
     keeper: Option<Keeper>,
 }
 
-#[derive(Debug, Clone, Default)]
-struct Status {
-    /// The token of the grant held, or of the grant just lost.
-    token: Option<u64>,
-    expires_at: Option<Instant>,
-    lost: Option<String>,
+impl State {
+    /// The grant with `token`, if it is the one held (lost or not).
+    fn is(&self, token: u64) -> bool {
+        self.grant.as_ref().is_some_and(|grant| grant.token == token)
+    }
+
+    /// The grant held, if not lost and not expired by the local clock.
+    fn held(&self) -> Option<&Grant> {
+        self.grant.as_ref().filter(|grant| self.lost.is_none() && !grant.is_expired())
+    }
 }
 
 /// The automatic refresh task of one grant; dropping it stops the task.
@@ -288,6 +295,106 @@ impl Drop for Keeper {
     }
 }
 
+impl Shared {
+    /// Changes the state if it is still about the held (not lost) grant
+    /// with `token`; whether it was.
+    fn update(&self, token: u64, change: impl FnOnce(&mut State)) -> bool {
+        self.state.send_if_modified(|state| {
+            let ours = state.is(token) && state.lost.is_none();
+            if ours {
+                change(state);
+            }
+            ours
+        })
+    }
+
+    /// The grant the handle holds unless it was lost, even if its
+    /// believed expiry has passed (the store may still have it).
+    fn current(&self) -> Option<Grant> {
+        let state = self.state.borrow();
+        state.grant.clone().filter(|_| state.lost.is_none())
+    }
+
+    /// [`Shared::current`], if it is the grant with `token`.
+    fn grant_with(&self, token: u64) -> Option<Grant> {
+        self.current().filter(|grant| grant.token == token)
+    }
+
+    /// Installs a new grant, unless another live one is held (a clone of
+    /// the handle won a race); whether it was installed.
+    fn install(self: &Arc<Self>, grant: &Grant) -> bool {
+        self.state.send_if_modified(|state| {
+            if state.held().is_some() {
+                return false;
+            }
+            *state = State {
+                grant: Some(grant.clone()),
+                lost: None,
+                keeper: self.auto_refresh.then(|| Keeper::start(self, grant)),
+            };
+            true
+        })
+    }
+
+    /// Forgets the grant with `token` (released, or found not held),
+    /// returning it.
+    fn forget(&self, token: u64) -> Option<Grant> {
+        let mut forgotten = None;
+        self.update(token, |state| forgotten = std::mem::take(state).grant);
+        forgotten
+    }
+
+    /// Marks the grant with `token` lost, for `reason`.
+    fn mark_lost(&self, token: u64, reason: String) {
+        self.update(token, |state| {
+            state.lost = Some(reason);
+            state.keeper = None;
+        });
+    }
+
+    /// Stops the automatic refresh of the grant with `token`; whether one
+    /// was running.
+    fn stop_keeper(&self, token: u64) -> bool {
+        let mut stopped = false;
+        self.update(token, |state| stopped = state.keeper.take().is_some());
+        stopped
+    }
+
+    fn restart_keeper(self: &Arc<Self>, token: u64) {
+        self.update(token, |state| {
+            if let Some(grant) = &state.grant {
+                state.keeper = Some(Keeper::start(self, grant));
+            }
+        });
+    }
+
+    /// Lowers the believed expiry of the grant with `token` to `at`, if
+    /// later.
+    fn shorten_expiry(&self, token: u64, at: Instant) {
+        self.state.send_if_modified(|state| match state.grant.as_mut() {
+            Some(grant) if grant.token == token && state.lost.is_none() && grant.expires_at > at => {
+                grant.expires_at = at;
+                true
+            }
+            _ => false,
+        });
+    }
+
+    /// Sends a refresh and installs its reply; the caller holds
+    /// `refreshing`, so replies are installed in the order sent.
+    ///
+    /// Before sending, the believed expiry is lowered to what the new ttl
+    /// would give if the store applied it now: if the reply is lost, or
+    /// this future is dropped, the handle must not go on believing in the
+    /// old, longer expiry.
+    async fn refresh_in_order(&self, grant: &Grant, ttl: Ttl) -> Result<Grant, Error> {
+        self.shorten_expiry(grant.token, Instant::now() + ttl.get());
+        let refreshed = self.backend.refresh(grant, ttl).await?;
+        self.update(refreshed.token, |state| state.grant = Some(refreshed.clone()));
+        Ok(refreshed)
+    }
+}
+
 impl fmt::Debug for Shared {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TreeLock")
@@ -295,7 +402,7 @@ impl fmt::Debug for Shared {
             .field("request", &self.request)
             .field("wait", &self.wait)
             .field("auto_refresh", &self.auto_refresh)
-            .field("held", &self.held)
+            .field("state", &*self.state.borrow())
             .finish_non_exhaustive()
     }
 }
@@ -362,21 +469,7 @@ impl TreeLock {
             .on_wait(self.shared.on_wait.clone())
             .run()
             .await?;
-        let installed = {
-            let mut held = self.held();
-            let raced = held.grant.as_ref().is_some_and(|other| !other.is_expired());
-            if !raced {
-                held.keeper = self.shared.auto_refresh.then(|| Keeper::start(&self.shared, &grant));
-                held.grant = Some(grant.clone());
-                self.shared.status.send_replace(Status {
-                    token: Some(grant.token),
-                    expires_at: Some(grant.expires_at),
-                    lost: None,
-                });
-            }
-            !raced
-        };
-        if !installed {
+        if !self.shared.install(&grant) {
             // Another acquisition through a clone of this handle won the race.
             self.shared.background.release(&self.shared.backend, grant);
             return Err(Error::AlreadyHeld { path: self.path().clone() });
@@ -393,37 +486,23 @@ impl TreeLock {
     /// holds it (and keeps refreshing it, with automatic refresh), so the
     /// release can be tried again.
     pub async fn release(&self) -> Result<(), Error> {
-        let grant = self.held().grant.clone().ok_or_else(|| self.not_held())?;
+        let grant = self.shared.current().ok_or_else(|| self.not_held())?;
         self.release_grant(&grant).await
     }
 
     async fn release_grant(&self, grant: &Grant) -> Result<(), Error> {
         // Stop refreshing first: a refresh racing the release would find the
         // lock gone and report a loss that is only the release.
-        let stopped_keeper = self.stop_keeper(grant.token);
+        let stopped_keeper = self.shared.stop_keeper(grant.token);
         let outcome = self.shared.backend.release(grant).await;
         match &outcome {
             Ok(()) | Err(Error::NotHeld { .. }) => {
-                self.forget(grant.token);
+                self.shared.forget(grant.token);
             }
-            Err(_) if stopped_keeper => self.restart_keeper(grant.token),
+            Err(_) if stopped_keeper => self.shared.restart_keeper(grant.token),
             Err(_) => {}
         }
         outcome
-    }
-
-    /// Stops the automatic refresh of the grant with this token; whether
-    /// one was running.
-    fn stop_keeper(&self, token: u64) -> bool {
-        let mut held = self.held();
-        held.grant.as_ref().is_some_and(|g| g.token == token) && held.keeper.take().is_some()
-    }
-
-    fn restart_keeper(&self, token: u64) {
-        let mut held = self.held();
-        if let Some(grant) = held.grant.clone().filter(|g| g.token == token) {
-            held.keeper = Some(Keeper::start(&self.shared, &grant));
-        }
     }
 
     /// Sets the remaining life of the held lock to exactly the configured
@@ -444,9 +523,9 @@ impl TreeLock {
     async fn refresh_grant(&self, token: u64, ttl: Ttl) -> Result<Grant, Error> {
         let _in_order = self.shared.refreshing.lock().await;
         let grant = self.grant().filter(|g| g.token == token).ok_or_else(|| self.not_held())?;
-        match refresh_in_order(&self.shared, &grant, ttl).await {
+        match self.shared.refresh_in_order(&grant, ttl).await {
             Err(error @ Error::NotHeld { .. }) => {
-                self.forget(grant.token);
+                self.shared.forget(grant.token);
                 Err(error)
             }
             other => other,
@@ -463,7 +542,7 @@ impl TreeLock {
     /// The grant this handle holds, if it believes it holds one (its local
     /// expiry has not passed). Asks nothing.
     pub fn grant(&self) -> Option<Grant> {
-        self.held().grant.clone().filter(|grant| !grant.is_expired())
+        self.shared.state.borrow().held().cloned()
     }
 
     /// Whether this handle believes it holds its lock. Asks nothing.
@@ -572,9 +651,9 @@ impl TreeLock {
     /// in `tokio::select!`.
     pub fn lost(&self) -> impl Future<Output = Error> + Send + 'static {
         let path = self.path().clone();
-        let mut status = self.shared.status.subscribe();
+        let mut state = self.shared.state.subscribe();
         // The grant held when `lost()` is called, not when it is first polled.
-        let held_token = status.borrow_and_update().token;
+        let held_token = state.borrow_and_update().grant.as_ref().map(|grant| grant.token);
         let auto_refresh = self.shared.auto_refresh;
         async move {
             let Some(token) = held_token else {
@@ -584,16 +663,19 @@ impl TreeLock {
             // nothing was lost, and this never resolves.
             let never = std::future::pending::<Error>;
             loop {
-                let now = status.borrow_and_update().clone();
-                if now.token != Some(token) {
-                    return never().await;
-                }
-                if let Some(reason) = now.lost {
+                let ours = {
+                    let now = state.borrow_and_update();
+                    now.grant
+                        .as_ref()
+                        .filter(|grant| grant.token == token)
+                        .map(|grant| (grant.expires_at, now.lost.clone()))
+                };
+                let Some((expires_at, lost)) = ours else { return never().await };
+                if let Some(reason) = lost {
                     return Error::Lost { path, reason };
                 }
-                let Some(expires_at) = now.expires_at else { return never().await };
                 tokio::select! {
-                    changed = status.changed() => {
+                    changed = state.changed() => {
                         if changed.is_err() {
                             return never().await;
                         }
@@ -611,94 +693,26 @@ impl TreeLock {
         }
     }
 
-    fn held(&self) -> MutexGuard<'_, Held> {
-        lock_state(&self.shared)
-    }
-
     fn ensure_not_held(&self) -> Result<(), Error> {
-        let mut held = self.held();
-        match &held.grant {
-            Some(grant) if !grant.is_expired() => Err(Error::AlreadyHeld { path: self.path().clone() }),
-            Some(grant) => {
-                let token = grant.token;
-                *held = Held::default();
-                self.shared.status.send_if_modified(|status| forget_status(status, token));
-                Ok(())
+        let mut held = false;
+        self.shared.state.send_if_modified(|state| {
+            held = state.held().is_some();
+            // Forget an expired or lost grant: a new one replaces it.
+            let stale = !held && state.grant.is_some();
+            if stale {
+                *state = State::default();
             }
-            None => Ok(()),
+            stale
+        });
+        if held {
+            return Err(Error::AlreadyHeld { path: self.path().clone() });
         }
-    }
-
-    /// Forgets the grant with this token, if it is still the one held.
-    fn forget(&self, token: u64) -> Option<Grant> {
-        let mut held = self.held();
-        if held.grant.as_ref().is_some_and(|g| g.token == token) {
-            held.keeper = None;
-            self.shared.status.send_if_modified(|status| forget_status(status, token));
-            return held.grant.take();
-        }
-        None
+        Ok(())
     }
 
     fn not_held(&self) -> Error {
         Error::NotHeld { path: self.path().clone(), owner: None, token: None }
     }
-}
-
-fn forget_status(status: &mut Status, token: u64) -> bool {
-    if status.token == Some(token) {
-        *status = Status::default();
-        return true;
-    }
-    false
-}
-
-fn lock_state(shared: &Shared) -> MutexGuard<'_, Held> {
-    // The state is only ever replaced whole, so it is consistent even if a
-    // holder panicked.
-    shared.held.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Sends a refresh and installs its reply; the caller holds
-/// `shared.refreshing`, so replies are installed in the order sent.
-///
-/// Before sending, the local expiry is lowered to what the new ttl would
-/// give if the store applied it now: if the reply is lost, or this future is
-/// dropped, the handle must not go on believing in the old, longer expiry.
-async fn refresh_in_order(shared: &Shared, grant: &Grant, ttl: Ttl) -> Result<Grant, Error> {
-    shorten_expiry(shared, grant.token, Instant::now() + ttl.get());
-    let refreshed = shared.backend.refresh(grant, ttl).await?;
-    install_refresh(shared, &refreshed);
-    Ok(refreshed)
-}
-
-/// Lowers the local expiry of the grant with this token to `at`, if later.
-fn shorten_expiry(shared: &Shared, token: u64, at: Instant) {
-    let mut held = lock_state(shared);
-    if let Some(grant) = held.grant.as_mut().filter(|g| g.token == token && g.expires_at > at) {
-        grant.expires_at = at;
-        update_status(shared, token, |status| status.expires_at = Some(at));
-    }
-}
-
-/// Installs a refresh's reply if it is for the grant still held.
-fn install_refresh(shared: &Shared, refreshed: &Grant) {
-    let mut held = lock_state(shared);
-    if held.grant.as_ref().is_some_and(|g| g.token == refreshed.token) {
-        held.grant = Some(refreshed.clone());
-        update_status(shared, refreshed.token, |status| status.expires_at = Some(refreshed.expires_at));
-    }
-}
-
-/// Changes the watched status if it is still about the grant with `token`.
-fn update_status(shared: &Shared, token: u64, change: impl FnOnce(&mut Status)) {
-    shared.status.send_if_modified(|status| {
-        let ours = status.token == Some(token);
-        if ours {
-            change(status);
-        }
-        ours
-    });
 }
 
 impl Keeper {
@@ -714,11 +728,11 @@ impl Keeper {
             let reason = loop {
                 sleep_until(next_at).await;
                 let Some(shared) = shared.upgrade() else { return };
-                let Some(deadline) = held_grant(&shared, token).map(|g| g.expires_at) else { return };
+                let Some(deadline) = shared.grant_with(token).map(|g| g.expires_at) else { return };
                 let attempt = timeout_at(deadline, async {
                     let _in_order = shared.refreshing.lock().await;
-                    let current = held_grant(&shared, token)?;
-                    let outcome = refresh_in_order(&shared, &current, shared.request.ttl).await;
+                    let current = shared.grant_with(token)?;
+                    let outcome = shared.refresh_in_order(&current, shared.request.ttl).await;
                     Some((current, outcome))
                 });
                 match attempt.await {
@@ -740,20 +754,11 @@ impl Keeper {
                 }
             };
             if let Some(shared) = shared.upgrade() {
-                let mut held = lock_state(&shared);
-                if held.grant.as_ref().is_some_and(|g| g.token == token) {
-                    held.grant = None;
-                }
-                update_status(&shared, token, |status| status.lost = Some(reason));
+                shared.mark_lost(token, reason);
             }
         });
         Keeper { task }
     }
-}
-
-/// The grant with this token, if it is still the one held.
-fn held_grant(shared: &Shared, token: u64) -> Option<Grant> {
-    lock_state(shared).grant.clone().filter(|g| g.token == token)
 }
 
 /// Holds a lock until [`release`](TreeLockGuard::release) or drop. See the
@@ -825,7 +830,7 @@ impl Drop for TreeLockGuard {
         if self.released {
             return;
         }
-        let Some(grant) = self.lock.forget(self.grant.token) else { return };
+        let Some(grant) = self.lock.shared.forget(self.grant.token) else { return };
         self.lock.shared.background.release(self.lock.backend(), grant);
     }
 }

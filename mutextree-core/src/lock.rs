@@ -326,6 +326,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_default_owner_names_the_host_and_the_process() {
+        let owner = Owner::random();
+        let mut parts = owner.as_str().rsplitn(3, ':');
+        let (random, pid, host) = (parts.next(), parts.next(), parts.next());
+        assert_eq!(pid, Some(std::process::id().to_string().as_str()), "{owner}");
+        assert!(random.is_some_and(|r| r.len() == 8 && r.chars().all(|c| c.is_ascii_hexdigit())), "{owner}");
+        assert!(host.is_some_and(|h| !h.is_empty()), "{owner}");
+        assert_ne!(Owner::random(), owner, "two handles of one process get different ids");
+        assert!(Owner::new(owner.as_str()).is_ok(), "it passes the owner rules");
+    }
+
+    #[test]
     fn ttl_rules() {
         assert!(Ttl::new(Duration::ZERO).expect_err("zero").to_string().contains("greater than zero"));
         assert!(Ttl::new(Duration::MAX).expect_err("huge").to_string().contains("at most"));
