@@ -98,7 +98,12 @@ fn overlapping_runs_exclude_each_other(store: &(String, String)) {
     let lines = std::fs::read_to_string(&log).expect("log");
     assert_eq!(lines, "start\nend\n".repeat(4), "the commands never overlapped on {}", store.0);
     let status = output(mutextree(store).arg("status"));
-    assert_eq!(text(&status.stdout), "no locks held\n", "all released on {}", store.0);
+    assert_eq!(
+        text(&status.stdout),
+        format!("no locks held in namespace {}\n", store.1),
+        "all released on {}",
+        store.0
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -141,7 +146,7 @@ fn a_killed_run_frees_its_lock_at_the_ttl(store: &(String, String)) {
     // The command goes on without it (documented); stop it here.
     let _ = Command::new("kill").args(["-9", &command_pid]).status();
 
-    let blocked = output(mutextree(store).args(["run", "X", "--", "true"]));
+    let blocked = output(mutextree(store).args(["run", "--no-wait", "X", "--", "true"]));
     assert_eq!(blocked.status.code(), Some(3), "still held right after the kill: {}", text(&blocked.stderr));
     let freed = output(mutextree(store).args(["run", "--timeout", "10s", "X", "--", "true"]));
     assert!(freed.status.success(), "{}", text(&freed.stderr));
@@ -168,7 +173,7 @@ fn status_draws_the_tree_and_why_names_the_blocker(store: &(String, String)) {
     assert!(status.status.success());
     let drawn = text(&status.stdout);
     let lines: Vec<&str> = drawn.lines().collect();
-    assert_eq!(lines[0], "(namespace)");
+    assert_eq!(lines[0], format!("namespace {}", store.1));
     assert_eq!(lines[1], "└── eu");
     assert!(lines[2].starts_with("    ├── rack-1  [held by ") && lines[2].contains("fencing token"), "{drawn}");
     assert_eq!(lines[3], "    └── rack-2");
@@ -198,7 +203,7 @@ fn exit_statuses_are_as_documented() {
         mutextree::TreeLock::builder(library(&store), "A").owner("admin-7").build().expect("lock").into();
     let _guard = held.lock().expect("free");
 
-    let refused = output(mutextree(&store).args(["run", "A/B", "--", "true"]));
+    let refused = output(mutextree(&store).args(["run", "--no-wait", "A/B", "--", "true"]));
     assert_eq!(refused.status.code(), Some(3));
     let message = text(&refused.stderr);
     assert!(message.contains("admin-7") && message.lines().count() == 1, "one line naming the holder: {message}");

@@ -1,0 +1,198 @@
+//! What `run` shows while it waits for a lock: on a terminal, one line
+//! that updates in place, naming the lock in the way, how long that lock
+//! has left and how long `--timeout` has left.
+//!
+//! The lock in the way is learnt from the acquisition itself (each refusal
+//! it is about to wait behind), not from a second listing of the store: a
+//! listing could name a lock the store no longer weighs, or miss a
+//! stepwise client's passing parent lock.
+
+use std::io::IsTerminal;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use mutextree::{
+    async_trait, human, Attempt, Error, Grant, HeldLock, Listener, LockBackend, LockKind, LockPath, LockRequest,
+    TreeLock, TreeLockBuilder, Ttl, Wait,
+};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::show::{describe, relation, shown};
+
+/// How often the line is redrawn: often enough that the counts look alive.
+const REDRAW_EVERY: Duration = Duration::from_millis(200);
+
+/// The waiting line of one acquisition; nothing is drawn without a
+/// terminal on stderr, for an acquisition that does not wait, or before
+/// the first refusal.
+pub(crate) struct WaitingLine {
+    seen: Arc<Mutex<Option<Seen>>>,
+    drawer: Option<(ProgressBar, JoinHandle<()>)>,
+}
+
+/// The last lock the acquisition was refused by, and when.
+struct Seen {
+    blocker: HeldLock,
+    at: Instant,
+}
+
+impl WaitingLine {
+    /// Starts drawing, for an acquisition of `path` that waits as `wait` says.
+    pub(crate) fn start(path: &LockPath, wait: Wait) -> Self {
+        let seen: Arc<Mutex<Option<Seen>>> = Arc::default();
+        let drawer = (wait != Wait::No && std::io::stderr().is_terminal()).then(|| {
+            let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+            bar.set_style(ProgressStyle::with_template("{spinner} {wide_msg}").expect("a valid progress template"));
+            let started = Instant::now();
+            let deadline = match wait {
+                Wait::For(limit) => started.checked_add(limit),
+                Wait::No | Wait::Forever => None,
+            };
+            let task = tokio::spawn({
+                let (bar, seen, path) = (bar.clone(), seen.clone(), path.clone());
+                async move {
+                    loop {
+                        let message = seen
+                            .lock()
+                            .expect("the waiting line's state is never poisoned")
+                            .as_ref()
+                            .map(|seen| line(&path, seen, deadline));
+                        if let Some(message) = message {
+                            bar.set_message(message);
+                            bar.tick();
+                        }
+                        tokio::time::sleep(REDRAW_EVERY).await;
+                    }
+                }
+            });
+            (bar, task)
+        });
+        WaitingLine { seen, drawer }
+    }
+
+    /// Records a lock the acquisition is about to wait behind.
+    pub(crate) fn observer(&self) -> impl Fn(&HeldLock) + Send + Sync + 'static {
+        let seen = self.seen.clone();
+        move |blocker: &HeldLock| {
+            *seen.lock().expect("the waiting line's state is never poisoned") =
+                Some(Seen { blocker: blocker.clone(), at: Instant::now() });
+        }
+    }
+
+    /// Removes the line, leaving the terminal as it was.
+    pub(crate) fn clear(self) {
+        if let Some((bar, task)) = self.drawer {
+            task.abort();
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// `waiting for A/B: A (an ancestor) held by "web-1" for 12.3 s more,
+/// fencing token 7; giving up in 4 min 3 s`.
+fn line(path: &LockPath, seen: &Seen, deadline: Option<Instant>) -> String {
+    let now = Instant::now();
+    let mut blocker = seen.blocker.clone();
+    blocker.remaining = blocker.remaining.saturating_sub(now - seen.at);
+    let limit = match deadline {
+        Some(deadline) => format!("giving up in {}", human(deadline.saturating_duration_since(now))),
+        None => "waiting as long as it takes".to_owned(),
+    };
+    format!(
+        "waiting for {}: {} ({}) {}; {limit}",
+        shown(path),
+        shown(&blocker.path),
+        relation(&blocker.path, path),
+        describe(&blocker)
+    )
+}
+
+/// `TreeLock::builder(store, path)`, whose acquisitions call `on_wait`
+/// each time they are refused and are about to wait behind the lock in
+/// the way.
+pub(crate) fn builder_observing_waits(
+    store: Arc<dyn LockBackend>,
+    path: &LockPath,
+    on_wait: impl Fn(&HeldLock) + Send + Sync + 'static,
+) -> TreeLockBuilder {
+    let observed = ObservedWaits { inner: store, on_wait: Box::new(on_wait) };
+    TreeLock::builder(Arc::new(observed), path)
+}
+
+/// A store whose refused tree grants are reported to an observer.
+struct ObservedWaits {
+    inner: Arc<dyn LockBackend>,
+    on_wait: Box<dyn Fn(&HeldLock) + Send + Sync>,
+}
+
+impl std::fmt::Debug for ObservedWaits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObservedWaits").field("inner", &self.inner).finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl LockBackend for ObservedWaits {
+    async fn try_lock_key(&self, request: &LockRequest, kind: LockKind) -> Result<Attempt, Error> {
+        self.inner.try_lock_key(request, kind).await
+    }
+
+    async fn release(&self, grant: &Grant) -> Result<(), Error> {
+        self.inner.release(grant).await
+    }
+
+    async fn refresh(&self, grant: &Grant, ttl: Ttl) -> Result<Grant, Error> {
+        self.inner.refresh(grant, ttl).await
+    }
+
+    async fn list(&self, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
+        self.inner.list(under).await
+    }
+
+    async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error> {
+        let attempt = self.inner.try_grant(request).await?;
+        if let Attempt::Blocked(blocker) = &attempt {
+            (self.on_wait)(blocker);
+        }
+        Ok(attempt)
+    }
+
+    fn listen(&self, path: &LockPath) -> Listener {
+        self.inner.listen(path)
+    }
+
+    fn round_trips(&self) -> Option<u64> {
+        self.inner.round_trips()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mutextree::Owner;
+
+    use super::*;
+
+    #[test]
+    fn the_line_names_the_blocker_and_both_times_left() {
+        let path = LockPath::parse("eu/rack-1/host-2").expect("path");
+        let blocker = HeldLock {
+            path: LockPath::parse("eu/rack-1").expect("path"),
+            owner: Owner::new("web-1").expect("owner"),
+            token: 7,
+            remaining: Duration::from_secs(20),
+            transient: false,
+        };
+        let now = Instant::now();
+        let seen = Seen { blocker, at: now };
+        let timed = line(&path, &seen, Some(now + Duration::from_secs(90)));
+        assert!(
+            timed.starts_with("waiting for eu/rack-1/host-2: eu/rack-1 (an ancestor) held by \"web-1\" for "),
+            "{timed}"
+        );
+        assert!(timed.contains("fencing token 7; giving up in "), "{timed}");
+        let forever = line(&path, &seen, None);
+        assert!(forever.ends_with("; waiting as long as it takes"), "{forever}");
+    }
+}
