@@ -90,18 +90,19 @@ impl WaitingLine {
     }
 }
 
-/// `waiting for A/B: A (an ancestor) held by "web-1" for 12.3 s more,
-/// fencing token 7; giving up in 4 min 3 s`.
+/// `waiting for A/B (gives up in 4 min 3 s): A (an ancestor) held by
+/// "web-1" for 12.3 s more, fencing token 7`: the times first, so that a
+/// narrow terminal cuts off the least telling part.
 fn line(path: &LockPath, seen: &Seen, deadline: Option<Instant>) -> String {
     let now = Instant::now();
     let mut blocker = seen.blocker.clone();
     blocker.remaining = blocker.remaining.saturating_sub(now - seen.at);
     let limit = match deadline {
-        Some(deadline) => format!("giving up in {}", human(deadline.saturating_duration_since(now))),
-        None => "waiting as long as it takes".to_owned(),
+        Some(deadline) => format!("gives up in {}", human(deadline.saturating_duration_since(now))),
+        None => "no time limit".to_owned(),
     };
     format!(
-        "waiting for {}: {} ({}) {}; {limit}",
+        "waiting for {} ({limit}): {} ({}) {}",
         shown(path),
         shown(&blocker.path),
         relation(&blocker.path, path),
@@ -187,12 +188,9 @@ mod tests {
         let now = Instant::now();
         let seen = Seen { blocker, at: now };
         let timed = line(&path, &seen, Some(now + Duration::from_secs(90)));
-        assert!(
-            timed.starts_with("waiting for eu/rack-1/host-2: eu/rack-1 (an ancestor) held by \"web-1\" for "),
-            "{timed}"
-        );
-        assert!(timed.contains("fencing token 7; giving up in "), "{timed}");
+        let blocker = "eu/rack-1 (an ancestor) held by \"web-1\" for 20.0 s more, fencing token 7";
+        assert_eq!(timed, format!("waiting for eu/rack-1/host-2 (gives up in 90.0 s): {blocker}"));
         let forever = line(&path, &seen, None);
-        assert!(forever.ends_with("; waiting as long as it takes"), "{forever}");
+        assert_eq!(forever, format!("waiting for eu/rack-1/host-2 (no time limit): {blocker}"));
     }
 }
