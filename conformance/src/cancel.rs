@@ -281,3 +281,103 @@ pub async fn a_slow_grant_never_overlaps_a_faster_one(ctx: Ctx) {
     assert!(!(fast.is_ok() && slow.is_ok()), "both A and A/B were granted: {fast:?} {slow:?}");
     assert!(fast.is_ok() || slow.is_ok(), "neither was granted: {fast:?} {slow:?}");
 }
+
+/// How many times each race of a cut-off acquisition is tried.
+const RACE_TRIALS: usize = 200;
+
+/// The waiter's and the holder's paths in race trial `trial`: the same
+/// node, an ancestor of the holder's, or a descendant of it, in turn.
+fn race_paths(trial: usize) -> (LockPath, LockPath) {
+    let root = format!("race-{trial}");
+    let (waiter, holder) = match trial % 3 {
+        0 => ("A/B", "A/B"),
+        1 => ("A", "A/B"),
+        _ => ("A/B/C", "A/B"),
+    };
+    let at = |rest: &str| LockPath::parse(&format!("{root}/{rest}")).expect("path");
+    (at(waiter), at(holder))
+}
+
+/// A uniformly random duration in `[0, limit]`.
+fn random_up_to(limit: Duration) -> Duration {
+    limit.mul_f64(fastrand::f64())
+}
+
+/// Nothing is left in the namespace after race trial `trial`.
+async fn assert_nothing_left(probe: &Arc<dyn LockBackend>, trial: usize, what: &str) {
+    let left = probe.list(None).await.expect("list");
+    assert!(left.is_empty(), "trial {trial}: {what} left {left:?}");
+}
+
+/// A timed wait whose blocker is released at random moments within 5 ms
+/// either side of its deadline never leaves a grant behind: it returns the
+/// grant (which is then released here) or times out holding nothing.
+pub async fn a_timed_wait_cut_at_its_deadline_leaves_nothing(ctx: Ctx) {
+    let patience = Duration::from_millis(20);
+    let around = Duration::from_millis(5);
+    let probe = ctx.client().await;
+    let (holders, waiters) = (ctx.client().await, ctx.client().await);
+    let (mut granted, mut timed_out) = (0, 0);
+    for trial in 0..RACE_TRIALS {
+        let (waiter_path, holder_path) = race_paths(trial);
+        let holder = TreeLock::builder(holders.clone(), holder_path).ttl(ctx.timing().unit * 30).build().expect("lock");
+        holder.try_acquire().await.expect("a fresh path is free");
+        let waiter = TreeLock::builder(waiters.clone(), waiter_path).build().expect("lock");
+        let release_at = tokio::time::Instant::now() + patience - around + random_up_to(around * 2);
+        let releasing = tokio::spawn(async move {
+            tokio::time::sleep_until(release_at).await;
+            holder.release().await.expect("the holder releases");
+        });
+        match waiter.acquire_timeout(patience).await {
+            Ok(_) => {
+                granted += 1;
+                waiter.release().await.expect("a grant returned to the waiter is live");
+            }
+            Err(Error::Timeout { .. }) => timed_out += 1,
+            Err(other) => panic!("trial {trial}: {other}"),
+        }
+        releasing.await.expect("holder task");
+        waiter.settled().await;
+        assert_nothing_left(&probe, trial, "a timed wait").await;
+    }
+    // Both outcomes were met, or the race was not run where it matters. (A
+    // stepwise waiter hears its own attempts' releases and backs off, so on
+    // a stepwise client most trials time out: only native ones must mix.)
+    if ctx.mode() == Mode::Native {
+        assert!(granted > 0 && timed_out > 0, "{granted} granted, {timed_out} timed out: the race was not run");
+    }
+}
+
+/// An acquisition dropped at a random moment, while its blocker is released
+/// at another, never leaves a grant behind once its handle has settled,
+/// whether the drop came before, during or after an attempt.
+pub async fn a_dropped_acquisition_leaves_nothing(ctx: Ctx) {
+    let window = Duration::from_millis(10);
+    let probe = ctx.client().await;
+    let (holders, waiters) = (ctx.client().await, ctx.client().await);
+    let (mut granted, mut dropped) = (0, 0);
+    for trial in 0..RACE_TRIALS {
+        let (waiter_path, holder_path) = race_paths(trial);
+        let holder = TreeLock::builder(holders.clone(), holder_path).ttl(ctx.timing().unit * 30).build().expect("lock");
+        holder.try_acquire().await.expect("a fresh path is free");
+        let waiter = TreeLock::builder(waiters.clone(), waiter_path).build().expect("lock");
+        let release_after = random_up_to(window);
+        let releasing = tokio::spawn(async move {
+            tokio::time::sleep(release_after).await;
+            holder.release().await.expect("the holder releases");
+        });
+        match timeout(random_up_to(window), waiter.acquire()).await {
+            Ok(grant) => {
+                grant.unwrap_or_else(|e| panic!("trial {trial}: {e}"));
+                granted += 1;
+                waiter.release().await.expect("release");
+            }
+            Err(_) => dropped += 1,
+        }
+        releasing.await.expect("holder task");
+        waiter.settled().await;
+        assert!(!waiter.is_held(), "trial {trial}: a dropped acquisition installed its grant");
+        assert_nothing_left(&probe, trial, "a dropped acquisition").await;
+    }
+    assert!(granted > 0 && dropped > 0, "{granted} granted, {dropped} dropped: the race was not run");
+}

@@ -12,7 +12,10 @@ use std::time::Duration;
 use mutextree_core::{Error, Grant, LockBackend, LockPath, Owner, TreeLock, Ttl, Wait};
 use tokio::time::{sleep, sleep_until, Instant};
 
-pub use crate::cancel::{a_slow_grant_never_overlaps_a_faster_one, cancellation_leaves_nothing_beyond_the_ttl};
+pub use crate::cancel::{
+    a_dropped_acquisition_leaves_nothing, a_slow_grant_never_overlaps_a_faster_one,
+    a_timed_wait_cut_at_its_deadline_leaves_nothing, cancellation_leaves_nothing_beyond_the_ttl,
+};
 use crate::cancel::{Fault, Gated, Point};
 use crate::Ctx;
 
@@ -172,7 +175,8 @@ pub async fn run_releases_after_success_error_and_panic(ctx: Ctx) {
     let token = lock.run(|grant| async move { grant.token }).await.expect("run");
     assert!(token > 0);
     probe.try_acquire().await.expect("released after success");
-    assert!(matches!(lock.run(|_| async {}).await, Err(Error::Refused { .. })), "run refuses a held path");
+    let impatient = TreeLock::builder(one.clone(), path("A")).wait(Wait::No).build().expect("lock");
+    assert!(matches!(impatient.run(|_| async {}).await, Err(Error::Refused { .. })), "run refuses a held path");
     probe.release().await.expect("release");
 
     let failed: Result<(), &str> = lock.run(|_| async { Err("boom") }).await.expect("run");
@@ -329,6 +333,26 @@ pub async fn waiter_wakes_on_release_before_the_ttl(ctx: Ctx) {
     let granted_at = waiting.await.expect("waiter task").expect("granted after the release");
     let delay = granted_at - released_at;
     assert!(delay < ctx.timing().unit, "woke {delay:?} after the release, the blocker had {:?} left", long(&ctx));
+}
+
+/// `lock()` and `acquire()` wait by default (as `Mutex::lock` does), for as
+/// long as it takes; `try_lock()` and `try_acquire()` never wait.
+pub async fn lock_waits_by_default_and_try_lock_does_not(ctx: Ctx) {
+    let (one, two) = (ctx.client().await, ctx.client().await);
+    let holder = hold(&ctx, &one, "A/B").await;
+    let waiter = TreeLock::new(two, "A").expect("lock with the defaults");
+    assert!(matches!(waiter.try_lock().await, Err(Error::Refused { .. })));
+    assert!(matches!(waiter.try_acquire().await, Err(Error::Refused { .. })));
+    let gated = Gated::new(waiter.backend().clone());
+    let patient = TreeLock::new(gated.clone(), "A").expect("lock with the defaults");
+    let refused = gated.blocked();
+    let waiting = tokio::spawn(async move { patient.lock().await.map(|guard| guard.token()) });
+    tokio::time::timeout(long(&ctx), refused).await.expect("the default lock() should find the lock held and wait");
+    assert!(!waiting.is_finished(), "lock() gave up instead of waiting");
+    let released = holder.release().await;
+    released.expect("release");
+    let token = waiting.await.expect("waiter task").expect("granted once released");
+    assert!(token > 0);
 }
 
 /// A waiter blocked by a lock nobody releases wakes at that lock's expiry.

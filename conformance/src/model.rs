@@ -167,7 +167,7 @@ async fn run_history(store: Arc<dyn TestStore>, mode: Mode, ops: Vec<Op>) -> Res
             Op::Acquire { client, path, ttl_units } => {
                 let ttl = Ttl::new(half_units(ttl_units)).expect("ttl");
                 let request = LockRequest::new(paths[path].clone(), owners[client].clone(), ttl);
-                let outcome = acquire(&*clients[client], &request, Wait::No).await;
+                let outcome = acquire(&clients[client], &request, Wait::No).await;
                 let blockers = model.blockers(&paths[path]);
                 match (outcome, blockers.is_empty()) {
                     (Ok(grant), true) => {

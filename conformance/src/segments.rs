@@ -216,7 +216,7 @@ async fn run_case(store: Arc<dyn TestStore>, mode: Mode, case: Case) -> Result<(
             Step::Acquire { client, path } => {
                 let path = path.get(&case.paths);
                 let request = LockRequest::new(path.clone(), owners[*client].clone(), ttl);
-                let outcome = acquire(&*clients[*client], &request, Wait::No).await;
+                let outcome = acquire(&clients[*client], &request, Wait::No).await;
                 let in_the_way: Vec<&Live> = live
                     .iter()
                     .filter(|(held, _)| is_segment_prefix(held, path) || is_segment_prefix(path, held))

@@ -12,7 +12,7 @@ use nix::unistd::{getpgrp, tcgetpgrp, Pid};
 use tokio::signal::unix::SignalKind;
 use tokio::time::Instant;
 
-use crate::waiting::{builder_observing_waits, WaitingLine};
+use crate::waiting::WaitingLine;
 use crate::{exit, parse_duration, parse_path};
 
 /// Hold PATH's lock while COMMAND runs.
@@ -71,7 +71,7 @@ pub(crate) struct Run {
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     ttl: Duration,
 
-    /// The owner id to lock as (default: HOSTNAME:PID).
+    /// The owner id to lock as (default: HOSTNAME:PID:RANDOM).
     #[arg(long)]
     owner: Option<String>,
 
@@ -103,12 +103,15 @@ impl Run {
         let store = crate::connect(url).await?;
         let wait = if self.no_wait { Wait::No } else { self.timeout.unwrap_or(Wait::Forever) };
         let waiting = WaitingLine::start(&self.path, wait);
-        let lock = builder_observing_waits(store, &self.path, waiting.observer())
+        let mut lock = TreeLock::builder(store, &self.path)
             .ttl(self.ttl)
-            .owner(self.owner.clone().unwrap_or_else(default_owner))
             .wait(wait)
             .auto_refresh(true)
-            .build()?;
+            .on_wait(waiting.observer());
+        if let Some(owner) = &self.owner {
+            lock = lock.owner(owner);
+        }
+        let lock = lock.build()?;
         let started = Instant::now();
         let acquired = tokio::select! {
             acquired = lock.acquire() => acquired,
@@ -274,16 +277,6 @@ fn status_code(status: ExitStatus) -> u8 {
 /// 128 + the signal, as shells report a process a signal ended.
 fn signal_status(signal: i32) -> u8 {
     u8::try_from(128 + signal).unwrap_or(exit::FAILED)
-}
-
-/// `HOSTNAME:PID`: who holds a lock, at a glance in `status`.
-fn default_owner() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|name| name.trim().to_owned())
-        .filter(|name| !name.is_empty())
-        .unwrap_or_else(|| "localhost".to_owned());
-    format!("{host}:{}", std::process::id())
 }
 
 /// `0` (no waiting), a duration, or `forever`.

@@ -12,10 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use mutextree::{
-    async_trait, human, Attempt, Error, Grant, HeldLock, Listener, LockBackend, LockKind, LockPath, LockRequest,
-    TreeLock, TreeLockBuilder, Ttl, Wait,
-};
+use mutextree::{human, HeldLock, LockPath, Wait};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -72,7 +69,8 @@ impl WaitingLine {
         WaitingLine { seen, drawer }
     }
 
-    /// Records a lock the acquisition is about to wait behind.
+    /// Records a lock the acquisition is about to wait behind: the
+    /// handle's `on_wait`.
     pub(crate) fn observer(&self) -> impl Fn(&HeldLock) + Send + Sync + 'static {
         let seen = self.seen.clone();
         move |blocker: &HeldLock| {
@@ -108,65 +106,6 @@ fn line(path: &LockPath, seen: &Seen, deadline: Option<Instant>) -> String {
         relation(&blocker.path, path),
         describe(&blocker)
     )
-}
-
-/// `TreeLock::builder(store, path)`, whose acquisitions call `on_wait`
-/// each time they are refused and are about to wait behind the lock in
-/// the way.
-pub(crate) fn builder_observing_waits(
-    store: Arc<dyn LockBackend>,
-    path: &LockPath,
-    on_wait: impl Fn(&HeldLock) + Send + Sync + 'static,
-) -> TreeLockBuilder {
-    let observed = ObservedWaits { inner: store, on_wait: Box::new(on_wait) };
-    TreeLock::builder(Arc::new(observed), path)
-}
-
-/// A store whose refused tree grants are reported to an observer.
-struct ObservedWaits {
-    inner: Arc<dyn LockBackend>,
-    on_wait: Box<dyn Fn(&HeldLock) + Send + Sync>,
-}
-
-impl std::fmt::Debug for ObservedWaits {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ObservedWaits").field("inner", &self.inner).finish_non_exhaustive()
-    }
-}
-
-#[async_trait]
-impl LockBackend for ObservedWaits {
-    async fn try_lock_key(&self, request: &LockRequest, kind: LockKind) -> Result<Attempt, Error> {
-        self.inner.try_lock_key(request, kind).await
-    }
-
-    async fn release(&self, grant: &Grant) -> Result<(), Error> {
-        self.inner.release(grant).await
-    }
-
-    async fn refresh(&self, grant: &Grant, ttl: Ttl) -> Result<Grant, Error> {
-        self.inner.refresh(grant, ttl).await
-    }
-
-    async fn list(&self, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
-        self.inner.list(under).await
-    }
-
-    async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error> {
-        let attempt = self.inner.try_grant(request).await?;
-        if let Attempt::Blocked(blocker) = &attempt {
-            (self.on_wait)(blocker);
-        }
-        Ok(attempt)
-    }
-
-    fn listen(&self, path: &LockPath) -> Listener {
-        self.inner.listen(path)
-    }
-
-    fn round_trips(&self) -> Option<u64> {
-        self.inner.round_trips()
-    }
 }
 
 #[cfg(test)]

@@ -40,14 +40,13 @@ fn mutextree(store: &(String, String)) -> Command {
     command
 }
 
-/// Starts `mutextree run ... -- sh -c SCRIPT` where SCRIPT first prints
-/// its pid, and returns once the command runs (under the lock), with that
-/// pid.
+/// Starts `mutextree run ... -- sh -c SCRIPT`, where SCRIPT prints its pid
+/// (`echo $$`) once it is ready, and returns then, with that pid.
 fn start_run(store: &(String, String), options: &[&str], path: &str, script: &str) -> (Child, String) {
     let mut run = mutextree(store)
         .arg("run")
         .args(options)
-        .args([path, "--", "sh", "-c", &format!("echo $$; {script}")])
+        .args([path, "--", "sh", "-c", script])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -139,7 +138,7 @@ fn a_killed_run_frees_its_lock_at_the_ttl_on_every_store() {
 }
 
 fn a_killed_run_frees_its_lock_at_the_ttl(store: &(String, String)) {
-    let (mut run, command_pid) = start_run(store, &["--ttl", "2s"], "X", "exec sleep 60");
+    let (mut run, command_pid) = start_run(store, &["--ttl", "2s"], "X", "echo $$; exec sleep 60");
     run.kill().expect("SIGKILL mutextree");
     run.wait().expect("wait");
     let killed = Instant::now();
@@ -235,7 +234,7 @@ fn exit_statuses_are_as_documented() {
 #[test]
 fn a_lock_lost_while_the_command_runs_stops_it() {
     let store = store();
-    let (run, command_pid) = start_run(&store, &["--ttl", "3s", "--kill-after", "5s"], "L", "exec sleep 60");
+    let (run, command_pid) = start_run(&store, &["--ttl", "3s", "--kill-after", "5s"], "L", "echo $$; exec sleep 60");
     let released = output(mutextree(&store).args(["release", "--force", "--yes", "L"]));
     assert!(released.status.success(), "{}", text(&released.stderr));
     assert!(text(&released.stdout).contains("released L"), "{}", text(&released.stdout));
@@ -261,7 +260,7 @@ fn a_holder_stopped_past_its_ttl_learns_its_loss_when_it_resumes_on_every_store(
 }
 
 fn a_holder_stopped_past_its_ttl_learns_its_loss_when_it_resumes(store: &(String, String)) {
-    let (run, command_pid) = start_run(store, &["--ttl", "2s", "--kill-after", "5s"], "P", "exec sleep 60");
+    let (run, command_pid) = start_run(store, &["--ttl", "2s", "--kill-after", "5s"], "P", "echo $$; exec sleep 60");
     let other = blocking::TreeLock::new(library(store), "P").expect("lock");
     let backend = other.as_async().backend().clone();
     let held_by_run = blocking_list(&backend, "P");
@@ -316,7 +315,8 @@ fn release_asks_first_and_goes_down_the_tree_when_told() {
 fn signals_reach_the_command() {
     let store = store();
     for (signal, number) in [("TERM", 15), ("INT", 2), ("HUP", 1)] {
-        let script = format!("trap 'echo got {signal}; exit 9' {signal}; while :; do sleep 0.05; done");
+        // The trap first: a signal sent once the pid is printed finds it.
+        let script = format!("trap 'echo got {signal}; exit 9' {signal}; echo $$; while :; do sleep 0.05; done");
         let (run, _) = start_run(&store, &[], "S", &script);
         let sent = Command::new("kill").args([&format!("-{signal}"), &run.id().to_string()]).status().expect("kill");
         assert!(sent.success());

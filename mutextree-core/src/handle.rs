@@ -14,23 +14,37 @@
 //!
 //! # Defaults
 //!
-//! The seed's: a 30 s ttl ([`DEFAULT_TTL`]), a random UUID owner id, and no
-//! waiting (`timeout=0`): [`TreeLock::acquire`] on a held path fails at once
-//! with [`Error::Refused`] unless a timeout or [`Wait::Forever`] is set.
+//! A 30 s ttl ([`DEFAULT_TTL`]) as the seed had; an owner id that says
+//! where the lock is held, `hostname:pid:random` ([`Owner::random`]); and
+//! waiting as a mutex waits: [`TreeLock::lock`] and [`TreeLock::acquire`]
+//! wait up to the handle's timeout, which by default is no limit
+//! ([`Wait::Forever`]), while [`TreeLock::try_lock`] and
+//! [`TreeLock::try_acquire`] never wait (the seed's `timeout=0`).
 //! Automatic refresh is off.
+//!
+//! # Cancellation
+//!
+//! Every future here may be dropped at any await point (in a
+//! `tokio::select!`, under `tokio::time::timeout`) without leaving a live
+//! grant behind: an attempt already sent is finished in the background and
+//! a grant it brings back is released there (see [`Acquisition`]).
+//! [`TreeLock::settled`] resolves once that work is done.
 //!
 //! # Drop in async Rust
 //!
 //! `Drop` cannot await, so dropping a [`TreeLockGuard`] cannot release the
 //! lock and report the outcome. What it does: it forgets the grant at once
 //! (the handle no longer believes it holds the lock) and, when dropped
-//! inside a tokio runtime, spawns the release as a background task whose
-//! error is discarded. Outside a runtime, or if the runtime shuts down
-//! first, or if the store is unreachable, the lock stays until its ttl runs
-//! out. Call [`TreeLockGuard::release`] to release for certain and see the
-//! error.
+//! inside a tokio runtime, spawns the release as a background task (tried
+//! up to [`Background::RELEASE_TRIES`] times; [`TreeLock::settled`] awaits
+//! it) whose error is discarded. Outside a runtime, or if the runtime shuts
+//! down first, or if the store stays unreachable, the lock stays until its
+//! ttl runs out. Call [`TreeLockGuard::release`] to release for certain and
+//! see the error.
 
+use std::fmt;
 use std::future::Future;
+use std::marker::PhantomData;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -40,9 +54,10 @@ use tokio::time::{sleep_until, timeout_at, Instant};
 
 use crate::backend::LockBackend;
 use crate::error::Error;
+use crate::lock::HeldLock;
 use crate::lock::{Grant, LockRequest, Owner, Ttl};
 use crate::path::LockPath;
-use crate::wait::{self, Wait};
+use crate::wait::{Acquisition, Background, OnWait, Wait};
 
 /// The seed's default ttl: 30 s.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
@@ -96,34 +111,64 @@ impl<S: Into<String> + Clone> IntoLockPath for &[S] {
     }
 }
 
-/// Configures a [`TreeLock`]; nothing is checked or sent until
+/// Configures a [`TreeLock`] (or a handle made from one, such as the
+/// facade's blocking handle: `H`); nothing is checked or sent until
 /// [`build`](TreeLockBuilder::build).
-#[derive(Debug)]
 #[must_use = "a builder does nothing until build() is called"]
-pub struct TreeLockBuilder {
+pub struct TreeLockBuilder<H = TreeLock> {
     backend: Arc<dyn LockBackend>,
     path: Result<LockPath, Error>,
     ttl: Duration,
     owner: Option<String>,
     wait: Wait,
     auto_refresh: bool,
+    on_wait: Option<OnWait>,
+    handle: PhantomData<fn() -> H>,
 }
 
-impl TreeLockBuilder {
+impl<H> fmt::Debug for TreeLockBuilder<H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TreeLockBuilder")
+            .field("backend", &self.backend)
+            .field("path", &self.path)
+            .field("ttl", &self.ttl)
+            .field("owner", &self.owner)
+            .field("wait", &self.wait)
+            .field("auto_refresh", &self.auto_refresh)
+            .field("on_wait", &self.on_wait.is_some())
+            .finish()
+    }
+}
+
+impl<H: From<TreeLock>> TreeLockBuilder<H> {
+    /// A builder with the defaults (see the [module docs](self#defaults)).
+    pub fn new(backend: Arc<dyn LockBackend>, path: impl IntoLockPath) -> Self {
+        TreeLockBuilder {
+            backend,
+            path: path.into_lock_path(),
+            ttl: DEFAULT_TTL,
+            owner: None,
+            wait: Wait::default(),
+            auto_refresh: false,
+            on_wait: None,
+            handle: PhantomData,
+        }
+    }
+
     /// How long the lock lives unless refreshed or released (default 30 s).
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl;
         self
     }
 
-    /// The owner id (default: a random UUID).
+    /// The owner id (default: `hostname:pid:random`, see [`Owner::random`]).
     pub fn owner(mut self, owner: impl Into<String>) -> Self {
         self.owner = Some(owner.into());
         self
     }
 
-    /// How long [`TreeLock::acquire`] waits for a held lock (default: not at
-    /// all, as the seed's `timeout=0`).
+    /// How long [`TreeLock::acquire`] and [`TreeLock::lock`] wait for a held
+    /// lock (default: no limit).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.wait = Wait::For(timeout);
         self
@@ -142,8 +187,16 @@ impl TreeLockBuilder {
         self
     }
 
+    /// Calls `on_wait` each time an acquisition is refused and is about to
+    /// wait behind a lock, with that lock (its path, owner and remaining
+    /// life): for a progress line, or a log of who waited behind whom.
+    pub fn on_wait(mut self, on_wait: impl Fn(&HeldLock) + Send + Sync + 'static) -> Self {
+        self.on_wait = Some(Arc::new(on_wait));
+        self
+    }
+
     /// Checks the path, ttl and owner id and makes the handle.
-    pub fn build(self) -> Result<TreeLock, Error> {
+    pub fn build(self) -> Result<H, Error> {
         let path = self.path?;
         let ttl = Ttl::new(self.ttl)?;
         let owner = match self.owner {
@@ -156,11 +209,14 @@ impl TreeLockBuilder {
                 request: LockRequest::new(path, owner, ttl),
                 wait: self.wait,
                 auto_refresh: self.auto_refresh,
+                on_wait: self.on_wait,
+                background: Background::default(),
                 held: Mutex::new(Held::default()),
                 refreshing: tokio::sync::Mutex::new(()),
                 status: watch::Sender::new(Status::default()),
             }),
-        })
+        }
+        .into())
     }
 }
 
@@ -188,12 +244,14 @@ pub struct TreeLock {
     shared: Arc<Shared>,
 }
 
-#[derive(Debug)]
 struct Shared {
     backend: Arc<dyn LockBackend>,
     request: LockRequest,
     wait: Wait,
     auto_refresh: bool,
+    on_wait: Option<OnWait>,
+    /// Releases and attempts left to finish after their caller moved on.
+    background: Background,
     /// A `std` mutex, not tokio's: it is never held across an `.await`.
     held: Mutex<Held>,
     /// Serialises refreshes (explicit ones and the keeper's), so that their
@@ -230,22 +288,27 @@ impl Drop for Keeper {
     }
 }
 
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TreeLock")
+            .field("backend", &self.backend)
+            .field("request", &self.request)
+            .field("wait", &self.wait)
+            .field("auto_refresh", &self.auto_refresh)
+            .field("held", &self.held)
+            .finish_non_exhaustive()
+    }
+}
+
 impl TreeLock {
-    /// A handle with the seed's defaults (30 s ttl, random owner, no waiting).
+    /// A handle with the defaults (see the [module docs](self#defaults)).
     pub fn new(backend: Arc<dyn LockBackend>, path: impl IntoLockPath) -> Result<TreeLock, Error> {
         TreeLock::builder(backend, path).build()
     }
 
     /// Configures a handle.
     pub fn builder(backend: Arc<dyn LockBackend>, path: impl IntoLockPath) -> TreeLockBuilder {
-        TreeLockBuilder {
-            backend,
-            path: path.into_lock_path(),
-            ttl: DEFAULT_TTL,
-            owner: None,
-            wait: Wait::No,
-            auto_refresh: false,
-        }
+        TreeLockBuilder::new(backend, path)
     }
 
     /// The locked node.
@@ -268,7 +331,7 @@ impl TreeLock {
         &self.shared.backend
     }
 
-    /// Acquires, waiting as configured (by default not at all).
+    /// Acquires, waiting as configured (by default until granted).
     pub async fn acquire(&self) -> Result<Grant, Error> {
         self.acquire_with(self.shared.wait).await
     }
@@ -286,11 +349,19 @@ impl TreeLock {
 
     /// Acquires, waiting as `wait` says.
     ///
-    /// Cancel safe: dropping the future leaves nothing held but, at worst, a
-    /// grant whose reply was in flight, which expires at its ttl.
+    /// Cancel safe: dropping the future leaves nothing held. An attempt in
+    /// flight is finished in the background and a late grant released
+    /// there ([`settled`](TreeLock::settled) tells when); only a reply lost
+    /// to a fault leaves a grant, which expires at its ttl. A timed wait
+    /// starts no attempt past its deadline, but sees one in flight through
+    /// to its reply, and returns the grant it brings.
     pub async fn acquire_with(&self, wait: Wait) -> Result<Grant, Error> {
         self.ensure_not_held()?;
-        let grant = wait::acquire(&*self.shared.backend, &self.shared.request, wait).await?;
+        let grant = Acquisition::new(&self.shared.backend, &self.shared.request, wait)
+            .in_background(&self.shared.background)
+            .on_wait(self.shared.on_wait.clone())
+            .run()
+            .await?;
         let installed = {
             let mut held = self.held();
             let raced = held.grant.as_ref().is_some_and(|other| !other.is_expired());
@@ -307,7 +378,7 @@ impl TreeLock {
         };
         if !installed {
             // Another acquisition through a clone of this handle won the race.
-            let _ = self.shared.backend.release(&grant).await;
+            self.shared.background.release(&self.shared.backend, grant);
             return Err(Error::AlreadyHeld { path: self.path().clone() });
         }
         Ok(grant)
@@ -400,13 +471,48 @@ impl TreeLock {
         self.grant().is_some()
     }
 
-    /// Acquires (waiting as configured) and returns a guard that releases
-    /// on [`release`](TreeLockGuard::release) or, in the background, on drop.
+    /// Resolves once the work this handle left in the background is done:
+    /// the releases of dropped guards, and the attempts of dropped
+    /// acquisitions with the release of whatever they were granted. Await
+    /// it before a program exits, so that nothing it dropped stays locked
+    /// until its ttl.
+    pub async fn settled(&self) {
+        self.shared.background.settled().await
+    }
+
+    /// Acquires (waiting as configured: by default until granted) and
+    /// returns a guard that releases on
+    /// [`release`](TreeLockGuard::release) or, in the background, on drop.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use mutextree_core::{Error, LockBackend, TreeLock};
+    /// # async fn demo(store: Arc<dyn LockBackend>) -> Result<(), Error> {
+    /// let rack = TreeLock::new(store, "eu-west/rack-12")?;
+    /// let guard = rack.lock().await?; // waits while anyone holds the rack, a host in it or the region
+    /// println!("fencing token {}", guard.token());
+    /// guard.release().await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn lock(&self) -> Result<TreeLockGuard, Error> {
         self.lock_with(self.shared.wait).await
     }
 
-    /// [`lock`](TreeLock::lock) without waiting for a held lock.
+    /// [`lock`](TreeLock::lock) without waiting for a held lock: a held
+    /// lock is [`Error::Refused`], which names it.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use mutextree_core::{Error, LockBackend, TreeLock};
+    /// # async fn demo(store: Arc<dyn LockBackend>) -> Result<(), Error> {
+    /// let host = TreeLock::new(store, ["eu-west", "rack-12", "host-7"])?;
+    /// match host.try_lock().await {
+    ///     Ok(guard) => guard.release().await?,
+    ///     Err(Error::Refused { blocker, .. }) => println!("busy: {} holds {}", blocker.owner, blocker.path),
+    ///     Err(other) => return Err(other),
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn try_lock(&self) -> Result<TreeLockGuard, Error> {
         self.lock_with(Wait::No).await
     }
@@ -426,6 +532,15 @@ impl TreeLock {
     /// With automatic refresh on, losing the lock stops `work` at its next
     /// await point (the future is dropped) and returns [`Error::Lost`]. If
     /// `work` panics, the guard's drop releases the lock in the background.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use mutextree_core::{Error, LockBackend, TreeLock};
+    /// # async fn demo(store: Arc<dyn LockBackend>) -> Result<(), Error> {
+    /// let host = TreeLock::new(store, ["eu-west", "rack-12", "host-7"])?;
+    /// let report = host.run(|grant| async move { format!("patched under token {}", grant.token) }).await?;
+    /// # let _ = report; Ok(()) }
+    /// ```
     pub async fn run<F, Fut, T>(&self, work: F) -> Result<T, Error>
     where
         F: FnOnce(Grant) -> Fut,
@@ -643,6 +758,21 @@ fn held_grant(shared: &Shared, token: u64) -> Option<Grant> {
 
 /// Holds a lock until [`release`](TreeLockGuard::release) or drop. See the
 /// [module docs](self#drop-in-async-rust) for what drop can do.
+///
+/// ```
+/// # use std::sync::Arc;
+/// # use mutextree_core::{Error, LockBackend, TreeLock};
+/// # async fn demo(store: Arc<dyn LockBackend>) -> Result<(), Error> {
+/// let rack = TreeLock::new(store, "eu-west/rack-12")?;
+/// {
+///     let guard = rack.lock().await?;
+///     // Hand the fencing token to the resource, so it can turn away a
+///     // holder that lost the lock without knowing it.
+///     let _token = guard.token();
+/// } // dropped: released in the background
+/// rack.settled().await; // the release is done
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 #[must_use = "dropping the guard releases the lock"]
 pub struct TreeLockGuard {
@@ -696,11 +826,6 @@ impl Drop for TreeLockGuard {
             return;
         }
         let Some(grant) = self.lock.forget(self.grant.token) else { return };
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let backend = Arc::clone(self.lock.backend());
-            runtime.spawn(async move {
-                let _ = backend.release(&grant).await;
-            });
-        }
+        self.lock.shared.background.release(self.lock.backend(), grant);
     }
 }

@@ -36,7 +36,7 @@ pub use error::{human, parse_duration, Error, PathRule};
 pub use handle::{IntoLockPath, TreeLock, TreeLockBuilder, TreeLockGuard, DEFAULT_TTL};
 pub use lock::{Attempt, Grant, HeldLock, LockKind, LockRequest, Namespace, Owner, Ttl};
 pub use path::{LockPath, MAX_DEPTH, MAX_PATH_BYTES, MAX_SEGMENT_BYTES};
-pub use wait::{ChangeFeed, Listener, Wait, TRANSIENT_PATIENCE};
+pub use wait::{Acquisition, Background, ChangeFeed, Listener, OnWait, Wait, TRANSIENT_PATIENCE};
 
 /// Re-exported so that stores implement [`LockBackend`] with the same macro.
 pub use async_trait::async_trait;

@@ -15,7 +15,8 @@ use tokio::time::Instant;
 use crate::error::{human, Error};
 use crate::path::{quote, LockPath};
 
-/// Who holds a lock: an id chosen by the caller or a random UUID.
+/// Who holds a lock: an id chosen by the caller, or `hostname:pid:random`
+/// ([`Owner::random`]).
 ///
 /// 1 to [`Owner::MAX_BYTES`] bytes of UTF-8 with no control characters, so
 /// it prints on one line and fits every store. Release and refresh need the
@@ -46,9 +47,18 @@ impl Owner {
         }
     }
 
-    /// A fresh random id (a UUID v4), as the seed gave holders without one.
+    /// A fresh id that says where it was made: `hostname:pid:random`, with
+    /// 8 random hex digits (e.g. `build-7:4121:9f3a0c12`), so that a
+    /// listing of who holds what points at a machine and a process. The
+    /// host name is cut to 200 bytes and cleared of control characters.
     pub fn random() -> Self {
-        Owner(uuid::Uuid::new_v4().to_string().into())
+        let host: String = hostname().chars().filter(|c| !c.is_control()).collect();
+        let mut cut = host.len().min(200);
+        while !host.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let host = if cut == 0 { "localhost" } else { &host[..cut] };
+        Owner(format!("{host}:{}:{:08x}", std::process::id(), fastrand::u32(..)).into())
     }
 
     /// The id as text.
@@ -301,6 +311,14 @@ impl Attempt {
             Attempt::Blocked(_) => None,
         }
     }
+}
+
+/// This machine's name, as `hostname` prints it, or empty if it cannot be
+/// told (the caller falls back to `localhost`).
+fn hostname() -> String {
+    let from_kernel = std::fs::read_to_string("/proc/sys/kernel/hostname").ok();
+    let from_env = || std::env::var("HOSTNAME").or_else(|_| std::env::var("COMPUTERNAME")).ok();
+    from_kernel.or_else(from_env).map(|name| name.trim().to_owned()).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -27,16 +27,23 @@
 //! releasing the node it had just locked) waits one backoff step before
 //! listening again, so unrelated churn cannot make it spin.
 //!
-//! Nothing here holds anything in the store between attempts: dropping an
-//! acquisition at any await point leaves at most a grant whose reply never
-//! arrived, which expires at its ttl.
+//! Nothing here holds anything in the store between attempts, and no
+//! attempt is abandoned once sent: a timed wait awaits the reply of an
+//! attempt in flight at its deadline, and a dropped acquisition leaves its
+//! attempt to finish in the background, where a late grant is released
+//! ([`Acquisition`] has the details). Only a reply lost to a fault leaves a
+//! grant behind, and it expires at its ttl.
 
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use tokio::sync::{watch, Notify};
-use tokio::time::{sleep, sleep_until, timeout_at, Instant};
+use tokio::sync::{oneshot, watch, Notify};
+use tokio::time::{sleep, sleep_until, Instant};
 
 use crate::backend::LockBackend;
 use crate::error::Error;
@@ -57,15 +64,28 @@ use crate::stepwise::TRANSIENT_TTL;
 pub const TRANSIENT_PATIENCE: Duration = Duration::from_secs(5 * TRANSIENT_TTL.as_secs());
 
 /// How long an acquisition may wait for a held lock.
+///
+/// The default is [`Wait::Forever`], as `Mutex::lock` and
+/// `threading.Lock.acquire()` wait; [`TreeLock::try_lock`](crate::TreeLock::try_lock)
+/// never waits.
+///
+/// ```
+/// # use std::{sync::Arc, time::Duration};
+/// # use mutextree_core::{Error, LockBackend, TreeLock, Wait};
+/// # async fn demo(store: Arc<dyn LockBackend>) -> Result<(), Error> {
+/// let rack = TreeLock::new(store, "eu-west/rack-12")?;
+/// let guard = rack.lock_with(Wait::For(Duration::from_secs(5))).await?;
+/// # drop(guard); Ok(()) }
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Wait {
     /// Do not wait: a held lock is an immediate [`Error::Refused`] (the
-    /// seed's default, `timeout=0`).
-    #[default]
+    /// seed's `timeout=0`).
     No,
     /// Wait up to this long, then fail with [`Error::Timeout`].
     For(Duration),
     /// Wait until granted.
+    #[default]
     Forever,
 }
 
@@ -258,77 +278,193 @@ impl Backoff {
     }
 }
 
+/// Called each time an acquisition is refused and is about to wait behind
+/// a lock (for a progress line: what blocks, and for how long).
+pub type OnWait = Arc<dyn Fn(&HeldLock) + Send + Sync>;
+
 /// Acquires `request` on `backend`, waiting as `wait` allows (see the module
 /// docs). The lock handle is built on this; it is public for stores' and
-/// tools' own loops.
+/// tools' own loops. [`Acquisition`] gives the same with more choices.
+pub async fn acquire(backend: &Arc<dyn LockBackend>, request: &LockRequest, wait: Wait) -> Result<Grant, Error> {
+    Acquisition::new(backend, request, wait).run().await
+}
+
+/// One acquisition: its attempts, its deadline, and how it waits between
+/// them. Each rule is one method; [`Acquisition::run`] strings them
+/// together.
 ///
-/// A blocker that is a stepwise client's transient parent lock is waited out
-/// even with [`Wait::No`] (one such lock for at most [`TRANSIENT_PATIENCE`]):
-/// it is gone in a moment, and treating it as held would make siblings
-/// refuse each other. A timed wait never goes past its own deadline for it.
-pub async fn acquire(backend: &dyn LockBackend, request: &LockRequest, wait: Wait) -> Result<Grant, Error> {
-    let started = Instant::now();
-    let deadline = match wait {
-        Wait::No => Some(started),
-        Wait::For(limit) => started.checked_add(limit),
-        Wait::Forever => None,
-    };
-    let mut listener = backend.listen(&request.path);
-    let mut last_blocker: Option<(LockPath, u64)> = None;
-    let mut woken_by_change = false;
-    let mut last_seen: Option<HeldLock> = None;
-    // The transient blocker seen last, and since when.
-    let mut transient_since: Option<((LockPath, u64), Instant)> = None;
-    loop {
-        let attempt = backend.try_grant(request);
-        // After the first refusal, an attempt that outlasts the deadline
-        // (a store that does not answer) ends the wait on time; the grant it
-        // may still make expires at its ttl.
-        let attempt = match (&last_seen, deadline, wait) {
-            (Some(blocker), Some(deadline), Wait::For(_)) => match timeout_at(deadline, attempt).await {
-                Ok(attempt) => attempt,
-                Err(_) => {
-                    let waited = Instant::now() - started;
-                    return Err(Error::Timeout { path: request.path.clone(), waited, blocker: blocker.clone() });
-                }
-            },
-            _ => attempt.await,
+/// # Deadlines and replies
+///
+/// No attempt is *started* once the deadline has passed, and an attempt
+/// started before it is always seen through to its reply (each store bounds
+/// its own requests), so a timed wait may end a little after its deadline.
+/// A grant that arrives then is returned, not thrown away: it was asked for
+/// in time, it is valid, and releasing it would only make a waiter behind
+/// it wait longer.
+///
+/// # Cancellation
+///
+/// Dropping the future of [`Acquisition::run`] never leaves a live grant
+/// behind. An attempt that may have reached the store when the future is
+/// dropped is finished in the background (on the [`Background`] given, or
+/// one of its own), and a grant it brings back is released there, with a
+/// few retries. Only a reply lost to a fault leaves a grant, which expires
+/// at its ttl.
+pub struct Acquisition<'a> {
+    backend: &'a Arc<dyn LockBackend>,
+    request: &'a LockRequest,
+    wait: Wait,
+    started: Instant,
+    deadline: Option<Instant>,
+    listener: Listener,
+    background: Background,
+    on_wait: Option<OnWait>,
+    /// The blocker met last, by path and token.
+    last_blocker: Option<(LockPath, u64)>,
+    /// Whether the last wake-up was a change the store reported.
+    woken_by_change: bool,
+    /// The transient blocker seen last, and since when.
+    transient_since: Option<((LockPath, u64), Instant)>,
+}
+
+impl fmt::Debug for Acquisition<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Acquisition")
+            .field("request", self.request)
+            .field("wait", &self.wait)
+            .field("started", &self.started)
+            .field("last_blocker", &self.last_blocker)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> Acquisition<'a> {
+    /// An acquisition of `request` that waits as `wait` says; its clock
+    /// starts now.
+    pub fn new(backend: &'a Arc<dyn LockBackend>, request: &'a LockRequest, wait: Wait) -> Self {
+        let started = Instant::now();
+        let deadline = match wait {
+            Wait::No => Some(started),
+            Wait::For(limit) => started.checked_add(limit),
+            Wait::Forever => None,
         };
-        let blocker = match attempt? {
-            Attempt::Granted(grant) => return Ok(grant),
-            Attempt::Blocked(blocker) => blocker,
-        };
-        last_seen = Some(blocker.clone());
-        let now = Instant::now();
-        let this_blocker = Some((blocker.path.clone(), blocker.token));
-        let same_blocker = last_blocker == this_blocker;
-        let spurious = woken_by_change && same_blocker;
-        if !same_blocker {
-            listener.reset();
+        Acquisition {
+            backend,
+            request,
+            wait,
+            started,
+            deadline,
+            listener: backend.listen(&request.path),
+            background: Background::default(),
+            on_wait: None,
+            last_blocker: None,
+            woken_by_change: false,
+            transient_since: None,
         }
-        last_blocker = this_blocker;
-        let give_up_at = match (wait, deadline) {
+    }
+
+    /// Where attempts cut off by a dropped future finish (see
+    /// [`Background::settled`]).
+    pub fn in_background(mut self, background: &Background) -> Self {
+        self.background = background.clone();
+        self
+    }
+
+    /// Calls `on_wait` each time the acquisition is about to wait behind a
+    /// lock.
+    pub fn on_wait(mut self, on_wait: Option<OnWait>) -> Self {
+        self.on_wait = on_wait;
+        self
+    }
+
+    /// Attempts until granted, refused or out of time. A blocker that is a
+    /// stepwise client's transient parent lock is waited out even with
+    /// [`Wait::No`] (one such lock for at most [`TRANSIENT_PATIENCE`]): it
+    /// is gone in a moment, and treating it as held would make siblings
+    /// refuse each other. A timed wait never goes past its own deadline
+    /// for it.
+    pub async fn run(mut self) -> Result<Grant, Error> {
+        loop {
+            let blocker = match self.attempt().await? {
+                Attempt::Granted(grant) => return Ok(grant),
+                Attempt::Blocked(blocker) => blocker,
+            };
+            let spurious = self.note_blocker(&blocker);
+            let give_up_at = self.give_up_at(&blocker);
+            if give_up_at.is_some_and(|at| Instant::now() >= at) {
+                return Err(self.gave_up(blocker));
+            }
+            if let Some(on_wait) = &self.on_wait {
+                on_wait(&blocker);
+            }
+            self.sleep(&blocker, give_up_at, spurious).await;
+            // No attempt starts once the deadline has passed.
+            if give_up_at.is_some_and(|at| Instant::now() >= at) {
+                return Err(self.gave_up(blocker));
+            }
+        }
+    }
+
+    /// One attempt, seen through to its reply even if this future is
+    /// dropped (see [`InFlight`]).
+    async fn attempt(&self) -> Result<Attempt, Error> {
+        let backend = Arc::clone(self.backend);
+        let request = self.request.clone();
+        let mut call = Box::pin(async move { backend.try_grant(&request).await });
+        // Most attempts of an in-process store are done at the first poll:
+        // nothing can be cut off, and nothing needs to be spawned.
+        if let Poll::Ready(outcome) = futures::poll!(&mut call) {
+            return outcome;
+        }
+        InFlight::spawn(call, Arc::clone(self.backend), self.background.clone()).await
+    }
+
+    /// Remembers `blocker`; whether the wake-up that led here was spurious
+    /// (a change that did not move this blocker).
+    fn note_blocker(&mut self, blocker: &HeldLock) -> bool {
+        let this_blocker = Some((blocker.path.clone(), blocker.token));
+        let same_blocker = self.last_blocker == this_blocker;
+        if !same_blocker {
+            self.listener.reset();
+        }
+        self.last_blocker = this_blocker;
+        self.woken_by_change && same_blocker
+    }
+
+    /// When to stop waiting behind `blocker`: the deadline, or for a try
+    /// that met a transient lock, a while past it.
+    fn give_up_at(&mut self, blocker: &HeldLock) -> Option<Instant> {
+        match (self.wait, self.deadline) {
             (Wait::No, Some(deadline)) if blocker.transient => {
                 let key = (blocker.path.clone(), blocker.token);
-                let since = match &transient_since {
+                let since = match &self.transient_since {
                     Some((seen, since)) if *seen == key => *since,
-                    _ => now,
+                    _ => Instant::now(),
                 };
-                transient_since = Some((key, since));
+                self.transient_since = Some((key, since));
                 Some(deadline.max(since + TRANSIENT_PATIENCE))
             }
-            (_, other) => other,
-        };
-        if give_up_at.is_some_and(|at| now >= at) {
-            let path = request.path.clone();
-            return Err(match wait {
-                Wait::No => Error::Refused { path, blocker },
-                _ => Error::Timeout { path, waited: now - started, blocker },
-            });
+            (_, deadline) => deadline,
         }
+    }
+
+    /// The error for an acquisition that stops waiting behind `blocker`.
+    fn gave_up(&self, blocker: HeldLock) -> Error {
+        let path = self.request.path.clone();
+        match self.wait {
+            Wait::No => Error::Refused { path, blocker },
+            _ => Error::Timeout { path, waited: self.started.elapsed(), blocker },
+        }
+    }
+
+    /// Sleeps until a change the store reports, the blocker's expiry or
+    /// `give_up_at`, whichever comes first; after a spurious wake-up, one
+    /// backoff step instead of a change.
+    async fn sleep(&mut self, blocker: &HeldLock, give_up_at: Option<Instant>, spurious: bool) {
         // Expiry sends no notification: retry just after the blocker's.
-        let blocker_gone_at = now + blocker.remaining + Duration::from_millis(1);
+        let blocker_gone_at = Instant::now() + blocker.remaining + Duration::from_millis(1);
         let wake_at = give_up_at.map_or(blocker_gone_at, |at| at.min(blocker_gone_at));
+        let listener = &mut self.listener;
         let woken = async {
             if spurious {
                 listener.pause().await;
@@ -340,10 +476,154 @@ pub async fn acquire(backend: &dyn LockBackend, request: &LockRequest, wait: Wai
                 notified
             }
         };
-        woken_by_change = tokio::select! {
+        self.woken_by_change = tokio::select! {
             woken = woken => woken,
             () = sleep_until(wake_at) => false,
         };
+    }
+}
+
+/// The reply of an attempt that did not finish at its first poll. The call
+/// runs as a task of its own, so dropping this future cannot cut it off;
+/// whichever side is left with a grant nobody will hold releases it (see
+/// [`Background::release`]).
+#[derive(Debug)]
+struct InFlight {
+    reply: Option<oneshot::Receiver<Result<Attempt, Error>>>,
+    backend: Arc<dyn LockBackend>,
+    background: Background,
+}
+
+impl InFlight {
+    fn spawn(
+        call: Pin<Box<dyn Future<Output = Result<Attempt, Error>> + Send>>,
+        backend: Arc<dyn LockBackend>,
+        background: Background,
+    ) -> Self {
+        let (reply, receive) = oneshot::channel();
+        let releaser = background.clone();
+        let release_through = Arc::clone(&backend);
+        background.spawn(async move {
+            // The receiver is gone: the acquisition was dropped.
+            if let Err(Ok(Attempt::Granted(grant))) = reply.send(call.await) {
+                releaser.release_now(&release_through, grant).await;
+            }
+        });
+        InFlight { reply: Some(receive), backend, background }
+    }
+}
+
+impl Future for InFlight {
+    type Output = Result<Attempt, Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Some(reply) = self.reply.as_mut() else {
+            return Poll::Ready(Err(Error::store_message("wait", true, "an attempt's reply was polled twice")));
+        };
+        let outcome = ready!(Pin::new(reply).poll(cx));
+        self.reply = None;
+        Poll::Ready(outcome.unwrap_or_else(|_| {
+            Err(Error::store_message("wait", true, "the runtime stopped before the store answered"))
+        }))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let Some(mut reply) = self.reply.take() else { return };
+        // After `close`, the task can no longer hand a reply over: either it
+        // is here already, or the task keeps it (and releases a grant).
+        reply.close();
+        if let Ok(Ok(Attempt::Granted(grant))) = reply.try_recv() {
+            self.background.release(&self.backend, grant);
+        }
+    }
+}
+
+/// Work left to finish after the caller moved on: the releases of dropped
+/// guards and of grants that arrived for dropped acquisitions. Cheap to
+/// clone; all clones count the same work.
+///
+/// Each [`TreeLock`](crate::TreeLock) has one, so that a program (or a test)
+/// can wait until whatever it dropped is cleaned up:
+/// [`TreeLock::settled`](crate::TreeLock::settled).
+#[derive(Clone, Debug)]
+pub struct Background {
+    pending: Arc<watch::Sender<usize>>,
+}
+
+impl Default for Background {
+    fn default() -> Self {
+        Background { pending: Arc::new(watch::Sender::new(0)) }
+    }
+}
+
+impl Background {
+    /// How many times a background release is tried before the grant is
+    /// left to expire at its ttl.
+    pub const RELEASE_TRIES: u32 = 3;
+
+    /// Runs `work` as a task, counted until it ends (or is cancelled with
+    /// its runtime).
+    pub fn spawn(&self, work: impl Future<Output = ()> + Send + 'static) {
+        let counted = Counted::new(self);
+        tokio::spawn(async move {
+            work.await;
+            drop(counted);
+        });
+    }
+
+    /// Releases `grant` in the background (see [`Background::release_now`]).
+    /// Outside a tokio runtime nothing can run, and the grant expires at its
+    /// ttl.
+    pub fn release(&self, backend: &Arc<dyn LockBackend>, grant: Grant) {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        let backend = Arc::clone(backend);
+        let this = self.clone();
+        self.spawn(async move { this.release_now(&backend, grant).await });
+    }
+
+    /// Releases `grant`, trying again after a store error up to
+    /// [`Background::RELEASE_TRIES`] times in all, and never once the grant
+    /// has expired anyway.
+    pub async fn release_now(&self, backend: &Arc<dyn LockBackend>, grant: Grant) {
+        let mut pause = Duration::from_millis(50);
+        for _ in 0..Self::RELEASE_TRIES {
+            match backend.release(&grant).await {
+                Ok(()) | Err(Error::NotHeld { .. }) => return,
+                Err(_) if grant.is_expired() => return,
+                Err(_) => {
+                    sleep(pause.min(grant.remaining())).await;
+                    pause *= 4;
+                }
+            }
+        }
+    }
+
+    /// Resolves once no background work is left (at once if there is
+    /// none).
+    pub async fn settled(&self) {
+        let mut pending = self.pending.subscribe();
+        // The sender lives in `self`, so the channel cannot close.
+        let _ = pending.wait_for(|count| *count == 0).await;
+    }
+}
+
+/// Counts one piece of background work while it lives.
+struct Counted(Arc<watch::Sender<usize>>);
+
+impl Counted {
+    fn new(background: &Background) -> Self {
+        background.pending.send_modify(|count| *count += 1);
+        Counted(Arc::clone(&background.pending))
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.send_modify(|count| *count -= 1);
     }
 }
 
@@ -402,11 +682,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_try_waits_out_other_clients_transient_locks_for_as_long_as_they_come() {
         let started = Instant::now();
-        let backend = TransientParents {
+        let backend: Arc<dyn LockBackend> = Arc::new(TransientParents {
             free_at: started + TRANSIENT_PATIENCE * 3,
             same_lock: false,
             attempts: AtomicU64::new(0),
-        };
+        });
         let grant = acquire(&backend, &sibling(), Wait::No).await.expect("granted once the parents are free");
         assert_eq!(grant.token, 1);
         assert!(started.elapsed() >= TRANSIENT_PATIENCE * 3);
@@ -415,11 +695,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_try_gives_up_on_one_transient_lock_that_stays() {
         let started = Instant::now();
-        let backend = TransientParents {
+        let backend: Arc<dyn LockBackend> = Arc::new(TransientParents {
             free_at: started + TRANSIENT_PATIENCE * 3,
             same_lock: true,
             attempts: AtomicU64::new(0),
-        };
+        });
         match acquire(&backend, &sibling(), Wait::No).await {
             Err(Error::Refused { blocker, .. }) => assert!(blocker.transient && blocker.token == 7, "{blocker:?}"),
             other => panic!("refused by the stuck lock, got {other:?}"),

@@ -45,6 +45,16 @@
 //! Entries and counts that become empty are left for that sweep too: the
 //! next grant on the same nodes then allocates nothing.
 //!
+//! # Sharing the runtime
+//!
+//! A call never waits for anything, so without help a loop of refused
+//! attempts would never yield, and on a runtime with few workers it could
+//! keep every other task (a holder's automatic refresh among them) from
+//! running until locks expire. Every call therefore spends one unit of
+//! tokio's cooperative budget first, *before* it touches the map: when the
+//! budget is spent the call yields, having done nothing, so dropping it
+//! there is harmless.
+//!
 //! Expiry is judged on tokio's clock ([`tokio::time::Instant`]), so tests can
 //! pause and advance time. Waiters wake through a [`ChangeFeed`] on every
 //! release and purge.
@@ -61,6 +71,7 @@ use mutextree_core::{
     async_trait, Attempt, ChangeFeed, Error, Grant, HeldLock, Listener, LockBackend, LockKind, LockPath, LockRequest,
     Namespace, Owner, Ttl, MAX_DEPTH,
 };
+use tokio::task::coop::consume_budget;
 use tokio::time::Instant;
 
 /// A fast hasher that is still seeded per map (paths come from users).
@@ -141,22 +152,27 @@ impl fmt::Debug for MemoryBackend {
 #[async_trait]
 impl LockBackend for MemoryBackend {
     async fn try_lock_key(&self, request: &LockRequest, kind: LockKind) -> Result<Attempt, Error> {
+        consume_budget().await;
         self.space.grant(request, kind, Check::KeyOnly)
     }
 
     async fn release(&self, grant: &Grant) -> Result<(), Error> {
+        consume_budget().await;
         self.space.release(grant)
     }
 
     async fn refresh(&self, grant: &Grant, ttl: Ttl) -> Result<Grant, Error> {
+        consume_budget().await;
         self.space.refresh(grant, ttl)
     }
 
     async fn list(&self, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
+        consume_budget().await;
         Ok(self.space.list(under))
     }
 
     async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error> {
+        consume_budget().await;
         self.space.grant(request, LockKind::Lock, Check::Tree)
     }
 

@@ -1,6 +1,7 @@
 //! What only the memory store promises: its map stays as small as what is
 //! held, whatever is released, refused or left to expire.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use mutextree_core::{Attempt, LockBackend, LockPath, LockRequest, Owner, Ttl};
@@ -120,9 +121,10 @@ impl LockBackend for Polling {
 async fn polling_backs_off_to_its_cap() {
     let inner = MemoryBackend::new();
     inner.try_grant(&request("a", Duration::from_secs(60))).await.expect("grant").granted().expect("free");
-    let polling = Polling { inner, attempts: Default::default() };
+    let polling = Arc::new(Polling { inner, attempts: Default::default() });
+    let backend: Arc<dyn LockBackend> = polling.clone();
     let outcome = mutextree_core::wait::acquire(
-        &polling,
+        &backend,
         &request("a/b", Duration::from_secs(1)),
         mutextree_core::Wait::For(Duration::from_secs(10)),
     )
@@ -132,4 +134,45 @@ async fn polling_backs_off_to_its_cap() {
     // 2 ms doubling to 250 ms (each step jittered to its upper half): about
     // 50 attempts in 10 s; a backoff that never grows makes thousands.
     assert!(attempts < 100, "{attempts} attempts in 10 s");
+}
+
+/// Tasks retrying refused attempts in a tight loop on a runtime with two
+/// workers leave room for the rest of the runtime: a holder's automatic
+/// refresh still runs, so its lock never expires under it. (A memory call
+/// never waits, so without spending tokio's budget such a loop would never
+/// yield and the refresh would never be polled.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusal_loops_do_not_starve_the_runtime() {
+    use futures::FutureExt;
+    use mutextree_core::{Error, TreeLock};
+
+    let store: Arc<dyn LockBackend> = Arc::new(MemoryBackend::new());
+    let ttl = Duration::from_millis(300);
+    let holder = TreeLock::builder(store.clone(), "A").ttl(ttl).auto_refresh(true).build().expect("lock");
+    let grant = holder.try_acquire().await.expect("free");
+    let lost = holder.lost();
+    let spin_until = std::time::Instant::now() + ttl * 5;
+    let spinners: Vec<_> = (0..16)
+        .map(|spinner| {
+            let lock = TreeLock::new(store.clone(), format!("A/{spinner}").as_str()).expect("lock");
+            tokio::spawn(async move {
+                let mut refusals = 0u64;
+                while std::time::Instant::now() < spin_until {
+                    match lock.try_acquire().await {
+                        Err(Error::Refused { .. }) => refusals += 1,
+                        other => panic!("the holder's lock should be in the way, got {other:?}"),
+                    }
+                }
+                refusals
+            })
+        })
+        .collect();
+    let mut refusals = 0;
+    for spinner in spinners {
+        refusals += spinner.await.expect("spinner");
+    }
+    assert!(refusals > 0);
+    assert!(lost.now_or_never().is_none(), "the holder lost its lock while others spun");
+    let refreshed = holder.refresh().await.expect("still held after the spinning");
+    assert_eq!(refreshed.token, grant.token);
 }

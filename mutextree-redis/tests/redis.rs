@@ -387,6 +387,7 @@ async fn the_subscription_is_up_while_waiters_wait_and_only_then() {
         let backend = backend.clone();
         async move {
             let request = request("A/B", Duration::from_secs(5));
+            let backend: Arc<dyn LockBackend> = Arc::new(backend);
             mutextree_core::wait::acquire(&backend, &request, Wait::For(Duration::from_secs(60))).await
         }
     });

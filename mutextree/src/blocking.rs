@@ -26,7 +26,7 @@ use std::future::Future;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use mutextree_core::{Error, Grant, IntoLockPath, LockBackend, Wait};
+use mutextree_core::{Error, Grant, IntoLockPath, LockBackend, TreeLockBuilder, Wait};
 use tokio::runtime::Runtime;
 
 /// The process's runtime for blocking calls.
@@ -54,16 +54,37 @@ pub fn connect(url: &str) -> Result<Arc<dyn LockBackend>, Error> {
 }
 
 /// A blocking [`crate::TreeLock`]: same configuration, same defaults (30 s
-/// ttl, random owner, no waiting), same errors.
+/// ttl, a `hostname:pid:random` owner, [`lock`](TreeLock::lock) waits until
+/// granted), same errors.
+///
+/// ```
+/// use std::{sync::Arc, time::Duration};
+/// use mutextree::{blocking, memory::MemoryBackend, Error, LockBackend};
+///
+/// let store: Arc<dyn LockBackend> = Arc::new(MemoryBackend::new());
+/// let rack = blocking::TreeLock::builder(store, "eu-west/rack-12")
+///     .ttl(Duration::from_secs(60))
+///     .timeout(Duration::from_secs(5))
+///     .owner("patcher-1")
+///     .build()?;
+/// let guard = rack.lock()?;
+/// assert_eq!(guard.grant().owner.as_str(), "patcher-1");
+/// # Ok::<(), Error>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct TreeLock {
     inner: crate::TreeLock,
 }
 
 impl TreeLock {
-    /// A handle with the seed's defaults.
+    /// A handle with the defaults.
     pub fn new(backend: Arc<dyn LockBackend>, path: impl IntoLockPath) -> Result<Self, Error> {
-        crate::TreeLock::new(backend, path).map(TreeLock::from)
+        TreeLock::builder(backend, path).build()
+    }
+
+    /// Configures a handle: the async handle's builder, building this one.
+    pub fn builder(backend: Arc<dyn LockBackend>, path: impl IntoLockPath) -> TreeLockBuilder<TreeLock> {
+        TreeLockBuilder::new(backend, path)
     }
 
     /// The async handle underneath.
@@ -71,7 +92,7 @@ impl TreeLock {
         &self.inner
     }
 
-    /// Acquires, waiting as configured (by default not at all).
+    /// Acquires, waiting as configured (by default until granted).
     pub fn acquire(&self) -> Result<Grant, Error> {
         block_on(self.inner.acquire())
     }
@@ -116,10 +137,26 @@ impl TreeLock {
         self.inner.is_held()
     }
 
+    /// Returns once the work this handle left in the background is done
+    /// (see [`crate::TreeLock::settled`]).
+    pub fn settled(&self) {
+        block_on(self.inner.settled())
+    }
+
     /// Acquires (waiting as configured) and returns a guard that releases
     /// when dropped, before the drop returns.
     pub fn lock(&self) -> Result<TreeLockGuard, Error> {
         block_on(self.inner.lock()).map(|guard| TreeLockGuard { guard: Some(guard) })
+    }
+
+    /// [`lock`](TreeLock::lock) without waiting for a held lock.
+    pub fn try_lock(&self) -> Result<TreeLockGuard, Error> {
+        block_on(self.inner.try_lock()).map(|guard| TreeLockGuard { guard: Some(guard) })
+    }
+
+    /// [`lock`](TreeLock::lock), waiting as `wait` says.
+    pub fn lock_with(&self, wait: Wait) -> Result<TreeLockGuard, Error> {
+        block_on(self.inner.lock_with(wait)).map(|guard| TreeLockGuard { guard: Some(guard) })
     }
 
     /// Runs `work` under the lock and releases it whatever the outcome (the
