@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use conformance::load::{self, LoadSpec, Scenario};
 use indicatif::{ProgressBar, ProgressStyle};
-use mutextree::{Error, LockBackend};
+use mutextree::{human, Error, LockBackend};
 
 use crate::parse_duration;
 
@@ -20,7 +20,8 @@ use crate::parse_duration;
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
   mutextree --store redis://127.0.0.1:6379 bench --clients 16 --duration 10s
-  mutextree --store memory:// bench --scenario contended --depth 4 --fan-out 3 --background 100000")]
+  mutextree --store memory:// bench --scenario contended --depth 4 --fan-out 3 --background 100000
+  mutextree bench --clients 4 --duration 3 --json | jq .pairs_per_sec")]
 pub(crate) struct Bench {
     /// Simulated clients, each with its own connection.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
@@ -46,6 +47,11 @@ pub(crate) struct Bench {
     /// How long the clients run.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     duration: Duration,
+
+    /// One JSON object instead of the table: the run's settings and
+    /// figures (latencies in microseconds).
+    #[arg(long)]
+    json: bool,
 }
 
 impl Bench {
@@ -64,6 +70,8 @@ impl Bench {
         }
         let namespace = format!("bench-{:08x}", fastrand::u32(..));
         let url = crate::store_url(Some(url), Some(&namespace))?;
+        let progress = progress_bar(self.duration);
+        progress.set_message(format!("connecting {}", plural(self.clients.into(), "client")));
         let mut clients: Vec<Arc<dyn LockBackend>> = Vec::new();
         for _ in 0..self.clients {
             clients.push(crate::connect(&url).await?);
@@ -77,8 +85,19 @@ impl Bench {
             fan_out: usize::from(self.fan_out),
             ..LoadSpec::default()
         };
+        let measuring = format!(
+            "measuring {} ({}, depth {}) for {}",
+            plural(spec.clients, "client"),
+            spec.scenario,
+            spec.depth,
+            human(spec.duration)
+        );
+        progress.set_message(if spec.background == 0 {
+            measuring
+        } else {
+            format!("taking {}, then {measuring}", plural(spec.background, "background lock"))
+        });
         let sent_before: Option<u64> = clients.iter().map(|client| client.round_trips()).sum();
-        let progress = progress_bar(self.duration);
         let started = Instant::now();
         let ticker = {
             let progress = progress.clone();
@@ -94,6 +113,15 @@ impl Bench {
         progress.finish_and_clear();
         let report = report?;
         let sent_after: Option<u64> = clients.iter().map(|client| client.round_trips()).sum();
+        let round_trips_per_pair = match sent_before.zip(sent_after) {
+            Some((before, after)) if report.pairs > 0 => {
+                // Background grants and releases, and refused attempts, cost
+                // their own requests.
+                let other = 2 * self.background as u64 + report.refused;
+                Some(after.saturating_sub(before).saturating_sub(other) as f64 / report.pairs as f64)
+            }
+            _ => None,
+        };
 
         // Scheme and address only: the URL may hold a password.
         let place = url.split('?').next().unwrap_or_default();
@@ -101,20 +129,44 @@ impl Bench {
             Some((scheme, rest)) => format!("{scheme}://{}", rest.rsplit_once('@').map_or(rest, |(_, host)| host)),
             None => place.to_owned(),
         };
+        if self.json {
+            let micros = |duration: Duration| u64::try_from(duration.as_micros()).unwrap_or(u64::MAX);
+            let figures = serde_json::json!({
+                "store": place,
+                "namespace": namespace,
+                "clients": spec.clients,
+                "depth": spec.depth,
+                "scenario": spec.scenario.to_string(),
+                "fan_out": spec.fan_out,
+                "background": spec.background,
+                "duration_ms": u64::try_from(spec.duration.as_millis()).unwrap_or(u64::MAX),
+                "pairs": report.pairs,
+                "refused": report.refused,
+                "refused_percent": report.refused_percent(),
+                "elapsed_ms": u64::try_from(report.elapsed.as_millis()).unwrap_or(u64::MAX),
+                "pairs_per_sec": report.pairs_per_sec,
+                "p50_us": micros(report.p50),
+                "p99_us": micros(report.p99),
+                "p999_us": micros(report.p999),
+                "max_us": micros(report.max),
+                "round_trips_per_pair": round_trips_per_pair,
+            });
+            println!("{figures}");
+            return Ok(ExitCode::SUCCESS);
+        }
         println!("store: {place}, namespace {namespace}");
-        print!("{}", load::markdown_table(&[(spec, report.clone())]));
-        match sent_before.zip(sent_after) {
-            Some((before, after)) if report.pairs > 0 => {
-                // Background grants and releases, and refused attempts, cost
-                // their own requests.
-                let other = 2 * self.background as u64 + report.refused;
-                let per_pair = after.saturating_sub(before).saturating_sub(other) as f64 / report.pairs as f64;
-                println!("round trips per pair: {per_pair:.2}");
-            }
-            _ => println!("round trips per pair: not counted by this store"),
+        print!("{}", load::markdown_table(&[(spec, report)]));
+        match round_trips_per_pair {
+            Some(per_pair) => println!("round trips per pair: {per_pair:.2}"),
+            None => println!("round trips per pair: not counted by this store"),
         }
         Ok(ExitCode::SUCCESS)
     }
+}
+
+/// `1 client`, `16 clients`.
+fn plural(count: usize, noun: &str) -> String {
+    format!("{count} {noun}{}", if count == 1 { "" } else { "s" })
 }
 
 fn progress_bar(duration: Duration) -> ProgressBar {
@@ -124,7 +176,6 @@ fn progress_bar(duration: Duration) -> ProgressBar {
             .expect("a valid progress template")
             .progress_chars("=> "),
     );
-    bar.set_message("holding the background, then running");
     bar.enable_steady_tick(Duration::from_millis(100));
     bar
 }

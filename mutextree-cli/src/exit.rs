@@ -5,12 +5,16 @@
 //! | 0 | done (`run`: the command's own status, whatever it is) |
 //! | 1 | the store failed (unreachable, timed out) or something else went wrong |
 //! | 2 | bad usage or input (an invalid path, ttl, URL, option) |
-//! | 3 | refused: an overlapping lock is held (`why`: the path is blocked) |
-//! | 4 | timed out waiting for an overlapping lock |
+//! | 3 | refused: an overlapping lock is held (`run --no-wait`; `why`: the path is blocked) |
+//! | 4 | timed out waiting for an overlapping lock (`run --timeout`) |
 //! | 5 | the lock was lost while the command ran; the command was stopped |
 //! | 126 | the command could not be run (not executable) |
 //! | 127 | the command was not found |
 //! | 128+N | the command was killed by signal N |
+//!
+//! `run -E N` (`--conflict-exit-code`, as flock's) makes a refusal and a
+//! timeout exit N instead of 3 and 4, for commands whose own statuses
+//! would be confused with them.
 
 use std::process::ExitCode;
 
@@ -21,12 +25,14 @@ pub(crate) const HELP: &str = "Exit status:
   0      done (run: the command's own status)
   1      the store failed, or something else went wrong
   2      bad usage or input
-  3      refused: an overlapping lock is held (why: the path is blocked)
-  4      timed out waiting for an overlapping lock
+  3      refused: an overlapping lock is held (run --no-wait; why: the path
+         is blocked)
+  4      timed out waiting for an overlapping lock (run --timeout)
   5      the lock was lost while the command ran; the command was stopped
   126    the command could not be run
   127    the command was not found
-  128+N  the command was killed by signal N";
+  128+N  the command was killed by signal N
+run -E N (--conflict-exit-code) exits N instead of 3 and 4.";
 
 pub(crate) const FAILED: u8 = 1;
 pub(crate) const USAGE: u8 = 2;
@@ -38,7 +44,12 @@ pub(crate) const NOT_FOUND: u8 = 127;
 
 /// The status for an error that ends the program.
 pub(crate) fn for_error(error: &Error) -> ExitCode {
-    ExitCode::from(match error {
+    ExitCode::from(status_for(error))
+}
+
+/// [`for_error`]'s status as a number.
+pub(crate) fn status_for(error: &Error) -> u8 {
+    match error {
         Error::Refused { .. } => REFUSED,
         Error::Timeout { .. } => TIMED_OUT,
         Error::Lost { .. } => LOST,
@@ -48,5 +59,5 @@ pub(crate) fn for_error(error: &Error) -> ExitCode {
         | Error::InvalidNamespace { .. }
         | Error::InvalidConfig { .. } => USAGE,
         _ => FAILED,
-    })
+    }
 }

@@ -6,7 +6,9 @@
 //! ```
 //!
 //! Every subcommand's `--help` has an example; the exit statuses are in
-//! [`exit`].
+//! [`exit`]. `mutextree completions SHELL` and `mutextree man` print a
+//! completion script and the manual page, both generated from the same
+//! definitions as `--help`, so they cannot drift from it.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -20,6 +22,7 @@ mod bench;
 mod exit;
 mod run;
 mod show;
+mod waiting;
 
 /// Tree locks from the shell: hold a lock while a command runs, see who
 /// holds what, measure a store.
@@ -51,7 +54,26 @@ enum Command {
     Why(show::Why),
     Release(admin::Release),
     Bench(bench::Bench),
+    Completions(Completions),
+    Man(Man),
 }
+
+/// Print a completion script for SHELL.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:
+  mutextree completions bash > /etc/bash_completion.d/mutextree
+  mutextree completions zsh > \"${fpath[1]}/_mutextree\"")]
+struct Completions {
+    /// bash, elvish, fish, powershell or zsh.
+    shell: clap_complete::Shell,
+}
+
+/// Print the manual page (roff), for man(1).
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:
+  mutextree man | man -l -
+  mutextree man > /usr/local/share/man/man1/mutextree.1")]
+struct Man {}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -71,13 +93,38 @@ fn main() -> ExitCode {
 
 impl Command {
     async fn execute(self, store: Option<&str>, namespace: Option<&str>) -> Result<ExitCode, Error> {
-        let url = store_url(store, namespace)?;
+        let url = || store_url(store, namespace);
         match self {
-            Command::Run(run) => run.execute(&url).await,
-            Command::Status(status) => status.execute(&connect(&url).await?).await,
-            Command::Why(why) => why.execute(&connect(&url).await?).await,
-            Command::Release(release) => release.execute(&connect(&url).await?).await,
-            Command::Bench(bench) => bench.execute(&url).await,
+            Command::Run(run) => run.execute(&url()?).await,
+            Command::Status(status) => {
+                let url = url()?;
+                status.execute(&connect(&url).await?, &namespace_of(&url)).await
+            }
+            Command::Why(why) => why.execute(&connect(&url()?).await?).await,
+            Command::Release(release) => release.execute(&connect(&url()?).await?).await,
+            Command::Bench(bench) => bench.execute(&url()?).await,
+            // These describe the program and need no store.
+            Command::Completions(completions) => Ok(completions.print()),
+            Command::Man(Man {}) => Ok(print_man_page()),
+        }
+    }
+}
+
+impl Completions {
+    fn print(&self) -> ExitCode {
+        use clap::CommandFactory;
+        clap_complete::generate(self.shell, &mut Cli::command(), "mutextree", &mut std::io::stdout());
+        ExitCode::SUCCESS
+    }
+}
+
+fn print_man_page() -> ExitCode {
+    use clap::CommandFactory;
+    match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("mutextree: writing the manual page: {error}");
+            ExitCode::from(exit::FAILED)
         }
     }
 }
@@ -112,9 +159,25 @@ fn parse_path(text: &str) -> Result<LockPath, String> {
     LockPath::parse(text).map_err(|error| error.to_string())
 }
 
-/// `30s`, `500ms`, `2m`, `1h 30m`.
+/// `30s`, `500ms`, `2m`, `1h 30m`, or a bare number of seconds (`90`,
+/// `0.5`) as flock(1) and timeout(1) read them.
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text).map_err(|error| format!("{error} (write e.g. 30s, 500ms, 2m)"))
+    let seconds = text.trim().parse::<f64>().ok().filter(|seconds| seconds.is_finite());
+    match seconds {
+        Some(seconds) => Duration::try_from_secs_f64(seconds)
+            .map_err(|_| format!("{text} is not a duration: a number of seconds is 0 or more")),
+        None => humantime::parse_duration(text)
+            .map_err(|error| format!("{error} (write e.g. 30s, 500ms, 2m, or 90 for seconds)")),
+    }
+}
+
+/// The namespace a store URL names (`?namespace=NAME`), or the default.
+fn namespace_of(url: &str) -> String {
+    let query = url.split_once('?').map_or("", |(_, query)| query);
+    query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("namespace="))
+        .map_or_else(|| mutextree::Namespace::default().as_str().to_owned(), str::to_owned)
 }
 
 #[cfg(test)]
@@ -132,6 +195,24 @@ mod tests {
         assert_eq!(url("memory://", None), "memory://");
         assert!(store_url(None, None).expect_err("no store").to_string().contains("MUTEXTREE_STORE"));
         assert!(store_url(Some("memory://"), Some("a b")).is_err());
+    }
+
+    #[test]
+    fn durations_are_humantimes_or_bare_seconds() {
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("0.5"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("-1").is_err());
+        assert!(parse_duration("NaN").is_err());
+        assert!(parse_duration("soon").expect_err("not a duration").contains("90 for seconds"));
+    }
+
+    #[test]
+    fn the_namespace_is_read_from_the_url() {
+        assert_eq!(namespace_of("redis://h:1?response_timeout=1s&namespace=app"), "app");
+        assert_eq!(namespace_of("memory://"), "mutextree");
     }
 
     #[test]

@@ -6,19 +6,25 @@ use std::process::{ExitCode, ExitStatus};
 use std::time::Duration;
 
 use futures::FutureExt;
-use mutextree::{Error, LockPath, TreeLock, Wait};
+use mutextree::{human, Error, LockPath, TreeLock, Wait};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::{getpgrp, tcgetpgrp, Pid};
 use tokio::signal::unix::SignalKind;
+use tokio::time::Instant;
 
+use crate::waiting::WaitingLine;
 use crate::{exit, parse_duration, parse_path};
 
 /// Hold PATH's lock while COMMAND runs.
 ///
-/// Acquires the lock (waiting up to --timeout for an overlapping one), runs
-/// COMMAND, keeps the lock refreshed while it runs, releases it when it
-/// ends and exits with its status. Refused and timed-out acquisitions exit
-/// 3 and 4 and name the lock in the way.
+/// Acquires the lock, waiting as long as it takes for an overlapping one
+/// (as flock(1), `etcdctl lock` and `consul lock` do; --no-wait or
+/// --timeout to wait less), runs COMMAND, keeps the lock refreshed while it
+/// runs, releases it when it ends and exits with its status. A refused or
+/// timed-out acquisition exits 3 or 4 (or --conflict-exit-code) and names
+/// the lock in the way. While it waits with a terminal on stderr, one line
+/// shows the lock in the way, how long that lock has left and how long the
+/// wait has left.
 ///
 /// COMMAND runs in mutextree's own process group, as it would from the
 /// shell: a terminal's Ctrl-C, Ctrl-Z and hangup reach both. SIGTERM,
@@ -32,37 +38,58 @@ use crate::{exit, parse_duration, parse_path};
 /// --kill-after) and exits 5. Processes COMMAND started in the background
 /// are not followed. If mutextree itself is killed with SIGKILL, COMMAND
 /// goes on unprotected and the lock expires at its ttl.
+///
+/// Durations are written 30s, 500ms, 2m, 1h 30m, or as a bare number of
+/// seconds (90, 0.5).
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
   mutextree --store redis://127.0.0.1:6379 run eu-west/rack-12 -- ./patch-rack.sh rack-12
-  mutextree run --ttl 2m --timeout 10m eu-west -- sh -c 'echo token $MUTEXTREE_TOKEN; ./migrate.sh'")]
+  mutextree run -n eu-west/rack-12 -c 'echo token $MUTEXTREE_TOKEN; ./migrate.sh'
+  mutextree run -w 10m -E 75 --ttl 2m eu-west -- ./migrate.sh")]
 pub(crate) struct Run {
     /// The path to lock, e.g. eu-west/rack-12.
     #[arg(value_parser = parse_path)]
     path: LockPath,
 
+    /// Fail at once if an overlapping lock is held, instead of waiting.
+    #[arg(short = 'n', long, conflicts_with = "timeout")]
+    no_wait: bool,
+
+    /// Wait at most this long for an overlapping lock (0: not at all);
+    /// without it, wait as long as it takes.
+    #[arg(short = 'w', long, value_name = "DURATION", value_parser = parse_wait)]
+    timeout: Option<Wait>,
+
+    /// The exit status of a refused or timed-out acquisition, instead of 3
+    /// and 4: one that COMMAND's own statuses cannot be taken for.
+    #[arg(short = 'E', long, value_name = "N")]
+    conflict_exit_code: Option<u8>,
+
     /// How long the lock lives unless refreshed; it is refreshed while the
     /// command runs, so this is how long it outlives a mutextree that
     /// died.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     ttl: Duration,
 
-    /// How long to wait for an overlapping lock: 0 (not at all), a
-    /// duration (30s, 5m), or "forever".
-    #[arg(long, default_value = "0s", value_parser = parse_wait)]
-    timeout: Wait,
-
-    /// The owner id to lock as (default: HOSTNAME:PID).
+    /// The owner id to lock as (default: HOSTNAME:PID:RANDOM).
     #[arg(long)]
     owner: Option<String>,
 
     /// After the lock is lost: how long the command has between SIGTERM
     /// and SIGKILL.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     kill_after: Duration,
 
+    /// Say on stderr how long the lock took and its fencing token.
+    #[arg(short, long)]
+    verbose: bool,
+
+    /// Run this shell command with `sh -c` instead of COMMAND.
+    #[arg(short = 'c', long = "command", value_name = "SHELL_COMMAND", conflicts_with = "command")]
+    shell: Option<String>,
+
     /// The command and its arguments, after "--".
-    #[arg(last = true, required = true)]
+    #[arg(last = true, value_name = "COMMAND", required_unless_present = "shell")]
     command: Vec<OsString>,
 }
 
@@ -74,21 +101,51 @@ impl Run {
         // command running unprotected.
         let mut signals = Signals::new();
         let store = crate::connect(url).await?;
-        let lock = TreeLock::builder(store, &self.path)
+        let wait = if self.no_wait { Wait::No } else { self.timeout.unwrap_or(Wait::Forever) };
+        let waiting = WaitingLine::start(&self.path, wait);
+        let mut lock = TreeLock::builder(store, &self.path)
             .ttl(self.ttl)
-            .owner(self.owner.clone().unwrap_or_else(default_owner))
-            .wait(self.timeout)
+            .wait(wait)
             .auto_refresh(true)
-            .build()?;
-        let grant = tokio::select! {
-            grant = lock.acquire() => grant?,
-            signal = signals.next() => return Ok(ExitCode::from(signal_status(signal as i32))),
+            .on_wait(waiting.observer());
+        if let Some(owner) = &self.owner {
+            lock = lock.owner(owner);
+        }
+        let lock = lock.build()?;
+        let started = Instant::now();
+        let acquired = tokio::select! {
+            acquired = lock.acquire() => acquired,
+            signal = signals.next() => {
+                waiting.clear();
+                return Ok(ExitCode::from(signal_status(signal as i32)));
+            }
+        };
+        waiting.clear();
+        let grant = match acquired {
+            Ok(grant) => grant,
+            Err(error @ (Error::Refused { .. } | Error::Timeout { .. })) => {
+                let hint = if matches!(error, Error::Refused { .. }) {
+                    "use --timeout DURATION or drop --no-wait to wait"
+                } else {
+                    "use a longer --timeout, or none to wait as long as it takes"
+                };
+                eprintln!("mutextree: {error} ({hint})");
+                return Ok(ExitCode::from(self.conflict_exit_code.unwrap_or_else(|| exit::status_for(&error))));
+            }
+            Err(error) => return Err(error),
+        };
+        if self.verbose {
+            eprintln!("mutextree: granted after {}, token {}", human(started.elapsed()), grant.token);
+        }
+        let (program, arguments) = match &self.shell {
+            Some(shell) => (OsString::from("sh"), vec![OsString::from("-c"), OsString::from(shell)]),
+            None => (self.command[0].clone(), self.command[1..].to_vec()),
         };
         let lost = lock.lost();
-        let name = self.command[0].to_string_lossy().into_owned();
-        let mut command = tokio::process::Command::new(&self.command[0]);
+        let name = program.to_string_lossy().into_owned();
+        let mut command = tokio::process::Command::new(&program);
         command
-            .args(&self.command[1..])
+            .args(&arguments)
             .env("MUTEXTREE_PATH", grant.path.to_string())
             .env("MUTEXTREE_OWNER", grant.owner.as_str())
             .env("MUTEXTREE_TOKEN", grant.token.to_string());
@@ -220,16 +277,6 @@ fn status_code(status: ExitStatus) -> u8 {
 /// 128 + the signal, as shells report a process a signal ended.
 fn signal_status(signal: i32) -> u8 {
     u8::try_from(128 + signal).unwrap_or(exit::FAILED)
-}
-
-/// `HOSTNAME:PID`: who holds a lock, at a glance in `status`.
-fn default_owner() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|name| name.trim().to_owned())
-        .filter(|name| !name.is_empty())
-        .unwrap_or_else(|| "localhost".to_owned());
-    format!("{host}:{}", std::process::id())
 }
 
 /// `0` (no waiting), a duration, or `forever`.

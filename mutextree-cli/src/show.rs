@@ -27,17 +27,18 @@ pub(crate) struct Status {
 }
 
 impl Status {
-    pub(crate) async fn execute(self, store: &Arc<dyn LockBackend>) -> Result<ExitCode, Error> {
+    pub(crate) async fn execute(self, store: &Arc<dyn LockBackend>, namespace: &str) -> Result<ExitCode, Error> {
         let held = store.list(self.path.as_ref()).await?;
+        let namespace = visible(namespace);
         if self.json {
             println!("{}", json(&held));
         } else if held.is_empty() {
             match &self.path {
-                Some(path) => println!("no locks held at or under {}", shown(path)),
-                None => println!("no locks held"),
+                Some(path) => println!("no locks held at or under {} in namespace {namespace}", shown(path)),
+                None => println!("no locks held in namespace {namespace}"),
             }
         } else {
-            print!("{}", tree(self.path.as_ref(), &held));
+            print!("{}", tree(&namespace, self.path.as_ref(), &held));
         }
         Ok(ExitCode::SUCCESS)
     }
@@ -46,12 +47,19 @@ impl Status {
 /// Say what would block a lock on PATH right now, and for how long; exit 3
 /// if something does.
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Example:
-  mutextree --store redis://127.0.0.1:6379 why eu-west/rack-12/host-7")]
+#[command(after_help = "Examples:
+  mutextree --store redis://127.0.0.1:6379 why eu-west/rack-12/host-7
+  mutextree why eu-west/rack-12 --json | jq '.blockers[].owner'")]
 pub(crate) struct Why {
     /// The path that would be locked.
     #[arg(value_parser = parse_path)]
     path: LockPath,
+
+    /// A JSON object instead of text: the path, whether it is free, and
+    /// the locks in the way (as `status --json` lists them, each with its
+    /// relation to the path).
+    #[arg(long)]
+    json: bool,
 }
 
 impl Why {
@@ -61,23 +69,40 @@ impl Why {
         let root = LockPath::new([self.path.segments().next().unwrap_or_default()])?;
         let blockers: Vec<HeldLock> =
             store.list(Some(&root)).await?.into_iter().filter(|lock| lock.path.overlaps(&self.path)).collect();
-        if blockers.is_empty() {
+        if self.json {
+            let listed = blockers.iter().map(|lock| {
+                let mut object = lock_json(lock);
+                object["relation"] = relation(&lock.path, &self.path).into();
+                object
+            });
+            let answer = serde_json::json!({
+                "path": self.path.to_string(),
+                "free": blockers.is_empty(),
+                "blockers": listed.collect::<Vec<_>>(),
+            });
+            println!("{answer}");
+        } else if blockers.is_empty() {
             println!("{} is free: a lock on it would be granted now", shown(&self.path));
-            return Ok(ExitCode::SUCCESS);
+        } else {
+            let count = blockers.len();
+            println!("{} is blocked by {count} lock{}:", shown(&self.path), if count == 1 { "" } else { "s" });
+            for lock in &blockers {
+                println!("  {} ({}): {}", shown(&lock.path), relation(&lock.path, &self.path), describe(lock));
+            }
         }
-        let count = blockers.len();
-        println!("{} is blocked by {count} lock{}:", shown(&self.path), if count == 1 { "" } else { "s" });
-        for lock in &blockers {
-            let relation = if lock.path == self.path {
-                "the path itself"
-            } else if lock.path.is_ancestor_of(&self.path) {
-                "an ancestor"
-            } else {
-                "a descendant"
-            };
-            println!("  {} ({relation}): {}", shown(&lock.path), describe(lock));
-        }
-        Ok(ExitCode::from(exit::REFUSED))
+        Ok(if blockers.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(exit::REFUSED) })
+    }
+}
+
+/// What a lock on `held` is to `wanted`, which it overlaps: `the path
+/// itself`, `an ancestor` or `a descendant`.
+pub(crate) fn relation(held: &LockPath, wanted: &LockPath) -> &'static str {
+    if held == wanted {
+        "the path itself"
+    } else if held.is_ancestor_of(wanted) {
+        "an ancestor"
+    } else {
+        "a descendant"
     }
 }
 
@@ -99,8 +124,9 @@ pub(crate) fn describe(lock: &HeldLock) -> String {
 }
 
 /// The locks as `tree(1)` draws directories: nodes by name under `root`
-/// (or the namespace), each lock's details beside its node.
-fn tree(root: Option<&LockPath>, held: &[HeldLock]) -> String {
+/// (or the namespace), each lock's details beside its node, below a line
+/// naming the namespace (and the root).
+fn tree(namespace: &str, root: Option<&LockPath>, held: &[HeldLock]) -> String {
     #[derive(Default)]
     struct Node<'a> {
         lock: Option<&'a HeldLock>,
@@ -128,7 +154,10 @@ fn tree(root: Option<&LockPath>, held: &[HeldLock]) -> String {
             draw(out, child, &format!("{prefix}{}", if last { "    " } else { "│   " }));
         }
     }
-    let mut out = root.map_or_else(|| "(namespace)".to_owned(), shown);
+    let mut out = match root {
+        Some(root) => format!("namespace {namespace}: {}", shown(root)),
+        None => format!("namespace {namespace}"),
+    };
     if let Some(lock) = top.lock {
         let _ = write!(out, "  [{}]", describe(lock));
     }
@@ -138,18 +167,19 @@ fn tree(root: Option<&LockPath>, held: &[HeldLock]) -> String {
 }
 
 fn json(held: &[HeldLock]) -> serde_json::Value {
-    held.iter()
-        .map(|lock| {
-            serde_json::json!({
-                "path": lock.path.to_string(),
-                "segments": lock.path.segments().collect::<Vec<_>>(),
-                "owner": lock.owner.as_str(),
-                "remaining_ms": u64::try_from(lock.remaining.as_millis()).unwrap_or(u64::MAX),
-                "token": lock.token,
-                "transient": lock.transient,
-            })
-        })
-        .collect()
+    held.iter().map(lock_json).collect()
+}
+
+/// One lock as `status --json` lists it.
+fn lock_json(lock: &HeldLock) -> serde_json::Value {
+    serde_json::json!({
+        "path": lock.path.to_string(),
+        "segments": lock.path.segments().collect::<Vec<_>>(),
+        "owner": lock.owner.as_str(),
+        "remaining_ms": u64::try_from(lock.remaining.as_millis()).unwrap_or(u64::MAX),
+        "token": lock.token,
+        "transient": lock.transient,
+    })
 }
 
 #[cfg(test)]
@@ -173,8 +203,8 @@ mod tests {
     #[test]
     fn a_tree_like_tree_draws_it() {
         let locks = [held("eu/rack-1", 3), held("eu/rack-2/host-1", 4), held("eu/rack-2/host-2", 5), held("us", 6)];
-        let drawn = tree(None, &locks);
-        let expected = "(namespace)
+        let drawn = tree("app", None, &locks);
+        let expected = "namespace app
 ├── eu
 │   ├── rack-1  [held by \"web-1\" for 12.3 s more, fencing token 3]
 │   └── rack-2
@@ -183,14 +213,14 @@ mod tests {
 └── us  [held by \"web-1\" for 12.3 s more, fencing token 6]
 ";
         assert_eq!(drawn, expected);
-        let under = tree(Some(&LockPath::parse("eu/rack-2").expect("path")), &locks[1..3]);
-        assert!(under.starts_with("eu/rack-2\n├── host-1"), "{under}");
+        let under = tree("app", Some(&LockPath::parse("eu/rack-2").expect("path")), &locks[1..3]);
+        assert!(under.starts_with("namespace app: eu/rack-2\n├── host-1"), "{under}");
     }
 
     #[test]
     fn names_cannot_break_the_tree() {
         let locks = [held("a\\\\/b\\/c", 1), held("x\n\u{1b}[2Jy", 2)];
-        let drawn = tree(None, &locks);
+        let drawn = tree("app", None, &locks);
         assert_eq!(drawn.lines().count(), 4, "{drawn}");
         assert!(drawn.contains("a\\\\"), "a backslash is escaped: {drawn}");
         assert!(drawn.contains("b\\/c"), "a slash in a segment is escaped: {drawn}");

@@ -40,14 +40,13 @@ fn mutextree(store: &(String, String)) -> Command {
     command
 }
 
-/// Starts `mutextree run ... -- sh -c SCRIPT` where SCRIPT first prints
-/// its pid, and returns once the command runs (under the lock), with that
-/// pid.
+/// Starts `mutextree run ... -- sh -c SCRIPT`, where SCRIPT prints its pid
+/// (`echo $$`) once it is ready, and returns then, with that pid.
 fn start_run(store: &(String, String), options: &[&str], path: &str, script: &str) -> (Child, String) {
     let mut run = mutextree(store)
         .arg("run")
         .args(options)
-        .args([path, "--", "sh", "-c", &format!("echo $$; {script}")])
+        .args([path, "--", "sh", "-c", script])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -98,7 +97,12 @@ fn overlapping_runs_exclude_each_other(store: &(String, String)) {
     let lines = std::fs::read_to_string(&log).expect("log");
     assert_eq!(lines, "start\nend\n".repeat(4), "the commands never overlapped on {}", store.0);
     let status = output(mutextree(store).arg("status"));
-    assert_eq!(text(&status.stdout), "no locks held\n", "all released on {}", store.0);
+    assert_eq!(
+        text(&status.stdout),
+        format!("no locks held in namespace {}\n", store.1),
+        "all released on {}",
+        store.0
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -134,14 +138,14 @@ fn a_killed_run_frees_its_lock_at_the_ttl_on_every_store() {
 }
 
 fn a_killed_run_frees_its_lock_at_the_ttl(store: &(String, String)) {
-    let (mut run, command_pid) = start_run(store, &["--ttl", "2s"], "X", "exec sleep 60");
+    let (mut run, command_pid) = start_run(store, &["--ttl", "2s"], "X", "echo $$; exec sleep 60");
     run.kill().expect("SIGKILL mutextree");
     run.wait().expect("wait");
     let killed = Instant::now();
     // The command goes on without it (documented); stop it here.
     let _ = Command::new("kill").args(["-9", &command_pid]).status();
 
-    let blocked = output(mutextree(store).args(["run", "X", "--", "true"]));
+    let blocked = output(mutextree(store).args(["run", "--no-wait", "X", "--", "true"]));
     assert_eq!(blocked.status.code(), Some(3), "still held right after the kill: {}", text(&blocked.stderr));
     let freed = output(mutextree(store).args(["run", "--timeout", "10s", "X", "--", "true"]));
     assert!(freed.status.success(), "{}", text(&freed.stderr));
@@ -168,7 +172,7 @@ fn status_draws_the_tree_and_why_names_the_blocker(store: &(String, String)) {
     assert!(status.status.success());
     let drawn = text(&status.stdout);
     let lines: Vec<&str> = drawn.lines().collect();
-    assert_eq!(lines[0], "(namespace)");
+    assert_eq!(lines[0], format!("namespace {}", store.1));
     assert_eq!(lines[1], "└── eu");
     assert!(lines[2].starts_with("    ├── rack-1  [held by ") && lines[2].contains("fencing token"), "{drawn}");
     assert_eq!(lines[3], "    └── rack-2");
@@ -198,7 +202,7 @@ fn exit_statuses_are_as_documented() {
         mutextree::TreeLock::builder(library(&store), "A").owner("admin-7").build().expect("lock").into();
     let _guard = held.lock().expect("free");
 
-    let refused = output(mutextree(&store).args(["run", "A/B", "--", "true"]));
+    let refused = output(mutextree(&store).args(["run", "--no-wait", "A/B", "--", "true"]));
     assert_eq!(refused.status.code(), Some(3));
     let message = text(&refused.stderr);
     assert!(message.contains("admin-7") && message.lines().count() == 1, "one line naming the holder: {message}");
@@ -230,7 +234,7 @@ fn exit_statuses_are_as_documented() {
 #[test]
 fn a_lock_lost_while_the_command_runs_stops_it() {
     let store = store();
-    let (run, command_pid) = start_run(&store, &["--ttl", "3s", "--kill-after", "5s"], "L", "exec sleep 60");
+    let (run, command_pid) = start_run(&store, &["--ttl", "3s", "--kill-after", "5s"], "L", "echo $$; exec sleep 60");
     let released = output(mutextree(&store).args(["release", "--force", "--yes", "L"]));
     assert!(released.status.success(), "{}", text(&released.stderr));
     assert!(text(&released.stdout).contains("released L"), "{}", text(&released.stdout));
@@ -256,7 +260,7 @@ fn a_holder_stopped_past_its_ttl_learns_its_loss_when_it_resumes_on_every_store(
 }
 
 fn a_holder_stopped_past_its_ttl_learns_its_loss_when_it_resumes(store: &(String, String)) {
-    let (run, command_pid) = start_run(store, &["--ttl", "2s", "--kill-after", "5s"], "P", "exec sleep 60");
+    let (run, command_pid) = start_run(store, &["--ttl", "2s", "--kill-after", "5s"], "P", "echo $$; exec sleep 60");
     let other = blocking::TreeLock::new(library(store), "P").expect("lock");
     let backend = other.as_async().backend().clone();
     let held_by_run = blocking_list(&backend, "P");
@@ -311,7 +315,8 @@ fn release_asks_first_and_goes_down_the_tree_when_told() {
 fn signals_reach_the_command() {
     let store = store();
     for (signal, number) in [("TERM", 15), ("INT", 2), ("HUP", 1)] {
-        let script = format!("trap 'echo got {signal}; exit 9' {signal}; while :; do sleep 0.05; done");
+        // The trap first: a signal sent once the pid is printed finds it.
+        let script = format!("trap 'echo got {signal}; exit 9' {signal}; echo $$; while :; do sleep 0.05; done");
         let (run, _) = start_run(&store, &[], "S", &script);
         let sent = Command::new("kill").args([&format!("-{signal}"), &run.id().to_string()]).status().expect("kill");
         assert!(sent.success());

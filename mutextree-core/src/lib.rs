@@ -19,6 +19,7 @@
 //! * [`wait`]: how acquisitions wait (notifications, expiry, backoff).
 //! * [`handle`]: [`TreeLock`], [`TreeLockGuard`] and [`TreeLock::run`].
 //! * [`error`]: the one public [`Error`].
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod backend;
 #[doc(hidden)]

@@ -58,6 +58,7 @@
 //! Expiry is judged on tokio's clock ([`tokio::time::Instant`]), so tests can
 //! pause and advance time. Waiters wake through a [`ChangeFeed`] on every
 //! release and purge.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 use std::collections::HashMap;
 use std::fmt;

@@ -1,4 +1,5 @@
 #![doc = include_str!("../README.md")]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 // The TLS connector is cloned for every connection: `Clone` with the `tls`
 // feature, `Copy` (so the clones are trivial) without it.
 #![cfg_attr(not(feature = "tls"), allow(clippy::clone_on_copy))]

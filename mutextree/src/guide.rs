@@ -1,0 +1,172 @@
+//! Which call to use when, each with an example that runs as it is.
+//!
+//! The examples use the in-process store so that they run anywhere; a
+//! network store behaves the same: only the URL given to
+//! [`connect`](crate::connect) changes.
+//!
+//! # [`lock`](crate::TreeLock::lock): wait for the lock, hold it in a guard
+//!
+//! [`TreeLock::lock`](crate::TreeLock::lock) (and
+//! [`acquire`](crate::TreeLock::acquire), which returns the bare grant)
+//! waits while an overlapping lock is held, up to the handle's timeout:
+//! without [`TreeLockBuilder::timeout`](crate::TreeLockBuilder::timeout) or
+//! [`wait`](crate::TreeLockBuilder::wait), as long as it takes, as
+//! `std::sync::Mutex::lock` and flock(1) do. A waiter wakes on the store's
+//! notification of a release, not by polling.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), mutextree::Error> {
+//! use std::time::Duration;
+//! use mutextree::TreeLock;
+//!
+//! let store = mutextree::connect("memory://?namespace=guide-lock").await?;
+//! let rack = TreeLock::new(store.clone(), "eu-west/rack-12")?;
+//! let host = TreeLock::builder(store, "eu-west/rack-12/host-7")
+//!     .timeout(Duration::from_secs(10))
+//!     .build()?;
+//!
+//! let rack_guard = rack.lock().await?;
+//! // The host is inside the rack: its lock waits for the rack's release.
+//! let waiter = tokio::spawn(async move {
+//!     let host_guard = host.lock().await?;
+//!     let token = host_guard.token();
+//!     host_guard.release().await?;
+//!     Ok::<_, mutextree::Error>(token)
+//! });
+//! rack_guard.release().await?;
+//! let host_token = waiter.await.expect("the waiter ran to its end")?;
+//! assert!(host_token > 1, "every grant's token is above the ones before");
+//! # Ok(()) }
+//! ```
+//!
+//! # [`try_lock`](crate::TreeLock::try_lock): never wait
+//!
+//! [`TreeLock::try_lock`](crate::TreeLock::try_lock) (and
+//! [`try_acquire`](crate::TreeLock::try_acquire)) ask once: a held lock is
+//! an [`Error::Refused`](crate::Error::Refused) naming the lock in the way,
+//! whatever the handle's timeout.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), mutextree::Error> {
+//! use mutextree::{Error, TreeLock};
+//!
+//! let store = mutextree::connect("memory://?namespace=guide-try-lock").await?;
+//! let region = TreeLock::new(store.clone(), "eu-west")?;
+//! let host = TreeLock::new(store, ["eu-west", "rack-12", "host-7"])?;
+//!
+//! let _region_guard = region.lock().await?;
+//! match host.try_lock().await {
+//!     Err(Error::Refused { blocker, .. }) => {
+//!         assert_eq!(blocker.path.to_string(), "eu-west");
+//!         println!("busy: {} holds it for {:?} more", blocker.owner, blocker.remaining);
+//!     }
+//!     other => panic!("an ancestor is held, so this is refused: {other:?}"),
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! # [`run`](crate::TreeLock::run): work under the lock
+//!
+//! [`TreeLock::run`](crate::TreeLock::run) acquires as
+//! [`lock`](crate::TreeLock::lock) does, runs the work with the grant (its
+//! fencing token is for the resource the work changes), releases whatever
+//! the work returns, and returns the work's value.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), mutextree::Error> {
+//! use mutextree::TreeLock;
+//!
+//! let store = mutextree::connect("memory://?namespace=guide-run").await?;
+//! let rack = TreeLock::new(store, "eu-west/rack-12")?;
+//! let patched: Result<u32, String> = rack
+//!     .run(|grant| async move {
+//!         println!("patching with fencing token {}", grant.token);
+//!         Ok(12)
+//!     })
+//!     .await?;
+//! assert_eq!(patched, Ok(12));
+//! assert!(!rack.is_held(), "released after the work");
+//! # Ok(()) }
+//! ```
+//!
+//! # [`Wait`](crate::Wait): how long to wait
+//!
+//! A handle's [`Wait`](crate::Wait) is what [`lock`](crate::TreeLock::lock),
+//! [`acquire`](crate::TreeLock::acquire) and [`run`](crate::TreeLock::run)
+//! use; [`acquire_with`](crate::TreeLock::acquire_with) and
+//! [`lock_with`](crate::TreeLock::lock_with) take one per call.
+//! [`Wait::No`](crate::Wait::No) refuses at once,
+//! [`Wait::For`](crate::Wait::For) gives up with
+//! [`Error::Timeout`](crate::Error::Timeout), and
+//! [`Wait::Forever`](crate::Wait::Forever) waits until granted.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), mutextree::Error> {
+//! use std::time::Duration;
+//! use mutextree::{Error, TreeLock, Wait};
+//!
+//! let store = mutextree::connect("memory://?namespace=guide-wait").await?;
+//! let _held = TreeLock::new(store.clone(), "db/orders")?.lock().await?;
+//!
+//! let migration = TreeLock::builder(store, "db")
+//!     .wait(Wait::For(Duration::from_millis(50)))
+//!     .build()?;
+//! assert!(matches!(migration.acquire().await, Err(Error::Timeout { .. })));
+//! assert!(matches!(migration.acquire_with(Wait::No).await, Err(Error::Refused { .. })));
+//! # Ok(()) }
+//! ```
+//!
+//! # [`Error`](crate::Error): what went wrong, and whether to try again
+//!
+//! One error type for every store. Bad input (an empty path segment, a zero
+//! ttl, an unknown URL) is refused before anything reaches the store;
+//! [`Error::is_retryable`](crate::Error::is_retryable) says whether trying
+//! again later may succeed, and [`Error::blocker`](crate::Error::blocker)
+//! names the lock in the way of a refusal or a timeout.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), mutextree::Error> {
+//! use mutextree::{Error, TreeLock};
+//!
+//! let store = mutextree::connect("memory://?namespace=guide-error").await?;
+//! let invalid = TreeLock::new(store.clone(), "eu-west//rack-12");
+//! assert!(matches!(invalid, Err(Error::InvalidPath { .. })));
+//!
+//! let _held = TreeLock::new(store.clone(), "eu-west")?.lock().await?;
+//! match TreeLock::new(store, "eu-west/rack-12")?.try_acquire().await {
+//!     Ok(grant) => println!("granted with token {}", grant.token),
+//!     Err(error) if error.is_retryable() => {
+//!         let blocker = error.blocker().expect("a refusal names its blocker");
+//!         println!("{error}; try again in {:?} at the latest", blocker.remaining);
+//!     }
+//!     Err(error) => return Err(error),
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! # [`TreeLockGuard`](crate::TreeLockGuard): release it, or let it drop
+//!
+//! [`TreeLockGuard::release`](crate::TreeLockGuard::release) releases and
+//! reports the outcome (an [`Error::NotHeld`](crate::Error::NotHeld) means
+//! the lock expired or an administrator released it: the work was not
+//! protected to its end). Dropping a guard cannot wait for the store: it
+//! releases in the background inside a tokio runtime, and the lock expires
+//! at its ttl otherwise.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), mutextree::Error> {
+//! use mutextree::TreeLock;
+//!
+//! let store = mutextree::connect("memory://?namespace=guide-guard").await?;
+//! let rack = TreeLock::new(store, "eu-west/rack-12")?;
+//!
+//! let guard = rack.lock().await?;
+//! println!("fencing token {}", guard.token());
+//! guard.release().await?; // the outcome, for certain
+//!
+//! {
+//!     let _guard = rack.lock().await?;
+//!     // An early return or a `?` here still releases, in the background.
+//! }
+//! # Ok(()) }
+//! ```
