@@ -37,9 +37,9 @@
 //!   [`ChangeFeed`](mutextree_core::ChangeFeed) (one subscription per
 //!   backend, marked not live while it is down). Store errors map into
 //!   [`Error::Store`] with `retryable` set.
-//! * Its test servers go in a module of [`servers`], behind a feature of
-//!   this crate of the store's name: a [`harness::ServerSpec`], and a
-//!   `url()` starting the server once per test binary with a
+//! * Its test servers go in a module of [`servers`], behind this crate's
+//!   feature of the store's name: a [`harness::ServerSpec`], and a `url()`
+//!   that starts the server once per test binary with a
 //!   [`harness::SharedServer`].
 //! * `tests/common/mod.rs` implements [`TestStore`] on that server (a fresh
 //!   connection per `connect`, the namespace given), and
@@ -222,8 +222,8 @@ impl Ctx {
     }
 }
 
-/// A fresh random namespace, `t-` and 16 hex digits: what every case
-/// works in, and what a store's own tests use to keep apart.
+/// A fresh random namespace, `t-` and 16 hex digits: each case works in
+/// one, and so do a store's own tests and benchmarks.
 pub fn random_namespace() -> String {
     format!("t-{:016x}", fastrand::u64(..))
 }
