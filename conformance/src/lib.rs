@@ -37,14 +37,18 @@
 //!   [`ChangeFeed`](mutextree_core::ChangeFeed) (one subscription per
 //!   backend, marked not live while it is down). Store errors map into
 //!   [`Error::Store`] with `retryable` set.
-//! * `tests/conformance.rs` describes the server with a
-//!   [`harness::ServerSpec`], starts it once per test binary with a
-//!   [`harness::SharedServer`], implements [`TestStore`] (a fresh
-//!   connection per `connect`, the namespace given) and calls
-//!   `conformance::suite!(store: ..., clock: real)`.
-//! * The facade crate gets a feature for it; `scripts/test-all` gets the
-//!   Debian package of its server in its `needs`; its benchmark reuses
-//!   [`load`] and its figures go into `BENCHMARKS.md`.
+//! * Its test servers go in a module of [`servers`], behind this crate's
+//!   feature of the store's name: a [`harness::ServerSpec`], and a `url()`
+//!   that starts the server once per test binary with a
+//!   [`harness::SharedServer`].
+//! * `tests/common/mod.rs` implements [`TestStore`] on that server (a fresh
+//!   connection per `connect`, the namespace given), and
+//!   `tests/conformance.rs` calls
+//!   `conformance::suite!(store: common::..., clock: real)`.
+//! * The facade crate gets a feature for it, and `tests/blocking.rs` here a
+//!   module running the blocking API on it; `scripts/test-all` gets the
+//!   Debian package of its server in its `needs`; its benchmark runs
+//!   `mutextree-load` and its figures go into `BENCHMARKS.md`.
 //!
 //! # Map
 //!
@@ -65,8 +69,13 @@
 //! * [`churn`]: how long a waiter for an ancestor waits while its
 //!   descendants churn.
 //! * [`harness`]: starting real store servers for the tests.
-//! * [`servers`]: each store's server as every crate's tests start it.
-//! * [`load`]: the load generator behind every store's benchmark.
+//! * [`servers`]: each store's servers as every crate's tests and
+//!   benchmarks start them, behind the store's feature (`redis`,
+//!   `postgres`, `etcd`).
+//!
+//! The load generator behind the benchmarks and `mutextree bench` is the
+//! crate `mutextree-load`: the command line ships it, and this crate is
+//! only ever a dev-dependency.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -85,7 +94,6 @@ pub mod chaos;
 pub mod churn;
 pub mod concurrency;
 pub mod harness;
-pub mod load;
 pub mod model;
 pub mod oracle;
 pub mod proxy;
@@ -214,7 +222,9 @@ impl Ctx {
     }
 }
 
-fn random_namespace() -> String {
+/// A fresh random namespace, `t-` and 16 hex digits: each case works in
+/// one, and so do a store's own tests and benchmarks.
+pub fn random_namespace() -> String {
     format!("t-{:016x}", fastrand::u64(..))
 }
 

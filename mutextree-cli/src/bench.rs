@@ -4,9 +4,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use conformance::load::{self, LoadSpec, Scenario};
 use indicatif::{ProgressBar, ProgressStyle};
 use mutextree::{human, Error, LockBackend};
+use mutextree_load::{self as load, LoadSpec, Scenario};
 
 use crate::parse_duration;
 

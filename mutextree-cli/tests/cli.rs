@@ -7,22 +7,17 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use conformance::servers;
 use mutextree::{blocking, LockBackend};
-
-// The servers as the stores' own tests start them.
-#[path = "../../mutextree-etcd/tests/common/mod.rs"]
-mod etcd_server;
-#[path = "../../mutextree-postgres/tests/common/mod.rs"]
-mod postgres_server;
 
 /// A fresh namespace on the shared Redis test server: `(url, namespace)`.
 fn store() -> (String, String) {
-    (conformance::servers::redis_url(), namespace())
+    (servers::redis::url(), namespace())
 }
 
 /// A fresh namespace on each store's test server.
 fn every_store() -> Vec<(String, String)> {
-    vec![store(), (postgres_server::connect_url(), namespace()), (etcd_server::connect_url(), namespace())]
+    vec![store(), (servers::postgres::connect_url(), namespace()), (servers::etcd::connect_url(), namespace())]
 }
 
 fn namespace() -> String {

@@ -18,7 +18,7 @@ const BINARY: &str = env!("CARGO_BIN_EXE_mutextree");
 
 /// A fresh namespace on the shared Redis test server: `(url, namespace)`.
 fn redis() -> (String, String) {
-    (conformance::servers::redis_url(), format!("flags-{:016x}", fastrand::u64(..)))
+    (conformance::servers::redis::url(), format!("flags-{:016x}", fastrand::u64(..)))
 }
 
 fn memory() -> (String, String) {

@@ -1,5 +1,5 @@
 //! The etcd store under the workspace's load generator
-//! (`conformance::load`), next to etcd's own ceiling measured in the same
+//! (`mutextree_load`), next to etcd's own ceiling measured in the same
 //! run with the same client library: a plain `put` loop.
 //!
 //! `cargo bench -p mutextree-etcd --bench load` starts a single-member etcd
@@ -16,18 +16,18 @@
 //!
 //! `MUTEXTREE_BENCH_SECS` sets the seconds per row (default 3).
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use conformance::load::{self, LoadSpec, Scenario};
+use conformance::random_namespace;
+use conformance::servers::etcd;
 use etcd_client::Client;
 use mutextree_core::{LockBackend, LockPath, LockRequest, Owner, Ttl};
+use mutextree_etcd::{EtcdConfig, EtcdStore};
+use mutextree_load::{self as load, LoadSpec, Scenario};
 
 /// Sequential operations per round-trip count.
 const COUNTED: usize = 200;
@@ -35,7 +35,7 @@ const COUNTED: usize = 200;
 fn main() {
     let secs: f64 = std::env::var("MUTEXTREE_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(3.0);
     let duration = Duration::from_secs_f64(secs);
-    let url = common::url();
+    let url = etcd::url();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     runtime.block_on(async {
         println!("## mutextree-etcd: load\n");
@@ -51,12 +51,13 @@ fn main() {
 
 /// A client of `namespace` on its own connection.
 async fn backend(url: &str, namespace: &str) -> Arc<dyn LockBackend> {
-    Arc::new(common::backend(&[url.to_owned()], namespace).await.expect("connect"))
+    let store = EtcdStore::connect(EtcdConfig::new([url.to_owned()])).await.expect("connect");
+    Arc::new(store.namespace(namespace).expect("a valid namespace"))
 }
 
 /// Requests per operation, from the server's own counters.
 async fn round_trips(url: &str) {
-    let store = backend(url, &common::namespace()).await;
+    let store = backend(url, &random_namespace()).await;
     let owner = Owner::new("bench").expect("owner");
     let ttl = Ttl::new(Duration::from_secs(30)).expect("ttl");
     let requests: Vec<LockRequest> = (0..COUNTED)
@@ -145,7 +146,7 @@ async fn throughput(url: &str, duration: Duration) {
         for depth in [1, 3] {
             for scenario in [Scenario::Siblings, Scenario::Contended] {
                 // One fresh namespace per row, shared by its clients.
-                let namespace = common::namespace();
+                let namespace = random_namespace();
                 let mut backends = Vec::new();
                 for _ in 0..clients {
                     backends.push(backend(url, &namespace).await);
@@ -175,7 +176,7 @@ async fn put_loop(url: &str, clients: usize, duration: Duration) -> f64 {
     let deadline = started + duration;
     for task in 0..clients {
         let mut client = Client::connect([url], None).await.expect("connect");
-        let key = format!("bench-put/{}/{task}", common::namespace());
+        let key = format!("bench-put/{}/{task}", random_namespace());
         tasks.push(tokio::spawn(async move {
             let mut puts = 0u64;
             while Instant::now() < deadline {

@@ -8,9 +8,9 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::Cluster;
 use conformance::chaos::{self, ChaosSettings, ChaosStore};
 use conformance::proxy::FaultProxy;
+use conformance::servers::etcd::{self, Cluster};
 use mutextree_core::{async_trait, Error, LockBackend};
 use mutextree_etcd::{EtcdConfig, EtcdStore};
 
@@ -44,7 +44,7 @@ impl Faulty {
     }
 
     fn proxied(&self) -> Vec<String> {
-        self.proxies.iter().map(|proxy| common::client_url(proxy.port())).collect()
+        self.proxies.iter().map(|proxy| etcd::client_url(proxy.port())).collect()
     }
 }
 
@@ -60,7 +60,7 @@ impl ChaosStore for Faulty {
 
     async fn inject(&self, round: usize, rng: &mut chaos::Rng) -> String {
         if self.urls.len() > 1 && round % 5 == 4 {
-            let leader = common::leader(&self.urls).await;
+            let leader = etcd::leader(&self.urls).await;
             let (member, name) = if round % 10 == 4 {
                 (leader, "kill -9 and restart of the leader")
             } else {
@@ -93,7 +93,7 @@ async fn chaos_proxy_faults_member_crashes_and_pauses() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_grant_reply_leaves_at_most_an_orphan() {
     let store = Faulty::start(1).await;
-    let namespace = common::namespace();
+    let namespace = conformance::random_namespace();
     let proxied = store.connect(&namespace).await.expect("connect");
     let observer = store.backend(store.urls.clone(), &namespace).await.expect("connect");
     let slack = common::TIMING.slack;

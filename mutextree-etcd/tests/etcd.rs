@@ -6,6 +6,7 @@ mod common;
 
 use std::time::Duration;
 
+use conformance::servers::etcd;
 use etcd_client::Client;
 use mutextree_core::{Attempt, Error, Grant, LockBackend, LockPath, LockRequest, Owner, Ttl, MAX_DEPTH};
 use mutextree_etcd::{EtcdBackend, EtcdConfig, EtcdStore, MIN_LEASE_TTL};
@@ -22,8 +23,8 @@ fn path(text: &str) -> LockPath {
 }
 
 async fn fresh() -> (EtcdBackend, String) {
-    let namespace = common::namespace();
-    let backend = common::backend(&[common::url()], &namespace).await.expect("connect");
+    let namespace = conformance::random_namespace();
+    let backend = common::backend(&[etcd::url()], &namespace).await.expect("connect");
     (backend, namespace)
 }
 
@@ -35,7 +36,7 @@ async fn grant(backend: &EtcdBackend, at: &str, ttl: Duration) -> Grant {
 }
 
 async fn raw_client() -> Client {
-    Client::connect([common::url()], None).await.expect("a plain etcd client")
+    Client::connect([etcd::url()], None).await.expect("a plain etcd client")
 }
 
 /// The key a lock is stored under, read with a plain client.
@@ -182,13 +183,13 @@ async fn bad_configuration_is_refused_before_connecting() {
     for config in [
         EtcdConfig::new(Vec::<String>::new()),
         EtcdConfig::new(["localhost:2379"]),
-        EtcdConfig::new([common::url()]).prefix("a/b"),
-        EtcdConfig::new([common::url()]).connect_timeout(Duration::ZERO),
+        EtcdConfig::new([etcd::url()]).prefix("a/b"),
+        EtcdConfig::new([etcd::url()]).connect_timeout(Duration::ZERO),
     ] {
         let error = EtcdStore::connect(config).await.expect_err("refused");
         assert!(matches!(error, Error::InvalidConfig { store: "etcd", .. }), "{error:?}");
     }
-    let store = EtcdStore::connect(EtcdConfig::new([common::url()])).await.expect("connect");
+    let store = EtcdStore::connect(EtcdConfig::new([etcd::url()])).await.expect("connect");
     assert!(matches!(store.namespace("{x}"), Err(Error::InvalidNamespace { .. })));
 }
 
@@ -196,7 +197,7 @@ async fn bad_configuration_is_refused_before_connecting() {
 /// grant.
 #[tokio::test]
 async fn an_unreachable_server_is_a_retryable_error() {
-    let nobody = common::client_url(conformance::harness::free_port());
+    let nobody = etcd::client_url(conformance::harness::free_port());
     let config =
         EtcdConfig::new([nobody]).connect_timeout(Duration::from_millis(500)).request_timeout(Duration::from_secs(1));
     let backend =
@@ -210,10 +211,10 @@ async fn an_unreachable_server_is_a_retryable_error() {
 /// Prefixes keep applications apart like namespaces do.
 #[tokio::test]
 async fn prefixes_are_isolated() {
-    let url = common::url();
+    let url = etcd::url();
     let one = EtcdStore::connect(EtcdConfig::new([url.clone()]).prefix("one")).await.expect("connect");
     let two = EtcdStore::connect(EtcdConfig::new([url]).prefix("two")).await.expect("connect");
-    let namespace = common::namespace();
+    let namespace = conformance::random_namespace();
     let (one, two) = (one.namespace(&namespace).expect("ns"), two.namespace(&namespace).expect("ns"));
     grant(&one, "A", Duration::from_secs(30)).await;
     grant(&two, "A/B", Duration::from_secs(30)).await;
@@ -225,7 +226,7 @@ async fn prefixes_are_isolated() {
 /// the server as a permission error that retrying cannot fix.
 #[tokio::test]
 async fn credentials_reach_a_cluster_with_auth_on() {
-    let cluster = common::Cluster::start(1).unwrap_or_else(|message| panic!("{message}"));
+    let cluster = etcd::Cluster::start(1).unwrap_or_else(|message| panic!("{message}"));
     let urls = cluster.urls();
     let mut admin = Client::connect(&urls, None).await.expect("connect");
     admin.user_add("root", "root-password", None).await.expect("user");

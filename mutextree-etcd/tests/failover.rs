@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use conformance::oracle::Oracle;
+use conformance::servers::etcd;
 use mutextree_core::{Attempt, Error, LockBackend, LockPath, LockRequest, Owner, Ttl};
 use mutextree_etcd::{EtcdConfig, EtcdStore};
 use tokio::time::{sleep, Instant};
@@ -32,11 +33,11 @@ struct Counts {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killing_the_leader_never_double_grants_and_clients_fail_over() {
-    let mut cluster = common::Cluster::start(3).unwrap_or_else(|message| panic!("{message}"));
+    let mut cluster = etcd::Cluster::start(3).unwrap_or_else(|message| panic!("{message}"));
     let urls = cluster.urls();
-    let leading = common::leader(&urls).await;
+    let leading = etcd::leader(&urls).await;
 
-    let namespace = common::namespace();
+    let namespace = conformance::random_namespace();
     let paths: Arc<Vec<LockPath>> = Arc::new(PATHS.iter().map(|p| LockPath::parse(p).expect("path")).collect());
     let oracle = Arc::new(Oracle::new());
     let killed = Arc::new(AtomicBool::new(false));
@@ -130,6 +131,6 @@ async fn killing_the_leader_never_double_grants_and_clients_fail_over() {
          {grants} grants, {errors} retryable errors in all; oracle judged {} grants",
         oracle.grants()
     );
-    let new_leader = common::leader(&[urls[(leading + 1) % 3].clone(), urls[(leading + 2) % 3].clone()]).await;
+    let new_leader = etcd::leader(&[urls[(leading + 1) % 3].clone(), urls[(leading + 2) % 3].clone()]).await;
     assert!(new_leader < 2, "the survivors agree on a leader");
 }

@@ -1,19 +1,19 @@
 //! The memory store under the workspace's load generator
-//! (`conformance::load`): acquire+release pairs per second and their
+//! (`mutextree_load`): acquire+release pairs per second and their
 //! latency, for depth 1, 3 and 8, one client on one core and 16 clients on
 //! two worker threads, siblings and contended, with 0, 10k and 100k other
 //! locks held.
 //!
 //! `cargo bench -p mutextree-memory --bench load` prints the machine and a
 //! Markdown table. The `MUTEXTREE_BENCH_*` variables of
-//! [`BenchSettings`](conformance::load::BenchSettings) set the seconds per
+//! [`BenchSettings`](mutextree_load::BenchSettings) set the seconds per
 //! row, the runs per row and which rows run; a row's label is
 //! `c{clients}/d{depth}/{scenario}/b{background}`.
 
 use std::sync::Arc;
 
-use conformance::load::{self, BenchSettings, LoadReport, LoadSpec, Scenario};
 use mutextree_core::LockBackend;
+use mutextree_load::{self as load, BenchSettings, LoadReport, LoadSpec, Scenario};
 use mutextree_memory::MemoryBackend;
 
 fn main() {

@@ -1,5 +1,5 @@
 //! The PostgreSQL store under the workspace's load generator
-//! (`conformance::load`), next to `pgbench` on the same server in the same
+//! (`mutextree_load`), next to `pgbench` on the same server in the same
 //! run.
 //!
 //! `cargo bench -p mutextree-postgres --bench load` starts a server the way
@@ -24,15 +24,13 @@
 //! runs with `fsync` off unless `MUTEXTREE_BENCH_FSYNC=on`: with it on, this
 //! machine's disk (a few ms per flush) is all that is measured.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use conformance::load::{self, LoadReport, LoadSpec, Scenario};
+use conformance::servers::postgres;
 use mutextree_core::{LockBackend, LockPath, LockRequest, Owner, Ttl};
+use mutextree_load::{self as load, LoadReport, LoadSpec, Scenario};
 use mutextree_postgres::{PostgresBackend, PostgresConfig};
 
 fn main() {
@@ -40,10 +38,10 @@ fn main() {
     let runs = env_number("MUTEXTREE_BENCH_RUNS", 3.0) as usize;
     let duration = Duration::from_secs_f64(secs);
     let fsync = std::env::var("MUTEXTREE_BENCH_FSYNC").is_ok_and(|value| value == "on");
-    let settings = common::Settings { fsync, extra: vec!["track_functions=all".to_owned()], ..Default::default() };
+    let settings = postgres::Settings { fsync, extra: vec!["track_functions=all".to_owned()], ..Default::default() };
     let server = match SPEC_URL.as_deref() {
         Some(_) => None,
-        None => Some(common::Postgres::create(&settings).unwrap_or_else(|message| panic!("{message}"))),
+        None => Some(postgres::Postgres::create(&settings).unwrap_or_else(|message| panic!("{message}"))),
     };
     let url = SPEC_URL.clone().unwrap_or_else(|| server.as_ref().expect("started").url());
 
@@ -127,7 +125,7 @@ fn scaling(url: &str, pgbench: &Pgbench, duration: Duration, runs: usize) {
     }
 }
 
-static SPEC_URL: std::sync::LazyLock<Option<String>> = std::sync::LazyLock::new(|| common::SPEC.url_from_env());
+static SPEC_URL: std::sync::LazyLock<Option<String>> = std::sync::LazyLock::new(|| postgres::SPEC.url_from_env());
 
 fn spec(clients: usize, depth: usize, scenario: Scenario, background: usize, duration: Duration) -> LoadSpec {
     LoadSpec { clients, depth, scenario, background, duration, ..LoadSpec::default() }
@@ -253,7 +251,7 @@ impl Pgbench {
                 .await
                 .expect("pgbench table")
         });
-        let program = common::bin_dir().map(|dir| dir.join("pgbench")).unwrap_or_else(|_| "pgbench".into());
+        let program = postgres::bin_dir().map(|dir| dir.join("pgbench")).unwrap_or_else(|_| "pgbench".into());
         Pgbench { program, url: url.to_owned(), script, duration }
     }
 

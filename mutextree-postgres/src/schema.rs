@@ -1,5 +1,5 @@
-//! The objects the store keeps in its schema, and the migration that
-//! creates them.
+//! The objects the store keeps in its schema, and the migrations that
+//! create them.
 //!
 //! # Why functions
 //!
@@ -120,6 +120,14 @@
 //!    "Wake-ups").
 //! 4. `try_grant` replaced, with the same arguments and results, to try
 //!    its advisory locks before it looks (see "Why these advisory locks").
+//!
+//! Each version is a fixed file in `src/migrations/`, its text exactly as
+//! it was released, with only the schema's name spliced in. Installed
+//! databases ran that text under its version number and never run it
+//! again, so editing a released file would give fresh installs objects
+//! that upgraded ones never get. A test pins every file's checksum; a
+//! change is a new version, even when it repeats most of an older one
+//! (versions 2 and 4 each restate all of `try_grant`).
 //!
 //! `schema_version` holds the version of the objects. A client migrates an
 //! older schema step by step inside one transaction, under a transaction-
@@ -242,470 +250,33 @@ impl Statements {
     }
 }
 
+/// The released migrations, in order: `MIGRATIONS[n - 1]` takes the schema
+/// from version `n - 1` to `n`. Each is a fixed file, with placeholders for
+/// the schema (see [`with_schema`]): a released file never changes, since
+/// installed databases ran its old text under the same version number; a
+/// change is a new version. A test pins each file's checksum.
+const MIGRATIONS: [&str; VERSION as usize] = [
+    include_str!("migrations/0001_locks_and_functions.sql"),
+    include_str!("migrations/0002_generic_plans.sql"),
+    include_str!("migrations/0003_listeners.sql"),
+    include_str!("migrations/0004_try_locks_first.sql"),
+];
+
 /// The statements that take the schema from `version - 1` to `version`.
 pub(crate) fn migration_step(schema: &SchemaName, version: i32) -> Option<String> {
-    match version {
-        1 => Some(version_1(schema)),
-        2 => Some(version_2(schema)),
-        3 => Some(version_3(schema)),
-        4 => Some(version_4(schema)),
-        _ => None,
-    }
+    let index = usize::try_from(version).ok()?.checked_sub(1)?;
+    MIGRATIONS.get(index).map(|template| with_schema(template, schema))
 }
 
-/// The first version: the lock table, its indexes, the token sequence and
-/// the three functions.
-fn version_1(schema: &SchemaName) -> String {
-    let s = schema.quoted();
-    let channel = schema.channel();
-    let GrantParts { declarations, wait_for_locks, .. } = GrantParts::new(schema);
-    let (isolation, two_passes, refusal) = (GRANT_ISOLATION, GRANT_TWO_PASSES, GRANT_REFUSAL);
-    format!(
-        r#"
-CREATE SEQUENCE {s}.tokens AS bigint MINVALUE 1;
-
-CREATE TABLE {s}.locks (
-    namespace  text COLLATE "C" NOT NULL,
-    key        text COLLATE "C" NOT NULL,
-    owner      text NOT NULL,
-    token      bigint NOT NULL,
-    expires_at timestamptz NOT NULL,
-    transient  boolean NOT NULL,
-    PRIMARY KEY (namespace, key)
-);
-
-CREATE INDEX locks_expires_at ON {s}.locks (expires_at);
-
--- A tree grant (p_tree) or a single-key lock; see the crate's schema module.
-CREATE FUNCTION {s}.try_grant(
-    p_namespace text, p_key text, p_ancestors text[], p_range_end text,
-    p_owner text, p_ttl_ms bigint, p_tree boolean, p_transient boolean,
-    OUT granted boolean, OUT token bigint,
-    OUT blocker_key text, OUT blocker_owner text, OUT blocker_token bigint,
-    OUT blocker_remaining_us bigint, OUT blocker_transient boolean)
-LANGUAGE plpgsql VOLATILE AS $fn$
-{declarations}BEGIN
-{isolation}{two_passes}{wait_for_locks}        END IF;
-        v_now := clock_timestamp();
-
-        -- 2. The check: the node alone, or its ancestors (by equality) and
-        --    its subtree (a range of the primary key). A held lock is
-        --    reported rather than a stepwise client's transient one when
-        --    both are there.
-        IF p_tree THEN
-            -- Each ancestor by one lookup of the whole primary key, and the
-            -- subtree by one range of it: statements that leave the planner
-            -- no other choice, whatever its statistics say, so the cost
-            -- never depends on how many locks are held elsewhere.
-            v_blocked := false;
-            FOREACH v_ancestor IN ARRAY p_ancestors LOOP
-                SELECT * INTO v_row FROM {s}.locks l
-                 WHERE l.namespace = p_namespace AND l.key = v_ancestor AND l.expires_at > v_now;
-                IF FOUND AND (NOT v_blocked OR NOT v_row.transient) THEN
-                    v_blocker := v_row;
-                    v_blocked := true;
-                    EXIT WHEN NOT v_row.transient;
-                END IF;
-            END LOOP;
-            IF NOT v_blocked OR v_blocker.transient THEN
-                SELECT * INTO v_row FROM {s}.locks l
-                 WHERE l.namespace = p_namespace AND l.key >= p_key AND l.key < p_range_end
-                   AND l.expires_at > v_now
-                 ORDER BY l.key LIMIT 1;
-                IF FOUND THEN
-                    IF v_row.transient THEN
-                        SELECT * INTO v_held FROM {s}.locks l
-                         WHERE l.namespace = p_namespace AND l.key >= p_key AND l.key < p_range_end
-                           AND l.expires_at > v_now AND NOT l.transient
-                         ORDER BY l.key LIMIT 1;
-                        IF FOUND THEN
-                            v_row := v_held;
-                        END IF;
-                    END IF;
-                    IF NOT v_blocked OR NOT v_row.transient THEN
-                        v_blocker := v_row;
-                    END IF;
-                    v_blocked := true;
-                END IF;
-            END IF;
-        ELSE
-            SELECT * INTO v_blocker FROM {s}.locks l
-             WHERE l.namespace = p_namespace AND l.key = p_key AND l.expires_at > v_now;
-            v_blocked := FOUND;
-        END IF;
-        EXIT WHEN v_blocked;
-    END LOOP;
-{refusal}    -- 3. Nothing live is in the way: what is left in the subtree has expired. A
-    --    stepwise client may have locked a descendant's key since the check
-    --    (its key lock does not wait for this node's); that row is live and
-    --    stays.
-    IF p_tree THEN
-        -- The subtree only (a range of the primary key); expired ancestors
-        -- are left to the sweep.
-        DELETE FROM {s}.locks l
-         WHERE l.namespace = p_namespace AND l.key >= p_key AND l.key < p_range_end AND l.expires_at <= v_now;
-        INSERT INTO {s}.locks AS l VALUES
-            (p_namespace, p_key, p_owner, nextval('{s}.tokens'), v_now + p_ttl_ms * interval '1 millisecond', p_transient)
-        RETURNING l.token INTO token;
-    ELSE
-        INSERT INTO {s}.locks AS l VALUES
-            (p_namespace, p_key, p_owner, nextval('{s}.tokens'), v_now + p_ttl_ms * interval '1 millisecond', p_transient)
-        ON CONFLICT (namespace, key) DO UPDATE
-            SET owner = excluded.owner, token = excluded.token, expires_at = excluded.expires_at,
-                transient = excluded.transient
-            WHERE l.expires_at <= v_now
-        RETURNING l.token INTO token;
-        IF NOT FOUND THEN
-            RAISE EXCEPTION 'mutextree: % was locked while its advisory lock was held', p_key;
-        END IF;
-    END IF;
-    granted := true;
-
-    -- 4. The bounded sweep of expired rows anywhere.
-    IF token % 128 = 0 THEN
-        DELETE FROM {s}.locks l
-         USING (SELECT e.namespace, e.key FROM {s}.locks e WHERE e.expires_at <= v_now
-                 ORDER BY e.expires_at LIMIT 256 FOR UPDATE SKIP LOCKED) old
-         WHERE l.namespace = old.namespace AND l.key = old.key AND l.expires_at <= v_now;
-    END IF;
-END
-$fn$;
-
--- Removes exactly this grant; true if it was live. Waiters hear of it on
--- the channel (sent at commit); an expired grant is removed silently.
-CREATE FUNCTION {s}.release(p_namespace text, p_key text, p_owner text, p_token bigint)
-RETURNS boolean LANGUAGE plpgsql VOLATILE AS $fn$
-DECLARE
-    v_live boolean;
-BEGIN
-    DELETE FROM {s}.locks l
-     WHERE l.namespace = p_namespace AND l.key = p_key AND l.owner = p_owner AND l.token = p_token
-    RETURNING l.expires_at > clock_timestamp() INTO v_live;
-    IF v_live THEN
-        PERFORM pg_notify('{channel}', p_namespace);
-    END IF;
-    RETURN coalesce(v_live, false);
-END
-$fn$;
-
--- Sets the remaining life of exactly this grant, if it is live.
-CREATE FUNCTION {s}.refresh(p_namespace text, p_key text, p_owner text, p_token bigint, p_ttl_ms bigint)
-RETURNS boolean LANGUAGE plpgsql VOLATILE AS $fn$
-DECLARE
-    v_now timestamptz := clock_timestamp();
-BEGIN
-    UPDATE {s}.locks l SET expires_at = v_now + p_ttl_ms * interval '1 millisecond'
-     WHERE l.namespace = p_namespace AND l.key = p_key AND l.owner = p_owner AND l.token = p_token
-       AND l.expires_at > v_now;
-    RETURN FOUND;
-END
-$fn$;
-"#
-    )
-}
-
-/// The second version: `try_grant` and `refresh` again, with the same
-/// arguments and results, planned the same way whatever the statistics say
-/// (see "Plans" in the module docs).
-fn version_2(schema: &SchemaName) -> String {
-    let s = schema.quoted();
-    let GrantParts { signature, declarations, wait_for_locks, check, write } = GrantParts::new(schema);
-    let (isolation, two_passes, refusal) = (GRANT_ISOLATION, GRANT_TWO_PASSES, GRANT_REFUSAL);
-    format!(
-        r#"
--- A tree grant (p_tree) or a single-key lock; see the crate's schema module.
-{signature}{declarations}BEGIN
-{isolation}{two_passes}{wait_for_locks}        END IF;
-{check}        EXIT WHEN v_blocked;
-    END LOOP;
-{refusal}{write}END
-$fn$;
-
--- Sets the remaining life of exactly this grant, if it is live.
-CREATE OR REPLACE FUNCTION {s}.refresh(p_namespace text, p_key text, p_owner text, p_token bigint, p_ttl_ms bigint)
-RETURNS boolean LANGUAGE plpgsql VOLATILE SET plan_cache_mode = force_generic_plan AS $fn$
-DECLARE
-    v_now timestamptz := clock_timestamp();
-BEGIN
-    UPDATE {s}.locks l SET expires_at = v_now + p_ttl_ms * interval '1 millisecond'
-     WHERE l.namespace = p_namespace AND l.key = p_key AND l.owner = p_owner AND l.token = p_token
-       AND l.expires_at - v_now > interval '0';
-    RETURN FOUND;
-END
-$fn$;
-"#
-    )
-}
-
-/// The parts of `try_grant` that its versions share, with the
-/// schema spliced in.
-struct GrantParts {
-    /// Its arguments, results and settings, up to its declarations.
-    signature: String,
-    /// Its variables.
-    declarations: String,
-    /// The advisory locks, root first, shared on the ancestors and
-    /// exclusive on the node, each in a statement of its own, waiting for
-    /// each as long as it takes.
-    wait_for_locks: String,
-    /// Inside the loop over the passes, once the pass's locks are held:
-    /// reads the clock, and sets `v_blocked` and `v_blocker`.
-    check: String,
-    /// Once nothing live is in the way: the expired rows of the subtree
-    /// removed, the row inserted with a new token, and every 128th token
-    /// the bounded sweep.
-    write: String,
-}
-
-impl GrantParts {
-    fn new(schema: &SchemaName) -> Self {
-        let s = schema.quoted();
-        GrantParts {
-            signature: format!(
-                r#"CREATE OR REPLACE FUNCTION {s}.try_grant(
-    p_namespace text, p_key text, p_ancestors text[], p_range_end text,
-    p_owner text, p_ttl_ms bigint, p_tree boolean, p_transient boolean,
-    OUT granted boolean, OUT token bigint,
-    OUT blocker_key text, OUT blocker_owner text, OUT blocker_token bigint,
-    OUT blocker_remaining_us bigint, OUT blocker_transient boolean)
-LANGUAGE plpgsql VOLATILE SET plan_cache_mode = force_generic_plan AS $fn$
-"#
-            ),
-            declarations: format!(
-                r#"DECLARE
-    v_pass integer;
-    v_blocked boolean;
-    v_ancestor text;
-    v_now timestamptz;
-    v_blocker {s}.locks%ROWTYPE;
-    v_held {s}.locks%ROWTYPE;
-    v_row {s}.locks%ROWTYPE;
-"#
-            ),
-            wait_for_locks: r#"            IF p_tree THEN
-                FOREACH v_ancestor IN ARRAY p_ancestors LOOP
-                    PERFORM pg_advisory_xact_lock_shared(hashtextextended(p_namespace || ' ' || v_ancestor, 0));
-                END LOOP;
-            END IF;
-            PERFORM pg_advisory_xact_lock(hashtextextended(p_namespace || ' ' || p_key, 0));
-"#
-            .to_owned(),
-            check: format!(
-                r#"        v_now := clock_timestamp();
-
-        -- 2. The check: the node alone, or its ancestors (by equality) and
-        --    its subtree (a range of the primary key). A held lock is
-        --    reported rather than a stepwise client's transient one when
-        --    both are there.
-        IF p_tree THEN
-            -- Each ancestor by one lookup of the whole primary key, and the
-            -- subtree by one range of it. Expiry is tested as a difference,
-            -- which the index on expires_at cannot serve, so these
-            -- statements leave the planner no other choice, whatever its
-            -- statistics say, and the cost never depends on how many locks
-            -- are held elsewhere (see "Plans" in the schema module).
-            v_blocked := false;
-            FOREACH v_ancestor IN ARRAY p_ancestors LOOP
-                SELECT * INTO v_row FROM {s}.locks l
-                 WHERE l.namespace = p_namespace AND l.key = v_ancestor AND l.expires_at - v_now > interval '0';
-                IF FOUND AND (NOT v_blocked OR NOT v_row.transient) THEN
-                    v_blocker := v_row;
-                    v_blocked := true;
-                    EXIT WHEN NOT v_row.transient;
-                END IF;
-            END LOOP;
-            IF NOT v_blocked OR v_blocker.transient THEN
-                SELECT * INTO v_row FROM {s}.locks l
-                 WHERE l.namespace = p_namespace AND l.key >= p_key AND l.key < p_range_end
-                   AND l.expires_at - v_now > interval '0'
-                 ORDER BY l.key LIMIT 1;
-                IF FOUND THEN
-                    IF v_row.transient THEN
-                        SELECT * INTO v_held FROM {s}.locks l
-                         WHERE l.namespace = p_namespace AND l.key >= p_key AND l.key < p_range_end
-                           AND l.expires_at - v_now > interval '0' AND NOT l.transient
-                         ORDER BY l.key LIMIT 1;
-                        IF FOUND THEN
-                            v_row := v_held;
-                        END IF;
-                    END IF;
-                    IF NOT v_blocked OR NOT v_row.transient THEN
-                        v_blocker := v_row;
-                    END IF;
-                    v_blocked := true;
-                END IF;
-            END IF;
-        ELSE
-            SELECT * INTO v_blocker FROM {s}.locks l
-             WHERE l.namespace = p_namespace AND l.key = p_key AND l.expires_at - v_now > interval '0';
-            v_blocked := FOUND;
-        END IF;
-"#
-            ),
-            write: format!(
-                r#"    -- 3. Nothing live is in the way: what is left in the subtree has expired. A
-    --    stepwise client may have locked a descendant's key since the check
-    --    (its key lock does not wait for this node's); that row is live and
-    --    stays.
-    IF p_tree THEN
-        -- The subtree only (a range of the primary key, the only index
-        -- this statement can use); expired ancestors are left to the sweep.
-        DELETE FROM {s}.locks l
-         WHERE l.namespace = p_namespace AND l.key >= p_key AND l.key < p_range_end
-           AND l.expires_at - v_now <= interval '0';
-        INSERT INTO {s}.locks AS l VALUES
-            (p_namespace, p_key, p_owner, nextval('{s}.tokens'), v_now + p_ttl_ms * interval '1 millisecond', p_transient)
-        RETURNING l.token INTO token;
-    ELSE
-        INSERT INTO {s}.locks AS l VALUES
-            (p_namespace, p_key, p_owner, nextval('{s}.tokens'), v_now + p_ttl_ms * interval '1 millisecond', p_transient)
-        ON CONFLICT (namespace, key) DO UPDATE
-            SET owner = excluded.owner, token = excluded.token, expires_at = excluded.expires_at,
-                transient = excluded.transient
-            WHERE l.expires_at <= v_now
-        RETURNING l.token INTO token;
-        IF NOT FOUND THEN
-            RAISE EXCEPTION 'mutextree: % was locked while its advisory lock was held', p_key;
-        END IF;
-    END IF;
-    granted := true;
-
-    -- 4. The bounded sweep of expired rows anywhere.
-    IF token % 128 = 0 THEN
-        DELETE FROM {s}.locks l
-         USING (SELECT e.namespace, e.key FROM {s}.locks e WHERE e.expires_at <= v_now
-                 ORDER BY e.expires_at LIMIT 256 FOR UPDATE SKIP LOCKED) old
-         WHERE l.namespace = old.namespace AND l.key = old.key AND l.expires_at <= v_now;
-    END IF;
-"#
-            ),
-        }
-    }
-}
-
-/// The first statement of `try_grant`'s body in every version.
-const GRANT_ISOLATION: &str = r#"    -- Under REPEATABLE READ or SERIALIZABLE every statement would read the
-    -- snapshot taken before the advisory locks were granted.
-    IF current_setting('transaction_isolation') <> 'read committed' THEN
-        RAISE EXCEPTION 'mutextree grants need READ COMMITTED, not %', current_setting('transaction_isolation')
-            USING ERRCODE = '25001';
-    END IF;
-
-"#;
-
-/// The head of `try_grant`'s loop over its two passes in versions 1 to 3,
-/// up to the waiting locks of the second pass.
-const GRANT_TWO_PASSES: &str = r#"    FOR v_pass IN 1..2 LOOP
-        -- 1. On the second pass only: the advisory locks, each in a
-        --    statement of its own, root first, so that every later
-        --    statement reads with a snapshot taken after they were held.
-        --    The first pass looks without them: a live lock it sees
-        --    refuses the call at once (it was live at that instant), so
-        --    refusals never queue behind the lock holders.
-        IF v_pass = 2 THEN
-"#;
-
-/// How `try_grant` reports the lock in `v_blocker` as of `v_now`, in
-/// every version.
-const GRANT_REFUSAL: &str = r#"    IF v_blocked THEN
-        granted := false;
-        blocker_key := v_blocker.key;
-        blocker_owner := v_blocker.owner;
-        blocker_token := v_blocker.token;
-        blocker_remaining_us := (extract(epoch FROM v_blocker.expires_at - v_now) * 1000000)::bigint;
-        blocker_transient := v_blocker.transient;
-        RETURN;
-    END IF;
-
-"#;
-
-/// The third version: the table of listening sessions, and `release`
-/// again, with the same arguments and result, sending `NOTIFY` only when a
-/// session listens for the namespace (see "Wake-ups" in the module docs).
-fn version_3(schema: &SchemaName) -> String {
-    let s = schema.quoted();
-    let channel = schema.channel();
-    let barrier = listeners_lock(schema, "p_namespace");
-    format!(
-        r#"
--- The sessions listening for releases, by namespace: the listening
--- connection of a client that waits adds its own row. A row whose session
--- has ended is ignored, and removed when a listening connection opens.
-CREATE TABLE {s}.listeners (
-    namespace text COLLATE "C" NOT NULL,
-    pid       integer NOT NULL,
-    PRIMARY KEY (namespace, pid)
-);
-
--- Removes exactly this grant; true if it was live. If a session listens
--- for the namespace, waiters hear of it on the channel (sent at commit);
--- an expired grant is removed silently.
-CREATE OR REPLACE FUNCTION {s}.release(p_namespace text, p_key text, p_owner text, p_token bigint)
-RETURNS boolean LANGUAGE plpgsql VOLATILE AS $fn$
-DECLARE
-    v_live boolean;
-BEGIN
-    DELETE FROM {s}.locks l
-     WHERE l.namespace = p_namespace AND l.key = p_key AND l.owner = p_owner AND l.token = p_token
-    RETURNING l.expires_at > clock_timestamp() INTO v_live;
-    IF v_live THEN
-        -- Held until commit: a session registering as a listener waits for
-        -- this release to commit, or this release, looking in a statement
-        -- of its own (a snapshot taken after the lock), sees its row.
-        PERFORM pg_advisory_xact_lock_shared({barrier});
-        IF EXISTS (SELECT 1 FROM {s}.listeners r
-                    WHERE r.namespace = p_namespace
-                      AND EXISTS (SELECT 1 FROM pg_stat_get_activity(r.pid))) THEN
-            PERFORM pg_notify('{channel}', p_namespace);
-        END IF;
-    END IF;
-    RETURN coalesce(v_live, false);
-END
-$fn$;
-"#
-    )
-}
-
-/// The fourth version: `try_grant` again, with the same arguments and
-/// results, trying its advisory locks before it looks (see "Why these
-/// advisory locks" in the module docs).
-fn version_4(schema: &SchemaName) -> String {
-    let GrantParts { signature, declarations, wait_for_locks, check, write } = GrantParts::new(schema);
-    let (isolation, refusal) = (GRANT_ISOLATION, GRANT_REFUSAL);
-    format!(
-        r#"
--- A tree grant (p_tree) or a single-key lock; see the crate's schema module.
-{signature}{declarations}    v_free boolean;
-BEGIN
-{isolation}    -- 1. The advisory locks, root first, shared on the ancestors and
-    --    exclusive on the node, each only if it is free at once. When they
-    --    all are, the check below runs once, with a snapshot taken after
-    --    they were held. Otherwise the ones taken so far stay held (they are
-    --    the ones the waiting pass would take first anyway), and the call
-    --    first looks without waiting: a live lock it sees refuses the call
-    --    at once (it was live at that instant), so refusals never queue
-    --    behind the lock holders. Only then does it wait for the locks,
-    --    each in a statement of its own, and look again.
-    v_free := true;
-    IF p_tree THEN
-        FOREACH v_ancestor IN ARRAY p_ancestors LOOP
-            v_free := pg_try_advisory_xact_lock_shared(hashtextextended(p_namespace || ' ' || v_ancestor, 0));
-            EXIT WHEN NOT v_free;
-        END LOOP;
-    END IF;
-    IF v_free THEN
-        v_free := pg_try_advisory_xact_lock(hashtextextended(p_namespace || ' ' || p_key, 0));
-    END IF;
-
-    FOR v_pass IN CASE WHEN v_free THEN 2 ELSE 1 END..2 LOOP
-        IF v_pass = 2 AND NOT v_free THEN
-{wait_for_locks}        END IF;
-{check}        EXIT WHEN v_blocked;
-    END LOOP;
-{refusal}{write}END
-$fn$;
-"#
-    )
+/// A migration's text for `schema`: `{schema}` is the quoted schema,
+/// `{channel}` its notification channel, `{schema_name}` the bare name (in
+/// the listeners' advisory key). A [`SchemaName`] holds no braces, so
+/// nothing spliced in is read as a placeholder.
+fn with_schema(template: &str, schema: &SchemaName) -> String {
+    template
+        .replace("{schema}", &schema.quoted())
+        .replace("{channel}", &schema.channel())
+        .replace("{schema_name}", schema.as_str())
 }
 
 /// The advisory key a listening session's registration takes exclusively
@@ -793,5 +364,57 @@ mod tests {
         let long = "x".repeat(SchemaName::MAX_BYTES + 1);
         assert!(SchemaName::new(long).is_err());
         assert!(SchemaName::default().channel().len() < 64);
+    }
+
+    /// The SHA-256 of each released migration's file, as
+    /// `sha256sum src/migrations/*.sql` prints it.
+    const RELEASED: [&str; 4] = [
+        "306db937814fdbdcd85009cb7f375c47657aa5f39d2ec457290f798a0aa1f2f0",
+        "7ff07ddb8ef729a3d9efad66f4ca0131390636808011c7654cd9dec06784014c",
+        "41c72b29fb91f23992a317c63464abb3ba36f0ac5e06c82c909477625e18b1ea",
+        "5f4edc589e89479fdca77c188b39d77396d1232893736f6da7144abfe61b7351",
+    ];
+
+    #[test]
+    fn released_migrations_never_change() {
+        use sha2::{Digest, Sha256};
+        for (index, (template, pinned)) in MIGRATIONS.iter().zip(RELEASED).enumerate() {
+            let digest: String = Sha256::digest(template.as_bytes()).iter().map(|byte| format!("{byte:02x}")).collect();
+            assert_eq!(
+                digest,
+                pinned,
+                "migration {} was edited after its release. Databases already at that version ran its old text and \
+                 will never run it again, so they would keep the old objects under the same version number. Restore \
+                 the file and put the change in a new version: a new file in src/migrations/, VERSION raised.",
+                index + 1
+            );
+        }
+        assert_eq!(
+            MIGRATIONS.len(),
+            RELEASED.len(),
+            "a new migration is released with its checksum: add `sha256sum` of its file to RELEASED"
+        );
+    }
+
+    #[test]
+    fn migrations_name_the_schema_everywhere() {
+        let schema = SchemaName::new("other_9").expect("valid");
+        for version in 1..=VERSION {
+            let text = migration_step(&schema, version).expect("every version has a step");
+            assert!(!text.contains('{') && !text.contains('}'), "a placeholder is left in version {version}");
+            assert!(!text.contains("mutextree\"") && !text.contains("mutextree_"), "version {version}: {text}");
+            assert!(text.contains("\"other_9\"."), "version {version} names no object in the schema");
+        }
+        assert!(migration_step(&schema, 0).is_none());
+        assert!(migration_step(&schema, VERSION + 1).is_none());
+    }
+
+    #[test]
+    fn releases_take_the_listeners_key_that_listening_sessions_take() {
+        let schema = SchemaName::new("other_9").expect("valid");
+        let listeners = migration_step(&schema, 3).expect("version 3");
+        let key = listeners_lock(&schema, "p_namespace");
+        assert!(listeners.contains(&format!("pg_advisory_xact_lock_shared({key})")), "{listeners}");
+        assert!(listeners.contains(&format!("pg_notify('{}', p_namespace)", schema.channel())), "{listeners}");
     }
 }

@@ -8,8 +8,8 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Postgres, Settings};
 use conformance::chaos::CrashableServer;
+use conformance::servers::postgres::{self, Postgres, Settings};
 use mutextree_core::{async_trait, Error, LockBackend};
 use mutextree_postgres::{PostgresBackend, PostgresConfig};
 
@@ -44,7 +44,7 @@ impl CrashableServer for Server {
     }
 
     async fn connect_to(&self, port: u16, namespace: &str) -> Result<Arc<dyn LockBackend>, Error> {
-        let config = PostgresConfig::new(common::url_for(port))
+        let config = PostgresConfig::new(postgres::url_for(port))
             .namespace(namespace)
             .pool_size(2)
             .connect_timeout(REQUEST_TIMEOUT)

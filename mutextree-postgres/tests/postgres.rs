@@ -6,14 +6,13 @@
 //! releases that notify only when a backend of the namespace listens, and
 //! bad schema names.
 
-mod common;
-
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use conformance::cancel::Gated;
 use conformance::oracle::Oracle;
+use conformance::servers::postgres;
 use futures::future::join_all;
 use mutextree_core::{Attempt, Error, Grant, LockBackend, LockPath, LockRequest, Owner, Stepwise, TreeLock, Ttl, Wait};
 use mutextree_postgres::{PostgresBackend, PostgresConfig, PostgresStore};
@@ -40,7 +39,7 @@ async fn inspector(url: &str) -> tokio_postgres::Client {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_migrations_of_a_fresh_schema_all_succeed() {
-    let url = common::url();
+    let url = postgres::url();
     for _ in 0..4 {
         let schema = fresh_name("migrate");
         let starts = (0..8).map(|_| {
@@ -76,7 +75,7 @@ async fn concurrent_migrations_of_a_fresh_schema_all_succeed() {
 async fn parent_child_race(stepwise_every: usize) {
     const CLIENTS: usize = 24;
     const ROUNDS: usize = 150;
-    let url = common::url();
+    let url = postgres::url();
     let namespace = fresh_name("race");
     let paths = ["A", "A/B", "A/B/C", "A/B/D"].map(|p| LockPath::parse(p).expect("path"));
     let oracle = Arc::new(Oracle::new());
@@ -137,8 +136,8 @@ async fn parent_child_race_with_stepwise_clients_never_grants_twice() {
 /// waiters hear releases again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_yields_errors_then_recovery_and_keeps_the_locks() {
-    let settings = common::Settings { fsync: true, restartable: true, ..common::Settings::default() };
-    let server = common::Postgres::create(&settings).unwrap_or_else(|message| panic!("{message}"));
+    let settings = postgres::Settings { fsync: true, restartable: true, ..postgres::Settings::default() };
+    let server = postgres::Postgres::create(&settings).unwrap_or_else(|message| panic!("{message}"));
     let config = PostgresConfig::new(server.url()).namespace("restart").pool_size(2);
     let backend = PostgresBackend::connect(&config).await.expect("connect");
     let long = Duration::from_secs(600);
@@ -195,7 +194,7 @@ async fn restart_yields_errors_then_recovery_and_keeps_the_locks() {
 /// elsewhere sweep them: the table stays about as small as what is live.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_rows_are_swept_so_the_table_stays_small() {
-    let url = common::url();
+    let url = postgres::url();
     let schema = fresh_name("sweep");
     let config = PostgresConfig::new(url.clone()).schema(schema.clone()).namespace("sweep");
     let backend = PostgresBackend::connect(&config).await.expect("connect");
@@ -231,7 +230,7 @@ async fn expired_rows_are_swept_so_the_table_stays_small() {
 /// version 3 adds stays: the step from 2 is tested below.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_older_schema_is_migrated() {
-    let url = common::url();
+    let url = postgres::url();
     let schema = fresh_name("older");
     let config = PostgresConfig::new(url.clone()).schema(schema.clone()).namespace("older");
     PostgresStore::connect(&config).await.expect("connect");
@@ -295,7 +294,7 @@ $fn$;
 /// release.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_2_schema_is_migrated() {
-    let url = common::url();
+    let url = postgres::url();
     let schema = fresh_name("older");
     let config = PostgresConfig::new(url.clone()).schema(schema.clone()).namespace("older");
     PostgresStore::connect(&config).await.expect("connect");
@@ -411,7 +410,7 @@ async fn wait_until_listening(backend: &PostgresBackend) {
 /// that has ended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_nobody_listens_for_sends_no_notification() {
-    let url = common::url();
+    let url = postgres::url();
     let schema = fresh_name("quiet");
     let config = PostgresConfig::new(url.clone()).schema(schema.clone()).namespace("quiet");
     let backend = PostgresBackend::connect(&config).await.expect("connect");
@@ -449,7 +448,7 @@ async fn a_release_nobody_listens_for_sends_no_notification() {
 /// it; a release in another namespace of the same schema still does not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_notifies_once_a_backend_of_the_namespace_listens() {
-    let url = common::url();
+    let url = postgres::url();
     let schema = fresh_name("loud");
     let store = PostgresStore::connect(&PostgresConfig::new(url.clone()).schema(schema.clone())).await.expect("store");
     let backend = Arc::new(store.backend("loud").expect("namespace"));
@@ -486,7 +485,7 @@ async fn a_release_notifies_once_a_backend_of_the_namespace_listens() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grants_read_only_the_primary_key_whatever_the_statistics() {
     const PAIRS: i64 = 300;
-    let url = common::url();
+    let url = postgres::url();
     let schema = fresh_name("plans");
     let config = PostgresConfig::new(url.clone()).schema(schema.clone()).namespace("plans").pool_size(1);
     let backend = PostgresBackend::connect(&config).await.expect("connect");
@@ -521,7 +520,7 @@ async fn grants_read_only_the_primary_key_whatever_the_statistics() {
 /// at a time keep going to the one used last, not to each in turn.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_one_at_a_time_reuse_one_connection() {
-    let url = common::url();
+    let url = postgres::url();
     let schema = fresh_name("reuse");
     let config = PostgresConfig::new(url.clone()).schema(schema.clone()).namespace("reuse").pool_size(8);
     let backend = PostgresBackend::connect(&config).await.expect("connect");
@@ -553,7 +552,7 @@ async fn calls_one_at_a_time_reuse_one_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_waiters_share_one_listening_connection() {
-    let url = common::url();
+    let url = postgres::url();
     let schema = fresh_name("listen");
     let config = PostgresConfig::new(url.clone()).schema(schema.clone()).namespace("listen");
     let backend = Arc::new(PostgresBackend::connect(&config).await.expect("connect"));

@@ -18,7 +18,7 @@
 //!    tasks share a backend's clones).
 //!
 //! The `MUTEXTREE_BENCH_*` variables of
-//! [`BenchSettings`](conformance::load::BenchSettings) apply; a row's label
+//! [`BenchSettings`](mutextree_load::BenchSettings) apply; a row's label
 //! is `c{clients}/d{depth}/{scenario}/b{background}`, with `c16-shared`
 //! for the 16 clients on one backend.
 
@@ -26,8 +26,8 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use conformance::load::{self, BenchSettings, LoadReport, LoadSpec, Scenario};
 use mutextree_core::{LockBackend, LockPath, LockRequest, Owner, Ttl};
+use mutextree_load::{self as load, BenchSettings, LoadReport, LoadSpec, Scenario};
 use mutextree_redis::RedisOptions;
 
 /// Pairs run to count commands.
@@ -48,7 +48,7 @@ fn adjacent_ceiling_requests(clients: usize) -> u64 {
 
 fn main() {
     let settings = BenchSettings::from_env();
-    let url = conformance::servers::redis_url();
+    let url = conformance::servers::redis::url();
     let address = url::Url::parse(&url).expect("a redis:// URL");
     let host = address.host_str().unwrap_or("127.0.0.1").to_owned();
     let port = address.port().unwrap_or(6379);

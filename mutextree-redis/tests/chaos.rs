@@ -40,7 +40,7 @@ impl Server {
 }
 
 fn persistent(port: Option<u16>, data: &Path) -> RunningServer {
-    servers::own_redis(port, &["--appendonly", "yes", "--appendfsync", "always"], data).expect("redis-server")
+    servers::redis::own_server(port, &["--appendonly", "yes", "--appendfsync", "always"], data).expect("redis-server")
 }
 
 #[async_trait]

@@ -203,7 +203,7 @@ impl Tally {
 }
 
 fn persistent_server(port: Option<u16>, data: &Path) -> RunningServer {
-    servers::own_redis(port, &["--appendonly", "yes", "--appendfsync", "always"], data).expect("redis-server")
+    servers::redis::own_server(port, &["--appendonly", "yes", "--appendfsync", "always"], data).expect("redis-server")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -337,7 +337,7 @@ async fn requests_sent_twice_get_the_first_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_subscription_is_up_while_waiters_wait_and_only_then() {
     let data = temp_dir("redis-data").expect("temp dir");
-    let server = servers::own_redis(None, &[], &data).expect("redis-server");
+    let server = servers::redis::own_server(None, &[], &data).expect("redis-server");
     let url = format!("redis://127.0.0.1:{}/", server.port);
     let backend = RedisBackend::connect(&url).await.expect("connect");
     let channel = backend.keys()[0].replace(":locks", ":released");

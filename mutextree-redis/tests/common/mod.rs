@@ -1,4 +1,4 @@
-//! The Redis store under test, on the servers of `conformance::servers`.
+//! The Redis store under test, on the servers of `conformance::servers::redis`.
 
 #![allow(dead_code)] // Each test binary uses part of this.
 
@@ -17,11 +17,11 @@ pub(crate) struct Redis {
 
 impl Redis {
     pub(crate) fn standalone() -> Self {
-        Redis { url: servers::redis_url() }
+        Redis { url: servers::redis::url() }
     }
 
     pub(crate) fn cluster() -> Self {
-        Redis { url: servers::redis_cluster_url() }
+        Redis { url: servers::redis::cluster_url() }
     }
 
     pub(crate) async fn backend(&self, namespace: &str) -> Result<RedisBackend, Error> {

@@ -1,8 +1,6 @@
-//! The stores' servers as the tests of every crate start them (a store's
-//! own tests, the facade's, the command line's): one of each per test
-//! binary, on free loopback ports, or the one named by the store's
-//! `MUTEXTREE_<STORE>_URL` variable. Each function returns a URL that
-//! `mutextree::connect` and the store's own options understand.
+//! Redis servers for the tests: the shared standalone server, the shared
+//! cluster of three masters, and servers of a test's own. Each URL is one
+//! that `mutextree::connect` and the store's own options understand.
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -12,7 +10,7 @@ use std::time::{Duration, Instant};
 use crate::harness::{RunningServer, ServerSpec, SharedServer};
 
 /// `redis-server`, from Debian's `redis-server`.
-pub const REDIS: ServerSpec = ServerSpec {
+pub const SPEC: ServerSpec = ServerSpec {
     store: "redis",
     url_variable: "MUTEXTREE_REDIS_URL",
     binary: "redis-server",
@@ -22,14 +20,14 @@ pub const REDIS: ServerSpec = ServerSpec {
 
 /// A Redis Cluster given in the environment (`redis+cluster://host:port,...`),
 /// or three masters started here.
-pub const REDIS_CLUSTER: ServerSpec = ServerSpec { url_variable: "MUTEXTREE_REDIS_CLUSTER_URL", ..REDIS };
+pub const CLUSTER_SPEC: ServerSpec = ServerSpec { url_variable: "MUTEXTREE_REDIS_CLUSTER_URL", ..SPEC };
 
 /// `redis-cli`, from Debian's `redis-tools` (a dependency of the server).
-const REDIS_CLI: ServerSpec = ServerSpec { binary: "redis-cli", install: "apt-get install redis-tools", ..REDIS };
+const CLI_SPEC: ServerSpec = ServerSpec { binary: "redis-cli", install: "apt-get install redis-tools", ..SPEC };
 
 /// The command line of a test Redis server: loopback only, no snapshots,
 /// and whatever `extra` adds (later arguments win).
-pub fn redis_args(port: u16, dir: &Path, extra: &[&str]) -> Vec<OsString> {
+pub fn args(port: u16, dir: &Path, extra: &[&str]) -> Vec<OsString> {
     let mut args: Vec<OsString> =
         ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--port"].iter().map(OsString::from).collect();
     args.push(port.to_string().into());
@@ -40,22 +38,22 @@ pub fn redis_args(port: u16, dir: &Path, extra: &[&str]) -> Vec<OsString> {
 }
 
 /// The shared standalone Redis server's URL.
-pub fn redis_url() -> String {
+pub fn url() -> String {
     static SERVER: SharedServer = SharedServer::new();
-    SERVER.url(&REDIS, || {
-        let server = REDIS.start(|port, dir| redis_args(port, dir, &[]))?;
+    SERVER.url(&SPEC, || {
+        let server = SPEC.start(|port, dir| args(port, dir, &[]))?;
         Ok((format!("redis://127.0.0.1:{}/", server.port), server))
     })
 }
 
 /// The shared Redis Cluster's URL: three masters sharing the 16384 slots.
-pub fn redis_cluster_url() -> String {
+pub fn cluster_url() -> String {
     static CLUSTER: SharedServer = SharedServer::new();
-    CLUSTER.url(&REDIS_CLUSTER, || {
+    CLUSTER.url(&CLUSTER_SPEC, || {
         let mut servers = Vec::new();
         for _ in 0..3 {
-            servers.push(REDIS_CLUSTER.start(|port, dir| {
-                let mut args = redis_args(port, dir, &["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"]);
+            servers.push(CLUSTER_SPEC.start(|port, dir| {
+                let mut args = args(port, dir, &["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"]);
                 args.push("--cluster-config-file".into());
                 args.push(dir.join("nodes.conf").into_os_string());
                 args
@@ -65,7 +63,7 @@ pub fn redis_cluster_url() -> String {
         let mut create = vec!["--cluster".to_owned(), "create".to_owned()];
         create.extend(addresses.iter().cloned());
         create.extend(["--cluster-replicas", "0", "--cluster-yes"].map(str::to_owned));
-        redis_cli(&create)?;
+        cli(&create)?;
         for server in &servers {
             wait_for_cluster_ok(server.port)?;
         }
@@ -79,8 +77,8 @@ pub fn redis_cluster_url() -> String {
 }
 
 /// Runs `redis-cli`, failing with its output.
-pub fn redis_cli(args: &[String]) -> Result<String, String> {
-    let cli = REDIS_CLI.find_binary()?;
+pub fn cli(args: &[String]) -> Result<String, String> {
+    let cli = CLI_SPEC.find_binary()?;
     let output = Command::new(&cli).args(args).output().map_err(|e| format!("cannot run {}: {e}", cli.display()))?;
     let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
     if output.status.success() {
@@ -95,7 +93,7 @@ pub fn redis_cli(args: &[String]) -> Result<String, String> {
 fn wait_for_cluster_ok(port: u16) -> Result<(), String> {
     let started = Instant::now();
     loop {
-        let info = redis_cli(&["-p".to_owned(), port.to_string(), "cluster".to_owned(), "info".to_owned()])?;
+        let info = cli(&["-p".to_owned(), port.to_string(), "cluster".to_owned(), "info".to_owned()])?;
         if info.contains("cluster_state:ok") {
             return Ok(());
         }
@@ -109,19 +107,19 @@ fn wait_for_cluster_ok(port: u16) -> Result<(), String> {
 /// A Redis server of a test's own (for restarts), on `port` (a free one if
 /// `None`), keeping its data in `data`, which outlives the server's own
 /// directory (its watchdog removes that one when it dies).
-pub fn own_redis(port: Option<u16>, extra: &[&str], data: &Path) -> Result<RunningServer, String> {
-    let args = |port: u16, dir: &Path| {
-        let mut args = redis_args(port, dir, extra);
+pub fn own_server(port: Option<u16>, extra: &[&str], data: &Path) -> Result<RunningServer, String> {
+    let command_line = |port: u16, dir: &Path| {
+        let mut args = args(port, dir, extra);
         args.push("--dir".into());
         args.push(data.as_os_str().to_owned());
         args
     };
     match port {
-        None => REDIS.start(args),
+        None => SPEC.start(command_line),
         Some(port) => {
-            let binary = REDIS.find_binary()?;
-            let dir = crate::harness::temp_dir(REDIS.store)?;
-            let mut server = RunningServer::spawn(&binary, args(port, &dir), port, dir)?;
+            let binary = SPEC.find_binary()?;
+            let dir = crate::harness::temp_dir(SPEC.store)?;
+            let mut server = RunningServer::spawn(&binary, command_line(port, &dir), port, dir)?;
             server.wait_until_listening(Duration::from_secs(30))?;
             Ok(server)
         }

@@ -1,5 +1,30 @@
-//! The load generator every store runs: acquire+release pairs from many
-//! simulated clients, with optional background locks held throughout.
+//! The load generator of mutextree: acquire+release pairs from many
+//! simulated clients on any [`LockBackend`], with optional background locks
+//! held throughout.
+//!
+//! Every store's benchmark (`cargo bench -p mutextree-<store> --bench load`)
+//! and the command line's `mutextree bench` run it, so that their figures
+//! compare. It is a crate of its own rather than part of the test kit
+//! (`conformance`, never published) because the command line ships it.
+//!
+//! ```
+//! use std::{sync::Arc, time::Duration};
+//! use mutextree_core::LockBackend;
+//! use mutextree_load::{LoadSpec, Scenario};
+//! use mutextree_memory::MemoryBackend;
+//!
+//! let store: Arc<dyn LockBackend> = Arc::new(MemoryBackend::new());
+//! let spec = LoadSpec {
+//!     clients: 4,
+//!     scenario: Scenario::Contended,
+//!     duration: Duration::from_millis(50),
+//!     ..LoadSpec::default()
+//! };
+//! let report = mutextree_load::runtime_for(spec.clients).block_on(mutextree_load::run(&[store], &spec))?;
+//! assert!(report.pairs > 0);
+//! println!("{}", mutextree_load::markdown_table(&[(spec, report)]));
+//! # Ok::<(), mutextree_core::Error>(())
+//! ```
 //!
 //! # What is measured
 //!

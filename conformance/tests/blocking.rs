@@ -1,5 +1,10 @@
-//! The blocking handle from plain threads, on every store this build has:
-//! the same tests, one module per store.
+//! The blocking handle from plain threads, on the memory store and on each
+//! store this build's features name: the same tests, one module per store,
+//! each store connected by its URL through `mutextree::blocking::connect`.
+//!
+//! They live here rather than in the facade because they need every
+//! store's client and test servers, which the facade's own build (its
+//! example, on a machine without protoc) must not pull in.
 
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -48,19 +53,11 @@ fn fresh(url: &str) -> Arc<dyn LockBackend> {
 
 on_store!(memory, std::sync::Arc::new(mutextree::memory::MemoryBackend::new()));
 #[cfg(feature = "redis")]
-on_store!(redis, super::fresh(&conformance::servers::redis_url()));
+on_store!(redis, super::fresh(&conformance::servers::redis::url()));
 #[cfg(feature = "postgres")]
-on_store!(postgres, super::fresh(&super::postgres_server::connect_url()));
+on_store!(postgres, super::fresh(&conformance::servers::postgres::connect_url()));
 #[cfg(feature = "etcd")]
-on_store!(etcd, super::fresh(&super::etcd_server::connect_url()));
-
-// The servers as the stores' own tests start them.
-#[cfg(feature = "etcd")]
-#[path = "../../mutextree-etcd/tests/common/mod.rs"]
-mod etcd_server;
-#[cfg(feature = "postgres")]
-#[path = "../../mutextree-postgres/tests/common/mod.rs"]
-mod postgres_server;
+on_store!(etcd, super::fresh(&conformance::servers::etcd::connect_url()));
 
 fn the_guard_releases_when_dropped(store: Arc<dyn LockBackend>) {
     let rack = blocking::TreeLock::new(store.clone(), "dc/rack").expect("lock");
