@@ -725,6 +725,9 @@ mod tests {
         async fn list(&self, _under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
             Ok(Vec::new())
         }
+        async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error> {
+            mutextree_core::stepwise::try_grant(self, request).await
+        }
         fn listen(&self, _path: &LockPath) -> Listener {
             Listener::polling()
         }

@@ -2,26 +2,26 @@
 //!
 //! A store implements [`LockBackend`]: the seed's primitives (an expiring
 //! lock on one node's key with an owner id, and the list of locks under a
-//! key prefix), release and refresh of one grant, and optionally the tree
-//! operation and wake-ups. The trait is object safe; the handle works on
+//! key prefix), release and refresh of one grant, the tree operation, and
+//! optionally wake-ups. The trait is object safe; the handle works on
 //! `Arc<dyn LockBackend>`, so code written against the memory store runs
 //! unchanged on Redis, etcd or PostgreSQL.
 //!
 //! Like object_store's `ObjectStore`, the trait has few default methods,
-//! because a default is easy for an implementer to get subtly wrong. The two
-//! it has are honest fallbacks: the stepwise tree algorithm over the
-//! primitives, and polling with backoff. Every shipped store overrides both.
+//! because a default is easy for an implementer to get subtly wrong. The
+//! ones it has are honest fallbacks (polling with backoff for wake-ups, no
+//! count of round trips). The tree operation has none: a store without an
+//! atomic one says so by answering with the stepwise algorithm over its
+//! primitives ([`crate::stepwise`]), which sits above this contract.
 
 use std::fmt;
-use std::sync::Arc;
 
 use async_trait::async_trait;
 
 use crate::error::Error;
+use crate::feed::Listener;
 use crate::lock::{Attempt, Grant, HeldLock, LockKind, LockRequest, Ttl};
 use crate::path::LockPath;
-use crate::stepwise;
-use crate::wait::Listener;
 
 /// An expiring-lock store with owner ids, seen through one namespace.
 ///
@@ -59,12 +59,11 @@ pub trait LockBackend: Send + Sync + fmt::Debug {
     /// lock is held on the path, an ancestor or a descendant (by anyone, the
     /// same owner included); otherwise reports one lock in the way.
     ///
-    /// The default runs the seed's stepwise algorithm over the primitives
-    /// ([`stepwise::try_grant`]); every shipped store overrides it with one
-    /// atomic operation in one round trip.
-    async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error> {
-        stepwise::try_grant(self, request).await
-    }
+    /// Every shipped store does it in one atomic operation and one round
+    /// trip. A store with only the primitives can answer with the seed's
+    /// stepwise algorithm over them:
+    /// [`stepwise::try_grant(self, request)`](crate::stepwise::try_grant).
+    async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error>;
 
     /// A listener for changes that may unblock a waiter for `path` (a
     /// release, a purged expired lock), taken *before* an attempt so that a
@@ -73,7 +72,7 @@ pub trait LockBackend: Send + Sync + fmt::Debug {
     /// for any change in the namespace.
     ///
     /// The default polls with jittered backoff; stores override it with their
-    /// notifications ([`ChangeFeed`](crate::ChangeFeed)).
+    /// notifications ([`ChangeFeed`](crate::feed::ChangeFeed)).
     fn listen(&self, path: &LockPath) -> Listener {
         let _ = path;
         Listener::polling()
@@ -84,56 +83,5 @@ pub trait LockBackend: Send + Sync + fmt::Debug {
     /// `None` for a store without requests or without a count.
     fn round_trips(&self) -> Option<u64> {
         None
-    }
-}
-
-/// A store seen through the seed's stepwise algorithm: tree grants go
-/// through [`stepwise::try_grant`] over the store's primitives instead of its
-/// native atomic operation; everything else is the store's own.
-///
-/// Useful to check that a store's primitives are enough for tree locks, and
-/// to run old-style clients beside native ones on one namespace (they
-/// interoperate: native grants respect the stepwise client's transient
-/// parent locks, and the stepwise client sees native locks as keys).
-#[derive(Debug, Clone)]
-pub struct Stepwise<B: ?Sized> {
-    inner: Arc<B>,
-}
-
-impl<B: LockBackend + ?Sized> Stepwise<B> {
-    /// Wraps a store.
-    pub fn new(inner: Arc<B>) -> Self {
-        Stepwise { inner }
-    }
-}
-
-#[async_trait]
-impl<B: LockBackend + ?Sized> LockBackend for Stepwise<B> {
-    async fn try_lock_key(&self, request: &LockRequest, kind: LockKind) -> Result<Attempt, Error> {
-        self.inner.try_lock_key(request, kind).await
-    }
-
-    async fn release(&self, grant: &Grant) -> Result<(), Error> {
-        self.inner.release(grant).await
-    }
-
-    async fn refresh(&self, grant: &Grant, ttl: Ttl) -> Result<Grant, Error> {
-        self.inner.refresh(grant, ttl).await
-    }
-
-    async fn list(&self, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
-        self.inner.list(under).await
-    }
-
-    async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error> {
-        stepwise::try_grant(&*self.inner, request).await
-    }
-
-    fn listen(&self, path: &LockPath) -> Listener {
-        self.inner.listen(path)
-    }
-
-    fn round_trips(&self) -> Option<u64> {
-        self.inner.round_trips()
     }
 }

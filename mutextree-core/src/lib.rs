@@ -25,18 +25,21 @@ pub mod backend;
 #[doc(hidden)]
 pub mod checks;
 pub mod error;
+pub mod feed;
 pub mod handle;
 pub mod lock;
 pub mod path;
 pub mod stepwise;
 pub mod wait;
 
-pub use backend::{LockBackend, Stepwise};
+pub use backend::LockBackend;
 pub use error::{human, parse_duration, Error, PathRule};
+pub use feed::{ChangeFeed, Listener};
 pub use handle::{IntoLockPath, TreeLock, TreeLockBuilder, TreeLockGuard, DEFAULT_TTL};
 pub use lock::{Attempt, Grant, HeldLock, LockKind, LockRequest, Namespace, Owner, Ttl};
 pub use path::{LockPath, MAX_DEPTH, MAX_PATH_BYTES, MAX_SEGMENT_BYTES};
-pub use wait::{Acquisition, Background, ChangeFeed, Listener, OnWait, Wait, TRANSIENT_PATIENCE};
+pub use stepwise::Stepwise;
+pub use wait::{Acquisition, Background, OnWait, Wait, TRANSIENT_PATIENCE};
 
 /// Re-exported so that stores implement [`LockBackend`] with the same macro.
 pub use async_trait::async_trait;

@@ -44,14 +44,20 @@
 //! loop retries past it instead of failing, even when it was asked not to
 //! wait, so siblings never refuse each other.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use async_trait::async_trait;
 
 use futures::future::{join, join_all};
 use tokio::time::Instant;
 
 use crate::backend::LockBackend;
 use crate::error::Error;
+use crate::feed::Listener;
+use crate::lock::HeldLock;
 use crate::lock::{Attempt, Grant, LockKind, LockRequest, Ttl};
+use crate::path::LockPath;
 
 /// The life of a transient parent lock: how long a client that dies midway
 /// can keep others out of a parent.
@@ -136,4 +142,55 @@ async fn lock_parents_then_node<B: LockBackend + ?Sized>(
         }
     }
     backend.try_lock_key(request, LockKind::Lock).await
+}
+
+/// A store seen through the seed's stepwise algorithm: tree grants go
+/// through [`try_grant`] over the store's primitives instead of its
+/// native atomic operation; everything else is the store's own.
+///
+/// Useful to check that a store's primitives are enough for tree locks, and
+/// to run old-style clients beside native ones on one namespace (they
+/// interoperate: native grants respect the stepwise client's transient
+/// parent locks, and the stepwise client sees native locks as keys).
+#[derive(Debug, Clone)]
+pub struct Stepwise<B: ?Sized> {
+    inner: Arc<B>,
+}
+
+impl<B: LockBackend + ?Sized> Stepwise<B> {
+    /// Wraps a store.
+    pub fn new(inner: Arc<B>) -> Self {
+        Stepwise { inner }
+    }
+}
+
+#[async_trait]
+impl<B: LockBackend + ?Sized> LockBackend for Stepwise<B> {
+    async fn try_lock_key(&self, request: &LockRequest, kind: LockKind) -> Result<Attempt, Error> {
+        self.inner.try_lock_key(request, kind).await
+    }
+
+    async fn release(&self, grant: &Grant) -> Result<(), Error> {
+        self.inner.release(grant).await
+    }
+
+    async fn refresh(&self, grant: &Grant, ttl: Ttl) -> Result<Grant, Error> {
+        self.inner.refresh(grant, ttl).await
+    }
+
+    async fn list(&self, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
+        self.inner.list(under).await
+    }
+
+    async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error> {
+        try_grant(&*self.inner, request).await
+    }
+
+    fn listen(&self, path: &LockPath) -> Listener {
+        self.inner.listen(path)
+    }
+
+    fn round_trips(&self) -> Option<u64> {
+        self.inner.round_trips()
+    }
 }

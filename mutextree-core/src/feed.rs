@@ -1,0 +1,302 @@
+//! How stores tell waiters that something changed: a [`ChangeFeed`] per
+//! namespace and process, and a [`Listener`] per waiter.
+//!
+//! Stores publish changes (a release, a purged expired lock) into their
+//! feed, however many waiters there are. A store whose notification channel
+//! is down marks the feed not live, and its listeners poll with jittered
+//! backoff until it is back (and retry at once when it is): a lost
+//! notification costs latency, never progress.
+//!
+//! A feed also tells its store whether anyone waits
+//! ([`ChangeFeed::wanted`], [`ChangeFeed::still_wanted`]), so that a store
+//! whose notifications cost every writer something (Redis publishes each
+//! release to every subscribed connection) can keep its channel up only
+//! while a waiter needs it. An acquisition that does not wait never asks.
+//!
+//! This module knows nothing of locks: the waiting loop
+//! ([`crate::wait`]) decides what a wake-up means.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+use tokio::time::sleep;
+
+/// Where a store publishes the changes its waiters care about.
+///
+/// Cheap to clone; all clones are one feed.
+#[derive(Clone, Debug)]
+pub struct ChangeFeed {
+    state: watch::Sender<FeedState>,
+    demand: Arc<Demand>,
+}
+
+/// Who waits on a feed (see [`ChangeFeed::wanted`]).
+#[derive(Debug, Default)]
+struct Demand {
+    /// Listeners inside [`Listener::changed`] right now.
+    waiting: AtomicUsize,
+    /// Whether a listener waited since [`ChangeFeed::still_wanted`] last
+    /// asked (set when one starts and when one stops waiting).
+    waited: AtomicBool,
+    /// Wakes [`ChangeFeed::wanted`].
+    arrived: Notify,
+}
+
+impl Demand {
+    /// Counts a waiter until the returned guard is dropped.
+    fn enter(&self) -> Waiting<'_> {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        self.waited.store(true, Ordering::SeqCst);
+        self.arrived.notify_one();
+        Waiting(self)
+    }
+}
+
+/// One listener inside [`Listener::changed`].
+struct Waiting<'a>(&'a Demand);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waited.store(true, Ordering::SeqCst);
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct FeedState {
+    /// Bumped by every change.
+    changes: u64,
+    /// Whether notifications are arriving; listeners poll while not.
+    live: bool,
+}
+
+impl ChangeFeed {
+    /// A live feed.
+    pub fn new() -> Self {
+        ChangeFeed { state: watch::Sender::new(FeedState { changes: 0, live: true }), demand: Arc::default() }
+    }
+
+    /// Wakes every listener: something was released or removed.
+    pub fn notify(&self) {
+        // No receivers, no work: keeps the uncontended path free of a shared write.
+        if self.state.receiver_count() > 0 {
+            self.state.send_modify(|state| state.changes = state.changes.wrapping_add(1));
+        }
+    }
+
+    /// Marks the feed live or not (a store's subscription connection went
+    /// down or came back). Either way listeners wake and retry once.
+    pub fn set_live(&self, live: bool) {
+        self.state.send_modify(|state| {
+            state.live = live;
+            state.changes = state.changes.wrapping_add(1);
+        });
+    }
+
+    /// A listener that wakes on the changes published after this call.
+    pub fn listen(&self) -> Listener {
+        Listener { feed: Some(self.state.subscribe()), demand: Some(self.demand.clone()), backoff: Backoff::new() }
+    }
+
+    /// Resolves as soon as a listener waits for a change (at once if one
+    /// waits already): the moment a store that keeps its notification
+    /// channel up only on demand should bring it up. Listeners poll
+    /// meanwhile, and retry as soon as the feed is marked live.
+    pub async fn wanted(&self) {
+        while self.demand.waiting.load(Ordering::SeqCst) == 0 {
+            self.demand.arrived.notified().await;
+        }
+    }
+
+    /// Whether a listener waits now or waited since the last call: false
+    /// means the store may take its notification channel down (marking the
+    /// feed not live) until [`ChangeFeed::wanted`] resolves again.
+    pub fn still_wanted(&self) -> bool {
+        self.demand.waited.swap(false, Ordering::SeqCst) || self.demand.waiting.load(Ordering::SeqCst) > 0
+    }
+}
+
+impl Default for ChangeFeed {
+    fn default() -> Self {
+        ChangeFeed::new()
+    }
+}
+
+/// Wakes a waiter when something may have changed. See the module docs.
+#[derive(Debug)]
+pub struct Listener {
+    feed: Option<watch::Receiver<FeedState>>,
+    demand: Option<Arc<Demand>>,
+    backoff: Backoff,
+}
+
+impl Listener {
+    /// A listener for a store without notifications: every wait is one step
+    /// of a jittered exponential backoff.
+    pub fn polling() -> Self {
+        Listener { feed: None, demand: None, backoff: Backoff::new() }
+    }
+
+    /// Whether this listener hears a store's notifications right now
+    /// (instead of polling).
+    pub fn is_notified(&self) -> bool {
+        self.feed.as_ref().is_some_and(|feed| feed.borrow().live)
+    }
+
+    /// Resolves at the next change published since the last call (or since
+    /// the listener was made), or after a backoff step when the store sends
+    /// no notifications (sooner if its feed comes back meanwhile).
+    pub async fn changed(&mut self) {
+        let _waiting = self.demand.as_deref().map(Demand::enter);
+        if let Some(feed) = &mut self.feed {
+            let closed = if feed.borrow().live {
+                feed.changed().await.is_err()
+            } else {
+                feed.borrow_and_update();
+                let step = self.backoff.next_delay();
+                tokio::select! {
+                    // Marked live again (or gone): the caller retries now.
+                    back = feed.changed() => back.is_err(),
+                    () = sleep(step) => false,
+                }
+            };
+            if !closed {
+                return;
+            }
+            // The store is gone: nothing will ever be sent again.
+            self.feed = None;
+        }
+        sleep(self.backoff.next_delay()).await;
+    }
+
+    /// Sleeps one backoff step, each longer than the last (up to 250 ms),
+    /// whatever the store publishes meanwhile: for a waiter that was woken
+    /// but found the same lock in its way, so that changes which do not
+    /// concern it (or its own stepwise attempts' releases) cannot make it
+    /// spin.
+    pub async fn pause(&mut self) {
+        sleep(self.backoff.next_delay()).await;
+    }
+
+    /// Starts the backoff over: the waiter made progress.
+    pub fn reset(&mut self) {
+        self.backoff.reset();
+    }
+}
+
+/// Jittered exponential backoff: 2 ms doubling to 250 ms, each step a random
+/// point in its upper half so that waiters do not retry in lockstep.
+#[derive(Debug, Clone)]
+struct Backoff {
+    step: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(2);
+    const LAST: Duration = Duration::from_millis(250);
+
+    fn new() -> Self {
+        Backoff { step: Self::FIRST }
+    }
+
+    fn reset(&mut self) {
+        self.step = Self::FIRST;
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let step = self.step;
+        self.step = (step * 2).min(Self::LAST);
+        step / 2 + step.mul_f64(fastrand::f64()) / 2
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::Instant;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_listener_hears_changes_made_before_it_waits() {
+        let feed = ChangeFeed::new();
+        let mut listener = feed.listen();
+        assert!(listener.is_notified());
+        feed.notify();
+        let started = Instant::now();
+        listener.changed().await;
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_feed_that_is_down_falls_back_to_polling() {
+        let feed = ChangeFeed::new();
+        let mut listener = feed.listen();
+        feed.set_live(false);
+        listener.changed().await; // the state change itself
+        assert!(!listener.is_notified());
+        let started = Instant::now();
+        listener.changed().await;
+        let waited = started.elapsed();
+        assert!(waited >= Backoff::FIRST / 2 && waited <= Backoff::LAST, "{waited:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_polling_listener_retries_as_soon_as_the_feed_is_back() {
+        let feed = ChangeFeed::new();
+        let mut listener = feed.listen();
+        feed.set_live(false);
+        listener.changed().await; // the state change itself
+        for _ in 0..6 {
+            listener.changed().await; // backoff steps, up to 64 ms and more
+        }
+        let back = {
+            let feed = feed.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                feed.set_live(true);
+            })
+        };
+        let started = Instant::now();
+        listener.changed().await;
+        assert_eq!(started.elapsed(), Duration::from_millis(10), "woken by the feed, not by the backoff");
+        assert!(listener.is_notified());
+        back.await.expect("the feed came back");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_feed_is_wanted_only_while_listeners_wait() {
+        let feed = ChangeFeed::new();
+        let mut listener = feed.listen();
+        assert!(!feed.still_wanted(), "listening is not waiting: a try never asks for the channel");
+        let wanted = tokio::spawn({
+            let feed = feed.clone();
+            async move { feed.wanted().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!wanted.is_finished());
+
+        let waiter = tokio::spawn(async move {
+            listener.changed().await;
+            listener
+        });
+        wanted.await.expect("wanted once a listener waits");
+        assert!(feed.still_wanted());
+        assert!(feed.still_wanted(), "still wanted while the listener waits");
+        feed.notify();
+        let listener = waiter.await.expect("woken by the change");
+        assert!(feed.still_wanted(), "it waited since the last question");
+        assert!(!feed.still_wanted(), "nobody waited since");
+        tokio::time::timeout(Duration::from_secs(1), feed.wanted()).await.expect_err("nobody waits");
+        drop(listener);
+    }
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter() {
+        let mut backoff = Backoff::new();
+        let delays: Vec<Duration> = (0..12).map(|_| backoff.next_delay()).collect();
+        assert!(delays[0] >= Duration::from_millis(1) && delays[0] <= Duration::from_millis(2));
+        assert!(delays.iter().all(|d| *d <= Backoff::LAST));
+        assert!(delays[11] >= Backoff::LAST / 2);
+    }
+}
