@@ -32,6 +32,10 @@ use crate::lock::Namespace;
 /// `connect_timeout` says otherwise.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long one request to a store may take unless its URL's
+/// `request_timeout` says otherwise.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The shortest timeout a configuration accepts.
 pub const MIN_TIMEOUT: Duration = Duration::from_millis(1);
 
@@ -225,6 +229,12 @@ impl StoreUrl {
         Ok(self.take_timeout("connect_timeout")?.unwrap_or(DEFAULT_CONNECT_TIMEOUT))
     }
 
+    /// Takes `request_timeout`, the limit every store puts on one
+    /// request ([`DEFAULT_REQUEST_TIMEOUT`] if not given).
+    pub fn take_request_timeout(&mut self) -> Result<Duration, Error> {
+        Ok(self.take_timeout("request_timeout")?.unwrap_or(DEFAULT_REQUEST_TIMEOUT))
+    }
+
     /// Takes `namespace`, checked by [`Namespace::new`] (the default
     /// namespace if not given).
     pub fn take_namespace(&mut self) -> Result<Namespace, Error> {
@@ -381,14 +391,18 @@ pub async fn connect_within<T>(
     limit: Duration,
     connecting: impl Future<Output = Result<T, Error>>,
 ) -> Result<T, Error> {
-    tokio::time::timeout(limit, connecting).await.unwrap_or_else(|_| {
-        let limit = if limit.subsec_nanos() == 0 { format!("{} s", limit.as_secs()) } else { human(limit) };
-        Err(Error::store_message(
-            store,
-            true,
-            format!("could not connect to {store} at {addresses} within {limit} (connect_timeout)"),
-        ))
-    })
+    tokio::time::timeout(limit, connecting).await.unwrap_or_else(|_| Err(connect_timed_out(store, addresses, limit)))
+}
+
+/// The error of [`connect_within`], for a store whose client library ran
+/// out of the same time first.
+pub fn connect_timed_out(store: &'static str, addresses: &str, limit: Duration) -> Error {
+    let limit = if limit.subsec_nanos() == 0 { format!("{} s", limit.as_secs()) } else { human(limit) };
+    Error::store_message(
+        store,
+        true,
+        format!("could not connect to {store} at {addresses} within {limit} (connect_timeout)"),
+    )
 }
 
 /// A failure to connect to `addresses`, as [`Error::Store`]: `could not

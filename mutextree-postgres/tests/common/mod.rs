@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use conformance::harness::{free_port, temp_dir, RunningServer, ServerSpec, SharedServer};
 use conformance::TestStore;
 use mutextree_core::{async_trait, Error, LockBackend};
-use mutextree_postgres::{PostgresBackend, PostgresConfig};
+use mutextree_postgres::PostgresConfig;
 
 pub const SPEC: ServerSpec = ServerSpec {
     store: "postgres",
@@ -143,7 +143,7 @@ impl Postgres {
         Ok(Postgres { running, base, port, settings: settings.clone() })
     }
 
-    /// `host=127.0.0.1 port=… user=postgres dbname=postgres`.
+    /// `postgres://postgres@127.0.0.1:…/postgres`.
     pub fn url(&self) -> String {
         url_for(self.port)
     }
@@ -228,7 +228,7 @@ fn children_of(pid: u32) -> Vec<u32> {
 }
 
 pub fn url_for(port: u16) -> String {
-    format!("host=127.0.0.1 port={port} user=postgres dbname=postgres")
+    format!("postgres://postgres@127.0.0.1:{port}/postgres")
 }
 
 /// The directory of the installed `postgres`, which holds `initdb` and
@@ -315,7 +315,7 @@ pub struct Store;
 #[async_trait]
 impl TestStore for Store {
     async fn connect(&self, namespace: &str) -> Result<Arc<dyn LockBackend>, Error> {
-        let config = PostgresConfig::new(url()).namespace(namespace).pool_size(4);
-        Ok(Arc::new(PostgresBackend::connect(&config).await?))
+        let config = PostgresConfig::from_url(&url()).expect("url").pool_size(4);
+        Ok(Arc::new(config.connect().await?.backend(namespace)?))
     }
 }
