@@ -5,7 +5,7 @@ pub use mutextree_core::*;
 pub mod blocking;
 mod connect;
 
-pub use connect::connect;
+pub use connect::{connect, connect_with};
 
 /// The in-process store (feature `memory`, on by default).
 #[cfg(feature = "memory")]
@@ -17,7 +17,7 @@ pub mod memory {
 /// `rediss://`).
 #[cfg(feature = "redis")]
 pub mod redis {
-    pub use mutextree_redis::{RedisBackend, RedisOptions};
+    pub use mutextree_redis::{RedisBackend, RedisConfig, RedisStore};
 }
 
 /// The PostgreSQL store (feature `postgres`; `postgres-tls` adds TLS).

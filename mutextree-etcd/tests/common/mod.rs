@@ -11,7 +11,7 @@ use std::time::Duration;
 use conformance::harness::{free_port, temp_dir, RunningServer, ServerSpec, SharedServer};
 use conformance::{TestStore, Timing};
 use mutextree_core::{async_trait, Error, LockBackend};
-use mutextree_etcd::{EtcdBackend, EtcdConfig, EtcdStore};
+use mutextree_etcd::{EtcdBackend, EtcdConfig};
 
 pub(crate) const SPEC: ServerSpec = ServerSpec {
     store: "etcd",
@@ -208,7 +208,7 @@ pub(crate) async fn leader(urls: &[String]) -> usize {
 
 /// A backend on its own connection to `urls`, in `namespace`.
 pub(crate) async fn backend(urls: &[String], namespace: &str) -> Result<EtcdBackend, Error> {
-    EtcdStore::connect(EtcdConfig::new(urls.iter().cloned())).await?.namespace(namespace)
+    EtcdConfig::new(urls.iter().cloned()).connect().await?.backend(namespace)
 }
 
 /// A fresh random namespace.
