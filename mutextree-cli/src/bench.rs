@@ -63,10 +63,9 @@ impl Bench {
             });
         }
         let namespace = format!("bench-{:08x}", fastrand::u32(..));
-        let url = crate::store_url(Some(url), Some(&namespace))?;
         let mut clients: Vec<Arc<dyn LockBackend>> = Vec::new();
         for _ in 0..self.clients {
-            clients.push(crate::connect(&url).await?);
+            clients.push(crate::connect_in(url, &namespace).await?);
         }
         let spec = LoadSpec {
             clients: usize::from(self.clients),
@@ -95,12 +94,8 @@ impl Bench {
         let report = report?;
         let sent_after: Option<u64> = clients.iter().map(|client| client.round_trips()).sum();
 
-        // Scheme and address only: the URL may hold a password.
-        let place = url.split('?').next().unwrap_or_default();
-        let place = match place.split_once("://") {
-            Some((scheme, rest)) => format!("{scheme}://{}", rest.rsplit_once('@').map_or(rest, |(_, host)| host)),
-            None => place.to_owned(),
-        };
+        // Without the query, and the password hidden.
+        let place = mutextree::url::StoreUrl::parse("mutextree", url)?;
         println!("store: {place}, namespace {namespace}");
         print!("{}", load::markdown_table(&[(spec, report.clone())]));
         match sent_before.zip(sent_after) {

@@ -221,7 +221,7 @@ fn exit_statuses_are_as_documented() {
     assert!(text(&no_store.stderr).contains("--store"));
     let down = output(Command::new(env!("CARGO_BIN_EXE_mutextree")).args([
         "--store",
-        "redis://127.0.0.1:1/?connection_timeout=300ms",
+        "redis://127.0.0.1:1/?connect_timeout=300ms",
         "status",
     ]));
     assert_eq!(down.status.code(), Some(1), "{}", text(&down.stderr));

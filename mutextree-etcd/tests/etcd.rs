@@ -250,3 +250,13 @@ async fn credentials_reach_a_cluster_with_auth_on() {
     let refused = anonymous.try_grant(&request(&path("A"), Duration::from_secs(30))).await;
     assert!(matches!(refused, Err(Error::Store { retryable: false, .. })), "{refused:?}");
 }
+
+/// Durations in a URL read like `--ttl`: `1m`, `1500ms`, `2s`.
+#[tokio::test]
+async fn a_url_with_every_duration_grammar_connects() {
+    for (connect, request) in [("1m", "1500ms"), ("2s", "2"), ("1500ms", "1m")] {
+        let url = format!("{}?connect_timeout={connect}&request_timeout={request}", common::connect_url());
+        let store = EtcdConfig::from_url(&url).expect("url").connect().await.expect("connect");
+        store.backend(&common::namespace()).expect("namespace").list(None).await.expect("answered");
+    }
+}

@@ -623,3 +623,26 @@ async fn bad_schema_names_are_rejected_before_connecting() {
     let down = PostgresConfig::from_url(unreachable).expect("url").connect().await;
     assert!(matches!(down, Err(Error::Store { retryable: true, .. })), "{down:?}");
 }
+
+/// The server's own words reach the error's text; durations in the URL
+/// read like `--ttl`.
+#[tokio::test]
+async fn connection_errors_say_what_the_server_said() {
+    let url = common::url();
+    let port = mutextree_core::url::StoreUrl::parse("postgres", &url).expect("url").hosts()[0].port.expect("port");
+    for (url, says) in [
+        (format!("postgres://nobody@127.0.0.1:{port}/postgres"), "role \"nobody\" does not exist"),
+        (format!("postgres://postgres@127.0.0.1:{port}/x"), "database \"x\" does not exist"),
+    ] {
+        let error = PostgresConfig::from_url(&url).expect("url").connect().await.expect_err(&url);
+        let message = error.to_string();
+        assert!(message.contains(says), "{url}: {message}");
+        assert!(message.contains(&format!("could not connect to postgres at 127.0.0.1:{port}")), "{message}");
+        assert!(!error.is_retryable(), "{url}: {error:?}");
+    }
+    for (connect, request) in [("1m", "1500ms"), ("2s", "2"), ("1500ms", "1m")] {
+        let url = format!("{url}?connect_timeout={connect}&request_timeout={request}");
+        let store = PostgresConfig::from_url(&url).expect("url").connect().await.expect("connect");
+        store.backend("durations").expect("namespace").list(None).await.expect("answered");
+    }
+}

@@ -420,3 +420,16 @@ async fn the_subscription_is_up_while_waiters_wait_and_only_then() {
     server.stop();
     let _ = std::fs::remove_dir_all(&data);
 }
+
+/// Durations in a URL read like `--ttl`: `1m`, `1500ms`, `2s`.
+#[tokio::test]
+async fn a_url_with_every_duration_grammar_connects() {
+    let url = servers::redis_url();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    for (connect, request) in [("1m", "1500ms"), ("2s", "2"), ("1500ms", "1m")] {
+        let url = format!("{url}{separator}connect_timeout={connect}&request_timeout={request}");
+        let backend = RedisConfig::from_url(&url).expect("url").connect().await.expect("connect");
+        let backend = backend.backend(&namespace()).expect("namespace");
+        backend.list(None).await.expect("answered");
+    }
+}
