@@ -140,7 +140,7 @@ fn run_row(url: &str, spec: &LoadSpec) -> LoadReport {
     let runtime = runtime(spec.clients);
     runtime.block_on(async {
         let namespace = format!("bench-{:016x}", fastrand::u64(..));
-        let config = PostgresConfig::from_url(&url).expect("url").pool_size(spec.clients.max(8));
+        let config = PostgresConfig::from_url(url).expect("url").pool_size(spec.clients.max(8));
         let backend: Arc<dyn LockBackend> =
             Arc::new(config.connect().await.expect("connect").backend(&namespace).expect("namespace"));
         load::run(&[backend], spec).await.unwrap_or_else(|error| panic!("load run {spec:?} failed: {error}"))
@@ -177,7 +177,7 @@ async fn server_version(url: &str) -> String {
 /// statistics.
 async fn count_round_trips(url: &str) -> String {
     const PAIRS: i64 = 1000;
-    let config = PostgresConfig::from_url(&url).expect("url").pool_size(1);
+    let config = PostgresConfig::from_url(url).expect("url").pool_size(1);
     // Connected (and migrated) before counting.
     let backend = config.connect().await.expect("connect").backend("round-trips").expect("namespace");
     let request = LockRequest::new(
