@@ -132,15 +132,17 @@ impl EtcdConfig {
         self
     }
 
-    /// The time allowed to open a connection to one endpoint.
+    /// The time allowed to connect (5 s by default, from 1 ms to an hour):
+    /// to each endpoint, and for a first member to answer when the store
+    /// connects, in one attempt.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
     }
 
-    /// The time allowed for each request. A request that runs out of it
-    /// fails with a retryable [`Error::Store`]; whatever it granted expires
-    /// at its ttl.
+    /// The time allowed for each request (5 s by default, from 1 ms to an
+    /// hour). A request that runs out of it fails with a retryable
+    /// [`Error::Store`]; whatever it granted expires at its ttl.
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
         self
