@@ -55,7 +55,7 @@ on_store!(memory, std::sync::Arc::new(mutextree::memory::MemoryBackend::new()));
 #[cfg(feature = "redis")]
 on_store!(redis, super::fresh(&conformance::servers::redis::url()));
 #[cfg(feature = "postgres")]
-on_store!(postgres, super::fresh(&conformance::servers::postgres::connect_url()));
+on_store!(postgres, super::fresh(&conformance::servers::postgres::url()));
 #[cfg(feature = "etcd")]
 on_store!(etcd, super::fresh(&conformance::servers::etcd::connect_url()));
 

@@ -69,12 +69,11 @@ impl Bench {
             });
         }
         let namespace = format!("bench-{:08x}", fastrand::u32(..));
-        let url = crate::store_url(Some(url), Some(&namespace))?;
         let progress = progress_bar(self.duration);
         progress.set_message(format!("connecting {}", plural(self.clients.into(), "client")));
         let mut clients: Vec<Arc<dyn LockBackend>> = Vec::new();
         for _ in 0..self.clients {
-            clients.push(crate::connect(&url).await?);
+            clients.push(crate::connect_in(url, &namespace).await?);
         }
         let spec = LoadSpec {
             clients: usize::from(self.clients),
@@ -123,16 +122,12 @@ impl Bench {
             _ => None,
         };
 
-        // Scheme and address only: the URL may hold a password.
-        let place = url.split('?').next().unwrap_or_default();
-        let place = match place.split_once("://") {
-            Some((scheme, rest)) => format!("{scheme}://{}", rest.rsplit_once('@').map_or(rest, |(_, host)| host)),
-            None => place.to_owned(),
-        };
+        // Without the query, and the password hidden.
+        let place = mutextree::url::StoreUrl::parse("mutextree", url)?;
         if self.json {
             let micros = |duration: Duration| u64::try_from(duration.as_micros()).unwrap_or(u64::MAX);
             let figures = serde_json::json!({
-                "store": place,
+                "store": place.to_string(),
                 "namespace": namespace,
                 "clients": spec.clients,
                 "depth": spec.depth,

@@ -93,12 +93,13 @@ fn main() -> ExitCode {
 
 impl Command {
     async fn execute(self, store: Option<&str>, namespace: Option<&str>) -> Result<ExitCode, Error> {
-        let url = || store_url(store, namespace);
+        let url = || store_url(store);
+        NAMESPACE.get_or_init(|| namespace.map(str::to_owned));
         match self {
             Command::Run(run) => run.execute(&url()?).await,
             Command::Status(status) => {
                 let url = url()?;
-                status.execute(&connect(&url).await?, &namespace_of(&url)).await
+                status.execute(&connect(&url).await?, &namespace_in_use(&url)).await
             }
             Command::Why(why) => why.execute(&connect(&url()?).await?).await,
             Command::Release(release) => release.execute(&connect(&url()?).await?).await,
@@ -129,29 +130,43 @@ fn print_man_page() -> ExitCode {
     }
 }
 
-/// The store URL, with `--namespace` put into its query.
-fn store_url(store: Option<&str>, namespace: Option<&str>) -> Result<String, Error> {
+/// The store URL.
+fn store_url(store: Option<&str>) -> Result<String, Error> {
     let store = store.ok_or_else(|| Error::InvalidConfig {
         store: "mutextree",
         reason: "no store: pass --store URL or set MUTEXTREE_STORE (e.g. redis://127.0.0.1:6379)".to_owned(),
     })?;
-    let Some(namespace) = namespace else { return Ok(store.to_owned()) };
-    // Checked here so that the message names the option.
-    mutextree::Namespace::new(namespace)?;
-    let (base, query) = store.split_once('?').unwrap_or((store, ""));
-    let kept: Vec<&str> = query.split('&').filter(|pair| !pair.is_empty() && !pair.starts_with("namespace=")).collect();
-    let separator = if kept.is_empty() { "" } else { "&" };
-    Ok(format!("{base}?{}{separator}namespace={namespace}", kept.join("&")))
+    Ok(store.to_owned())
 }
 
+/// The `--namespace` option, for every connection of this process: it
+/// replaces the store URL's `namespace`.
+static NAMESPACE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
+/// Connects to the store at `url`, in the `--namespace` if one was given.
 async fn connect(url: &str) -> Result<Arc<dyn LockBackend>, Error> {
+    match NAMESPACE.get().and_then(Option::as_deref) {
+        Some(namespace) => connect_in(url, namespace).await,
+        None => {
+            note_if_memory(url);
+            mutextree::connect(url).await
+        }
+    }
+}
+
+/// Connects to the store at `url`, in `namespace`.
+async fn connect_in(url: &str, namespace: &str) -> Result<Arc<dyn LockBackend>, Error> {
+    note_if_memory(url);
+    mutextree::connect_with(url, namespace).await
+}
+
+fn note_if_memory(url: &str) {
     static NOTED: std::sync::Once = std::sync::Once::new();
     if url.starts_with("memory://") {
         NOTED.call_once(|| {
             eprintln!("mutextree: note: memory:// locks live in this process only; other processes do not see them");
         });
     }
-    mutextree::connect(url).await
 }
 
 /// A path in its text form (`A/B/D`).
@@ -159,25 +174,20 @@ fn parse_path(text: &str) -> Result<LockPath, String> {
     LockPath::parse(text).map_err(|error| error.to_string())
 }
 
-/// `30s`, `500ms`, `2m`, `1h 30m`, or a bare number of seconds (`90`,
-/// `0.5`) as flock(1) and timeout(1) read them.
+/// `30s`, `500ms`, `2m`, `1h 30m`; a bare number is seconds: what store
+/// URLs take too.
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    let seconds = text.trim().parse::<f64>().ok().filter(|seconds| seconds.is_finite());
-    match seconds {
-        Some(seconds) => Duration::try_from_secs_f64(seconds)
-            .map_err(|_| format!("{text} is not a duration: a number of seconds is 0 or more")),
-        None => humantime::parse_duration(text)
-            .map_err(|error| format!("{error} (write e.g. 30s, 500ms, 2m, or 90 for seconds)")),
-    }
+    mutextree::parse_duration(text).ok_or_else(|| format!("write {}", mutextree::url::DURATION_EXAMPLES))
 }
 
-/// The namespace a store URL names (`?namespace=NAME`), or the default.
-fn namespace_of(url: &str) -> String {
-    let query = url.split_once('?').map_or("", |(_, query)| query);
-    query
-        .split('&')
-        .find_map(|pair| pair.strip_prefix("namespace="))
-        .map_or_else(|| mutextree::Namespace::default().as_str().to_owned(), str::to_owned)
+/// The namespace the commands work in: `--namespace`, else the store URL's,
+/// else the default.
+fn namespace_in_use(url: &str) -> String {
+    let from_option = NAMESPACE.get().and_then(Option::as_deref).map(str::to_owned);
+    from_option.unwrap_or_else(|| {
+        let from_url = mutextree::url::StoreUrl::parse("mutextree", url).and_then(|mut url| url.take_namespace());
+        from_url.unwrap_or_default().as_str().to_owned()
+    })
 }
 
 #[cfg(test)]
@@ -185,16 +195,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_namespace_option_replaces_the_urls() {
-        let url = |store, namespace| store_url(Some(store), namespace).expect("valid");
-        assert_eq!(url("redis://h:1", Some("a")), "redis://h:1?namespace=a");
-        assert_eq!(
-            url("redis://h:1?namespace=b&response_timeout=1s", Some("a")),
-            "redis://h:1?response_timeout=1s&namespace=a"
-        );
-        assert_eq!(url("memory://", None), "memory://");
-        assert!(store_url(None, None).expect_err("no store").to_string().contains("MUTEXTREE_STORE"));
-        assert!(store_url(Some("memory://"), Some("a b")).is_err());
+    fn a_store_is_required() {
+        assert_eq!(store_url(Some("memory://")).expect("given"), "memory://");
+        assert!(store_url(None).expect_err("no store").to_string().contains("MUTEXTREE_STORE"));
+    }
+
+    #[test]
+    fn durations_read_as_in_store_urls() {
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert!(parse_duration("2 fortnights").expect_err("unknown unit").contains("1500ms"));
     }
 
     #[test]
@@ -206,13 +217,13 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert!(parse_duration("-1").is_err());
         assert!(parse_duration("NaN").is_err());
-        assert!(parse_duration("soon").expect_err("not a duration").contains("90 for seconds"));
+        assert!(parse_duration("soon").expect_err("not a duration").contains("a bare number is seconds"));
     }
 
     #[test]
     fn the_namespace_is_read_from_the_url() {
-        assert_eq!(namespace_of("redis://h:1?response_timeout=1s&namespace=app"), "app");
-        assert_eq!(namespace_of("memory://"), "mutextree");
+        assert_eq!(namespace_in_use("redis://h:1?response_timeout=1s&namespace=app"), "app");
+        assert_eq!(namespace_in_use("memory://"), "mutextree");
     }
 
     #[test]

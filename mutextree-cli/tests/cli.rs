@@ -17,7 +17,7 @@ fn store() -> (String, String) {
 
 /// A fresh namespace on each store's test server.
 fn every_store() -> Vec<(String, String)> {
-    vec![store(), (servers::postgres::connect_url(), namespace()), (servers::etcd::connect_url(), namespace())]
+    vec![store(), (servers::postgres::url(), namespace()), (servers::etcd::connect_url(), namespace())]
 }
 
 fn namespace() -> String {
@@ -220,7 +220,7 @@ fn exit_statuses_are_as_documented() {
     assert!(text(&no_store.stderr).contains("--store"));
     let down = output(Command::new(env!("CARGO_BIN_EXE_mutextree")).args([
         "--store",
-        "redis://127.0.0.1:1/?connection_timeout=300ms",
+        "redis://127.0.0.1:1/?connect_timeout=300ms",
         "status",
     ]));
     assert_eq!(down.status.code(), Some(1), "{}", text(&down.stderr));

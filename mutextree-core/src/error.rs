@@ -273,17 +273,6 @@ fn describe_not_held(path: &LockPath, owner: Option<&Owner>, token: Option<u64>)
     }
 }
 
-/// A duration as store URLs write it: `500ms`, `2s` or `1.5s`.
-pub fn parse_duration(text: &str) -> Option<Duration> {
-    if let Some(millis) = text.strip_suffix("ms") {
-        millis.trim().parse::<u64>().ok().map(Duration::from_millis)
-    } else if let Some(secs) = text.strip_suffix('s') {
-        secs.trim().parse::<f64>().ok().and_then(|secs| Duration::try_from_secs_f64(secs).ok())
-    } else {
-        None
-    }
-}
-
 /// A duration as a person reads it: `850 ms`, `29.8 s`, `2 h 5 min`.
 pub fn human(duration: Duration) -> String {
     let millis = duration.as_millis();

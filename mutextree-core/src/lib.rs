@@ -16,6 +16,8 @@
 //!   [`Grant`], [`HeldLock`], [`Owner`], [`Ttl`], [`Namespace`]).
 //! * [`backend`]: the [`LockBackend`] contract and [`Stepwise`].
 //! * [`stepwise`]: the seed's algorithm over a store's primitives.
+//! * [`url`]: store URLs, read alike by every store's configuration, and
+//!   the `connect_timeout` every store puts on opening its connection.
 //! * [`wait`]: how acquisitions wait (notifications, expiry, backoff).
 //! * [`handle`]: [`TreeLock`], [`TreeLockGuard`] and [`TreeLock::run`].
 //! * [`error`]: the one public [`Error`].
@@ -30,15 +32,17 @@ pub mod handle;
 pub mod lock;
 pub mod path;
 pub mod stepwise;
+pub mod url;
 pub mod wait;
 
 pub use backend::LockBackend;
-pub use error::{human, parse_duration, Error, PathRule};
+pub use error::{human, Error, PathRule};
 pub use feed::{ChangeFeed, Listener};
 pub use handle::{IntoLockPath, TreeLock, TreeLockBuilder, TreeLockGuard, DEFAULT_TTL};
 pub use lock::{Attempt, Grant, HeldLock, LockKind, LockRequest, Namespace, Owner, Ttl};
 pub use path::{LockPath, MAX_DEPTH, MAX_PATH_BYTES, MAX_SEGMENT_BYTES};
 pub use stepwise::Stepwise;
+pub use url::parse_duration;
 pub use wait::{Acquisition, Background, OnWait, Wait, TRANSIENT_PATIENCE};
 
 /// Re-exported so that stores implement [`LockBackend`] with the same macro.

@@ -26,7 +26,7 @@ use conformance::random_namespace;
 use conformance::servers::etcd;
 use etcd_client::Client;
 use mutextree_core::{LockBackend, LockPath, LockRequest, Owner, Ttl};
-use mutextree_etcd::{EtcdConfig, EtcdStore};
+use mutextree_etcd::EtcdConfig;
 use mutextree_load::{self as load, LoadSpec, Scenario};
 
 /// Sequential operations per round-trip count.
@@ -51,8 +51,8 @@ fn main() {
 
 /// A client of `namespace` on its own connection.
 async fn backend(url: &str, namespace: &str) -> Arc<dyn LockBackend> {
-    let store = EtcdStore::connect(EtcdConfig::new([url.to_owned()])).await.expect("connect");
-    Arc::new(store.namespace(namespace).expect("a valid namespace"))
+    let store = EtcdConfig::new([url.to_owned()]).connect().await.expect("connect");
+    Arc::new(store.backend(namespace).expect("a valid namespace"))
 }
 
 /// Requests per operation, from the server's own counters.

@@ -1,15 +1,18 @@
 //! How to reach etcd: endpoints, key prefix, credentials, TLS and timeouts.
 //!
-//! Everything is checked by [`EtcdStore::connect`](crate::EtcdStore::connect)
-//! before a connection is made, so a bad value is an
-//! [`Error::InvalidConfig`] that names the option, never a half-working
-//! client.
+//! Read from a URL by core's reader or set in code. Everything is checked
+//! by [`EtcdConfig::connect`] before a connection is made, so a bad value
+//! is an [`Error::InvalidConfig`] that names the option, never a
+//! half-working client.
 
 use std::fmt;
 use std::time::Duration;
 
 use etcd_client::ConnectOptions;
+use mutextree_core::url::{self, StoreUrl, DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT};
 use mutextree_core::{Error, Namespace};
+
+use crate::EtcdStore;
 
 /// The store's name in errors.
 pub(crate) const STORE: &str = "etcd";
@@ -20,15 +23,17 @@ pub(crate) const STORE: &str = "etcd";
 /// use std::time::Duration;
 /// use mutextree_etcd::EtcdConfig;
 ///
-/// let config = EtcdConfig::new(["http://10.0.0.1:2379", "http://10.0.0.2:2379", "http://10.0.0.3:2379"])
-///     .prefix("billing-locks")
-///     .user("locker", "secret")
+/// let config = EtcdConfig::from_url("etcd://locker:secret@10.0.0.1,10.0.0.2:2379,10.0.0.3?prefix=billing-locks")?
 ///     .request_timeout(Duration::from_secs(2));
-/// assert_eq!(config.endpoints().len(), 3);
+/// assert_eq!(config.endpoints(), ["http://10.0.0.1:2379", "http://10.0.0.2:2379", "http://10.0.0.3:2379"]);
+/// // let store = config.connect().await?;
+/// // let backend = store.backend("billing")?;
+/// # Ok::<(), mutextree_core::Error>(())
 /// ```
 #[derive(Clone)]
 pub struct EtcdConfig {
     endpoints: Vec<String>,
+    namespace: Namespace,
     prefix: String,
     user: Option<(String, String)>,
     connect_timeout: Duration,
@@ -40,11 +45,6 @@ pub struct EtcdConfig {
 impl EtcdConfig {
     /// The default key prefix.
     pub const DEFAULT_PREFIX: &'static str = "mutextree";
-    /// The default time allowed to open a connection to one endpoint.
-    pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-    /// The default time allowed for one request, the wait for a leader
-    /// included.
-    pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
     /// A configuration for these endpoints (`http://host:port`, or
     /// `https://host:port` with the `tls` feature): every member of the
@@ -57,77 +57,64 @@ impl EtcdConfig {
     {
         EtcdConfig {
             endpoints: endpoints.into_iter().map(Into::into).collect(),
+            namespace: Namespace::default(),
             prefix: Self::DEFAULT_PREFIX.to_owned(),
             user: None,
-            connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
-            request_timeout: Self::DEFAULT_REQUEST_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
             #[cfg(feature = "tls")]
             tls: None,
         }
     }
 
-    /// A configuration, and the namespace, from one URL:
-    /// `etcd://host:port[,host:port...]` (plain HTTP endpoints) or
-    /// `etcds://...` (HTTPS, with the `tls` feature and the system's roots
-    /// unless [`tls`](Self::tls) says otherwise), with the optional query
-    /// parameters `namespace` (default `mutextree`), `prefix`, `user` and
-    /// `password`, `connect_timeout` and `request_timeout` (`500ms`, `2s`).
+    /// A configuration from a URL:
+    /// `etcd://[user:password@]host[:port][,host[:port]...]` (plain HTTP
+    /// endpoints, port 2379 unless given) or `etcds://...` (HTTPS, with the
+    /// `tls` feature and the system's roots unless [`tls`](Self::tls) says
+    /// otherwise), with these optional query parameters:
+    ///
+    /// | parameter | default | meaning |
+    /// | --- | --- | --- |
+    /// | `namespace` | `mutextree` | [`namespace`](Self::namespace): the namespace `mutextree::connect` opens |
+    /// | `connect_timeout` | `5s` | to reach a first member, one attempt: `500ms`, `2s`, `1m`, a bare number is seconds |
+    /// | `request_timeout` | `5s` | for each request |
+    /// | `prefix` | `mutextree` | the first part of every key |
+    ///
+    /// Anything else is an error naming it; so is a bad port or a URL
+    /// without a host.
     ///
     /// ```
     /// # use mutextree_etcd::EtcdConfig;
-    /// let (config, namespace) =
-    ///     EtcdConfig::from_url("etcd://10.0.0.1:2379,10.0.0.2:2379?namespace=fleet&request_timeout=2s")?;
+    /// let config = EtcdConfig::from_url("etcd://10.0.0.1:2379,10.0.0.2?namespace=fleet&request_timeout=2s")?;
     /// assert_eq!(config.endpoints(), ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]);
-    /// assert_eq!(namespace, "fleet");
+    /// assert_eq!(config.namespace().as_str(), "fleet");
     /// # Ok::<(), mutextree_core::Error>(())
     /// ```
-    pub fn from_url(url: &str) -> Result<(Self, String), Error> {
-        let invalid = |reason: String| Error::InvalidConfig { store: STORE, reason };
-        // Messages never repeat the URL: it may hold a password.
-        let (scheme, rest) =
-            url.split_once("://").ok_or_else(|| invalid("this is not a URL: write etcd://host:port".to_owned()))?;
-        let http = match scheme {
+    pub fn from_url(text: &str) -> Result<Self, Error> {
+        let mut url = StoreUrl::parse(STORE, text)?;
+        let http = match url.scheme() {
             "etcd" => "http",
             "etcds" => "https",
-            _ => return Err(invalid(format!("unknown scheme {scheme}://: write etcd:// or etcds://"))),
+            other => return Err(url.invalid(format!("unknown scheme {other}://: write etcd:// or etcds://"))),
         };
-        let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let hosts = hosts.trim_end_matches('/');
-        if hosts.is_empty() || hosts.contains(['/', '@']) {
-            return Err(invalid(
-                "write the endpoints as etcd://host:port[,host:port...], credentials as ?user=&password=".to_owned(),
-            ));
+        if !url.path().trim_start_matches('/').is_empty() {
+            return Err(url.invalid("etcd URLs have no path: write etcd://host:port[,host:port...]?parameters"));
         }
-        let mut config = EtcdConfig::new(hosts.split(',').map(|host| format!("{http}://{host}")));
-        let mut namespace = Namespace::default().as_str().to_owned();
-        let (mut user, mut password) = (None, None);
-        let duration = |name: &str, value: &str| {
-            mutextree_core::parse_duration(value)
-                .ok_or_else(|| invalid(format!("{name}={value:?}: write a duration such as 500ms or 2s")))
-        };
-        for (name, value) in form_urlencoded_pairs(query) {
-            match &*name {
-                "namespace" => namespace = value,
-                "prefix" => config = config.prefix(value),
-                "user" => user = Some(value),
-                "password" => password = Some(value),
-                "connect_timeout" => config = config.connect_timeout(duration(&name, &value)?),
-                "request_timeout" => config = config.request_timeout(duration(&name, &value)?),
-                _ => {
-                    return Err(invalid(
-                        "unknown URL parameter: the known ones are namespace, prefix, user, password, \
-                         connect_timeout and request_timeout"
-                            .to_owned(),
-                    ))
-                }
-            }
+        let endpoints = url.require_hosts()?.iter().map(|host| format!("{http}://{}", host.address(DEFAULT_PORT)));
+        let mut config = EtcdConfig::new(endpoints);
+        config.namespace = url.take_namespace()?;
+        config.connect_timeout = url.take_connect_timeout()?;
+        config.request_timeout = url.take_request_timeout()?;
+        if let Some(prefix) = url.take("prefix") {
+            config.prefix = prefix;
         }
-        match (user, password) {
+        match (url.user(), url.password()) {
             (Some(user), Some(password)) => config = config.user(user, password),
             (None, None) => {}
-            _ => return Err(invalid("give both user and password, or neither".to_owned())),
+            _ => return Err(url.invalid("give both user and password, or neither: etcd://user:password@host")),
         }
-        Ok((config, namespace))
+        url.finish(PARAMETERS)?;
+        Ok(config)
     }
 
     /// The first part of every key (default [`Self::DEFAULT_PREFIX`]): lock
@@ -145,15 +132,17 @@ impl EtcdConfig {
         self
     }
 
-    /// The time allowed to open a connection to one endpoint.
+    /// The time allowed to connect (5 s by default, from 1 ms to an hour):
+    /// to each endpoint, and for a first member to answer when the store
+    /// connects, in one attempt.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
     }
 
-    /// The time allowed for each request. A request that runs out of it
-    /// fails with a retryable [`Error::Store`]; whatever it granted expires
-    /// at its ttl.
+    /// The time allowed for each request (5 s by default, from 1 ms to an
+    /// hour). A request that runs out of it fails with a retryable
+    /// [`Error::Store`]; whatever it granted expires at its ttl.
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
         self
@@ -177,6 +166,36 @@ impl EtcdConfig {
         &self.prefix
     }
 
+    /// The namespace the URL names (`mutextree` if none, or made by
+    /// [`new`](Self::new)): the one `mutextree::connect` opens. A store
+    /// serves any namespace: [`EtcdStore::backend`].
+    pub fn namespace(&self) -> &Namespace {
+        &self.namespace
+    }
+
+    /// Checks the configuration and connects, one connection per endpoint
+    /// (see [the failover](crate#how-it-works)): one attempt to reach the
+    /// members within the connect timeout, which succeeds when one of them
+    /// answers. With credentials, it authenticates with every endpoint, so
+    /// wrong ones fail here. Namespaces' backends share the connections:
+    /// [`EtcdStore::backend`].
+    pub async fn connect(&self) -> Result<EtcdStore, Error> {
+        EtcdStore::open(self.clone()).await
+    }
+
+    /// The members' addresses, for messages.
+    pub(crate) fn addresses(&self) -> String {
+        let address = |endpoint: &String| match endpoint.split_once("://") {
+            Some((_, rest)) => rest.to_owned(),
+            None => endpoint.clone(),
+        };
+        self.endpoints.iter().map(address).collect::<Vec<_>>().join(", ")
+    }
+
+    pub(crate) fn connect_timeout_value(&self) -> Duration {
+        self.connect_timeout
+    }
+
     /// Checks every option; the error names the first bad one.
     pub(crate) fn check(&self) -> Result<(), Error> {
         let invalid = |reason: String| Err(Error::InvalidConfig { store: STORE, reason });
@@ -184,21 +203,26 @@ impl EtcdConfig {
             return invalid("no endpoint given; name at least one, e.g. http://127.0.0.1:2379".into());
         }
         for endpoint in &self.endpoints {
-            let rest = endpoint.strip_prefix("http://").or_else(|| endpoint.strip_prefix("https://"));
-            match rest {
-                Some(authority) if !authority.is_empty() && !authority.contains(char::is_whitespace) => {}
-                _ => {
-                    return invalid(format!(
+            let usage = || {
+                format!(
                     "endpoint {endpoint:?} is not an http:// or https:// URL with a host, e.g. http://127.0.0.1:2379"
-                ))
-                }
+                )
+            };
+            if !endpoint.contains("://") {
+                return invalid(usage());
+            }
+            // Names a bad port.
+            let read = StoreUrl::parse(STORE, endpoint)?;
+            if !matches!(read.scheme(), "http" | "https") || read.hosts().len() != 1 {
+                return invalid(usage());
             }
             if endpoint.starts_with("https://") && !cfg!(feature = "tls") {
                 return invalid(format!("endpoint {endpoint:?} needs TLS: enable the `tls` feature of mutextree-etcd"));
             }
         }
-        let allowed = |c: char| c.is_ascii_alphanumeric() || "_-.:".contains(c);
-        if self.prefix.is_empty() || self.prefix.len() > 100 || !self.prefix.chars().all(allowed) {
+        // The namespace's rules, so that no prefix and namespace pair can
+        // spell another's keys.
+        if Namespace::new(self.prefix.as_str()).is_err() {
             return invalid(format!(
                 "key prefix {:?}: 1 to 100 ASCII letters, digits and `_ - . :` are allowed",
                 self.prefix
@@ -209,11 +233,8 @@ impl EtcdConfig {
                 return invalid("the user name is empty".into());
             }
         }
-        for (what, timeout) in [("connect", self.connect_timeout), ("request", self.request_timeout)] {
-            if timeout.is_zero() {
-                return invalid(format!("the {what} timeout is zero; nothing could ever succeed"));
-            }
-        }
+        url::checked_timeout(STORE, "connect_timeout", self.connect_timeout)?;
+        url::checked_timeout(STORE, "request_timeout", self.request_timeout)?;
         Ok(())
     }
 
@@ -255,10 +276,11 @@ impl fmt::Debug for EtcdConfig {
     }
 }
 
-/// A URL query's `name=value` pairs, percent-decoded.
-fn form_urlencoded_pairs(query: &str) -> Vec<(String, String)> {
-    url::form_urlencoded::parse(query.as_bytes()).map(|(name, value)| (name.into_owned(), value.into_owned())).collect()
-}
+/// The URL parameters [`EtcdConfig::from_url`] knows.
+const PARAMETERS: &[&str] = &["namespace", "connect_timeout", "request_timeout", "prefix"];
+
+/// etcd's client port.
+const DEFAULT_PORT: u16 = 2379;
 
 #[cfg(test)]
 mod tests {
@@ -279,13 +301,45 @@ mod tests {
         assert!(reason(EtcdConfig::new(["http://a"]).prefix("a/b")).contains("key prefix"));
         assert!(reason(EtcdConfig::new(["http://a"]).prefix("")).contains("key prefix"));
         assert!(reason(EtcdConfig::new(["http://a"]).user("", "x")).contains("user name"));
-        assert!(reason(EtcdConfig::new(["http://a"]).request_timeout(Duration::ZERO)).contains("request timeout"));
+        assert!(reason(EtcdConfig::new(["http://a"]).request_timeout(Duration::ZERO)).contains("request_timeout"));
+        assert!(reason(EtcdConfig::new(["http://a:99999"])).contains("\"99999\""));
         #[cfg(not(feature = "tls"))]
         assert!(reason(EtcdConfig::new(["https://a:2379"])).contains("`tls` feature"));
         EtcdConfig::new(["http://127.0.0.1:2379", "http://[::1]:2379"])
             .prefix("app:locks-1.2_b")
             .check()
             .expect("valid");
+    }
+
+    #[test]
+    fn urls() {
+        let config = EtcdConfig::from_url(
+            "etcd://u:p%40w@a,[::1]:2380?namespace=n&prefix=p&connect_timeout=1m&request_timeout=1500ms",
+        )
+        .expect("valid");
+        assert_eq!(config.endpoints(), ["http://a:2379", "http://[::1]:2380"]);
+        assert_eq!(config.addresses(), "a:2379, [::1]:2380");
+        assert_eq!(config.user, Some(("u".to_owned(), "p@w".to_owned())));
+        assert_eq!((config.namespace().as_str(), config.key_prefix()), ("n", "p"));
+        assert_eq!(
+            (config.connect_timeout, config.request_timeout),
+            (Duration::from_secs(60), Duration::from_millis(1500))
+        );
+        config.check().expect("valid");
+        for (url, says) in [
+            ("etcd://127.0.0.1:notaport", "\"notaport\""),
+            ("etcd://127.0.0.1:99999", "\"99999\""),
+            ("etcd://127.0.0.1:", "nothing after ':'"),
+            ("etcd://", "no host"),
+            ("etcd://?namespace=x", "no host"),
+            ("etcd://h?namesapce=x", "unknown URL parameter \"namesapce\"; the known ones are namespace,"),
+            ("etcd://u@h", "both user and password"),
+            ("etcd://h/x", "no path"),
+            ("http://h", "unknown scheme"),
+        ] {
+            let error = EtcdConfig::from_url(url).expect_err(url);
+            assert!(error.to_string().contains(says), "{url}: {error}");
+        }
     }
 
     #[test]

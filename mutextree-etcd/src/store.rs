@@ -10,6 +10,7 @@ use etcd_client::{
     Client, Compare, CompareOp, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
 };
 use futures::stream::{self, StreamExt, TryStreamExt};
+use mutextree_core::url::{connect_timed_out, connect_within};
 use mutextree_core::{
     async_trait, stepwise::TRANSIENT_TTL, Attempt, Error, Grant, HeldLock, Listener, LockBackend, LockKind, LockPath,
     LockRequest, Namespace, Ttl,
@@ -51,23 +52,43 @@ pub struct EtcdStore {
 }
 
 impl EtcdStore {
-    /// Checks the configuration and connects, one connection per endpoint
-    /// (see [the failover](crate#how-it-works)). Without credentials this
-    /// sends nothing (connections are made on first use, and re-made by
-    /// themselves after a failure); with credentials it authenticates with
-    /// every endpoint, so wrong ones fail here.
-    pub async fn connect(config: EtcdConfig) -> Result<Self, Error> {
+    /// See [`EtcdConfig::connect`]. The clients connect lazily (and
+    /// reconnect by themselves after a failure); asking every member for
+    /// its status at once is the one attempt that shows a member answers.
+    pub(crate) async fn open(config: EtcdConfig) -> Result<Self, Error> {
         config.check()?;
-        let mut clients = Vec::with_capacity(config.endpoints().len());
-        for endpoint in config.endpoints() {
-            let client = Client::connect([endpoint], Some(config.connect_options())).await.map_err(store_error)?;
-            clients.push(client);
-        }
+        let addresses = config.addresses();
+        let limit = config.connect_timeout_value();
+        let opening = async {
+            let mut clients = Vec::with_capacity(config.endpoints().len());
+            for endpoint in config.endpoints() {
+                let client = Client::connect([endpoint], Some(config.connect_options()))
+                    .await
+                    .map_err(|error| connect_error(&addresses, limit, error))?;
+                clients.push(client);
+            }
+            let status = |client: &Client| {
+                let mut client = client.clone();
+                async move { client.status().await }
+            };
+            let answers = futures::future::join_all(clients.iter().map(status)).await;
+            // One member that answers is enough: the others may be down
+            // for now, and the store fails over to them when they are back.
+            let mut failure = None;
+            for answer in answers {
+                match answer {
+                    Ok(_) => return Ok(clients),
+                    Err(error) => failure = failure.or(Some(error)),
+                }
+            }
+            Err(connect_error(&addresses, limit, failure.expect("a configuration has at least one endpoint")))
+        };
+        let clients = connect_within(STORE, &addresses, limit, opening).await?;
         Ok(EtcdStore { members: Arc::new(Members::new(clients)), config })
     }
 
-    /// A backend for one namespace on this connection.
-    pub fn namespace(&self, name: &str) -> Result<EtcdBackend, Error> {
+    /// The backend of one namespace, on this store's connections.
+    pub fn backend(&self, name: &str) -> Result<EtcdBackend, Error> {
         let name = Namespace::new(name)?;
         Ok(EtcdBackend {
             inner: Arc::new(Inner {
@@ -490,8 +511,41 @@ fn is_lease_not_found(error: &etcd_client::Error) -> bool {
 
 /// A client error as the workspace's error.
 pub(crate) fn store_error(error: etcd_client::Error) -> Error {
+    Error::Store {
+        store: STORE,
+        message: describe(&error),
+        retryable: is_retryable(&error),
+        source: Some(Box::new(error)),
+    }
+}
+
+/// A failure to reach the members at `addresses`: the connect timeout's
+/// message if the client ran out of time, the cause otherwise.
+fn connect_error(addresses: &str, limit: Duration, error: etcd_client::Error) -> Error {
+    let text = describe(&error);
+    let timed_out = matches!(&error, etcd_client::Error::GRpcStatus(status)
+        if matches!(status.code(), tonic::Code::DeadlineExceeded | tonic::Code::Cancelled))
+        || ["timed out", "Timeout expired", "deadline has elapsed"].iter().any(|said| text.contains(said));
+    if timed_out {
+        return connect_timed_out(STORE, addresses, limit);
+    }
     let retryable = is_retryable(&error);
-    Error::store(STORE, retryable, error)
+    Error::Store {
+        store: STORE,
+        message: format!("could not connect to {STORE} at {addresses}: {text}"),
+        retryable,
+        source: Some(Box::new(error)),
+    }
+}
+
+/// What went wrong, in words: the server's message and its gRPC code
+/// (`etcdserver: user name not found (InvalidArgument)`) rather than the
+/// status's debug form, or the transport error with its causes.
+fn describe(error: &etcd_client::Error) -> String {
+    match error {
+        etcd_client::Error::GRpcStatus(status) => format!("{} ({:?})", status.message(), status.code()),
+        other => mutextree_core::url::with_sources(other),
+    }
 }
 
 /// Whether an error can pass: a lost connection, a timeout, no leader

@@ -12,7 +12,7 @@ use conformance::chaos::{self, ChaosSettings, ChaosStore};
 use conformance::proxy::FaultProxy;
 use conformance::servers::etcd::{self, Cluster};
 use mutextree_core::{async_trait, Error, LockBackend};
-use mutextree_etcd::{EtcdConfig, EtcdStore};
+use mutextree_etcd::EtcdConfig;
 
 /// Whole seconds, at etcd's minimum lease.
 const TTL: Duration = Duration::from_secs(2);
@@ -40,7 +40,7 @@ impl Faulty {
 
     async fn backend(&self, endpoints: Vec<String>, namespace: &str) -> Result<Arc<dyn LockBackend>, Error> {
         let config = EtcdConfig::new(endpoints).connect_timeout(REQUEST_TIMEOUT).request_timeout(REQUEST_TIMEOUT);
-        Ok(Arc::new(EtcdStore::connect(config).await?.namespace(namespace)?))
+        Ok(Arc::new(config.connect().await?.backend(namespace)?))
     }
 
     fn proxied(&self) -> Vec<String> {

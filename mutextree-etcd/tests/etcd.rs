@@ -9,7 +9,7 @@ use std::time::Duration;
 use conformance::servers::etcd;
 use etcd_client::Client;
 use mutextree_core::{Attempt, Error, Grant, LockBackend, LockPath, LockRequest, Owner, Ttl, MAX_DEPTH};
-use mutextree_etcd::{EtcdBackend, EtcdConfig, EtcdStore, MIN_LEASE_TTL};
+use mutextree_etcd::{EtcdBackend, EtcdConfig, MIN_LEASE_TTL};
 use tokio::time::{sleep, sleep_until, Instant};
 
 use common::TIMING;
@@ -186,25 +186,25 @@ async fn bad_configuration_is_refused_before_connecting() {
         EtcdConfig::new([etcd::url()]).prefix("a/b"),
         EtcdConfig::new([etcd::url()]).connect_timeout(Duration::ZERO),
     ] {
-        let error = EtcdStore::connect(config).await.expect_err("refused");
+        let error = config.connect().await.expect_err("refused");
         assert!(matches!(error, Error::InvalidConfig { store: "etcd", .. }), "{error:?}");
     }
-    let store = EtcdStore::connect(EtcdConfig::new([etcd::url()])).await.expect("connect");
-    assert!(matches!(store.namespace("{x}"), Err(Error::InvalidNamespace { .. })));
+    let store = EtcdConfig::new([etcd::url()]).connect().await.expect("connect");
+    assert!(matches!(store.backend("{x}"), Err(Error::InvalidNamespace { .. })));
 }
 
-/// A server that is not there is a retryable store error, not a hang or a
-/// grant.
+/// A server that is not there is a retryable store error when connecting,
+/// naming the address, not a hang.
 #[tokio::test]
 async fn an_unreachable_server_is_a_retryable_error() {
-    let nobody = etcd::client_url(conformance::harness::free_port());
-    let config =
-        EtcdConfig::new([nobody]).connect_timeout(Duration::from_millis(500)).request_timeout(Duration::from_secs(1));
-    let backend =
-        EtcdStore::connect(config).await.expect("connecting sends nothing").namespace("x").expect("namespace");
+    let port = conformance::harness::free_port();
+    let config = EtcdConfig::new([etcd::client_url(port)])
+        .connect_timeout(Duration::from_millis(500))
+        .request_timeout(Duration::from_secs(1));
     let started = Instant::now();
-    let error = backend.try_grant(&request(&path("A"), Duration::from_secs(5))).await.expect_err("nobody answers");
+    let error = config.connect().await.expect_err("nobody answers");
     assert!(matches!(error, Error::Store { retryable: true, .. }), "{error:?}");
+    assert!(error.to_string().contains(&format!("could not connect to etcd at 127.0.0.1:{port}")), "{error}");
     assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
 }
 
@@ -212,10 +212,10 @@ async fn an_unreachable_server_is_a_retryable_error() {
 #[tokio::test]
 async fn prefixes_are_isolated() {
     let url = etcd::url();
-    let one = EtcdStore::connect(EtcdConfig::new([url.clone()]).prefix("one")).await.expect("connect");
-    let two = EtcdStore::connect(EtcdConfig::new([url]).prefix("two")).await.expect("connect");
+    let one = EtcdConfig::new([url.clone()]).prefix("one").connect().await.expect("connect");
+    let two = EtcdConfig::new([url]).prefix("two").connect().await.expect("connect");
     let namespace = conformance::random_namespace();
-    let (one, two) = (one.namespace(&namespace).expect("ns"), two.namespace(&namespace).expect("ns"));
+    let (one, two) = (one.backend(&namespace).expect("ns"), two.backend(&namespace).expect("ns"));
     grant(&one, "A", Duration::from_secs(30)).await;
     grant(&two, "A/B", Duration::from_secs(30)).await;
     assert_eq!(one.list(None).await.expect("list").len(), 1);
@@ -239,14 +239,25 @@ async fn credentials_reach_a_cluster_with_auth_on() {
     admin.auth_enable().await.expect("auth on");
 
     let config = EtcdConfig::new(urls.clone()).user("locker", "locker-password");
-    let backend = EtcdStore::connect(config).await.expect("right credentials").namespace("auth").expect("ns");
+    let backend = config.connect().await.expect("right credentials").backend("auth").expect("ns");
     let held = grant(&backend, "A/B", Duration::from_secs(30)).await;
     backend.release(&held).await.expect("release");
 
-    let wrong = EtcdStore::connect(EtcdConfig::new(urls.clone()).user("locker", "guess")).await;
+    let wrong = EtcdConfig::new(urls.clone()).user("locker", "guess").connect().await;
     assert!(matches!(wrong, Err(Error::Store { retryable: false, .. })), "{wrong:?}");
-    let anonymous = EtcdStore::connect(EtcdConfig::new(urls)).await.expect("connecting sends nothing");
-    let anonymous = anonymous.namespace("auth").expect("ns");
+    // Connecting asks for the members' status, which needs no user.
+    let anonymous = EtcdConfig::new(urls).connect().await.expect("status needs no credentials");
+    let anonymous = anonymous.backend("auth").expect("ns");
     let refused = anonymous.try_grant(&request(&path("A"), Duration::from_secs(30))).await;
     assert!(matches!(refused, Err(Error::Store { retryable: false, .. })), "{refused:?}");
+}
+
+/// Durations in a URL read like `--ttl`: `1m`, `1500ms`, `2s`.
+#[tokio::test]
+async fn a_url_with_every_duration_grammar_connects() {
+    for (connect, request) in [("1m", "1500ms"), ("2s", "2"), ("1500ms", "1m")] {
+        let url = format!("{}?connect_timeout={connect}&request_timeout={request}", etcd::connect_url());
+        let store = EtcdConfig::from_url(&url).expect("url").connect().await.expect("connect");
+        store.backend(&conformance::random_namespace()).expect("namespace").list(None).await.expect("answered");
+    }
 }

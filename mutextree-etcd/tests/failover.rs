@@ -13,7 +13,7 @@ use std::time::Duration;
 use conformance::oracle::Oracle;
 use conformance::servers::etcd;
 use mutextree_core::{Attempt, Error, LockBackend, LockPath, LockRequest, Owner, Ttl};
-use mutextree_etcd::{EtcdConfig, EtcdStore};
+use mutextree_etcd::EtcdConfig;
 use tokio::time::{sleep, Instant};
 
 const CLIENTS: usize = 12;
@@ -50,7 +50,7 @@ async fn killing_the_leader_never_double_grants_and_clients_fail_over() {
         let config = EtcdConfig::new(urls.clone())
             .connect_timeout(Duration::from_millis(500))
             .request_timeout(Duration::from_secs(2));
-        let backend = EtcdStore::connect(config).await.expect("connect").namespace(&namespace).expect("namespace");
+        let backend = config.connect().await.expect("connect").backend(&namespace).expect("namespace");
         let (paths, oracle, killed, stop, counts, after_kill) =
             (paths.clone(), oracle.clone(), killed.clone(), stop.clone(), counts.clone(), after_kill.clone());
         tasks.push(tokio::spawn(async move {

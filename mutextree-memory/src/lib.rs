@@ -92,8 +92,8 @@ impl MemoryStore {
         MemoryStore::default()
     }
 
-    /// A client of one namespace (made on first use).
-    pub fn namespace(&self, name: &str) -> Result<MemoryBackend, Error> {
+    /// The backend of one namespace (made on first use).
+    pub fn backend(&self, name: &str) -> Result<MemoryBackend, Error> {
         let name = Namespace::new(name)?;
         let space = self.namespaces.entry(name.clone()).or_insert_with(|| Arc::new(Space::new(name))).clone();
         Ok(MemoryBackend { space })

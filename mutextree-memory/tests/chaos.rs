@@ -28,7 +28,7 @@ impl ChaosStore for GatedMemory {
     }
 
     async fn connect(&self, namespace: &str) -> Result<Arc<dyn LockBackend>, Error> {
-        let gated = Gated::new(Arc::new(self.store.namespace(namespace)?));
+        let gated = Gated::new(Arc::new(self.store.backend(namespace)?));
         self.clients.lock().expect("clients").push(gated.clone());
         Ok(gated)
     }

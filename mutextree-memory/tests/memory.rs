@@ -70,15 +70,15 @@ async fn an_expired_descendant_does_not_block_and_is_removed() {
 async fn backends_of_one_namespace_share_locks_and_others_do_not() {
     let store = MemoryStore::new();
     let (one, same, other) = (
-        store.namespace("app").expect("namespace"),
-        store.namespace("app").expect("namespace"),
-        store.namespace("other").expect("namespace"),
+        store.backend("app").expect("namespace"),
+        store.backend("app").expect("namespace"),
+        store.backend("other").expect("namespace"),
     );
     let ttl = Duration::from_secs(60);
     one.try_grant(&request("a", ttl)).await.expect("grant").granted().expect("free");
     assert!(same.try_grant(&request("a/b", ttl)).await.expect("attempt").granted().is_none());
     assert!(other.try_grant(&request("a/b", ttl)).await.expect("attempt").granted().is_some());
-    assert!(store.namespace("{bad}").is_err());
+    assert!(store.backend("{bad}").is_err());
 }
 
 /// The memory store, seen through a client without notifications: waiting

@@ -31,7 +31,7 @@ use std::time::Duration;
 use conformance::servers::postgres;
 use mutextree_core::{LockBackend, LockPath, LockRequest, Owner, Ttl};
 use mutextree_load::{self as load, LoadReport, LoadSpec, Scenario};
-use mutextree_postgres::{PostgresBackend, PostgresConfig};
+use mutextree_postgres::PostgresConfig;
 
 fn main() {
     let secs: f64 = env_number("MUTEXTREE_BENCH_SECS", 3.0);
@@ -138,8 +138,9 @@ fn run_row(url: &str, spec: &LoadSpec) -> LoadReport {
     let runtime = runtime(spec.clients);
     runtime.block_on(async {
         let namespace = format!("bench-{:016x}", fastrand::u64(..));
-        let config = PostgresConfig::new(url).namespace(namespace).pool_size(spec.clients.max(8));
-        let backend: Arc<dyn LockBackend> = Arc::new(PostgresBackend::connect(&config).await.expect("connect"));
+        let config = PostgresConfig::from_url(url).expect("url").pool_size(spec.clients.max(8));
+        let backend: Arc<dyn LockBackend> =
+            Arc::new(config.connect().await.expect("connect").backend(&namespace).expect("namespace"));
         load::run(&[backend], spec).await.unwrap_or_else(|error| panic!("load run {spec:?} failed: {error}"))
     })
 }
@@ -174,9 +175,9 @@ async fn server_version(url: &str) -> String {
 /// statistics.
 async fn count_round_trips(url: &str) -> String {
     const PAIRS: i64 = 1000;
-    let config = PostgresConfig::new(url).namespace("round-trips").pool_size(1);
+    let config = PostgresConfig::from_url(url).expect("url").pool_size(1);
     // Connected (and migrated) before counting.
-    let backend = PostgresBackend::connect(&config).await.expect("connect");
+    let backend = config.connect().await.expect("connect").backend("round-trips").expect("namespace");
     let request = LockRequest::new(
         LockPath::parse("bench/r1/c0").expect("path"),
         Owner::new("counter").expect("owner"),

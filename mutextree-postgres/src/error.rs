@@ -57,12 +57,19 @@ impl From<CallError> for Error {
 /// A statement's failure: retryable unless the server rejected it for a
 /// reason that does not go away by itself.
 fn query_error(error: tokio_postgres::Error) -> Error {
-    let retryable = match error.code() {
-        // No answer at all: the connection broke, or never was.
+    // The client's own text is "db error"; the server's words are one
+    // `source()` down.
+    let message = mutextree_core::url::with_sources(&error);
+    Error::Store { store: STORE, message, retryable: is_retryable(&error), source: Some(Box::new(error)) }
+}
+
+/// Whether a statement or connection failure can pass: no answer at all
+/// (the connection broke, or never was) or a transient server state.
+pub(crate) fn is_retryable(error: &tokio_postgres::Error) -> bool {
+    match error.code() {
         None => true,
         Some(code) => is_transient(code),
-    };
-    Error::store(STORE, retryable, error)
+    }
 }
 
 /// SQLSTATEs of a server that is restarting, overloaded or shedding work,

@@ -8,7 +8,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, QueueMode, RecyclingMethod, Runtime};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, QueueMode, RecyclingMethod, Runtime};
+use mutextree_core::url::{connect_failed, connect_timed_out, connect_within};
 use mutextree_core::{
     async_trait, Attempt, Error, Grant, HeldLock, Listener, LockBackend, LockKind, LockPath, LockRequest, Namespace,
     Ttl,
@@ -85,18 +86,12 @@ struct Shared {
     schema: SchemaName,
     pg: tokio_postgres::Config,
     tls: Tls,
-    namespace: Namespace,
     request_timeout: Duration,
 }
 
 impl PostgresStore {
-    /// Checks the configuration, opens the pool and brings the schema to
-    /// this version (creating it if needed; see the crate docs).
-    ///
-    /// Fails with [`Error::InvalidConfig`] or [`Error::InvalidNamespace`]
-    /// before connecting if a setting is bad, and with [`Error::Store`] if
-    /// the server cannot be reached or refuses the migration.
-    pub async fn connect(config: &PostgresConfig) -> Result<Self, Error> {
+    /// See [`PostgresConfig::connect`].
+    pub(crate) async fn open(config: &PostgresConfig) -> Result<Self, Error> {
         let checked = config.check()?;
         let tls = tls(config);
         let manager = Manager::from_config(
@@ -107,7 +102,7 @@ impl PostgresStore {
             ManagerConfig { recycling_method: RecyclingMethod::Fast },
         );
         let pool = Pool::builder(manager)
-            .max_size(config.pool_size)
+            .max_size(checked.pool_size)
             // The connection handed back last is handed out first. In the
             // default order (the oldest first) a caller alone on a pool of
             // 8 went through all 8 in turn, each call waking a server
@@ -116,7 +111,7 @@ impl PostgresStore {
             .queue_mode(QueueMode::Lifo)
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(POOL_WAIT))
-            .create_timeout(Some(config.connect_timeout))
+            .create_timeout(Some(checked.connect_limit))
             .build()
             .map_err(|error| Error::InvalidConfig { store: STORE, reason: error.to_string() })?;
         let shared = Shared {
@@ -125,14 +120,28 @@ impl PostgresStore {
             schema: checked.schema,
             pg: checked.pg,
             tls,
-            namespace: checked.namespace,
-            request_timeout: config.request_timeout,
+            request_timeout: checked.request_timeout,
         };
-        shared.migrate().await?;
+        // The first connection, in one attempt: its failure names the hosts
+        // and says the server's own words.
+        let first = async {
+            shared.pool.get().await.map_err(|error| match error {
+                PoolError::Timeout(_) => connect_timed_out(STORE, &checked.addresses, checked.connect_limit),
+                PoolError::Backend(error) => {
+                    let retryable = error::is_retryable(&error);
+                    connect_failed(STORE, &checked.addresses, retryable, error)
+                }
+                other => connect_failed(STORE, &checked.addresses, false, other),
+            })
+        };
+        let client = connect_within(STORE, &checked.addresses, checked.connect_limit, first).await?;
+        shared.migrate(client).await?;
         Ok(PostgresStore { shared: Arc::new(shared) })
     }
 
-    /// A backend for the namespace `name`, on this store's pool.
+    /// The backend of the namespace `name`, on this store's pool. Its
+    /// listening connection for wake-ups is its own, opened the first time
+    /// one of its acquisitions waits.
     pub fn backend(&self, name: &str) -> Result<PostgresBackend, Error> {
         Ok(PostgresBackend::new(self.shared.clone(), Namespace::new(name)?))
     }
@@ -156,8 +165,7 @@ impl fmt::Debug for PostgresStore {
 
 impl Shared {
     /// Brings the schema to [`schema::VERSION`]; see the schema module.
-    async fn migrate(&self) -> Result<(), Error> {
-        let mut client = self.pool.get().await.map_err(CallError::from)?;
+    async fn migrate(&self, mut client: deadpool_postgres::Object) -> Result<(), Error> {
         let found = match client.query_opt(&self.statements.read_version, &[]).await {
             Ok(row) => row.map_or(0, |row| row.get::<_, i32>(0)),
             Err(error) if is_missing(error.code()) => 0,
@@ -263,14 +271,6 @@ pub struct PostgresBackend {
 }
 
 impl PostgresBackend {
-    /// Connects a store (see [`PostgresStore::connect`]) and returns the
-    /// backend of the configuration's namespace.
-    pub async fn connect(config: &PostgresConfig) -> Result<Self, Error> {
-        let store = PostgresStore::connect(config).await?;
-        let namespace = store.shared.namespace.clone();
-        Ok(PostgresBackend::new(store.shared, namespace))
-    }
-
     fn new(shared: Arc<Shared>, namespace: Namespace) -> Self {
         let notifications = Notifications::new(
             shared.pg.clone(),

@@ -11,7 +11,7 @@ use std::time::Duration;
 use conformance::chaos::CrashableServer;
 use conformance::servers::postgres::{self, Postgres, Settings};
 use mutextree_core::{async_trait, Error, LockBackend};
-use mutextree_postgres::{PostgresBackend, PostgresConfig};
+use mutextree_postgres::PostgresConfig;
 
 const TTL: Duration = Duration::from_millis(1500);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
@@ -44,12 +44,11 @@ impl CrashableServer for Server {
     }
 
     async fn connect_to(&self, port: u16, namespace: &str) -> Result<Arc<dyn LockBackend>, Error> {
-        let config = PostgresConfig::new(postgres::url_for(port))
-            .namespace(namespace)
+        let config = PostgresConfig::from_url(&postgres::url_for(port))?
             .pool_size(2)
             .connect_timeout(REQUEST_TIMEOUT)
             .request_timeout(REQUEST_TIMEOUT);
-        Ok(Arc::new(PostgresBackend::connect(&config).await?))
+        Ok(Arc::new(config.connect().await?.backend(namespace)?))
     }
 
     fn crash_and_restart(&self) {

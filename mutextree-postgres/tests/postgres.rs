@@ -43,8 +43,8 @@ async fn concurrent_migrations_of_a_fresh_schema_all_succeed() {
     for _ in 0..4 {
         let schema = fresh_name("migrate");
         let starts = (0..8).map(|_| {
-            let config = PostgresConfig::new(url.clone()).schema(schema.clone()).pool_size(1);
-            tokio::spawn(async move { PostgresStore::connect(&config).await })
+            let config = PostgresConfig::from_url(&url).expect("url").schema(schema.clone()).pool_size(1);
+            tokio::spawn(async move { config.connect().await })
         });
         let stores: Vec<PostgresStore> = join_all(starts)
             .await
@@ -63,7 +63,7 @@ async fn concurrent_migrations_of_a_fresh_schema_all_succeed() {
         let versions: Vec<i32> = versions.expect("version table").iter().map(|row| row.get(0)).collect();
         assert_eq!(versions, [4], "one version row");
         // A later start finds the current version and changes nothing.
-        PostgresStore::connect(&PostgresConfig::new(url.clone()).schema(schema.clone())).await.expect("again");
+        PostgresConfig::from_url(&url).expect("url").schema(schema.clone()).connect().await.expect("again");
         client.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE")).await.expect("drop");
     }
 }
@@ -84,8 +84,9 @@ async fn parent_child_race(stepwise_every: usize) {
         let (url, namespace, paths, oracle, refused) =
             (url.clone(), namespace.clone(), paths.clone(), oracle.clone(), refused.clone());
         tokio::spawn(async move {
-            let config = PostgresConfig::new(url).namespace(namespace).pool_size(1);
-            let native: Arc<dyn LockBackend> = Arc::new(PostgresBackend::connect(&config).await.expect("connect"));
+            let config = PostgresConfig::from_url(&url).expect("url").pool_size(1);
+            let native: Arc<dyn LockBackend> =
+                Arc::new(config.connect().await.expect("connect").backend(&namespace).expect("namespace"));
             let backend: Arc<dyn LockBackend> = if stepwise_every > 0 && client % stepwise_every == 0 {
                 Arc::new(Stepwise::new(native))
             } else {
@@ -138,8 +139,8 @@ async fn parent_child_race_with_stepwise_clients_never_grants_twice() {
 async fn restart_yields_errors_then_recovery_and_keeps_the_locks() {
     let settings = postgres::Settings { fsync: true, restartable: true, ..postgres::Settings::default() };
     let server = postgres::Postgres::create(&settings).unwrap_or_else(|message| panic!("{message}"));
-    let config = PostgresConfig::new(server.url()).namespace("restart").pool_size(2);
-    let backend = PostgresBackend::connect(&config).await.expect("connect");
+    let config = PostgresConfig::from_url(&server.url()).expect("url").pool_size(2);
+    let backend = config.connect().await.expect("connect").backend("restart").expect("namespace");
     let long = Duration::from_secs(600);
     let parent = backend.try_grant(&request("A", "holder", long)).await.expect("grant").granted().expect("free");
     let other = backend.try_grant(&request("X/Y", "holder", long)).await.expect("grant").granted().expect("free");
@@ -176,7 +177,7 @@ async fn restart_yields_errors_then_recovery_and_keeps_the_locks() {
     backend.release(&next).await.expect("release");
 
     // Waiters hear releases again: the listening connection came back.
-    let waiter_backend = Arc::new(PostgresBackend::connect(&config).await.expect("connect"));
+    let waiter_backend = Arc::new(config.connect().await.expect("connect").backend("restart").expect("namespace"));
     let gated = Gated::new(waiter_backend);
     let waiter = TreeLock::builder(gated.clone(), "A/B").wait(Wait::For(long)).build().expect("lock");
     let refused = gated.blocked();
@@ -196,8 +197,8 @@ async fn restart_yields_errors_then_recovery_and_keeps_the_locks() {
 async fn expired_rows_are_swept_so_the_table_stays_small() {
     let url = postgres::url();
     let schema = fresh_name("sweep");
-    let config = PostgresConfig::new(url.clone()).schema(schema.clone()).namespace("sweep");
-    let backend = PostgresBackend::connect(&config).await.expect("connect");
+    let config = PostgresConfig::from_url(&url).expect("url").schema(schema.clone());
+    let backend = config.connect().await.expect("connect").backend("sweep").expect("namespace");
     let client = inspector(&url).await;
     let sql = format!("SELECT count(*) FROM \"{schema}\".locks");
     let count = || async { client.query_one(&sql, &[]).await.expect("count").get::<_, i64>(0) };
@@ -232,8 +233,8 @@ async fn expired_rows_are_swept_so_the_table_stays_small() {
 async fn an_older_schema_is_migrated() {
     let url = postgres::url();
     let schema = fresh_name("older");
-    let config = PostgresConfig::new(url.clone()).schema(schema.clone()).namespace("older");
-    PostgresStore::connect(&config).await.expect("connect");
+    let config = PostgresConfig::from_url(&url).expect("url").schema(schema.clone());
+    config.connect().await.expect("connect");
     let client = inspector(&url).await;
     // What version 1 left: the same functions, without the setting.
     client
@@ -245,7 +246,7 @@ async fn an_older_schema_is_migrated() {
         ))
         .await
         .expect("back to version 1");
-    let backend = PostgresBackend::connect(&config).await.expect("migrate");
+    let backend = config.connect().await.expect("migrate").backend("older").expect("namespace");
     let version = client.query_one(&format!("SELECT version FROM \"{schema}\".schema_version"), &[]).await;
     assert_eq!(version.expect("version").get::<_, i32>(0), 4);
     let settings = client
@@ -296,8 +297,8 @@ $fn$;
 async fn a_version_2_schema_is_migrated() {
     let url = postgres::url();
     let schema = fresh_name("older");
-    let config = PostgresConfig::new(url.clone()).schema(schema.clone()).namespace("older");
-    PostgresStore::connect(&config).await.expect("connect");
+    let config = PostgresConfig::from_url(&url).expect("url").schema(schema.clone());
+    config.connect().await.expect("connect");
     let client = inspector(&url).await;
     let release_before = RELEASE_BEFORE_3.replace("{schema}", &schema);
     client
@@ -322,7 +323,7 @@ async fn a_version_2_schema_is_migrated() {
         .expect("release");
     assert_eq!(raw.until_sentinel(&client).await.len(), 2, "version 2 notified");
 
-    let backend = Arc::new(PostgresBackend::connect(&config).await.expect("migrate"));
+    let backend = Arc::new(config.connect().await.expect("migrate").backend("older").expect("namespace"));
     let version = client.query_one(&format!("SELECT version FROM \"{schema}\".schema_version"), &[]).await;
     assert_eq!(version.expect("version").get::<_, i32>(0), 4);
     let rows = client.query_one(&format!("SELECT count(*) FROM \"{schema}\".listeners"), &[]).await;
@@ -412,8 +413,8 @@ async fn wait_until_listening(backend: &PostgresBackend) {
 async fn a_release_nobody_listens_for_sends_no_notification() {
     let url = postgres::url();
     let schema = fresh_name("quiet");
-    let config = PostgresConfig::new(url.clone()).schema(schema.clone()).namespace("quiet");
-    let backend = PostgresBackend::connect(&config).await.expect("connect");
+    let config = PostgresConfig::from_url(&url).expect("url").schema(schema.clone());
+    let backend = config.connect().await.expect("connect").backend("quiet").expect("namespace");
     let client = inspector(&url).await;
     let mut raw = RawListener::new(&url, &schema).await;
     // A row of a listening session that has ended without removing it.
@@ -450,7 +451,7 @@ async fn a_release_nobody_listens_for_sends_no_notification() {
 async fn a_release_notifies_once_a_backend_of_the_namespace_listens() {
     let url = postgres::url();
     let schema = fresh_name("loud");
-    let store = PostgresStore::connect(&PostgresConfig::new(url.clone()).schema(schema.clone())).await.expect("store");
+    let store = PostgresConfig::from_url(&url).expect("url").schema(schema.clone()).connect().await.expect("store");
     let backend = Arc::new(store.backend("loud").expect("namespace"));
     let other = store.backend("other").expect("namespace");
     let client = inspector(&url).await;
@@ -487,8 +488,8 @@ async fn grants_read_only_the_primary_key_whatever_the_statistics() {
     const PAIRS: i64 = 300;
     let url = postgres::url();
     let schema = fresh_name("plans");
-    let config = PostgresConfig::new(url.clone()).schema(schema.clone()).namespace("plans").pool_size(1);
-    let backend = PostgresBackend::connect(&config).await.expect("connect");
+    let config = PostgresConfig::from_url(&url).expect("url").schema(schema.clone()).pool_size(1);
+    let backend = config.connect().await.expect("connect").backend("plans").expect("namespace");
     let client = inspector(&url).await;
     client
         .batch_execute(&format!(
@@ -522,8 +523,8 @@ async fn grants_read_only_the_primary_key_whatever_the_statistics() {
 async fn calls_one_at_a_time_reuse_one_connection() {
     let url = postgres::url();
     let schema = fresh_name("reuse");
-    let config = PostgresConfig::new(url.clone()).schema(schema.clone()).namespace("reuse").pool_size(8);
-    let backend = PostgresBackend::connect(&config).await.expect("connect");
+    let config = PostgresConfig::from_url(&url).expect("url").schema(schema.clone()).pool_size(8);
+    let backend = config.connect().await.expect("connect").backend("reuse").expect("namespace");
     let long = Duration::from_secs(60);
     let opened = join_all((0..32).map(|i| {
         let backend = backend.clone();
@@ -554,8 +555,8 @@ async fn calls_one_at_a_time_reuse_one_connection() {
 async fn many_waiters_share_one_listening_connection() {
     let url = postgres::url();
     let schema = fresh_name("listen");
-    let config = PostgresConfig::new(url.clone()).schema(schema.clone()).namespace("listen");
-    let backend = Arc::new(PostgresBackend::connect(&config).await.expect("connect"));
+    let config = PostgresConfig::from_url(&url).expect("url").schema(schema.clone());
+    let backend = Arc::new(config.connect().await.expect("connect").backend("listen").expect("namespace"));
     let holder = backend.try_grant(&request("A", "holder", Duration::from_secs(60))).await.expect("grant");
     let holder = holder.granted().expect("free");
     let waiters: Vec<_> = (0..10)
@@ -594,7 +595,7 @@ async fn many_waiters_share_one_listening_connection() {
 #[tokio::test]
 async fn bad_schema_names_are_rejected_before_connecting() {
     // Nothing listens on port 1: a connection attempt would be a store error.
-    let unreachable = "host=127.0.0.1 port=1 user=postgres connect_timeout=1";
+    let unreachable = "postgres://postgres@127.0.0.1:1/postgres?connect_timeout=1";
     for (schema, rule) in [
         ("", "at least one character"),
         ("Locks", "lowercase"),
@@ -603,8 +604,8 @@ async fn bad_schema_names_are_rejected_before_connecting() {
         ("pg_locks", "reserved"),
         ("9lives", "digit"),
     ] {
-        let config = PostgresConfig::new(unreachable).schema(schema);
-        match PostgresStore::connect(&config).await {
+        let config = PostgresConfig::from_url(unreachable).expect("url").schema(schema);
+        match config.connect().await {
             Err(error @ Error::InvalidConfig { .. }) => {
                 let message = error.to_string();
                 assert!(message.contains("schema name") && message.contains(rule), "{schema:?}: {message}");
@@ -613,11 +614,34 @@ async fn bad_schema_names_are_rejected_before_connecting() {
         }
     }
     let too_long = "x".repeat(mutextree_postgres::SchemaName::MAX_BYTES + 1);
-    let refused = PostgresStore::connect(&PostgresConfig::new(unreachable).schema(too_long)).await;
+    let refused = PostgresConfig::from_url(unreachable).expect("url").schema(too_long).connect().await;
     assert!(matches!(refused, Err(Error::InvalidConfig { .. })), "{refused:?}");
-    let refused = PostgresStore::connect(&PostgresConfig::new(unreachable).namespace("a b")).await;
+    let refused = PostgresConfig::from_url(&format!("{unreachable}&namespace=a%20b"));
     assert!(matches!(refused, Err(Error::InvalidNamespace { .. })), "{refused:?}");
     // And a good name against the unreachable server is a retryable store error.
-    let down = PostgresStore::connect(&PostgresConfig::new(unreachable)).await;
+    let down = PostgresConfig::from_url(unreachable).expect("url").connect().await;
     assert!(matches!(down, Err(Error::Store { retryable: true, .. })), "{down:?}");
+}
+
+/// The server's own words reach the error's text; durations in the URL
+/// read like `--ttl`.
+#[tokio::test]
+async fn connection_errors_say_what_the_server_said() {
+    let url = postgres::url();
+    let port = mutextree_core::url::StoreUrl::parse("postgres", &url).expect("url").hosts()[0].port.expect("port");
+    for (url, says) in [
+        (format!("postgres://nobody@127.0.0.1:{port}/postgres"), "role \"nobody\" does not exist"),
+        (format!("postgres://postgres@127.0.0.1:{port}/x"), "database \"x\" does not exist"),
+    ] {
+        let error = PostgresConfig::from_url(&url).expect("url").connect().await.expect_err(&url);
+        let message = error.to_string();
+        assert!(message.contains(says), "{url}: {message}");
+        assert!(message.contains(&format!("could not connect to postgres at 127.0.0.1:{port}")), "{message}");
+        assert!(!error.is_retryable(), "{url}: {error:?}");
+    }
+    for (connect, request) in [("1m", "1500ms"), ("2s", "2"), ("1500ms", "1m")] {
+        let url = format!("{url}?connect_timeout={connect}&request_timeout={request}");
+        let store = PostgresConfig::from_url(&url).expect("url").connect().await.expect("connect");
+        store.backend("durations").expect("namespace").list(None).await.expect("answered");
+    }
 }

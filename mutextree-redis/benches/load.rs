@@ -26,9 +26,10 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mutextree_core::url::StoreUrl;
 use mutextree_core::{LockBackend, LockPath, LockRequest, Owner, Ttl};
 use mutextree_load::{self as load, BenchSettings, LoadReport, LoadSpec, Scenario};
-use mutextree_redis::RedisOptions;
+use mutextree_redis::RedisConfig;
 
 /// Pairs run to count commands.
 const COUNTED_PAIRS: u64 = 1000;
@@ -49,13 +50,13 @@ fn adjacent_ceiling_requests(clients: usize) -> u64 {
 fn main() {
     let settings = BenchSettings::from_env();
     let url = conformance::servers::redis::url();
-    let address = url::Url::parse(&url).expect("a redis:// URL");
-    let host = address.host_str().unwrap_or("127.0.0.1").to_owned();
-    let port = address.port().unwrap_or(6379);
+    let address = StoreUrl::parse("redis", &url).expect("a redis:// URL").hosts()[0].clone();
+    let host = address.name;
+    let port = address.port.unwrap_or(6379);
     let runtime = load::runtime_for(1);
     let connect = |namespace: String| {
         let url = url.clone();
-        async move { RedisOptions::from_url(&url)?.namespace(&namespace)?.connect().await }
+        async move { RedisConfig::from_url(&url)?.connect().await?.backend(&namespace) }
     };
 
     println!("## mutextree-redis: load\n");

@@ -6,20 +6,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use mutextree_core::url::{connect_failed, connect_timed_out, connect_within};
 use mutextree_core::{
     async_trait, Attempt, ChangeFeed, Error, Grant, HeldLock, Listener, LockBackend, LockKind, LockPath, LockRequest,
-    Owner, Ttl,
+    Namespace, Owner, Ttl,
 };
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, ErrorKind, RedisError, Script, ServerErrorKind, ToRedisArgs, Value};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-mod options;
+mod config;
 mod subscriber;
 
-pub use options::RedisOptions;
+pub use config::RedisConfig;
 
 /// The store's name in errors.
 const STORE: &str = "redis";
@@ -75,16 +77,109 @@ impl Args {
     }
 }
 
-/// A client of one namespace on a Redis server or cluster: the
-/// [`LockBackend`]. Cheap to clone; clones share the connection and the
-/// subscription.
+/// A connection to a Redis server or cluster, from which namespaces are
+/// opened: [`RedisConfig::connect`], then [`backend`](Self::backend).
+///
+/// Cheap to clone; clones and the backends made from it share the
+/// connection.
+#[derive(Clone)]
+pub struct RedisStore {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    config: RedisConfig,
+    connection: Connection,
+    /// One plain client per node, for the backends' subscriptions (in a
+    /// cluster, a plain `PUBLISH` reaches the subscribers of every node).
+    clients: Vec<redis::Client>,
+}
+
+impl RedisStore {
+    /// One attempt to open the command connection, within the connect
+    /// timeout.
+    async fn open(config: RedisConfig) -> Result<Self, Error> {
+        install_tls_provider();
+        let addresses = config.addresses();
+        let failed = |error: RedisError| {
+            if error.is_timeout() {
+                connect_timed_out(STORE, &addresses, config.connect_timeout_value())
+            } else {
+                connect_failed(STORE, &addresses, is_retryable(&error), error)
+            }
+        };
+        let clients =
+            config.nodes().map(|node| redis::Client::open(node).map_err(failed)).collect::<Result<Vec<_>, _>>()?;
+        let opening = async {
+            if config.is_cluster() {
+                let client = ClusterClientBuilder::new(config.nodes())
+                    .connection_timeout(config.connect_timeout_value())
+                    .response_timeout(config.request_timeout_value())
+                    .tcp_settings(config.tcp_settings())
+                    .build()
+                    .map_err(failed)?;
+                client.get_async_connection().await.map(Connection::Cluster).map_err(failed)
+            } else {
+                // No retry here: one attempt, whose failure names the
+                // address. Later, a lost connection is opened again by the
+                // next call.
+                let manager = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(config.connect_timeout_value()))
+                    .set_response_timeout(Some(config.request_timeout_value()))
+                    .set_number_of_retries(0);
+                ConnectionManager::new_with_config(clients[0].clone(), manager)
+                    .await
+                    .map(Connection::Standalone)
+                    .map_err(failed)
+            }
+        };
+        let connection = connect_within(STORE, &addresses, config.connect_timeout_value(), opening).await?;
+        Ok(RedisStore { shared: Arc::new(Shared { config, connection, clients }) })
+    }
+
+    /// The backend of one namespace, on this store's connection. Its
+    /// subscription for wake-ups is its own, opened while its waiters wait;
+    /// call this within a tokio runtime.
+    pub fn backend(&self, namespace: &str) -> Result<RedisBackend, Error> {
+        let namespace = Namespace::new(namespace)?;
+        let scripts = Arc::new(ScriptRunner {
+            connection: self.shared.connection.clone(),
+            keys: Keys::new(self.shared.config.prefix(), &namespace),
+            sent: AtomicU64::new(0),
+        });
+        let feed = ChangeFeed::new();
+        // Until a waiter needs it and it is confirmed, there is no
+        // subscription, and a release could go unheard: waiters poll
+        // meanwhile.
+        feed.set_live(false);
+        let subscriber = AbortOnDrop(tokio::spawn(subscriber::run(self.shared.clone(), scripts.clone(), feed.clone())));
+        Ok(RedisBackend {
+            inner: Arc::new(Inner { store: self.clone(), namespace, scripts, feed, _subscriber: subscriber }),
+        })
+    }
+
+    /// The configuration this store was connected with.
+    pub fn config(&self) -> &RedisConfig {
+        &self.shared.config
+    }
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore").field("config", &self.shared.config).finish()
+    }
+}
+
+/// One namespace of a [`RedisStore`]: the [`LockBackend`]. Cheap to
+/// clone; clones share the connection and the subscription.
 #[derive(Clone)]
 pub struct RedisBackend {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    options: RedisOptions,
+    store: RedisStore,
+    namespace: Namespace,
     scripts: Arc<ScriptRunner>,
     feed: ChangeFeed,
     _subscriber: AbortOnDrop,
@@ -119,8 +214,8 @@ struct Keys {
 }
 
 impl Keys {
-    fn new(options: &RedisOptions) -> Self {
-        let base = format!("{}:{{{}}}", options.prefix(), options.namespace_name());
+    fn new(prefix: &str, namespace: &Namespace) -> Self {
+        let base = format!("{prefix}:{{{namespace}}}");
         Keys {
             declared: ["locks", "index", "expiry", "token"].map(|name| format!("{base}:{name}")),
             channel: format!("{base}:released"),
@@ -184,29 +279,14 @@ impl Connection {
 }
 
 impl RedisBackend {
-    /// Connects with the options of a URL: see [`RedisOptions::from_url`].
-    pub async fn connect(url: &str) -> Result<Self, Error> {
-        RedisOptions::from_url(url)?.connect().await
+    /// The namespace of this backend.
+    pub fn namespace(&self) -> &Namespace {
+        &self.inner.namespace
     }
 
-    pub(crate) async fn open(options: RedisOptions) -> Result<Self, Error> {
-        let scripts = Arc::new(ScriptRunner {
-            connection: options.connection().await?,
-            keys: Keys::new(&options),
-            sent: AtomicU64::new(0),
-        });
-        let feed = ChangeFeed::new();
-        // Until a waiter needs it and it is confirmed, there is no
-        // subscription, and a release could go unheard: waiters poll
-        // meanwhile.
-        feed.set_live(false);
-        let subscriber = AbortOnDrop(tokio::spawn(subscriber::run(options.clone(), scripts.clone(), feed.clone())));
-        Ok(RedisBackend { inner: Arc::new(Inner { options, scripts, feed, _subscriber: subscriber }) })
-    }
-
-    /// The options this backend was made with.
-    pub fn options(&self) -> &RedisOptions {
-        &self.inner.options
+    /// The store this backend is a namespace of.
+    pub fn store(&self) -> &RedisStore {
+        &self.inner.store
     }
 
     /// The four keys that hold the namespace (locks, index, expiry, token
@@ -298,7 +378,8 @@ impl LockBackend for RedisBackend {
 impl fmt::Debug for RedisBackend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisBackend")
-            .field("options", &self.inner.options)
+            .field("config", &self.inner.store.shared.config)
+            .field("namespace", &self.inner.namespace)
             .field("keys", &self.inner.scripts.keys)
             .field("notified", &self.inner.feed.listen().is_notified())
             .finish()
@@ -359,7 +440,11 @@ fn unexpected(value: &Value) -> Error {
 /// a cluster moving slots and a server busy or starting are worth retrying;
 /// wrong credentials, script and protocol errors are not.
 fn store_error(error: RedisError) -> Error {
-    let retryable = match error.kind() {
+    Error::store(STORE, is_retryable(&error), error)
+}
+
+fn is_retryable(error: &RedisError) -> bool {
+    match error.kind() {
         ErrorKind::AuthenticationFailed | ErrorKind::Parse | ErrorKind::InvalidClientConfig => false,
         _ => {
             error.is_io_error()
@@ -369,6 +454,14 @@ fn store_error(error: RedisError) -> Error {
                 || error.is_cluster_error()
                 || matches!(error.code(), Some("BUSY" | "LOADING" | "MASTERDOWN" | "READONLY"))
         }
-    };
-    Error::store(STORE, retryable, error)
+    }
+}
+
+/// rustls needs a process-wide crypto provider; ring is the one this crate
+/// builds with. Installing twice is harmless (the first one stays).
+fn install_tls_provider() {
+    #[cfg(feature = "tls")]
+    {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
 }

@@ -29,7 +29,7 @@ use futures::StreamExt;
 use mutextree_core::ChangeFeed;
 use tokio::time::{sleep, timeout, Instant};
 
-use crate::{RedisOptions, ScriptRunner};
+use crate::{ScriptRunner, Shared};
 
 /// How often a subscription checks that its connection still works (a
 /// half-open connection delivers nothing and reports no error), that
@@ -47,23 +47,17 @@ const RENEWED_WITHIN: Duration = Duration::from_secs(15);
 
 /// Keeps the subscription up whenever waiters need it, for as long as the
 /// backend lives. `feed` starts not live.
-pub(crate) async fn run(options: RedisOptions, scripts: Arc<ScriptRunner>, feed: ChangeFeed) {
-    let clients = match options.node_clients() {
-        Ok(clients) => clients,
-        // The options were checked when the command connection was
-        // made from them: waiters poll if this ever fails.
-        Err(_) => return,
-    };
+pub(crate) async fn run(store: Arc<Shared>, scripts: Arc<ScriptRunner>, feed: ChangeFeed) {
     // Each check waits at most this long for its answer.
-    let limit = options.response_timeout_value().min(PING_EVERY);
+    let limit = store.config.request_timeout_value().min(PING_EVERY);
     let announce = || async {
         let sent_at = Instant::now();
         matches!(timeout(limit, scripts.announce_listener(ANNOUNCED_FOR)).await, Ok(Ok(()))).then_some(sent_at)
     };
     let mut pause = Duration::from_millis(50);
-    for client in clients.iter().cycle() {
+    for client in store.clients.iter().cycle() {
         feed.wanted().await;
-        let subscribed = timeout(options.connection_timeout_value(), async {
+        let subscribed = timeout(store.config.connect_timeout_value(), async {
             let (mut sink, stream) = client.get_async_pubsub().await?.split();
             sink.subscribe(scripts.channel()).await?;
             Ok::<_, redis::RedisError>((sink, stream))

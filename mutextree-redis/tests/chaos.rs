@@ -17,7 +17,7 @@ use conformance::chaos::CrashableServer;
 use conformance::harness::{temp_dir, RunningServer};
 use conformance::servers;
 use mutextree_core::{async_trait, Error, LockBackend};
-use mutextree_redis::RedisOptions;
+use mutextree_redis::RedisConfig;
 
 const TTL: Duration = Duration::from_millis(1500);
 /// Two replies' timeouts (the backend sends a request again once after a
@@ -54,8 +54,8 @@ impl CrashableServer for Server {
     }
 
     async fn connect_to(&self, port: u16, namespace: &str) -> Result<Arc<dyn LockBackend>, Error> {
-        let url = format!("redis://127.0.0.1:{port}/?response_timeout=500ms&connection_timeout=500ms");
-        Ok(Arc::new(RedisOptions::from_url(&url)?.namespace(namespace)?.connect().await?))
+        let url = format!("redis://127.0.0.1:{port}/?request_timeout=500ms&connect_timeout=500ms");
+        Ok(Arc::new(RedisConfig::from_url(&url)?.connect().await?.backend(namespace)?))
     }
 
     fn crash_and_restart(&self) {

@@ -14,7 +14,7 @@ use conformance::oracle::Oracle;
 use conformance::servers;
 use futures::{stream, StreamExt};
 use mutextree_core::{Attempt, Error, LockBackend, LockPath, LockRequest, Owner, TreeLock, Ttl, Wait};
-use mutextree_redis::{RedisBackend, RedisOptions};
+use mutextree_redis::{RedisBackend, RedisConfig};
 use tokio::sync::Notify;
 
 fn namespace() -> String {
@@ -176,7 +176,8 @@ async fn namespace_keys_share_one_cluster_slot() {
     }
     assert!(slots.windows(2).any(|pair| pair[0] != pair[1]), "namespaces spread over slots: {slots:?}");
     for bad in ["", "{", "}", "a}b", "{x}"] {
-        let error = RedisOptions::from_url(store.url()).expect("url").namespace(bad).expect_err(bad);
+        let connected = RedisConfig::from_url(store.url()).expect("url").connect().await.expect("connect");
+        let error = connected.backend(bad).expect_err(bad);
         assert!(matches!(error, Error::InvalidNamespace { .. }), "{bad:?}: {error}");
         assert!(error.to_string().contains("namespace"), "{error}");
     }
@@ -215,9 +216,9 @@ async fn restart_run() {
     let data = temp_dir("redis-data").expect("temp dir");
     let server = persistent_server(None, &data);
     let port = server.port;
-    let url = format!("redis://127.0.0.1:{port}/?response_timeout=500ms&connection_timeout=500ms");
+    let url = format!("redis://127.0.0.1:{port}/?request_timeout=500ms&connect_timeout=500ms");
     let namespace = namespace();
-    let connect = || async { RedisOptions::from_url(&url)?.namespace(&namespace)?.connect().await };
+    let connect = || async { RedisConfig::from_url(&url)?.connect().await?.backend(&namespace) };
     let keeper: Arc<dyn LockBackend> = Arc::new(connect().await.expect("connect"));
     let kept = TreeLock::builder(keeper.clone(), "site/rack-1").ttl(Duration::from_secs(60)).build().expect("lock");
     kept.try_acquire().await.expect("free");
@@ -339,7 +340,13 @@ async fn the_subscription_is_up_while_waiters_wait_and_only_then() {
     let data = temp_dir("redis-data").expect("temp dir");
     let server = servers::redis::own_server(None, &[], &data).expect("redis-server");
     let url = format!("redis://127.0.0.1:{}/", server.port);
-    let backend = RedisBackend::connect(&url).await.expect("connect");
+    let backend = RedisConfig::from_url(&url)
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect")
+        .backend("mutextree")
+        .expect("namespace");
     let channel = backend.keys()[0].replace(":locks", ":released");
     let mut raw = raw(&url).await;
     let subscribers = |raw: &mut redis::aio::MultiplexedConnection| {
@@ -413,4 +420,17 @@ async fn the_subscription_is_up_while_waiters_wait_and_only_then() {
     assert!(format!("{backend:?}").contains("notified: false"), "{backend:?}");
     server.stop();
     let _ = std::fs::remove_dir_all(&data);
+}
+
+/// Durations in a URL read like `--ttl`: `1m`, `1500ms`, `2s`.
+#[tokio::test]
+async fn a_url_with_every_duration_grammar_connects() {
+    let url = servers::redis::url();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    for (connect, request) in [("1m", "1500ms"), ("2s", "2"), ("1500ms", "1m")] {
+        let url = format!("{url}{separator}connect_timeout={connect}&request_timeout={request}");
+        let backend = RedisConfig::from_url(&url).expect("url").connect().await.expect("connect");
+        let backend = backend.backend(&namespace()).expect("namespace");
+        backend.list(None).await.expect("answered");
+    }
 }

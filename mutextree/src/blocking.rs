@@ -53,6 +53,12 @@ pub fn connect(url: &str) -> Result<Arc<dyn LockBackend>, Error> {
     block_on(crate::connect(url))
 }
 
+/// [`crate::connect_with`]: [`connect`] in the namespace `namespace`,
+/// whatever the URL says.
+pub fn connect_with(url: &str, namespace: &str) -> Result<Arc<dyn LockBackend>, Error> {
+    block_on(crate::connect_with(url, namespace))
+}
+
 /// A blocking [`crate::TreeLock`]: same configuration, same defaults (30 s
 /// ttl, a `hostname:pid:random` owner, [`lock`](TreeLock::lock) waits until
 /// granted), same errors.

@@ -7,7 +7,7 @@ pub mod blocking;
 mod connect;
 pub mod guide;
 
-pub use connect::connect;
+pub use connect::{connect, connect_with};
 
 /// The in-process store (feature `memory`, on by default).
 #[cfg(feature = "memory")]
@@ -21,7 +21,7 @@ pub mod memory {
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis {
-    pub use mutextree_redis::{RedisBackend, RedisOptions};
+    pub use mutextree_redis::{RedisBackend, RedisConfig, RedisStore};
 }
 
 /// The PostgreSQL store (feature `postgres`; `postgres-tls` adds TLS).

@@ -27,24 +27,14 @@ pub const SPEC: ServerSpec = ServerSpec {
 static SERVER: SharedServer = SharedServer::new();
 
 /// The server shared by this test binary, started on first use, as a
-/// connection string (`host=… port=… user=postgres dbname=postgres`, or
-/// `MUTEXTREE_POSTGRES_URL`).
+/// `postgres://` URL (or `MUTEXTREE_POSTGRES_URL`), as the store's config,
+/// `mutextree::connect` and the command line take it.
 pub fn url() -> String {
     SERVER.url(&SPEC, || {
         let server = Postgres::create(&Settings::default())?;
         let url = server.url();
         Ok((url, server.running))
     })
-}
-
-/// The shared server as a `postgres://` URL, as `mutextree::connect` and
-/// the command line take it.
-pub fn connect_url() -> String {
-    let url = url();
-    match url.split_whitespace().find_map(|part| part.strip_prefix("port=")) {
-        Some(port) => format!("postgres://postgres@127.0.0.1:{port}/postgres"),
-        None => url,
-    }
 }
 
 /// How a started server runs; the default is the tests' server.
@@ -142,7 +132,7 @@ impl Postgres {
         Ok(Postgres { running, base, port, settings: settings.clone() })
     }
 
-    /// `host=127.0.0.1 port=… user=postgres dbname=postgres`.
+    /// `postgres://postgres@127.0.0.1:…/postgres`.
     pub fn url(&self) -> String {
         url_for(self.port)
     }
@@ -228,7 +218,7 @@ fn children_of(pid: u32) -> Vec<u32> {
 
 /// The connection string of a server of the tests' on `port`.
 pub fn url_for(port: u16) -> String {
-    format!("host=127.0.0.1 port={port} user=postgres dbname=postgres")
+    format!("postgres://postgres@127.0.0.1:{port}/postgres")
 }
 
 /// The directory of the installed `postgres`, which holds `initdb` and

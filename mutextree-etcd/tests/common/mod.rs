@@ -8,7 +8,7 @@ use std::time::Duration;
 use conformance::servers::etcd;
 use conformance::{TestStore, Timing};
 use mutextree_core::{async_trait, Error, LockBackend};
-use mutextree_etcd::{EtcdBackend, EtcdConfig, EtcdStore};
+use mutextree_etcd::{EtcdBackend, EtcdConfig};
 
 /// etcd's time scales. Lease ttls are whole seconds from 2 s, and expired
 /// leases are revoked by a sweep about every 500 ms, then committed through
@@ -19,7 +19,7 @@ pub(crate) const TIMING: Timing = Timing { unit: Duration::from_secs(2), slack: 
 
 /// A backend on its own connection to `urls`, in `namespace`.
 pub(crate) async fn backend(urls: &[String], namespace: &str) -> Result<EtcdBackend, Error> {
-    EtcdStore::connect(EtcdConfig::new(urls.iter().cloned())).await?.namespace(namespace)
+    EtcdConfig::new(urls.iter().cloned()).connect().await?.backend(namespace)
 }
 
 /// The store under the conformance suite: a fresh connection per client.

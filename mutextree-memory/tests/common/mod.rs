@@ -22,7 +22,7 @@ impl Memory {
 #[async_trait]
 impl TestStore for Memory {
     async fn connect(&self, namespace: &str) -> Result<Arc<dyn LockBackend>, Error> {
-        Ok(Arc::new(self.store.namespace(namespace)?))
+        Ok(Arc::new(self.store.backend(namespace)?))
     }
 
     fn timing(&self) -> Timing {

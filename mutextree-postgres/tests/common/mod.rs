@@ -6,7 +6,7 @@ use std::sync::Arc;
 use conformance::servers::postgres;
 use conformance::TestStore;
 use mutextree_core::{async_trait, Error, LockBackend};
-use mutextree_postgres::{PostgresBackend, PostgresConfig};
+use mutextree_postgres::PostgresConfig;
 
 /// The PostgreSQL store as the conformance suite's store under test: a
 /// fresh backend (its own pool and listening connection) per client.
@@ -15,7 +15,7 @@ pub(crate) struct Store;
 #[async_trait]
 impl TestStore for Store {
     async fn connect(&self, namespace: &str) -> Result<Arc<dyn LockBackend>, Error> {
-        let config = PostgresConfig::new(postgres::url()).namespace(namespace).pool_size(4);
-        Ok(Arc::new(PostgresBackend::connect(&config).await?))
+        let config = PostgresConfig::from_url(&postgres::url()).expect("url").pool_size(4);
+        Ok(Arc::new(config.connect().await?.backend(namespace)?))
     }
 }

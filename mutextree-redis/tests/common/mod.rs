@@ -7,7 +7,7 @@ use std::sync::Arc;
 use conformance::servers;
 use conformance::TestStore;
 use mutextree_core::{async_trait, Error, LockBackend};
-use mutextree_redis::{RedisBackend, RedisOptions};
+use mutextree_redis::{RedisBackend, RedisConfig};
 
 /// The store under test: a server (or cluster) URL; every `connect` opens
 /// new connections.
@@ -25,7 +25,7 @@ impl Redis {
     }
 
     pub(crate) async fn backend(&self, namespace: &str) -> Result<RedisBackend, Error> {
-        RedisOptions::from_url(&self.url)?.namespace(namespace)?.connect().await
+        RedisConfig::from_url(&self.url)?.connect().await?.backend(namespace)
     }
 
     pub(crate) fn url(&self) -> &str {
