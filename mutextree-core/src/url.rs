@@ -426,8 +426,13 @@ pub fn connect_failed(
 /// An error's text followed by its sources', each once: `error connecting
 /// to server: Connection refused (os error 111)`.
 pub fn with_sources(error: &(dyn StdError + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
+    append_sources(error.to_string(), error.source())
+}
+
+/// `text` followed by the text of `source` and of its own sources, each
+/// that `text` does not say yet.
+pub fn append_sources(mut text: String, source: Option<&(dyn StdError + 'static)>) -> String {
+    let mut source = source;
     while let Some(cause) = source {
         let said = cause.to_string();
         if !said.is_empty() && !text.contains(&said) {
@@ -580,5 +585,23 @@ mod tests {
             error.to_string(),
             "redis store error: could not connect to redis at 127.0.0.1:1: Connection refused"
         );
+
+        /// A client error whose Display hides its cause, as many do.
+        #[derive(Debug)]
+        struct Vague(std::io::Error);
+        impl fmt::Display for Vague {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("db error")
+            }
+        }
+        impl StdError for Vague {
+            fn source(&self) -> Option<&(dyn StdError + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let said = Vague(std::io::Error::other("FATAL: role \"nobody\" does not exist"));
+        assert_eq!(with_sources(&said), "db error: FATAL: role \"nobody\" does not exist");
+        let appended = append_sources("refused".to_owned(), Some(&said));
+        assert_eq!(appended, "refused: db error: FATAL: role \"nobody\" does not exist");
     }
 }

@@ -543,7 +543,11 @@ fn connect_error(addresses: &str, limit: Duration, error: etcd_client::Error) ->
 /// status's debug form, or the transport error with its causes.
 fn describe(error: &etcd_client::Error) -> String {
     match error {
-        etcd_client::Error::GRpcStatus(status) => format!("{} ({:?})", status.message(), status.code()),
+        etcd_client::Error::GRpcStatus(status) => {
+            // Then the transport's own words: `Connection refused`.
+            let said = format!("{} ({:?})", status.message(), status.code());
+            mutextree_core::url::append_sources(said, std::error::Error::source(status))
+        }
         other => mutextree_core::url::with_sources(other),
     }
 }
