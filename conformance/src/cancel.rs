@@ -285,17 +285,30 @@ pub async fn a_slow_grant_never_overlaps_a_faster_one(ctx: Ctx) {
 /// How many times each race of a cut-off acquisition is tried.
 const RACE_TRIALS: usize = 200;
 
-/// The waiter's and the holder's paths in race trial `trial`: the same
-/// node, an ancestor of the holder's, or a descendant of it, in turn.
-fn race_paths(trial: usize) -> (LockPath, LockPath) {
-    let root = format!("race-{trial}");
+/// Race trial `trial`: a holder (on `holders`) that holds its lock now and
+/// releases it `release_after` from now, in a task; and a waiter (on
+/// `waiters`) in its way, on the same node, an ancestor or a descendant, in
+/// turn.
+async fn race(
+    ctx: &Ctx,
+    (holders, waiters): (&Arc<dyn LockBackend>, &Arc<dyn LockBackend>),
+    trial: usize,
+    release_after: Duration,
+) -> (tokio::task::JoinHandle<()>, TreeLock) {
     let (waiter, holder) = match trial % 3 {
         0 => ("A/B", "A/B"),
         1 => ("A", "A/B"),
         _ => ("A/B/C", "A/B"),
     };
-    let at = |rest: &str| LockPath::parse(&format!("{root}/{rest}")).expect("path");
-    (at(waiter), at(holder))
+    let at = |rest: &str| LockPath::parse(&format!("race-{trial}/{rest}")).expect("path");
+    let holder = TreeLock::builder(holders.clone(), at(holder)).ttl(ctx.timing().unit * 30).build().expect("lock");
+    holder.try_acquire().await.expect("a fresh path is free");
+    let release_at = tokio::time::Instant::now() + release_after;
+    let releasing = tokio::spawn(async move {
+        tokio::time::sleep_until(release_at).await;
+        holder.release().await.expect("the holder releases");
+    });
+    (releasing, TreeLock::builder(waiters.clone(), at(waiter)).build().expect("lock"))
 }
 
 /// A uniformly random duration in `[0, limit]`.
@@ -319,15 +332,8 @@ pub async fn a_timed_wait_cut_at_its_deadline_leaves_nothing(ctx: Ctx) {
     let (holders, waiters) = (ctx.client().await, ctx.client().await);
     let (mut granted, mut timed_out) = (0, 0);
     for trial in 0..RACE_TRIALS {
-        let (waiter_path, holder_path) = race_paths(trial);
-        let holder = TreeLock::builder(holders.clone(), holder_path).ttl(ctx.timing().unit * 30).build().expect("lock");
-        holder.try_acquire().await.expect("a fresh path is free");
-        let waiter = TreeLock::builder(waiters.clone(), waiter_path).build().expect("lock");
-        let release_at = tokio::time::Instant::now() + patience - around + random_up_to(around * 2);
-        let releasing = tokio::spawn(async move {
-            tokio::time::sleep_until(release_at).await;
-            holder.release().await.expect("the holder releases");
-        });
+        let release_after = patience - around + random_up_to(around * 2);
+        let (releasing, waiter) = race(&ctx, (&holders, &waiters), trial, release_after).await;
         match waiter.acquire_timeout(patience).await {
             Ok(_) => {
                 granted += 1;
@@ -357,15 +363,7 @@ pub async fn a_dropped_acquisition_leaves_nothing(ctx: Ctx) {
     let (holders, waiters) = (ctx.client().await, ctx.client().await);
     let (mut granted, mut dropped) = (0, 0);
     for trial in 0..RACE_TRIALS {
-        let (waiter_path, holder_path) = race_paths(trial);
-        let holder = TreeLock::builder(holders.clone(), holder_path).ttl(ctx.timing().unit * 30).build().expect("lock");
-        holder.try_acquire().await.expect("a fresh path is free");
-        let waiter = TreeLock::builder(waiters.clone(), waiter_path).build().expect("lock");
-        let release_after = random_up_to(window);
-        let releasing = tokio::spawn(async move {
-            tokio::time::sleep(release_after).await;
-            holder.release().await.expect("the holder releases");
-        });
+        let (releasing, waiter) = race(&ctx, (&holders, &waiters), trial, random_up_to(window)).await;
         match timeout(random_up_to(window), waiter.acquire()).await {
             Ok(grant) => {
                 grant.unwrap_or_else(|e| panic!("trial {trial}: {e}"));
