@@ -16,10 +16,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::future::join_all;
-use mutextree_core::stepwise::TRANSIENT_TTL;
-use mutextree_core::{
-    Attempt, Error, Grant, HeldLock, Listener, LockBackend, LockKind, LockPath, LockRequest, TreeLock, Ttl,
-};
+use mutextree_core::backend::stepwise::TRANSIENT_TTL;
+use mutextree_core::backend::{Attempt, Listener, LockKind, LockRequest};
+use mutextree_core::{Error, Grant, HeldLock, LockBackend, LockPath, TreeLock, Ttl};
 use tokio::sync::Notify;
 use tokio::time::{sleep, timeout};
 

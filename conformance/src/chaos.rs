@@ -702,7 +702,8 @@ fn check_history(history: &[Held], tree: &[LockPath]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mutextree_core::{Attempt, HeldLock, Listener, LockKind, LockRequest, Ttl};
+    use mutextree_core::backend::{Attempt, Listener, LockKind, LockRequest};
+    use mutextree_core::{HeldLock, Ttl};
 
     /// A store that grants everything: a run on it must find violations.
     #[derive(Debug, Default)]
@@ -726,7 +727,7 @@ mod tests {
             Ok(Vec::new())
         }
         async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error> {
-            mutextree_core::stepwise::try_grant(self, request).await
+            mutextree_core::backend::stepwise::try_grant(self, request).await
         }
         fn listen(&self, _path: &LockPath) -> Listener {
             Listener::polling()

@@ -34,7 +34,7 @@
 //!   atomic operation, whose primitives (`try_lock_key`, `list`) share its
 //!   key layout so stepwise and native clients interoperate, and whose
 //!   `listen` is fed by the store's notifications through a
-//!   [`ChangeFeed`](mutextree_core::ChangeFeed) (one subscription per
+//!   [`ChangeFeed`](mutextree_core::backend::ChangeFeed) (one subscription per
 //!   backend, marked not live while it is down). Store errors map into
 //!   [`Error::Store`] with `retryable` set.
 //! * Its test servers go in a module of [`servers`], behind this crate's
@@ -84,9 +84,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cancel::Gated;
-use mutextree_core::{
-    Attempt, Error, Grant, HeldLock, Listener, LockBackend, LockKind, LockPath, LockRequest, Stepwise, Ttl,
-};
+use mutextree_core::backend::{Attempt, Listener, LockKind, LockRequest, Stepwise};
+use mutextree_core::{Error, Grant, HeldLock, LockBackend, LockPath, Ttl};
 
 pub mod cancel;
 pub mod cases;

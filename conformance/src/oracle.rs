@@ -95,7 +95,8 @@ impl Oracle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mutextree_core::{LockKind, LockRequest, Owner, Ttl};
+    use mutextree_core::backend::{LockKind, LockRequest};
+    use mutextree_core::{Owner, Ttl};
     use std::time::Duration;
     use tokio::time::Instant;
 

@@ -5,7 +5,8 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use mutextree::{Error, Grant, HeldLock, LockBackend, LockKind, LockPath};
+use mutextree::backend::LockKind;
+use mutextree::{Error, Grant, HeldLock, LockBackend, LockPath};
 use tokio::time::Instant;
 
 use crate::show::{describe, shown};

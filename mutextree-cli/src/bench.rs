@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use mutextree::{human, Error, LockBackend};
+use mutextree::backend::human;
+use mutextree::{Error, LockBackend};
 use mutextree_load::{self as load, LoadSpec, Scenario};
 
 use crate::parse_duration;
@@ -123,7 +124,7 @@ impl Bench {
         };
 
         // Without the query, and the password hidden.
-        let place = mutextree::url::StoreUrl::parse("mutextree", url)?;
+        let place = mutextree::backend::url::StoreUrl::parse("mutextree", url)?;
         if self.json {
             let micros = |duration: Duration| u64::try_from(duration.as_micros()).unwrap_or(u64::MAX);
             let figures = serde_json::json!({

@@ -177,7 +177,8 @@ fn parse_path(text: &str) -> Result<LockPath, String> {
 /// `30s`, `500ms`, `2m`, `1h 30m`; a bare number is seconds: what store
 /// URLs take too.
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    mutextree::parse_duration(text).ok_or_else(|| format!("write {}", mutextree::url::DURATION_EXAMPLES))
+    mutextree::backend::parse_duration(text)
+        .ok_or_else(|| format!("write {}", mutextree::backend::url::DURATION_EXAMPLES))
 }
 
 /// The namespace the commands work in: `--namespace`, else the store URL's,
@@ -185,7 +186,8 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 fn namespace_in_use(url: &str) -> String {
     let from_option = NAMESPACE.get().and_then(Option::as_deref).map(str::to_owned);
     from_option.unwrap_or_else(|| {
-        let from_url = mutextree::url::StoreUrl::parse("mutextree", url).and_then(|mut url| url.take_namespace());
+        let from_url =
+            mutextree::backend::url::StoreUrl::parse("mutextree", url).and_then(|mut url| url.take_namespace());
         from_url.unwrap_or_default().as_str().to_owned()
     })
 }

@@ -6,7 +6,8 @@ use std::process::{ExitCode, ExitStatus};
 use std::time::Duration;
 
 use futures::FutureExt;
-use mutextree::{human, Error, LockPath, TreeLock, Wait};
+use mutextree::backend::human;
+use mutextree::{Error, LockPath, TreeLock, Wait};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::{getpgrp, tcgetpgrp, Pid};
 use tokio::signal::unix::SignalKind;

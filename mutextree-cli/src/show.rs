@@ -6,7 +6,8 @@ use std::fmt::Write as _;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use mutextree::{human, Error, HeldLock, LockBackend, LockPath};
+use mutextree::backend::human;
+use mutextree::{Error, HeldLock, LockBackend, LockPath};
 
 use crate::{exit, parse_path};
 

@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use mutextree::{human, HeldLock, LockPath, Wait};
+use mutextree::backend::human;
+use mutextree::{HeldLock, LockPath, Wait};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 

@@ -9,41 +9,38 @@
 //! Most applications depend on the `mutextree` facade crate instead, which
 //! re-exports this one with the stores behind cargo features.
 //!
+//! # Two faces
+//!
+//! The crate root is the user's API: [`TreeLock`] and its guard, [`Wait`],
+//! [`Error`], paths, owners, ttls and grants. [`backend`] is the
+//! implementer's: the store contract, wake-ups, the stepwise algorithm,
+//! store URLs. [`LockBackend`] is in both, because a user holds a store as
+//! `Arc<dyn LockBackend>` and lists its locks through it.
+//!
 //! # Map
 //!
 //! * [`path`]: [`LockPath`], its text form `A/B/D` and its key encoding.
-//! * [`lock`]: the values crossing the store contract ([`LockRequest`],
-//!   [`Grant`], [`HeldLock`], [`Owner`], [`Ttl`], [`Namespace`]).
-//! * [`backend`]: the [`LockBackend`] contract and [`Stepwise`].
-//! * [`stepwise`]: the seed's algorithm over a store's primitives.
-//! * [`url`]: store URLs, read alike by every store's configuration, and
-//!   the `connect_timeout` every store puts on opening its connection.
-//! * [`wait`]: how acquisitions wait (notifications, expiry, backoff).
-//! * [`handle`]: [`TreeLock`], [`TreeLockGuard`] and [`TreeLock::run`].
+//! * [`lock`]: the values crossing the store contract ([`Grant`],
+//!   [`HeldLock`], [`Owner`], [`Ttl`], [`Namespace`], and the requests).
 //! * [`error`]: the one public [`Error`].
+//! * [`backend`]: the implementer's face (see above).
+//! * [`wait`]: how acquisitions wait (notifications, expiry, backoff), and
+//!   what they leave to finish in the background.
+//! * [`handle`]: [`TreeLock`], [`TreeLockGuard`] and [`TreeLock::run`].
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod backend;
-#[doc(hidden)]
+#[cfg(feature = "checks")]
 pub mod checks;
 pub mod error;
-pub mod feed;
 pub mod handle;
 pub mod lock;
 pub mod path;
-pub mod stepwise;
-pub mod url;
 pub mod wait;
 
 pub use backend::LockBackend;
-pub use error::{human, Error, PathRule};
-pub use feed::{ChangeFeed, Listener};
+pub use error::{Error, PathRule};
 pub use handle::{IntoLockPath, TreeLock, TreeLockBuilder, TreeLockGuard, DEFAULT_TTL};
-pub use lock::{Attempt, Grant, HeldLock, LockKind, LockRequest, Namespace, Owner, Ttl};
+pub use lock::{Grant, HeldLock, Namespace, Owner, Ttl};
 pub use path::{LockPath, MAX_DEPTH, MAX_PATH_BYTES, MAX_SEGMENT_BYTES};
-pub use stepwise::Stepwise;
-pub use url::parse_duration;
-pub use wait::{Acquisition, Background, OnWait, Wait, TRANSIENT_PATIENCE};
-
-/// Re-exported so that stores implement [`LockBackend`] with the same macro.
-pub use async_trait::async_trait;
+pub use wait::Wait;

@@ -10,8 +10,8 @@
 //!   sends no notification in any store);
 //! * the caller's deadline.
 //!
-//! Stores publish changes into a [`ChangeFeed`](crate::feed::ChangeFeed)
-//! (see [`crate::feed`]); a store without notifications gives polling
+//! Stores publish changes into a [`ChangeFeed`](crate::backend::ChangeFeed)
+//! (see [`crate::backend::feed`]); a store without notifications gives polling
 //! listeners.
 //!
 //! A waiter woken by a change that then finds the same lock in its way
@@ -36,24 +36,10 @@ use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 use tokio::time::{sleep, sleep_until, Instant};
 
-use crate::backend::LockBackend;
+use crate::backend::{Listener, LockBackend, TRANSIENT_PATIENCE};
 use crate::error::Error;
-use crate::feed::Listener;
 use crate::lock::{Attempt, Grant, HeldLock, LockRequest};
 use crate::path::LockPath;
-use crate::stepwise::TRANSIENT_TTL;
-
-/// How long an acquisition that was asked not to wait retries past one and
-/// the same stepwise client's transient parent lock before it gives up.
-///
-/// Such a lock lives [`TRANSIENT_TTL`] at most, so in practice it is gone
-/// first. Transient locks of *different* clients are waited out for as long
-/// as they keep coming: siblings of stepwise clients all pass through the
-/// same parents, one at a time, and each wake-up is a race among them; a
-/// fixed limit from the start made siblings refuse each other on a loaded
-/// machine, which is exactly what tree locks promise not to do. Each new
-/// transient blocker is another client's progress, so the wait ends.
-pub const TRANSIENT_PATIENCE: Duration = Duration::from_secs(5 * TRANSIENT_TTL.as_secs());
 
 /// How long an acquisition may wait for a held lock.
 ///

@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 use conformance::random_namespace;
 use conformance::servers::etcd;
 use etcd_client::Client;
-use mutextree_core::{LockBackend, LockPath, LockRequest, Owner, Ttl};
+use mutextree_core::backend::LockRequest;
+use mutextree_core::{LockBackend, LockPath, Owner, Ttl};
 use mutextree_etcd::EtcdConfig;
 use mutextree_load::{self as load, LoadSpec, Scenario};
 

@@ -9,7 +9,7 @@ use std::fmt;
 use std::time::Duration;
 
 use etcd_client::ConnectOptions;
-use mutextree_core::url::{self, StoreUrl, DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT};
+use mutextree_core::backend::url::{self, StoreUrl, DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT};
 use mutextree_core::{Error, Namespace};
 
 use crate::EtcdStore;

@@ -14,7 +14,8 @@
 //! * **Lease**: one per lock, its ttl the lock's. Expiry, revocation and
 //!   deletion all remove the key, which is what etcd's watch reports.
 
-use mutextree_core::{Error, LockKind, LockPath, Owner};
+use mutextree_core::backend::LockKind;
+use mutextree_core::{Error, LockPath, Owner};
 
 use crate::config::STORE;
 

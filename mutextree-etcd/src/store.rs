@@ -10,11 +10,9 @@ use etcd_client::{
     Client, Compare, CompareOp, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
 };
 use futures::stream::{self, StreamExt, TryStreamExt};
-use mutextree_core::url::{connect_timed_out, connect_within};
-use mutextree_core::{
-    async_trait, stepwise::TRANSIENT_TTL, Attempt, Error, Grant, HeldLock, Listener, LockBackend, LockKind, LockPath,
-    LockRequest, Namespace, Ttl,
-};
+use mutextree_core::backend::url::{connect_timed_out, connect_within};
+use mutextree_core::backend::{async_trait, stepwise::TRANSIENT_TTL, Attempt, Listener, LockKind, LockRequest};
+use mutextree_core::{Error, Grant, HeldLock, LockBackend, LockPath, Namespace, Ttl};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -546,9 +544,9 @@ fn describe(error: &etcd_client::Error) -> String {
         etcd_client::Error::GRpcStatus(status) => {
             // Then the transport's own words: `Connection refused`.
             let said = format!("{} ({:?})", status.message(), status.code());
-            mutextree_core::url::append_sources(said, std::error::Error::source(status))
+            mutextree_core::backend::url::append_sources(said, std::error::Error::source(status))
         }
-        other => mutextree_core::url::with_sources(other),
+        other => mutextree_core::backend::url::with_sources(other),
     }
 }
 

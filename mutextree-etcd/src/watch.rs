@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use etcd_client::{EventType, WatchClient, WatchFilterType, WatchOptions};
-use mutextree_core::{ChangeFeed, Listener};
+use mutextree_core::backend::{ChangeFeed, Listener};
 use tokio::time::{sleep, Instant};
 
 use crate::members::Members;

@@ -11,7 +11,8 @@ use std::time::Duration;
 use conformance::chaos::{self, ChaosSettings, ChaosStore};
 use conformance::proxy::FaultProxy;
 use conformance::servers::etcd::{self, Cluster};
-use mutextree_core::{async_trait, Error, LockBackend};
+use mutextree_core::backend::async_trait;
+use mutextree_core::{Error, LockBackend};
 use mutextree_etcd::EtcdConfig;
 
 /// Whole seconds, at etcd's minimum lease.

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use conformance::servers::etcd;
 use etcd_client::Client;
-use mutextree_core::{Attempt, Error, Grant, LockBackend, LockPath, LockRequest, Owner, Ttl, MAX_DEPTH};
+use mutextree_core::backend::{Attempt, LockRequest};
+use mutextree_core::{Error, Grant, LockBackend, LockPath, Owner, Ttl, MAX_DEPTH};
 use mutextree_etcd::{EtcdBackend, EtcdConfig, MIN_LEASE_TTL};
 use tokio::time::{sleep, sleep_until, Instant};
 

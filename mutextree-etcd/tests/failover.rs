@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use conformance::oracle::Oracle;
 use conformance::servers::etcd;
-use mutextree_core::{Attempt, Error, LockBackend, LockPath, LockRequest, Owner, Ttl};
+use mutextree_core::backend::{Attempt, LockRequest};
+use mutextree_core::{Error, LockBackend, LockPath, Owner, Ttl};
 use mutextree_etcd::EtcdConfig;
 use tokio::time::{sleep, Instant};
 

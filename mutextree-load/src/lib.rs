@@ -84,7 +84,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::stream::{self, StreamExt, TryStreamExt};
-use mutextree_core::{Attempt, Error, Grant, LockBackend, LockPath, LockRequest, Owner, Ttl};
+use mutextree_core::backend::{Attempt, LockRequest};
+use mutextree_core::{Error, Grant, LockBackend, LockPath, Owner, Ttl};
 
 /// A client yields to the runtime once per this many iterations (outside
 /// the timed samples).

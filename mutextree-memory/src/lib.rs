@@ -67,10 +67,8 @@ use std::sync::Arc;
 
 use dashmap::mapref::one::RefMut;
 use dashmap::DashMap;
-use mutextree_core::{
-    async_trait, Attempt, ChangeFeed, Error, Grant, HeldLock, Listener, LockBackend, LockKind, LockPath, LockRequest,
-    Namespace, Owner, Ttl, MAX_DEPTH,
-};
+use mutextree_core::backend::{async_trait, Attempt, ChangeFeed, Listener, LockKind, LockRequest};
+use mutextree_core::{Error, Grant, HeldLock, LockBackend, LockPath, Namespace, Owner, Ttl, MAX_DEPTH};
 use tokio::task::coop::consume_budget;
 use tokio::time::Instant;
 

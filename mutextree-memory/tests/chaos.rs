@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use conformance::cancel::{Fault, Gated, Point};
 use conformance::chaos::{self, ChaosSettings, ChaosStore};
-use mutextree_core::{async_trait, Error, LockBackend};
+use mutextree_core::backend::async_trait;
+use mutextree_core::{Error, LockBackend};
 use mutextree_memory::MemoryStore;
 
 const TTL: Duration = Duration::from_millis(600);

@@ -6,9 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
-use mutextree_core::{
-    async_trait, Attempt, Error, Grant, HeldLock, LockBackend, LockKind, LockPath, LockRequest, TreeLock, Ttl,
-};
+use mutextree_core::backend::{async_trait, Attempt, LockKind, LockRequest};
+use mutextree_core::{Error, Grant, HeldLock, LockBackend, LockPath, TreeLock, Ttl};
 use mutextree_memory::MemoryBackend;
 use tokio::time::sleep;
 

@@ -4,7 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use mutextree_core::{Attempt, LockBackend, LockPath, LockRequest, Owner, Ttl};
+use mutextree_core::backend::{Attempt, LockRequest};
+use mutextree_core::{LockBackend, LockPath, Owner, Ttl};
 use mutextree_memory::{MemoryBackend, MemoryStore};
 
 fn request(path: &str, ttl: Duration) -> LockRequest {
@@ -89,12 +90,12 @@ struct Polling {
     attempts: std::sync::atomic::AtomicUsize,
 }
 
-#[mutextree_core::async_trait]
+#[mutextree_core::backend::async_trait]
 impl LockBackend for Polling {
     async fn try_lock_key(
         &self,
         request: &LockRequest,
-        kind: mutextree_core::LockKind,
+        kind: mutextree_core::backend::LockKind,
     ) -> Result<Attempt, mutextree_core::Error> {
         self.inner.try_lock_key(request, kind).await
     }

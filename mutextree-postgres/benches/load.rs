@@ -29,7 +29,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use conformance::servers::postgres;
-use mutextree_core::{LockBackend, LockPath, LockRequest, Owner, Ttl};
+use mutextree_core::backend::LockRequest;
+use mutextree_core::{LockBackend, LockPath, Owner, Ttl};
 use mutextree_load::{self as load, LoadReport, LoadSpec, Scenario};
 use mutextree_postgres::PostgresConfig;
 

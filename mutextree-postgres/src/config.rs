@@ -5,7 +5,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-use mutextree_core::url::{self, StoreUrl};
+use mutextree_core::backend::url::{self, StoreUrl};
 use mutextree_core::{Error, Namespace};
 
 use crate::schema::SchemaName;
@@ -293,7 +293,7 @@ impl Default for PostgresConfig {
 
 #[cfg(test)]
 mod tests {
-    use mutextree_core::url::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT};
+    use mutextree_core::backend::url::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT};
 
     use super::*;
 

@@ -48,7 +48,7 @@ impl From<CallError> for Error {
             CallError::Timeout(limit) => Error::store_message(
                 STORE,
                 true,
-                format!("no answer within the request timeout of {}", mutextree_core::human(limit)),
+                format!("no answer within the request timeout of {}", mutextree_core::backend::human(limit)),
             ),
         }
     }
@@ -59,7 +59,7 @@ impl From<CallError> for Error {
 fn query_error(error: tokio_postgres::Error) -> Error {
     // The client's own text is "db error"; the server's words are one
     // `source()` down.
-    let message = mutextree_core::url::with_sources(&error);
+    let message = mutextree_core::backend::url::with_sources(&error);
     Error::Store { store: STORE, message, retryable: is_retryable(&error), source: Some(Box::new(error)) }
 }
 

@@ -9,11 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, QueueMode, RecyclingMethod, Runtime};
-use mutextree_core::url::{connect_failed, connect_timed_out, connect_within};
-use mutextree_core::{
-    async_trait, Attempt, Error, Grant, HeldLock, Listener, LockBackend, LockKind, LockPath, LockRequest, Namespace,
-    Ttl,
-};
+use mutextree_core::backend::url::{connect_failed, connect_timed_out, connect_within};
+use mutextree_core::backend::{async_trait, Attempt, Listener, LockKind, LockRequest};
+use mutextree_core::{Error, Grant, HeldLock, LockBackend, LockPath, Namespace, Ttl};
 use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;

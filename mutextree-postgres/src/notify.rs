@@ -28,7 +28,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use futures::StreamExt;
-use mutextree_core::{ChangeFeed, Listener};
+use mutextree_core::backend::{ChangeFeed, Listener};
 use tokio::task::JoinHandle;
 use tokio_postgres::AsyncMessage;
 

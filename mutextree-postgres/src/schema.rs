@@ -33,7 +33,7 @@
 //! locks, so they never wait for each other. A stepwise client's single-key
 //! lock takes the exclusive lock on its key too, so it serialises with every
 //! native grant that passes through that key, which is what the stepwise
-//! algorithm's argument needs (see `mutextree_core::stepwise`).
+//! algorithm's argument needs (see `mutextree_core::backend::stepwise`).
 //!
 //! The keys are 64-bit hashes of namespace and key. A collision merges two
 //! unrelated keys into one lock: that only serialises more than needed, but

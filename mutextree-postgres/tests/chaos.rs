@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use conformance::chaos::CrashableServer;
 use conformance::servers::postgres::{self, Postgres, Settings};
-use mutextree_core::{async_trait, Error, LockBackend};
+use mutextree_core::backend::async_trait;
+use mutextree_core::{Error, LockBackend};
 use mutextree_postgres::PostgresConfig;
 
 const TTL: Duration = Duration::from_millis(1500);

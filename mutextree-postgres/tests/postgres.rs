@@ -14,7 +14,8 @@ use conformance::cancel::Gated;
 use conformance::oracle::Oracle;
 use conformance::servers::postgres;
 use futures::future::join_all;
-use mutextree_core::{Attempt, Error, Grant, LockBackend, LockPath, LockRequest, Owner, Stepwise, TreeLock, Ttl, Wait};
+use mutextree_core::backend::{Attempt, LockRequest, Stepwise};
+use mutextree_core::{Error, Grant, LockBackend, LockPath, Owner, TreeLock, Ttl, Wait};
 use mutextree_postgres::{PostgresBackend, PostgresConfig, PostgresStore};
 use tokio::time::Instant;
 
@@ -628,7 +629,8 @@ async fn bad_schema_names_are_rejected_before_connecting() {
 #[tokio::test]
 async fn connection_errors_say_what_the_server_said() {
     let url = postgres::url();
-    let port = mutextree_core::url::StoreUrl::parse("postgres", &url).expect("url").hosts()[0].port.expect("port");
+    let port =
+        mutextree_core::backend::url::StoreUrl::parse("postgres", &url).expect("url").hosts()[0].port.expect("port");
     for (url, says) in [
         (format!("postgres://nobody@127.0.0.1:{port}/postgres"), "role \"nobody\" does not exist"),
         (format!("postgres://postgres@127.0.0.1:{port}/x"), "database \"x\" does not exist"),

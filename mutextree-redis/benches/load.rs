@@ -26,8 +26,9 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mutextree_core::url::StoreUrl;
-use mutextree_core::{LockBackend, LockPath, LockRequest, Owner, Ttl};
+use mutextree_core::backend::url::StoreUrl;
+use mutextree_core::backend::LockRequest;
+use mutextree_core::{LockBackend, LockPath, Owner, Ttl};
 use mutextree_load::{self as load, BenchSettings, LoadReport, LoadSpec, Scenario};
 use mutextree_redis::RedisConfig;
 

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use mutextree_core::ChangeFeed;
+use mutextree_core::backend::ChangeFeed;
 use tokio::time::{sleep, timeout, Instant};
 
 use crate::{ScriptRunner, Shared};

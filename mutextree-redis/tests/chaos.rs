@@ -16,7 +16,8 @@ use std::time::Duration;
 use conformance::chaos::CrashableServer;
 use conformance::harness::{temp_dir, RunningServer};
 use conformance::servers;
-use mutextree_core::{async_trait, Error, LockBackend};
+use mutextree_core::backend::async_trait;
+use mutextree_core::{Error, LockBackend};
 use mutextree_redis::RedisConfig;
 
 const TTL: Duration = Duration::from_millis(1500);

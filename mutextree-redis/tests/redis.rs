@@ -13,7 +13,8 @@ use conformance::harness::{temp_dir, RunningServer};
 use conformance::oracle::Oracle;
 use conformance::servers;
 use futures::{stream, StreamExt};
-use mutextree_core::{Attempt, Error, LockBackend, LockPath, LockRequest, Owner, TreeLock, Ttl, Wait};
+use mutextree_core::backend::{Attempt, LockRequest};
+use mutextree_core::{Error, LockBackend, LockPath, Owner, TreeLock, Ttl, Wait};
 use mutextree_redis::{RedisBackend, RedisConfig};
 use tokio::sync::Notify;
 

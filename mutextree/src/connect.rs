@@ -75,7 +75,7 @@ async fn open(url: &str, namespace: Option<Namespace>) -> Result<Arc<dyn LockBac
 fn memory(url: &str, namespace: Option<Namespace>) -> Result<Arc<dyn LockBackend>, Error> {
     use std::sync::OnceLock;
 
-    use mutextree_core::url::StoreUrl;
+    use mutextree_core::backend::url::StoreUrl;
     use mutextree_memory::MemoryStore;
 
     static STORE: OnceLock<MemoryStore> = OnceLock::new();

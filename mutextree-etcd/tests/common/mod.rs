@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use conformance::servers::etcd;
 use conformance::{TestStore, Timing};
-use mutextree_core::{async_trait, Error, LockBackend};
+use mutextree_core::backend::async_trait;
+use mutextree_core::{Error, LockBackend};
 use mutextree_etcd::{EtcdBackend, EtcdConfig};
 
 /// etcd's time scales. Lease ttls are whole seconds from 2 s, and expired

@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use conformance::{TestStore, Timing};
-use mutextree_core::{async_trait, Error, LockBackend};
+use mutextree_core::backend::async_trait;
+use mutextree_core::{Error, LockBackend};
 use mutextree_memory::MemoryStore;
 
 /// A fresh store per test, on the given time scales; namespaces of one test

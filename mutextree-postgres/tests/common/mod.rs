@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use conformance::servers::postgres;
 use conformance::TestStore;
-use mutextree_core::{async_trait, Error, LockBackend};
+use mutextree_core::backend::async_trait;
+use mutextree_core::{Error, LockBackend};
 use mutextree_postgres::PostgresConfig;
 
 /// The PostgreSQL store as the conformance suite's store under test: a

@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use conformance::servers;
 use conformance::TestStore;
-use mutextree_core::{async_trait, Error, LockBackend};
+use mutextree_core::backend::async_trait;
+use mutextree_core::{Error, LockBackend};
 use mutextree_redis::{RedisBackend, RedisConfig};
 
 /// The store under test: a server (or cluster) URL; every `connect` opens

@@ -52,9 +52,9 @@ use async_trait::async_trait;
 use futures::future::{join, join_all};
 use tokio::time::Instant;
 
-use crate::backend::LockBackend;
+use super::contract::LockBackend;
+use super::feed::Listener;
 use crate::error::Error;
-use crate::feed::Listener;
 use crate::lock::HeldLock;
 use crate::lock::{Attempt, Grant, LockKind, LockRequest, Ttl};
 use crate::path::LockPath;
@@ -62,6 +62,18 @@ use crate::path::LockPath;
 /// The life of a transient parent lock: how long a client that dies midway
 /// can keep others out of a parent.
 pub const TRANSIENT_TTL: Duration = Duration::from_secs(2);
+
+/// How long an acquisition that was asked not to wait retries past one and
+/// the same stepwise client's transient parent lock before it gives up.
+///
+/// Such a lock lives [`TRANSIENT_TTL`] at most, so in practice it is gone
+/// first. Transient locks of *different* clients are waited out for as long
+/// as they keep coming: siblings of stepwise clients all pass through the
+/// same parents, one at a time, and each wake-up is a race among them; a
+/// fixed limit from the start made siblings refuse each other on a loaded
+/// machine, which is exactly what tree locks promise not to do. Each new
+/// transient blocker is another client's progress, so the wait ends.
+pub const TRANSIENT_PATIENCE: Duration = Duration::from_secs(5 * TRANSIENT_TTL.as_secs());
 
 /// How many times a grant is retried when the store answered so slowly that
 /// the transient parent locks may have expired before the node was locked.

@@ -46,7 +46,7 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 /// A store URL, read: `scheme://[user[:password]@]host[:port][,host[:port]...][/path][?name=value&...]`.
 ///
 /// ```
-/// use mutextree_core::url::StoreUrl;
+/// use mutextree_core::backend::StoreUrl;
 ///
 /// let mut url = StoreUrl::parse("redis", "redis://app:s%40cret@[::1]:6379,cache-2/0?namespace=fleet")?;
 /// assert_eq!(url.password(), Some("s@cret"));

@@ -1,4 +1,4 @@
-//! The contract between the lock handle and a store.
+//! The contract between the lock handle and a store: [`LockBackend`].
 //!
 //! A store implements [`LockBackend`]: the seed's primitives (an expiring
 //! lock on one node's key with an owner id, and the list of locks under a
@@ -12,14 +12,14 @@
 //! ones it has are honest fallbacks (polling with backoff for wake-ups, no
 //! count of round trips). The tree operation has none: a store without an
 //! atomic one says so by answering with the stepwise algorithm over its
-//! primitives ([`crate::stepwise`]), which sits above this contract.
+//! primitives ([`super::stepwise`]), which sits above this contract.
 
 use std::fmt;
 
 use async_trait::async_trait;
 
+use super::feed::Listener;
 use crate::error::Error;
-use crate::feed::Listener;
 use crate::lock::{Attempt, Grant, HeldLock, LockKind, LockRequest, Ttl};
 use crate::path::LockPath;
 
@@ -62,7 +62,7 @@ pub trait LockBackend: Send + Sync + fmt::Debug {
     /// Every shipped store does it in one atomic operation and one round
     /// trip. A store with only the primitives can answer with the seed's
     /// stepwise algorithm over them:
-    /// [`stepwise::try_grant(self, request)`](crate::stepwise::try_grant).
+    /// [`stepwise::try_grant(self, request)`](super::stepwise::try_grant).
     async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error>;
 
     /// A listener for changes that may unblock a waiter for `path` (a
@@ -72,7 +72,7 @@ pub trait LockBackend: Send + Sync + fmt::Debug {
     /// for any change in the namespace.
     ///
     /// The default polls with jittered backoff; stores override it with their
-    /// notifications ([`ChangeFeed`](crate::feed::ChangeFeed)).
+    /// notifications ([`ChangeFeed`](super::feed::ChangeFeed)).
     fn listen(&self, path: &LockPath) -> Listener {
         let _ = path;
         Listener::polling()
