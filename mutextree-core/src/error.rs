@@ -14,6 +14,27 @@ use crate::lock::{Grant, HeldLock, Owner};
 use crate::path::{LockPath, MAX_DEPTH, MAX_PATH_BYTES, MAX_SEGMENT_BYTES};
 
 /// What can go wrong with a tree lock.
+///
+/// Every message names what went wrong and, where there is one, the lock in
+/// the way; [`Error::is_retryable`] tells a busy lock or a store hiccup from
+/// bad input.
+///
+/// ```
+/// # use std::sync::Arc;
+/// # use mutextree_core::{Error, LockBackend, TreeLock};
+/// # async fn demo(store: Arc<dyn LockBackend>) -> Result<(), Error> {
+/// let host = TreeLock::new(store, ["eu-west", "rack-12", "host-7"])?;
+/// match host.try_acquire().await {
+///     Ok(grant) => println!("patching under token {}", grant.token),
+///     Err(Error::Refused { blocker, .. }) => {
+///         println!("{} holds {} for {:?} more", blocker.owner, blocker.path, blocker.remaining)
+///     }
+///     Err(error) if error.is_retryable() => println!("try again later: {error}"),
+///     Err(error) => return Err(error),
+/// }
+/// assert!(matches!(TreeLock::new(host.backend().clone(), ""), Err(Error::InvalidPath { .. })));
+/// # Ok(()) }
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {

@@ -353,7 +353,7 @@ pub const DURATION_EXAMPLES: &str = "a duration such as 1500ms, 2s or 1m (a bare
 ///
 /// ```
 /// use std::time::Duration;
-/// use mutextree_core::parse_duration;
+/// use mutextree_core::backend::parse_duration;
 ///
 /// assert_eq!(parse_duration("1m"), Some(Duration::from_secs(60)));
 /// assert_eq!(parse_duration("1500ms"), Some(Duration::from_millis(1500)));
