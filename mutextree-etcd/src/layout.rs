@@ -16,7 +16,7 @@
 
 use mutextree_core::{Error, LockKind, LockPath, Owner};
 
-use crate::config::STORE;
+use crate::error::STORE;
 
 /// The key space of one namespace.
 #[derive(Debug, Clone)]

@@ -1,8 +1,9 @@
-#![doc = include_str!("../README.md")]
-#![cfg_attr(docsrs, feature(doc_cfg))]
-// The TLS connector is cloned for every connection: `Clone` with the `tls`
-// feature, `Copy` (so the clones are trivial) without it.
-#![cfg_attr(not(feature = "tls"), allow(clippy::clone_on_copy))]
+//! The store and its namespaces' [`LockBackend`]: a pool of connections
+//! to one migrated schema ([`PostgresStore`], opened by
+//! [`PostgresConfig::connect`]), and per namespace a [`PostgresBackend`]
+//! whose every operation is one call of a function of the schema (see the
+//! schema module), with the backend's listening connection (the feed
+//! module) beside it.
 
 use std::fmt;
 use std::sync::Arc;
@@ -19,20 +20,10 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
-mod config;
-mod error;
-mod notify;
-mod schema;
-
-pub use config::PostgresConfig;
-pub use schema::SchemaName;
-
-use error::CallError;
-use notify::Notifications;
-use schema::Statements;
-
-/// The store's name in errors.
-pub(crate) const STORE: &str = "postgres";
+use crate::config::{tls, PostgresConfig, Tls};
+use crate::error::{self, unexpected, CallError, STORE};
+use crate::feed::Notifications;
+use crate::schema::{self, SchemaName, Statements};
 
 /// How many times a call is sent again after the server broke a deadlock
 /// between advisory keys that collided.
@@ -41,34 +32,19 @@ const DEADLOCK_RETRIES: usize = 5;
 /// How long a call waits for a pooled connection before failing.
 const POOL_WAIT: Duration = Duration::from_secs(30);
 
-/// How TLS is negotiated: with the feature `tls`, as the connection
-/// string's `sslmode` says; without it, never.
-#[cfg(feature = "tls")]
-pub(crate) type Tls = tokio_postgres_rustls::MakeRustlsConnect;
-/// How TLS is negotiated: with the feature `tls`, as the connection
-/// string's `sslmode` says; without it, never.
-#[cfg(not(feature = "tls"))]
-pub(crate) type Tls = tokio_postgres::NoTls;
-
-#[cfg(feature = "tls")]
-fn tls(config: &PostgresConfig) -> Tls {
-    let client_config = match &config.tls {
-        Some(given) => (**given).clone(),
-        None => {
-            let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .expect("ring supports the default TLS versions")
-                .with_root_certificates(roots)
-                .with_no_client_auth()
-        }
-    };
-    tokio_postgres_rustls::MakeRustlsConnect::new(client_config)
-}
-
-#[cfg(not(feature = "tls"))]
-fn tls(_config: &PostgresConfig) -> Tls {
-    tokio_postgres::NoTls
+impl PostgresConfig {
+    /// Checks the settings, opens the pool (its first connection in one
+    /// attempt within the connect timeout) and brings the schema to this
+    /// version (creating it if needed; see the crate docs). Namespaces'
+    /// backends share the pool: [`PostgresStore::backend`].
+    ///
+    /// Fails with [`Error::InvalidConfig`] before connecting if a setting is
+    /// bad, and with [`Error::Store`] if the server cannot be reached or
+    /// refuses the connection (with the server's own words: `role "x" does
+    /// not exist`) or the migration.
+    pub async fn connect(&self) -> Result<PostgresStore, Error> {
+        PostgresStore::open(self).await
+    }
 }
 
 /// A connection pool to one schema, migrated: the namespaces' backends
@@ -256,10 +232,6 @@ fn newer_schema(schema: &SchemaName, found: i32) -> Error {
     }
 }
 
-fn unexpected(what: String) -> Error {
-    Error::store_message(STORE, false, format!("unexpected answer from the server: {what}"))
-}
-
 /// One namespace of a [`PostgresStore`]: the [`LockBackend`].
 ///
 /// Cheap to clone; clones share the pool and the listening connection.
@@ -362,10 +334,6 @@ fn millis(ttl: Ttl) -> i64 {
     ttl.as_millis() as i64
 }
 
-fn not_held(grant: &Grant) -> Error {
-    Error::NotHeld { path: grant.path.clone(), owner: Some(grant.owner.clone()), token: Some(grant.token) }
-}
-
 /// A grant's token as the server stores it; a token beyond `i64::MAX` was
 /// never granted by this store, so it names no lock.
 fn stored_token(grant: &Grant) -> Option<i64> {
@@ -389,18 +357,18 @@ impl LockBackend for PostgresBackend {
     }
 
     async fn release(&self, grant: &Grant) -> Result<(), Error> {
-        let Some(token) = stored_token(grant) else { return Err(not_held(grant)) };
+        let Some(token) = stored_token(grant) else { return Err(Error::not_held(grant)) };
         let (namespace, key, owner) = (self.namespace.as_str(), grant.path.key(), grant.owner.as_str());
         let row = self.shared.query_one(&self.shared.statements.release, &[&namespace, &key, &owner, &token]).await?;
         if column::<bool>(&row, 0)? {
             Ok(())
         } else {
-            Err(not_held(grant))
+            Err(Error::not_held(grant))
         }
     }
 
     async fn refresh(&self, grant: &Grant, ttl: Ttl) -> Result<Grant, Error> {
-        let Some(token) = stored_token(grant) else { return Err(not_held(grant)) };
+        let Some(token) = stored_token(grant) else { return Err(Error::not_held(grant)) };
         let ttl_ms = millis(ttl);
         let (namespace, key, owner) = (self.namespace.as_str(), grant.path.key(), grant.owner.as_str());
         let sent_at = Instant::now();
@@ -411,7 +379,7 @@ impl LockBackend for PostgresBackend {
         if column::<bool>(&row, 0)? {
             Ok(Grant { ttl: ttl.get(), expires_at: sent_at + ttl.get(), ..grant.clone() })
         } else {
-            Err(not_held(grant))
+            Err(Error::not_held(grant))
         }
     }
 
@@ -435,7 +403,7 @@ impl LockBackend for PostgresBackend {
     }
 
     /// Every release in the namespace wakes every waiter of this backend,
-    /// through its one listening connection (see the notify module);
+    /// through its one listening connection (see the feed module);
     /// `path` is not used to filter.
     fn listen(&self, _path: &LockPath) -> Listener {
         self.notifications.listen()

@@ -138,6 +138,7 @@
 
 use std::fmt;
 
+use mutextree_core::backend::quote;
 use mutextree_core::Error;
 
 /// The version of the objects this crate creates and uses.
@@ -176,8 +177,8 @@ impl SchemaName {
         };
         match reason {
             Some(reason) => Err(Error::InvalidConfig {
-                store: crate::STORE,
-                reason: format!("schema name {}: {reason}", crate::error::shorten(&name)),
+                store: crate::error::STORE,
+                reason: format!("schema name {}: {reason}", quote(&name)),
             }),
             None => Ok(SchemaName(name)),
         }

@@ -1,11 +1,15 @@
-#![doc = include_str!("../README.md")]
-#![cfg_attr(docsrs, feature(doc_cfg))]
+//! The store and its namespaces' [`LockBackend`]: a connection to a server
+//! or cluster ([`RedisStore`], opened by [`RedisConfig::connect`]), and per
+//! namespace a [`RedisBackend`] whose every operation is one script call
+//! (see the scripts module), with the backend's subscription (the feed
+//! module) started beside it and ended with its last clone.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mutextree_core::backend::AbortOnDrop;
 use mutextree_core::url::{connect_failed, connect_timed_out, connect_within};
 use mutextree_core::{
     async_trait, Attempt, ChangeFeed, Error, Grant, HeldLock, Listener, LockBackend, LockKind, LockPath, LockRequest,
@@ -13,67 +17,22 @@ use mutextree_core::{
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
-use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, ErrorKind, RedisError, Script, ServerErrorKind, ToRedisArgs, Value};
-use tokio::task::JoinHandle;
+use redis::{RedisError, ToRedisArgs, Value};
 use tokio::time::Instant;
 
-mod config;
-mod subscriber;
+use crate::config::RedisConfig;
+use crate::error::{is_retryable, unexpected, STORE};
+use crate::feed;
+use crate::scripts::{Args, Connection, Keys, Lua, ScriptRunner, SCRIPTS};
 
-pub use config::RedisConfig;
-
-/// The store's name in errors.
-const STORE: &str = "redis";
-
-/// One Lua script: the shared prelude (`lua/common.lua`) and its body.
-/// Called by `EVALSHA`; after `NOSCRIPT` (a restart, a failover, `SCRIPT
-/// FLUSH`) by `EVAL` with its source, which caches it again. (Not `SCRIPT
-/// LOAD`: in a cluster that goes to every node and fails while one is down.)
-struct Lua {
-    source: String,
-    sha: String,
-}
-
-impl Lua {
-    fn new(body: &str) -> Self {
-        let source = format!("{}\n{body}", include_str!("lua/common.lua"));
-        let sha = Script::new(&source).get_hash().to_owned();
-        Lua { source, sha }
-    }
-
-    fn command(&self, keys: &[String], args: &[Vec<u8>], by_source: bool) -> Cmd {
-        let mut command = if by_source { redis::cmd("EVAL") } else { redis::cmd("EVALSHA") };
-        command.arg(if by_source { &self.source } else { &self.sha }).arg(keys.len()).arg(keys).arg(args);
-        command
-    }
-}
-
-/// The scripts, each one atomic step in one round trip.
-struct Scripts {
-    grant: Lua,
-    release: Lua,
-    refresh: Lua,
-    list: Lua,
-    listen: Lua,
-}
-
-static SCRIPTS: std::sync::LazyLock<Scripts> = std::sync::LazyLock::new(|| Scripts {
-    grant: Lua::new(include_str!("lua/grant.lua")),
-    release: Lua::new(include_str!("lua/release.lua")),
-    refresh: Lua::new(include_str!("lua/refresh.lua")),
-    list: Lua::new(include_str!("lua/list.lua")),
-    listen: Lua::new(include_str!("lua/listen.lua")),
-});
-
-/// A script's arguments, each as the bytes sent.
-#[derive(Default)]
-struct Args(Vec<Vec<u8>>);
-
-impl Args {
-    fn with(mut self, value: impl ToRedisArgs) -> Self {
-        self.0.extend(value.to_redis_args());
-        self
+impl RedisConfig {
+    /// Checks the settings and connects: one multiplexed connection for the
+    /// scripts (reconnecting by itself later), in one attempt within the
+    /// connect timeout. Namespaces' backends share it:
+    /// [`RedisStore::backend`].
+    pub async fn connect(&self) -> Result<RedisStore, Error> {
+        self.check()?;
+        RedisStore::open(self.clone()).await
     }
 }
 
@@ -92,7 +51,7 @@ struct Shared {
     connection: Connection,
     /// One plain client per node, for the backends' subscriptions (in a
     /// cluster, a plain `PUBLISH` reaches the subscribers of every node).
-    clients: Vec<redis::Client>,
+    clients: Arc<[redis::Client]>,
 }
 
 impl RedisStore {
@@ -134,7 +93,7 @@ impl RedisStore {
             }
         };
         let connection = connect_within(STORE, &addresses, config.connect_timeout_value(), opening).await?;
-        Ok(RedisStore { shared: Arc::new(Shared { config, connection, clients }) })
+        Ok(RedisStore { shared: Arc::new(Shared { config, connection, clients: clients.into() }) })
     }
 
     /// The backend of one namespace, on this store's connection. Its
@@ -142,17 +101,21 @@ impl RedisStore {
     /// call this within a tokio runtime.
     pub fn backend(&self, namespace: &str) -> Result<RedisBackend, Error> {
         let namespace = Namespace::new(namespace)?;
-        let scripts = Arc::new(ScriptRunner {
-            connection: self.shared.connection.clone(),
-            keys: Keys::new(self.shared.config.prefix(), &namespace),
-            sent: AtomicU64::new(0),
-        });
+        let keys = Keys::new(self.shared.config.prefix(), &namespace);
+        let scripts = Arc::new(ScriptRunner::new(self.shared.connection.clone(), keys));
         let feed = ChangeFeed::new();
         // Until a waiter needs it and it is confirmed, there is no
         // subscription, and a release could go unheard: waiters poll
         // meanwhile.
         feed.set_live(false);
-        let subscriber = AbortOnDrop(tokio::spawn(subscriber::run(self.shared.clone(), scripts.clone(), feed.clone())));
+        let subscription = feed::run(
+            self.shared.clients.clone(),
+            self.shared.config.connect_timeout_value(),
+            self.shared.config.request_timeout_value(),
+            scripts.clone(),
+            feed.clone(),
+        );
+        let subscriber = AbortOnDrop::new(tokio::spawn(subscription));
         Ok(RedisBackend {
             inner: Arc::new(Inner { store: self.clone(), namespace, scripts, feed, _subscriber: subscriber }),
         })
@@ -183,99 +146,6 @@ struct Inner {
     scripts: Arc<ScriptRunner>,
     feed: ChangeFeed,
     _subscriber: AbortOnDrop,
-}
-
-/// Runs the scripts on the namespace's keys over the command connection;
-/// shared by the backend and its subscriber.
-struct ScriptRunner {
-    connection: Connection,
-    keys: Keys,
-    /// Script calls sent, for [`LockBackend::round_trips`].
-    sent: AtomicU64,
-}
-
-/// Ends a background task when its owner goes: the last clone of a backend
-/// dropped.
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// The namespace's keys, all with the hash tag `{<namespace>}` so that they
-/// share one cluster slot, and its release channel.
-#[derive(Debug)]
-struct Keys {
-    /// Declared to every script, in this order (see `lua/common.lua`).
-    declared: [String; 4],
-    channel: String,
-}
-
-impl Keys {
-    fn new(prefix: &str, namespace: &Namespace) -> Self {
-        let base = format!("{prefix}:{{{namespace}}}");
-        Keys {
-            declared: ["locks", "index", "expiry", "token"].map(|name| format!("{base}:{name}")),
-            channel: format!("{base}:released"),
-        }
-    }
-}
-
-/// The multiplexed, self-reconnecting connection of a standalone server or
-/// of a cluster.
-#[derive(Clone)]
-enum Connection {
-    Standalone(ConnectionManager),
-    Cluster(ClusterConnection),
-}
-
-impl ScriptRunner {
-    /// Runs a script on the namespace's keys: by its hash, by its source
-    /// if the server does not know it, and once more if the connection
-    /// turned out to be dead (the server restarted since the last call; the
-    /// client reconnects). Every script is safe to run twice: a grant
-    /// carries its request id, a release is remembered for a few seconds,
-    /// and a refresh sets the same deadline again.
-    async fn run(&self, script: &Lua, args: Args) -> Result<Value, Error> {
-        let keys = &self.keys.declared;
-        let mut by_source = false;
-        let mut retried = false;
-        loop {
-            self.sent.fetch_add(1, Ordering::Relaxed);
-            match self.connection.query(&script.command(keys, &args.0, by_source)).await {
-                Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) && !by_source => {
-                    by_source = true;
-                }
-                Err(error) if error.is_connection_dropped() && !retried => retried = true,
-                done => return done.map_err(store_error),
-            }
-        }
-    }
-
-    /// Tells releases to publish for the next `lifetime`: this backend's
-    /// subscription is up (see `lua/listen.lua`).
-    pub(crate) async fn announce_listener(&self, lifetime: Duration) -> Result<(), Error> {
-        match self.run(&SCRIPTS.listen, Args::default().with(lifetime.as_millis() as u64)).await? {
-            Value::Int(1) => Ok(()),
-            other => Err(unexpected(&other)),
-        }
-    }
-
-    /// The namespace's release channel.
-    pub(crate) fn channel(&self) -> &str {
-        &self.keys.channel
-    }
-}
-
-impl Connection {
-    async fn query(&self, command: &Cmd) -> Result<Value, RedisError> {
-        match self {
-            Connection::Standalone(connection) => command.query_async(&mut connection.clone()).await,
-            Connection::Cluster(connection) => command.query_async(&mut connection.clone()).await,
-        }
-    }
 }
 
 impl RedisBackend {
@@ -430,31 +300,6 @@ impl Reply {
 /// lost reply) gets the answer the first one got.
 fn nonce() -> String {
     format!("{:016x}", fastrand::u64(..))
-}
-
-fn unexpected(value: &Value) -> Error {
-    Error::store_message(STORE, false, format!("unexpected reply from a mutextree script: {value:?}"))
-}
-
-/// A client library error as the public one: connection trouble, timeouts,
-/// a cluster moving slots and a server busy or starting are worth retrying;
-/// wrong credentials, script and protocol errors are not.
-fn store_error(error: RedisError) -> Error {
-    Error::store(STORE, is_retryable(&error), error)
-}
-
-fn is_retryable(error: &RedisError) -> bool {
-    match error.kind() {
-        ErrorKind::AuthenticationFailed | ErrorKind::Parse | ErrorKind::InvalidClientConfig => false,
-        _ => {
-            error.is_io_error()
-                || error.is_timeout()
-                || error.is_connection_dropped()
-                || error.is_connection_refusal()
-                || error.is_cluster_error()
-                || matches!(error.code(), Some("BUSY" | "LOADING" | "MASTERDOWN" | "READONLY"))
-        }
-    }
 }
 
 /// rustls needs a process-wide crypto provider; ring is the one this crate

@@ -1,0 +1,25 @@
+#![doc = include_str!("../README.md")]
+//!
+//! # Layout
+//!
+//! The same files in the same roles as every store crate, each using only
+//! those listed before it:
+//!
+//! * `error.rs`: client errors as [`Error::Store`](mutextree_core::Error::Store),
+//!   and which are worth retrying.
+//! * `config.rs`: [`RedisConfig`], read from a URL or set in code.
+//! * `scripts.rs` and `lua/`: the Lua scripts, one per operation, and
+//!   running them on the namespace's keys (this store's own part).
+//! * `feed.rs`: the subscription to the release channel that wakes waiters.
+//! * `backend.rs`: [`RedisStore`] (with [`RedisConfig::connect`]) and the
+//!   [`LockBackend`](mutextree_core::LockBackend), [`RedisBackend`].
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod backend;
+mod config;
+mod error;
+mod feed;
+mod scripts;
+
+pub use backend::{RedisBackend, RedisStore};
+pub use config::RedisConfig;
