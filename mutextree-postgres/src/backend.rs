@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, QueueMode, RecyclingMethod, Runtime};
+use mutextree_core::backend::Check;
 use mutextree_core::url::{connect_failed, connect_timed_out, connect_within};
 use mutextree_core::{
     async_trait, Attempt, Error, Grant, HeldLock, Listener, LockBackend, LockKind, LockPath, LockRequest, Namespace,
@@ -267,7 +268,8 @@ impl PostgresBackend {
 
     /// One call of the grant function: the tree operation, or the single-key
     /// primitive.
-    async fn grant(&self, request: &LockRequest, kind: LockKind, tree: bool) -> Result<Attempt, Error> {
+    async fn grant(&self, request: &LockRequest, kind: LockKind, check: Check) -> Result<Attempt, Error> {
+        let tree = check == Check::Tree;
         let ancestors: Vec<&str> = if tree { request.path.ancestor_keys().collect() } else { Vec::new() };
         let range_end = request.path.key_range_end();
         let ttl_ms = millis(request.ttl);
@@ -353,7 +355,7 @@ impl fmt::Debug for PostgresBackend {
 #[async_trait]
 impl LockBackend for PostgresBackend {
     async fn try_lock_key(&self, request: &LockRequest, kind: LockKind) -> Result<Attempt, Error> {
-        self.grant(request, kind, false).await
+        self.grant(request, kind, Check::KeyOnly).await
     }
 
     async fn release(&self, grant: &Grant) -> Result<(), Error> {
@@ -399,7 +401,7 @@ impl LockBackend for PostgresBackend {
     }
 
     async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error> {
-        self.grant(request, LockKind::Lock, true).await
+        self.grant(request, LockKind::Lock, Check::Tree).await
     }
 
     /// Every release in the namespace wakes every waiter of this backend,

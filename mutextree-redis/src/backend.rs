@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mutextree_core::backend::AbortOnDrop;
+use mutextree_core::backend::{AbortOnDrop, Check};
 use mutextree_core::url::{connect_failed, connect_timed_out, connect_within};
 use mutextree_core::{
     async_trait, Attempt, ChangeFeed, Error, Grant, HeldLock, Listener, LockBackend, LockKind, LockPath, LockRequest,
@@ -165,7 +165,12 @@ impl RedisBackend {
         &self.inner.scripts.keys.declared
     }
 
-    async fn grant(&self, request: &LockRequest, kind: LockKind, mode: &str) -> Result<Attempt, Error> {
+    async fn grant(&self, request: &LockRequest, kind: LockKind, check: Check) -> Result<Attempt, Error> {
+        // The grant script's names for what it checks.
+        let mode = match check {
+            Check::Tree => "tree",
+            Check::KeyOnly => "key",
+        };
         let transient = u8::from(kind == LockKind::Transient);
         // The request id lets a resent request (a lost reply, the client
         // library's retry) be recognised as the same grant, not refused.
@@ -201,7 +206,7 @@ impl RedisBackend {
 #[async_trait]
 impl LockBackend for RedisBackend {
     async fn try_lock_key(&self, request: &LockRequest, kind: LockKind) -> Result<Attempt, Error> {
-        self.grant(request, kind, "key").await
+        self.grant(request, kind, Check::KeyOnly).await
     }
 
     async fn release(&self, grant: &Grant) -> Result<(), Error> {
@@ -227,7 +232,7 @@ impl LockBackend for RedisBackend {
     }
 
     async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error> {
-        self.grant(request, LockKind::Lock, "tree").await
+        self.grant(request, LockKind::Lock, Check::Tree).await
     }
 
     /// Every release in the namespace, published by the release script and
