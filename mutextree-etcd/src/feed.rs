@@ -100,7 +100,8 @@ impl Feeds {
     }
 }
 
-/// Runs until aborted (the backend's drop aborts it).
+/// Runs until aborted: the backend holds it in an `AbortOnDrop`, so it
+/// ends with the backend's last clone.
 pub(crate) async fn run(members: Arc<Members>, prefix: String, feeds: Arc<Feeds>) {
     let mut pause = FIRST_PAUSE;
     loop {

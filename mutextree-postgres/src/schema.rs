@@ -88,7 +88,7 @@
 //! have nobody waiting. Since version 3 the table `listeners` holds a row
 //! (namespace, pid) for each listening connection, which a client opens the
 //! first time one of its acquisitions in the namespace waits (see the
-//! notify module). A release notifies if a row of its namespace names a
+//! feed module). A release notifies if a row of its namespace names a
 //! session that still runs (`pg_stat_get_activity(pid)`). Clients never
 //! remove their row: when the session ends, the row is ignored (it costs a
 //! look at the server's list of sessions, not a `NOTIFY`), and removed by
