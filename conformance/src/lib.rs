@@ -25,18 +25,39 @@
 //!
 //! # Adding a store
 //!
-//! Each store crate has the same few parts, so knowing one means knowing
-//! all:
+//! Each store crate has the same few files in the same roles, so knowing
+//! one means knowing all:
 //!
-//! * `src/lib.rs` opens with `#![doc = include_str!("../README.md")]` (its
-//!   configuration, documented and compiled) and defines the backend: a
-//!   [`LockBackend`] whose `try_grant` is the store's own one-round-trip
-//!   atomic operation, whose primitives (`try_lock_key`, `list`) share its
-//!   key layout so stepwise and native clients interoperate, and whose
-//!   `listen` is fed by the store's notifications through a
-//!   [`ChangeFeed`](mutextree_core::backend::ChangeFeed) (one subscription per
-//!   backend, marked not live while it is down). Store errors map into
-//!   [`Error::Store`] with `retryable` set.
+//! * `src/lib.rs`: only the crate docs
+//!   (`#![doc = include_str!("../README.md")]`, its configuration
+//!   documented and compiled, and a short map of the files), the `mod`
+//!   lines and the `pub use` of the public types.
+//! * `src/backend.rs`: the store (`XStore`, opened by `XConfig::connect`,
+//!   which is defined here so that the configuration does not depend on
+//!   the store) and its [`LockBackend`], `XBackend`: a `try_grant` that is
+//!   the store's own one-round-trip atomic operation, and primitives
+//!   (`try_lock_key`, `list`) on the same key layout so that stepwise and
+//!   native clients interoperate; one grant routine serves both, told
+//!   which by core's [`Check`](mutextree_core::backend::Check).
+//!   Release and refresh answer a grant that is not live with
+//!   [`Error::not_held`].
+//! * `src/config.rs`: `XConfig`, read from a URL by core's reader
+//!   ([`mutextree_core::backend::url`]) or set in code, checked before anything
+//!   connects.
+//! * `src/feed.rs`: the store's notifications feeding a
+//!   [`ChangeFeed`](mutextree_core::backend::ChangeFeed) for `listen` (one
+//!   subscription per backend, marked not live while it is down), in a
+//!   task the backend holds in an
+//!   [`AbortOnDrop`](mutextree_core::backend::AbortOnDrop), so it ends
+//!   with the backend's last clone. It is passed what it needs and does
+//!   not use the backend module.
+//! * `src/error.rs`: the store's name in errors and the mapping of client
+//!   errors into [`Error::Store`] with `retryable` set.
+//! * What only this store has keeps files of its own beside these (the
+//!   Redis store's `scripts.rs` and `lua/`, PostgreSQL's `schema.rs` and
+//!   `migrations/`, etcd's `layout.rs` and `members.rs`). The memory store,
+//!   with no settings, server or client errors, has only `lib.rs` and
+//!   `backend.rs`.
 //! * Its test servers go in a module of [`servers`], behind this crate's
 //!   feature of the store's name: a [`harness::ServerSpec`], and a `url()`
 //!   that starts the server once per test binary with a

@@ -49,10 +49,9 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, timeout_at, Instant};
 
-use crate::backend::LockBackend;
+use crate::backend::{AbortOnDrop, LockBackend};
 use crate::error::Error;
 use crate::lock::HeldLock;
 use crate::lock::{Grant, LockRequest, Owner, Ttl};
@@ -268,7 +267,7 @@ struct State {
     /// Why `grant` was lost; `None` while it is held.
     lost: Option<String>,
     /// The automatic refresh of `grant`, while it is held.
-    keeper: Option<Keeper>,
+    keeper: Option<AbortOnDrop>,
 }
 
 impl State {
@@ -280,18 +279,6 @@ impl State {
     /// The grant held, if not lost and not expired by the local clock.
     fn held(&self) -> Option<&Grant> {
         self.grant.as_ref().filter(|grant| self.lost.is_none() && !grant.is_expired())
-    }
-}
-
-/// The automatic refresh task of one grant; dropping it stops the task.
-#[derive(Debug)]
-struct Keeper {
-    task: JoinHandle<()>,
-}
-
-impl Drop for Keeper {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -330,7 +317,7 @@ impl Shared {
             *state = State {
                 grant: Some(grant.clone()),
                 lost: None,
-                keeper: self.auto_refresh.then(|| Keeper::start(self, grant)),
+                keeper: self.auto_refresh.then(|| keep_refreshed(self, grant)),
             };
             true
         })
@@ -363,7 +350,7 @@ impl Shared {
     fn restart_keeper(self: &Arc<Self>, token: u64) {
         self.update(token, |state| {
             if let Some(grant) = &state.grant {
-                state.keeper = Some(Keeper::start(self, grant));
+                state.keeper = Some(keep_refreshed(self, grant));
             }
         });
     }
@@ -715,50 +702,47 @@ impl TreeLock {
     }
 }
 
-impl Keeper {
-    /// Refreshes when a third of the ttl has passed; each refresh must be
-    /// confirmed before the grant's expiry (as held now, whoever refreshed it
-    /// last). On a refusal, or when no refresh is confirmed in time, reports
-    /// the loss and stops. Stops quietly when the grant is released.
-    fn start(shared: &Arc<Shared>, grant: &Grant) -> Keeper {
-        let shared: Weak<Shared> = Arc::downgrade(shared);
-        let token = grant.token;
-        let mut next_at = grant.expires_at - grant.ttl * 2 / 3;
-        let task = tokio::spawn(async move {
-            let reason = loop {
-                sleep_until(next_at).await;
-                let Some(shared) = shared.upgrade() else { return };
-                let Some(deadline) = shared.grant_with(token).map(|g| g.expires_at) else { return };
-                let attempt = timeout_at(deadline, async {
-                    let _in_order = shared.refreshing.lock().await;
-                    let current = shared.grant_with(token)?;
-                    let outcome = shared.refresh_in_order(&current, shared.request.ttl).await;
-                    Some((current, outcome))
-                });
-                match attempt.await {
-                    Err(_) => break "the store did not answer a refresh before the lock expired".to_owned(),
-                    Ok(None) => return,
-                    Ok(Some((_, Ok(refreshed)))) => next_at = refreshed.expires_at - refreshed.ttl * 2 / 3,
-                    Ok(Some((_, Err(error @ Error::NotHeld { .. })))) => {
-                        break format!("the store refused a refresh: {error}")
-                    }
-                    Ok(Some((current, Err(error)))) if current.is_expired() => {
-                        break format!("the store stayed unreachable until the lock expired: {error}")
-                    }
-                    // Retry soon, but not in a tight loop, and once more at
-                    // the expiry at the latest.
-                    Ok(Some((current, Err(_)))) => {
-                        next_at =
-                            Instant::now() + (current.ttl / 10).min(Duration::from_secs(1)).min(current.remaining())
-                    }
+/// Refreshes when a third of the ttl has passed; each refresh must be
+/// confirmed before the grant's expiry (as held now, whoever refreshed it
+/// last). On a refusal, or when no refresh is confirmed in time, reports
+/// the loss and stops. Stops quietly when the grant is released.
+fn keep_refreshed(shared: &Arc<Shared>, grant: &Grant) -> AbortOnDrop {
+    let shared: Weak<Shared> = Arc::downgrade(shared);
+    let token = grant.token;
+    let mut next_at = grant.expires_at - grant.ttl * 2 / 3;
+    let task = tokio::spawn(async move {
+        let reason = loop {
+            sleep_until(next_at).await;
+            let Some(shared) = shared.upgrade() else { return };
+            let Some(deadline) = shared.grant_with(token).map(|g| g.expires_at) else { return };
+            let attempt = timeout_at(deadline, async {
+                let _in_order = shared.refreshing.lock().await;
+                let current = shared.grant_with(token)?;
+                let outcome = shared.refresh_in_order(&current, shared.request.ttl).await;
+                Some((current, outcome))
+            });
+            match attempt.await {
+                Err(_) => break "the store did not answer a refresh before the lock expired".to_owned(),
+                Ok(None) => return,
+                Ok(Some((_, Ok(refreshed)))) => next_at = refreshed.expires_at - refreshed.ttl * 2 / 3,
+                Ok(Some((_, Err(error @ Error::NotHeld { .. })))) => {
+                    break format!("the store refused a refresh: {error}")
                 }
-            };
-            if let Some(shared) = shared.upgrade() {
-                shared.mark_lost(token, reason);
+                Ok(Some((current, Err(error)))) if current.is_expired() => {
+                    break format!("the store stayed unreachable until the lock expired: {error}")
+                }
+                // Retry soon, but not in a tight loop, and once more at
+                // the expiry at the latest.
+                Ok(Some((current, Err(_)))) => {
+                    next_at = Instant::now() + (current.ttl / 10).min(Duration::from_secs(1)).min(current.remaining())
+                }
             }
-        });
-        Keeper { task }
-    }
+        };
+        if let Some(shared) = shared.upgrade() {
+            shared.mark_lost(token, reason);
+        }
+    });
+    AbortOnDrop::new(task)
 }
 
 /// Holds a lock until [`release`](TreeLockGuard::release) or drop. See the

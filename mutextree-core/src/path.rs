@@ -400,9 +400,11 @@ fn decode_segment(encoded: &str) -> Option<String> {
     Some(out)
 }
 
-/// A short, printable rendering of rejected input for error messages: a
-/// megabyte name must not become a megabyte message.
-pub(crate) fn quote(text: &str) -> String {
+/// A short, printable rendering of rejected input for error messages:
+/// quoted and escaped like `{:?}`, and cut to a readable length (a megabyte
+/// name must not become a megabyte message). Core's own errors use it, and
+/// so do stores' checks of their settings.
+pub fn quote(text: &str) -> String {
     quote_within(text, 120)
 }
 

@@ -3,7 +3,8 @@
 //! Read from a URL by core's reader or set in code. Everything is checked
 //! by [`EtcdConfig::connect`] before a connection is made, so a bad value
 //! is an [`Error::InvalidConfig`] that names the option, never a
-//! half-working client.
+//! half-working client. Connecting ([`EtcdConfig::connect`]) is in the
+//! backend module, which uses this one (never the other way round).
 
 use std::fmt;
 use std::time::Duration;
@@ -12,10 +13,7 @@ use etcd_client::ConnectOptions;
 use mutextree_core::backend::url::{self, StoreUrl, DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT};
 use mutextree_core::{Error, Namespace};
 
-use crate::EtcdStore;
-
-/// The store's name in errors.
-pub(crate) const STORE: &str = "etcd";
+use crate::error::STORE;
 
 /// Where and how to connect. See the crate docs for an example.
 ///
@@ -70,8 +68,8 @@ impl EtcdConfig {
     /// A configuration from a URL:
     /// `etcd://[user:password@]host[:port][,host[:port]...]` (plain HTTP
     /// endpoints, port 2379 unless given) or `etcds://...` (HTTPS, with the
-    /// `tls` feature and the system's roots unless [`tls`](Self::tls) says
-    /// otherwise), with these optional query parameters:
+    /// `tls` feature and the system's roots unless the method `tls` sets
+    /// others), with these optional query parameters:
     ///
     /// | parameter | default | meaning |
     /// | --- | --- | --- |
@@ -168,19 +166,9 @@ impl EtcdConfig {
 
     /// The namespace the URL names (`mutextree` if none, or made by
     /// [`new`](Self::new)): the one `mutextree::connect` opens. A store
-    /// serves any namespace: [`EtcdStore::backend`].
+    /// serves any namespace: [`EtcdStore::backend`](crate::EtcdStore::backend).
     pub fn namespace(&self) -> &Namespace {
         &self.namespace
-    }
-
-    /// Checks the configuration and connects, one connection per endpoint
-    /// (see [the failover](crate#how-it-works)): one attempt to reach the
-    /// members within the connect timeout, which succeeds when one of them
-    /// answers. With credentials, it authenticates with every endpoint, so
-    /// wrong ones fail here. Namespaces' backends share the connections:
-    /// [`EtcdStore::backend`].
-    pub async fn connect(&self) -> Result<EtcdStore, Error> {
-        EtcdStore::open(self.clone()).await
     }
 
     /// The members' addresses, for messages.

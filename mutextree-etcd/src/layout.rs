@@ -17,7 +17,7 @@
 use mutextree_core::backend::LockKind;
 use mutextree_core::{Error, LockPath, Owner};
 
-use crate::config::STORE;
+use crate::error::STORE;
 
 /// The key space of one namespace.
 #[derive(Debug, Clone)]

@@ -1,14 +1,29 @@
 #![doc = include_str!("../README.md")]
+//!
+//! # Layout
+//!
+//! The same files in the same roles as every store crate, each using only
+//! those listed before it:
+//!
+//! * `error.rs`: client errors as [`Error::Store`](mutextree_core::Error::Store),
+//!   and which are worth retrying.
+//! * `config.rs`: [`EtcdConfig`], read from a URL or set in code.
+//! * `layout.rs` and `members.rs`: the keys and values the store writes,
+//!   and the failover between the cluster's members (this store's own parts).
+//! * `feed.rs`: the watch on the namespace that wakes waiters.
+//! * `backend.rs`: [`EtcdStore`] (with [`EtcdConfig::connect`]) and the
+//!   [`LockBackend`](mutextree_core::LockBackend), [`EtcdBackend`].
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod backend;
 mod config;
+mod error;
+mod feed;
 mod layout;
 mod members;
-mod store;
-mod watch;
 
+pub use backend::{EtcdBackend, EtcdStore, MIN_LEASE_TTL};
 pub use config::EtcdConfig;
-pub use store::{EtcdBackend, EtcdStore, MIN_LEASE_TTL};
 
 /// etcd-client's TLS settings, for [`EtcdConfig::tls`] (feature `tls`).
 #[cfg(feature = "tls")]

@@ -9,13 +9,16 @@
 //! connection, a timeout, no leader). The failed request is still an error
 //! to its caller, because a write may have been applied before the reply was
 //! lost; the next one goes elsewhere.
+//!
+//! The backend and its watch (the feed module) both send through here;
+//! this module knows neither of them.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use etcd_client::{Client, KvClient, LeaseClient, WatchClient};
 
-use crate::store::is_retryable;
+use crate::error::is_retryable;
 
 /// One connection per member, and the member in use.
 pub(crate) struct Members {

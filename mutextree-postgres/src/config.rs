@@ -1,5 +1,7 @@
 //! What a store needs to know to connect: read from a URL by core's reader
-//! or set in code, checked as a whole before anything is sent.
+//! or set in code, checked as a whole before anything is sent, and the
+//! TLS connector it makes. Connecting ([`PostgresConfig::connect`]) is in
+//! the backend module, which uses this one (never the other way round).
 
 use std::fmt;
 use std::str::FromStr;
@@ -8,8 +10,8 @@ use std::time::Duration;
 use mutextree_core::backend::url::{self, StoreUrl};
 use mutextree_core::{Error, Namespace};
 
+use crate::error::STORE;
 use crate::schema::SchemaName;
-use crate::{PostgresStore, STORE};
 
 /// How to reach the server and where the locks live.
 ///
@@ -189,22 +191,9 @@ impl PostgresConfig {
 
     /// The namespace the URL names (`mutextree` if none): the one
     /// `mutextree::connect` opens. A store serves any namespace:
-    /// [`PostgresStore::backend`].
+    /// [`PostgresStore::backend`](crate::PostgresStore::backend).
     pub fn namespace(&self) -> &Namespace {
         &self.namespace
-    }
-
-    /// Checks the settings, opens the pool (its first connection in one
-    /// attempt within the connect timeout) and brings the schema to this
-    /// version (creating it if needed; see the crate docs). Namespaces'
-    /// backends share the pool: [`PostgresStore::backend`].
-    ///
-    /// Fails with [`Error::InvalidConfig`] before connecting if a setting is
-    /// bad, and with [`Error::Store`] if the server cannot be reached or
-    /// refuses the connection (with the server's own words: `role "x" does
-    /// not exist`) or the migration.
-    pub async fn connect(&self) -> Result<PostgresStore, Error> {
-        PostgresStore::open(self).await
     }
 
     /// The checked parts, or the first rule broken.
@@ -289,6 +278,36 @@ impl Default for PostgresConfig {
     fn default() -> Self {
         Self::from_url("postgres://postgres@127.0.0.1/postgres").expect("a valid URL")
     }
+}
+
+/// How TLS is negotiated: with the feature `tls`, as the connection
+/// string's `sslmode` says; without it, never.
+#[cfg(feature = "tls")]
+pub(crate) type Tls = tokio_postgres_rustls::MakeRustlsConnect;
+/// How TLS is negotiated: with the feature `tls`, as the connection
+/// string's `sslmode` says; without it, never.
+#[cfg(not(feature = "tls"))]
+pub(crate) type Tls = tokio_postgres::NoTls;
+
+#[cfg(feature = "tls")]
+pub(crate) fn tls(config: &PostgresConfig) -> Tls {
+    let client_config = match &config.tls {
+        Some(given) => (**given).clone(),
+        None => {
+            let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .expect("ring supports the default TLS versions")
+                .with_root_certificates(roots)
+                .with_no_client_auth()
+        }
+    };
+    tokio_postgres_rustls::MakeRustlsConnect::new(client_config)
+}
+
+#[cfg(not(feature = "tls"))]
+pub(crate) fn tls(_config: &PostgresConfig) -> Tls {
+    tokio_postgres::NoTls
 }
 
 #[cfg(test)]

@@ -88,7 +88,7 @@
 //! have nobody waiting. Since version 3 the table `listeners` holds a row
 //! (namespace, pid) for each listening connection, which a client opens the
 //! first time one of its acquisitions in the namespace waits (see the
-//! notify module). A release notifies if a row of its namespace names a
+//! feed module). A release notifies if a row of its namespace names a
 //! session that still runs (`pg_stat_get_activity(pid)`). Clients never
 //! remove their row: when the session ends, the row is ignored (it costs a
 //! look at the server's list of sessions, not a `NOTIFY`), and removed by
@@ -138,6 +138,7 @@
 
 use std::fmt;
 
+use mutextree_core::backend::quote;
 use mutextree_core::Error;
 
 /// The version of the objects this crate creates and uses.
@@ -176,8 +177,8 @@ impl SchemaName {
         };
         match reason {
             Some(reason) => Err(Error::InvalidConfig {
-                store: crate::STORE,
-                reason: format!("schema name {}: {reason}", crate::error::shorten(&name)),
+                store: crate::error::STORE,
+                reason: format!("schema name {}: {reason}", quote(&name)),
             }),
             None => Ok(SchemaName(name)),
         }

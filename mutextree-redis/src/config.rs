@@ -1,6 +1,7 @@
 //! Where the store is, how its keys are named, and how long to wait for the
 //! server: read from a URL by core's reader or set in code, checked before
-//! anything connects.
+//! anything connects. Connecting ([`RedisConfig::connect`]) is in the
+//! backend module, which uses this one (never the other way round).
 
 use std::fmt;
 use std::path::PathBuf;
@@ -12,7 +13,7 @@ use redis::io::tcp::socket2::TcpKeepalive;
 use redis::io::tcp::TcpSettings;
 use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, ProtocolVersion, RedisConnectionInfo};
 
-use crate::{RedisStore, STORE};
+use crate::error::{store_error, STORE};
 
 /// How to reach a Redis server or cluster.
 ///
@@ -146,7 +147,7 @@ impl RedisConfig {
         let nodes = addresses
             .into_iter()
             .map(|address| {
-                Ok(address.into_connection_info().map_err(crate::store_error)?.set_redis_settings(settings.clone()))
+                Ok(address.into_connection_info().map_err(store_error)?.set_redis_settings(settings.clone()))
             })
             .collect::<Result<_, Error>>()?;
         Ok(RedisConfig { nodes, cluster, namespace, key_prefix, connect_timeout, request_timeout })
@@ -179,7 +180,7 @@ impl RedisConfig {
 
     /// The namespace the URL names (`mutextree` if none): the one
     /// `mutextree::connect` opens. A store serves any namespace:
-    /// [`RedisStore::backend`].
+    /// [`RedisStore::backend`](crate::RedisStore::backend).
     pub fn namespace(&self) -> &Namespace {
         &self.namespace
     }
@@ -194,16 +195,7 @@ impl RedisConfig {
         self.cluster
     }
 
-    /// Checks the settings and connects: one multiplexed connection for the
-    /// scripts (reconnecting by itself later), in one attempt within the
-    /// connect timeout. Namespaces' backends share it:
-    /// [`RedisStore::backend`].
-    pub async fn connect(&self) -> Result<RedisStore, Error> {
-        self.check()?;
-        RedisStore::open(self.clone()).await
-    }
-
-    fn check(&self) -> Result<(), Error> {
+    pub(crate) fn check(&self) -> Result<(), Error> {
         // The namespace's rules keep braces (the hash tag) out.
         Namespace::new(self.key_prefix.as_str()).map_err(|_| {
             invalid(format!(

@@ -13,10 +13,18 @@
 //! count of round trips). The tree operation has none: a store without an
 //! atomic one says so by answering with the stepwise algorithm over its
 //! primitives ([`super::stepwise`]), which sits above this contract.
+//!
+//! Below the trait are the few helpers every store needs alike, written
+//! once here rather than again in each store crate: [`Check`] (what a grant
+//! must find free), [`quote`](crate::path::quote) (rejected input as a message shows it) and
+//! [`AbortOnDrop`] (a store's background task, ended with its owner). A
+//! store's release and refresh answer a grant that is not live with
+//! [`Error::not_held`].
 
 use std::fmt;
 
 use async_trait::async_trait;
+use tokio::task::JoinHandle;
 
 use super::feed::Listener;
 use crate::error::Error;
@@ -83,5 +91,63 @@ pub trait LockBackend: Send + Sync + fmt::Debug {
     /// `None` for a store without requests or without a count.
     fn round_trips(&self) -> Option<u64> {
         None
+    }
+}
+
+/// What a grant must find free. One grant routine of a store serves both
+/// the tree operation and the stepwise algorithm's primitive, and is told
+/// which one it runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Check {
+    /// The node, its ancestors and its descendants: the tree operation,
+    /// [`LockBackend::try_grant`].
+    Tree,
+    /// The node's own key only: the stepwise algorithm's primitive,
+    /// [`LockBackend::try_lock_key`].
+    KeyOnly,
+}
+
+/// A background task that lives exactly as long as this value: dropping
+/// it aborts the task. A store keeps one for each task it runs for a
+/// backend (a subscription, a watch, a listening connection), in the state
+/// its clones share, so the task ends when the last clone is dropped
+/// rather than running on for nobody.
+#[derive(Debug)]
+pub struct AbortOnDrop(JoinHandle<()>);
+
+impl AbortOnDrop {
+    /// Takes charge of `task`.
+    pub fn new(task: JoinHandle<()>) -> Self {
+        AbortOnDrop(task)
+    }
+
+    /// Whether the task has ended (finished, panicked, or its runtime shut
+    /// down), so that it must be started again to run.
+    pub fn is_finished(&self) -> bool {
+        self.0.is_finished()
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn dropping_abort_on_drop_ends_its_task() {
+        let (alive, ended) = tokio::sync::oneshot::channel::<()>();
+        let task = AbortOnDrop::new(tokio::spawn(async move {
+            let _alive = alive;
+            std::future::pending::<()>().await;
+        }));
+        assert!(!task.is_finished());
+        drop(task);
+        // The sender goes only when the aborted task's future is dropped.
+        assert!(ended.await.is_err(), "the task ended without sending");
     }
 }

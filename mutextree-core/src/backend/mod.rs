@@ -20,13 +20,14 @@ pub mod feed;
 pub mod stepwise;
 pub mod url;
 
-pub use contract::LockBackend;
+pub use contract::{AbortOnDrop, Check, LockBackend};
 pub use feed::{ChangeFeed, Listener};
 pub use stepwise::{Stepwise, TRANSIENT_PATIENCE, TRANSIENT_TTL};
 pub use url::{parse_duration, StoreUrl};
 
 pub use crate::error::human;
 pub use crate::lock::{Attempt, LockKind, LockRequest};
+pub use crate::path::quote;
 
 /// Re-exported so that stores implement [`LockBackend`] with the same macro.
 pub use async_trait::async_trait;

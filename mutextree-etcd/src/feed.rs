@@ -1,5 +1,7 @@
-//! Wake-ups: one etcd watch per backend on its namespace's prefix, fanned
-//! out to the waiters whose paths a change concerns.
+//! The change feed: one etcd watch per backend on its namespace's prefix,
+//! fanned out to the waiters whose paths a change concerns. It needs only
+//! the members (to open the watch) and the prefix, which the backend
+//! passes in when its first waiter listens.
 //!
 //! Waiters listen on a [`ChangeFeed`] per path they wait for; this task
 //! turns every delete event under the prefix (a release, a lease that
@@ -98,7 +100,8 @@ impl Feeds {
     }
 }
 
-/// Runs until aborted (the backend's drop aborts it).
+/// Runs until aborted: the backend holds it in an `AbortOnDrop`, so it
+/// ends with the backend's last clone.
 pub(crate) async fn run(members: Arc<Members>, prefix: String, feeds: Arc<Feeds>) {
     let mut pause = FIRST_PAUSE;
     loop {

@@ -1,4 +1,6 @@
-//! Wake-ups: one `LISTEN` connection per backend, however many waiters.
+//! The change feed: one `LISTEN` connection per backend, however many
+//! waiters. It knows nothing of the backend, which passes it the
+//! connection settings and the schema's listener statements.
 //!
 //! A release sends `NOTIFY` on the schema's channel with the namespace as
 //! payload, at commit, if a session listens for the namespace (a row in the
@@ -28,12 +30,12 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use futures::StreamExt;
+use mutextree_core::backend::AbortOnDrop;
 use mutextree_core::backend::{ChangeFeed, Listener};
-use tokio::task::JoinHandle;
 use tokio_postgres::AsyncMessage;
 
+use crate::config::Tls;
 use crate::schema::ListenerStatements;
-use crate::Tls;
 
 const RECONNECT_FIRST: Duration = Duration::from_millis(50);
 const RECONNECT_LAST: Duration = Duration::from_secs(2);
@@ -45,7 +47,9 @@ pub(crate) struct Notifications {
     namespace: String,
     config: tokio_postgres::Config,
     tls: Tls,
-    task: Mutex<Option<JoinHandle<()>>>,
+    /// The listening task, once started; it ends with the backend's last
+    /// clone.
+    task: Mutex<Option<AbortOnDrop>>,
 }
 
 impl Notifications {
@@ -65,7 +69,7 @@ impl Notifications {
     pub(crate) fn listen(&self) -> Listener {
         let listener = self.feed.listen();
         let mut task = self.task.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if task.as_ref().is_none_or(JoinHandle::is_finished) {
+        if task.as_ref().is_none_or(AbortOnDrop::is_finished) {
             // Without a runtime there is nothing to run it on: the feed stays
             // not live and waiters poll.
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -76,7 +80,7 @@ impl Notifications {
                     self.namespace.clone(),
                     self.feed.clone(),
                 );
-                *task = Some(runtime.spawn(listening));
+                *task = Some(AbortOnDrop::new(runtime.spawn(listening)));
             }
         }
         listener
@@ -94,14 +98,6 @@ impl std::fmt::Debug for Notifications {
             .field("listen", &self.statements.listen)
             .field("namespace", &self.namespace)
             .finish()
-    }
-}
-
-impl Drop for Notifications {
-    fn drop(&mut self) {
-        if let Some(task) = self.task.get_mut().ok().and_then(Option::take) {
-            task.abort();
-        }
     }
 }
 

@@ -1,5 +1,7 @@
-//! The backend's one subscription to its namespace's release channel,
-//! feeding the [`ChangeFeed`] every waiter of the backend listens to.
+//! The change feed: the backend's one subscription to its namespace's
+//! release channel, feeding the [`ChangeFeed`] every waiter of the backend
+//! listens to. It runs scripts (the scripts module) but knows nothing of
+//! the backend, which starts it and passes it what it needs.
 //!
 //! Redis writes every published message to every subscribed connection, so
 //! a subscription nobody waits on costs each release a write, and this
@@ -29,7 +31,7 @@ use futures::StreamExt;
 use mutextree_core::backend::ChangeFeed;
 use tokio::time::{sleep, timeout, Instant};
 
-use crate::{ScriptRunner, Shared};
+use crate::scripts::ScriptRunner;
 
 /// How often a subscription checks that its connection still works (a
 /// half-open connection delivers nothing and reports no error), that
@@ -46,18 +48,25 @@ const ANNOUNCED_FOR: Duration = Duration::from_secs(60);
 const RENEWED_WITHIN: Duration = Duration::from_secs(15);
 
 /// Keeps the subscription up whenever waiters need it, for as long as the
-/// backend lives. `feed` starts not live.
-pub(crate) async fn run(store: Arc<Shared>, scripts: Arc<ScriptRunner>, feed: ChangeFeed) {
+/// backend lives (it aborts this task when its last clone goes), on one of
+/// `clients` (one per node) at a time. `feed` starts not live.
+pub(crate) async fn run(
+    clients: Arc<[redis::Client]>,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+    scripts: Arc<ScriptRunner>,
+    feed: ChangeFeed,
+) {
     // Each check waits at most this long for its answer.
-    let limit = store.config.request_timeout_value().min(PING_EVERY);
+    let limit = request_timeout.min(PING_EVERY);
     let announce = || async {
         let sent_at = Instant::now();
         matches!(timeout(limit, scripts.announce_listener(ANNOUNCED_FOR)).await, Ok(Ok(()))).then_some(sent_at)
     };
     let mut pause = Duration::from_millis(50);
-    for client in store.clients.iter().cycle() {
+    for client in clients.iter().cycle() {
         feed.wanted().await;
-        let subscribed = timeout(store.config.connect_timeout_value(), async {
+        let subscribed = timeout(connect_timeout, async {
             let (mut sink, stream) = client.get_async_pubsub().await?.split();
             sink.subscribe(scripts.channel()).await?;
             Ok::<_, redis::RedisError>((sink, stream))

@@ -1,5 +1,9 @@
-//! The backend: every lock operation as etcd requests. See the crate docs
-//! for the design; the comments here say what each request is for.
+//! The store and its namespaces' [`LockBackend`]: connections to the
+//! cluster's members ([`EtcdStore`], opened by [`EtcdConfig::connect`]),
+//! and per namespace an [`EtcdBackend`] doing every lock operation as etcd
+//! requests, with its watch (the feed module) started by its first waiter.
+//! See the crate docs for the design; the comments here say what each
+//! request is for.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -10,16 +14,17 @@ use etcd_client::{
     Client, Compare, CompareOp, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
 };
 use futures::stream::{self, StreamExt, TryStreamExt};
-use mutextree_core::backend::url::{connect_timed_out, connect_within};
+use mutextree_core::backend::url::connect_within;
 use mutextree_core::backend::{async_trait, stepwise::TRANSIENT_TTL, Attempt, Listener, LockKind, LockRequest};
+use mutextree_core::backend::{AbortOnDrop, Check};
 use mutextree_core::{Error, Grant, HeldLock, LockBackend, LockPath, Namespace, Ttl};
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::config::{EtcdConfig, STORE};
+use crate::config::EtcdConfig;
+use crate::error::{connect_error, is_lease_not_found, store_error, STORE};
+use crate::feed::{self, Feeds};
 use crate::layout::{decode_value, encode_value, Layout};
 use crate::members::Members;
-use crate::watch::{self, Feeds};
 
 /// etcd's minimum lease ttl with its default timing (`--election-timeout`
 /// 1000 ms: one and a half election timeouts, in whole seconds). A server
@@ -38,6 +43,18 @@ const MAX_SHARING: Duration = Duration::from_millis(500);
 /// How often a grant is retried when the lock in its way vanished (its
 /// lease expired) between the transaction and the lookup of its lease.
 const VANISHED_BLOCKER_RETRIES: usize = 3;
+
+impl EtcdConfig {
+    /// Checks the configuration and connects, one connection per endpoint
+    /// (see [the failover](crate#how-it-works)): one attempt to reach the
+    /// members within the connect timeout, which succeeds when one of them
+    /// answers. With credentials, it authenticates with every endpoint, so
+    /// wrong ones fail here. Namespaces' backends share the connections:
+    /// [`EtcdStore::backend`].
+    pub async fn connect(&self) -> Result<EtcdStore, Error> {
+        EtcdStore::open(self.clone()).await
+    }
+}
 
 /// A connection to an etcd cluster, from which namespaces are opened.
 ///
@@ -121,18 +138,11 @@ struct Inner {
     namespace: Namespace,
     /// The waiters' feeds, fed by the watch.
     feeds: Arc<Feeds>,
-    /// The watch task, started by the first `listen`.
-    watch: Mutex<Option<JoinHandle<()>>>,
+    /// The watch task, started by the first `listen`; it ends with the
+    /// backend's last clone.
+    watch: Mutex<Option<AbortOnDrop>>,
     /// The lease new grants of each ttl (in seconds) go on, while young.
     shared_leases: Mutex<HashMap<i64, Lease>>,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        if let Some(task) = self.watch.get_mut().ok().and_then(Option::take) {
-            task.abort();
-        }
-    }
 }
 
 /// A mutex that outlives a panic elsewhere: its data stays consistent
@@ -148,15 +158,6 @@ impl fmt::Debug for EtcdBackend {
             .field("key_prefix", &self.inner.layout.namespace_prefix())
             .finish()
     }
-}
-
-/// What a grant transaction checks before it puts the node's key.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Check {
-    /// No key on the node, an ancestor or a descendant (the tree operation).
-    Tree,
-    /// No key on the node itself (the stepwise algorithm's primitive).
-    KeyOnly,
 }
 
 /// A granted lease: its id, the ttl etcd applied, and when it was asked
@@ -189,7 +190,7 @@ impl LockBackend for EtcdBackend {
         let txn = Txn::new().when(is_grant(&key, grant)).and_then([TxnOp::delete(key, None)]);
         let response = self.inner.members.kv(|mut kv| async move { kv.txn(txn).await }).await.map_err(store_error)?;
         if !response.succeeded() {
-            return Err(not_held(grant));
+            return Err(Error::not_held(grant));
         }
         Ok(())
     }
@@ -215,7 +216,7 @@ impl LockBackend for EtcdBackend {
         if !response.succeeded() {
             // Nothing went on it.
             self.revoke_in_background(lease.id);
-            return Err(not_held(grant));
+            return Err(Error::not_held(grant));
         }
         Ok(Grant { ttl: lease.ttl, expires_at: lease.sent_at + lease.ttl, ..grant.clone() })
     }
@@ -270,8 +271,8 @@ impl LockBackend for EtcdBackend {
         let mut task = locked(&self.inner.watch);
         if task.is_none() {
             let prefix = self.inner.layout.namespace_prefix().to_owned();
-            let watching = watch::run(self.inner.members.clone(), prefix, self.inner.feeds.clone());
-            *task = Some(tokio::spawn(watching));
+            let watching = feed::run(self.inner.members.clone(), prefix, self.inner.feeds.clone());
+            *task = Some(AbortOnDrop::new(tokio::spawn(watching)));
         }
         self.inner.feeds.listen(path.key())
     }
@@ -456,10 +457,6 @@ fn is_grant(key: &str, grant: &Grant) -> [Compare; 2] {
     ]
 }
 
-fn not_held(grant: &Grant) -> Error {
-    Error::NotHeld { path: grant.path.clone(), owner: Some(grant.owner.clone()), token: Some(grant.token) }
-}
-
 /// The revision a successful transaction created: the fencing token (and
 /// the create revision of the key it put).
 fn revision(response: &TxnResponse) -> Result<u64, Error> {
@@ -499,78 +496,6 @@ fn lease_seconds(ttl: Ttl) -> i64 {
 fn remaining_life(seconds_left: i64, granted_seconds: i64) -> Duration {
     let upper = Duration::from_secs(seconds_left.max(0) as u64 + 1);
     upper.min(Duration::from_secs(granted_seconds.max(1) as u64))
-}
-
-/// etcd's answer to a put naming a lease that does not exist (any more).
-fn is_lease_not_found(error: &etcd_client::Error) -> bool {
-    matches!(error, etcd_client::Error::GRpcStatus(status)
-        if status.code() == tonic::Code::NotFound && status.message().contains("lease not found"))
-}
-
-/// A client error as the workspace's error.
-pub(crate) fn store_error(error: etcd_client::Error) -> Error {
-    Error::Store {
-        store: STORE,
-        message: describe(&error),
-        retryable: is_retryable(&error),
-        source: Some(Box::new(error)),
-    }
-}
-
-/// A failure to reach the members at `addresses`: the connect timeout's
-/// message if the client ran out of time, the cause otherwise.
-fn connect_error(addresses: &str, limit: Duration, error: etcd_client::Error) -> Error {
-    let text = describe(&error);
-    let timed_out = matches!(&error, etcd_client::Error::GRpcStatus(status)
-        if matches!(status.code(), tonic::Code::DeadlineExceeded | tonic::Code::Cancelled))
-        || ["timed out", "Timeout expired", "deadline has elapsed"].iter().any(|said| text.contains(said));
-    if timed_out {
-        return connect_timed_out(STORE, addresses, limit);
-    }
-    let retryable = is_retryable(&error);
-    Error::Store {
-        store: STORE,
-        message: format!("could not connect to {STORE} at {addresses}: {text}"),
-        retryable,
-        source: Some(Box::new(error)),
-    }
-}
-
-/// What went wrong, in words: the server's message and its gRPC code
-/// (`etcdserver: user name not found (InvalidArgument)`) rather than the
-/// status's debug form, or the transport error with its causes.
-fn describe(error: &etcd_client::Error) -> String {
-    match error {
-        etcd_client::Error::GRpcStatus(status) => {
-            // Then the transport's own words: `Connection refused`.
-            let said = format!("{} ({:?})", status.message(), status.code());
-            mutextree_core::backend::url::append_sources(said, std::error::Error::source(status))
-        }
-        other => mutextree_core::backend::url::with_sources(other),
-    }
-}
-
-/// Whether an error can pass: a lost connection, a timeout, no leader
-/// (during an election) or an overloaded server can; a refused permission or
-/// a malformed request cannot.
-pub(crate) fn is_retryable(error: &etcd_client::Error) -> bool {
-    use tonic::Code;
-    match error {
-        etcd_client::Error::GRpcStatus(status) => matches!(
-            status.code(),
-            Code::Unavailable
-                | Code::DeadlineExceeded
-                | Code::Aborted
-                | Code::ResourceExhausted
-                | Code::Cancelled
-                | Code::Unknown
-                | Code::Internal
-        ),
-        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) | etcd_client::Error::WatchError(_) => {
-            true
-        }
-        _ => false,
-    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,411 @@
+//! The store and its namespaces' [`LockBackend`]: a pool of connections
+//! to one migrated schema ([`PostgresStore`], opened by
+//! [`PostgresConfig::connect`]), and per namespace a [`PostgresBackend`]
+//! whose every operation is one call of a function of the schema (see the
+//! schema module), with the backend's listening connection (the feed
+//! module) beside it.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, QueueMode, RecyclingMethod, Runtime};
+use mutextree_core::backend::url::{connect_failed, connect_timed_out, connect_within};
+use mutextree_core::backend::Check;
+use mutextree_core::backend::{async_trait, Attempt, Listener, LockKind, LockRequest};
+use mutextree_core::{Error, Grant, HeldLock, LockBackend, LockPath, Namespace, Ttl};
+use tokio::time::Instant;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Row;
+
+use crate::config::{tls, PostgresConfig, Tls};
+use crate::error::{self, unexpected, CallError, STORE};
+use crate::feed::Notifications;
+use crate::schema::{self, SchemaName, Statements};
+
+/// How many times a call is sent again after the server broke a deadlock
+/// between advisory keys that collided.
+const DEADLOCK_RETRIES: usize = 5;
+
+/// How long a call waits for a pooled connection before failing.
+const POOL_WAIT: Duration = Duration::from_secs(30);
+
+impl PostgresConfig {
+    /// Checks the settings, opens the pool (its first connection in one
+    /// attempt within the connect timeout) and brings the schema to this
+    /// version (creating it if needed; see the crate docs). Namespaces'
+    /// backends share the pool: [`PostgresStore::backend`].
+    ///
+    /// Fails with [`Error::InvalidConfig`] before connecting if a setting is
+    /// bad, and with [`Error::Store`] if the server cannot be reached or
+    /// refuses the connection (with the server's own words: `role "x" does
+    /// not exist`) or the migration.
+    pub async fn connect(&self) -> Result<PostgresStore, Error> {
+        PostgresStore::open(self).await
+    }
+}
+
+/// A connection pool to one schema, migrated: the namespaces' backends
+/// share it.
+///
+/// Cheap to clone; clones share the pool.
+#[derive(Clone)]
+pub struct PostgresStore {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    pool: Pool,
+    statements: Statements,
+    schema: SchemaName,
+    pg: tokio_postgres::Config,
+    tls: Tls,
+    request_timeout: Duration,
+}
+
+impl PostgresStore {
+    /// See [`PostgresConfig::connect`].
+    pub(crate) async fn open(config: &PostgresConfig) -> Result<Self, Error> {
+        let checked = config.check()?;
+        let tls = tls(config);
+        let manager = Manager::from_config(
+            checked.pg.clone(),
+            tls.clone(),
+            // A broken connection is dropped when it is handed back, without
+            // the extra round trip a verifying check would cost every call.
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(checked.pool_size)
+            // The connection handed back last is handed out first. In the
+            // default order (the oldest first) a caller alone on a pool of
+            // 8 went through all 8 in turn, each call waking a server
+            // process idle for 7 calls: twice the time per call on 2 cores,
+            // once anything had made the pool grow.
+            .queue_mode(QueueMode::Lifo)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(POOL_WAIT))
+            .create_timeout(Some(checked.connect_limit))
+            .build()
+            .map_err(|error| Error::InvalidConfig { store: STORE, reason: error.to_string() })?;
+        let shared = Shared {
+            pool,
+            statements: Statements::new(&checked.schema),
+            schema: checked.schema,
+            pg: checked.pg,
+            tls,
+            request_timeout: checked.request_timeout,
+        };
+        // The first connection, in one attempt: its failure names the hosts
+        // and says the server's own words.
+        let first = async {
+            shared.pool.get().await.map_err(|error| match error {
+                PoolError::Timeout(_) => connect_timed_out(STORE, &checked.addresses, checked.connect_limit),
+                PoolError::Backend(error) => {
+                    let retryable = error::is_retryable(&error);
+                    connect_failed(STORE, &checked.addresses, retryable, error)
+                }
+                other => connect_failed(STORE, &checked.addresses, false, other),
+            })
+        };
+        let client = connect_within(STORE, &checked.addresses, checked.connect_limit, first).await?;
+        shared.migrate(client).await?;
+        Ok(PostgresStore { shared: Arc::new(shared) })
+    }
+
+    /// The backend of the namespace `name`, on this store's pool. Its
+    /// listening connection for wake-ups is its own, opened the first time
+    /// one of its acquisitions waits.
+    pub fn backend(&self, name: &str) -> Result<PostgresBackend, Error> {
+        Ok(PostgresBackend::new(self.shared.clone(), Namespace::new(name)?))
+    }
+
+    /// The schema the store's objects are in.
+    pub fn schema(&self) -> &SchemaName {
+        &self.shared.schema
+    }
+}
+
+impl fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let status = self.shared.pool.status();
+        f.debug_struct("PostgresStore")
+            .field("schema", &self.shared.schema)
+            .field("connections", &status.size)
+            .field("max_connections", &status.max_size)
+            .finish()
+    }
+}
+
+impl Shared {
+    /// Brings the schema to [`schema::VERSION`]; see the schema module.
+    async fn migrate(&self, mut client: deadpool_postgres::Object) -> Result<(), Error> {
+        let found = match client.query_opt(&self.statements.read_version, &[]).await {
+            Ok(row) => row.map_or(0, |row| row.get::<_, i32>(0)),
+            Err(error) if is_missing(error.code()) => 0,
+            Err(error) => return Err(CallError::from(error).into()),
+        };
+        if found == schema::VERSION {
+            return Ok(());
+        }
+        if found > schema::VERSION {
+            return Err(newer_schema(&self.schema, found));
+        }
+        let transaction = client.transaction().await.map_err(CallError::from)?;
+        let lock_name = format!("mutextree migrate {}", self.schema);
+        transaction
+            .execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&lock_name])
+            .await
+            .map_err(CallError::from)?;
+        // After the lock, in statements of their own: they see what an
+        // earlier migrator committed.
+        transaction.batch_execute(&schema::migration_prelude(&self.schema)).await.map_err(CallError::from)?;
+        let current = transaction
+            .query_opt(&self.statements.read_version, &[])
+            .await
+            .map_err(CallError::from)?
+            .map_or(0, |row| row.get::<_, i32>(0));
+        if current > schema::VERSION {
+            return Err(newer_schema(&self.schema, current));
+        }
+        for version in current + 1..=schema::VERSION {
+            let step = schema::migration_step(&self.schema, version).expect("every version up to VERSION has a step");
+            transaction.batch_execute(&step).await.map_err(CallError::from)?;
+        }
+        transaction
+            .batch_execute(&schema::record_version(&self.schema, schema::VERSION))
+            .await
+            .map_err(CallError::from)?;
+        transaction.commit().await.map_err(CallError::from)?;
+        Ok(())
+    }
+
+    /// One statement on a pooled connection: one round trip (plus one to
+    /// prepare it, the first time on each connection), within the request
+    /// timeout. A connection whose answer did not come in time is closed,
+    /// not handed back: the answer may still arrive on it.
+    async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, CallError> {
+        let client = self.pool.get().await?;
+        let call = async {
+            let statement = client.prepare_cached(sql).await?;
+            client.query(&statement, params).await
+        };
+        match tokio::time::timeout(self.request_timeout, call).await {
+            Ok(answer) => Ok(answer?),
+            Err(_) => {
+                drop(deadpool_postgres::Object::take(client));
+                Err(CallError::Timeout(self.request_timeout))
+            }
+        }
+    }
+
+    /// [`Shared::query`] for a statement that returns exactly one row, sent
+    /// again if the server broke a deadlock.
+    async fn query_one(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row, Error> {
+        let mut retries = 0;
+        loop {
+            match self.query(sql, params).await {
+                Ok(mut rows) if rows.len() == 1 => return Ok(rows.remove(0)),
+                Ok(rows) => return Err(unexpected(format!("{} rows where one was expected", rows.len()))),
+                Err(error) if error.is_deadlock() && retries < DEADLOCK_RETRIES => retries += 1,
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+}
+
+/// The schema or its version table does not exist yet.
+fn is_missing(code: Option<&SqlState>) -> bool {
+    code == Some(&SqlState::UNDEFINED_TABLE) || code == Some(&SqlState::INVALID_SCHEMA_NAME)
+}
+
+fn newer_schema(schema: &SchemaName, found: i32) -> Error {
+    Error::InvalidConfig {
+        store: STORE,
+        reason: format!(
+            "schema {schema} is at version {found}, newer than the {} this version of mutextree-postgres knows; \
+             upgrade mutextree-postgres",
+            schema::VERSION
+        ),
+    }
+}
+
+/// One namespace of a [`PostgresStore`]: the [`LockBackend`].
+///
+/// Cheap to clone; clones share the pool and the listening connection.
+#[derive(Clone)]
+pub struct PostgresBackend {
+    shared: Arc<Shared>,
+    namespace: Namespace,
+    notifications: Arc<Notifications>,
+}
+
+impl PostgresBackend {
+    fn new(shared: Arc<Shared>, namespace: Namespace) -> Self {
+        let notifications = Notifications::new(
+            shared.pg.clone(),
+            shared.tls.clone(),
+            schema::ListenerStatements::new(&shared.schema),
+            namespace.as_str().to_owned(),
+        );
+        PostgresBackend { shared, namespace, notifications: Arc::new(notifications) }
+    }
+
+    /// The namespace of this backend.
+    pub fn namespace(&self) -> &Namespace {
+        &self.namespace
+    }
+
+    /// Whether this backend's listening connection is up, so that waiters
+    /// wake on releases (it opens with the first wait, and is reopened when
+    /// lost; until then waiters poll).
+    pub fn is_listening(&self) -> bool {
+        self.notifications.is_live()
+    }
+
+    /// One call of the grant function: the tree operation, or the single-key
+    /// primitive.
+    async fn grant(&self, request: &LockRequest, kind: LockKind, check: Check) -> Result<Attempt, Error> {
+        let tree = check == Check::Tree;
+        let ancestors: Vec<&str> = if tree { request.path.ancestor_keys().collect() } else { Vec::new() };
+        let range_end = request.path.key_range_end();
+        let ttl_ms = millis(request.ttl);
+        let transient = kind == LockKind::Transient;
+        let sent_at = Instant::now();
+        let row = self
+            .shared
+            .query_one(
+                &self.shared.statements.grant,
+                &[
+                    &self.namespace.as_str(),
+                    &request.path.key(),
+                    &ancestors,
+                    &range_end,
+                    &request.owner.as_str(),
+                    &ttl_ms,
+                    &tree,
+                    &transient,
+                ],
+            )
+            .await?;
+        if column::<bool>(&row, 0)? {
+            let token = token(column(&row, 1)?)?;
+            return Ok(Attempt::Granted(Grant::new(request, kind, token, request.ttl.get(), sent_at)));
+        }
+        let blocker =
+            self.held(column(&row, 2)?, column(&row, 3)?, column(&row, 4)?, column(&row, 5)?, column(&row, 6)?)?;
+        Ok(Attempt::Blocked(blocker))
+    }
+
+    /// A lock as the server described it.
+    fn held(
+        &self,
+        key: String,
+        owner: String,
+        token_value: i64,
+        remaining_us: i64,
+        transient: bool,
+    ) -> Result<HeldLock, Error> {
+        let path = LockPath::from_key(&key).map_err(|error| unexpected(format!("a lock row's key: {error}")))?;
+        let owner =
+            mutextree_core::Owner::new(owner).map_err(|error| unexpected(format!("a lock row's owner: {error}")))?;
+        Ok(HeldLock {
+            path,
+            owner,
+            token: token(token_value)?,
+            remaining: Duration::from_micros(remaining_us.max(0) as u64),
+            transient,
+        })
+    }
+}
+
+/// A column of the expected type, or an error saying which was not.
+fn column<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, index: usize) -> Result<T, Error> {
+    row.try_get(index).map_err(|error| unexpected(format!("column {index}: {error}")))
+}
+
+fn token(value: i64) -> Result<u64, Error> {
+    u64::try_from(value).map_err(|_| unexpected(format!("fencing token {value}")))
+}
+
+fn millis(ttl: Ttl) -> i64 {
+    // At most a day: always fits.
+    ttl.as_millis() as i64
+}
+
+/// A grant's token as the server stores it; a token beyond `i64::MAX` was
+/// never granted by this store, so it names no lock.
+fn stored_token(grant: &Grant) -> Option<i64> {
+    i64::try_from(grant.token).ok()
+}
+
+impl fmt::Debug for PostgresBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresBackend")
+            .field("schema", &self.shared.schema)
+            .field("namespace", &self.namespace)
+            .field("listening", &self.is_listening())
+            .finish()
+    }
+}
+
+#[async_trait]
+impl LockBackend for PostgresBackend {
+    async fn try_lock_key(&self, request: &LockRequest, kind: LockKind) -> Result<Attempt, Error> {
+        self.grant(request, kind, Check::KeyOnly).await
+    }
+
+    async fn release(&self, grant: &Grant) -> Result<(), Error> {
+        let Some(token) = stored_token(grant) else { return Err(Error::not_held(grant)) };
+        let (namespace, key, owner) = (self.namespace.as_str(), grant.path.key(), grant.owner.as_str());
+        let row = self.shared.query_one(&self.shared.statements.release, &[&namespace, &key, &owner, &token]).await?;
+        if column::<bool>(&row, 0)? {
+            Ok(())
+        } else {
+            Err(Error::not_held(grant))
+        }
+    }
+
+    async fn refresh(&self, grant: &Grant, ttl: Ttl) -> Result<Grant, Error> {
+        let Some(token) = stored_token(grant) else { return Err(Error::not_held(grant)) };
+        let ttl_ms = millis(ttl);
+        let (namespace, key, owner) = (self.namespace.as_str(), grant.path.key(), grant.owner.as_str());
+        let sent_at = Instant::now();
+        let row = self
+            .shared
+            .query_one(&self.shared.statements.refresh, &[&namespace, &key, &owner, &token, &ttl_ms])
+            .await?;
+        if column::<bool>(&row, 0)? {
+            Ok(Grant { ttl: ttl.get(), expires_at: sent_at + ttl.get(), ..grant.clone() })
+        } else {
+            Err(Error::not_held(grant))
+        }
+    }
+
+    async fn list(&self, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
+        let namespace = self.namespace.as_str();
+        let rows = match under {
+            None => self.shared.query(&self.shared.statements.list_all, &[&namespace]).await,
+            Some(path) => {
+                let range_end = path.key_range_end();
+                self.shared.query(&self.shared.statements.list_under, &[&namespace, &path.key(), &range_end]).await
+            }
+        }
+        .map_err(Error::from)?;
+        rows.iter()
+            .map(|row| self.held(column(row, 0)?, column(row, 1)?, column(row, 2)?, column(row, 3)?, column(row, 4)?))
+            .collect()
+    }
+
+    async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error> {
+        self.grant(request, LockKind::Lock, Check::Tree).await
+    }
+
+    /// Every release in the namespace wakes every waiter of this backend,
+    /// through its one listening connection (see the feed module);
+    /// `path` is not used to filter.
+    fn listen(&self, _path: &LockPath) -> Listener {
+        self.notifications.listen()
+    }
+}

@@ -1,0 +1,315 @@
+//! The store and its namespaces' [`LockBackend`]: a connection to a server
+//! or cluster ([`RedisStore`], opened by [`RedisConfig::connect`]), and per
+//! namespace a [`RedisBackend`] whose every operation is one script call
+//! (see the scripts module), with the backend's subscription (the feed
+//! module) started beside it and ended with its last clone.
+
+use std::fmt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mutextree_core::backend::url::{connect_failed, connect_timed_out, connect_within};
+use mutextree_core::backend::{async_trait, Attempt, ChangeFeed, Listener, LockKind, LockRequest};
+use mutextree_core::backend::{AbortOnDrop, Check};
+use mutextree_core::{Error, Grant, HeldLock, LockBackend, LockPath, Namespace, Owner, Ttl};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClientBuilder;
+use redis::{RedisError, ToRedisArgs, Value};
+use tokio::time::Instant;
+
+use crate::config::RedisConfig;
+use crate::error::{is_retryable, unexpected, STORE};
+use crate::feed;
+use crate::scripts::{Args, Connection, Keys, Lua, ScriptRunner, SCRIPTS};
+
+impl RedisConfig {
+    /// Checks the settings and connects: one multiplexed connection for the
+    /// scripts (reconnecting by itself later), in one attempt within the
+    /// connect timeout. Namespaces' backends share it:
+    /// [`RedisStore::backend`].
+    pub async fn connect(&self) -> Result<RedisStore, Error> {
+        self.check()?;
+        RedisStore::open(self.clone()).await
+    }
+}
+
+/// A connection to a Redis server or cluster, from which namespaces are
+/// opened: [`RedisConfig::connect`], then [`backend`](Self::backend).
+///
+/// Cheap to clone; clones and the backends made from it share the
+/// connection.
+#[derive(Clone)]
+pub struct RedisStore {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    config: RedisConfig,
+    connection: Connection,
+    /// One plain client per node, for the backends' subscriptions (in a
+    /// cluster, a plain `PUBLISH` reaches the subscribers of every node).
+    clients: Arc<[redis::Client]>,
+}
+
+impl RedisStore {
+    /// One attempt to open the command connection, within the connect
+    /// timeout.
+    async fn open(config: RedisConfig) -> Result<Self, Error> {
+        install_tls_provider();
+        let addresses = config.addresses();
+        let failed = |error: RedisError| {
+            if error.is_timeout() {
+                connect_timed_out(STORE, &addresses, config.connect_timeout_value())
+            } else {
+                connect_failed(STORE, &addresses, is_retryable(&error), error)
+            }
+        };
+        let clients =
+            config.nodes().map(|node| redis::Client::open(node).map_err(failed)).collect::<Result<Vec<_>, _>>()?;
+        let opening = async {
+            if config.is_cluster() {
+                let client = ClusterClientBuilder::new(config.nodes())
+                    .connection_timeout(config.connect_timeout_value())
+                    .response_timeout(config.request_timeout_value())
+                    .tcp_settings(config.tcp_settings())
+                    .build()
+                    .map_err(failed)?;
+                client.get_async_connection().await.map(Connection::Cluster).map_err(failed)
+            } else {
+                // No retry here: one attempt, whose failure names the
+                // address. Later, a lost connection is opened again by the
+                // next call.
+                let manager = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(config.connect_timeout_value()))
+                    .set_response_timeout(Some(config.request_timeout_value()))
+                    .set_number_of_retries(0);
+                ConnectionManager::new_with_config(clients[0].clone(), manager)
+                    .await
+                    .map(Connection::Standalone)
+                    .map_err(failed)
+            }
+        };
+        let connection = connect_within(STORE, &addresses, config.connect_timeout_value(), opening).await?;
+        Ok(RedisStore { shared: Arc::new(Shared { config, connection, clients: clients.into() }) })
+    }
+
+    /// The backend of one namespace, on this store's connection. Its
+    /// subscription for wake-ups is its own, opened while its waiters wait;
+    /// call this within a tokio runtime.
+    pub fn backend(&self, namespace: &str) -> Result<RedisBackend, Error> {
+        let namespace = Namespace::new(namespace)?;
+        let keys = Keys::new(self.shared.config.prefix(), &namespace);
+        let scripts = Arc::new(ScriptRunner::new(self.shared.connection.clone(), keys));
+        let feed = ChangeFeed::new();
+        // Until a waiter needs it and it is confirmed, there is no
+        // subscription, and a release could go unheard: waiters poll
+        // meanwhile.
+        feed.set_live(false);
+        let subscription = feed::run(
+            self.shared.clients.clone(),
+            self.shared.config.connect_timeout_value(),
+            self.shared.config.request_timeout_value(),
+            scripts.clone(),
+            feed.clone(),
+        );
+        let subscriber = AbortOnDrop::new(tokio::spawn(subscription));
+        Ok(RedisBackend {
+            inner: Arc::new(Inner { store: self.clone(), namespace, scripts, feed, _subscriber: subscriber }),
+        })
+    }
+
+    /// The configuration this store was connected with.
+    pub fn config(&self) -> &RedisConfig {
+        &self.shared.config
+    }
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore").field("config", &self.shared.config).finish()
+    }
+}
+
+/// One namespace of a [`RedisStore`]: the [`LockBackend`]. Cheap to
+/// clone; clones share the connection and the subscription.
+#[derive(Clone)]
+pub struct RedisBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: RedisStore,
+    namespace: Namespace,
+    scripts: Arc<ScriptRunner>,
+    feed: ChangeFeed,
+    _subscriber: AbortOnDrop,
+}
+
+impl RedisBackend {
+    /// The namespace of this backend.
+    pub fn namespace(&self) -> &Namespace {
+        &self.inner.namespace
+    }
+
+    /// The store this backend is a namespace of.
+    pub fn store(&self) -> &RedisStore {
+        &self.inner.store
+    }
+
+    /// The four keys that hold the namespace (locks, index, expiry, token
+    /// counter), all in one cluster slot.
+    pub fn keys(&self) -> &[String] {
+        &self.inner.scripts.keys.declared
+    }
+
+    async fn grant(&self, request: &LockRequest, kind: LockKind, check: Check) -> Result<Attempt, Error> {
+        // The grant script's names for what it checks.
+        let mode = match check {
+            Check::Tree => "tree",
+            Check::KeyOnly => "key",
+        };
+        let transient = u8::from(kind == LockKind::Transient);
+        // The request id lets a resent request (a lost reply, the client
+        // library's retry) be recognised as the same grant, not refused.
+        let args = Args::default()
+            .with(mode)
+            .with(request.path.key())
+            .with(request.ttl.as_millis())
+            .with(transient)
+            .with(nonce())
+            .with(request.owner.as_str());
+        let sent_at = Instant::now();
+        let reply = Reply::new(self.inner.scripts.run(&SCRIPTS.grant, args).await?)?;
+        if reply.int(0)? == 1 {
+            let ttl = Duration::from_millis(reply.int(2)?);
+            Ok(Attempt::Granted(Grant::new(request, kind, reply.int(1)?, ttl, sent_at)))
+        } else {
+            Ok(Attempt::Blocked(reply.held_lock(1)?))
+        }
+    }
+
+    /// Runs a script that answers 1 if `grant` was live (and changed), 0
+    /// if not.
+    async fn on_grant(&self, script: &Lua, grant: &Grant, last: impl ToRedisArgs) -> Result<(), Error> {
+        let args = Args::default().with(grant.path.key()).with(grant.owner.as_str()).with(grant.token).with(last);
+        match self.inner.scripts.run(script, args).await? {
+            Value::Int(1) => Ok(()),
+            Value::Int(0) => Err(Error::not_held(grant)),
+            other => Err(unexpected(&other)),
+        }
+    }
+}
+
+#[async_trait]
+impl LockBackend for RedisBackend {
+    async fn try_lock_key(&self, request: &LockRequest, kind: LockKind) -> Result<Attempt, Error> {
+        self.grant(request, kind, Check::KeyOnly).await
+    }
+
+    async fn release(&self, grant: &Grant) -> Result<(), Error> {
+        let channel_and_nonce = [self.inner.scripts.keys.channel.clone(), nonce()];
+        self.on_grant(&SCRIPTS.release, grant, &channel_and_nonce[..]).await
+    }
+
+    async fn refresh(&self, grant: &Grant, ttl: Ttl) -> Result<Grant, Error> {
+        let sent_at = Instant::now();
+        self.on_grant(&SCRIPTS.refresh, grant, ttl.as_millis()).await?;
+        Ok(Grant { ttl: ttl.get(), expires_at: sent_at + ttl.get(), ..grant.clone() })
+    }
+
+    async fn list(&self, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
+        let (from, to) = match under {
+            Some(path) => (format!("[{}", path.key()), format!("({}", path.key_range_end())),
+            None => ("-".to_owned(), "+".to_owned()),
+        };
+        match self.inner.scripts.run(&SCRIPTS.list, Args::default().with(from).with(to)).await? {
+            Value::Array(rows) => rows.into_iter().map(|row| Reply::new(row)?.held_lock(0)).collect(),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error> {
+        self.grant(request, LockKind::Lock, Check::Tree).await
+    }
+
+    /// Every release in the namespace, published by the release script and
+    /// heard by this backend's one subscription, wakes every waiter of the
+    /// backend; `path` is not used to filter.
+    fn listen(&self, _path: &LockPath) -> Listener {
+        self.inner.feed.listen()
+    }
+
+    /// Script calls this backend (and its clones) sent so far: one per
+    /// operation, two when a dead connection was retried. (A `NOSCRIPT`
+    /// reply, once per script and server start, adds two more.)
+    fn round_trips(&self) -> Option<u64> {
+        Some(self.inner.scripts.sent.load(Ordering::Relaxed))
+    }
+}
+
+impl fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("config", &self.inner.store.shared.config)
+            .field("namespace", &self.inner.namespace)
+            .field("keys", &self.inner.scripts.keys)
+            .field("notified", &self.inner.feed.listen().is_notified())
+            .finish()
+    }
+}
+
+/// A script's array reply.
+struct Reply(Vec<Value>);
+
+impl Reply {
+    fn new(value: Value) -> Result<Self, Error> {
+        match value {
+            Value::Array(items) => Ok(Reply(items)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    fn int(&self, at: usize) -> Result<u64, Error> {
+        match self.0.get(at) {
+            Some(Value::Int(n)) if *n >= 0 => Ok(*n as u64),
+            other => Err(unexpected(other.unwrap_or(&Value::Nil))),
+        }
+    }
+
+    fn text(&self, at: usize) -> Result<&str, Error> {
+        match self.0.get(at) {
+            Some(Value::BulkString(bytes)) => std::str::from_utf8(bytes).map_err(|_| unexpected(&self.0[at])),
+            other => Err(unexpected(other.unwrap_or(&Value::Nil))),
+        }
+    }
+
+    /// `key, owner, token, remaining ms, transient` from `at` on.
+    fn held_lock(&self, at: usize) -> Result<HeldLock, Error> {
+        let stored = |error: Error| {
+            Error::store_message(STORE, false, format!("the namespace holds a lock this client cannot read: {error}"))
+        };
+        Ok(HeldLock {
+            path: LockPath::from_key(self.text(at)?).map_err(stored)?,
+            owner: Owner::new(self.text(at + 1)?).map_err(stored)?,
+            token: self.int(at + 2)?,
+            remaining: Duration::from_millis(self.int(at + 3)?),
+            transient: self.int(at + 4)? == 1,
+        })
+    }
+}
+
+/// Identifies one request, so that the same request sent twice (after a
+/// lost reply) gets the answer the first one got.
+fn nonce() -> String {
+    format!("{:016x}", fastrand::u64(..))
+}
+
+/// rustls needs a process-wide crypto provider; ring is the one this crate
+/// builds with. Installing twice is harmless (the first one stays).
+fn install_tls_provider() {
+    #[cfg(feature = "tls")]
+    {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+}

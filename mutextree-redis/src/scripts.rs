@@ -1,0 +1,153 @@
+//! The Lua scripts (`src/lua/`) and how they are run: each lock operation
+//! is one script, one atomic step in one round trip, on the namespace's
+//! keys over the command connection. The backend and its change feed both
+//! run scripts, so this sits below both of them.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use mutextree_core::{Error, Namespace};
+use redis::aio::ConnectionManager;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, ErrorKind, RedisError, Script, ServerErrorKind, ToRedisArgs, Value};
+
+use crate::error::{store_error, unexpected};
+
+/// One Lua script: the shared prelude (`lua/common.lua`) and its body.
+/// Called by `EVALSHA`; after `NOSCRIPT` (a restart, a failover, `SCRIPT
+/// FLUSH`) by `EVAL` with its source, which caches it again. (Not `SCRIPT
+/// LOAD`: in a cluster that goes to every node and fails while one is down.)
+pub(crate) struct Lua {
+    source: String,
+    sha: String,
+}
+
+impl Lua {
+    fn new(body: &str) -> Self {
+        let source = format!("{}\n{body}", include_str!("lua/common.lua"));
+        let sha = Script::new(&source).get_hash().to_owned();
+        Lua { source, sha }
+    }
+
+    fn command(&self, keys: &[String], args: &[Vec<u8>], by_source: bool) -> Cmd {
+        let mut command = if by_source { redis::cmd("EVAL") } else { redis::cmd("EVALSHA") };
+        command.arg(if by_source { &self.source } else { &self.sha }).arg(keys.len()).arg(keys).arg(args);
+        command
+    }
+}
+
+/// The scripts, each one atomic step in one round trip.
+pub(crate) struct Scripts {
+    pub(crate) grant: Lua,
+    pub(crate) release: Lua,
+    pub(crate) refresh: Lua,
+    pub(crate) list: Lua,
+    listen: Lua,
+}
+
+pub(crate) static SCRIPTS: std::sync::LazyLock<Scripts> = std::sync::LazyLock::new(|| Scripts {
+    grant: Lua::new(include_str!("lua/grant.lua")),
+    release: Lua::new(include_str!("lua/release.lua")),
+    refresh: Lua::new(include_str!("lua/refresh.lua")),
+    list: Lua::new(include_str!("lua/list.lua")),
+    listen: Lua::new(include_str!("lua/listen.lua")),
+});
+
+/// A script's arguments, each as the bytes sent.
+#[derive(Default)]
+pub(crate) struct Args(Vec<Vec<u8>>);
+
+impl Args {
+    pub(crate) fn with(mut self, value: impl ToRedisArgs) -> Self {
+        self.0.extend(value.to_redis_args());
+        self
+    }
+}
+
+/// Runs the scripts on the namespace's keys over the command connection;
+/// shared by the backend and its subscriber.
+pub(crate) struct ScriptRunner {
+    connection: Connection,
+    pub(crate) keys: Keys,
+    /// Script calls sent, for
+    /// [`LockBackend::round_trips`](mutextree_core::LockBackend::round_trips).
+    pub(crate) sent: AtomicU64,
+}
+
+/// The namespace's keys, all with the hash tag `{<namespace>}` so that they
+/// share one cluster slot, and its release channel.
+#[derive(Debug)]
+pub(crate) struct Keys {
+    /// Declared to every script, in this order (see `lua/common.lua`).
+    pub(crate) declared: [String; 4],
+    pub(crate) channel: String,
+}
+
+impl Keys {
+    pub(crate) fn new(prefix: &str, namespace: &Namespace) -> Self {
+        let base = format!("{prefix}:{{{namespace}}}");
+        Keys {
+            declared: ["locks", "index", "expiry", "token"].map(|name| format!("{base}:{name}")),
+            channel: format!("{base}:released"),
+        }
+    }
+}
+
+/// The multiplexed, self-reconnecting connection of a standalone server or
+/// of a cluster.
+#[derive(Clone)]
+pub(crate) enum Connection {
+    Standalone(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ScriptRunner {
+    pub(crate) fn new(connection: Connection, keys: Keys) -> Self {
+        ScriptRunner { connection, keys, sent: AtomicU64::new(0) }
+    }
+
+    /// Runs a script on the namespace's keys: by its hash, by its source
+    /// if the server does not know it, and once more if the connection
+    /// turned out to be dead (the server restarted since the last call; the
+    /// client reconnects). Every script is safe to run twice: a grant
+    /// carries its request id, a release is remembered for a few seconds,
+    /// and a refresh sets the same deadline again.
+    pub(crate) async fn run(&self, script: &Lua, args: Args) -> Result<Value, Error> {
+        let keys = &self.keys.declared;
+        let mut by_source = false;
+        let mut retried = false;
+        loop {
+            self.sent.fetch_add(1, Ordering::Relaxed);
+            match self.connection.query(&script.command(keys, &args.0, by_source)).await {
+                Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) && !by_source => {
+                    by_source = true;
+                }
+                Err(error) if error.is_connection_dropped() && !retried => retried = true,
+                done => return done.map_err(store_error),
+            }
+        }
+    }
+
+    /// Tells releases to publish for the next `lifetime`: this backend's
+    /// subscription is up (see `lua/listen.lua`).
+    pub(crate) async fn announce_listener(&self, lifetime: Duration) -> Result<(), Error> {
+        match self.run(&SCRIPTS.listen, Args::default().with(lifetime.as_millis() as u64)).await? {
+            Value::Int(1) => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The namespace's release channel.
+    pub(crate) fn channel(&self) -> &str {
+        &self.keys.channel
+    }
+}
+
+impl Connection {
+    async fn query(&self, command: &Cmd) -> Result<Value, RedisError> {
+        match self {
+            Connection::Standalone(connection) => command.query_async(&mut connection.clone()).await,
+            Connection::Cluster(connection) => command.query_async(&mut connection.clone()).await,
+        }
+    }
+}
