@@ -47,8 +47,7 @@ macro_rules! on_store {
 /// A store's URL with a fresh namespace.
 #[allow(dead_code)] // Unused when no network store is enabled.
 fn fresh(url: &str) -> Arc<dyn LockBackend> {
-    let separator = if url.contains('?') { '&' } else { '?' };
-    blocking::connect(&format!("{url}{separator}namespace=blocking-{:016x}", fastrand::u64(..))).expect("connect")
+    blocking::connect_with(url, &format!("blocking-{:016x}", fastrand::u64(..))).expect("connect")
 }
 
 on_store!(memory, std::sync::Arc::new(mutextree::memory::MemoryBackend::new()));

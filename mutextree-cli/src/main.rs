@@ -224,7 +224,7 @@ mod tests {
 
     #[test]
     fn the_namespace_is_read_from_the_url() {
-        assert_eq!(namespace_in_use("redis://h:1?response_timeout=1s&namespace=app"), "app");
+        assert_eq!(namespace_in_use("redis://h:1?request_timeout=1s&namespace=app"), "app");
         assert_eq!(namespace_in_use("memory://"), "mutextree");
     }
 

@@ -16,6 +16,11 @@ use tokio::time::Instant;
 use crate::waiting::WaitingLine;
 use crate::{exit, parse_duration, parse_path};
 
+/// How long a `run` stopped by a signal while it waited gives the attempt
+/// it had in flight to answer, and a grant it brings to be released: a
+/// request's own timeout, at most.
+const SETTLE_LIMIT: Duration = Duration::from_secs(5);
+
 /// Hold PATH's lock while COMMAND runs.
 ///
 /// Acquires the lock, waiting as long as it takes for an overlapping one
@@ -118,6 +123,10 @@ impl Run {
             acquired = lock.acquire() => acquired,
             signal = signals.next() => {
                 waiting.clear();
+                // An attempt in flight finishes in the background, and a
+                // grant it brings is released there: let that work end
+                // before the process does, or the lock stays until its ttl.
+                let _ = tokio::time::timeout(SETTLE_LIMIT, lock.settled()).await;
                 return Ok(ExitCode::from(signal_status(signal as i32)));
             }
         };
@@ -125,8 +134,10 @@ impl Run {
         let grant = match acquired {
             Ok(grant) => grant,
             Err(error @ (Error::Refused { .. } | Error::Timeout { .. })) => {
-                let hint = if matches!(error, Error::Refused { .. }) {
+                let hint = if self.no_wait {
                     "use --timeout DURATION or drop --no-wait to wait"
+                } else if matches!(error, Error::Refused { .. }) {
+                    "use a --timeout longer than 0 to wait"
                 } else {
                     "use a longer --timeout, or none to wait as long as it takes"
                 };

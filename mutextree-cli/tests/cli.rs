@@ -62,7 +62,7 @@ fn text(bytes: &[u8]) -> String {
 
 /// The same namespace through the library, to hold locks in the way.
 fn library(store: &(String, String)) -> Arc<dyn LockBackend> {
-    blocking::connect(&format!("{}?namespace={}", store.0, store.1)).expect("connect")
+    blocking::connect_with(&store.0, &store.1).expect("connect")
 }
 
 fn scratch() -> PathBuf {

@@ -42,9 +42,8 @@ fn text(bytes: &[u8]) -> String {
 /// A lock on `path` held through the library by `owner`, in the store's
 /// namespace, until the returned handle is released or dropped.
 fn hold(store: &(String, String), path: &str, owner: &str) -> blocking::TreeLock {
-    let backend = blocking::connect(&format!("{}?namespace={}", store.0, store.1)).expect("connect");
-    let lock: blocking::TreeLock =
-        mutextree::TreeLock::builder(backend, path).owner(owner).build().expect("a valid lock").into();
+    let backend = blocking::connect_with(&store.0, &store.1).expect("connect");
+    let lock = blocking::TreeLock::builder(backend, path).owner(owner).build().expect("a valid lock");
     lock.try_acquire().expect("free");
     lock
 }
@@ -297,4 +296,18 @@ fn help_is_wrapped_to_the_terminal() {
     let prose: Vec<&str> = seen.lines().filter(|line| !line.contains("mutextree ")).collect();
     assert!(prose.len() > 20, "{seen}");
     assert!(prose.iter().all(|line| line.trim_end().chars().count() <= 60), "lines of 60 columns at most: {seen}");
+}
+
+/// TLS is in the command's default build: a `rediss://` or `etcds://` store
+/// is dialled (and, with nothing listening, refused), not turned away for a
+/// missing feature.
+#[test]
+fn tls_stores_are_in_the_default_build() {
+    for url in ["rediss://127.0.0.1:1?connect_timeout=2s", "etcds://127.0.0.1:1?connect_timeout=2s"] {
+        let out = output(Command::new(BINARY).args(["--store", url, "status"]).stdin(Stdio::null()));
+        let said = text(&out.stderr);
+        assert!(!said.contains("feature"), "{url}: {said}");
+        assert!(said.contains("127.0.0.1:1"), "{url}: the message should name the address it tried: {said}");
+        assert_eq!(out.status.code(), Some(1), "{url}: the store failed: {said}");
+    }
 }

@@ -58,12 +58,13 @@ const PASSED_ON: &[&str] = &[
     "channel_binding",
     "load_balance_hosts",
     "hostaddr",
-    "tcp_user_timeout",
     "keepalives",
-    "keepalives_idle",
-    "keepalives_interval",
     "keepalives_retries",
 ];
+
+/// libpq's duration parameters, read with the store's duration grammar
+/// (`30s`, `1m`, a bare number is seconds) and handed to `tokio-postgres`.
+const DURATIONS: &[&str] = &["tcp_user_timeout", "keepalives_idle", "keepalives_interval"];
 
 /// PostgreSQL's port.
 const DEFAULT_PORT: u16 = 5432;
@@ -88,8 +89,10 @@ impl PostgresConfig {
     ///
     /// and libpq's `sslmode`, `sslnegotiation`, `application_name`,
     /// `options`, `target_session_attrs`, `channel_binding`,
-    /// `load_balance_hosts`, `hostaddr`, `tcp_user_timeout` and
-    /// `keepalives*`, passed on to `tokio-postgres`. Anything else is an
+    /// `load_balance_hosts`, `hostaddr`, `keepalives` and
+    /// `keepalives_retries`, passed on to `tokio-postgres`, and its
+    /// `tcp_user_timeout`, `keepalives_idle` and `keepalives_interval`,
+    /// read as durations like the others. Anything else is an
     /// error naming it; so is a bad port, a URL without a host or without a
     /// user.
     pub fn from_url(text: &str) -> Result<Self, Error> {
@@ -108,11 +111,25 @@ impl PostgresConfig {
             .iter()
             .filter_map(|name| url.take(name).map(|value| format!("{name}='{}'", quoted(&value))))
             .collect();
+        let mut durations = Vec::new();
+        for name in DURATIONS {
+            let Some(text) = url.take(name) else { continue };
+            let duration = url::parse_duration(&text)
+                .ok_or_else(|| url.invalid(format!("{name}={text:?}: write {}", url::DURATION_EXAMPLES)))?;
+            durations.push((*name, duration));
+        }
         let hosts = url.require_hosts()?.to_vec();
         let user =
             url.user().ok_or_else(|| url.invalid("the URL names no user: write postgres://user@host/database"))?;
         let mut pg = tokio_postgres::Config::from_str(&passed_on.join(" "))
             .map_err(|error| url.invalid(url::with_sources(&error)))?;
+        for (name, duration) in durations {
+            match name {
+                "tcp_user_timeout" => pg.tcp_user_timeout(duration),
+                "keepalives_idle" => pg.keepalives_idle(duration),
+                _ => pg.keepalives_interval(duration),
+            };
+        }
         pg.user(user);
         if let Some(password) = url.password() {
             pg.password(password);
@@ -132,6 +149,7 @@ impl PostgresConfig {
         let addresses = hosts.iter().map(|host| host.address(DEFAULT_PORT)).collect::<Vec<_>>().join(", ");
         let mut known = PARAMETERS.to_vec();
         known.extend(PASSED_ON);
+        known.extend(DURATIONS);
         url.finish(&known)?;
         Ok(PostgresConfig {
             pg,
@@ -338,6 +356,19 @@ mod tests {
         assert!(matches!(socket.pg.get_hosts(), [tokio_postgres::config::Host::Unix(_)]));
         assert_eq!(PostgresConfig::default().connect_timeout, DEFAULT_CONNECT_TIMEOUT);
         assert_eq!(PostgresConfig::default().request_timeout, DEFAULT_REQUEST_TIMEOUT);
+    }
+
+    #[test]
+    fn libpq_durations_read_like_every_other_duration() {
+        let config = PostgresConfig::from_url(
+            "postgres://u@db?tcp_user_timeout=1m&keepalives_idle=1500ms&keepalives_interval=2",
+        )
+        .expect("valid");
+        assert_eq!(config.pg.get_tcp_user_timeout(), Some(&Duration::from_secs(60)));
+        assert_eq!(config.pg.get_keepalives_idle(), Duration::from_millis(1500));
+        assert_eq!(config.pg.get_keepalives_interval(), Some(Duration::from_secs(2)));
+        let refused = PostgresConfig::from_url("postgres://u@db?keepalives_idle=soon").expect_err("not a duration");
+        assert!(refused.to_string().contains("keepalives_idle"), "{refused}");
     }
 
     #[test]
