@@ -20,8 +20,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mutextree_core::backend::acquire;
 use mutextree_core::backend::LockRequest;
-use mutextree_core::wait::{acquire, Wait};
+use mutextree_core::Wait;
 use mutextree_core::{Error, Grant, LockBackend, LockPath, Owner, Ttl};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};

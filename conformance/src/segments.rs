@@ -27,9 +27,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use mutextree_core::backend::acquire;
 use mutextree_core::backend::LockRequest;
 use mutextree_core::checks::is_segment_prefix;
-use mutextree_core::wait::{acquire, Wait};
+use mutextree_core::Wait;
 use mutextree_core::{Error, Grant, HeldLock, LockBackend, LockPath, Owner, Ttl};
 use proptest::prelude::*;
 use proptest::sample::Index;

@@ -7,11 +7,11 @@
 //! broke.
 
 use std::error::Error as StdError;
-use std::fmt;
 use std::time::Duration;
 
 use crate::lock::{Grant, HeldLock, Owner};
-use crate::path::{LockPath, MAX_DEPTH, MAX_PATH_BYTES, MAX_SEGMENT_BYTES};
+use crate::path::{LockPath, PathRule};
+use crate::text::human;
 
 /// What can go wrong with a tree lock.
 ///
@@ -192,80 +192,6 @@ impl Error {
     }
 }
 
-/// The rule a rejected [`LockPath`] broke.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum PathRule {
-    /// A path needs at least one segment.
-    NoSegments,
-    /// More than [`MAX_DEPTH`] segments.
-    TooDeep {
-        /// How many segments were given (counting stops early past the limit).
-        depth: usize,
-    },
-    /// A segment is the empty string (`a//b` in the text form).
-    EmptySegment {
-        /// Its position, from 0.
-        index: usize,
-    },
-    /// A segment longer than [`MAX_SEGMENT_BYTES`].
-    SegmentTooLong {
-        /// Its position, from 0.
-        index: usize,
-        /// Its length in UTF-8 bytes.
-        bytes: usize,
-    },
-    /// Segments longer than [`MAX_PATH_BYTES`] together.
-    TooLong {
-        /// Their total length in UTF-8 bytes.
-        bytes: usize,
-    },
-    /// The text form ends with a `\` that escapes nothing.
-    DanglingEscape,
-    /// The text form has `\` before something other than `/` or `\`.
-    UnknownEscape {
-        /// The character after the `\`.
-        found: char,
-    },
-    /// A key that [`LockPath::key`] did not make.
-    NotAKey,
-}
-
-impl fmt::Display for PathRule {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            PathRule::NoSegments => write!(f, "a path needs at least one segment"),
-            PathRule::TooDeep { depth } => {
-                write!(f, "{depth} segments, but a path may have at most {MAX_DEPTH}")
-            }
-            PathRule::EmptySegment { index } => write!(
-                f,
-                "segment {} is empty; segments must have at least one character (in the text form, \
-                 `a//b` and a leading or trailing `/` make empty segments)",
-                index + 1
-            ),
-            PathRule::SegmentTooLong { index, bytes } => write!(
-                f,
-                "segment {} has {bytes} bytes, but a segment may have at most {MAX_SEGMENT_BYTES} bytes",
-                index + 1
-            ),
-            PathRule::TooLong { bytes } => write!(
-                f,
-                "the segments have {bytes} bytes together, but a path may have at most {MAX_PATH_BYTES} bytes"
-            ),
-            PathRule::DanglingEscape => {
-                write!(f, "the text ends with a lone `\\`; write `\\\\` for a backslash")
-            }
-            PathRule::UnknownEscape { found } => write!(
-                f,
-                "unknown escape: `\\` before {found:?}; only `\\/` (a slash inside a segment) and `\\\\` (a \
-                 backslash) exist"
-            ),
-            PathRule::NotAKey => write!(f, "not a key made by LockPath::key"),
-        }
-    }
-}
-
 /// "its ancestor A/B is held by "web-1" for 29.8 s more (fencing token 17)".
 fn describe_blocker(path: &LockPath, blocker: &HeldLock) -> String {
     let whose = if blocker.path == *path {
@@ -291,22 +217,5 @@ fn describe_not_held(path: &LockPath, owner: Option<&Owner>, token: Option<u64>)
              was released, or belongs to someone else"
         ),
         _ => format!("{path} is not held by this handle: acquire it first"),
-    }
-}
-
-/// A duration as a person reads it: `850 ms`, `29.8 s`, `2 h 5 min`.
-pub fn human(duration: Duration) -> String {
-    let millis = duration.as_millis();
-    if millis < 1_000 {
-        if duration > Duration::ZERO && millis == 0 {
-            return format!("{} µs", duration.as_micros());
-        }
-        format!("{millis} ms")
-    } else if millis < 120_000 {
-        format!("{:.1} s", duration.as_secs_f64())
-    } else if millis < 7_200_000 {
-        format!("{} min {} s", duration.as_secs() / 60, duration.as_secs() % 60)
-    } else {
-        format!("{} h {} min", duration.as_secs() / 3600, duration.as_secs() / 60 % 60)
     }
 }

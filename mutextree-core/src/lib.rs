@@ -20,27 +20,29 @@
 //! # Map
 //!
 //! * [`path`]: [`LockPath`], its text form `A/B/D` and its key encoding.
-//! * [`lock`]: the values crossing the store contract ([`Grant`],
-//!   [`HeldLock`], [`Owner`], [`Ttl`], [`Namespace`], and the requests).
-//! * [`error`]: the one public [`Error`].
+//! * The values crossing the store contract ([`Grant`], [`HeldLock`],
+//!   [`Owner`], [`Ttl`], [`Namespace`]), each checked when it is made.
+//! * The one public [`Error`].
+//! * [`handle`]: [`TreeLock`], [`TreeLockGuard`] and [`TreeLock::run`];
+//!   how an acquisition waits is [`Wait`] (the loop itself, for stores' and
+//!   tools' own use, is [`backend::Acquisition`]).
 //! * [`backend`]: the implementer's face (see above).
-//! * [`wait`]: how acquisitions wait (notifications, expiry, backoff), and
-//!   what they leave to finish in the background.
-//! * [`handle`]: [`TreeLock`], [`TreeLockGuard`] and [`TreeLock::run`].
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod backend;
 #[cfg(feature = "checks")]
 pub mod checks;
-pub mod error;
+mod error;
 pub mod handle;
-pub mod lock;
+mod lock;
 pub mod path;
-pub mod wait;
+mod text;
+mod validate;
+mod wait;
 
 pub use backend::LockBackend;
-pub use error::{Error, PathRule};
+pub use error::Error;
 pub use handle::{IntoLockPath, TreeLock, TreeLockBuilder, TreeLockGuard, DEFAULT_TTL};
 pub use lock::{Grant, HeldLock, Namespace, Owner, Ttl};
-pub use path::{LockPath, MAX_DEPTH, MAX_PATH_BYTES, MAX_SEGMENT_BYTES};
+pub use path::{LockPath, PathRule, MAX_DEPTH, MAX_PATH_BYTES, MAX_SEGMENT_BYTES};
 pub use wait::Wait;

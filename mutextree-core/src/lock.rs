@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::error::{human, Error};
-use crate::path::{quote, LockPath};
+use crate::path::LockPath;
+use crate::text::human;
 
 /// Who holds a lock: an id chosen by the caller, or `hostname:pid:random`
 /// ([`Owner::random`]).
@@ -23,29 +23,11 @@ use crate::path::{quote, LockPath};
 /// fencing token as well, so two handles sharing an owner id still cannot
 /// release each other's grants.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Owner(Arc<str>);
+pub struct Owner(pub(crate) Arc<str>);
 
 impl Owner {
     /// Longest accepted owner id, in bytes.
     pub const MAX_BYTES: usize = 255;
-
-    /// Checks and wraps an owner id.
-    pub fn new(id: impl Into<String>) -> Result<Self, Error> {
-        let id = id.into();
-        let reason = if id.is_empty() {
-            Some("an owner id needs at least one character".to_owned())
-        } else if id.len() > Self::MAX_BYTES {
-            Some(format!("{} bytes, but an owner id may have at most {}", id.len(), Self::MAX_BYTES))
-        } else if id.chars().any(char::is_control) {
-            Some("an owner id may not contain control characters".to_owned())
-        } else {
-            None
-        };
-        match reason {
-            Some(reason) => Err(Error::InvalidOwner { owner: quote(&id), reason }),
-            None => Ok(Owner(id.into())),
-        }
-    }
 
     /// A fresh id that says where it was made: `hostname:pid:random`, with
     /// 8 random hex digits (e.g. `build-7:4121:9f3a0c12`), so that a
@@ -85,31 +67,13 @@ impl fmt::Debug for Owner {
 /// A store with a coarser clock (etcd leases count whole seconds from 2 s)
 /// may round it up further; the [`Grant`] says which ttl was applied.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Ttl(Duration);
+pub struct Ttl(pub(crate) Duration);
 
 impl Ttl {
     /// The shortest ttl.
     pub const MIN: Duration = Duration::from_millis(1);
     /// The longest ttl: one day. Longer work keeps a shorter lock refreshed.
     pub const MAX: Duration = Duration::from_secs(24 * 60 * 60);
-
-    /// Checks a ttl, rounding it up to whole milliseconds.
-    pub fn new(ttl: Duration) -> Result<Self, Error> {
-        if ttl.is_zero() {
-            return Err(Error::InvalidTtl {
-                ttl,
-                reason: "a lock needs a ttl greater than zero; a ttl of zero would never be held".into(),
-            });
-        }
-        if ttl > Self::MAX {
-            return Err(Error::InvalidTtl {
-                ttl,
-                reason: format!("a ttl may be at most {}; keep a shorter lock refreshed instead", human(Self::MAX)),
-            });
-        }
-        let whole_millis = ttl.as_nanos().div_ceil(1_000_000);
-        Ok(Ttl(Duration::from_millis(whole_millis as u64)))
-    }
 
     /// The ttl as a duration.
     pub fn get(self) -> Duration {
@@ -128,14 +92,6 @@ impl fmt::Debug for Ttl {
     }
 }
 
-impl TryFrom<Duration> for Ttl {
-    type Error = Error;
-
-    fn try_from(ttl: Duration) -> Result<Self, Error> {
-        Ttl::new(ttl)
-    }
-}
-
 /// The name that keeps one application's locks apart from another's on a
 /// shared store: 1 to [`Namespace::MAX_BYTES`] ASCII letters, digits and
 /// `_ - . :`.
@@ -144,30 +100,11 @@ impl TryFrom<Duration> for Ttl {
 /// keys (inside a `{hash tag}`, so braces are out), of etcd key prefixes and
 /// of PostgreSQL values, and must mean the same thing in all of them.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Namespace(Arc<str>);
+pub struct Namespace(pub(crate) Arc<str>);
 
 impl Namespace {
     /// Longest accepted namespace, in bytes.
     pub const MAX_BYTES: usize = 100;
-
-    /// Checks and wraps a namespace name.
-    pub fn new(name: impl Into<String>) -> Result<Self, Error> {
-        let name = name.into();
-        let allowed = |c: char| c.is_ascii_alphanumeric() || "_-.:".contains(c);
-        let reason = if name.is_empty() {
-            Some("a namespace needs at least one character".to_owned())
-        } else if name.len() > Self::MAX_BYTES {
-            Some(format!("{} bytes, but a namespace may have at most {}", name.len(), Self::MAX_BYTES))
-        } else {
-            name.chars()
-                .find(|c| !allowed(*c))
-                .map(|bad| format!("{bad:?} is not allowed; a namespace uses ASCII letters, digits and `_ - . :` only"))
-        };
-        match reason {
-            Some(reason) => Err(Error::InvalidNamespace { namespace: quote(&name), reason }),
-            None => Ok(Namespace(name.into())),
-        }
-    }
 
     /// The name as text.
     pub fn as_str(&self) -> &str {

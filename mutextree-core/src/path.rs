@@ -33,10 +33,9 @@
 //! are ordinary names.
 
 use std::fmt;
-use std::str::FromStr;
 use std::sync::Arc;
 
-use crate::error::{Error, PathRule};
+use crate::text::quote_within;
 
 /// Most segments a path may have.
 pub const MAX_DEPTH: usize = 32;
@@ -83,44 +82,7 @@ struct Inner {
 }
 
 impl LockPath {
-    /// Builds a path from its segments, root first.
-    ///
-    /// Fails with [`Error::InvalidPath`] naming the broken rule: no segment,
-    /// more than [`MAX_DEPTH`] segments, an empty segment, a segment over
-    /// [`MAX_SEGMENT_BYTES`], or segments over [`MAX_PATH_BYTES`] together.
-    pub fn new<I, S>(segments: I) -> Result<Self, Error>
-    where
-        I: IntoIterator<Item = S>,
-        S: Into<String>,
-    {
-        let segments: Vec<String> = segments.into_iter().map(Into::into).collect();
-        if let Err(rule) = check_segments(&segments) {
-            return Err(Error::invalid_path(&describe_segments(&segments), rule));
-        }
-        Ok(Self::from_checked(segments))
-    }
-
-    /// Parses the text form: segments separated by `/`, with `\/` standing
-    /// for a `/` inside a segment and `\\` for a backslash.
-    pub fn parse(text: &str) -> Result<Self, Error> {
-        let segments = split_text(text).map_err(|rule| Error::invalid_path(&quote(text), rule))?;
-        if let Err(rule) = check_segments(&segments) {
-            return Err(Error::invalid_path(&quote(text), rule));
-        }
-        Ok(Self::from_checked(segments))
-    }
-
-    /// Decodes a key made by [`LockPath::key`]; stores use it to turn the
-    /// keys they list back into paths.
-    pub fn from_key(key: &str) -> Result<Self, Error> {
-        let segments = decode_key(key).ok_or_else(|| Error::invalid_path(&quote(key), PathRule::NotAKey))?;
-        if let Err(rule) = check_segments(&segments) {
-            return Err(Error::invalid_path(&quote(key), rule));
-        }
-        Ok(Self::from_checked(segments))
-    }
-
-    fn from_checked(segments: Vec<String>) -> Self {
+    pub(crate) fn from_checked(segments: Vec<String>) -> Self {
         let mut key = String::with_capacity(segments.iter().map(|s| s.len() + 1).sum());
         let mut ends = Vec::with_capacity(segments.len());
         for segment in &segments {
@@ -181,13 +143,6 @@ impl LockPath {
     /// The strict ancestors, root first.
     pub fn ancestors(&self) -> Vec<LockPath> {
         (1..self.depth()).map(|depth| self.prefix(depth)).collect()
-    }
-
-    /// The path of a child of this node.
-    pub fn child(&self, name: impl Into<String>) -> Result<LockPath, Error> {
-        let mut segments: Vec<String> = self.segments().map(str::to_owned).collect();
-        segments.push(name.into());
-        LockPath::new(segments)
     }
 
     fn prefix(&self, depth: usize) -> LockPath {
@@ -265,39 +220,7 @@ impl fmt::Debug for LockPath {
     }
 }
 
-impl FromStr for LockPath {
-    type Err = Error;
-
-    fn from_str(text: &str) -> Result<Self, Error> {
-        LockPath::parse(text)
-    }
-}
-
-impl TryFrom<&str> for LockPath {
-    type Error = Error;
-
-    fn try_from(text: &str) -> Result<Self, Error> {
-        LockPath::parse(text)
-    }
-}
-
-impl<S: Into<String>, const N: usize> TryFrom<[S; N]> for LockPath {
-    type Error = Error;
-
-    fn try_from(segments: [S; N]) -> Result<Self, Error> {
-        LockPath::new(segments)
-    }
-}
-
-impl<S: Into<String>> TryFrom<Vec<S>> for LockPath {
-    type Error = Error;
-
-    fn try_from(segments: Vec<S>) -> Result<Self, Error> {
-        LockPath::new(segments)
-    }
-}
-
-fn check_segments(segments: &[String]) -> Result<(), PathRule> {
+pub(crate) fn check_segments(segments: &[String]) -> Result<(), PathRule> {
     if segments.is_empty() {
         return Err(PathRule::NoSegments);
     }
@@ -320,7 +243,7 @@ fn check_segments(segments: &[String]) -> Result<(), PathRule> {
     Ok(())
 }
 
-fn split_text(text: &str) -> Result<Vec<String>, PathRule> {
+pub(crate) fn split_text(text: &str) -> Result<Vec<String>, PathRule> {
     let mut segments = Vec::new();
     let mut current = String::new();
     let mut chars = text.chars();
@@ -364,7 +287,7 @@ fn encode_segment(segment: &str, key: &mut String) {
     }
 }
 
-fn decode_key(key: &str) -> Option<Vec<String>> {
+pub(crate) fn decode_key(key: &str) -> Option<Vec<String>> {
     let body = key.strip_suffix(KEY_SEPARATOR)?;
     body.split(KEY_SEPARATOR).map(decode_segment).collect()
 }
@@ -400,37 +323,7 @@ fn decode_segment(encoded: &str) -> Option<String> {
     Some(out)
 }
 
-/// A short, printable rendering of rejected input for error messages:
-/// quoted and escaped like `{:?}`, and cut to a readable length (a megabyte
-/// name must not become a megabyte message). Core's own errors use it, and
-/// so do stores' checks of their settings.
-pub fn quote(text: &str) -> String {
-    quote_within(text, 120)
-}
-
-/// `text` quoted and escaped as `{:?}` does, cut so that the quoted part
-/// has at most `budget` bytes. The budget counts escaped bytes, not
-/// characters: a control character escapes to up to ten bytes (`\u{1f}`),
-/// so sixty-four of them would make a message too long to read.
-fn quote_within(text: &str, budget: usize) -> String {
-    const SHOWN_CHARS: usize = 64;
-    let mut end = text.char_indices().nth(SHOWN_CHARS).map_or(text.len(), |(at, _)| at);
-    let mut shown = format!("{:?}", &text[..end]);
-    while shown.len() > budget {
-        end /= 2;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        shown = format!("{:?}", &text[..end]);
-    }
-    if end < text.len() {
-        format!("{shown}… ({} bytes)", text.len())
-    } else {
-        shown
-    }
-}
-
-fn describe_segments(segments: &[String]) -> String {
+pub(crate) fn describe_segments(segments: &[String]) -> String {
     const SHOWN: usize = 3;
     let mut out = String::from("[");
     for (index, segment) in segments.iter().take(SHOWN).enumerate() {
@@ -446,9 +339,84 @@ fn describe_segments(segments: &[String]) -> String {
     out
 }
 
+/// The rule a rejected [`LockPath`] broke.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PathRule {
+    /// A path needs at least one segment.
+    NoSegments,
+    /// More than [`MAX_DEPTH`] segments.
+    TooDeep {
+        /// How many segments were given (counting stops early past the limit).
+        depth: usize,
+    },
+    /// A segment is the empty string (`a//b` in the text form).
+    EmptySegment {
+        /// Its position, from 0.
+        index: usize,
+    },
+    /// A segment longer than [`MAX_SEGMENT_BYTES`].
+    SegmentTooLong {
+        /// Its position, from 0.
+        index: usize,
+        /// Its length in UTF-8 bytes.
+        bytes: usize,
+    },
+    /// Segments longer than [`MAX_PATH_BYTES`] together.
+    TooLong {
+        /// Their total length in UTF-8 bytes.
+        bytes: usize,
+    },
+    /// The text form ends with a `\` that escapes nothing.
+    DanglingEscape,
+    /// The text form has `\` before something other than `/` or `\`.
+    UnknownEscape {
+        /// The character after the `\`.
+        found: char,
+    },
+    /// A key that [`LockPath::key`] did not make.
+    NotAKey,
+}
+
+impl fmt::Display for PathRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PathRule::NoSegments => write!(f, "a path needs at least one segment"),
+            PathRule::TooDeep { depth } => {
+                write!(f, "{depth} segments, but a path may have at most {MAX_DEPTH}")
+            }
+            PathRule::EmptySegment { index } => write!(
+                f,
+                "segment {} is empty; segments must have at least one character (in the text form, \
+                 `a//b` and a leading or trailing `/` make empty segments)",
+                index + 1
+            ),
+            PathRule::SegmentTooLong { index, bytes } => write!(
+                f,
+                "segment {} has {bytes} bytes, but a segment may have at most {MAX_SEGMENT_BYTES} bytes",
+                index + 1
+            ),
+            PathRule::TooLong { bytes } => write!(
+                f,
+                "the segments have {bytes} bytes together, but a path may have at most {MAX_PATH_BYTES} bytes"
+            ),
+            PathRule::DanglingEscape => {
+                write!(f, "the text ends with a lone `\\`; write `\\\\` for a backslash")
+            }
+            PathRule::UnknownEscape { found } => write!(
+                f,
+                "unknown escape: `\\` before {found:?}; only `\\/` (a slash inside a segment) and `\\\\` (a \
+                 backslash) exist"
+            ),
+            PathRule::NotAKey => write!(f, "not a key made by LockPath::key"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Error;
     use proptest::prelude::*;
 
     fn path(segments: &[&str]) -> LockPath {

@@ -36,7 +36,9 @@ use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 use tokio::time::{sleep, sleep_until, Instant};
 
-use crate::backend::{Listener, LockBackend, TRANSIENT_PATIENCE};
+use crate::backend::contract::LockBackend;
+use crate::backend::feed::Listener;
+use crate::backend::stepwise::TRANSIENT_PATIENCE;
 use crate::error::Error;
 use crate::lock::{Attempt, Grant, HeldLock, LockRequest};
 use crate::path::LockPath;

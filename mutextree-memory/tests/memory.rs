@@ -124,7 +124,7 @@ async fn polling_backs_off_to_its_cap() {
     inner.try_grant(&request("a", Duration::from_secs(60))).await.expect("grant").granted().expect("free");
     let polling = Arc::new(Polling { inner, attempts: Default::default() });
     let backend: Arc<dyn LockBackend> = polling.clone();
-    let outcome = mutextree_core::wait::acquire(
+    let outcome = mutextree_core::backend::acquire(
         &backend,
         &request("a/b", Duration::from_secs(1)),
         mutextree_core::Wait::For(Duration::from_secs(10)),

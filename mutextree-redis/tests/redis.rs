@@ -396,7 +396,7 @@ async fn the_subscription_is_up_while_waiters_wait_and_only_then() {
         async move {
             let request = request("A/B", Duration::from_secs(5));
             let backend: Arc<dyn LockBackend> = Arc::new(backend);
-            mutextree_core::wait::acquire(&backend, &request, Wait::For(Duration::from_secs(60))).await
+            mutextree_core::backend::acquire(&backend, &request, Wait::For(Duration::from_secs(60))).await
         }
     });
     until_subscribers(&mut raw, 1).await;

@@ -47,7 +47,7 @@ use std::fmt::Display;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use mutextree::error::human;
+use mutextree::backend::human;
 use mutextree::memory::MemoryBackend;
 use mutextree::{Error, Grant, HeldLock, IntoLockPath, LockBackend, LockPath, TreeLock, Wait};
 use tokio::time::{sleep, sleep_until, Instant};

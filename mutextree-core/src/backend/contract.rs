@@ -16,7 +16,7 @@
 //!
 //! Below the trait are the few helpers every store needs alike, written
 //! once here rather than again in each store crate: [`Check`] (what a grant
-//! must find free), [`quote`](crate::path::quote) (rejected input as a message shows it) and
+//! must find free), [`quote`](super::quote) (rejected input as a message shows it) and
 //! [`AbortOnDrop`] (a store's background task, ended with its owner). A
 //! store's release and refresh answer a grant that is not live with
 //! [`Error::not_held`].

@@ -14,7 +14,7 @@
 //! while a waiter needs it. An acquisition that does not wait never asks.
 //!
 //! This module knows nothing of locks: the waiting loop
-//! ([`crate::wait`]) decides what a wake-up means.
+//! ([`super::Acquisition`]) decides what a wake-up means.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;

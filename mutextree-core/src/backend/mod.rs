@@ -10,10 +10,14 @@
 //!   the `connect_timeout` every store puts on opening its connection.
 //! * The values a store receives and answers with ([`LockRequest`],
 //!   [`Attempt`], [`LockKind`]), and the helpers stores share.
+//! * [`Acquisition`] (and [`acquire`]): the waiting loop the handle runs,
+//!   for stores' and tools' own loops, and [`Background`], the work it
+//!   leaves to finish when its caller moves on.
 //!
 //! The modules here depend on the values and the error at the crate root,
-//! never on the handle or the waiting loop, and on each other only
-//! downwards: `feed` at the bottom, `contract` on it, `stepwise` on both.
+//! never on the handle or the waiting loop (which uses them), and on each
+//! other only downwards: `feed` at the bottom, `contract` on it, `stepwise`
+//! on both.
 
 pub mod contract;
 pub mod feed;
@@ -25,9 +29,9 @@ pub use feed::{ChangeFeed, Listener};
 pub use stepwise::{Stepwise, TRANSIENT_PATIENCE, TRANSIENT_TTL};
 pub use url::{parse_duration, StoreUrl};
 
-pub use crate::error::human;
 pub use crate::lock::{Attempt, LockKind, LockRequest};
-pub use crate::path::quote;
+pub use crate::text::{human, quote};
+pub use crate::wait::{acquire, Acquisition, Background, OnWait};
 
 /// Re-exported so that stores implement [`LockBackend`] with the same macro.
 pub use async_trait::async_trait;

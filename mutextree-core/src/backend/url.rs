@@ -25,8 +25,9 @@ use std::time::Duration;
 
 use percent_encoding::percent_decode_str;
 
-use crate::error::{human, Error};
+use crate::error::Error;
 use crate::lock::Namespace;
+use crate::text::human;
 
 /// How long opening a store's connection may take unless its URL's
 /// `connect_timeout` says otherwise.

@@ -1,0 +1,163 @@
+//! The checked constructors of the values a user hands in: a path, an
+//! owner id, a ttl, a namespace. Each rule lives beside its type; here each
+//! broken rule becomes the [`Error`] that names it, before anything reaches
+//! a store.
+//!
+//! They sit apart from their types so that the types (`path`, `lock`) do
+//! not depend on the error that carries them: `text` at the bottom, the
+//! values on it, `error` on the values, and this module on top.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::error::Error;
+use crate::lock::{Namespace, Owner, Ttl};
+use crate::path::{check_segments, decode_key, describe_segments, split_text, LockPath, PathRule};
+use crate::text::{human, quote};
+
+impl LockPath {
+    /// Builds a path from its segments, root first.
+    ///
+    /// Fails with [`Error::InvalidPath`] naming the broken rule: no segment,
+    /// more than [`MAX_DEPTH`](crate::MAX_DEPTH) segments, an empty segment, a segment over
+    /// [`MAX_SEGMENT_BYTES`](crate::MAX_SEGMENT_BYTES), or segments over [`MAX_PATH_BYTES`](crate::MAX_PATH_BYTES) together.
+    pub fn new<I, S>(segments: I) -> Result<Self, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let segments: Vec<String> = segments.into_iter().map(Into::into).collect();
+        if let Err(rule) = check_segments(&segments) {
+            return Err(Error::invalid_path(&describe_segments(&segments), rule));
+        }
+        Ok(Self::from_checked(segments))
+    }
+
+    /// Parses the text form: segments separated by `/`, with `\/` standing
+    /// for a `/` inside a segment and `\\` for a backslash.
+    pub fn parse(text: &str) -> Result<Self, Error> {
+        let segments = split_text(text).map_err(|rule| Error::invalid_path(&quote(text), rule))?;
+        if let Err(rule) = check_segments(&segments) {
+            return Err(Error::invalid_path(&quote(text), rule));
+        }
+        Ok(Self::from_checked(segments))
+    }
+
+    /// Decodes a key made by [`LockPath::key`]; stores use it to turn the
+    /// keys they list back into paths.
+    pub fn from_key(key: &str) -> Result<Self, Error> {
+        let segments = decode_key(key).ok_or_else(|| Error::invalid_path(&quote(key), PathRule::NotAKey))?;
+        if let Err(rule) = check_segments(&segments) {
+            return Err(Error::invalid_path(&quote(key), rule));
+        }
+        Ok(Self::from_checked(segments))
+    }
+
+    /// The path of a child of this node.
+    pub fn child(&self, name: impl Into<String>) -> Result<LockPath, Error> {
+        let mut segments: Vec<String> = self.segments().map(str::to_owned).collect();
+        segments.push(name.into());
+        LockPath::new(segments)
+    }
+}
+
+impl FromStr for LockPath {
+    type Err = Error;
+
+    fn from_str(text: &str) -> Result<Self, Error> {
+        LockPath::parse(text)
+    }
+}
+
+impl TryFrom<&str> for LockPath {
+    type Error = Error;
+
+    fn try_from(text: &str) -> Result<Self, Error> {
+        LockPath::parse(text)
+    }
+}
+
+impl<S: Into<String>, const N: usize> TryFrom<[S; N]> for LockPath {
+    type Error = Error;
+
+    fn try_from(segments: [S; N]) -> Result<Self, Error> {
+        LockPath::new(segments)
+    }
+}
+
+impl<S: Into<String>> TryFrom<Vec<S>> for LockPath {
+    type Error = Error;
+
+    fn try_from(segments: Vec<S>) -> Result<Self, Error> {
+        LockPath::new(segments)
+    }
+}
+
+impl Owner {
+    /// Checks and wraps an owner id.
+    pub fn new(id: impl Into<String>) -> Result<Self, Error> {
+        let id = id.into();
+        let reason = if id.is_empty() {
+            Some("an owner id needs at least one character".to_owned())
+        } else if id.len() > Self::MAX_BYTES {
+            Some(format!("{} bytes, but an owner id may have at most {}", id.len(), Self::MAX_BYTES))
+        } else if id.chars().any(char::is_control) {
+            Some("an owner id may not contain control characters".to_owned())
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => Err(Error::InvalidOwner { owner: quote(&id), reason }),
+            None => Ok(Owner(id.into())),
+        }
+    }
+}
+
+impl Ttl {
+    /// Checks a ttl, rounding it up to whole milliseconds.
+    pub fn new(ttl: Duration) -> Result<Self, Error> {
+        if ttl.is_zero() {
+            return Err(Error::InvalidTtl {
+                ttl,
+                reason: "a lock needs a ttl greater than zero; a ttl of zero would never be held".into(),
+            });
+        }
+        if ttl > Self::MAX {
+            return Err(Error::InvalidTtl {
+                ttl,
+                reason: format!("a ttl may be at most {}; keep a shorter lock refreshed instead", human(Self::MAX)),
+            });
+        }
+        let whole_millis = ttl.as_nanos().div_ceil(1_000_000);
+        Ok(Ttl(Duration::from_millis(whole_millis as u64)))
+    }
+}
+
+impl TryFrom<Duration> for Ttl {
+    type Error = Error;
+
+    fn try_from(ttl: Duration) -> Result<Self, Error> {
+        Ttl::new(ttl)
+    }
+}
+
+impl Namespace {
+    /// Checks and wraps a namespace name.
+    pub fn new(name: impl Into<String>) -> Result<Self, Error> {
+        let name = name.into();
+        let allowed = |c: char| c.is_ascii_alphanumeric() || "_-.:".contains(c);
+        let reason = if name.is_empty() {
+            Some("a namespace needs at least one character".to_owned())
+        } else if name.len() > Self::MAX_BYTES {
+            Some(format!("{} bytes, but a namespace may have at most {}", name.len(), Self::MAX_BYTES))
+        } else {
+            name.chars()
+                .find(|c| !allowed(*c))
+                .map(|bad| format!("{bad:?} is not allowed; a namespace uses ASCII letters, digits and `_ - . :` only"))
+        };
+        match reason {
+            Some(reason) => Err(Error::InvalidNamespace { namespace: quote(&name), reason }),
+            None => Ok(Namespace(name.into())),
+        }
+    }
+}
