@@ -148,6 +148,7 @@ impl EtcdConfig {
 
     /// TLS for `https://` endpoints: the CA to trust and, for mutual TLS,
     /// the client's identity (feature `tls`).
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
     #[cfg(feature = "tls")]
     pub fn tls(mut self, tls: etcd_client::TlsOptions) -> Self {
         self.tls = Some(tls);

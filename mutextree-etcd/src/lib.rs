@@ -26,5 +26,6 @@ pub use backend::{EtcdBackend, EtcdStore, MIN_LEASE_TTL};
 pub use config::EtcdConfig;
 
 /// etcd-client's TLS settings, for [`EtcdConfig::tls`] (feature `tls`).
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
 #[cfg(feature = "tls")]
 pub use etcd_client::{Certificate, Identity, TlsOptions};

@@ -201,6 +201,7 @@ impl PostgresConfig {
     /// it, the server's certificate is checked against the webpki roots.
     /// TLS is used as the URL's `sslmode` says (`prefer` by default,
     /// `require`, or `disable`).
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
     #[cfg(feature = "tls")]
     pub fn tls_config(mut self, config: rustls::ClientConfig) -> Self {
         self.tls = Some(std::sync::Arc::new(config));
