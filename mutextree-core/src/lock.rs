@@ -34,12 +34,20 @@ impl Owner {
     /// listing of who holds what points at a machine and a process. The
     /// host name is cut to 200 bytes and cleared of control characters.
     pub fn random() -> Self {
-        let host: String = hostname().chars().filter(|c| !c.is_control()).collect();
-        let mut cut = host.len().min(200);
-        while !host.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        let host = if cut == 0 { "localhost" } else { &host[..cut] };
+        // The host part, read once per process.
+        static HOST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let host = HOST.get_or_init(|| {
+            let host: String = hostname().chars().filter(|c| !c.is_control()).collect();
+            let mut cut = host.len().min(200);
+            while !host.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            if cut == 0 {
+                "localhost".to_owned()
+            } else {
+                host[..cut].to_owned()
+            }
+        });
         Owner(format!("{host}:{}:{:08x}", std::process::id(), fastrand::u32(..)).into())
     }
 

@@ -33,7 +33,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tokio::time::{sleep, sleep_until, Instant};
 
 use crate::backend::contract::LockBackend;
@@ -108,7 +108,8 @@ pub struct Acquisition<'a> {
     started: Instant,
     deadline: Option<Instant>,
     listener: Listener,
-    background: Background,
+    /// Where a cancelled attempt finishes; one of its own if none is given.
+    background: Option<&'a Background>,
     on_wait: Option<OnWait>,
     /// The blocker met last, by path and token.
     last_blocker: Option<(LockPath, u64)>,
@@ -146,7 +147,7 @@ impl<'a> Acquisition<'a> {
             started,
             deadline,
             listener: backend.listen(&request.path),
-            background: Background::default(),
+            background: None,
             on_wait: None,
             last_blocker: None,
             woken_by_change: false,
@@ -156,8 +157,8 @@ impl<'a> Acquisition<'a> {
 
     /// Where attempts cut off by a dropped future finish (see
     /// [`Background::settled`]).
-    pub fn in_background(mut self, background: &Background) -> Self {
-        self.background = background.clone();
+    pub fn in_background(mut self, background: &'a Background) -> Self {
+        self.background = Some(background);
         self
     }
 
@@ -201,13 +202,8 @@ impl<'a> Acquisition<'a> {
     async fn attempt(&self) -> Result<Attempt, Error> {
         let backend = Arc::clone(self.backend);
         let request = self.request.clone();
-        let mut call = Box::pin(async move { backend.try_grant(&request).await });
-        // Most attempts of an in-process store are done at the first poll:
-        // nothing can be cut off, and nothing needs to be spawned.
-        if let Poll::Ready(outcome) = futures::poll!(&mut call) {
-            return outcome;
-        }
-        InFlight::spawn(call, Arc::clone(self.backend), self.background.clone()).await
+        let call = Box::pin(async move { backend.try_grant(&request).await });
+        InFlight { call: Some(call), backend: self.backend, background: self.background }.await
     }
 
     /// Remembers `blocker`; whether the wake-up that led here was spurious
@@ -274,60 +270,47 @@ impl<'a> Acquisition<'a> {
     }
 }
 
-/// The reply of an attempt that did not finish at its first poll. The call
-/// runs as a task of its own, so dropping this future cannot cut it off;
-/// whichever side is left with a grant nobody will hold releases it (see
-/// [`Background::release`]).
-#[derive(Debug)]
-struct InFlight {
-    reply: Option<oneshot::Receiver<Result<Attempt, Error>>>,
-    backend: Arc<dyn LockBackend>,
-    background: Background,
+/// A store call, owned so that it can outlive the acquisition that made it.
+type Call = Pin<Box<dyn Future<Output = Result<Attempt, Error>> + Send>>;
+
+/// One attempt, polled in place. If it is dropped before the store
+/// answered (its acquisition was cancelled), the call is handed to the
+/// background, which sees it through and releases a grant it brings (see
+/// [`Background::release_now`]): a request already sent is never
+/// abandoned, and only a cancelled attempt pays for a task.
+struct InFlight<'a> {
+    call: Option<Call>,
+    backend: &'a Arc<dyn LockBackend>,
+    background: Option<&'a Background>,
 }
 
-impl InFlight {
-    fn spawn(
-        call: Pin<Box<dyn Future<Output = Result<Attempt, Error>> + Send>>,
-        backend: Arc<dyn LockBackend>,
-        background: Background,
-    ) -> Self {
-        let (reply, receive) = oneshot::channel();
-        let releaser = background.clone();
-        let release_through = Arc::clone(&backend);
-        background.spawn(async move {
-            // The receiver is gone: the acquisition was dropped.
-            if let Err(Ok(Attempt::Granted(grant))) = reply.send(call.await) {
-                releaser.release_now(&release_through, grant).await;
-            }
-        });
-        InFlight { reply: Some(receive), backend, background }
-    }
-}
-
-impl Future for InFlight {
+impl Future for InFlight<'_> {
     type Output = Result<Attempt, Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let Some(reply) = self.reply.as_mut() else {
+        let Some(call) = self.call.as_mut() else {
             return Poll::Ready(Err(Error::store_message("wait", true, "an attempt's reply was polled twice")));
         };
-        let outcome = ready!(Pin::new(reply).poll(cx));
-        self.reply = None;
-        Poll::Ready(outcome.unwrap_or_else(|_| {
-            Err(Error::store_message("wait", true, "the runtime stopped before the store answered"))
-        }))
+        let outcome = ready!(call.as_mut().poll(cx));
+        self.call = None;
+        Poll::Ready(outcome)
     }
 }
 
-impl Drop for InFlight {
+impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        let Some(mut reply) = self.reply.take() else { return };
-        // After `close`, the task can no longer hand a reply over: either it
-        // is here already, or the task keeps it (and releases a grant).
-        reply.close();
-        if let Ok(Ok(Attempt::Granted(grant))) = reply.try_recv() {
-            self.background.release(&self.backend, grant);
+        let Some(call) = self.call.take() else { return };
+        // Outside a runtime nothing can finish it: a grant expires at its ttl.
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
         }
+        let background = self.background.cloned().unwrap_or_default();
+        let backend = Arc::clone(self.backend);
+        background.clone().spawn(async move {
+            if let Ok(Attempt::Granted(grant)) = call.await {
+                background.release_now(&backend, grant).await;
+            }
+        });
     }
 }
 

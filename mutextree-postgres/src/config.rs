@@ -111,24 +111,22 @@ impl PostgresConfig {
             .iter()
             .filter_map(|name| url.take(name).map(|value| format!("{name}='{}'", quoted(&value))))
             .collect();
-        let mut durations = Vec::new();
-        for name in DURATIONS {
-            let Some(text) = url.take(name) else { continue };
-            let duration = url::parse_duration(&text)
-                .ok_or_else(|| url.invalid(format!("{name}={text:?}: write {}", url::DURATION_EXAMPLES)))?;
-            durations.push((*name, duration));
-        }
+        let tcp_user_timeout = url.take_duration("tcp_user_timeout")?;
+        let keepalives_idle = url.take_duration("keepalives_idle")?;
+        let keepalives_interval = url.take_duration("keepalives_interval")?;
         let hosts = url.require_hosts()?.to_vec();
         let user =
             url.user().ok_or_else(|| url.invalid("the URL names no user: write postgres://user@host/database"))?;
         let mut pg = tokio_postgres::Config::from_str(&passed_on.join(" "))
             .map_err(|error| url.invalid(url::with_sources(&error)))?;
-        for (name, duration) in durations {
-            match name {
-                "tcp_user_timeout" => pg.tcp_user_timeout(duration),
-                "keepalives_idle" => pg.keepalives_idle(duration),
-                _ => pg.keepalives_interval(duration),
-            };
+        if let Some(limit) = tcp_user_timeout {
+            pg.tcp_user_timeout(limit);
+        }
+        if let Some(idle) = keepalives_idle {
+            pg.keepalives_idle(idle);
+        }
+        if let Some(interval) = keepalives_interval {
+            pg.keepalives_interval(interval);
         }
         pg.user(user);
         if let Some(password) = url.password() {

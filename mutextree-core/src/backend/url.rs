@@ -212,16 +212,20 @@ impl StoreUrl {
             .transpose()
     }
 
+    /// Takes a duration parameter, in [`parse_duration`]'s grammar.
+    pub fn take_duration(&mut self, name: &str) -> Result<Option<Duration>, Error> {
+        self.take(name)
+            .map(|value| {
+                parse_duration(&value)
+                    .ok_or_else(|| self.invalid(format!("{name}={value:?}: write {DURATION_EXAMPLES}")))
+            })
+            .transpose()
+    }
+
     /// Takes a duration parameter, in [`parse_duration`]'s grammar, from
     /// [`MIN_TIMEOUT`] to [`MAX_TIMEOUT`].
     pub fn take_timeout(&mut self, name: &str) -> Result<Option<Duration>, Error> {
-        self.take(name)
-            .map(|value| {
-                let timeout = parse_duration(&value)
-                    .ok_or_else(|| self.invalid(format!("{name}={value:?}: write {DURATION_EXAMPLES}")))?;
-                checked_timeout(self.store, name, timeout)
-            })
-            .transpose()
+        self.take_duration(name)?.map(|timeout| checked_timeout(self.store, name, timeout)).transpose()
     }
 
     /// Takes `connect_timeout`, the limit every store puts on opening its
