@@ -74,7 +74,7 @@ impl Bench {
         progress.set_message(format!("connecting {}", plural(self.clients.into(), "client")));
         let mut clients: Vec<Arc<dyn LockBackend>> = Vec::new();
         for _ in 0..self.clients {
-            clients.push(crate::connect_in(url, &namespace).await?);
+            clients.push(crate::connect(url, &namespace).await?);
         }
         let spec = LoadSpec {
             clients: usize::from(self.clients),

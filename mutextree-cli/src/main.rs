@@ -15,7 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use mutextree::{Error, LockBackend, LockPath};
+use mutextree::backend::StoreUrl;
+use mutextree::{Error, LockBackend, LockPath, Namespace};
 
 mod admin;
 mod bench;
@@ -93,17 +94,16 @@ fn main() -> ExitCode {
 
 impl Command {
     async fn execute(self, store: Option<&str>, namespace: Option<&str>) -> Result<ExitCode, Error> {
-        let url = || store_url(store);
-        NAMESPACE.get_or_init(|| namespace.map(str::to_owned));
+        let place = || Place::new(store, namespace);
         match self {
-            Command::Run(run) => run.execute(&url()?).await,
+            Command::Run(run) => run.execute(&place()?).await,
             Command::Status(status) => {
-                let url = url()?;
-                status.execute(&connect(&url).await?, &namespace_in_use(&url)).await
+                let place = place()?;
+                status.execute(&place.connect().await?, &place.namespace).await
             }
-            Command::Why(why) => why.execute(&connect(&url()?).await?).await,
-            Command::Release(release) => release.execute(&connect(&url()?).await?).await,
-            Command::Bench(bench) => bench.execute(&url()?).await,
+            Command::Why(why) => why.execute(&place()?.connect().await?).await,
+            Command::Release(release) => release.execute(&place()?.connect().await?).await,
+            Command::Bench(bench) => bench.execute(&place()?.url).await,
             // These describe the program and need no store.
             Command::Completions(completions) => Ok(completions.print()),
             Command::Man(Man {}) => Ok(print_man_page()),
@@ -130,32 +130,36 @@ fn print_man_page() -> ExitCode {
     }
 }
 
-/// The store URL.
-fn store_url(store: Option<&str>) -> Result<String, Error> {
-    let store = store.ok_or_else(|| Error::InvalidConfig {
-        store: "mutextree",
-        reason: "no store: pass --store URL or set MUTEXTREE_STORE (e.g. redis://127.0.0.1:6379)".to_owned(),
-    })?;
-    Ok(store.to_owned())
+/// Where the commands work: the store's URL and the namespace in it.
+#[derive(Debug)]
+struct Place {
+    url: String,
+    namespace: String,
 }
 
-/// The `--namespace` option, for every connection of this process: it
-/// replaces the store URL's `namespace`.
-static NAMESPACE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+impl Place {
+    /// `--store`, and `--namespace` or else the URL's `namespace` (or the
+    /// default).
+    fn new(store: Option<&str>, namespace: Option<&str>) -> Result<Place, Error> {
+        let url = store.ok_or_else(|| Error::InvalidConfig {
+            store: "mutextree",
+            reason: "no store: pass --store URL or set MUTEXTREE_STORE (e.g. redis://127.0.0.1:6379)".to_owned(),
+        })?;
+        let namespace = match namespace {
+            Some(namespace) => Namespace::new(namespace)?,
+            None => StoreUrl::parse("mutextree", url)?.take_namespace()?,
+        };
+        Ok(Place { url: url.to_owned(), namespace: namespace.as_str().to_owned() })
+    }
 
-/// Connects to the store at `url`, in the `--namespace` if one was given.
-async fn connect(url: &str) -> Result<Arc<dyn LockBackend>, Error> {
-    match NAMESPACE.get().and_then(Option::as_deref) {
-        Some(namespace) => connect_in(url, namespace).await,
-        None => {
-            note_if_memory(url);
-            mutextree::connect(url).await
-        }
+    /// A connection to the store, in the namespace.
+    async fn connect(&self) -> Result<Arc<dyn LockBackend>, Error> {
+        connect(&self.url, &self.namespace).await
     }
 }
 
 /// Connects to the store at `url`, in `namespace`.
-async fn connect_in(url: &str, namespace: &str) -> Result<Arc<dyn LockBackend>, Error> {
+async fn connect(url: &str, namespace: &str) -> Result<Arc<dyn LockBackend>, Error> {
     note_if_memory(url);
     mutextree::connect_with(url, namespace).await
 }
@@ -181,25 +185,14 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("write {}", mutextree::backend::url::DURATION_EXAMPLES))
 }
 
-/// The namespace the commands work in: `--namespace`, else the store URL's,
-/// else the default.
-fn namespace_in_use(url: &str) -> String {
-    let from_option = NAMESPACE.get().and_then(Option::as_deref).map(str::to_owned);
-    from_option.unwrap_or_else(|| {
-        let from_url =
-            mutextree::backend::url::StoreUrl::parse("mutextree", url).and_then(|mut url| url.take_namespace());
-        from_url.unwrap_or_default().as_str().to_owned()
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn a_store_is_required() {
-        assert_eq!(store_url(Some("memory://")).expect("given"), "memory://");
-        assert!(store_url(None).expect_err("no store").to_string().contains("MUTEXTREE_STORE"));
+        assert_eq!(Place::new(Some("memory://"), None).expect("given").url, "memory://");
+        assert!(Place::new(None, None).expect_err("no store").to_string().contains("MUTEXTREE_STORE"));
     }
 
     #[test]
@@ -224,8 +217,11 @@ mod tests {
 
     #[test]
     fn the_namespace_is_read_from_the_url() {
-        assert_eq!(namespace_in_use("redis://h:1?request_timeout=1s&namespace=app"), "app");
-        assert_eq!(namespace_in_use("memory://"), "mutextree");
+        let namespace = |store, option| Place::new(Some(store), option).expect("valid").namespace;
+        assert_eq!(namespace("redis://h:1?request_timeout=1s&namespace=app", None), "app");
+        assert_eq!(namespace("memory://", None), "mutextree");
+        assert_eq!(namespace("memory://?namespace=app", Some("mine")), "mine");
+        assert!(Place::new(Some("memory://"), Some("a b")).is_err(), "a bad --namespace is refused");
     }
 
     #[test]

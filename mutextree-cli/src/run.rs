@@ -100,13 +100,13 @@ pub(crate) struct Run {
 }
 
 impl Run {
-    pub(crate) async fn execute(self, url: &str) -> Result<ExitCode, Error> {
+    pub(crate) async fn execute(self, place: &crate::Place) -> Result<ExitCode, Error> {
         // Listening before anything is held: a signal from now on ends the
         // run properly (nothing held, or the command stopped and the lock
         // released), never by the default action that would leave the
         // command running unprotected.
         let mut signals = Signals::new();
-        let store = crate::connect(url).await?;
+        let store = place.connect().await?;
         let wait = if self.no_wait { Wait::No } else { self.timeout.unwrap_or(Wait::Forever) };
         let waiting = WaitingLine::start(&self.path, wait);
         let mut lock = TreeLock::builder(store, &self.path)
