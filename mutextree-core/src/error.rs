@@ -9,8 +9,8 @@
 use std::error::Error as StdError;
 use std::time::Duration;
 
-use crate::lock::{Grant, HeldLock, Owner};
-use crate::path::{LockPath, PathRule};
+use crate::lock::{Blockers, Grant, HeldLock, LockItems, Mode, Owner};
+use crate::path::PathRule;
 use crate::text::human;
 
 /// What can go wrong with a tree lock.
@@ -26,7 +26,8 @@ use crate::text::human;
 /// let host = TreeLock::new(store, ["eu-west", "rack-12", "host-7"])?;
 /// match host.try_acquire().await {
 ///     Ok(grant) => println!("patching under token {}", grant.token),
-///     Err(Error::Refused { blocker, .. }) => {
+///     Err(Error::Refused { blockers, .. }) => {
+///         let blocker = blockers.first();
 ///         println!("{} holds {} for {:?} more", blocker.owner, blocker.path, blocker.remaining)
 ///     }
 ///     Err(error) if error.is_retryable() => println!("try again later: {error}"),
@@ -83,40 +84,60 @@ pub enum Error {
         reason: String,
     },
 
-    /// A non-blocking acquisition found the path, an ancestor or a
-    /// descendant held.
-    #[error("lock on {path} refused: {}", describe_blocker(path, blocker))]
+    /// The items of a request are unusable together (none, too many, or
+    /// two on one branch with different modes); nothing was sent.
+    #[error("invalid lock request: {reason}")]
+    InvalidRequest {
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// The store cannot grant this request in one atomic step (Shared or
+    /// multi-path items on a store seen through the stepwise algorithm, or
+    /// a request larger than the store accepts); nothing was sent.
+    #[error("the {store} store cannot do this: {reason}")]
+    Unsupported {
+        /// The store: `stepwise`, `etcd`, ...
+        store: &'static str,
+        /// What it cannot do, and what would work instead.
+        reason: String,
+    },
+
+    /// A non-blocking acquisition found a conflicting live item on a path,
+    /// an ancestor or a descendant of one of its items.
+    #[error("lock on {items} refused: {}", describe_blockers(items, blockers))]
     Refused {
-        /// The path that was asked for.
-        path: LockPath,
-        /// The live lock in the way.
-        blocker: HeldLock,
+        /// What was asked for.
+        items: LockItems,
+        /// A live item in the way of each blocked item.
+        blockers: Blockers,
     },
 
     /// A blocking acquisition waited as long as it was allowed to.
-    #[error("lock on {path} not granted after waiting {}: {}", human(*waited), describe_blocker(path, blocker))]
+    #[error("lock on {items} not granted after waiting {}: {}", human(*waited), describe_blockers(items, blockers))]
     Timeout {
-        /// The path that was asked for.
-        path: LockPath,
+        /// What was asked for.
+        items: LockItems,
         /// How long the acquisition waited.
         waited: Duration,
-        /// The last live lock seen in the way.
-        blocker: HeldLock,
+        /// The last live items seen in the way.
+        blockers: Blockers,
     },
 
     /// The handle already holds its lock; tree locks are not re-entrant.
-    #[error("this handle already holds {path}; tree locks are not re-entrant, release it first")]
+    #[error("this handle already holds {items}; tree locks are not re-entrant, release it first")]
     AlreadyHeld {
-        /// The path the handle holds.
-        path: LockPath,
+        /// What the handle holds.
+        items: LockItems,
     },
 
-    /// Release or refresh of a grant that is not live: it expired, was
-    /// released, was taken over, or was never granted. Nothing was changed.
-    #[error("{}", describe_not_held(path, owner.as_ref(), *token))]
+    /// Release, refresh or a mode change of a grant that is not live: it
+    /// expired, was released, was taken over, or was never granted. Nothing
+    /// was changed.
+    #[error("{}", describe_not_held(items, owner.as_ref(), *token))]
     NotHeld {
-        /// The path of the grant.
-        path: LockPath,
+        /// The items of the grant.
+        items: LockItems,
         /// Its owner id, if a grant existed.
         owner: Option<Owner>,
         /// Its fencing token, if a grant existed.
@@ -125,10 +146,10 @@ pub enum Error {
 
     /// Automatic refresh could not keep the lock: the store refused the
     /// refresh, or stayed unreachable until the lock's ttl ran out.
-    #[error("lock on {path} was lost: {reason}")]
+    #[error("lock on {items} was lost: {reason}")]
     Lost {
-        /// The path of the lost lock.
-        path: LockPath,
+        /// The items of the lost grant.
+        items: LockItems,
         /// Why it was lost.
         reason: String,
     },
@@ -169,7 +190,7 @@ impl Error {
     /// [`Error::NotHeld`] for a grant the store found not live: what a
     /// store's release or refresh returns.
     pub fn not_held(grant: &Grant) -> Self {
-        Error::NotHeld { path: grant.path.clone(), owner: Some(grant.owner.clone()), token: Some(grant.token) }
+        Error::NotHeld { items: grant.items.clone(), owner: Some(grant.owner.clone()), token: Some(grant.token) }
     }
 
     /// Whether trying the same call again later may succeed: a lock that
@@ -183,39 +204,56 @@ impl Error {
         }
     }
 
-    /// The live lock that blocked an acquisition, for refusals and timeouts.
-    pub fn blocker(&self) -> Option<&HeldLock> {
+    /// The live items that blocked an acquisition, for refusals and
+    /// timeouts.
+    pub fn blockers(&self) -> Option<&Blockers> {
         match self {
-            Error::Refused { blocker, .. } | Error::Timeout { blocker, .. } => Some(blocker),
+            Error::Refused { blockers, .. } | Error::Timeout { blockers, .. } => Some(blockers),
             _ => None,
         }
     }
+
+    /// The first live item that blocked an acquisition, for refusals and
+    /// timeouts.
+    pub fn blocker(&self) -> Option<&HeldLock> {
+        self.blockers().map(Blockers::first)
+    }
 }
 
-/// "its ancestor A/B is held by "web-1" for 29.8 s more (fencing token 17)".
-fn describe_blocker(path: &LockPath, blocker: &HeldLock) -> String {
+/// "its ancestor A/B is held by "web-1" for 29.8 s more (fencing token
+/// 17)", and for a multi-path request, one such clause per blocked item.
+fn describe_blockers(items: &LockItems, blockers: &Blockers) -> String {
+    let clauses: Vec<String> = blockers.iter().map(|blocker| describe_blocker(items, blocker)).collect();
+    clauses.join("; ")
+}
+
+fn describe_blocker(items: &LockItems, blocker: &HeldLock) -> String {
+    let asked = items.blocked_by(&blocker.path, blocker.mode).unwrap_or(items.first());
+    let path = &asked.path;
+    let which = if items.len() > 1 { format!("{path}: ") } else { String::new() };
     let whose = if blocker.path == *path {
-        "it is held".to_owned()
+        format!("{which}it is held")
     } else if blocker.path.is_ancestor_of(path) {
-        format!("its ancestor {} is held", blocker.path)
+        format!("{which}its ancestor {} is held", blocker.path)
     } else {
-        format!("its descendant {} is held", blocker.path)
+        format!("{which}its descendant {} is held", blocker.path)
     };
+    let mode = if blocker.mode == Mode::Shared { " shared" } else { "" };
     let transient = if blocker.transient { ", a parent lock a stepwise client holds for a moment" } else { "" };
     format!(
-        "{whose} by {} for {} more (fencing token {}{transient})",
+        "{whose}{mode} by {} for {} more (fencing token {}{transient})",
         blocker.owner,
         human(blocker.remaining),
         blocker.token
     )
 }
 
-fn describe_not_held(path: &LockPath, owner: Option<&Owner>, token: Option<u64>) -> String {
+fn describe_not_held(items: &LockItems, owner: Option<&Owner>, token: Option<u64>) -> String {
     match (owner, token) {
         (Some(owner), Some(token)) => format!(
-            "{path} is not held by owner {owner} with fencing token {token}: the lock expired, \
+            "{items} is not held by owner {owner} with fencing token {token}: the lock expired, \
              was released, or belongs to someone else"
         ),
-        _ => format!("{path} is not held by this handle: acquire it first"),
+        _ => format!("{items} is not held by this handle: acquire it first"),
     }
 }

@@ -12,6 +12,30 @@
 //! | `with lock:` | [`TreeLock::lock`] (or [`try_lock`](TreeLock::try_lock), [`lock_with`](TreeLock::lock_with)) returning a [`TreeLockGuard`] |
 //! | `@tree_lock(...)` | [`TreeLock::run`] |
 //!
+//! Beyond the seed, a handle can hold its path in [`Mode::Shared`]
+//! ([`TreeLockBuilder::shared`]: readers that coexist, and keep writers off
+//! the whole subtree), several paths at once, all or nothing
+//! ([`TreeLock::many`], [`TreeLockBuilder::and`]), and change a held
+//! grant's mode ([`TreeLock::upgrade`], [`TreeLock::downgrade`]).
+//!
+//! ```
+//! # use std::sync::Arc;
+//! # use mutextree_core::{Error, LockBackend, Mode, TreeLock};
+//! # async fn demo(store: Arc<dyn LockBackend>) -> Result<(), Error> {
+//! // Many readers of a tenant's configuration at once...
+//! let reader = TreeLock::builder(store.clone(), "tenant-1").shared().build()?;
+//! let reading = reader.lock().await?;
+//! // ...keep a writer off the tenant and everything under it.
+//! let writer = TreeLock::new(store.clone(), "tenant-1/project-9")?;
+//! assert!(matches!(writer.try_lock().await, Err(Error::Refused { .. })));
+//! reading.release().await?;
+//!
+//! // Moving a VM: both hosts, all or nothing, one fencing token.
+//! let both = TreeLock::many(store, [("dc/rack-1/host-3", Mode::Exclusive), ("dc/rack-4/host-8", Mode::Exclusive)])?;
+//! both.run(|grant| async move { println!("moving under token {}", grant.token) }).await?;
+//! # Ok(()) }
+//! ```
+//!
 //! # Defaults
 //!
 //! A 30 s ttl ([`DEFAULT_TTL`]) as the seed had; an owner id that says
@@ -53,8 +77,7 @@ use tokio::time::{sleep_until, timeout_at, Instant};
 
 use crate::backend::{AbortOnDrop, LockBackend};
 use crate::error::Error;
-use crate::lock::HeldLock;
-use crate::lock::{Grant, LockRequest, Owner, Ttl};
+use crate::lock::{Attempt, Grant, HeldLock, LockItems, LockRequest, Mode, Owner, Ttl};
 use crate::path::LockPath;
 use crate::wait::{Acquisition, Background, OnWait, Wait};
 
@@ -116,7 +139,8 @@ impl<S: Into<String> + Clone> IntoLockPath for &[S] {
 #[must_use = "a builder does nothing until build() is called"]
 pub struct TreeLockBuilder<H = TreeLock> {
     backend: Arc<dyn LockBackend>,
-    path: Result<LockPath, Error>,
+    /// The paths and modes asked for; the first is the builder's own path.
+    items: Vec<(Result<LockPath, Error>, Mode)>,
     ttl: Duration,
     owner: Option<String>,
     wait: Wait,
@@ -129,7 +153,7 @@ impl<H> fmt::Debug for TreeLockBuilder<H> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TreeLockBuilder")
             .field("backend", &self.backend)
-            .field("path", &self.path)
+            .field("items", &self.items)
             .field("ttl", &self.ttl)
             .field("owner", &self.owner)
             .field("wait", &self.wait)
@@ -142,9 +166,15 @@ impl<H> fmt::Debug for TreeLockBuilder<H> {
 impl<H: From<TreeLock>> TreeLockBuilder<H> {
     /// A builder with the defaults (see the [module docs](self#defaults)).
     pub fn new(backend: Arc<dyn LockBackend>, path: impl IntoLockPath) -> Self {
+        Self::many(backend, [(path, Mode::Exclusive)])
+    }
+
+    /// A builder for several paths, each with its mode, granted all or
+    /// nothing with one token (see [`TreeLock::many`]).
+    pub fn many<P: IntoLockPath>(backend: Arc<dyn LockBackend>, items: impl IntoIterator<Item = (P, Mode)>) -> Self {
         TreeLockBuilder {
             backend,
-            path: path.into_lock_path(),
+            items: items.into_iter().map(|(path, mode)| (path.into_lock_path(), mode)).collect(),
             ttl: DEFAULT_TTL,
             owner: None,
             wait: Wait::default(),
@@ -152,6 +182,28 @@ impl<H: From<TreeLock>> TreeLockBuilder<H> {
             on_wait: None,
             handle: PhantomData,
         }
+    }
+
+    /// Locks the builder's path in `mode` (default [`Mode::Exclusive`]).
+    pub fn mode(mut self, mode: Mode) -> Self {
+        if let Some((_, first)) = self.items.first_mut() {
+            *first = mode;
+        }
+        self
+    }
+
+    /// Locks the builder's path in [`Mode::Shared`]: other Shared holders
+    /// of comparable paths may hold at the same time, Exclusive ones may
+    /// not, anywhere in the subtree or above it.
+    pub fn shared(self) -> Self {
+        self.mode(Mode::Shared)
+    }
+
+    /// Locks `path` in `mode` too, in the same grant: all or nothing, one
+    /// fencing token, released, refreshed and lost together.
+    pub fn and(mut self, path: impl IntoLockPath, mode: Mode) -> Self {
+        self.items.push((path.into_lock_path(), mode));
+        self
     }
 
     /// How long the lock lives unless refreshed or released (default 30 s).
@@ -194,9 +246,14 @@ impl<H: From<TreeLock>> TreeLockBuilder<H> {
         self
     }
 
-    /// Checks the path, ttl and owner id and makes the handle.
+    /// Checks the paths (see [`LockItems::new`]), ttl and owner id and
+    /// makes the handle.
     pub fn build(self) -> Result<H, Error> {
-        let path = self.path?;
+        let mut items = Vec::with_capacity(self.items.len());
+        for (path, mode) in self.items {
+            items.push((path?, mode));
+        }
+        let items = LockItems::new(items)?;
         let ttl = Ttl::new(self.ttl)?;
         let owner = match self.owner {
             Some(owner) => Owner::new(owner)?,
@@ -205,7 +262,7 @@ impl<H: From<TreeLock>> TreeLockBuilder<H> {
         Ok(TreeLock {
             shared: Arc::new(Shared {
                 backend: self.backend,
-                request: LockRequest::new(path, owner, ttl),
+                request: LockRequest::of(items, owner, ttl),
                 wait: self.wait,
                 auto_refresh: self.auto_refresh,
                 on_wait: self.on_wait,
@@ -219,7 +276,8 @@ impl<H: From<TreeLock>> TreeLockBuilder<H> {
 }
 
 /// A lock on one node of the tree (and so its whole subtree), like the
-/// seed's `TreeLock`. See the [module docs](self) for the defaults.
+/// seed's `TreeLock`, or on several at once. See the [module docs](self)
+/// for the defaults.
 ///
 /// Clones share one state: a grant taken through one clone is released
 /// through any. A handle holds at most one grant at a time.
@@ -268,6 +326,10 @@ struct State {
     lost: Option<String>,
     /// The automatic refresh of `grant`, while it is held.
     keeper: Option<AbortOnDrop>,
+    /// Which acquisition `grant` comes from: a mode change replaces the
+    /// grant (new token) but not the acquisition, and [`TreeLock::lost`]
+    /// follows the acquisition.
+    acquisition: u64,
 }
 
 impl State {
@@ -318,6 +380,7 @@ impl Shared {
                 grant: Some(grant.clone()),
                 lost: None,
                 keeper: self.auto_refresh.then(|| keep_refreshed(self, grant)),
+                acquisition: state.acquisition + 1,
             };
             true
         })
@@ -327,8 +390,23 @@ impl Shared {
     /// returning it.
     fn forget(&self, token: u64) -> Option<Grant> {
         let mut forgotten = None;
-        self.update(token, |state| forgotten = std::mem::take(state).grant);
+        self.update(token, |state| {
+            let acquisition = state.acquisition;
+            forgotten = std::mem::take(state).grant;
+            state.acquisition = acquisition;
+        });
         forgotten
+    }
+
+    /// Replaces the grant with `token` by `changed`, the same acquisition
+    /// in another mode under a new token; its automatic refresh follows.
+    fn replace(self: &Arc<Self>, token: u64, changed: &Grant) {
+        self.update(token, |state| {
+            state.grant = Some(changed.clone());
+            if state.keeper.is_some() {
+                state.keeper = Some(keep_refreshed(self, changed));
+            }
+        });
     }
 
     /// Marks the grant with `token` lost, for `reason`.
@@ -405,9 +483,32 @@ impl TreeLock {
         TreeLockBuilder::new(backend, path)
     }
 
-    /// The locked node.
+    /// A handle on several paths, each with its mode, granted all or
+    /// nothing with one fencing token; with the defaults otherwise.
+    ///
+    /// The items are normalised ([`LockItems::new`]): duplicates merge to
+    /// the stronger mode, items of one mode on one branch collapse to the
+    /// ancestor, and items of different modes on one branch are refused
+    /// with [`Error::InvalidRequest`]. Nothing is held while waiting, so
+    /// no two handles can deadlock, whatever order they name their paths
+    /// in.
+    pub fn many<P: IntoLockPath>(
+        backend: Arc<dyn LockBackend>,
+        items: impl IntoIterator<Item = (P, Mode)>,
+    ) -> Result<TreeLock, Error> {
+        TreeLockBuilder::many(backend, items).build()
+    }
+
+    /// The locked node (the first in key order, for a handle on several).
     pub fn path(&self) -> &LockPath {
-        &self.shared.request.path
+        self.shared.request.path()
+    }
+
+    /// The locked nodes and their modes, as asked for (a held grant's
+    /// modes may differ after [`upgrade`](TreeLock::upgrade) or
+    /// [`downgrade`](TreeLock::downgrade): see [`Grant::items`]).
+    pub fn items(&self) -> &LockItems {
+        &self.shared.request.items
     }
 
     /// The owner id grants are made for.
@@ -459,7 +560,7 @@ impl TreeLock {
         if !self.shared.install(&grant) {
             // Another acquisition through a clone of this handle won the race.
             self.shared.background.release(&self.shared.backend, grant);
-            return Err(Error::AlreadyHeld { path: self.path().clone() });
+            return Err(Error::AlreadyHeld { items: self.items().clone() });
         }
         Ok(grant)
     }
@@ -519,11 +620,70 @@ impl TreeLock {
         }
     }
 
+    /// Upgrades the held grant's Shared items to Exclusive, in one atomic
+    /// step with a new fencing token (the expiry stays). Never waits: if
+    /// another live item conflicts (another reader, say), it fails with
+    /// [`Error::Refused`] naming it and the grant stays as it was. Of two
+    /// readers upgrading at once, at most one succeeds.
+    ///
+    /// [`Error::InvalidRequest`] if every item is Exclusive already;
+    /// [`Error::NotHeld`] if nothing is held.
+    pub async fn upgrade(&self) -> Result<Grant, Error> {
+        self.change_mode(Mode::Exclusive).await
+    }
+
+    /// Downgrades the held grant's Exclusive items to Shared, in one atomic
+    /// step with a new fencing token: readers may join at once, no writer
+    /// can slip in between. Succeeds while the grant is live.
+    ///
+    /// [`Error::InvalidRequest`] if every item is Shared already;
+    /// [`Error::NotHeld`] if nothing is held.
+    pub async fn downgrade(&self) -> Result<Grant, Error> {
+        self.change_mode(Mode::Shared).await
+    }
+
+    /// Changes the held grant's items to `mode`. The call runs as a task
+    /// of its own and installs its reply there, so cancelling this future
+    /// does not leave the handle behind the store (holding a token the
+    /// store replaced).
+    async fn change_mode(&self, mode: Mode) -> Result<Grant, Error> {
+        let held = self.grant().ok_or_else(|| self.not_held())?;
+        if !held.items.iter().any(|item| item.mode != mode) {
+            return Err(Error::InvalidRequest { reason: format!("{} is held {mode} already", held.items) });
+        }
+        let shared = Arc::clone(&self.shared);
+        let change = tokio::spawn(async move {
+            // In order with refreshes: a refresh of the old token sent
+            // after the change would find it gone and report a loss.
+            let _in_order = shared.refreshing.lock().await;
+            let grant = shared.grant_with(held.token).ok_or_else(|| Error::not_held(&held))?;
+            match shared.backend.change_mode(&grant, mode).await {
+                Ok(Attempt::Granted(changed)) => {
+                    shared.replace(grant.token, &changed);
+                    Ok(changed)
+                }
+                Ok(Attempt::Blocked(blockers)) => Err(Error::Refused { items: grant.items.with_mode(mode), blockers }),
+                Err(error @ Error::NotHeld { .. }) => {
+                    shared.forget(grant.token);
+                    Err(error)
+                }
+                Err(error) => Err(error),
+            }
+        });
+        change.await.map_err(|failed| Error::store_message("handle", false, format!("a mode change failed: {failed}")))?
+    }
+
     /// Whether anyone (this handle included) holds a live lock on exactly
-    /// this path, as `threading.Lock.locked()`. Asks the store.
+    /// this path (on one of them, for a handle on several), as
+    /// `threading.Lock.locked()`. Asks the store.
     pub async fn locked(&self) -> Result<bool, Error> {
-        let held = self.shared.backend.list(Some(self.path())).await?;
-        Ok(held.iter().any(|lock| lock.path == *self.path()))
+        for item in self.items() {
+            let held = self.shared.backend.list(Some(&item.path)).await?;
+            if held.iter().any(|lock| lock.path == item.path) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// The grant this handle holds, if it believes it holds one (its local
@@ -574,7 +734,7 @@ impl TreeLock {
     /// let host = TreeLock::new(store, ["eu-west", "rack-12", "host-7"])?;
     /// match host.try_lock().await {
     ///     Ok(guard) => guard.release().await?,
-    ///     Err(Error::Refused { blocker, .. }) => println!("busy: {} holds {}", blocker.owner, blocker.path),
+    ///     Err(Error::Refused { blockers, .. }) => println!("busy: {}", blockers.first()),
     ///     Err(other) => return Err(other),
     /// }
     /// # Ok(()) }
@@ -637,14 +797,18 @@ impl TreeLock {
     /// The future owns what it needs: keep it beside the work it guards, as
     /// in `tokio::select!`.
     pub fn lost(&self) -> impl Future<Output = Error> + Send + 'static {
-        let path = self.path().clone();
+        let items = self.items().clone();
         let mut state = self.shared.state.subscribe();
-        // The grant held when `lost()` is called, not when it is first polled.
-        let held_token = state.borrow_and_update().grant.as_ref().map(|grant| grant.token);
+        // The acquisition held when `lost()` is called, not when it is
+        // first polled; it is followed through mode changes.
+        let held = {
+            let now = state.borrow_and_update();
+            now.grant.as_ref().map(|_| now.acquisition)
+        };
         let auto_refresh = self.shared.auto_refresh;
         async move {
-            let Some(token) = held_token else {
-                return Error::Lost { path, reason: "it is not held".into() };
+            let Some(acquisition) = held else {
+                return Error::Lost { items, reason: "it is not held".into() };
             };
             // Released, replaced by a newer grant, or the handle is gone:
             // nothing was lost, and this never resolves.
@@ -654,12 +818,12 @@ impl TreeLock {
                     let now = state.borrow_and_update();
                     now.grant
                         .as_ref()
-                        .filter(|grant| grant.token == token)
-                        .map(|grant| (grant.expires_at, now.lost.clone()))
+                        .filter(|_| now.acquisition == acquisition)
+                        .map(|grant| (grant.items.clone(), grant.expires_at, now.lost.clone()))
                 };
-                let Some((expires_at, lost)) = ours else { return never().await };
+                let Some((items, expires_at, lost)) = ours else { return never().await };
                 if let Some(reason) = lost {
-                    return Error::Lost { path, reason };
+                    return Error::Lost { items, reason };
                 }
                 tokio::select! {
                     changed = state.changed() => {
@@ -673,7 +837,7 @@ impl TreeLock {
                         } else {
                             "its ttl ran out without a refresh"
                         };
-                        return Error::Lost { path, reason: reason.to_owned() };
+                        return Error::Lost { items, reason: reason.to_owned() };
                     }
                 }
             }
@@ -687,18 +851,18 @@ impl TreeLock {
             // Forget an expired or lost grant: a new one replaces it.
             let stale = !held && state.grant.is_some();
             if stale {
-                *state = State::default();
+                *state = State { acquisition: state.acquisition, ..State::default() };
             }
             stale
         });
         if held {
-            return Err(Error::AlreadyHeld { path: self.path().clone() });
+            return Err(Error::AlreadyHeld { items: self.items().clone() });
         }
         Ok(())
     }
 
     fn not_held(&self) -> Error {
-        Error::NotHeld { path: self.path().clone(), owner: None, token: None }
+        Error::NotHeld { items: self.items().clone(), owner: None, token: None }
     }
 }
 
@@ -790,6 +954,26 @@ impl TreeLockGuard {
     /// handle's ttl; [`Error::NotHeld`] if that grant is no longer held.
     pub async fn refresh(&mut self) -> Result<&Grant, Error> {
         self.grant = self.lock.refresh_grant(self.grant.token, self.lock.shared.request.ttl).await?;
+        Ok(&self.grant)
+    }
+
+    /// [`TreeLock::upgrade`] for this guard's grant; the guard follows
+    /// the new token.
+    pub async fn upgrade(&mut self) -> Result<&Grant, Error> {
+        self.change_mode(Mode::Exclusive).await
+    }
+
+    /// [`TreeLock::downgrade`] for this guard's grant; the guard follows
+    /// the new token.
+    pub async fn downgrade(&mut self) -> Result<&Grant, Error> {
+        self.change_mode(Mode::Shared).await
+    }
+
+    async fn change_mode(&mut self, mode: Mode) -> Result<&Grant, Error> {
+        if self.lock.grant().is_none_or(|held| held.token != self.grant.token) {
+            return Err(Error::not_held(&self.grant));
+        }
+        self.grant = self.lock.change_mode(mode).await?;
         Ok(&self.grant)
     }
 

@@ -1,6 +1,24 @@
 //! The values that cross the [`LockBackend`](crate::LockBackend) contract:
-//! validated inputs ([`Owner`], [`Ttl`], [`Namespace`], [`LockRequest`]) and
-//! the store's answers ([`Grant`], [`HeldLock`], [`Attempt`]).
+//! validated inputs ([`Owner`], [`Ttl`], [`Namespace`], [`Mode`],
+//! [`LockItems`], [`LockRequest`]) and the store's answers ([`Grant`],
+//! [`HeldLock`], [`Blockers`], [`Attempt`]).
+//!
+//! # Modes and items
+//!
+//! A grant is a set of items, each a path and a [`Mode`]. Two live items of
+//! different grants conflict iff their paths are comparable (equal, or one
+//! an ancestor of the other) and not both [`Mode::Shared`]:
+//!
+//! | held \ asked, comparable paths | Shared | Exclusive |
+//! | --- | --- | --- |
+//! | Shared | granted | refused |
+//! | Exclusive | refused | refused |
+//!
+//! This is Gray's multi-granularity matrix with the intention modes implicit
+//! on the ancestors: a Shared lock on `[A]` covers the whole subtree, so it
+//! refuses an Exclusive lock on `[A, B, C]` as well as on `[A]`. Siblings
+//! never conflict, whatever their modes. The same owner conflicts too: tree
+//! locks are not re-entrant.
 //!
 //! Inputs can only be built through constructors that check them, so a store
 //! never sees an empty owner, a zero ttl or an over-long path: bad input is
@@ -139,21 +157,180 @@ impl fmt::Debug for Namespace {
     }
 }
 
-/// A request to lock `path` for `owner` during `ttl`.
+/// How an item of a grant holds its subtree.
+///
+/// See the [conflict table](crate#modes-and-items): two comparable items
+/// conflict unless both are Shared.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Mode {
+    /// Readers: any number of Shared items coexist on comparable paths, and
+    /// keep every Exclusive item off the node, its ancestors and its whole
+    /// subtree.
+    Shared,
+    /// A writer (the default): no other item on the node, an ancestor or a
+    /// descendant.
+    #[default]
+    Exclusive,
+}
+
+impl Mode {
+    /// Whether an item in this mode and one in `other` on comparable paths
+    /// of different grants conflict: unless both are Shared.
+    pub fn conflicts_with(self, other: Mode) -> bool {
+        self == Mode::Exclusive || other == Mode::Exclusive
+    }
+
+    /// `shared` or `exclusive`, as stores record it and the command line
+    /// prints it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Shared => "shared",
+            Mode::Exclusive => "exclusive",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One part of a grant: a node and how it is held.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LockItem {
+    /// The node; the item covers its whole subtree.
+    pub path: LockPath,
+    /// How.
+    pub mode: Mode,
+}
+
+impl fmt::Display for LockItem {
+    /// `A/B` for an Exclusive item, `A/B (shared)` for a Shared one.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.mode {
+            Mode::Exclusive => write!(f, "{}", self.path),
+            Mode::Shared => write!(f, "{} (shared)", self.path),
+        }
+    }
+}
+
+/// The items of one request or grant, normalised: 1 to
+/// [`LockItems::MAX`], in key order, no two on comparable paths. Made by
+/// [`LockItems::new`] (which normalises and checks) or
+/// [`LockItems::one`].
+///
+/// Because no two items are comparable, each path of the tree is covered by
+/// at most one item, and a store can check and place the items one by one
+/// within its atomic step.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct LockItems(pub(crate) Arc<[LockItem]>);
+
+impl LockItems {
+    /// The most items one request may have.
+    pub const MAX: usize = 16;
+
+    /// A single item.
+    pub fn one(path: LockPath, mode: Mode) -> Self {
+        LockItems(Arc::new([LockItem { path, mode }]))
+    }
+
+    /// The items, in key order.
+    pub fn iter(&self) -> std::slice::Iter<'_, LockItem> {
+        self.0.iter()
+    }
+
+    /// How many items (at least one).
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Always false: a request has at least one item. (For clippy's sake.)
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The first item in key order: the only one of a single-path request.
+    pub fn first(&self) -> &LockItem {
+        &self.0[0]
+    }
+
+    /// Whether this is one Exclusive item: what the seed's locks were, and
+    /// all the stepwise algorithm can grant.
+    pub fn is_single_exclusive(&self) -> bool {
+        self.0.len() == 1 && self.0[0].mode == Mode::Exclusive
+    }
+
+    /// Whether any item is in `mode`.
+    pub fn any(&self, mode: Mode) -> bool {
+        self.0.iter().any(|item| item.mode == mode)
+    }
+
+    /// The same paths, every item in `mode` (an upgrade or a downgrade).
+    pub fn with_mode(&self, mode: Mode) -> Self {
+        LockItems(self.0.iter().map(|item| LockItem { path: item.path.clone(), mode }).collect())
+    }
+
+    /// The first item, in key order, that an item of another grant on
+    /// `path` held in `mode` conflicts with.
+    pub fn blocked_by(&self, path: &LockPath, mode: Mode) -> Option<&LockItem> {
+        self.0.iter().find(|item| item.path.overlaps(path) && item.mode.conflicts_with(mode))
+    }
+}
+
+impl<'a> IntoIterator for &'a LockItems {
+    type Item = &'a LockItem;
+    type IntoIter = std::slice::Iter<'a, LockItem>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+impl fmt::Display for LockItems {
+    /// `A/B`, or `A/B (shared)`, or several joined by `, `.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (at, item) in self.0.iter().enumerate() {
+            if at > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{item}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for LockItems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.0.iter()).finish()
+    }
+}
+
+/// A request to lock `items` for `owner` during `ttl`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LockRequest {
-    /// The node to lock.
-    pub path: LockPath,
-    /// Who will hold it.
+    /// The nodes to lock, and how.
+    pub items: LockItems,
+    /// Who will hold them.
     pub owner: Owner,
-    /// How long it lives unless refreshed or released.
+    /// How long the grant lives unless refreshed or released.
     pub ttl: Ttl,
 }
 
 impl LockRequest {
-    /// Bundles already-validated parts.
+    /// A request for one Exclusive item, from already-validated parts.
     pub fn new(path: LockPath, owner: Owner, ttl: Ttl) -> Self {
-        LockRequest { path, owner, ttl }
+        LockRequest { items: LockItems::one(path, Mode::Exclusive), owner, ttl }
+    }
+
+    /// A request for `items`, from already-validated parts.
+    pub fn of(items: LockItems, owner: Owner, ttl: Ttl) -> Self {
+        LockRequest { items, owner, ttl }
+    }
+
+    /// The first item's path: the only one of a single-path request.
+    pub fn path(&self) -> &LockPath {
+        &self.items.first().path
     }
 }
 
@@ -168,11 +345,12 @@ pub enum LockKind {
 }
 
 /// A granted lock: what release and refresh need, and the fencing token to
-/// hand to the resource it protects.
+/// hand to the resource it protects. All its items share the token, the
+/// owner and the expiry: release, refresh and loss apply to every item.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Grant {
-    /// The locked node.
-    pub path: LockPath,
+    /// The locked nodes and their modes.
+    pub items: LockItems,
     /// Its holder.
     pub owner: Owner,
     /// Strictly greater than every token granted before in the namespace:
@@ -192,7 +370,12 @@ pub struct Grant {
 impl Grant {
     /// A grant made by a store for `request`, which was sent at `sent_at`.
     pub fn new(request: &LockRequest, kind: LockKind, token: u64, ttl: Duration, sent_at: Instant) -> Self {
-        Grant { path: request.path.clone(), owner: request.owner.clone(), token, ttl, expires_at: sent_at + ttl, kind }
+        Grant { items: request.items.clone(), owner: request.owner.clone(), token, ttl, expires_at: sent_at + ttl, kind }
+    }
+
+    /// The first item's path: the only one of a single-path grant.
+    pub fn path(&self) -> &LockPath {
+        &self.items.first().path
     }
 
     /// How long this process can still count on the lock.
@@ -206,12 +389,15 @@ impl Grant {
     }
 }
 
-/// A live lock as a store reports it: in a listing, or as the reason an
+/// A live item of a grant as a store reports it: in a listing (one entry
+/// per item; the items of one grant share its token), or as the reason an
 /// acquisition was refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HeldLock {
     /// The locked node.
     pub path: LockPath,
+    /// How it is held.
+    pub mode: Mode,
     /// Its holder.
     pub owner: Owner,
     /// Its fencing token.
@@ -224,9 +410,10 @@ pub struct HeldLock {
 
 impl fmt::Display for HeldLock {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shared = if self.mode == Mode::Shared { " shared" } else { "" };
         write!(
             f,
-            "{} held by {} for {} more (fencing token {})",
+            "{} held{shared} by {} for {} more (fencing token {})",
             self.path,
             self.owner,
             human(self.remaining),
@@ -239,13 +426,67 @@ impl fmt::Display for HeldLock {
     }
 }
 
+/// What refused a request: a live item in the way of each blocked item of
+/// the request (at least one), in the request's item order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Blockers(Vec<HeldLock>);
+
+impl Blockers {
+    /// One blocker, then those of the request's other blocked items.
+    pub fn new(first: HeldLock, rest: impl IntoIterator<Item = HeldLock>) -> Self {
+        let mut all = vec![first];
+        all.extend(rest);
+        Blockers(all)
+    }
+
+    /// The blocker of the first blocked item.
+    pub fn first(&self) -> &HeldLock {
+        &self.0[0]
+    }
+
+    /// Every blocker, in the request's item order.
+    pub fn iter(&self) -> std::slice::Iter<'_, HeldLock> {
+        self.0.iter()
+    }
+
+    /// How many items were blocked (at least one).
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Always false: a refusal has a blocker. (For clippy's sake.)
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The blockers, in the request's item order.
+    pub fn into_vec(self) -> Vec<HeldLock> {
+        self.0
+    }
+}
+
+impl From<HeldLock> for Blockers {
+    fn from(blocker: HeldLock) -> Self {
+        Blockers(vec![blocker])
+    }
+}
+
+impl<'a> IntoIterator for &'a Blockers {
+    type Item = &'a HeldLock;
+    type IntoIter = std::slice::Iter<'a, HeldLock>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
 /// The answer to one attempt at a lock.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Attempt {
     /// The lock is held now.
     Granted(Grant),
-    /// A live lock is in the way.
-    Blocked(HeldLock),
+    /// Live items are in the way: one for each blocked item.
+    Blocked(Blockers),
 }
 
 impl Attempt {

@@ -1,5 +1,5 @@
 //! The checked constructors of the values a user hands in: a path, an
-//! owner id, a ttl, a namespace. Each rule lives beside its type; here each
+//! owner id, a ttl, a namespace, the items of a request. Each rule lives beside its type; here each
 //! broken rule becomes the [`Error`] that names it, before anything reaches
 //! a store.
 //!
@@ -11,7 +11,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use crate::error::Error;
-use crate::lock::{Namespace, Owner, Ttl};
+use crate::lock::{LockItem, LockItems, Mode, Namespace, Owner, Ttl};
 use crate::path::{check_segments, decode_key, describe_segments, split_text, LockPath, PathRule};
 use crate::text::{human, quote};
 
@@ -160,4 +160,69 @@ impl Namespace {
             None => Ok(Namespace(name.into())),
         }
     }
+}
+
+impl From<(LockPath, Mode)> for LockItem {
+    fn from((path, mode): (LockPath, Mode)) -> Self {
+        LockItem { path, mode }
+    }
+}
+
+impl LockItems {
+    /// Normalises and checks the items of a request.
+    ///
+    /// 1 to [`LockItems::MAX`] items are accepted. Exact duplicates merge
+    /// to the stronger mode; items of one mode on one branch (one the
+    /// ancestor of the other) collapse to the ancestor, which covers the
+    /// other; items of different modes on one branch are refused, since no
+    /// grant could hold both. The result is in key order.
+    ///
+    /// Fails with [`Error::InvalidRequest`]; nothing is sent.
+    pub fn new<I>(items: I) -> Result<Self, Error>
+    where
+        I: IntoIterator,
+        I::Item: Into<LockItem>,
+    {
+        let mut items: Vec<LockItem> = items.into_iter().map(Into::into).collect();
+        if items.is_empty() {
+            return Err(Error::InvalidRequest { reason: "a lock request needs at least one path".into() });
+        }
+        if items.len() > Self::MAX {
+            return Err(Error::InvalidRequest {
+                reason: format!("{} paths, but one request may lock at most {}", items.len(), Self::MAX),
+            });
+        }
+        // Stronger mode first among equal paths, so that the first of a run
+        // of duplicates is the one kept.
+        items.sort_by(|a, b| a.path.key().cmp(b.path.key()).then(b.mode.cmp(&a.mode)));
+        items.dedup_by(|later, kept| later.path == kept.path);
+        // In key order a node's descendants come right after it, so an item
+        // can only be on a branch with the last one kept.
+        let mut kept: Vec<LockItem> = Vec::with_capacity(items.len());
+        for item in items {
+            match kept.last() {
+                Some(ancestor) if ancestor.path.is_ancestor_of(&item.path) => {
+                    if ancestor.mode != item.mode {
+                        return Err(Error::InvalidRequest {
+                            reason: format!(
+                                "{} and {} are on one branch with different modes; a grant cannot hold both \
+                                 (ask for {} {} alone, which covers its subtree)",
+                                describe(ancestor),
+                                describe(&item),
+                                ancestor.path,
+                                Mode::Exclusive
+                            ),
+                        });
+                    }
+                }
+                _ => kept.push(item),
+            }
+        }
+        Ok(LockItems(kept.into()))
+    }
+}
+
+/// `A/B (shared)`, `A/B/C (exclusive)`: an item with its mode spelt out.
+fn describe(item: &LockItem) -> String {
+    format!("{} ({})", item.path, item.mode)
 }

@@ -40,7 +40,7 @@ use crate::backend::contract::LockBackend;
 use crate::backend::feed::Listener;
 use crate::backend::stepwise::TRANSIENT_PATIENCE;
 use crate::error::Error;
-use crate::lock::{Attempt, Grant, HeldLock, LockRequest};
+use crate::lock::{Attempt, Blockers, Grant, HeldLock, LockRequest};
 use crate::path::LockPath;
 
 /// How long an acquisition may wait for a held lock.
@@ -146,7 +146,7 @@ impl<'a> Acquisition<'a> {
             wait,
             started,
             deadline,
-            listener: backend.listen(&request.path),
+            listener: backend.listen(&request.items),
             background: None,
             on_wait: None,
             last_blocker: None,
@@ -177,22 +177,25 @@ impl<'a> Acquisition<'a> {
     /// for it.
     pub async fn run(mut self) -> Result<Grant, Error> {
         loop {
-            let blocker = match self.attempt().await? {
+            let blockers = match self.attempt().await? {
                 Attempt::Granted(grant) => return Ok(grant),
-                Attempt::Blocked(blocker) => blocker,
+                Attempt::Blocked(blockers) => blockers,
             };
-            let spurious = self.note_blocker(&blocker);
-            let give_up_at = self.give_up_at(&blocker);
+            // A multi-path request waits for its blockers one at a time: the
+            // first, then whichever is in the way at the next attempt.
+            let blocker = blockers.first();
+            let spurious = self.note_blocker(blocker);
+            let give_up_at = self.give_up_at(blocker);
             if give_up_at.is_some_and(|at| Instant::now() >= at) {
-                return Err(self.gave_up(blocker));
+                return Err(self.gave_up(blockers));
             }
             if let Some(on_wait) = &self.on_wait {
-                on_wait(&blocker);
+                on_wait(blocker);
             }
-            self.sleep(&blocker, give_up_at, spurious).await;
+            self.sleep(blocker, give_up_at, spurious).await;
             // No attempt starts once the deadline has passed.
             if give_up_at.is_some_and(|at| Instant::now() >= at) {
-                return Err(self.gave_up(blocker));
+                return Err(self.gave_up(blockers));
             }
         }
     }
@@ -235,12 +238,12 @@ impl<'a> Acquisition<'a> {
         }
     }
 
-    /// The error for an acquisition that stops waiting behind `blocker`.
-    fn gave_up(&self, blocker: HeldLock) -> Error {
-        let path = self.request.path.clone();
+    /// The error for an acquisition that stops waiting behind `blockers`.
+    fn gave_up(&self, blockers: Blockers) -> Error {
+        let items = self.request.items.clone();
         match self.wait {
-            Wait::No => Error::Refused { path, blocker },
-            _ => Error::Timeout { path, waited: self.started.elapsed(), blocker },
+            Wait::No => Error::Refused { items, blockers },
+            _ => Error::Timeout { items, waited: self.started.elapsed(), blockers },
         }
     }
 
@@ -404,7 +407,7 @@ impl Drop for Counted {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lock::{LockKind, Owner, Ttl};
+    use crate::lock::{LockItems, LockKind, Mode, Owner, Ttl};
     use std::sync::atomic::{AtomicU64, Ordering};
 
     /// Refuses every tree grant with a stepwise client's transient parent
@@ -435,15 +438,19 @@ mod tests {
             if Instant::now() >= self.free_at {
                 return Ok(Attempt::Granted(Grant::new(request, LockKind::Lock, 1, request.ttl.get(), Instant::now())));
             }
-            Ok(Attempt::Blocked(HeldLock {
-                path: request.path.parent().expect("a child"),
+            Ok(Attempt::Blocked(Blockers::from(HeldLock {
+                path: request.path().parent().expect("a child"),
+                mode: Mode::Exclusive,
                 owner: Owner::new("stepwise sibling").expect("owner"),
                 token: if self.same_lock { 7 } else { attempt + 100 },
                 remaining: Duration::from_millis(50),
                 transient: true,
-            }))
+            })))
         }
-        fn listen(&self, _path: &LockPath) -> Listener {
+        async fn change_mode(&self, grant: &Grant, _mode: Mode) -> Result<Attempt, Error> {
+            Err(Error::not_held(grant))
+        }
+        fn listen(&self, _items: &LockItems) -> Listener {
             Listener::polling()
         }
     }
@@ -475,7 +482,7 @@ mod tests {
             attempts: AtomicU64::new(0),
         });
         match acquire(&backend, &sibling(), Wait::No).await {
-            Err(Error::Refused { blocker, .. }) => assert!(blocker.transient && blocker.token == 7, "{blocker:?}"),
+            Err(Error::Refused { blockers, .. }) => assert!(blockers.first().transient && blockers.first().token == 7, "{blockers:?}"),
             other => panic!("refused by the stuck lock, got {other:?}"),
         }
         let waited = started.elapsed();

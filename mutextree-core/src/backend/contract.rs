@@ -28,7 +28,7 @@ use tokio::task::JoinHandle;
 
 use super::feed::Listener;
 use crate::error::Error;
-use crate::lock::{Attempt, Grant, HeldLock, LockKind, LockRequest, Ttl};
+use crate::lock::{Attempt, Grant, HeldLock, LockItems, LockKind, LockRequest, Mode, Ttl};
 use crate::path::LockPath;
 
 /// An expiring-lock store with owner ids, seen through one namespace.
@@ -63,26 +63,47 @@ pub trait LockBackend: Send + Sync + fmt::Debug {
     /// in the whole namespace for `None`, in key order.
     async fn list(&self, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error>;
 
-    /// The tree operation: grants `request` iff, at one instant, no live
-    /// lock is held on the path, an ancestor or a descendant (by anyone, the
-    /// same owner included); otherwise reports one lock in the way.
+    /// The tree operation: grants every item of `request` iff, at one
+    /// instant, no live item of another grant conflicts with any of them
+    /// (a comparable path, not both Shared; the same owner included: see
+    /// [`Mode`]); otherwise grants nothing and reports, for each blocked
+    /// item, one live item in the way. All or nothing, one token.
     ///
     /// Every shipped store does it in one atomic operation and one round
     /// trip. A store with only the primitives can answer with the seed's
     /// stepwise algorithm over them:
-    /// [`stepwise::try_grant(self, request)`](super::stepwise::try_grant).
+    /// [`stepwise::try_grant(self, request)`](super::stepwise::try_grant),
+    /// which grants single Exclusive items and refuses the rest with
+    /// [`Error::Unsupported`].
     async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error>;
 
-    /// A listener for changes that may unblock a waiter for `path` (a
+    /// Changes every item of the live `grant` to `mode` in one atomic step,
+    /// with a new fencing token, returning the changed grant (same items,
+    /// owner and expiry).
+    ///
+    /// To [`Mode::Exclusive`] (an upgrade): granted iff no live item of
+    /// another grant conflicts with the upgraded items; otherwise
+    /// [`Attempt::Blocked`] naming them, and the grant is left as it was.
+    /// It never waits: two Shared holders upgrading would wait for each
+    /// other. To [`Mode::Shared`] (a downgrade): always granted while the
+    /// grant is live. [`Error::NotHeld`], changing nothing, if it is not.
+    ///
+    /// The handle only asks for a change that changes a mode. A store
+    /// seen through the stepwise algorithm answers
+    /// [`stepwise::change_mode`](super::stepwise::change_mode):
+    /// [`Error::Unsupported`].
+    async fn change_mode(&self, grant: &Grant, mode: Mode) -> Result<Attempt, Error>;
+
+    /// A listener for changes that may unblock a waiter for `items` (a
     /// release, a purged expired lock), taken *before* an attempt so that a
     /// release between the refusal and the wait is not missed. A store may
-    /// wake it only for changes on the path, an ancestor or a descendant, or
-    /// for any change in the namespace.
+    /// wake it only for changes on the items' paths, their ancestors or
+    /// their descendants, or for any change in the namespace.
     ///
     /// The default polls with jittered backoff; stores override it with their
     /// notifications ([`ChangeFeed`](super::feed::ChangeFeed)).
-    fn listen(&self, path: &LockPath) -> Listener {
-        let _ = path;
+    fn listen(&self, items: &LockItems) -> Listener {
+        let _ = items;
         Listener::polling()
     }
 

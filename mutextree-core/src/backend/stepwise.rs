@@ -56,7 +56,7 @@ use super::contract::LockBackend;
 use super::feed::Listener;
 use crate::error::Error;
 use crate::lock::HeldLock;
-use crate::lock::{Attempt, Grant, LockKind, LockRequest, Ttl};
+use crate::lock::{Attempt, Grant, LockItems, LockKind, LockRequest, Mode, Ttl};
 use crate::path::LockPath;
 
 /// The life of a transient parent lock: how long a client that dies midway
@@ -79,8 +79,22 @@ pub const TRANSIENT_PATIENCE: Duration = Duration::from_secs(5 * TRANSIENT_TTL.a
 /// the transient parent locks may have expired before the node was locked.
 const SLOW_ROUNDS: usize = 3;
 
-/// A tree grant by the stepwise algorithm (see the module docs).
+/// A tree grant by the stepwise algorithm (see the module docs): of a
+/// single Exclusive item only. Shared and multi-path requests are refused
+/// with [`Error::Unsupported`] before anything is sent: a sequence of
+/// single-key locks cannot grant them all-or-nothing, nor let Shared
+/// holders coexist on one key.
 pub async fn try_grant<B: LockBackend + ?Sized>(backend: &B, request: &LockRequest) -> Result<Attempt, Error> {
+    if !request.items.is_single_exclusive() {
+        return Err(Error::Unsupported {
+            store: "stepwise",
+            reason: format!(
+                "the stepwise algorithm grants one exclusive path at a time, not {}: \
+                 Shared and multi-path locks need a store's atomic grant",
+                request.items
+            ),
+        });
+    }
     for _ in 0..SLOW_ROUNDS {
         if let Some(attempt) = one_round(backend, request).await? {
             return Ok(attempt);
@@ -92,15 +106,28 @@ pub async fn try_grant<B: LockBackend + ?Sized>(backend: &B, request: &LockReque
         format!(
             "the store answered too slowly to lock {} stepwise: its parent locks expired \
              (after {TRANSIENT_TTL:?}) before the node was locked, {SLOW_ROUNDS} times",
-            request.path
+            request.path()
         ),
     ))
+}
+
+/// A mode change through the stepwise algorithm: [`Error::Unsupported`],
+/// since it grants Exclusive locks only.
+pub async fn change_mode<B: LockBackend + ?Sized>(backend: &B, grant: &Grant, mode: Mode) -> Result<Attempt, Error> {
+    let _ = backend;
+    Err(Error::Unsupported {
+        store: "stepwise",
+        reason: format!(
+            "the stepwise algorithm holds exclusive locks only, so {} cannot become {mode}",
+            grant.items
+        ),
+    })
 }
 
 /// One pass of the algorithm; `None` when the parent locks may have lapsed.
 async fn one_round<B: LockBackend + ?Sized>(backend: &B, request: &LockRequest) -> Result<Option<Attempt>, Error> {
     let transient_ttl = Ttl::new(TRANSIENT_TTL)?;
-    let mut parents: Vec<Grant> = Vec::with_capacity(request.path.depth() - 1);
+    let mut parents: Vec<Grant> = Vec::with_capacity(request.path().depth() - 1);
     let locked = lock_parents_then_node(backend, request, transient_ttl, &mut parents).await;
     let parents_alive_until = parents.iter().map(|p| p.expires_at).min();
     // The parents only have to stand until the node is locked: they are
@@ -119,7 +146,7 @@ async fn one_round<B: LockBackend + ?Sized>(backend: &B, request: &LockRequest) 
         let _ = backend.release(&node).await;
         return Ok(None);
     }
-    let (_, below) = join(release_parents, backend.list(Some(&request.path))).await;
+    let (_, below) = join(release_parents, backend.list(Some(request.path()))).await;
     let below = match below {
         Ok(below) => below,
         Err(error) => {
@@ -129,10 +156,10 @@ async fn one_round<B: LockBackend + ?Sized>(backend: &B, request: &LockRequest) 
     };
     // Prefer a held lock to a transient one: a transient one is waited out
     // even by a non-blocking acquisition.
-    match below.into_iter().filter(|held| held.path != request.path).min_by_key(|held| held.transient) {
+    match below.into_iter().filter(|held| held.path != *request.path()).min_by_key(|held| held.transient) {
         Some(descendant) => {
             let _ = backend.release(&node).await;
-            Ok(Some(Attempt::Blocked(descendant)))
+            Ok(Some(Attempt::Blocked(descendant.into())))
         }
         None => Ok(Some(Attempt::Granted(node))),
     }
@@ -146,7 +173,7 @@ async fn lock_parents_then_node<B: LockBackend + ?Sized>(
     transient_ttl: Ttl,
     parents: &mut Vec<Grant>,
 ) -> Result<Attempt, Error> {
-    for ancestor in request.path.ancestors() {
+    for ancestor in request.path().ancestors() {
         let parent = LockRequest::new(ancestor, request.owner.clone(), transient_ttl);
         match backend.try_lock_key(&parent, LockKind::Transient).await? {
             Attempt::Granted(grant) => parents.push(grant),
@@ -198,8 +225,12 @@ impl<B: LockBackend + ?Sized> LockBackend for Stepwise<B> {
         try_grant(&*self.inner, request).await
     }
 
-    fn listen(&self, path: &LockPath) -> Listener {
-        self.inner.listen(path)
+    async fn change_mode(&self, grant: &Grant, mode: Mode) -> Result<Attempt, Error> {
+        change_mode(&*self.inner, grant, mode).await
+    }
+
+    fn listen(&self, items: &LockItems) -> Listener {
+        self.inner.listen(items)
     }
 
     fn round_trips(&self) -> Option<u64> {
