@@ -239,6 +239,10 @@ fn describe_blocker(items: &LockItems, blocker: &HeldLock) -> String {
         format!("{which}its descendant {} is held", blocker.path)
     };
     let mode = if blocker.mode == Mode::Shared { " shared" } else { "" };
+    if blocker.waiting {
+        let whose = whose.replace(" is held", " is awaited");
+        return format!("{whose}{mode} by {}, who queued first (ticket {})", blocker.owner, blocker.token);
+    }
     let transient = if blocker.transient { ", a parent lock a stepwise client holds for a moment" } else { "" };
     format!(
         "{whose}{mode} by {} for {} more (fencing token {}{transient})",

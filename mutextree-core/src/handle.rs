@@ -77,7 +77,7 @@ use tokio::time::{sleep_until, timeout_at, Instant};
 
 use crate::backend::{AbortOnDrop, LockBackend};
 use crate::error::Error;
-use crate::lock::{Attempt, Grant, HeldLock, LockItems, LockRequest, Mode, Owner, Ttl};
+use crate::lock::{Attempt, Fairness, Grant, HeldLock, LockItems, LockRequest, Mode, Owner, Ttl};
 use crate::path::LockPath;
 use crate::wait::{Acquisition, Background, OnWait, Wait};
 
@@ -144,6 +144,7 @@ pub struct TreeLockBuilder<H = TreeLock> {
     ttl: Duration,
     owner: Option<String>,
     wait: Wait,
+    fairness: Option<Fairness>,
     auto_refresh: bool,
     on_wait: Option<OnWait>,
     handle: PhantomData<fn() -> H>,
@@ -178,6 +179,7 @@ impl<H: From<TreeLock>> TreeLockBuilder<H> {
             ttl: DEFAULT_TTL,
             owner: None,
             wait: Wait::default(),
+            fairness: None,
             auto_refresh: false,
             on_wait: None,
             handle: PhantomData,
@@ -231,6 +233,14 @@ impl<H: From<TreeLock>> TreeLockBuilder<H> {
         self
     }
 
+    /// Whether a wait queues behind earlier waiters ([`Fairness::Fair`]) or
+    /// barges (default: the store's, which is fair unless its
+    /// configuration says otherwise).
+    pub fn fairness(mut self, fairness: Fairness) -> Self {
+        self.fairness = Some(fairness);
+        self
+    }
+
     /// Refresh the lock in the background while it is held, every third of
     /// its ttl; [`TreeLock::lost`] tells when that fails (default: off).
     pub fn auto_refresh(mut self, on: bool) -> Self {
@@ -264,6 +274,7 @@ impl<H: From<TreeLock>> TreeLockBuilder<H> {
                 backend: self.backend,
                 request: LockRequest::of(items, owner, ttl),
                 wait: self.wait,
+                fairness: self.fairness,
                 auto_refresh: self.auto_refresh,
                 on_wait: self.on_wait,
                 background: Background::default(),
@@ -304,6 +315,7 @@ struct Shared {
     backend: Arc<dyn LockBackend>,
     request: LockRequest,
     wait: Wait,
+    fairness: Option<Fairness>,
     auto_refresh: bool,
     on_wait: Option<OnWait>,
     /// Releases and attempts left to finish after their caller moved on.
@@ -552,7 +564,11 @@ impl TreeLock {
     /// to its reply, and returns the grant it brings.
     pub async fn acquire_with(&self, wait: Wait) -> Result<Grant, Error> {
         self.ensure_not_held()?;
-        let grant = Acquisition::new(&self.shared.backend, &self.shared.request, wait)
+        let mut acquisition = Acquisition::new(&self.shared.backend, &self.shared.request, wait);
+        if let Some(fairness) = self.shared.fairness {
+            acquisition = acquisition.fairness(fairness);
+        }
+        let grant = acquisition
             .in_background(&self.shared.background)
             .on_wait(self.shared.on_wait.clone())
             .run()
@@ -662,7 +678,9 @@ impl TreeLock {
                     shared.replace(grant.token, &changed);
                     Ok(changed)
                 }
-                Ok(Attempt::Blocked(blockers)) => Err(Error::Refused { items: grant.items.with_mode(mode), blockers }),
+                Ok(Attempt::Blocked(blockers) | Attempt::Queued { blockers, .. }) => {
+                    Err(Error::Refused { items: grant.items.with_mode(mode), blockers })
+                }
                 Err(error @ Error::NotHeld { .. }) => {
                     shared.forget(grant.token);
                     Err(error)

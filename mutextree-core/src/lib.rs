@@ -51,6 +51,6 @@ mod wait;
 pub use backend::LockBackend;
 pub use error::Error;
 pub use handle::{IntoLockPath, TreeLock, TreeLockBuilder, TreeLockGuard, DEFAULT_TTL};
-pub use lock::{Blockers, Grant, HeldLock, LockItem, LockItems, Mode, Namespace, Owner, Ttl};
+pub use lock::{Blockers, Fairness, Grant, HeldLock, LockItem, LockItems, Mode, Namespace, Owner, Ttl};
 pub use path::{LockPath, PathRule, MAX_DEPTH, MAX_PATH_BYTES, MAX_SEGMENT_BYTES};
 pub use wait::Wait;

@@ -318,6 +318,59 @@ impl fmt::Debug for LockItems {
     }
 }
 
+/// Whether a request that has to wait queues behind the waiters before it.
+///
+/// # Fair waiting
+///
+/// A [`Fair`](Fairness::Fair) request that has to wait takes a *ticket*
+/// (from the namespace's token counter) and a *reservation*: its items,
+/// owner and ticket, which live [`RESERVATION_TTL`] unless the waiter
+/// renews them (each of its attempts does). A request is granted iff no
+/// live grant conflicts with it *and* no live reservation with a smaller
+/// ticket conflicts with it. A request that does not wait has no ticket (it
+/// comes after every waiter): it never passes a conflicting waiter. A
+/// reservation that does not conflict delays nobody; a dead waiter's
+/// reservation is gone within [`RESERVATION_TTL`]. Wait-for edges point
+/// only at grants or at smaller tickets, so waiting never deadlocks.
+///
+/// [`Barging`](Fairness::Barging) is the older rule: reservations are
+/// neither written nor looked at, and whoever asks first after a release
+/// gets the lock, which is faster under contention but can starve a waiter
+/// on an ancestor behind a stream of locks below it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Fairness {
+    /// First come, first served across the tree (the default).
+    #[default]
+    Fair,
+    /// No queue: the first attempt after a release wins.
+    Barging,
+}
+
+/// How long a waiter's reservation lives unless the waiter renews it: how
+/// long a waiter that died blocks the requests behind it at most.
+pub const RESERVATION_TTL: Duration = Duration::from_secs(3);
+
+/// Where one attempt stands with respect to the waiters' queue.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Queue {
+    /// Barging: reservations are neither looked at nor written.
+    Barge,
+    /// Fair, without waiting: refused by a conflicting live reservation
+    /// (whatever its ticket); nothing is written on a refusal.
+    #[default]
+    Try,
+    /// Fair, the first attempt of a wait: as [`Queue::Try`], but a refusal
+    /// takes a ticket and writes a reservation, in the same atomic step,
+    /// and answers [`Attempt::Queued`].
+    Join,
+    /// Fair, a later attempt of the wait that holds this ticket: refused
+    /// only by conflicting reservations with smaller tickets. A refusal
+    /// renews the reservation for [`RESERVATION_TTL`] (writing it again if
+    /// it lapsed) and answers [`Attempt::Queued`]; a grant removes it, in
+    /// the same atomic step.
+    Waiting(u64),
+}
+
 /// A request to lock `items` for `owner` during `ttl`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LockRequest {
@@ -327,17 +380,25 @@ pub struct LockRequest {
     pub owner: Owner,
     /// How long the grant lives unless refreshed or released.
     pub ttl: Ttl,
+    /// Where this attempt stands in the waiters' queue (default
+    /// [`Queue::Try`]).
+    pub queue: Queue,
 }
 
 impl LockRequest {
     /// A request for one Exclusive item, from already-validated parts.
     pub fn new(path: LockPath, owner: Owner, ttl: Ttl) -> Self {
-        LockRequest { items: LockItems::one(path, Mode::Exclusive), owner, ttl }
+        LockRequest { items: LockItems::one(path, Mode::Exclusive), owner, ttl, queue: Queue::default() }
     }
 
     /// A request for `items`, from already-validated parts.
     pub fn of(items: LockItems, owner: Owner, ttl: Ttl) -> Self {
-        LockRequest { items, owner, ttl }
+        LockRequest { items, owner, ttl, queue: Queue::default() }
+    }
+
+    /// This request at another place in the queue.
+    pub fn in_queue(&self, queue: Queue) -> Self {
+        LockRequest { queue, ..self.clone() }
     }
 
     /// The first item's path: the only one of a single-path request.
@@ -425,11 +486,18 @@ pub struct HeldLock {
     pub remaining: Duration,
     /// Whether it is a stepwise client's transient parent lock.
     pub transient: bool,
+    /// Whether this is a waiter's reservation rather than a grant: then
+    /// `token` is its ticket, and `remaining` the life of the reservation
+    /// unless the waiter renews it.
+    pub waiting: bool,
 }
 
 impl fmt::Display for HeldLock {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let shared = if self.mode == Mode::Shared { " shared" } else { "" };
+        if self.waiting {
+            return write!(f, "{} awaited{shared} by {} (ticket {})", self.path, self.owner, self.token);
+        }
         write!(
             f,
             "{} held{shared} by {} for {} more (fencing token {})",
@@ -504,8 +572,18 @@ impl<'a> IntoIterator for &'a Blockers {
 pub enum Attempt {
     /// The lock is held now.
     Granted(Grant),
-    /// Live items are in the way: one for each blocked item.
+    /// Live items (grants, or for a fair request earlier waiters'
+    /// reservations) are in the way: one for each blocked item.
     Blocked(Blockers),
+    /// Refused, as [`Attempt::Blocked`], and the request now waits in the
+    /// queue with this ticket: the answer to a [`Queue::Join`] or
+    /// [`Queue::Waiting`] request that was refused.
+    Queued {
+        /// The request's ticket: its place in the queue.
+        ticket: u64,
+        /// What is in the way.
+        blockers: Blockers,
+    },
 }
 
 impl Attempt {
@@ -513,7 +591,7 @@ impl Attempt {
     pub fn granted(self) -> Option<Grant> {
         match self {
             Attempt::Granted(grant) => Some(grant),
-            Attempt::Blocked(_) => None,
+            Attempt::Blocked(_) | Attempt::Queued { .. } => None,
         }
     }
 }

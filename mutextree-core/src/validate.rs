@@ -282,6 +282,7 @@ mod tests {
             token: 7,
             remaining: Duration::from_secs(3),
             transient: false,
+            waiting: false,
         };
         let error = Error::Refused {
             items: asked,

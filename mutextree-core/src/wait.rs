@@ -19,7 +19,13 @@
 //! releasing the node it had just locked) waits one backoff step before
 //! listening again, so unrelated churn cannot make it spin.
 //!
-//! Nothing here holds anything in the store between attempts, and no
+//! A fair acquisition (see [`Fairness`]) that has to wait joins the
+//! queue: its first refused attempt writes a reservation with a ticket,
+//! and each later attempt renews it; it wakes at least every third of
+//! [`RESERVATION_TTL`] to do so. The reservation goes with the grant, and
+//! is withdrawn (in the background) when the wait ends any other way.
+//!
+//! Nothing here holds a lock in the store between attempts, and no
 //! attempt is abandoned once sent: a timed wait awaits the reply of an
 //! attempt in flight at its deadline, and a dropped acquisition leaves its
 //! attempt to finish in the background, where a late grant is released
@@ -40,7 +46,7 @@ use crate::backend::contract::LockBackend;
 use crate::backend::feed::Listener;
 use crate::backend::stepwise::TRANSIENT_PATIENCE;
 use crate::error::Error;
-use crate::lock::{Attempt, Blockers, Grant, HeldLock, LockRequest};
+use crate::lock::{Attempt, Blockers, Fairness, Grant, HeldLock, LockRequest, Owner, Queue, RESERVATION_TTL};
 use crate::path::LockPath;
 
 /// How long an acquisition may wait for a held lock.
@@ -117,6 +123,11 @@ pub struct Acquisition<'a> {
     woken_by_change: bool,
     /// The transient blocker seen last, and since when.
     transient_since: Option<((LockPath, u64), Instant)>,
+    /// Whether to queue behind earlier waiters.
+    fairness: Fairness,
+    /// The ticket of this acquisition's reservation, while it may have
+    /// one in the store.
+    ticket: Option<u64>,
 }
 
 impl fmt::Debug for Acquisition<'_> {
@@ -152,7 +163,16 @@ impl<'a> Acquisition<'a> {
             last_blocker: None,
             woken_by_change: false,
             transient_since: None,
+            fairness: backend.fairness(),
+            ticket: None,
         }
+    }
+
+    /// Whether to queue behind earlier waiters (default: the store's
+    /// [`LockBackend::fairness`]).
+    pub fn fairness(mut self, fairness: Fairness) -> Self {
+        self.fairness = fairness;
+        self
     }
 
     /// Where attempts cut off by a dropped future finish (see
@@ -178,8 +198,16 @@ impl<'a> Acquisition<'a> {
     pub async fn run(mut self) -> Result<Grant, Error> {
         loop {
             let blockers = match self.attempt().await? {
-                Attempt::Granted(grant) => return Ok(grant),
+                Attempt::Granted(grant) => {
+                    // A grant takes the reservation away with it.
+                    self.ticket = None;
+                    return Ok(grant);
+                }
                 Attempt::Blocked(blockers) => blockers,
+                Attempt::Queued { ticket, blockers } => {
+                    self.ticket = Some(ticket);
+                    blockers
+                }
             };
             // A multi-path request waits for its blockers one at a time: the
             // first, then whichever is in the way at the next attempt.
@@ -200,13 +228,30 @@ impl<'a> Acquisition<'a> {
         }
     }
 
+    /// Where the next attempt stands in the waiters' queue.
+    fn queue(&self) -> Queue {
+        match (self.fairness, self.wait, self.ticket) {
+            (Fairness::Barging, _, _) => Queue::Barge,
+            (Fairness::Fair, Wait::No, _) => Queue::Try,
+            (Fairness::Fair, _, None) => Queue::Join,
+            (Fairness::Fair, _, Some(ticket)) => Queue::Waiting(ticket),
+        }
+    }
+
     /// One attempt, seen through to its reply even if this future is
     /// dropped (see [`InFlight`]).
-    async fn attempt(&self) -> Result<Attempt, Error> {
+    async fn attempt(&mut self) -> Result<Attempt, Error> {
         let backend = Arc::clone(self.backend);
-        let request = self.request.clone();
+        let request = self.request.in_queue(self.queue());
         let call = Box::pin(async move { backend.try_grant(&request).await });
-        InFlight { call: Some(call), backend: self.backend, background: self.background }.await
+        InFlight {
+            call: Some(call),
+            backend: self.backend,
+            background: self.background,
+            owner: &self.request.owner,
+            ticket: &mut self.ticket,
+        }
+        .await
     }
 
     /// Remembers `blocker`; whether the wake-up that led here was spurious
@@ -252,8 +297,12 @@ impl<'a> Acquisition<'a> {
     /// backoff step instead of a change.
     async fn sleep(&mut self, blocker: &HeldLock, give_up_at: Option<Instant>, spurious: bool) {
         // Expiry sends no notification: retry just after the blocker's.
-        let blocker_gone_at = Instant::now() + blocker.remaining + Duration::from_millis(1);
-        let wake_at = give_up_at.map_or(blocker_gone_at, |at| at.min(blocker_gone_at));
+        let mut wake_at = Instant::now() + blocker.remaining + Duration::from_millis(1);
+        if self.ticket.is_some() {
+            // Each attempt renews the reservation.
+            wake_at = wake_at.min(Instant::now() + RESERVATION_TTL / 3);
+        }
+        let wake_at = give_up_at.map_or(wake_at, |at| at.min(wake_at));
         let listener = &mut self.listener;
         let woken = async {
             if spurious {
@@ -276,15 +325,33 @@ impl<'a> Acquisition<'a> {
 /// A store call, owned so that it can outlive the acquisition that made it.
 type Call = Pin<Box<dyn Future<Output = Result<Attempt, Error>> + Send>>;
 
+impl Drop for Acquisition<'_> {
+    /// A wait that ends without a grant (timed out, failed, cancelled)
+    /// withdraws its reservation, in the background. (If an attempt was in
+    /// flight, its [`InFlight`] took the ticket and withdraws once the
+    /// attempt is answered, so that the attempt cannot renew the
+    /// reservation after the withdrawal.)
+    fn drop(&mut self) {
+        if let Some(ticket) = self.ticket.take() {
+            let background = self.background.cloned().unwrap_or_default();
+            background.withdraw(self.backend, &self.request.owner, ticket);
+        }
+    }
+}
+
 /// One attempt, polled in place. If it is dropped before the store
 /// answered (its acquisition was cancelled), the call is handed to the
-/// background, which sees it through and releases a grant it brings (see
-/// [`Background::release_now`]): a request already sent is never
-/// abandoned, and only a cancelled attempt pays for a task.
+/// background, which sees it through and undoes what it brings: it
+/// releases a grant (see [`Background::release_now`]) and withdraws a
+/// reservation. A request already sent is never abandoned, and only a
+/// cancelled attempt pays for a task.
 struct InFlight<'a> {
     call: Option<Call>,
     backend: &'a Arc<dyn LockBackend>,
     background: Option<&'a Background>,
+    owner: &'a Owner,
+    /// The acquisition's ticket: taken over if the attempt is cancelled.
+    ticket: &'a mut Option<u64>,
 }
 
 impl Future for InFlight<'_> {
@@ -309,9 +376,16 @@ impl Drop for InFlight<'_> {
         }
         let background = self.background.cloned().unwrap_or_default();
         let backend = Arc::clone(self.backend);
+        let (owner, sent_with) = (self.owner.clone(), self.ticket.take());
         background.clone().spawn(async move {
-            if let Ok(Attempt::Granted(grant)) = call.await {
-                background.release_now(&backend, grant).await;
+            match call.await {
+                Ok(Attempt::Granted(grant)) => background.release_now(&backend, grant).await,
+                Ok(Attempt::Queued { ticket, .. }) => background.withdraw_now(&backend, &owner, ticket).await,
+                _ => {
+                    if let Some(ticket) = sent_with {
+                        background.withdraw_now(&backend, &owner, ticket).await;
+                    }
+                }
             }
         });
     }
@@ -376,6 +450,31 @@ impl Background {
                     pause *= 4;
                 }
             }
+        }
+    }
+
+    /// Withdraws the reservation `ticket` of `owner` in the background
+    /// (see [`Background::withdraw_now`]); outside a tokio runtime it
+    /// lapses by itself within [`RESERVATION_TTL`].
+    pub fn withdraw(&self, backend: &Arc<dyn LockBackend>, owner: &Owner, ticket: u64) {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        let (backend, owner, this) = (Arc::clone(backend), owner.clone(), self.clone());
+        self.spawn(async move { this.withdraw_now(&backend, &owner, ticket).await });
+    }
+
+    /// Withdraws the reservation `ticket` of `owner`, trying again after a
+    /// store error up to [`Background::RELEASE_TRIES`] times in all; it
+    /// lapses by itself within [`RESERVATION_TTL`] otherwise.
+    pub async fn withdraw_now(&self, backend: &Arc<dyn LockBackend>, owner: &Owner, ticket: u64) {
+        let mut pause = Duration::from_millis(50);
+        for _ in 0..Self::RELEASE_TRIES {
+            if backend.withdraw(owner, ticket).await.is_ok() {
+                return;
+            }
+            sleep(pause).await;
+            pause *= 4;
         }
     }
 
@@ -445,10 +544,20 @@ mod tests {
                 token: if self.same_lock { 7 } else { attempt + 100 },
                 remaining: Duration::from_millis(50),
                 transient: true,
+                waiting: false,
             })))
         }
         async fn change_mode(&self, grant: &Grant, _mode: Mode) -> Result<Attempt, Error> {
             Err(Error::not_held(grant))
+        }
+        async fn withdraw(&self, _owner: &Owner, _ticket: u64) -> Result<(), Error> {
+            Ok(())
+        }
+        async fn waiters(&self, _under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
+            Ok(Vec::new())
+        }
+        fn fairness(&self) -> crate::lock::Fairness {
+            crate::lock::Fairness::Barging
         }
         fn listen(&self, _items: &LockItems) -> Listener {
             Listener::polling()

@@ -28,7 +28,7 @@ use tokio::task::JoinHandle;
 
 use super::feed::Listener;
 use crate::error::Error;
-use crate::lock::{Attempt, Grant, HeldLock, LockItems, LockKind, LockRequest, Mode, Ttl};
+use crate::lock::{Attempt, Fairness, Grant, HeldLock, LockItems, LockKind, LockRequest, Mode, Owner, Ttl};
 use crate::path::LockPath;
 
 /// An expiring-lock store with owner ids, seen through one namespace.
@@ -66,8 +66,18 @@ pub trait LockBackend: Send + Sync + fmt::Debug {
     /// The tree operation: grants every item of `request` iff, at one
     /// instant, no live item of another grant conflicts with any of them
     /// (a comparable path, not both Shared; the same owner included: see
-    /// [`Mode`]); otherwise grants nothing and reports, for each blocked
-    /// item, one live item in the way. All or nothing, one token.
+    /// [`Mode`]) and, unless the request barges, no live reservation that
+    /// comes before it in the queue conflicts with any of them (see
+    /// [`Fairness`] and [`Queue`](crate::backend::Queue)); otherwise grants
+    /// nothing and reports, for each blocked item, one live item in the
+    /// way (a grant's, or else a reservation's). All or nothing, one token.
+    ///
+    /// The queue's bookkeeping is part of the same atomic step: a refused
+    /// [`Queue::Join`](crate::backend::Queue::Join) request takes a ticket
+    /// (the next token) and writes its reservation, a refused
+    /// [`Queue::Waiting`](crate::backend::Queue::Waiting) one renews it, a
+    /// granted `Waiting` one removes it; both refusals answer
+    /// [`Attempt::Queued`].
     ///
     /// Every shipped store does it in one atomic operation and one round
     /// trip. A store with only the primitives can answer with the seed's
@@ -93,6 +103,22 @@ pub trait LockBackend: Send + Sync + fmt::Debug {
     /// [`stepwise::change_mode`](super::stepwise::change_mode):
     /// [`Error::Unsupported`].
     async fn change_mode(&self, grant: &Grant, mode: Mode) -> Result<Attempt, Error>;
+
+    /// Removes the reservation with `ticket` of `owner`, if it is there: a
+    /// waiter that stops waiting (timed out, cancelled) no longer delays
+    /// anyone. Succeeds whether or not it was there (it may have lapsed).
+    async fn withdraw(&self, owner: &Owner, ticket: u64) -> Result<(), Error>;
+
+    /// The live reservations on `under` and below it, or in the whole
+    /// namespace for `None`, in key order: one [`HeldLock`] per item, with
+    /// [`waiting`](HeldLock::waiting) set and the ticket as its token.
+    async fn waiters(&self, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error>;
+
+    /// How this namespace's requests wait unless a handle says otherwise
+    /// (a store's configuration may choose [`Fairness::Barging`]).
+    fn fairness(&self) -> Fairness {
+        Fairness::Fair
+    }
 
     /// A listener for changes that may unblock a waiter for `items` (a
     /// release, a purged expired lock), taken *before* an attempt so that a

@@ -29,7 +29,7 @@ pub use feed::{ChangeFeed, Listener};
 pub use stepwise::{Stepwise, TRANSIENT_PATIENCE, TRANSIENT_TTL};
 pub use url::{parse_duration, StoreUrl};
 
-pub use crate::lock::{Attempt, LockKind, LockRequest};
+pub use crate::lock::{Attempt, LockKind, LockRequest, Queue, RESERVATION_TTL};
 pub use crate::text::{human, quote};
 pub use crate::wait::{acquire, Acquisition, Background, OnWait};
 

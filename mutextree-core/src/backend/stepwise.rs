@@ -56,7 +56,7 @@ use super::contract::LockBackend;
 use super::feed::Listener;
 use crate::error::Error;
 use crate::lock::HeldLock;
-use crate::lock::{Attempt, Grant, LockItems, LockKind, LockRequest, Mode, Ttl};
+use crate::lock::{Attempt, Fairness, Grant, LockItems, LockKind, LockRequest, Mode, Owner, Queue, Ttl};
 use crate::path::LockPath;
 
 /// The life of a transient parent lock: how long a client that dies midway
@@ -83,8 +83,19 @@ const SLOW_ROUNDS: usize = 3;
 /// single Exclusive item only. Shared and multi-path requests are refused
 /// with [`Error::Unsupported`] before anything is sent: a sequence of
 /// single-key locks cannot grant them all-or-nothing, nor let Shared
-/// holders coexist on one key.
+/// holders coexist on one key. It cannot queue a waiter either: a request
+/// that would join the queue is refused the same way, and one that does
+/// not is served as barging (it does not see other clients'
+/// reservations).
 pub async fn try_grant<B: LockBackend + ?Sized>(backend: &B, request: &LockRequest) -> Result<Attempt, Error> {
+    if matches!(request.queue, Queue::Join | Queue::Waiting(_)) {
+        return Err(Error::Unsupported {
+            store: "stepwise",
+            reason: "the stepwise algorithm cannot queue a waiter (fair waiting needs a store's atomic grant); \
+                     wait with Fairness::Barging"
+                .into(),
+        });
+    }
     if !request.items.is_single_exclusive() {
         return Err(Error::Unsupported {
             store: "stepwise",
@@ -224,6 +235,19 @@ impl<B: LockBackend + ?Sized> LockBackend for Stepwise<B> {
 
     async fn change_mode(&self, grant: &Grant, mode: Mode) -> Result<Attempt, Error> {
         change_mode(&*self.inner, grant, mode).await
+    }
+
+    async fn withdraw(&self, owner: &Owner, ticket: u64) -> Result<(), Error> {
+        self.inner.withdraw(owner, ticket).await
+    }
+
+    async fn waiters(&self, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
+        self.inner.waiters(under).await
+    }
+
+    /// Barging: the stepwise algorithm cannot queue a waiter.
+    fn fairness(&self) -> Fairness {
+        Fairness::Barging
     }
 
     fn listen(&self, items: &LockItems) -> Listener {
