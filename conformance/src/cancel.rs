@@ -18,7 +18,9 @@ use async_trait::async_trait;
 use futures::future::join_all;
 use mutextree_core::backend::stepwise::TRANSIENT_TTL;
 use mutextree_core::backend::{Attempt, Listener, LockKind, LockRequest};
-use mutextree_core::{Error, Grant, HeldLock, LockBackend, LockItems, LockPath, Mode as LockMode, TreeLock, Ttl};
+use mutextree_core::{
+    Error, Fairness, Grant, HeldLock, LockBackend, LockItems, LockPath, Mode as LockMode, Owner, TreeLock, Ttl,
+};
 use tokio::sync::Notify;
 use tokio::time::{sleep, timeout};
 
@@ -154,7 +156,7 @@ impl LockBackend for Gated {
 
     async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error> {
         let attempt = self.around(self.inner.try_grant(request)).await;
-        if let Ok(Attempt::Blocked(_)) = attempt {
+        if let Ok(Attempt::Blocked(_) | Attempt::Queued { .. }) = attempt {
             self.blocked.notify_waiters();
         }
         attempt
@@ -162,6 +164,18 @@ impl LockBackend for Gated {
 
     async fn change_mode(&self, grant: &Grant, mode: LockMode) -> Result<Attempt, Error> {
         self.around(self.inner.change_mode(grant, mode)).await
+    }
+
+    async fn withdraw(&self, owner: &Owner, ticket: u64) -> Result<(), Error> {
+        self.around(self.inner.withdraw(owner, ticket)).await
+    }
+
+    async fn waiters(&self, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
+        self.around(self.inner.waiters(under)).await
+    }
+
+    fn fairness(&self) -> Fairness {
+        self.inner.fairness()
     }
 
     fn listen(&self, items: &LockItems) -> Listener {

@@ -733,6 +733,15 @@ mod tests {
         async fn change_mode(&self, grant: &Grant, mode: Mode) -> Result<Attempt, Error> {
             mutextree_core::backend::stepwise::change_mode(self, grant, mode).await
         }
+        async fn withdraw(&self, _owner: &mutextree_core::Owner, _ticket: u64) -> Result<(), Error> {
+            Ok(())
+        }
+        async fn waiters(&self, _under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
+            Ok(Vec::new())
+        }
+        fn fairness(&self) -> mutextree_core::Fairness {
+            mutextree_core::Fairness::Barging
+        }
         fn listen(&self, _items: &LockItems) -> Listener {
             Listener::polling()
         }

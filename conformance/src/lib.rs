@@ -106,7 +106,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use cancel::Gated;
 use mutextree_core::backend::{Attempt, Listener, LockKind, LockRequest, Stepwise};
-use mutextree_core::{Error, Grant, HeldLock, LockBackend, LockItems, LockPath, Mode, Ttl};
+use mutextree_core::{Error, Fairness, Grant, HeldLock, LockBackend, LockItems, LockPath, Mode, Owner, Ttl};
 
 pub mod cancel;
 pub mod cases;
@@ -301,6 +301,19 @@ impl LockBackend for Mixed {
 
     async fn change_mode(&self, grant: &Grant, mode: Mode) -> Result<Attempt, Error> {
         self.native.change_mode(grant, mode).await
+    }
+
+    async fn withdraw(&self, owner: &Owner, ticket: u64) -> Result<(), Error> {
+        self.native.withdraw(owner, ticket).await
+    }
+
+    async fn waiters(&self, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
+        self.native.waiters(under).await
+    }
+
+    /// Barging: the stepwise half cannot queue.
+    fn fairness(&self) -> Fairness {
+        Fairness::Barging
     }
 
     fn listen(&self, items: &LockItems) -> Listener {

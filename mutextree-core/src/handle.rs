@@ -568,11 +568,8 @@ impl TreeLock {
         if let Some(fairness) = self.shared.fairness {
             acquisition = acquisition.fairness(fairness);
         }
-        let grant = acquisition
-            .in_background(&self.shared.background)
-            .on_wait(self.shared.on_wait.clone())
-            .run()
-            .await?;
+        let grant =
+            acquisition.in_background(&self.shared.background).on_wait(self.shared.on_wait.clone()).run().await?;
         if !self.shared.install(&grant) {
             // Another acquisition through a clone of this handle won the race.
             self.shared.background.release(&self.shared.backend, grant);

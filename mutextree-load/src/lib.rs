@@ -297,7 +297,7 @@ async fn client_loop(
                 backend.release(&grant).await?;
                 true
             }
-            Attempt::Blocked(_) => false,
+            Attempt::Blocked(_) | Attempt::Queued { .. } => false,
         };
         let now = Instant::now();
         if granted {
@@ -372,7 +372,9 @@ async fn hold_background(clients: &[Arc<dyn LockBackend>], spec: &LoadSpec) -> R
                 let request = LockRequest::new(path, owner, ttl);
                 match backend.try_grant(&request).await? {
                     Attempt::Granted(grant) => Ok(grant),
-                    Attempt::Blocked(blockers) => Err(Error::Refused { items: request.items, blockers }),
+                    Attempt::Blocked(blockers) | Attempt::Queued { blockers, .. } => {
+                        Err(Error::Refused { items: request.items, blockers })
+                    }
                 }
             }
         })

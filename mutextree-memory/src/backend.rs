@@ -7,7 +7,9 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use dashmap::DashMap;
-use mutextree_core::backend::{async_trait, Attempt, ChangeFeed, Check, Listener, LockKind, LockRequest};
+use mutextree_core::backend::{
+    async_trait, Attempt, ChangeFeed, Check, Listener, LockKind, LockRequest, Queue, RESERVATION_TTL,
+};
 use mutextree_core::{
     Blockers, Error, Grant, HeldLock, LockBackend, LockItem, LockItems, LockPath, Mode, Namespace, Owner, Ttl,
     MAX_DEPTH,
@@ -71,7 +73,8 @@ impl MemoryBackend {
     /// [`sweep`](Self::sweep). Zero after a sweep once every lock is
     /// released or expired.
     pub fn entries(&self) -> usize {
-        self.space.tree().nodes.len()
+        let tree = self.space.tree();
+        tree.grants.nodes.len() + tree.queue.nodes.len()
     }
 }
 
@@ -101,12 +104,12 @@ impl LockBackend for MemoryBackend {
 
     async fn refresh(&self, grant: &Grant, ttl: Ttl) -> Result<Grant, Error> {
         consume_budget().await;
-        self.space.tree().refresh(grant, ttl, Instant::now())
+        self.space.tree().grants.refresh(grant, ttl, Instant::now())
     }
 
     async fn list(&self, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
         consume_budget().await;
-        Ok(self.space.tree().list(under, Instant::now()))
+        Ok(self.space.tree().grants.list(under, Instant::now()))
     }
 
     async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error> {
@@ -117,6 +120,22 @@ impl LockBackend for MemoryBackend {
     async fn change_mode(&self, grant: &Grant, mode: Mode) -> Result<Attempt, Error> {
         consume_budget().await;
         self.space.change_mode(grant, mode)
+    }
+
+    async fn withdraw(&self, owner: &Owner, ticket: u64) -> Result<(), Error> {
+        consume_budget().await;
+        if self.space.tree().withdraw(owner, ticket) {
+            self.space.feed.notify();
+        }
+        Ok(())
+    }
+
+    async fn waiters(&self, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
+        consume_budget().await;
+        let mut tree = self.space.tree();
+        let now = Instant::now();
+        let waiters = tree.queue.list(under, now);
+        Ok(waiters.into_iter().map(|held| HeldLock { waiting: true, ..held }).collect())
     }
 
     /// Every release or purge in the namespace wakes every waiter (an
@@ -154,7 +173,7 @@ impl Space {
     }
 
     fn release(&self, grant: &Grant) -> Result<(), Error> {
-        let outcome = self.tree().release(grant, Instant::now());
+        let outcome = self.tree().grants.release(grant, Instant::now());
         if outcome.is_some() {
             self.feed.notify();
         }
@@ -182,22 +201,30 @@ fn slot(mode: Mode) -> usize {
     }
 }
 
-/// The locks of one namespace.
+/// The locks of one namespace, and its waiters' reservations.
 #[derive(Default)]
 struct Tree {
-    /// One entry per node with items on it or counted below it (and the
-    /// empty ones left for the next sweep, so that the next grant on the
-    /// same nodes allocates nothing).
-    nodes: HashMap<Box<str>, Node, Hasher>,
-    /// Every grant not yet removed (live, or expired and not yet purged),
-    /// by token.
-    grants: HashMap<u64, Record, Hasher>,
+    grants: Layer,
+    /// The reservations of fair waiters, by ticket.
+    queue: Layer,
     last_token: u64,
     /// The token counter's value at the last sweep.
     last_sweep_token: u64,
 }
 
-/// A grant as the store keeps it.
+/// Items on the tree, by the token of the grant (or the ticket of the
+/// reservation) they belong to.
+#[derive(Default)]
+struct Layer {
+    /// One entry per node with items on it or counted below it (and the
+    /// empty ones left for the next sweep, so that the next grant on the
+    /// same nodes allocates nothing).
+    nodes: HashMap<Box<str>, Node, Hasher>,
+    /// Every record not yet removed (live, or expired and not yet purged).
+    records: HashMap<u64, Record, Hasher>,
+}
+
+/// A grant or a reservation as the store keeps it.
 struct Record {
     items: LockItems,
     owner: Owner,
@@ -222,13 +249,14 @@ impl Record {
             token,
             remaining: self.expires_at.saturating_duration_since(now),
             transient: self.transient,
+            waiting: false,
         }
     }
 }
 
 #[derive(Default)]
 struct Node {
-    /// The items on this node: their grant's token and their mode.
+    /// The items on this node: their record's token and their mode.
     items: Vec<(u64, Mode)>,
     /// Items below this node, per mode, by the key of the child they lie
     /// under.
@@ -277,54 +305,150 @@ impl<'k> std::ops::Deref for Levels<'k> {
     }
 }
 
+/// Which records of a layer count in a check.
+#[derive(Clone, Copy)]
+struct Among {
+    /// A record left out (a grant changing its mode).
+    skip: Option<u64>,
+    /// Only records with a smaller token (a waiter's earlier tickets).
+    before: Option<u64>,
+}
+
+impl Among {
+    const ALL: Among = Among { skip: None, before: None };
+
+    fn counts(self, token: u64) -> bool {
+        Some(token) != self.skip && self.before.is_none_or(|limit| token < limit)
+    }
+}
+
 impl Tree {
-    /// Grants every item of `request` or none. Returns whether expired
-    /// grants were purged on the way (waiters may want to hear it).
+    /// Grants every item of `request` or none, and keeps the request's
+    /// reservation as its queue says. Returns whether expired records were
+    /// purged on the way (waiters may want to hear it).
     fn grant(&mut self, request: &LockRequest, kind: LockKind, check: Check, now: Instant) -> (Attempt, bool) {
         let mut expired = Vec::new();
+        let mut expired_reservations = Vec::new();
+        let queue_from = match request.queue {
+            Queue::Barge => None,
+            Queue::Try | Queue::Join => Some(Among::ALL),
+            Queue::Waiting(ticket) => Some(Among { skip: None, before: Some(ticket) }),
+        };
         let mut blockers = Vec::new();
         for item in &request.items {
             let blocker = match check {
-                Check::Tree => self.blocker(item, None, now, &mut expired),
-                Check::KeyOnly => self.holder_of_key(item.path.key(), now, &mut expired),
+                Check::Tree => self.grants.blocker(item, Among::ALL, now, &mut expired).or_else(|| {
+                    let among = queue_from?;
+                    let waiter = self.queue.blocker(item, among, now, &mut expired_reservations)?;
+                    Some(HeldLock { waiting: true, ..waiter })
+                }),
+                Check::KeyOnly => self.grants.holder_of_key(item.path.key(), now, &mut expired),
             };
             blockers.extend(blocker);
         }
-        let purged = !expired.is_empty();
-        for token in expired {
-            self.purge(token, now);
-        }
+        let purged = !expired.is_empty() || !expired_reservations.is_empty();
+        expired.into_iter().for_each(|token| self.grants.purge(token, now));
+        expired_reservations.into_iter().for_each(|ticket| self.queue.purge(ticket, now));
         let mut blockers = blockers.into_iter();
         if let Some(first) = blockers.next() {
-            return (Attempt::Blocked(Blockers::new(first, blockers)), purged);
+            let blockers = Blockers::new(first, blockers);
+            let ticket = match request.queue {
+                Queue::Join => self.next_token(),
+                Queue::Waiting(ticket) => ticket,
+                Queue::Barge | Queue::Try => return (Attempt::Blocked(blockers), purged),
+            };
+            self.queue.keep(ticket, request, now + RESERVATION_TTL);
+            return (Attempt::Queued { ticket, blockers }, purged);
         }
-        self.last_token += 1;
-        let token = self.last_token;
-        for item in &request.items {
-            self.place(item, token);
+        if let Queue::Waiting(ticket) = request.queue {
+            self.queue.remove_of(&request.owner, ticket);
         }
+        let token = self.next_token();
         let ttl = request.ttl.get();
-        self.grants.insert(
-            token,
-            Record {
-                items: request.items.clone(),
-                owner: request.owner.clone(),
-                expires_at: now + ttl,
-                transient: kind == LockKind::Transient,
-            },
-        );
+        let record = Record {
+            items: request.items.clone(),
+            owner: request.owner.clone(),
+            expires_at: now + ttl,
+            transient: kind == LockKind::Transient,
+        };
+        self.grants.insert(token, record);
         self.maybe_sweep(now);
         (Attempt::Granted(Grant::new(request, kind, token, ttl, now)), purged)
     }
 
-    /// A live item of another grant (not `skip`) in the way of `item`: on
-    /// an ancestor, on the node, or below it. Expired grants met on the
-    /// way are pushed to `expired` and not counted.
-    fn blocker(&self, item: &LockItem, skip: Option<u64>, now: Instant, expired: &mut Vec<u64>) -> Option<HeldLock> {
+    fn next_token(&mut self) -> u64 {
+        self.last_token += 1;
+        self.last_token
+    }
+
+    /// Removes the reservation `ticket` of `owner`; whether it was there.
+    fn withdraw(&mut self, owner: &Owner, ticket: u64) -> bool {
+        self.queue.remove_of(owner, ticket)
+    }
+
+    fn change_mode(&mut self, grant: &Grant, mode: Mode, now: Instant) -> Result<Attempt, Error> {
+        let grants = &mut self.grants;
+        let Some(record) = grants.records.get(&grant.token).filter(|record| record.is(grant)) else {
+            return Err(Error::not_held(grant));
+        };
+        if !record.is_live(now) {
+            grants.purge(grant.token, now);
+            return Err(Error::not_held(grant));
+        }
+        let changed = record.items.with_mode(mode);
+        if mode == Mode::Exclusive {
+            let mut expired = Vec::new();
+            let others = Among { skip: Some(grant.token), before: None };
+            let blockers: Vec<HeldLock> =
+                changed.iter().filter_map(|item| grants.blocker(item, others, now, &mut expired)).collect();
+            expired.into_iter().for_each(|token| grants.purge(token, now));
+            let mut blockers = blockers.into_iter();
+            if let Some(first) = blockers.next() {
+                return Ok(Attempt::Blocked(Blockers::new(first, blockers)));
+            }
+        }
+        let mut record = self.grants.remove(grant.token).expect("checked above");
+        let token = self.next_token();
+        record.items = changed.clone();
+        let expires_at = record.expires_at;
+        self.grants.insert(token, record);
+        // The handle's expiry stays its own (never later than the store's).
+        let expires_at = grant.expires_at.min(expires_at);
+        Ok(Attempt::Granted(Grant { items: changed, token, expires_at, ..grant.clone() }))
+    }
+
+    /// Every time as many grants were made as there are entries, remove the
+    /// expired records and the empty entries of the whole map: amortised
+    /// O(1) per grant. Looks only every 1024th token, so the hot path pays
+    /// one comparison.
+    fn maybe_sweep(&mut self, now: Instant) {
+        const CHECK_EVERY: u64 = 1024;
+        const MIN_GRANTS: u64 = 4096;
+        if !self.last_token.is_multiple_of(CHECK_EVERY) {
+            return;
+        }
+        let grants = self.last_token - self.last_sweep_token;
+        if grants >= MIN_GRANTS && grants >= (self.grants.nodes.len() + self.queue.nodes.len()) as u64 {
+            self.sweep(now);
+        }
+    }
+
+    fn sweep(&mut self, now: Instant) {
+        self.last_sweep_token = self.last_token;
+        self.grants.sweep(now);
+        self.queue.sweep(now);
+    }
+}
+
+impl Layer {
+    /// A live item of a record `among` counts that is in the way of `item`:
+    /// on an ancestor, on the node, or below it. Expired records met on
+    /// the way are pushed to `expired` and not counted.
+    fn blocker(&self, item: &LockItem, among: Among, now: Instant, expired: &mut Vec<u64>) -> Option<HeldLock> {
         let key = item.path.key();
         for level in Levels::of(key).iter() {
             let Some(node) = self.nodes.get(*level) else { continue };
-            if let Some(held) = self.conflicting_on(level, node, item.mode, skip, now, expired) {
+            if let Some(held) = self.conflicting_on(level, node, item.mode, among, now, expired) {
                 return Some(held);
             }
         }
@@ -337,25 +461,26 @@ impl Tree {
             now,
             expired,
             |counts| Node::conflicting_below(counts, item.mode) > 0,
-            |mode| mode.conflicts_with(item.mode),
+            |token, mode| among.counts(token) && mode.conflicts_with(item.mode),
         )
     }
 
-    /// The first live item on `node` (at `key`) that conflicts with `mode`.
+    /// The first live item on `node` (at `key`) of a record `among` counts
+    /// that conflicts with `mode`.
     fn conflicting_on(
         &self,
         key: &str,
         node: &Node,
         mode: Mode,
-        skip: Option<u64>,
+        among: Among,
         now: Instant,
         expired: &mut Vec<u64>,
     ) -> Option<HeldLock> {
         for &(token, held_mode) in &node.items {
-            if Some(token) == skip || !held_mode.conflicts_with(mode) {
+            if !among.counts(token) || !held_mode.conflicts_with(mode) {
                 continue;
             }
-            let record = &self.grants[&token];
+            let record = &self.records[&token];
             if !record.is_live(now) {
                 expired.push(token);
                 continue;
@@ -368,28 +493,28 @@ impl Tree {
     /// The stepwise primitive's check: any live item on exactly `key`.
     fn holder_of_key(&self, key: &str, now: Instant, expired: &mut Vec<u64>) -> Option<HeldLock> {
         let node = self.nodes.get(key)?;
-        self.conflicting_on(key, node, Mode::Exclusive, None, now, expired)
+        self.conflicting_on(key, node, Mode::Exclusive, Among::ALL, now, expired)
     }
 
-    /// The first live item strictly below `key` in key order whose mode
-    /// `wanted` accepts, descending only into children whose counts
-    /// `worth` accepts. Expired grants met are pushed to `expired`.
+    /// The first live item strictly below `key` in key order that `wanted`
+    /// accepts, descending only into children whose counts `worth`
+    /// accepts. Expired records met are pushed to `expired`.
     fn find_below(
         &self,
         key: &str,
         now: Instant,
         expired: &mut Vec<u64>,
         worth: impl Fn(&[u32; 2]) -> bool,
-        wanted: impl Fn(Mode) -> bool,
+        wanted: impl Fn(u64, Mode) -> bool,
     ) -> Option<HeldLock> {
         let mut stack: Vec<&str> = self.children(key, &worth);
         while let Some(next) = stack.pop() {
             let Some(node) = self.nodes.get(next) else { continue };
             for &(token, mode) in &node.items {
-                if !wanted(mode) {
+                if !wanted(token, mode) {
                     continue;
                 }
-                let record = &self.grants[&token];
+                let record = &self.records[&token];
                 if record.is_live(now) {
                     return Some(record.held(&path_of(record, next), mode, token, now));
                 }
@@ -412,20 +537,27 @@ impl Tree {
         children
     }
 
-    /// Puts `item` of grant `token` on its node and counts it above.
-    fn place(&mut self, item: &LockItem, token: u64) {
-        let key = item.path.key();
-        self.count(key, item.mode, 1);
-        self.node_mut(key).items.push((token, item.mode));
+    /// Adds `record` under `token`, its items on their nodes.
+    fn insert(&mut self, token: u64, record: Record) {
+        for item in &record.items {
+            let key = item.path.key();
+            self.count(key, item.mode, 1);
+            self.node_mut(key).items.push((token, item.mode));
+        }
+        self.records.insert(token, record);
     }
 
-    /// Takes `item` of grant `token` off its node and uncounts it above.
-    fn unplace(&mut self, item: &LockItem, token: u64) {
-        let key = item.path.key();
-        if let Some(node) = self.nodes.get_mut(key) {
-            node.items.retain(|&(held, _)| held != token);
+    /// Keeps the reservation `ticket` of `request` until `expires_at`:
+    /// renews it, or writes it (again, if it lapsed).
+    fn keep(&mut self, ticket: u64, request: &LockRequest, expires_at: Instant) {
+        match self.records.get_mut(&ticket) {
+            Some(record) => record.expires_at = expires_at,
+            None => {
+                let record =
+                    Record { items: request.items.clone(), owner: request.owner.clone(), expires_at, transient: false };
+                self.insert(ticket, record);
+            }
         }
-        self.count(key, item.mode, -1);
     }
 
     /// Adds `delta` to the count of `mode` below each ancestor of `key`.
@@ -449,32 +581,45 @@ impl Tree {
         self.nodes.get_mut(key).expect("just inserted")
     }
 
-    /// Removes grant `token` and its items, if it is still there.
+    /// Removes record `token` if it is still there and expired.
     fn purge(&mut self, token: u64, now: Instant) {
-        if self.grants.get(&token).is_some_and(|record| !record.is_live(now)) {
+        if self.records.get(&token).is_some_and(|record| !record.is_live(now)) {
             self.remove(token);
         }
     }
 
+    /// Removes record `token` and its items.
     fn remove(&mut self, token: u64) -> Option<Record> {
-        let record = self.grants.remove(&token)?;
+        let record = self.records.remove(&token)?;
         for item in &record.items {
-            self.unplace(item, token);
+            let key = item.path.key();
+            if let Some(node) = self.nodes.get_mut(key) {
+                node.items.retain(|&(held, _)| held != token);
+            }
+            self.count(key, item.mode, -1);
         }
         Some(record)
+    }
+
+    /// Removes record `token` if `owner` has it; whether it was there.
+    fn remove_of(&mut self, owner: &Owner, token: u64) -> bool {
+        if !self.records.get(&token).is_some_and(|record| record.owner == *owner) {
+            return false;
+        }
+        self.remove(token).is_some()
     }
 
     /// Releases `grant`: `Some(true)` if it was live, `Some(false)` if it
     /// had expired (and is purged now), `None` if it is not here.
     fn release(&mut self, grant: &Grant, now: Instant) -> Option<bool> {
-        if !self.grants.get(&grant.token).is_some_and(|record| record.is(grant)) {
+        if !self.records.get(&grant.token).is_some_and(|record| record.is(grant)) {
             return None;
         }
         self.remove(grant.token).map(|record| record.is_live(now))
     }
 
     fn refresh(&mut self, grant: &Grant, ttl: Ttl, now: Instant) -> Result<Grant, Error> {
-        match self.grants.get_mut(&grant.token) {
+        match self.records.get_mut(&grant.token) {
             Some(record) if record.is(grant) && record.is_live(now) => {
                 record.expires_at = now + ttl.get();
                 Ok(Grant { ttl: ttl.get(), expires_at: now + ttl.get(), ..grant.clone() })
@@ -487,41 +632,6 @@ impl Tree {
         }
     }
 
-    fn change_mode(&mut self, grant: &Grant, mode: Mode, now: Instant) -> Result<Attempt, Error> {
-        let Some(record) = self.grants.get(&grant.token).filter(|record| record.is(grant)) else {
-            return Err(Error::not_held(grant));
-        };
-        if !record.is_live(now) {
-            self.purge(grant.token, now);
-            return Err(Error::not_held(grant));
-        }
-        let changed = record.items.with_mode(mode);
-        if mode == Mode::Exclusive {
-            let mut expired = Vec::new();
-            let blockers: Vec<HeldLock> =
-                changed.iter().filter_map(|item| self.blocker(item, Some(grant.token), now, &mut expired)).collect();
-            for token in expired {
-                self.purge(token, now);
-            }
-            let mut blockers = blockers.into_iter();
-            if let Some(first) = blockers.next() {
-                return Ok(Attempt::Blocked(Blockers::new(first, blockers)));
-            }
-        }
-        let mut record = self.remove(grant.token).expect("checked above");
-        self.last_token += 1;
-        let token = self.last_token;
-        for item in &changed {
-            self.place(item, token);
-        }
-        record.items = changed.clone();
-        let expires_at = record.expires_at;
-        self.grants.insert(token, record);
-        // The handle's expiry stays its own (never later than the store's).
-        let expires_at = grant.expires_at.min(expires_at);
-        Ok(Attempt::Granted(Grant { items: changed, token, expires_at, ..grant.clone() }))
-    }
-
     /// The live items on `under` and below (everywhere for `None`), in
     /// key order, then token order.
     fn list(&mut self, under: Option<&LockPath>, now: Instant) -> Vec<HeldLock> {
@@ -529,7 +639,7 @@ impl Tree {
         let mut expired = Vec::new();
         let mut visit = |key: &str, node: &Node| {
             for &(token, mode) in &node.items {
-                let record = &self.grants[&token];
+                let record = &self.records[&token];
                 if record.is_live(now) {
                     held.push(record.held(&path_of(record, key), mode, token, now));
                 } else {
@@ -557,26 +667,9 @@ impl Tree {
         held
     }
 
-    /// Every time as many grants were made as there are entries, remove the
-    /// expired locks and the empty entries of the whole map: amortised O(1)
-    /// per grant. Looks only every 1024th token, so the hot path pays one
-    /// comparison.
-    fn maybe_sweep(&mut self, now: Instant) {
-        const CHECK_EVERY: u64 = 1024;
-        const MIN_GRANTS: u64 = 4096;
-        if !self.last_token.is_multiple_of(CHECK_EVERY) {
-            return;
-        }
-        let grants = self.last_token - self.last_sweep_token;
-        if grants >= MIN_GRANTS && grants >= self.nodes.len() as u64 {
-            self.sweep(now);
-        }
-    }
-
     fn sweep(&mut self, now: Instant) {
-        self.last_sweep_token = self.last_token;
         let expired: Vec<u64> =
-            self.grants.iter().filter(|(_, record)| !record.is_live(now)).map(|(&token, _)| token).collect();
+            self.records.iter().filter(|(_, record)| !record.is_live(now)).map(|(&token, _)| token).collect();
         for token in expired {
             self.remove(token);
         }
@@ -614,12 +707,12 @@ mod tests {
             now,
         );
         let grant = attempt.granted().expect("free");
-        assert_eq!(tree.nodes[LockPath::parse("a").expect("a").key()].below_total, [1, 0]);
+        assert_eq!(tree.grants.nodes[LockPath::parse("a").expect("a").key()].below_total, [1, 0]);
         let Ok(Attempt::Granted(upgraded)) = tree.change_mode(&grant, Mode::Exclusive, now) else { panic!("upgrade") };
         assert!(upgraded.token > grant.token);
-        assert_eq!(tree.nodes[LockPath::parse("a").expect("a").key()].below_total, [0, 1]);
-        assert_eq!(tree.release(&upgraded, now), Some(true));
+        assert_eq!(tree.grants.nodes[LockPath::parse("a").expect("a").key()].below_total, [0, 1]);
+        assert_eq!(tree.grants.release(&upgraded, now), Some(true));
         tree.sweep(now);
-        assert!(tree.nodes.is_empty() && tree.grants.is_empty());
+        assert!(tree.grants.nodes.is_empty() && tree.grants.records.is_empty());
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mutextree_core::backend::{async_trait, Attempt, LockKind, LockRequest};
-use mutextree_core::{Error, Grant, HeldLock, LockBackend, LockPath, Mode, TreeLock, Ttl};
+use mutextree_core::{Error, Grant, HeldLock, LockBackend, LockPath, Mode, Owner, TreeLock, Ttl};
 use mutextree_memory::MemoryBackend;
 use tokio::time::sleep;
 
@@ -68,6 +68,14 @@ impl LockBackend for Faulty {
 
     async fn change_mode(&self, grant: &Grant, mode: Mode) -> Result<Attempt, Error> {
         self.inner.change_mode(grant, mode).await
+    }
+
+    async fn withdraw(&self, owner: &Owner, ticket: u64) -> Result<(), Error> {
+        self.inner.withdraw(owner, ticket).await
+    }
+
+    async fn waiters(&self, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
+        self.inner.waiters(under).await
     }
 }
 

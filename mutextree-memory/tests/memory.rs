@@ -123,6 +123,12 @@ impl LockBackend for Polling {
     ) -> Result<Attempt, mutextree_core::Error> {
         self.inner.change_mode(grant, mode).await
     }
+    async fn withdraw(&self, owner: &Owner, ticket: u64) -> Result<(), mutextree_core::Error> {
+        self.inner.withdraw(owner, ticket).await
+    }
+    async fn waiters(&self, under: Option<&LockPath>) -> Result<Vec<mutextree_core::HeldLock>, mutextree_core::Error> {
+        self.inner.waiters(under).await
+    }
 }
 
 #[tokio::test(start_paused = true)]
