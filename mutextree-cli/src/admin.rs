@@ -127,23 +127,11 @@ fn confirm(grants: &[Vec<&HeldLock>]) -> Result<bool, Error> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use clap::Parser;
-    use mutextree::{Mode, Owner};
+    use mutextree::Mode;
 
     use super::*;
-
-    fn held(path: &str, mode: Mode, owner: &str, token: u64) -> HeldLock {
-        HeldLock {
-            path: LockPath::parse(path).expect("path"),
-            mode,
-            owner: Owner::new(owner).expect("owner"),
-            token,
-            remaining: Duration::from_secs(20),
-            transient: false,
-        }
-    }
+    use crate::show::tests::held_by as held;
 
     #[derive(Debug, Parser)]
     struct Command {

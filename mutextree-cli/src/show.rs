@@ -331,7 +331,7 @@ fn lock_json(lock: &HeldLock) -> serde_json::Value {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::time::Duration;
 
     use mutextree::Owner;
@@ -342,7 +342,8 @@ mod tests {
         held_by(path, Mode::Exclusive, "web-1", token)
     }
 
-    fn held_by(path: &str, mode: Mode, owner: &str, token: u64) -> HeldLock {
+    /// A listed lock, 12.3 s from its expiry.
+    pub(crate) fn held_by(path: &str, mode: Mode, owner: &str, token: u64) -> HeldLock {
         HeldLock {
             path: LockPath::parse(path).expect("path"),
             mode,

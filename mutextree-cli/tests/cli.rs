@@ -198,36 +198,6 @@ fn status_draws_the_tree_and_why_names_the_blocker(store: &(String, String)) {
     assert!(text(&free.stdout).contains("is free"));
 }
 
-/// Starts `mutextree run ARGS -c 'echo holding; read line'` and returns
-/// once its command runs; [`finish`] lets the command end.
-fn start_holding(store: &(String, String), args: &[&str]) -> Child {
-    let mut holder = mutextree(store)
-        .arg("run")
-        .args(args)
-        .args(["-c", "echo holding; read line"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let mut line = String::new();
-    BufReader::new(holder.stdout.as_mut().expect("stdout")).read_line(&mut line).expect("the command's first line");
-    assert_eq!(
-        line,
-        "holding\n",
-        "the holder's command never started: {}",
-        text(&holder.wait_with_output().expect("wait").stderr)
-    );
-    holder
-}
-
-/// Lets a [`start_holding`] command end; the run's output.
-fn finish(mut holder: Child) -> Output {
-    use std::io::Write;
-    holder.stdin.take().expect("stdin").write_all(b"done\n").expect("write");
-    holder.wait_with_output().expect("wait")
-}
-
 #[test]
 fn a_run_of_several_paths_holds_them_all_as_one_grant_on_every_store() {
     for store in every_store() {
@@ -236,7 +206,8 @@ fn a_run_of_several_paths_holds_them_all_as_one_grant_on_every_store() {
 }
 
 fn a_run_of_several_paths_holds_them_all_as_one_grant(store: &(String, String)) {
-    let holder = start_holding(store, &["--owner", "mover", "A/B", "--shared", "C/D"]);
+    let (holder, command_pid) =
+        start_run(store, &["--owner", "mover", "--shared", "C/D"], "A/B", "echo $$; exec sleep 60");
 
     let json = output(mutextree(store).args(["status", "--json"]));
     let listed: serde_json::Value = serde_json::from_slice(&json.stdout).expect("JSON");
@@ -280,8 +251,9 @@ fn a_run_of_several_paths_holds_them_all_as_one_grant(store: &(String, String)) 
     assert!(message.contains("C/D: it is held shared by \"mover\""), "{message}");
     assert_eq!(output(mutextree(store).args(["why", "F"])).status.code(), Some(0), "nothing half-granted");
 
-    let finished = finish(holder);
-    assert!(finished.status.success(), "{}", text(&finished.stderr));
+    assert!(Command::new("kill").arg(&command_pid).status().expect("kill").success());
+    let finished = holder.wait_with_output().expect("wait");
+    assert_eq!(finished.status.code(), Some(128 + 15), "the command's end: {}", text(&finished.stderr));
     let status = output(mutextree(store).arg("status"));
     assert_eq!(
         text(&status.stdout),
