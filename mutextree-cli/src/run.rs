@@ -133,6 +133,12 @@ pub(crate) struct Run {
 }
 
 impl Run {
+    /// The paths with their modes, normalised and checked as one request.
+    fn items(&self) -> Result<LockItems, Error> {
+        let exclusive = self.paths.iter().chain(&self.exclusive).map(|path| (path.clone(), Mode::Exclusive));
+        LockItems::new(exclusive.chain(self.shared.iter().map(|path| (path.clone(), Mode::Shared))))
+    }
+
     pub(crate) async fn execute(self, place: &crate::Place) -> Result<ExitCode, Error> {
         // Listening before anything is held: a signal from now on ends the
         // run properly (nothing held, or the command stopped and the lock
@@ -263,14 +269,6 @@ impl Run {
                 ExitCode::from(exit::FAILED)
             }
         })
-    }
-}
-
-impl Run {
-    /// The paths with their modes, normalised and checked as one request.
-    fn items(&self) -> Result<LockItems, Error> {
-        let exclusive = self.paths.iter().chain(&self.exclusive).map(|path| (path.clone(), Mode::Exclusive));
-        LockItems::new(exclusive.chain(self.shared.iter().map(|path| (path.clone(), Mode::Shared))))
     }
 }
 
