@@ -262,6 +262,37 @@ fn bench_answers_in_json() {
 }
 
 #[test]
+fn bench_runs_readers_with_a_writer_and_grants_of_two_paths() {
+    for scenario in ["read-heavy", "two-paths"] {
+        let bench =
+            output(mutextree(&memory()).args(["bench", "--clients", "4", "--duration", "0.3", "--scenario", scenario]));
+        assert!(bench.status.success(), "{scenario}: {}", text(&bench.stderr));
+        let table = text(&bench.stdout);
+        assert!(table.contains(&format!("| 4 | 3 | {scenario} | 0 | ")), "{table}");
+    }
+    let json = output(mutextree(&memory()).args([
+        "bench",
+        "--clients",
+        "2",
+        "--duration",
+        "0.3",
+        "--scenario",
+        "two-paths",
+        "--json",
+    ]));
+    let figures: serde_json::Value = serde_json::from_slice(&json.stdout).expect("JSON");
+    assert_eq!(figures["scenario"], "two-paths");
+    assert!(figures["pairs"].as_u64().is_some_and(|pairs| pairs > 0), "{figures}");
+
+    let alone = output(mutextree(&memory()).args(["bench", "--scenario", "read-heavy", "--duration", "0.3"]));
+    assert_eq!(alone.status.code(), Some(2), "a writer needs readers: {}", text(&alone.stderr));
+    assert!(text(&alone.stderr).contains("--clients 2 or more"), "{}", text(&alone.stderr));
+    let unknown = output(mutextree(&memory()).args(["bench", "--scenario", "readers"]));
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(text(&unknown.stderr).contains("read-heavy, two-paths"), "{}", text(&unknown.stderr));
+}
+
+#[test]
 fn bench_says_what_it_is_doing() {
     let (mut bench, terminal) =
         under_terminal(&memory(), 200, &[BINARY, "bench", "--clients", "3", "--duration", "2", "--background", "10"]);
