@@ -115,6 +115,8 @@ pub mod cases;
 pub mod chaos;
 pub mod churn;
 pub mod concurrency;
+#[cfg(test)]
+mod flawed;
 pub mod harness;
 pub mod model;
 pub mod modes;
