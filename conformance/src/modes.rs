@@ -11,7 +11,7 @@
 //! The stepwise algorithm grants single Exclusive items only. Under it,
 //! each case checks instead that its first Shared or multi-path request is
 //! refused with [`Error::Unsupported`] and leaves nothing held
-//! ([`unsupported_here`]), and stops there; the parts of a case that need
+//! (`unsupported_here`), and stops there; the parts of a case that need
 //! no store (normalisation, limits) run under every algorithm.
 
 use std::sync::Arc;
@@ -490,7 +490,7 @@ pub async fn sixteen_deep_items_or_a_typed_refusal(ctx: Ctx) {
         segments.extend((1..mutextree_core::MAX_DEPTH).map(|level| format!("d{level}")));
         LockPath::new(segments).expect("path")
     };
-    let mode = |root: usize| if root % 2 == 0 { Exclusive } else { Shared };
+    let mode = |root: usize| if root.is_multiple_of(2) { Exclusive } else { Shared };
     let calls = gated.calls();
     match TreeLock::many(client.clone(), (0..=LockItems::MAX).map(|root| (deep(root), mode(root)))) {
         Err(Error::InvalidRequest { reason }) => assert!(reason.contains("16"), "{reason}"),
