@@ -25,6 +25,11 @@ enum Flaw {
     /// A request with a Shared item is granted whatever is held, as if a
     /// reader conflicted with nothing (the grant is not recorded).
     SharedIgnoresConflicts,
+    /// A Shared item keeps Exclusive items off its own path but not off
+    /// its subtree, as read/write tree locks that read-lock only the
+    /// ancestors do: an Exclusive request refused only by Shared items
+    /// above it is granted.
+    SharedCoversOnlyItsNode,
     /// An upgrade is granted whatever is held.
     UpgradeIgnoresConflicts,
     /// A listing leaves out the last item of every multi-path grant, as a
@@ -94,13 +99,21 @@ impl LockBackend for Flawed {
 
     async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error> {
         let attempt = self.inner.try_grant(request).await?;
-        match attempt {
-            Attempt::Blocked(_) if self.flaw == Flaw::SharedIgnoresConflicts && request.items.any(Mode::Shared) => {
-                let template = Grant::new(request, LockKind::Lock, 0, request.ttl.get(), Instant::now());
-                Ok(self.make_up(&template, request.items.clone()))
+        let made_up = match &attempt {
+            Attempt::Blocked(_) if self.flaw == Flaw::SharedIgnoresConflicts => request.items.any(Mode::Shared),
+            Attempt::Blocked(blockers) if self.flaw == Flaw::SharedCoversOnlyItsNode => {
+                blockers.iter().all(|blocker| {
+                    blocker.mode == Mode::Shared
+                        && request.items.iter().all(|item| blocker.path.is_ancestor_of(&item.path))
+                })
             }
-            attempt => Ok(attempt),
+            _ => false,
+        };
+        if made_up {
+            let template = Grant::new(request, LockKind::Lock, 0, request.ttl.get(), Instant::now());
+            return Ok(self.make_up(&template, request.items.clone()));
         }
+        Ok(attempt)
     }
 
     async fn change_mode(&self, grant: &Grant, mode: Mode) -> Result<Attempt, Error> {
@@ -181,9 +194,15 @@ async fn the_oracle_catches_readers_that_ignore_writers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_shared_ancestor_keeps_exclusive_descendants_out_or_the_case_fails() {
+async fn readers_past_a_writer_fail_the_branch_case() {
     let text = failure(Flaw::SharedIgnoresConflicts, modes::exclusive_ancestor_refuses_shared_descendant).await;
     assert!(text.contains("should be refused"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_ancestor_that_covers_only_its_node_fails_the_branch_case() {
+    let text = failure(Flaw::SharedCoversOnlyItsNode, modes::shared_ancestor_refuses_exclusive_descendant).await;
+    assert!(text.contains("A/B/C") && text.contains("should be refused"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -147,26 +147,37 @@ pub async fn shared_holders_coexist_on_one_path(ctx: Ctx) {
     hold_items(&ctx, &one, &[("A/B", Exclusive)]).await;
 }
 
+/// `holding` on `[A]` refuses `asked` (a conflicting mode) on `[A]` and
+/// below; `holding` on `[A, B, C]` refuses it on `[A, B, C]`, below and on
+/// every ancestor; a cousin in `asked` is granted beside it.
+async fn refused_along_the_branch(ctx: &Ctx, holding: Mode, asked: Mode) {
+    let (one, two) = (ctx.client().await, ctx.client().await);
+    let above = hold_items(ctx, &one, &[("A", holding)]).await;
+    for at in ["A/B/C", "A/B", "A"] {
+        assert_blocked(ctx, &two, &[(at, asked)], &[&[&held(&above)]]).await;
+    }
+    above.release().await.expect("release");
+    let below = hold_items(ctx, &one, &[("A/B/C", holding)]).await;
+    for at in ["A", "A/B", "A/B/C", "A/B/C/D"] {
+        assert_blocked(ctx, &two, &[(at, asked)], &[&[&held(&below)]]).await;
+    }
+    hold_items(ctx, &two, &[("A/B/D", asked)]).await;
+}
+
 /// Shared on `[A]` covers its subtree: it refuses Exclusive on `[A]`,
-/// `[A, B]` and `[A, B, C]` but lets Shared in there; and Shared on
+/// `[A, B]` and `[A, B, C]` (where read/write tree locks that read-lock
+/// only the ancestors let it in), yet lets Shared in there; Shared on
 /// `[A, B, C]` refuses Exclusive on its ancestors.
 pub async fn shared_ancestor_refuses_exclusive_descendant(ctx: Ctx) {
     if unsupported_here(&ctx, &[("A", Shared)]).await {
         return;
     }
-    let (one, two) = (ctx.client().await, ctx.client().await);
-    let reader = hold_items(&ctx, &one, &[("A", Shared)]).await;
-    let grant = held(&reader);
-    for at in ["A/B/C", "A/B", "A"] {
-        assert_blocked(&ctx, &two, &[(at, Exclusive)], &[&[&grant]]).await;
-    }
-    let below = hold_items(&ctx, &two, &[("A/B/C", Shared)]).await;
-    reader.release().await.expect("release");
-    let below_grant = held(&below);
-    for at in ["A", "A/B", "A/B/C", "A/B/C/D"] {
-        assert_blocked(&ctx, &one, &[(at, Exclusive)], &[&[&below_grant]]).await;
-    }
-    hold_items(&ctx, &one, &[("A/B/D", Exclusive)]).await;
+    refused_along_the_branch(&ctx, Shared, Exclusive).await;
+    let client = ctx.client().await;
+    let readers =
+        [hold_items(&ctx, &client, &[("R", Shared)]).await, hold_items(&ctx, &client, &[("R/B/C", Shared)]).await];
+    let grants = [held(&readers[0]), held(&readers[1])];
+    assert_blocked(&ctx, &client, &[("R/B/C/D", Exclusive)], &[&[&grants[0], &grants[1]]]).await;
 }
 
 /// Exclusive on `[A]` refuses Shared on `[A]` and `[A, B, C]`; Exclusive on
@@ -175,19 +186,7 @@ pub async fn exclusive_ancestor_refuses_shared_descendant(ctx: Ctx) {
     if unsupported_here(&ctx, &[("A/B/C", Shared)]).await {
         return;
     }
-    let (one, two) = (ctx.client().await, ctx.client().await);
-    let writer = hold_items(&ctx, &one, &[("A", Exclusive)]).await;
-    let grant = held(&writer);
-    for at in ["A/B/C", "A/B", "A"] {
-        assert_blocked(&ctx, &two, &[(at, Shared)], &[&[&grant]]).await;
-    }
-    writer.release().await.expect("release");
-    let below = hold_items(&ctx, &one, &[("A/B/C", Exclusive)]).await;
-    let grant = held(&below);
-    for at in ["A", "A/B", "A/B/C", "A/B/C/D"] {
-        assert_blocked(&ctx, &two, &[(at, Shared)], &[&[&grant]]).await;
-    }
-    hold_items(&ctx, &two, &[("A/B/D", Shared), ("A/C", Shared)]).await;
+    refused_along_the_branch(&ctx, Exclusive, Shared).await;
 }
 
 /// Siblings and cousins never refuse each other, whatever their modes,
