@@ -208,7 +208,7 @@ fn check_blockers(blockers: &Blockers, expected: &[Vec<(LockItem, u64)>]) -> Res
 /// Runs the property for a store; the body of the `model` test of [`suite!`](crate::suite).
 pub fn check<S: TestStore>(store: fn() -> S, algorithm: Algorithm, paused: bool) {
     let config = Config {
-        cases: if paused { 256 } else { 16 },
+        cases: if paused { 256 } else { 12 },
         failure_persistence: None,
         max_shrink_iters: if paused { 2048 } else { 64 },
         ..Config::default()
