@@ -71,14 +71,8 @@ pub(crate) async fn unsupported_here(ctx: &Ctx, items: Asked<'_>) -> bool {
 /// Asserts that `asked` is refused and that the store names a blocker for
 /// each blocked item, in the request's item order: the `i`-th blocker is an
 /// item (path, mode, owner and token) of one of the grants in
-/// `blocked_by[i]`, and conflicts with an item asked for. Returns the
-/// blockers.
-async fn assert_blocked(
-    ctx: &Ctx,
-    client: &Arc<dyn LockBackend>,
-    asked: Asked<'_>,
-    blocked_by: &[&[&Grant]],
-) -> Vec<mutextree_core::HeldLock> {
+/// `blocked_by[i]`, and conflicts with an item asked for.
+async fn assert_blocked(ctx: &Ctx, client: &Arc<dyn LockBackend>, asked: Asked<'_>, blocked_by: &[&[&Grant]]) {
     let lock = handle_of(ctx, client, asked);
     let (items, blockers) = match lock.try_acquire().await {
         Err(Error::Refused { items, blockers }) => (items, blockers),
@@ -102,7 +96,6 @@ async fn assert_blocked(
         assert!(message.contains(&blocker.path.to_string()), "{message}");
     }
     assert!(!lock.is_held());
-    blockers.into_vec()
 }
 
 /// What a client lists, as (path, mode, token), in key order.
