@@ -7,8 +7,8 @@
 //! the namespace's prefix `<prefix>/<namespace>/`:
 //!
 //! ```text
-//! x/<path key>/<owner>\0<nonce>     an Exclusive item (or a stepwise lock)
-//! s/<path key>/<owner>\0<nonce>     a Shared item
+//! x/<path key>/<owner>\x1f<nonce>     an Exclusive item (or a stepwise lock)
+//! s/<path key>/<owner>\x1f<nonce>     a Shared item
 //! ```
 //!
 //! The path key ([`LockPath::key`]) ends every segment with `/` and never
@@ -19,8 +19,9 @@
 //!   descendant's, never `[A, BC]`'s;
 //! * the **holders** of `[A, B]` itself, `[x/A/B//, x/A/B/0)`: never a
 //!   descendant's (whose key goes on with a segment, not a `/`);
-//! * **one owner's** holders of `[A, B]`, `x/A/B//<owner>\0` and on: the
-//!   owner id has no control character, so the NUL ends it.
+//! * **one owner's** holders of `[A, B]`, `x/A/B//<owner>\x1f` and on:
+//!   the owner id has no control character, so the unit separator (`0x1F`)
+//!   ends it. (No NUL: keys stay text every store and tool can show.)
 //!
 //! Several Shared holders coexist on one node, so a key cannot be just the
 //! node: the owner and a random nonce make it unique. The fencing token
@@ -98,7 +99,7 @@ impl Layout {
     pub(crate) fn new_key(&self, mode: Mode, path: &LockPath, owner: &Owner) -> String {
         let mut key = self.node_prefix(mode, path);
         key.push_str(owner.as_str());
-        key.push('\0');
+        key.push(OWNER_END);
         key.push_str(&format!("{:016x}", fastrand::u64(..)));
         key
     }
@@ -120,7 +121,7 @@ impl Layout {
     pub(crate) fn owned(&self, mode: Mode, path: &LockPath, owner: &Owner) -> Range {
         let mut start = self.node_prefix(mode, path);
         start.push_str(owner.as_str());
-        start.push('\0');
+        start.push(OWNER_END);
         Range::prefixed(start)
     }
 
@@ -177,6 +178,9 @@ impl Layout {
         prefix
     }
 }
+
+/// Ends the owner id in a key: a control character, which no owner id has.
+const OWNER_END: char = '\x1f';
 
 const LOCK: u8 = b'L';
 const TRANSIENT: u8 = b'T';
@@ -236,8 +240,8 @@ mod tests {
         let me = owner("web-1");
         let key = |mode, at: &str, who: &str| layout.new_key(mode, &path(at), &owner(who));
         let x = Mode::Exclusive;
-        assert!(key(x, "A/B", "web-1").starts_with("mt/app/x/A/B//web-1\0"));
-        assert_eq!(key(x, "A/B", "web-1").len(), "mt/app/x/A/B//web-1\0".len() + 16);
+        assert!(key(x, "A/B", "web-1").starts_with("mt/app/x/A/B//web-1\x1f"));
+        assert_eq!(key(x, "A/B", "web-1").len(), "mt/app/x/A/B//web-1\x1f".len() + 16);
         assert_ne!(key(x, "A/B", "web-1"), key(x, "A/B", "web-1"), "a nonce each");
 
         let subtree = layout.subtree(x, &path("A/B"));
@@ -281,15 +285,14 @@ mod tests {
         assert_eq!(starts(Range::key(b"c").without("c")), Vec::<(String, String)>::new());
     }
 
-    /// This store's layout, for the property checks core's fuzz targets run:
-    /// an item's key, and the ranges a grant compares.
+    /// The Exclusive space of this store's layout, for the property checks
+    /// core's fuzz targets run: a node's key is where its subtree starts
+    /// (its holders' keys go on from there, as the test above checks).
     struct Exclusive(Layout);
 
     impl mutextree_core::checks::KeyLayout for Exclusive {
         fn key(&self, path: &LockPath) -> String {
-            let mut key = self.0.holders(Mode::Exclusive, path).start;
-            key.push_str("owner\0");
-            key
+            self.0.subtree(Mode::Exclusive, path).start
         }
 
         fn ancestor_keys(&self, path: &LockPath) -> Vec<String> {
@@ -302,7 +305,8 @@ mod tests {
         }
 
         fn path_of(&self, key: &str) -> Option<LockPath> {
-            self.0.item_of(key.as_bytes()).ok().map(|(path, _)| path)
+            let holder = format!("{key}/owner{OWNER_END}");
+            self.0.item_of(holder.as_bytes()).ok().map(|(path, _)| path)
         }
     }
 
@@ -325,8 +329,8 @@ mod tests {
                 assert_eq!(layout.item_of(key.as_bytes()).expect("ours"), (node.clone(), mode));
             }
         }
-        assert!(layout.item_of(b"mt/other/x/A//o\0").is_err());
-        assert!(layout.item_of(b"mt/app/A//o\0").is_err(), "no space");
+        assert!(layout.item_of(b"mt/other/x/A//o\x1f").is_err());
+        assert!(layout.item_of(b"mt/app/A//o\x1f").is_err(), "no space");
         assert!(layout.item_of(b"mt/app/x/A/").is_err(), "no holder");
         let owner = owner("web-1 (pid 7)");
         assert_eq!(decode_value(&encode_value(LockKind::Lock, &owner)).expect("ours"), (false, owner.clone()));

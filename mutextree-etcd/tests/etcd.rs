@@ -155,7 +155,7 @@ async fn keys_are_laid_out_as_documented() {
     let held = grant(&backend, "a\\/b/c d", Duration::from_secs(30)).await;
     let record = stored(&namespace, "a\\/b/c d").await.expect("stored");
     let key = record.key_str().expect("utf-8");
-    let (node, nonce) = key.split_once('\0').expect("owner, NUL, nonce");
+    let (node, nonce) = key.split_once('\x1f').expect("owner, unit separator, nonce");
     assert_eq!(node, format!("mutextree/{namespace}/x/a%2Fb/c d//etcd-test"));
     assert!(nonce.len() == 16 && nonce.chars().all(|c| c.is_ascii_hexdigit()), "{nonce:?}");
     assert_eq!(record.value(), b"Letcd-test");
@@ -165,7 +165,7 @@ async fn keys_are_laid_out_as_documented() {
     assert!(shared.token > held.token);
     let record = stored_all(&namespace, "s", "y/z").await;
     assert_eq!(record.len(), 1);
-    assert!(record[0].key_str().expect("utf-8").starts_with(&format!("mutextree/{namespace}/s/y/z//etcd-test\0")));
+    assert!(record[0].key_str().expect("utf-8").starts_with(&format!("mutextree/{namespace}/s/y/z//etcd-test\x1f")));
     assert_eq!(record[0].create_revision() as u64, shared.token, "one revision for all the items");
     let other = stored(&namespace, "x").await.expect("stored");
     assert_eq!(other.lease(), record[0].lease(), "one lease for all the items");
@@ -624,4 +624,27 @@ async fn a_listener_wakes_for_any_of_its_items() {
     let mut listener = backend.listen(&wanted);
     backend.release(&second).await.expect("release");
     tokio::time::timeout(Duration::from_secs(5), listener.changed()).await.expect("woken by the release under B");
+}
+
+/// A downgrade of a mixed grant whose Shared item sits beside the same
+/// owner's other Shared grant on that node: the grant's keys are read and
+/// changed exactly, and the other grant is left alone.
+#[tokio::test]
+async fn a_downgrade_beside_the_same_owners_other_grant_changes_only_its_own() {
+    let (backend, _) = fresh().await;
+    let first = granted(&backend, &[("A", S)], "twice").await;
+    let second = granted(&backend, &[("A", S), ("B", X)], "twice").await;
+    let down = backend.change_mode(&second, S).await.expect("downgrade").granted().expect("always");
+    let shown = listed(&backend).await;
+    assert_eq!(
+        shown,
+        [
+            ("A".into(), S, "twice".into(), first.token),
+            ("A".into(), S, "twice".into(), down.token),
+            ("B".into(), S, "twice".into(), down.token)
+        ]
+    );
+    backend.release(&first).await.expect("release");
+    backend.release(&down).await.expect("release");
+    assert!(listed(&backend).await.is_empty());
 }
