@@ -428,9 +428,10 @@ async fn multi_path_is_all_or_nothing_with_a_blocker_per_item() {
     assert_eq!(modes, [X, X, S]);
 }
 
-/// An upgrade is refused while another Shared holder lives (naming it,
-/// and leaving the grant as it was), and granted once it is gone, with a
-/// new token: the old one no longer releases anything.
+/// An upgrade is refused while another Shared holder lives above or below
+/// one of its items (naming it, and leaving the grant as it was), and
+/// granted once none is left, with a new token: the old one no longer
+/// releases anything.
 #[tokio::test]
 async fn upgrade_waits_for_no_one_and_takes_a_new_token() {
     let (backend, _) = fresh().await;
@@ -448,6 +449,10 @@ async fn upgrade_waits_for_no_one_and_takes_a_new_token() {
     );
 
     backend.release(&other).await.expect("release");
+    // A reader below one of the items is in the way too.
+    let below = granted(&backend, &[("A/B/c", S)], "below").await;
+    assert_eq!(named(&blockers(backend.change_mode(&mine, X).await)), [("A/B/c".into(), S, "below".into())]);
+    backend.release(&below).await.expect("release");
     let before = backend.round_trips().expect("counted");
     let upgraded = backend.change_mode(&mine, X).await.expect("upgrade").granted().expect("alone now");
     assert_eq!(backend.round_trips().expect("counted") - before, 1, "one transaction");
