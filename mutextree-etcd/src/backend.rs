@@ -12,8 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, GetOptions, KeyValue, KvClient, LeaseClient, PutOptions, Txn, TxnOp, TxnOpResponse,
-    TxnResponse,
+    Client, Compare, CompareOp, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
 };
 use futures::future::{join, try_join_all};
 use futures::stream::{self, StreamExt, TryStreamExt};
@@ -281,7 +280,8 @@ impl LockBackend for EtcdBackend {
                 let options =
                     GetOptions::new().with_range(range.end.clone()).with_limit(LIST_PAGE).with_revision(revision);
                 let key = from.clone();
-                let mut page = self.kv(|mut kv| async move { kv.get(key, Some(options)).await }).await?;
+                let page = self.counted().kv(|mut kv| async move { kv.get(key, Some(options)).await });
+                let mut page = page.await.map_err(store_error)?;
                 if revision == 0 {
                     revision = page.header().map_or(0, |header| header.revision());
                 }
@@ -638,7 +638,8 @@ impl EtcdBackend {
     async fn grant_lease(&self, ttl: Ttl) -> Result<Lease, Error> {
         let sent_at = Instant::now();
         let seconds = lease_seconds(ttl);
-        let granted = self.lease(|mut lease| async move { lease.grant(seconds, None).await }).await?;
+        let granted = self.counted().lease(|mut lease| async move { lease.grant(seconds, None).await });
+        let granted = granted.await.map_err(store_error)?;
         if granted.id() == 0 || !granted.error().is_empty() {
             let message = format!("etcd granted no lease: {:?}", granted.error());
             return Err(Error::store_message(STORE, true, message));
@@ -663,7 +664,8 @@ impl EtcdBackend {
             Some(remaining) => remaining,
             None => {
                 let id = kv.lease();
-                let lookup = self.lease(|mut lease| async move { lease.time_to_live(id, None).await }).await?;
+                let lookup = self.counted().lease(|mut lease| async move { lease.time_to_live(id, None).await });
+                let lookup = lookup.await.map_err(store_error)?;
                 if lookup.ttl() < 0 {
                     return Ok(None);
                 }
@@ -698,7 +700,7 @@ impl EtcdBackend {
         let backend = self.clone();
         // If it fails, the lease lapses at its ttl.
         tokio::spawn(async move {
-            let _ = backend.lease(|mut client| async move { client.revoke(lease).await }).await;
+            let _ = backend.counted().lease(|mut client| async move { client.revoke(lease).await }).await;
         });
     }
 
@@ -710,28 +712,13 @@ impl EtcdBackend {
     /// [`Self::send`] with the client's error, for callers that tell
     /// errors apart.
     async fn send_raw(&self, txn: Txn) -> Result<TxnResponse, etcd_client::Error> {
-        self.inner.sent.fetch_add(1, Ordering::Relaxed);
-        self.inner.members.kv(|mut kv| async move { kv.txn(txn).await }).await
+        self.counted().kv(|mut kv| async move { kv.txn(txn).await }).await
     }
 
-    /// A key-value request, counted.
-    async fn kv<T, F, Fut>(&self, call: F) -> Result<T, Error>
-    where
-        F: FnOnce(KvClient) -> Fut,
-        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
-    {
+    /// The members, for one request more of this backend's count.
+    fn counted(&self) -> &Members {
         self.inner.sent.fetch_add(1, Ordering::Relaxed);
-        self.inner.members.kv(call).await.map_err(store_error)
-    }
-
-    /// A lease request, counted.
-    async fn lease<T, F, Fut>(&self, call: F) -> Result<T, Error>
-    where
-        F: FnOnce(LeaseClient) -> Fut,
-        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
-    {
-        self.inner.sent.fetch_add(1, Ordering::Relaxed);
-        self.inner.members.lease(call).await.map_err(store_error)
+        &self.inner.members
     }
 }
 
