@@ -314,10 +314,11 @@ impl LockBackend for EtcdBackend {
     }
 
     /// One transaction that deletes each item's key and puts a new one in
-    /// the other mode's key space, on the grant's lease (so the expiry
-    /// stays), if the grant is live and, for an upgrade, nothing of another
-    /// grant is in the way; the new keys' create revision is the new token.
-    /// See the crate docs.
+    /// the new mode's key space, on the grant's lease (so the expiry stays),
+    /// if the grant is live and, for an upgrade, nothing of another grant is
+    /// in the way; the new keys' create revision is the new token. (etcd
+    /// refuses a put and a delete of one key in one transaction, so an item
+    /// that keeps its mode gets a new key too.) See the crate docs.
     async fn change_mode(&self, grant: &Grant, mode: Mode) -> Result<Attempt, Error> {
         let layout = &self.inner.layout;
         let changed = grant.items.with_mode(mode);
@@ -367,9 +368,10 @@ impl LockBackend for EtcdBackend {
             };
             if response.succeeded() {
                 let token = revision(&response)?;
-                let lease = self.forget_grant_lease(grant.token);
-                if let (Some(lease), Some((_, id))) = (lease, own_now.first()) {
-                    self.remember_grant_lease(token, Lease { id: *id, ..lease });
+                self.forget_grant_lease(grant.token);
+                // All the keys of a grant are on one lease, which ends when the grant does.
+                if let (Some((_, id)), Some(sent_at)) = (own_now.first(), grant.expires_at.checked_sub(grant.ttl)) {
+                    self.remember_grant_lease(token, Lease { id: *id, ttl: grant.ttl, sent_at });
                 }
                 return Ok(Attempt::Granted(Grant { items: changed, token, ..grant.clone() }));
             }
@@ -629,8 +631,8 @@ impl EtcdBackend {
         locked(&self.inner.grant_leases).get(&token).copied()
     }
 
-    fn forget_grant_lease(&self, token: u64) -> Option<Lease> {
-        locked(&self.inner.grant_leases).remove(&token)
+    fn forget_grant_lease(&self, token: u64) {
+        locked(&self.inner.grant_leases).remove(&token);
     }
 
     /// A lease of `ttl` in whole seconds, rounded up; etcd raises it to its

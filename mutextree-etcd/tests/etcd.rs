@@ -506,8 +506,8 @@ async fn downgrade_lets_a_reader_in() {
 }
 
 /// Release and refresh act on every item of a grant: a refresh moves all
-/// its keys to one new lease with the new ttl, keeping the token; a release
-/// removes them all.
+/// its keys to one new lease with the new ttl, keeping the token; a mode
+/// change keeps that lease; a release removes them all.
 #[tokio::test]
 async fn release_and_refresh_cover_every_item() {
     let (backend, namespace) = fresh().await;
@@ -524,9 +524,20 @@ async fn release_and_refresh_cover_every_item() {
     let lease = raw_client().await.lease_time_to_live(leases[0], None).await.expect("lookup");
     assert_eq!(lease.granted_ttl(), 45);
     assert!(keys.iter().all(|found| found[0].create_revision() as u64 == held.token));
-    backend.release(&refreshed).await.expect("release");
+    // A mode change keeps them all on that lease, the Exclusive item that
+    // stays Exclusive included, under the new token.
+    let upgraded = backend.change_mode(&refreshed, X).await.expect("upgrade").granted().expect("alone");
+    let keys = [
+        stored_all(&namespace, "x", "A/B").await,
+        stored_all(&namespace, "x", "C").await,
+        stored_all(&namespace, "x", "D/E").await,
+    ];
+    assert!(keys.iter().all(|found| found.len() == 1 && found[0].lease() == leases[0]), "{keys:?}");
+    assert!(keys.iter().all(|found| found[0].create_revision() as u64 == upgraded.token));
+    assert!(stored_all(&namespace, "s", "C").await.is_empty());
+    backend.release(&upgraded).await.expect("release");
     assert!(listed(&backend).await.is_empty());
-    assert!(matches!(backend.refresh(&refreshed, long()).await, Err(Error::NotHeld { .. })));
+    assert!(matches!(backend.refresh(&upgraded, long()).await, Err(Error::NotHeld { .. })));
 }
 
 /// One request per grant (single or multi-path, Shared or Exclusive), per
