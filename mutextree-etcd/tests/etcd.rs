@@ -664,3 +664,18 @@ async fn a_downgrade_beside_the_same_owners_other_grant_changes_only_its_own() {
     backend.release(&down).await.expect("release");
     assert!(listed(&backend).await.is_empty());
 }
+
+/// A downgrade is refused while a stepwise client's lock in progress
+/// covers one of its items (its node locked, its subtree not yet looked
+/// at), so that its token cannot rise past that lock's; then granted.
+#[tokio::test]
+async fn a_downgrade_waits_out_a_stepwise_lock_in_progress() {
+    let (backend, _) = fresh().await;
+    let writer = granted(&backend, &[("A/B", X)], "writer").await;
+    let stepwise = LockRequest::new(path("A"), owner("stepwise"), long());
+    let above = backend.try_lock_key(&stepwise, LockKind::Lock).await.expect("attempt").granted().expect("its own key");
+    assert_eq!(named(&blockers(backend.change_mode(&writer, S).await)), [("A".into(), X, "stepwise".into())]);
+    backend.release(&above).await.expect("release");
+    let reading = backend.change_mode(&writer, S).await.expect("downgrade").granted().expect("nothing in the way");
+    assert!(reading.token > writer.token);
+}
