@@ -315,18 +315,19 @@ impl LockBackend for EtcdBackend {
 
     /// One transaction that deletes each item's key and puts a new one in
     /// the new mode's key space, on the grant's lease (so the expiry stays),
-    /// if the grant is live and, for an upgrade, nothing of another grant is
-    /// in the way; the new keys' create revision is the new token. (etcd
+    /// if the grant is live and nothing of another grant is in the way of
+    /// the changed items (for a downgrade, only a stepwise client's lock in
+    /// progress can be); the new keys' create revision is the new token. (etcd
     /// refuses a put and a delete of one key in one transaction, so an item
     /// that keeps its mode gets a new key too.) See the crate docs.
     async fn change_mode(&self, grant: &Grant, mode: Mode) -> Result<Attempt, Error> {
         let layout = &self.inner.layout;
         let changed = grant.items.with_mode(mode);
+        // A downgrade is checked too: natively nothing can be in its way,
+        // but a stepwise client's lock in progress can (see the contract).
         let mut checks = Checks::default();
-        if mode == Mode::Exclusive {
-            for (item, now) in changed.iter().zip(grant.items.iter()) {
-                checks.require_free(layout, &item.path, mode, Some((now.mode, grant.token)));
-            }
+        for (item, now) in changed.iter().zip(grant.items.iter()) {
+            checks.require_free(layout, &item.path, mode, Some((now.mode, grant.token)));
         }
         let new_keys: Vec<String> = changed.iter().map(|item| layout.new_key(mode, &item.path, &grant.owner)).collect();
         // Per item: two compares, a read and up to three operations.
@@ -380,14 +381,12 @@ impl LockBackend for EtcdBackend {
             let Some(located) = located else {
                 return Err(Error::not_held(grant));
             };
-            if mode == Mode::Exclusive {
-                if let Some((blockers, alive)) = self.blockers(&changed, Some(grant.token), &found).await? {
-                    if alive || round == ROUNDS {
-                        return Ok(Attempt::Blocked(blockers));
-                    }
-                    own = Some(own_now);
-                    continue;
+            if let Some((blockers, alive)) = self.blockers(&changed, Some(grant.token), &found).await? {
+                if alive || round == ROUNDS {
+                    return Ok(Attempt::Blocked(blockers));
                 }
+                own = Some(own_now);
+                continue;
             }
             // Live and unopposed: the keys are not all where this round
             // looked for them (another lease, or the same owner's other
