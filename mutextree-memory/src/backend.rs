@@ -11,7 +11,9 @@ use dashmap::mapref::one::RefMut;
 use dashmap::DashMap;
 use mutextree_core::backend::Check;
 use mutextree_core::backend::{async_trait, Attempt, ChangeFeed, Listener, LockKind, LockRequest};
-use mutextree_core::{Error, Grant, HeldLock, LockBackend, LockPath, Namespace, Owner, Ttl, MAX_DEPTH};
+use mutextree_core::{
+    Error, Grant, HeldLock, LockBackend, LockItems, LockPath, Mode, Namespace, Owner, Ttl, MAX_DEPTH,
+};
 use tokio::task::coop::consume_budget;
 use tokio::time::Instant;
 
@@ -119,7 +121,11 @@ impl LockBackend for MemoryBackend {
 
     /// Every release or purge in the namespace wakes every waiter (an
     /// in-process wake-up is cheap); `path` is not used to filter.
-    fn listen(&self, _path: &LockPath) -> Listener {
+    async fn change_mode(&self, grant: &Grant, mode: Mode) -> Result<Attempt, Error> {
+        mutextree_core::backend::stepwise::change_mode(self, grant, mode).await
+    }
+
+    fn listen(&self, _items: &LockItems) -> Listener {
         self.space.feed.listen()
     }
 }
@@ -194,6 +200,7 @@ impl Lock {
             path: self.path.clone(),
             owner: self.owner.clone(),
             token: self.token,
+            mode: Mode::Exclusive,
             remaining: self.expires_at - now,
             transient: self.transient,
         }
@@ -254,7 +261,7 @@ impl Space {
         if check == Check::KeyOnly && !self.key_locks_seen.load(Ordering::Relaxed) {
             self.key_locks_seen.store(true, Ordering::SeqCst);
         }
-        let levels = Levels::of(request.path.key());
+        let levels = Levels::of(request.path().key());
         let (node_key, ancestors) = levels.split_last().expect("a path has at least one segment");
         let now = Instant::now();
 
@@ -269,7 +276,7 @@ impl Space {
                             let blocker = lock.held(now);
                             drop(node);
                             self.uncount(&levels[..=depth]);
-                            return Ok(Attempt::Blocked(blocker));
+                            return Ok(Attempt::Blocked(blocker.into()));
                         }
                         let token = lock.token;
                         drop(node);
@@ -292,7 +299,7 @@ impl Space {
                     let blocker = lock.held(now);
                     drop(node);
                     self.uncount(&levels);
-                    return Ok(Attempt::Blocked(blocker));
+                    return Ok(Attempt::Blocked(blocker.into()));
                 }
                 let token = lock.token;
                 drop(node);
@@ -303,7 +310,7 @@ impl Space {
                 drop(node);
                 if let Some(blocker) = self.find_live_below(node_key, now) {
                     self.uncount(&levels);
-                    return Ok(Attempt::Blocked(blocker));
+                    return Ok(Attempt::Blocked(blocker.into()));
                 }
                 // Only expired locks (now purged) or a grant still under way
                 // on another thread (it finishes in microseconds: no await
@@ -316,7 +323,7 @@ impl Space {
                     return Err(Error::store_message(
                         "memory",
                         true,
-                        format!("internal: locks are counted below {} but none was found", request.path),
+                        format!("internal: locks are counted below {} but none was found", request.path()),
                     ));
                 }
                 std::thread::yield_now();
@@ -327,7 +334,7 @@ impl Space {
             // the grant waited for another thread's.
             let placed_at = if waited_for_others == 0 { now } else { Instant::now() };
             node.lock = Some(Lock {
-                path: request.path.clone(),
+                path: request.path().clone(),
                 owner: request.owner.clone(),
                 token,
                 expires_at: placed_at + request.ttl.get(),
@@ -348,7 +355,7 @@ impl Space {
                     if removed {
                         self.unlink(node_key);
                     }
-                    return Ok(Attempt::Blocked(blocker));
+                    return Ok(Attempt::Blocked(blocker.into()));
                 }
             }
             return Ok(Attempt::Granted(Grant::new(request, kind, token, request.ttl.get(), placed_at)));
@@ -453,7 +460,7 @@ impl Space {
     }
 
     fn release(&self, grant: &Grant) -> Result<(), Error> {
-        let key = grant.path.key();
+        let key = grant.path().key();
         let now = Instant::now();
         let outcome = match self.nodes.get_mut(key) {
             Some(mut node) => match node.lock.take() {
@@ -479,7 +486,7 @@ impl Space {
     }
 
     fn refresh(&self, grant: &Grant, ttl: Ttl) -> Result<Grant, Error> {
-        let key = grant.path.key();
+        let key = grant.path().key();
         let now = Instant::now();
         let expired_token = {
             let Some(mut node) = self.nodes.get_mut(key) else { return Err(Error::not_held(grant)) };
