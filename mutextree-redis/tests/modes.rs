@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::Redis;
+use futures::StreamExt;
 use mutextree_core::backend::{Attempt, LockKind, LockRequest};
 use mutextree_core::{Error, Grant, LockBackend, LockItem, LockItems, LockPath, Mode, Owner, Ttl};
 use mutextree_redis::RedisBackend;
@@ -364,6 +365,111 @@ async fn multi_path_grants_are_never_seen_half_granted(store: Redis) {
     }
     assert!(total > 0, "the workers got grants");
     assert!(listed(&backend).await.is_empty());
+}
+
+/// The scripts as the backend sends them, for calls by hand.
+fn script(body: &str) -> redis::Script {
+    redis::Script::new(&format!("{}\n{body}", include_str!("../src/lua/common.lua")))
+}
+
+async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url).expect("url").get_multiplexed_async_connection().await.expect("connect")
+}
+
+/// `{1, token, ttl}` or `{0, rows...}` as (granted, token).
+fn answer(reply: &redis::Value) -> (i64, i64) {
+    match reply {
+        redis::Value::Array(fields) => match fields.as_slice() {
+            [redis::Value::Int(1), redis::Value::Int(token), _] => (1, *token),
+            [redis::Value::Int(0), ..] => (0, 0),
+            other => panic!("unexpected reply {other:?}"),
+        },
+        other => panic!("unexpected reply {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_and_changes_sent_twice_get_the_first_answer() {
+    let store = Redis::standalone();
+    let backend = backend(&store).await;
+    let keys = backend.keys().to_vec();
+    let mut raw = raw(store.url()).await;
+    let grant_script = script(include_str!("../src/lua/grant.lua"));
+    let change_script = script(include_str!("../src/lua/change_mode.lua"));
+    let release_script = script(include_str!("../src/lua/release.lua"));
+    // All Shared (nothing of its own would refuse a resend) and multi-path.
+    let call_grant = |nonce: &'static str| {
+        let mut call = grant_script.prepare_invoke();
+        call.key(&keys).arg("tree").arg(30_000).arg(0).arg(nonce).arg("me");
+        call.arg("A/").arg("shared").arg("B/").arg("shared");
+        call
+    };
+    let first: redis::Value = call_grant("g1").invoke_async(&mut raw).await.expect("grant");
+    let again: redis::Value = call_grant("g1").invoke_async(&mut raw).await.expect("grant");
+    let (granted, token) = answer(&first);
+    assert_eq!(granted, 1);
+    assert_eq!(answer(&again), (1, token), "the same request gets the same grant");
+    assert_eq!(backend.list(None).await.expect("list").len(), 2, "granted once: one holder on each node");
+    let other: redis::Value = call_grant("g2").invoke_async(&mut raw).await.expect("grant");
+    assert!(answer(&other).1 > token, "another request is another grant");
+
+    let call_change = |nonce: &'static str| {
+        let mut call = change_script.prepare_invoke();
+        call.key(&keys).arg("shared").arg("me").arg(token).arg(nonce).arg("channel");
+        call.arg("A/").arg("shared").arg("B/").arg("shared");
+        call
+    };
+    let changed: redis::Value = call_change("c1").invoke_async(&mut raw).await.expect("change");
+    let again: redis::Value = call_change("c1").invoke_async(&mut raw).await.expect("change");
+    let (_, new_token) = answer(&changed);
+    assert!(new_token > token);
+    assert_eq!(answer(&again), (1, new_token), "the same change gets the same new token");
+    let later: redis::Value = call_change("c2").invoke_async(&mut raw).await.expect("change");
+    assert_eq!(later, redis::Value::Int(0), "another change of the old token finds it gone");
+
+    let call_release = |nonce: &'static str| {
+        let mut call = release_script.prepare_invoke();
+        call.key(&keys).arg("channel").arg(nonce).arg("me").arg(new_token);
+        call.arg("A/").arg("shared").arg("B/").arg("shared");
+        call
+    };
+    let released: i64 = call_release("r1").invoke_async(&mut raw).await.expect("release");
+    let again: i64 = call_release("r1").invoke_async(&mut raw).await.expect("release");
+    let other: i64 = call_release("r2").invoke_async(&mut raw).await.expect("release");
+    assert_eq!((released, again, other), (1, 1, 0), "the same release is answered twice, another one is not");
+    assert_eq!(backend.list(None).await.expect("list").len(), 2, "only the second request's holders are left");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_downgrade_is_announced_to_waiters_and_an_upgrade_is_not() {
+    let store = Redis::standalone();
+    let backend = backend(&store).await;
+    let keys = backend.keys().to_vec();
+    let channel = keys[0].replace(":locks", ":released");
+    // As a subscribed backend does (see the listen script): releases and
+    // downgrades publish while someone listens.
+    let mut raw = raw(store.url()).await;
+    let forever = u64::MAX / 4096;
+    let _: () =
+        redis::cmd("HSET").arg(&keys[0]).arg("listened").arg(forever).query_async(&mut raw).await.expect("hset");
+    let mut subscription = redis::Client::open(store.url()).expect("url").get_async_pubsub().await.expect("pubsub");
+    subscription.subscribe(&channel).await.expect("subscribe");
+    let mut messages = subscription.into_on_message();
+
+    let grant = granted(&backend, &[("A", Mode::Exclusive), ("B", Mode::Shared)]).await;
+    let downgraded = backend.change_mode(&grant, Mode::Shared).await.expect("answered").granted().expect("live");
+    let upgraded = backend.change_mode(&downgraded, Mode::Exclusive).await.expect("answered").granted().expect("alone");
+    backend.release(&upgraded).await.expect("release");
+    let last = granted(&backend, &[("Z", Mode::Shared)]).await;
+    backend.release(&last).await.expect("release");
+    // In order, and nothing else: nothing for the grants and the upgrade;
+    // the downgrade's freed item; each release's items.
+    let mut heard = Vec::new();
+    for _ in 0..3 {
+        let message = tokio::time::timeout(Duration::from_secs(10), messages.next()).await.expect("a message");
+        heard.push(message.expect("subscribed").get_payload::<String>().expect("text"));
+    }
+    assert_eq!(heard, ["A/", "A/\nB/", "Z/"]);
 }
 
 /// Each case as a test on the standalone server and on the cluster.
