@@ -235,7 +235,7 @@ async fn run_case(store: Arc<dyn TestStore>, algorithm: Algorithm, case: Case) -
                     }
                     (Err(Error::Refused { blockers, .. }), false) => {
                         let blocker = blockers.first();
-                        let named = Live::of_held(&blocker);
+                        let named = Live::of_held(blocker);
                         if !in_the_way.contains(&&named) {
                             return Err(fail(format!("{path:?} refused by {named:?}, not one of {in_the_way:?}")));
                         }
