@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::Redis;
+use common::{raw, script, Redis};
 use futures::StreamExt;
 use mutextree_core::backend::{Attempt, LockKind, LockRequest};
 use mutextree_core::{Error, Grant, LockBackend, LockItem, LockItems, LockPath, Mode, Owner, Ttl};
@@ -74,8 +74,7 @@ async fn raw_members(store: &Redis, key: &str) -> Vec<String> {
             command(&kind).query_async(&mut raw).await.expect("members")
         }
         None => {
-            let client = redis::Client::open(url).expect("url");
-            let mut raw = client.get_multiplexed_async_connection().await.expect("connect");
+            let mut raw = raw(url).await;
             let kind: String = redis::cmd("TYPE").arg(key).query_async(&mut raw).await.expect("type");
             command(&kind).query_async(&mut raw).await.expect("members")
         }
@@ -365,15 +364,6 @@ async fn multi_path_grants_are_never_seen_half_granted(store: Redis) {
     }
     assert!(total > 0, "the workers got grants");
     assert!(listed(&backend).await.is_empty());
-}
-
-/// The scripts as the backend sends them, for calls by hand.
-fn script(body: &str) -> redis::Script {
-    redis::Script::new(&format!("{}\n{body}", include_str!("../src/lua/common.lua")))
-}
-
-async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(url).expect("url").get_multiplexed_async_connection().await.expect("connect")
 }
 
 /// `{1, token, ttl}` or `{0, rows...}` as (granted, token).

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::Redis;
+use common::{raw, script, Redis};
 use conformance::harness::{temp_dir, RunningServer};
 use conformance::oracle::Oracle;
 use conformance::servers;
@@ -28,12 +28,6 @@ fn request(path: &str, ttl: Duration) -> LockRequest {
 
 async fn grant(backend: &RedisBackend, path: &str, ttl: Duration) -> Attempt {
     backend.try_grant(&request(path, ttl)).await.expect("the store answers")
-}
-
-/// A plain connection to the shared standalone server, to look behind the
-/// backend's back.
-async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(url).expect("url").get_multiplexed_async_connection().await.expect("connect")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -288,11 +282,6 @@ async fn restart_run() {
     kept.release().await.expect("the holder releases after the restart");
     server.stop();
     let _ = std::fs::remove_dir_all(&data);
-}
-
-/// The scripts as the backend sends them, for calls by hand.
-fn script(body: &str) -> redis::Script {
-    redis::Script::new(&format!("{}\n{body}", include_str!("../src/lua/common.lua")))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
