@@ -462,6 +462,63 @@ async fn a_downgrade_is_announced_to_waiters_and_an_upgrade_is_not() {
     assert_eq!(heard, ["A/", "A/\nB/", "Z/"]);
 }
 
+/// The reads of the namespace's keys made by scripts since the last reset
+/// (the server's command counts: `HGET`, `HMGET`, `ZRANGEBYLEX`).
+async fn reads(raw: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO").arg("commandstats").query_async(raw).await.expect("info");
+    let calls = |command: &str| {
+        info.lines()
+            .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
+            .map_or(0, |rest| rest.split(',').next().and_then(|n| n.parse::<u64>().ok()).expect("calls"))
+    };
+    calls("hget") + calls("hmget") + calls("zrangebylex")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_readers_are_never_read_one_by_one() {
+    const READERS: usize = 2000;
+    // A server of its own: command counts are server-wide.
+    let data = conformance::harness::temp_dir("redis-data").expect("temp dir");
+    let server = conformance::servers::redis::own_server(None, &[], &data).expect("redis-server");
+    let url = format!("redis://127.0.0.1:{}/", server.port);
+    let backend = mutextree_redis::RedisConfig::from_url(&url)
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect")
+        .backend("readers")
+        .expect("namespace");
+    // Readers on one node, and readers on every leaf of another subtree.
+    let holding = futures::stream::iter(0..READERS)
+        .map(|n| {
+            let backend = backend.clone();
+            async move {
+                let path = if n % 2 == 0 { "on".to_owned() } else { format!("under/leaf-{n}") };
+                backend.try_grant(&request(&[(&path, Mode::Shared)], LONG)).await.expect("answered").granted()
+            }
+        })
+        .buffer_unordered(64)
+        .filter(|grant| std::future::ready(grant.is_some()))
+        .count()
+        .await;
+    assert_eq!(holding, READERS);
+
+    let mut raw = raw(&url).await;
+    let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query_async(&mut raw).await.expect("resetstat");
+    // A reader of the whole subtree looks for Exclusive entries only; a
+    // writer stops at the first live reader; neither reads them all.
+    let whole = granted(&backend, &[("under", Mode::Shared), ("on/x", Mode::Shared)]).await;
+    assert_eq!(blockers(attempt(&backend, &[("on/x/y", Mode::Exclusive)]).await), ["on shared"]);
+    assert_eq!(blockers(attempt(&backend, &[("under", Mode::Exclusive)]).await).len(), 1);
+    assert_eq!(blockers(attempt(&backend, &[("under/leaf-1", Mode::Exclusive)]).await), ["under/leaf-1 shared"]);
+    let upgrade = backend.change_mode(&whole, Mode::Exclusive).await.expect("answered");
+    assert_eq!(blockers(upgrade).len(), 2, "both items have readers in the way");
+    let counted = reads(&mut raw).await;
+    assert!(counted < 60, "{counted} reads for five requests among {READERS} readers");
+    server.stop();
+    let _ = std::fs::remove_dir_all(&data);
+}
+
 /// Each case as a test on the standalone server and on the cluster.
 macro_rules! on_both {
     ($($case:ident),* $(,)?) => {
