@@ -330,6 +330,29 @@ async fn dead_shared_holders_block_nothing_and_leave_nothing(store: Redis) {
     }
 }
 
+async fn expired_shared_entries_are_swept(store: Redis) {
+    let backend = backend(&store).await;
+    let short = Duration::from_millis(300);
+    // Each adds two holders, two nodes' markers and its request's record.
+    for n in 0..30 {
+        let request = request(&[(&format!("old-{n}/a"), Mode::Shared), (&format!("old-{n}/b"), Mode::Shared)], short);
+        backend.try_grant(&request).await.expect("answered").granted().expect("free");
+    }
+    // Expiry has no event: past the deadline is the only way.
+    tokio::time::sleep(short + Duration::from_millis(100)).await;
+    // Nobody looks at the old paths again; grants elsewhere sweep them.
+    for n in 0..10 {
+        granted(&backend, &[(&format!("new-{n}/a"), Mode::Shared), (&format!("new-{n}/b"), Mode::Shared)]).await;
+    }
+    let keys = backend.keys().to_vec();
+    for key in [&keys[0], &keys[2], &keys[4]] {
+        let left: Vec<String> = raw_members(&store, key).await.into_iter().filter(|m| m.starts_with("old-")).collect();
+        assert!(left.is_empty(), "{key} still holds {left:?}");
+    }
+    let records = raw_members(&store, &keys[0]).await.into_iter().filter(|m| m.starts_with("request ")).count();
+    assert_eq!(records, 10, "the live grants' records only");
+}
+
 async fn multi_path_grants_are_never_seen_half_granted(store: Redis) {
     let backend = backend(&store).await;
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -553,5 +576,6 @@ on_both!(
     each_grant_and_change_is_one_script_call,
     the_stepwise_primitive_refuses_a_key_with_shared_holders,
     dead_shared_holders_block_nothing_and_leave_nothing,
+    expired_shared_entries_are_swept,
     multi_path_grants_are_never_seen_half_granted,
 );
