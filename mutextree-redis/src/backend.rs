@@ -268,7 +268,7 @@ impl LockBackend for RedisBackend {
 
     /// Script calls this backend (and its clones) sent so far: one per
     /// operation, two when a dead connection was retried. (A `NOSCRIPT`
-    /// reply, once per script and server start, adds one more.)
+    /// reply, once per script and server start, adds two more.)
     fn round_trips(&self) -> Option<u64> {
         Some(self.inner.scripts.sent.load(Ordering::Relaxed))
     }
