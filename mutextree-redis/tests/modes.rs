@@ -330,6 +330,19 @@ async fn dead_shared_holders_block_nothing_and_leave_nothing(store: Redis) {
     }
 }
 
+async fn a_refreshed_reader_keeps_writers_out_past_its_first_ttl(store: Redis) {
+    let backend = backend(&store).await;
+    let short = Duration::from_millis(300);
+    let request = request(&[("A", Mode::Shared)], short);
+    let reader = backend.try_grant(&request).await.expect("answered").granted().expect("free");
+    let reader = backend.refresh(&reader, Ttl::new(LONG).expect("ttl")).await.expect("refresh");
+    // Past the first ttl (no event for it): the node still tells writers
+    // below it that a reader holds it.
+    tokio::time::sleep(short + Duration::from_millis(100)).await;
+    assert_eq!(blockers(attempt(&backend, &[("A/B", Mode::Exclusive)]).await), ["A shared"]);
+    backend.release(&reader).await.expect("release");
+}
+
 async fn expired_shared_entries_are_swept(store: Redis) {
     let backend = backend(&store).await;
     let short = Duration::from_millis(300);
@@ -576,6 +589,7 @@ on_both!(
     each_grant_and_change_is_one_script_call,
     the_stepwise_primitive_refuses_a_key_with_shared_holders,
     dead_shared_holders_block_nothing_and_leave_nothing,
+    a_refreshed_reader_keeps_writers_out_past_its_first_ttl,
     expired_shared_entries_are_swept,
     multi_path_grants_are_never_seen_half_granted,
 );
