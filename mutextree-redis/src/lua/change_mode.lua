@@ -42,7 +42,7 @@ for i, item in ipairs(items) do
   end
 end
 remember(nonce, changed, entries[1].entry.deadline)
-sweep(4 * (2 * #items + 1))
+sweep_after(items)
 if #freed > 0 then
   -- Readers waiting for a downgraded item may go ahead.
   announce(channel, table.concat(freed, '\n'))

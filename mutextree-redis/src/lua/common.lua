@@ -269,6 +269,13 @@ local function sweep(limit)
   end
 end
 
+-- After any request but one Exclusive item (which sweeps on its own
+-- schedule): it added at most two entries per item (the item, its node's
+-- marker) and its record; up to four times as many expired ones go.
+local function sweep_after(items)
+  sweep(4 * (2 * #items + 1))
+end
+
 -- Tells waiters that something was freed: only while a backend has said it
 -- listens (see listen.lua), since Redis writes a message to every
 -- subscribed connection.

@@ -41,14 +41,13 @@ for _, item in ipairs(items) do
 end
 -- Bounded sweep, so that entries nobody looks at again cannot pile up: a
 -- single Exclusive item adds one entry, and every 16th such grant removes
--- up to 64 expired ones; any other request adds at most two per item and
--- its record, and removes up to four times that many.
+-- up to 64 expired ones.
 if single then
   if token % 16 == 0 then
     sweep(64)
   end
 else
   remember(nonce, token, deadline)
-  sweep(4 * (2 * #items + 1))
+  sweep_after(items)
 end
 return { 1, token, ttl }
