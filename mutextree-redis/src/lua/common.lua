@@ -37,7 +37,7 @@ local locks, index, expiry, counter, shared = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now = redis.call('TIME')
 now = tonumber(now[1]) * 1000000 + tonumber(now[2])
 
-local HELD, RELEASED, SHARED_NODE = 0, 2, 3
+local RELEASED, SHARED_NODE = 2, 3
 local SHARED, EXCLUSIVE = 'shared', 'exclusive'
 local HOLDER = '\1'
 local REMEMBER = 5000000
