@@ -380,6 +380,7 @@ macro_rules! suite {
                 timed siblings_never_conflict_in_any_mode,
                 timed racing_upgrades_never_both_win,
                 timed a_downgrade_lets_readers_in_and_keeps_writers_out,
+                timed a_downgrade_is_refused_under_a_stepwise_lock_in_progress,
                 timed a_mode_change_takes_a_new_token_and_keeps_the_expiry,
                 timed a_multi_path_refusal_names_every_blocked_item,
                 timed a_multi_path_grant_shares_one_token_and_one_fate,

@@ -301,6 +301,39 @@ pub async fn a_downgrade_lets_readers_in_and_keeps_writers_out(ctx: Ctx) {
     guard.release().await.expect("release");
 }
 
+/// A stepwise client takes its node's key before it looks below it, and
+/// its token with that key. A downgrade below that key in the meantime
+/// would take a newer token, so that if its holder then released, the
+/// stepwise grant would go through holding an older token than a
+/// conflicting holder before it: a fenced resource would turn it away. So
+/// a downgrade, like an upgrade, is refused while a conflicting lock is
+/// live; only such a lock in progress can conflict with a live grant.
+pub async fn a_downgrade_is_refused_under_a_stepwise_lock_in_progress(ctx: Ctx) {
+    if unsupported_here(&ctx, &[("A", Shared)]).await {
+        return;
+    }
+    let (one, two) = (ctx.client().await, ctx.client().await);
+    let writer = handle_of(&ctx, &one, &[("A/B/C", Exclusive)]);
+    let mut guard = writer.try_lock().await.expect("free");
+    let before = guard.grant().clone();
+    // The stepwise client's second step: the node's own key, nothing else.
+    let owner = mutextree_core::Owner::new("stepwise").expect("owner");
+    let key_lock = mutextree_core::backend::LockRequest::new(path("A"), owner, Ttl::new(long(&ctx)).expect("ttl"));
+    let key = match two.try_lock_key(&key_lock, mutextree_core::backend::LockKind::Lock).await.expect("key") {
+        mutextree_core::backend::Attempt::Granted(key) => key,
+        other => panic!("the key of A is free: {other:?}"),
+    };
+    match guard.downgrade().await {
+        Err(Error::Refused { blockers, .. }) => assert_eq!(blockers.first().token, key.token, "{blockers:?}"),
+        other => panic!("a downgrade under a stepwise lock in progress must be refused, got {other:?}"),
+    }
+    assert_eq!(guard.token(), before.token, "a refused downgrade keeps the grant");
+    two.release(&key).await.expect("the stepwise client finds A/B/C below and lets go");
+    let shared = guard.downgrade().await.expect("nothing in the way now").clone();
+    assert!(shared.token > key.token);
+    guard.release().await.expect("release");
+}
+
 /// A mode change applies to every item at once, takes a token above every
 /// earlier one, keeps the expiry (it does not extend the life), and kills
 /// the old token for release, refresh and further changes.
