@@ -1,5 +1,5 @@
 -- Changes every item of one live grant to a mode, with a new token and the
--- same deadline; an upgrade only if nothing else is in the way.
+-- same deadline, if nothing else is in the way of the changed items.
 -- ARGV: mode, owner, token, nonce, channel, then each item's key and mode
 -- as held. Returns {1, new token, remaining ms}, {0, {key, owner, token,
 -- remaining ms, state, mode}...} (one row per blocked item, in item order;
@@ -16,19 +16,21 @@ if not entries then
   return 0
 end
 
-if mode == EXCLUSIVE then
-  local blockers = {}
-  for i, item in ipairs(items) do
-    if item.mode == SHARED then
-      local field, entry = in_the_way(item.key, EXCLUSIVE, true, entries[i].field)
-      if field then
-        table.insert(blockers, row(field, entry))
-      end
-    end
+-- Checked either way, each item in its new mode, the grant's own entries
+-- aside. Natively nothing conflicts with a live grant's downgrade; but a
+-- stepwise client holds its node's key (and its token) before it looks
+-- below it, and a downgrade below in between would take a newer token: it
+-- is refused for that moment, so tokens keep rising across conflicting
+-- grants.
+local blockers = {}
+for i, item in ipairs(items) do
+  local field, entry = in_the_way(item.key, mode, true, entries[i].field)
+  if field then
+    table.insert(blockers, row(field, entry))
   end
-  if #blockers > 0 then
-    return { 0, unpack(blockers) }
-  end
+end
+if #blockers > 0 then
+  return { 0, unpack(blockers) }
 end
 
 local changed = redis.call('INCR', counter)

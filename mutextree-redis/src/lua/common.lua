@@ -150,10 +150,11 @@ end
 -- The first live entry in the way of an item on `key` in `mode`: its field
 -- and value, or nil. `tree`: on the node, an ancestor or a descendant (the
 -- node, then the ancestors root first, then the subtree); otherwise on the
--- node only (the stepwise primitive, Exclusive: any holder is in its way). `own`: the
--- field of an item being changed, not in its own way. One HMGET for the
--- node and its ancestors; ranges of the sets for the subtree, where a
--- Shared item looks at Exclusive entries only.
+-- node only (the stepwise primitive, Exclusive: any holder is in its way).
+-- `own`: the field of an item being changed (its node's key, or its Shared
+-- holder's field), not in its own way. One HMGET for the node and its
+-- ancestors; ranges of the sets for the subtree, where a Shared item looks
+-- at Exclusive entries only.
 local function in_the_way(key, mode, tree, own)
   local fields = { key }
   if tree then
@@ -166,7 +167,7 @@ local function in_the_way(key, mode, tree, own)
   local values = redis.call('HMGET', locks, unpack(fields))
   for i, field in ipairs(fields) do
     local entry = live_value(field, values[i])
-    if entry then
+    if entry and field ~= own then
       if entry.state ~= SHARED_NODE then
         return field, entry
       end
