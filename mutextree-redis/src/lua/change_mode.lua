@@ -22,15 +22,13 @@ end
 -- below it, and a downgrade below in between would take a newer token: it
 -- is refused for that moment, so tokens keep rising across conflicting
 -- grants.
-local blockers = {}
-for i, item in ipairs(items) do
-  local field, entry = in_the_way(item.key, mode, true, entries[i].field)
-  if field then
-    table.insert(blockers, row(field, entry))
-  end
+local own = {}
+for i, held in ipairs(entries) do
+  own[i] = held.field
 end
-if #blockers > 0 then
-  return { 0, unpack(blockers) }
+local found = in_the_way_of(items, mode, true, own)
+if #found > 0 then
+  return refusal(found)
 end
 
 local changed = redis.call('INCR', counter)

@@ -190,6 +190,29 @@ local function in_the_way(key, mode, tree, own)
   return field, entry
 end
 
+-- What is in the way of each item, in `mode` (or the item's own if nil),
+-- the entry `own[i]` of item i aside: {field, entry} per blocked item, in
+-- item order.
+local function in_the_way_of(items, mode, tree, own)
+  local found = {}
+  for i, item in ipairs(items) do
+    local field, entry = in_the_way(item.key, mode or item.mode, tree, own[i])
+    if field then
+      table.insert(found, { field = field, entry = entry })
+    end
+  end
+  return found
+end
+
+-- The reply that refuses a request: a row per blocked item.
+local function refusal(found)
+  local rows = {}
+  for i, blocker in ipairs(found) do
+    rows[i] = row(blocker.field, blocker.entry)
+  end
+  return { 0, unpack(rows) }
+end
+
 -- Raises the node's Shared marker to cover a holder alive until `deadline`.
 local function mark_shared(key, deadline)
   local marker = live(key)

@@ -19,19 +19,14 @@ if not single then
   end
 end
 
-local blockers = {}
-for _, item in ipairs(items) do
-  local field, entry = in_the_way(item.key, item.mode, tree, nil)
-  if field then
-    if single and field == item.key and entry.nonce == nonce then
-      -- This very request, sent again after a lost reply: the same grant.
-      return { 1, entry.token, remaining(entry) }
-    end
-    table.insert(blockers, row(field, entry))
+local found = in_the_way_of(items, nil, tree, {})
+if #found > 0 then
+  local mine = found[1]
+  if single and mine.field == items[1].key and mine.entry.nonce == nonce then
+    -- This very request, sent again after a lost reply: the same grant.
+    return { 1, mine.entry.token, remaining(mine.entry) }
   end
-end
-if #blockers > 0 then
-  return { 0, unpack(blockers) }
+  return refusal(found)
 end
 
 local token = redis.call('INCR', counter)
