@@ -52,6 +52,13 @@ fn start_run(store: &(String, String), options: &[&str], path: &str, script: &st
     (run, line.trim().to_owned())
 }
 
+/// `status` finds no lock in the store's namespace.
+fn assert_nothing_held(store: &(String, String)) {
+    let status = output(mutextree(store).arg("status"));
+    let expected = format!("no locks held in namespace {}\n", store.1);
+    assert_eq!(text(&status.stdout), expected, "all released on {}", store.0);
+}
+
 fn output(command: &mut Command) -> Output {
     command.output().expect("the mutextree binary runs")
 }
@@ -91,13 +98,7 @@ fn overlapping_runs_exclude_each_other(store: &(String, String)) {
     }
     let lines = std::fs::read_to_string(&log).expect("log");
     assert_eq!(lines, "start\nend\n".repeat(4), "the commands never overlapped on {}", store.0);
-    let status = output(mutextree(store).arg("status"));
-    assert_eq!(
-        text(&status.stdout),
-        format!("no locks held in namespace {}\n", store.1),
-        "all released on {}",
-        store.0
-    );
+    assert_nothing_held(store);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -254,13 +255,7 @@ fn a_run_of_several_paths_holds_them_all_as_one_grant(store: &(String, String)) 
     assert!(Command::new("kill").arg(&command_pid).status().expect("kill").success());
     let finished = holder.wait_with_output().expect("wait");
     assert_eq!(finished.status.code(), Some(128 + 15), "the command's end: {}", text(&finished.stderr));
-    let status = output(mutextree(store).arg("status"));
-    assert_eq!(
-        text(&status.stdout),
-        format!("no locks held in namespace {}\n", store.1),
-        "both released on {}",
-        store.0
-    );
+    assert_nothing_held(store);
 }
 
 #[test]
