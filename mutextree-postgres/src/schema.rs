@@ -142,7 +142,7 @@ use mutextree_core::backend::quote;
 use mutextree_core::Error;
 
 /// The version of the objects this crate creates and uses.
-pub(crate) const VERSION: i32 = 4;
+pub(crate) const VERSION: i32 = 5;
 
 /// The name of a PostgreSQL schema the store keeps its objects in.
 ///
@@ -236,17 +236,17 @@ impl Statements {
         let s = schema.quoted();
         let list = format!(
             "SELECT l.key, l.owner, l.token, \
-                    (extract(epoch FROM l.expires_at - n.now) * 1000000)::bigint, l.transient \
+                    (extract(epoch FROM l.expires_at - n.now) * 1000000)::bigint, l.transient, l.mode \
              FROM {s}.locks l, (SELECT clock_timestamp() AS now) n \
              WHERE l.namespace = $1 AND l.expires_at > n.now"
         );
         Statements {
             read_version: format!("SELECT version FROM {s}.schema_version"),
-            grant: format!("SELECT * FROM {s}.try_grant($1, $2, $3, $4, $5, $6, $7, $8)"),
-            release: format!("SELECT {s}.release($1, $2, $3, $4)"),
-            refresh: format!("SELECT {s}.refresh($1, $2, $3, $4, $5)"),
-            list_all: format!("{list} ORDER BY l.key"),
-            list_under: format!("{list} AND l.key >= $2 AND l.key < $3 ORDER BY l.key"),
+            grant: format!("SELECT * FROM {s}.try_grant_items($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"),
+            release: format!("SELECT {s}.release_items($1, $2, $3, $4)"),
+            refresh: format!("SELECT {s}.refresh_items($1, $2, $3, $4, $5)"),
+            list_all: format!("{list} ORDER BY l.key, l.token"),
+            list_under: format!("{list} AND l.key >= $2 AND l.key < $3 ORDER BY l.key, l.token"),
         }
     }
 }
@@ -261,6 +261,7 @@ const MIGRATIONS: [&str; VERSION as usize] = [
     include_str!("migrations/0002_generic_plans.sql"),
     include_str!("migrations/0003_listeners.sql"),
     include_str!("migrations/0004_try_locks_first.sql"),
+    include_str!("migrations/0005_modes_and_items.sql"),
 ];
 
 /// The statements that take the schema from `version - 1` to `version`.
