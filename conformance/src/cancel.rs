@@ -18,11 +18,11 @@ use async_trait::async_trait;
 use futures::future::join_all;
 use mutextree_core::backend::stepwise::TRANSIENT_TTL;
 use mutextree_core::backend::{Attempt, Listener, LockKind, LockRequest};
-use mutextree_core::{Error, Grant, HeldLock, LockBackend, LockPath, TreeLock, Ttl};
+use mutextree_core::{Error, Grant, HeldLock, LockBackend, LockItems, LockPath, Mode as LockMode, TreeLock, Ttl};
 use tokio::sync::Notify;
 use tokio::time::{sleep, timeout};
 
-use crate::{Ctx, Mode};
+use crate::{Algorithm, Ctx};
 
 /// What a gate does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -160,8 +160,12 @@ impl LockBackend for Gated {
         attempt
     }
 
-    fn listen(&self, path: &LockPath) -> Listener {
-        self.inner.listen(path)
+    async fn change_mode(&self, grant: &Grant, mode: LockMode) -> Result<Attempt, Error> {
+        self.around(self.inner.change_mode(grant, mode)).await
+    }
+
+    fn listen(&self, items: &LockItems) -> Listener {
+        self.inner.listen(items)
     }
 
     fn round_trips(&self) -> Option<u64> {
@@ -214,7 +218,7 @@ pub async fn cancellation_leaves_nothing_beyond_the_ttl(ctx: Ctx) {
                 Operation::Refresh => timeout(limit, lock.refresh()).await.map(|r| r.map(drop)),
             };
             gated.disarm();
-            if fault == Fault::Fail && ctx.mode() == Mode::Native {
+            if fault == Fault::Fail && ctx.algorithm() == Algorithm::Native {
                 // A native operation is one call: an injected failure on it
                 // must reach the caller. (The stepwise algorithm ignores
                 // failed releases of its transient parents by design.)
@@ -242,7 +246,7 @@ pub async fn cancellation_leaves_nothing_beyond_the_ttl(ctx: Ctx) {
     // stepwise attempt locks the node before it looks below, so one cut off
     // mid-way (a wake-up came just before the cancellation) may leave the
     // node locked until its ttl, which the check below covers.
-    if ctx.mode() == Mode::Native {
+    if ctx.algorithm() == Algorithm::Native {
         let now_held = probe.list(Some(waiter.path())).await.expect("list");
         assert!(now_held.iter().all(|lock| lock.path != *waiter.path()), "the cancelled waiter holds {now_held:?}");
     }
@@ -270,7 +274,7 @@ pub async fn a_slow_grant_never_overlaps_a_faster_one(ctx: Ctx) {
     let fast_client = ctx.client().await;
     // Natively the grant is call 0; stepwise, call 0 locks the parent and
     // call 1 the node, which is what arrives late.
-    let late_call = if ctx.mode() == Mode::Native { 0 } else { 1 };
+    let late_call = if ctx.algorithm() == Algorithm::Native { 0 } else { 1 };
     gated.arm(late_call, Point::Before, Fault::Slow(TRANSIENT_TTL + unit));
     let slow_lock = TreeLock::builder(slow_client, "A/B").ttl(long).build().expect("lock");
     let slow = tokio::spawn(async move { slow_lock.try_acquire().await });
@@ -348,7 +352,7 @@ pub async fn a_timed_wait_cut_at_its_deadline_leaves_nothing(ctx: Ctx) {
     // Both outcomes were met, or the race was not run where it matters. (A
     // stepwise waiter hears its own attempts' releases and backs off, so on
     // a stepwise client most trials time out: only native ones must mix.)
-    if ctx.mode() == Mode::Native {
+    if ctx.algorithm() == Algorithm::Native {
         assert!(granted > 0 && timed_out > 0, "{granted} granted, {timed_out} timed out: the race was not run");
     }
 }

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use mutextree_core::{Error, Grant, LockBackend, LockPath, Owner, TreeLock, Ttl, Wait};
+use mutextree_core::{Error, Grant, LockBackend, LockItem, LockItems, LockPath, Mode, Owner, TreeLock, Ttl, Wait};
 use tokio::time::{sleep, sleep_until, Instant};
 
 pub use crate::cancel::{
@@ -43,12 +43,13 @@ async fn hold(ctx: &Ctx, client: &Arc<dyn LockBackend>, at: &str) -> TreeLock {
 async fn assert_refused(ctx: &Ctx, client: &Arc<dyn LockBackend>, at: &str, blocker: &str, owner: &Owner) {
     let lock = handle(ctx, client, at);
     match lock.try_acquire().await {
-        Err(Error::Refused { path: refused, blocker: held }) => {
-            assert_eq!(refused, path(at));
+        Err(Error::Refused { items: refused, blockers }) => {
+            let held = blockers.first();
+            assert_eq!(refused.first().path, path(at));
             assert_eq!(held.path, path(blocker), "{at} should be blocked by {blocker}");
             assert_eq!(&held.owner, owner, "blocker's owner");
             assert!(!held.remaining.is_zero() && held.remaining <= long(ctx));
-            let message = Error::Refused { path: refused, blocker: held }.to_string();
+            let message = Error::Refused { items: refused, blockers: blockers.clone() }.to_string();
             assert!(message.contains(blocker) && message.contains(owner.as_str()), "{message}");
         }
         other => panic!("{at} should be refused because of {blocker}, got {other:?}"),
@@ -207,7 +208,7 @@ pub async fn release_and_refresh_of_nothing_held_are_not_held(ctx: Ctx) {
     assert!(matches!(client.release(&grant).await, Err(Error::NotHeld { .. })), "released grant");
     let ttl = Ttl::new(long(&ctx)).expect("ttl");
     assert!(matches!(client.refresh(&grant, ttl).await, Err(Error::NotHeld { .. })), "released grant");
-    let never = Grant { path: path("never/granted"), ..grant };
+    let never = Grant { items: LockItems::one(path("never/granted"), Mode::Exclusive), ..grant };
     assert!(matches!(client.release(&never).await, Err(Error::NotHeld { .. })), "never granted");
     assert!(client.list(None).await.expect("list").is_empty(), "nothing resurrected");
 }
@@ -378,8 +379,9 @@ pub async fn timeout_reports_the_blocker(ctx: Ctx) {
     match waiter.acquire().await {
         Err(error @ Error::Timeout { .. }) => {
             let message = error.to_string();
-            let Error::Timeout { path: asked, waited, blocker } = error else { unreachable!() };
-            assert_eq!(asked, path("A"));
+            let Error::Timeout { items: asked, waited, blockers } = error else { unreachable!() };
+            let blocker = blockers.first();
+            assert_eq!(*asked.first(), LockItem { path: path("A"), mode: Mode::Exclusive });
             assert_eq!(blocker.path, path("A/B/C"));
             assert_eq!(&blocker.owner, holder.owner());
             assert!(waited >= unit && waited < unit * 3, "waited {waited:?}");
@@ -406,7 +408,9 @@ pub async fn special_names_are_distinct_and_exact(ctx: Ctx) {
     for (lock, name) in held.iter().zip(names) {
         let child = TreeLock::builder(client.clone(), [name, "child"]).build().expect("valid");
         match child.try_acquire().await {
-            Err(Error::Refused { blocker, .. }) => assert_eq!(&blocker.path, lock.path(), "[{name:?}, child]"),
+            Err(Error::Refused { blockers, .. }) => {
+                assert_eq!(&blockers.first().path, lock.path(), "[{name:?}, child]")
+            }
             other => panic!("[{name:?}, child] should be refused by [{name:?}], got {other:?}"),
         }
         let listed = client.list(Some(lock.path())).await.expect("list");
@@ -416,7 +420,7 @@ pub async fn special_names_are_distinct_and_exact(ctx: Ctx) {
     // `[a, b]` is not `[a/b]`: `[a]` is held, so it is refused by `[a]` only.
     let two_segments = TreeLock::builder(client.clone(), ["a", "b"]).build().expect("valid");
     match two_segments.try_acquire().await {
-        Err(Error::Refused { blocker, .. }) => assert_eq!(blocker.path, path("a")),
+        Err(Error::Refused { blockers, .. }) => assert_eq!(blockers.first().path, path("a")),
         other => panic!("[a, b] should be refused by [a], got {other:?}"),
     }
     assert_eq!(client.list(None).await.expect("list").len(), names.len());
@@ -454,7 +458,7 @@ pub async fn inspection_lists_exactly_the_live_locks(ctx: Ctx) {
     assert_eq!(listed.len(), expected.len(), "{listed:?}");
     for (held, lock) in listed.iter().zip(expected) {
         let grant = lock.grant().expect("held");
-        assert_eq!(held.path, grant.path);
+        assert_eq!(&held.path, grant.path());
         assert_eq!(held.owner, grant.owner);
         assert_eq!(held.token, grant.token);
         assert!(!held.transient);

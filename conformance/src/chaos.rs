@@ -389,7 +389,7 @@ pub async fn lost_grant_reply_leaves_at_most_an_orphan(
     // The same handle tries again, then waits: the orphan blocks it (a lock
     // is not re-entrant) until it expires, and it never holds two.
     match timeout(call_limit, lock.try_acquire()).await.expect("no hang") {
-        Err(Error::Refused { blocker, .. }) => assert_eq!(blocker.token, orphan.token, "{blocker:?}"),
+        Err(Error::Refused { blockers, .. }) => assert_eq!(blockers.first().token, orphan.token, "{blockers:?}"),
         other => panic!("the retry must be refused by the orphan, got {other:?}"),
     }
     let grant = timeout(call_limit + ttl * 2, lock.acquire_timeout(ttl * 2))
@@ -497,10 +497,10 @@ impl Run {
     fn write(&self, grant: &Grant) -> bool {
         let mut fence = self.fence.lock().expect("fence");
         let accepted = fence.iter().all(|(path, &token)| {
-            !path.overlaps(&grant.path) || token < grant.token || (token == grant.token && *path == grant.path)
+            !path.overlaps(grant.path()) || token < grant.token || (token == grant.token && path == grant.path())
         });
         if accepted {
-            fence.insert(grant.path.clone(), grant.token);
+            fence.insert(grant.path().clone(), grant.token);
         }
         accepted
     }
@@ -509,7 +509,7 @@ impl Run {
     /// given to an overlapping holder.
     fn write_live(&self, grant: &Grant) {
         if !self.write(grant) && !grant.is_expired() {
-            self.violation(format!("the fenced resource refused live holder {} token {}", grant.path, grant.token));
+            self.violation(format!("the fenced resource refused live holder {} token {}", grant.path(), grant.token));
         }
     }
 
@@ -587,7 +587,8 @@ impl Run {
             match self.call("a release after a pause", self.call_limit, client.release(&grant)).await {
                 Some(Ok(())) if self.exact_expiry => self.violation(format!(
                     "{} token {} was released by its holder a ttl after it expired",
-                    grant.path, grant.token
+                    grant.path(),
+                    grant.token
                 )),
                 Some(Ok(())) => {
                     self.late_releases.fetch_add(1, Ordering::Relaxed);
@@ -703,7 +704,7 @@ fn check_history(history: &[Held], tree: &[LockPath]) -> Vec<String> {
 mod tests {
     use super::*;
     use mutextree_core::backend::{Attempt, Listener, LockKind, LockRequest};
-    use mutextree_core::{HeldLock, Ttl};
+    use mutextree_core::{HeldLock, LockItems, Mode, Ttl};
 
     /// A store that grants everything: a run on it must find violations.
     #[derive(Debug, Default)]
@@ -729,7 +730,10 @@ mod tests {
         async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error> {
             mutextree_core::backend::stepwise::try_grant(self, request).await
         }
-        fn listen(&self, _path: &LockPath) -> Listener {
+        async fn change_mode(&self, grant: &Grant, mode: Mode) -> Result<Attempt, Error> {
+            mutextree_core::backend::stepwise::change_mode(self, grant, mode).await
+        }
+        fn listen(&self, _items: &LockItems) -> Listener {
             Listener::polling()
         }
     }

@@ -106,7 +106,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use cancel::Gated;
 use mutextree_core::backend::{Attempt, Listener, LockKind, LockRequest, Stepwise};
-use mutextree_core::{Error, Grant, HeldLock, LockBackend, LockPath, Ttl};
+use mutextree_core::{Error, Grant, HeldLock, LockBackend, LockItems, LockPath, Mode, Ttl};
 
 pub mod cancel;
 pub mod cases;
@@ -153,7 +153,7 @@ impl Timing {
 
 /// Which tree operation the clients of a case use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
+pub enum Algorithm {
     /// The store's own atomic tree operation.
     Native,
     /// Core's stepwise algorithm over the store's primitives.
@@ -167,25 +167,25 @@ pub enum Mode {
 #[derive(Clone)]
 pub struct Ctx {
     store: Arc<dyn TestStore>,
-    mode: Mode,
+    algorithm: Algorithm,
     namespace: String,
 }
 
 impl std::fmt::Debug for Ctx {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ctx").field("mode", &self.mode).field("namespace", &self.namespace).finish()
+        f.debug_struct("Ctx").field("algorithm", &self.algorithm).field("namespace", &self.namespace).finish()
     }
 }
 
 impl Ctx {
     /// A context on a fresh random namespace.
-    pub fn new(store: Arc<dyn TestStore>, mode: Mode) -> Self {
-        Ctx { store, mode, namespace: random_namespace() }
+    pub fn new(store: Arc<dyn TestStore>, algorithm: Algorithm) -> Self {
+        Ctx { store, algorithm, namespace: random_namespace() }
     }
 
-    /// The mode of this run.
-    pub fn mode(&self) -> Mode {
-        self.mode
+    /// The algorithm of this run.
+    pub fn algorithm(&self) -> Algorithm {
+        self.algorithm
     }
 
     /// The store's time scales.
@@ -193,7 +193,7 @@ impl Ctx {
         self.store.timing()
     }
 
-    /// A new client of this case's namespace, in this run's mode.
+    /// A new client of this case's namespace, through this run's algorithm.
     pub async fn client(&self) -> Arc<dyn LockBackend> {
         self.client_of(&self.namespace).await
     }
@@ -203,7 +203,7 @@ impl Ctx {
         self.client_of(&random_namespace()).await
     }
 
-    /// A new client of this case's namespace, in this run's mode, with
+    /// A new client of this case's namespace, through this run's algorithm, with
     /// fault gates on its connection (under the stepwise algorithm, if any).
     pub async fn gated_client(&self) -> (Arc<dyn LockBackend>, Arc<Gated>) {
         let gated = Gated::new(self.connect(&self.namespace).await);
@@ -213,8 +213,8 @@ impl Ctx {
 
     async fn client_of(&self, namespace: &str) -> Arc<dyn LockBackend> {
         let native = self.connect(namespace).await;
-        let second = match self.mode {
-            Mode::Mixed => self.connect(namespace).await,
+        let second = match self.algorithm {
+            Algorithm::Mixed => self.connect(namespace).await,
             _ => native.clone(),
         };
         self.in_mode(native, second)
@@ -223,10 +223,10 @@ impl Ctx {
     /// Puts connections behind this run's tree operation; `second` serves
     /// the stepwise half of a mixed client.
     fn in_mode(&self, native: Arc<dyn LockBackend>, second: Arc<dyn LockBackend>) -> Arc<dyn LockBackend> {
-        match self.mode {
-            Mode::Native => native,
-            Mode::Stepwise => Arc::new(Stepwise::new(native)),
-            Mode::Mixed => Arc::new(Mixed {
+        match self.algorithm {
+            Algorithm::Native => native,
+            Algorithm::Stepwise => Arc::new(Stepwise::new(native)),
+            Algorithm::Mixed => Arc::new(Mixed {
                 native,
                 stepwise: Stepwise::new(second),
                 turn: AtomicUsize::new(fastrand::usize(..2)),
@@ -249,7 +249,7 @@ pub fn random_namespace() -> String {
 }
 
 /// Runs one case: the body of each test [`suite!`] writes.
-pub async fn run_case<S, F, Fut>(store: S, mode: Mode, case: F)
+pub async fn run_case<S, F, Fut>(store: S, algorithm: Algorithm, case: F)
 where
     S: TestStore,
     F: FnOnce(Ctx) -> Fut,
@@ -259,7 +259,7 @@ where
     // A hang is a failure, not a stuck test run. On a paused clock the limit
     // passes as soon as the case waits for something that never comes.
     let limit = store.timing().unit * 1000;
-    if tokio::time::timeout(limit, case(Ctx::new(store, mode))).await.is_err() {
+    if tokio::time::timeout(limit, case(Ctx::new(store, algorithm))).await.is_err() {
         panic!("the case did not finish within {limit:?}: something it waited for never happened");
     }
 }
@@ -299,8 +299,12 @@ impl LockBackend for Mixed {
         }
     }
 
-    fn listen(&self, path: &LockPath) -> Listener {
-        self.native.listen(path)
+    async fn change_mode(&self, grant: &Grant, mode: Mode) -> Result<Attempt, Error> {
+        self.native.change_mode(grant, mode).await
+    }
+
+    fn listen(&self, items: &LockItems) -> Listener {
+        self.native.listen(items)
     }
 }
 
@@ -368,31 +372,31 @@ macro_rules! suite {
     (@test timed, paused, $mode:ident, $case:ident) => {
         #[tokio::test(start_paused = true)]
         async fn $case() {
-            $crate::run_case(super::__conformance_store(), $crate::Mode::$mode, $crate::cases::$case).await;
+            $crate::run_case(super::__conformance_store(), $crate::Algorithm::$mode, $crate::cases::$case).await;
         }
     };
     (@test timed, real, $mode:ident, $case:ident) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $case() {
-            $crate::run_case(super::__conformance_store(), $crate::Mode::$mode, $crate::cases::$case).await;
+            $crate::run_case(super::__conformance_store(), $crate::Algorithm::$mode, $crate::cases::$case).await;
         }
     };
     (@test threaded, $clock:ident, $mode:ident, $case:ident) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
         async fn $case() {
-            $crate::run_case(super::__conformance_store(), $crate::Mode::$mode, $crate::concurrency::$case).await;
+            $crate::run_case(super::__conformance_store(), $crate::Algorithm::$mode, $crate::concurrency::$case).await;
         }
     };
     (@test model, $clock:ident, $mode:ident, $case:ident) => {
         #[test]
         fn $case() {
-            $crate::model::check(super::__conformance_store, $crate::Mode::$mode, $crate::suite!(@paused $clock));
+            $crate::model::check(super::__conformance_store, $crate::Algorithm::$mode, $crate::suite!(@paused $clock));
         }
     };
     (@test segments, $clock:ident, $mode:ident, $case:ident) => {
         #[test]
         fn $case() {
-            $crate::segments::check(super::__conformance_store, $crate::Mode::$mode, $crate::suite!(@paused $clock));
+            $crate::segments::check(super::__conformance_store, $crate::Algorithm::$mode, $crate::suite!(@paused $clock));
         }
     };
 }

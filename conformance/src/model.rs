@@ -28,7 +28,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use tokio::time::{sleep_until, Instant};
 
-use crate::{Ctx, Mode, TestStore};
+use crate::{Algorithm, Ctx, TestStore};
 
 /// The paths of the model's tree: parents, children, a grandchild and
 /// names that share a prefix without being related.
@@ -114,12 +114,12 @@ impl Model {
     fn find(&self, grant: &Grant) -> Option<usize> {
         self.locks
             .iter()
-            .position(|lock| lock.path == grant.path && lock.owner == grant.owner && lock.token == grant.token)
+            .position(|lock| lock.path == *grant.path() && lock.owner == grant.owner && lock.token == grant.token)
     }
 }
 
 /// Runs the property for a store; the body of the `model` test of [`suite!`](crate::suite).
-pub fn check<S: TestStore>(store: fn() -> S, mode: Mode, paused: bool) {
+pub fn check<S: TestStore>(store: fn() -> S, algorithm: Algorithm, paused: bool) {
     let config = Config {
         cases: if paused { 128 } else { 12 },
         failure_persistence: None,
@@ -135,15 +135,15 @@ pub fn check<S: TestStore>(store: fn() -> S, mode: Mode, paused: bool) {
             tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()
         }
         .expect("runtime");
-        runtime.block_on(run_history(Arc::new(store()), mode, ops)).map_err(TestCaseError::fail)
+        runtime.block_on(run_history(Arc::new(store()), algorithm, ops)).map_err(TestCaseError::fail)
     });
     if let Err(error) = outcome {
         panic!("the store disagrees with the reference model: {error}");
     }
 }
 
-async fn run_history(store: Arc<dyn TestStore>, mode: Mode, ops: Vec<Op>) -> Result<(), String> {
-    let ctx = Ctx::new(store, mode);
+async fn run_history(store: Arc<dyn TestStore>, algorithm: Algorithm, ops: Vec<Op>) -> Result<(), String> {
+    let ctx = Ctx::new(store, algorithm);
     let unit = ctx.timing().unit;
     let mut clients: Vec<Arc<dyn LockBackend>> = Vec::new();
     for _ in 0..CLIENTS {
@@ -178,14 +178,15 @@ async fn run_history(store: Arc<dyn TestStore>, mode: Mode, ops: Vec<Op>) -> Res
                         }
                         last_token = grant.token;
                         model.locks.push(ModelLock {
-                            path: grant.path.clone(),
+                            path: grant.path().clone(),
                             owner: grant.owner.clone(),
                             token: grant.token,
                             expires: model.now + grant.ttl,
                         });
                         history.entry(client).or_default().push(grant);
                     }
-                    (Err(Error::Refused { blocker, .. }), false) => {
+                    (Err(Error::Refused { blockers, .. }), false) => {
+                        let blocker = blockers.first();
                         let known =
                             blockers.iter().any(|lock| lock.path == blocker.path && lock.token == blocker.token);
                         if !known {

@@ -41,35 +41,35 @@ impl Oracle {
         let overlapping: Vec<String> = state
             .holders
             .iter()
-            .filter(|(path, _)| path.overlaps(&grant.path))
+            .filter(|(path, _)| path.overlaps(grant.path()))
             .map(|(path, token)| format!("{path} (token {token})"))
             .collect();
         if !overlapping.is_empty() {
             let violation =
-                format!("{} granted (token {}) while {} held", grant.path, grant.token, overlapping.join(", "));
+                format!("{} granted (token {}) while {} held", grant.path(), grant.token, overlapping.join(", "));
             state.violations.push(violation);
         }
         let stale: Vec<String> = state
             .highest_token
             .iter()
-            .filter(|(path, token)| path.overlaps(&grant.path) && **token >= grant.token)
+            .filter(|(path, token)| path.overlaps(grant.path()) && **token >= grant.token)
             .map(|(path, token)| format!("{path} had token {token}"))
             .collect();
         if !stale.is_empty() {
-            let violation = format!("{} accepted stale token {}: {}", grant.path, grant.token, stale.join(", "));
+            let violation = format!("{} accepted stale token {}: {}", grant.path(), grant.token, stale.join(", "));
             state.violations.push(violation);
         }
-        state.highest_token.insert(grant.path.clone(), grant.token);
-        state.holders.push((grant.path.clone(), grant.token));
+        state.highest_token.insert(grant.path().clone(), grant.token);
+        state.holders.push((grant.path().clone(), grant.token));
     }
 
     /// The client holding `grant` is about to release it.
     pub fn exit(&self, grant: &Grant) {
         let mut state = self.state.lock().expect("oracle lock");
         let before = state.holders.len();
-        state.holders.retain(|(path, token)| !(*path == grant.path && *token == grant.token));
+        state.holders.retain(|(path, token)| !(path == grant.path() && *token == grant.token));
         if state.holders.len() == before {
-            let violation = format!("{} (token {}) left without having entered", grant.path, grant.token);
+            let violation = format!("{} (token {}) left without having entered", grant.path(), grant.token);
             state.violations.push(violation);
         }
     }

@@ -36,7 +36,7 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
-use crate::{Ctx, Mode, TestStore};
+use crate::{Algorithm, Ctx, TestStore};
 
 const CLIENTS: usize = 2;
 /// Long enough that no lock expires during a case on any store.
@@ -152,7 +152,7 @@ pub fn case() -> impl Strategy<Value = Case> {
 
 /// Runs the property for a store; the body of the `segments` test of
 /// [`suite!`](crate::suite).
-pub fn check<S: TestStore>(store: fn() -> S, mode: Mode, paused: bool) {
+pub fn check<S: TestStore>(store: fn() -> S, algorithm: Algorithm, paused: bool) {
     let config = Config {
         cases: if paused { 256 } else { 32 },
         failure_persistence: None,
@@ -170,7 +170,7 @@ pub fn check<S: TestStore>(store: fn() -> S, mode: Mode, paused: bool) {
         // A hang is a failure, as in every case of the suite.
         let limit = store.timing().unit * 100;
         runtime
-            .block_on(async move { tokio::time::timeout(limit, run_case(store, mode, case)).await })
+            .block_on(async move { tokio::time::timeout(limit, run_case(store, algorithm, case)).await })
             .unwrap_or_else(|_| Err(format!("the case did not finish within {limit:?}")))
             .map_err(TestCaseError::fail)
     });
@@ -189,7 +189,7 @@ struct Live {
 
 impl Live {
     fn of_grant(grant: &Grant) -> Self {
-        Live { segments: segments(&grant.path), owner: grant.owner.as_str().to_owned(), token: grant.token }
+        Live { segments: segments(grant.path()), owner: grant.owner.as_str().to_owned(), token: grant.token }
     }
 
     fn of_held(held: &HeldLock) -> Self {
@@ -201,8 +201,8 @@ fn segments(path: &LockPath) -> Vec<String> {
     path.segments().map(str::to_owned).collect()
 }
 
-async fn run_case(store: Arc<dyn TestStore>, mode: Mode, case: Case) -> Result<(), String> {
-    let ctx = Ctx::new(store, mode);
+async fn run_case(store: Arc<dyn TestStore>, algorithm: Algorithm, case: Case) -> Result<(), String> {
+    let ctx = Ctx::new(store, algorithm);
     let mut clients: Vec<Arc<dyn LockBackend>> = Vec::new();
     for _ in 0..CLIENTS {
         clients.push(ctx.client().await);
@@ -230,11 +230,12 @@ async fn run_case(store: Arc<dyn TestStore>, mode: Mode, case: Case) -> Result<(
                         if got.segments != segments(path) || got.owner != owners[*client].as_str() {
                             return Err(fail(format!("asked for {path:?}, granted {got:?}")));
                         }
-                        live.push((grant.path.clone(), got));
+                        live.push((grant.path().clone(), got));
                         granted[*client].push(grant);
                     }
-                    (Err(Error::Refused { blocker, .. }), false) => {
-                        let named = Live::of_held(&blocker);
+                    (Err(Error::Refused { blockers, .. }), false) => {
+                        let blocker = blockers.first();
+                        let named = Live::of_held(blocker);
                         if !in_the_way.contains(&&named) {
                             return Err(fail(format!("{path:?} refused by {named:?}, not one of {in_the_way:?}")));
                         }

@@ -670,7 +670,9 @@ impl TreeLock {
                 Err(error) => Err(error),
             }
         });
-        change.await.map_err(|failed| Error::store_message("handle", false, format!("a mode change failed: {failed}")))?
+        change
+            .await
+            .map_err(|failed| Error::store_message("handle", false, format!("a mode change failed: {failed}")))?
     }
 
     /// Whether anyone (this handle included) holds a live lock on exactly

@@ -370,7 +370,14 @@ pub struct Grant {
 impl Grant {
     /// A grant made by a store for `request`, which was sent at `sent_at`.
     pub fn new(request: &LockRequest, kind: LockKind, token: u64, ttl: Duration, sent_at: Instant) -> Self {
-        Grant { items: request.items.clone(), owner: request.owner.clone(), token, ttl, expires_at: sent_at + ttl, kind }
+        Grant {
+            items: request.items.clone(),
+            owner: request.owner.clone(),
+            token,
+            ttl,
+            expires_at: sent_at + ttl,
+            kind,
+        }
     }
 
     /// The first item's path: the only one of a single-path grant.

@@ -482,7 +482,9 @@ mod tests {
             attempts: AtomicU64::new(0),
         });
         match acquire(&backend, &sibling(), Wait::No).await {
-            Err(Error::Refused { blockers, .. }) => assert!(blockers.first().transient && blockers.first().token == 7, "{blockers:?}"),
+            Err(Error::Refused { blockers, .. }) => {
+                assert!(blockers.first().transient && blockers.first().token == 7, "{blockers:?}")
+            }
             other => panic!("refused by the stuck lock, got {other:?}"),
         }
         let waited = started.elapsed();

@@ -372,7 +372,7 @@ async fn hold_background(clients: &[Arc<dyn LockBackend>], spec: &LoadSpec) -> R
                 let request = LockRequest::new(path, owner, ttl);
                 match backend.try_grant(&request).await? {
                     Attempt::Granted(grant) => Ok(grant),
-                    Attempt::Blocked(blocker) => Err(Error::Refused { path: request.path, blocker }),
+                    Attempt::Blocked(blockers) => Err(Error::Refused { items: request.items, blockers }),
                 }
             }
         })

@@ -1,4 +1,5 @@
-//! The in-process mutextree store, on [`dashmap`].
+//! The in-process mutextree store: one tree per namespace, the namespaces
+//! in a [`dashmap`].
 //!
 //! For unit tests and single-process programs: it behaves like the network
 //! stores (same contract, same conformance suite, fencing tokens, expiry,
@@ -18,32 +19,43 @@
 //! # Ok(()) }
 //! ```
 //!
-//! # How a grant stays O(depth) without a global lock
+//! # How a grant works
 //!
-//! Each node of the tree that is locked, or has locks below it, is one map
-//! entry: its own lock, and how many locks lie below it through each child.
-//! A grant for `[A, B, D]` works like a database's multi-granularity locking
-//! (intention locks), touching one entry at a time, root first:
+//! Each namespace is one tree under one mutex. Each node with items on it,
+//! or below it, is one map entry: its items (grant token and mode), and
+//! how many items lie below it through each child, counted per mode. A
+//! request is checked and placed inside one critical section, so every
+//! grant, multi-path or not, is all or nothing at one instant, and no
+//! other call sees it half done. For an item `(path, mode)`:
 //!
-//! 1. at `[A]` and `[A, B]`: refuse if the entry's own lock is live;
-//!    otherwise count one more lock below it (an *intention*);
-//! 2. at `[A, B, D]`: refuse if its own lock is live, or if locks are counted
-//!    below it and a search finds a live one; otherwise take the lock.
+//! 1. each ancestor's entry and the node's own: is a live item there that
+//!    conflicts with `mode` (any item for Exclusive, an Exclusive one for
+//!    Shared)?
+//! 2. below the node: the counts say at once whether a conflicting item
+//!    could be there (Exclusive counts only, for a Shared request); only
+//!    then does a walk descend, into the children whose counts say so, to
+//!    name the first live one in key order.
 //!
-//! A refusal takes back the intentions. Two overlapping grants always meet on
-//! the upper node's entry (one's intention against the other's lock), so one
-//! of them sees the other; two siblings only both bump their parent's count,
-//! in parallel. Each entry is changed under its shard's lock, and no code
-//! ever holds two entries at once (dashmap's locks are not re-entrant).
+//! So a grant costs O(depth) map lookups per item whatever is held
+//! elsewhere, plus a walk only when something below may be in the way. A
+//! Shared request on a subtree full of readers looks at no reader.
 //!
-//! An intention whose grant is still under way on another thread shows as a
-//! count with no live lock below: the grant retries for the microseconds that
-//! grant takes (no `.await` happens inside one). Expired locks are removed
-//! when a grant, release or listing comes across them, and by a sweep of the
-//! whole map every time as many grants were made as there are entries, so
-//! memory stays bounded by the live locks at an amortised O(1) per grant.
-//! Entries and counts that become empty are left for that sweep too: the
-//! next grant on the same nodes then allocates nothing.
+//! A mode change is the same check for the grant's items with its own
+//! items left out, then a re-placing under a new token.
+//!
+//! An earlier version locked one entry of a sharded map at a time, with
+//! intention counts, and no global lock. All-or-nothing grants of several
+//! items do not fit that scheme: placing items one entry at a time makes a
+//! half-placed grant visible, and two half-placed grants waiting on each
+//! other's intentions could deadlock. The critical section here does no
+//! allocation on the hot path (entries emptied by a release stay for the
+//! next grant until a sweep) and never waits, so it stays short; the
+//! benchmarks compare both (see BENCHMARKS.md).
+//!
+//! Expired locks are removed when a grant, release or listing comes across
+//! them, and by a sweep of the whole map every time as many grants were
+//! made as there are entries, so memory stays bounded by the live locks at
+//! an amortised O(1) per grant.
 //!
 //! # Sharing the runtime
 //!

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mutextree_core::backend::{async_trait, Attempt, LockKind, LockRequest};
-use mutextree_core::{Error, Grant, HeldLock, LockBackend, LockPath, TreeLock, Ttl};
+use mutextree_core::{Error, Grant, HeldLock, LockBackend, LockPath, Mode, TreeLock, Ttl};
 use mutextree_memory::MemoryBackend;
 use tokio::time::sleep;
 
@@ -64,6 +64,10 @@ impl LockBackend for Faulty {
 
     async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error> {
         self.inner.try_grant(request).await
+    }
+
+    async fn change_mode(&self, grant: &Grant, mode: Mode) -> Result<Attempt, Error> {
+        self.inner.change_mode(grant, mode).await
     }
 }
 

@@ -116,6 +116,13 @@ impl LockBackend for Polling {
         self.attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.inner.try_grant(request).await
     }
+    async fn change_mode(
+        &self,
+        grant: &mutextree_core::Grant,
+        mode: mutextree_core::Mode,
+    ) -> Result<Attempt, mutextree_core::Error> {
+        self.inner.change_mode(grant, mode).await
+    }
 }
 
 #[tokio::test(start_paused = true)]

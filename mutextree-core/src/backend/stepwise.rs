@@ -117,10 +117,7 @@ pub async fn change_mode<B: LockBackend + ?Sized>(backend: &B, grant: &Grant, mo
     let _ = backend;
     Err(Error::Unsupported {
         store: "stepwise",
-        reason: format!(
-            "the stepwise algorithm holds exclusive locks only, so {} cannot become {mode}",
-            grant.items
-        ),
+        reason: format!("the stepwise algorithm holds exclusive locks only, so {} cannot become {mode}", grant.items),
     })
 }
 
