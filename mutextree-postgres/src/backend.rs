@@ -349,16 +349,11 @@ impl PostgresBackend {
         if !(in_order && in_range && same_length) {
             return Err(unexpected(format!("blockers of items {blocked:?} for a request of {items}")));
         }
-        let mut held = keys
-            .into_iter()
-            .zip(modes)
-            .zip(owners)
-            .zip(tokens)
-            .zip(remaining_us)
-            .zip(transient)
-            .map(|(((((key, mode), owner), token), remaining_us), transient)| {
+        let mut held = keys.into_iter().zip(modes).zip(owners).zip(tokens).zip(remaining_us).zip(transient).map(
+            |(((((key, mode), owner), token), remaining_us), transient)| {
                 self.held(key, &mode, owner, token, remaining_us, transient)
-            });
+            },
+        );
         let first = held.next().ok_or_else(|| unexpected("a refusal without a blocker".to_owned()))??;
         Ok(Blockers::new(first, held.collect::<Result<Vec<_>, Error>>()?))
     }
@@ -374,8 +369,7 @@ impl PostgresBackend {
         transient: bool,
     ) -> Result<HeldLock, Error> {
         let path = LockPath::from_key(&key).map_err(|error| unexpected(format!("a lock row's key: {error}")))?;
-        let owner =
-            Owner::new(owner).map_err(|error| unexpected(format!("a lock row's owner: {error}")))?;
+        let owner = Owner::new(owner).map_err(|error| unexpected(format!("a lock row's owner: {error}")))?;
         let mode = match mode {
             "shared" => Mode::Shared,
             "exclusive" => Mode::Exclusive,

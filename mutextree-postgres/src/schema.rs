@@ -370,11 +370,12 @@ mod tests {
 
     /// The SHA-256 of each released migration's file, as
     /// `sha256sum src/migrations/*.sql` prints it.
-    const RELEASED: [&str; 4] = [
+    const RELEASED: [&str; 5] = [
         "306db937814fdbdcd85009cb7f375c47657aa5f39d2ec457290f798a0aa1f2f0",
         "7ff07ddb8ef729a3d9efad66f4ca0131390636808011c7654cd9dec06784014c",
         "41c72b29fb91f23992a317c63464abb3ba36f0ac5e06c82c909477625e18b1ea",
         "5f4edc589e89479fdca77c188b39d77396d1232893736f6da7144abfe61b7351",
+        "cf5ef82ae2730f8cb9cefa09d51659066a4883e1e382a5c4fd86490f7d1902a6",
     ];
 
     #[test]

@@ -119,13 +119,13 @@ BEGIN
         --    the index on expires_at cannot serve, so these statements leave
         --    the planner no other choice, whatever its statistics say (see
         --    "Plans" in the schema module).
-        blocked_items := '{}';
-        blocker_keys := '{}';
-        blocker_modes := '{}';
-        blocker_owners := '{}';
-        blocker_tokens := '{}';
-        blocker_remaining_us := '{}';
-        blocker_transient := '{}';
+        blocked_items := ARRAY[]::integer[];
+        blocker_keys := ARRAY[]::text[];
+        blocker_modes := ARRAY[]::text[];
+        blocker_owners := ARRAY[]::text[];
+        blocker_tokens := ARRAY[]::bigint[];
+        blocker_remaining_us := ARRAY[]::bigint[];
+        blocker_transient := ARRAY[]::boolean[];
         v_first := 1;
         FOR v_item IN 1..cardinality(p_keys) LOOP
             v_found := false;
