@@ -287,8 +287,7 @@ impl PostgresBackend {
         changing: Option<&Grant>,
     ) -> Result<Attempt, Error> {
         let arrays = GrantItems::new(items, check);
-        // At most a day: always fits.
-        let ttl_ms = ttl.as_millis() as i64;
+        let ttl_ms = millis(ttl);
         let (tree, transient) = (check == Check::Tree, kind == LockKind::Transient);
         let changing_token = match changing {
             None => 0,
@@ -450,7 +449,7 @@ fn token(value: i64) -> Result<u64, Error> {
     u64::try_from(value).map_err(|_| unexpected(format!("fencing token {value}")))
 }
 
-fn millis(ttl: Ttl) -> i64 {
+fn millis(ttl: Duration) -> i64 {
     // At most a day: always fits.
     ttl.as_millis() as i64
 }
@@ -496,7 +495,7 @@ impl LockBackend for PostgresBackend {
 
     async fn refresh(&self, grant: &Grant, ttl: Ttl) -> Result<Grant, Error> {
         let Some(token) = stored_token(grant) else { return Err(Error::not_held(grant)) };
-        let ttl_ms = millis(ttl);
+        let ttl_ms = millis(ttl.get());
         let keys = grant_keys(grant);
         let (namespace, owner) = (self.namespace.as_str(), grant.owner.as_str());
         let sent_at = Instant::now();

@@ -37,9 +37,9 @@ DECLARE
     v_free boolean := true;
     v_lock integer;
     v_item integer;
-    v_at integer;
     v_first integer;
     v_found boolean;
+    v_exclusive boolean;
     v_now timestamptz;
     v_blocker {schema}.locks%ROWTYPE;
     v_held {schema}.locks%ROWTYPE;
@@ -118,44 +118,40 @@ BEGIN
         --    when both are there. Expiry is tested as a difference, which
         --    the index on expires_at cannot serve, so these statements leave
         --    the planner no other choice, whatever its statistics say (see
-        --    "Plans" in the schema module).
-        blocked_items := ARRAY[]::integer[];
-        blocker_keys := ARRAY[]::text[];
-        blocker_modes := ARRAY[]::text[];
-        blocker_owners := ARRAY[]::text[];
-        blocker_tokens := ARRAY[]::bigint[];
-        blocker_remaining_us := ARRAY[]::bigint[];
-        blocker_transient := ARRAY[]::boolean[];
+        --    "Plans" in the schema module). The blockers' arrays stay null
+        --    until an item is blocked.
         v_first := 1;
         FOR v_item IN 1..cardinality(p_keys) LOOP
             v_found := false;
+            v_exclusive := p_modes[v_item] = 'exclusive';
             IF NOT p_tree THEN
                 SELECT * INTO v_blocker FROM {schema}.locks l
                  WHERE l.namespace = p_namespace AND l.key = p_keys[v_item] AND l.expires_at - v_now > interval '0'
                  LIMIT 1;
                 v_found := FOUND;
             ELSE
-                FOR v_at IN v_first..v_first + p_depths[v_item] - 2 LOOP
-                    IF p_modes[v_item] = 'exclusive' THEN
-                        SELECT * INTO v_row FROM {schema}.locks l
-                         WHERE l.namespace = p_namespace AND l.key = p_ancestors[v_at]
+                -- The ancestors, by one lookup of the primary key (or of
+                -- the partial index) for all of them: a held lock first,
+                -- then the one nearest the root.
+                IF p_depths[v_item] > 1 THEN
+                    IF v_exclusive THEN
+                        SELECT * INTO v_blocker FROM {schema}.locks l
+                         WHERE l.namespace = p_namespace
+                           AND l.key = ANY (p_ancestors[v_first:v_first + p_depths[v_item] - 2])
                            AND l.expires_at - v_now > interval '0' AND l.token <> p_changing
-                         LIMIT 1;
+                         ORDER BY l.transient, l.key LIMIT 1;
                     ELSE
-                        SELECT * INTO v_row FROM {schema}.locks l
-                         WHERE l.namespace = p_namespace AND l.key = p_ancestors[v_at] AND l.mode = 'exclusive'
-                           AND l.expires_at - v_now > interval '0' AND l.token <> p_changing
-                         LIMIT 1;
+                        SELECT * INTO v_blocker FROM {schema}.locks l
+                         WHERE l.namespace = p_namespace
+                           AND l.key = ANY (p_ancestors[v_first:v_first + p_depths[v_item] - 2])
+                           AND l.mode = 'exclusive' AND l.expires_at - v_now > interval '0' AND l.token <> p_changing
+                         ORDER BY l.transient, l.key LIMIT 1;
                     END IF;
-                    IF FOUND AND (NOT v_found OR NOT v_row.transient) THEN
-                        v_blocker := v_row;
-                        v_found := true;
-                        EXIT WHEN NOT v_row.transient;
-                    END IF;
-                END LOOP;
-                v_first := v_first + p_depths[v_item] - 1;
+                    v_found := FOUND;
+                    v_first := v_first + p_depths[v_item] - 1;
+                END IF;
                 IF NOT v_found OR v_blocker.transient THEN
-                    IF p_modes[v_item] = 'exclusive' THEN
+                    IF v_exclusive THEN
                         SELECT * INTO v_row FROM {schema}.locks l
                          WHERE l.namespace = p_namespace AND l.key >= p_keys[v_item] AND l.key < p_range_ends[v_item]
                            AND l.expires_at - v_now > interval '0' AND l.token <> p_changing
@@ -168,7 +164,7 @@ BEGIN
                     END IF;
                     IF FOUND THEN
                         IF v_row.transient THEN
-                            IF p_modes[v_item] = 'exclusive' THEN
+                            IF v_exclusive THEN
                                 SELECT * INTO v_held FROM {schema}.locks l
                                  WHERE l.namespace = p_namespace AND l.key >= p_keys[v_item]
                                    AND l.key < p_range_ends[v_item] AND l.expires_at - v_now > interval '0'
@@ -204,9 +200,9 @@ BEGIN
                 blocker_transient := blocker_transient || v_blocker.transient;
             END IF;
         END LOOP;
-        EXIT WHEN cardinality(blocked_items) > 0;
+        EXIT WHEN blocked_items IS NOT NULL;
     END LOOP;
-    IF cardinality(blocked_items) > 0 THEN
+    IF blocked_items IS NOT NULL THEN
         outcome := 'blocked';
         RETURN;
     END IF;
@@ -242,11 +238,10 @@ BEGIN
              WHERE l.namespace = p_namespace AND l.key >= p_keys[v_item] AND l.key < p_range_ends[v_item]
                AND l.mode = 'exclusive' AND l.expires_at - v_now <= interval '0';
         END IF;
+        INSERT INTO {schema}.locks (namespace, key, owner, token, expires_at, transient, mode)
+        VALUES (p_namespace, p_keys[v_item], p_owner, try_grant_items.token,
+                v_now + p_ttl_ms * interval '1 millisecond', p_transient, p_modes[v_item]);
     END LOOP;
-    INSERT INTO {schema}.locks (namespace, key, owner, token, expires_at, transient, mode)
-    SELECT p_namespace, i.key, p_owner, try_grant_items.token, v_now + p_ttl_ms * interval '1 millisecond',
-           p_transient, i.mode
-      FROM unnest(p_keys, p_modes) AS i(key, mode);
 
     -- 4. The bounded sweep of expired rows anywhere: up to 256 rows, after
     --    one grant in 128 on average for each of its items.
@@ -261,19 +256,23 @@ $fn$;
 
 -- Removes every item of exactly this grant; true if it was live. If a
 -- session listens for the namespace, waiters hear of it on the channel
--- (sent at commit); an expired grant is removed silently.
+-- (sent at commit); an expired grant is removed silently. A generic plan:
+-- for `= ANY` of an array of unknown length the planner would otherwise
+-- keep planning the statements at every call.
 CREATE OR REPLACE FUNCTION {schema}.release_items(p_namespace text, p_keys text[], p_owner text, p_token bigint)
-RETURNS boolean LANGUAGE plpgsql VOLATILE AS $fn$
+RETURNS boolean LANGUAGE plpgsql VOLATILE SET plan_cache_mode = force_generic_plan AS $fn$
 DECLARE
     v_now timestamptz := clock_timestamp();
     v_live boolean;
 BEGIN
-    WITH released AS (
+    DELETE FROM {schema}.locks l
+     WHERE l.namespace = p_namespace AND l.key = ANY (p_keys) AND l.owner = p_owner AND l.token = p_token
+       AND l.expires_at - v_now > interval '0';
+    v_live := FOUND;
+    IF NOT v_live THEN
         DELETE FROM {schema}.locks l
-         WHERE l.namespace = p_namespace AND l.key = ANY (p_keys) AND l.owner = p_owner AND l.token = p_token
-        RETURNING l.expires_at > v_now AS live
-    )
-    SELECT bool_or(r.live) INTO v_live FROM released r;
+         WHERE l.namespace = p_namespace AND l.key = ANY (p_keys) AND l.owner = p_owner AND l.token = p_token;
+    END IF;
     IF v_live THEN
         -- Held until commit: a session registering as a listener waits for
         -- this release to commit, or this release, looking in a statement
@@ -285,7 +284,7 @@ BEGIN
             PERFORM pg_notify('{channel}', p_namespace);
         END IF;
     END IF;
-    RETURN coalesce(v_live, false);
+    RETURN v_live;
 END
 $fn$;
 
