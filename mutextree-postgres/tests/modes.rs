@@ -426,3 +426,80 @@ async fn racing_multi_path_grants_never_deadlock_nor_overlap() {
         .get::<_, i64>(0);
     assert_eq!(deadlocks, 0, "the server broke {deadlocks} deadlocks between grants");
 }
+
+/// Every operation finds its rows by whole keys of the primary key (or of
+/// the partial index on Exclusive rows), however many locks the namespace
+/// holds and whatever the table's statistics say: with 10,000 locks held
+/// around them, first while the statistics still describe an empty table,
+/// then once they are up to date, Shared, Exclusive and multi-path grants,
+/// refusals, mode changes, refreshes and releases read a few index pages
+/// each, never the namespace's whole range.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_read_a_few_index_pages_whatever_the_namespace_holds() {
+    const ROUNDS: i64 = 20;
+    let url = postgres::url();
+    let schema = fresh_name("reads");
+    let config = PostgresConfig::from_url(&url).expect("url").schema(schema.clone()).pool_size(1);
+    let backend = config.connect().await.expect("connect").backend("reads").expect("namespace");
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect");
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!(
+            "ANALYZE \"{schema}\".locks; \
+             ALTER TABLE \"{schema}\".locks SET (autovacuum_enabled = false); \
+             INSERT INTO \"{schema}\".locks \
+             SELECT 'reads', 'background/g' || (i / 1000) || '/n' || i || '/', 'holder', nextval('\"{schema}\".tokens'), \
+                    clock_timestamp() + interval '1 hour', false, CASE WHEN i % 3 = 0 THEN 'exclusive' ELSE 'shared' END \
+             FROM generate_series(1, 10000) i; \
+             INSERT INTO \"{schema}\".locks VALUES \
+                 ('reads', 'background/g0/', 'holder', nextval('\"{schema}\".tokens'), clock_timestamp() + interval '1 hour', \
+                  false, 'exclusive');"
+        ))
+        .await
+        .expect("locks held");
+    let counters = format!(
+        "SELECT sum(s.idx_scan)::bigint, sum(b.idx_blks_hit + b.idx_blks_read)::bigint \
+         FROM pg_stat_user_indexes s JOIN pg_statio_user_indexes b USING (indexrelid) \
+         WHERE s.schemaname = '{schema}' AND s.relname = 'locks' AND s.indexrelname <> 'locks_expires_at'"
+    );
+    let read =
+        || async { client.query_one(&counters, &[]).await.map(|row| (row.get::<_, i64>(0), row.get::<_, i64>(1))) };
+    let (scans_before, pages_before) = read().await.expect("index statistics");
+
+    let mut operations = 0;
+    for round in 0..ROUNDS {
+        if round == ROUNDS / 2 {
+            client.batch_execute(&format!("ANALYZE \"{schema}\".locks")).await.expect("analyze");
+        }
+        let single = granted(&backend, &[("work/a/b", Exclusive)], "me").await;
+        backend.release(&single).await.expect("release");
+        let reader = granted(&backend, &[("work/r/s", Shared)], "me").await;
+        let writer = backend.change_mode(&reader, Exclusive).await.expect("upgrade").granted().expect("free");
+        let reader = backend.change_mode(&writer, Shared).await.expect("downgrade").granted().expect("live");
+        let reader = backend.refresh(&reader, Ttl::new(LONG).expect("ttl")).await.expect("refresh");
+        backend.release(&reader).await.expect("release");
+        let many = granted(&backend, &[("work/m/1", Shared), ("work/m/2", Exclusive), ("work/n", Shared)], "me").await;
+        backend.release(&many).await.expect("release");
+        refused(&backend, &[("background/g0/n5", Shared), ("background/g1", Exclusive)], "me").await;
+        operations += 10;
+    }
+    drop(backend);
+    // The backend's session reports its statistics when it ends: at least
+    // one index scan per operation.
+    let started = tokio::time::Instant::now();
+    let (scans, pages) = loop {
+        let (scans, pages) = read().await.expect("index statistics");
+        if scans - scans_before >= operations {
+            break (scans - scans_before, pages - pages_before);
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "the statistics never came: {scans} scans");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // About 10 per operation (2 or 3 per lookup, and the inserts); a single
+    // statement that read the namespace's range would add 60 at each call.
+    assert!(
+        pages <= 15 * operations,
+        "{pages} index pages read in {scans} scans for {operations} operations, with 10,000 locks around"
+    );
+    client.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE")).await.expect("drop");
+}

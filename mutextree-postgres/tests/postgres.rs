@@ -266,7 +266,7 @@ async fn an_older_schema_is_migrated() {
         ("refresh", generic.clone()),
         ("refresh_items", generic.clone()),
         ("release", None),
-        ("release_items", generic.clone()),
+        ("release_items", None),
         ("try_grant", generic.clone()),
         ("try_grant_items", generic),
     ];

@@ -37,6 +37,7 @@ DECLARE
     v_free boolean := true;
     v_lock integer;
     v_item integer;
+    v_at integer;
     v_first integer;
     v_found boolean;
     v_exclusive boolean;
@@ -57,15 +58,18 @@ BEGIN
     IF p_changing <> 0 AND 'exclusive' <> ALL (p_modes) THEN
         v_now := clock_timestamp();
         token := nextval('{schema}.tokens');
-        UPDATE {schema}.locks l SET mode = 'shared', token = try_grant_items.token
-         WHERE l.namespace = p_namespace AND l.key = ANY (p_keys) AND l.owner = p_owner AND l.token = p_changing
-           AND l.expires_at - v_now > interval '0';
-        IF NOT FOUND THEN
-            outcome := 'not held';
+        outcome := 'not held';
+        FOR v_item IN 1..cardinality(p_keys) LOOP
+            UPDATE {schema}.locks l SET mode = 'shared', token = try_grant_items.token
+             WHERE l.namespace = p_namespace AND l.key = p_keys[v_item] AND l.owner = p_owner
+               AND l.token = p_changing AND l.expires_at - v_now > interval '0';
+            IF FOUND THEN
+                outcome := 'granted';
+            END IF;
+        END LOOP;
+        IF outcome = 'not held' THEN
             token := NULL;
-            RETURN;
         END IF;
-        outcome := 'granted';
         RETURN;
     END IF;
 
@@ -98,12 +102,18 @@ BEGIN
         END IF;
         v_now := clock_timestamp();
 
-        -- A change needs its grant live.
+        -- A change needs its grant live (each item's row by one lookup of
+        -- the whole primary key).
         IF p_changing <> 0 THEN
-            PERFORM 1 FROM {schema}.locks l
-             WHERE l.namespace = p_namespace AND l.key = ANY (p_keys) AND l.owner = p_owner AND l.token = p_changing
-               AND l.expires_at - v_now > interval '0';
-            IF NOT FOUND THEN
+            v_found := false;
+            FOR v_item IN 1..cardinality(p_keys) LOOP
+                PERFORM FROM {schema}.locks l
+                 WHERE l.namespace = p_namespace AND l.key = p_keys[v_item] AND l.owner = p_owner
+                   AND l.token = p_changing AND l.expires_at - v_now > interval '0';
+                v_found := FOUND;
+                EXIT WHEN v_found;
+            END LOOP;
+            IF NOT v_found THEN
                 outcome := 'not held';
                 RETURN;
             END IF;
@@ -130,26 +140,27 @@ BEGIN
                  LIMIT 1;
                 v_found := FOUND;
             ELSE
-                -- The ancestors, by one lookup of the primary key (or of
-                -- the partial index) for all of them: a held lock first,
-                -- then the one nearest the root.
-                IF p_depths[v_item] > 1 THEN
+                -- Each ancestor by one lookup of the whole primary key (or
+                -- of the partial index), root first, until a held lock.
+                FOR v_at IN v_first..v_first + p_depths[v_item] - 2 LOOP
                     IF v_exclusive THEN
-                        SELECT * INTO v_blocker FROM {schema}.locks l
-                         WHERE l.namespace = p_namespace
-                           AND l.key = ANY (p_ancestors[v_first:v_first + p_depths[v_item] - 2])
+                        SELECT * INTO v_row FROM {schema}.locks l
+                         WHERE l.namespace = p_namespace AND l.key = p_ancestors[v_at]
                            AND l.expires_at - v_now > interval '0' AND l.token <> p_changing
-                         ORDER BY l.transient, l.key LIMIT 1;
+                         LIMIT 1;
                     ELSE
-                        SELECT * INTO v_blocker FROM {schema}.locks l
-                         WHERE l.namespace = p_namespace
-                           AND l.key = ANY (p_ancestors[v_first:v_first + p_depths[v_item] - 2])
-                           AND l.mode = 'exclusive' AND l.expires_at - v_now > interval '0' AND l.token <> p_changing
-                         ORDER BY l.transient, l.key LIMIT 1;
+                        SELECT * INTO v_row FROM {schema}.locks l
+                         WHERE l.namespace = p_namespace AND l.key = p_ancestors[v_at] AND l.mode = 'exclusive'
+                           AND l.expires_at - v_now > interval '0' AND l.token <> p_changing
+                         LIMIT 1;
                     END IF;
-                    v_found := FOUND;
-                    v_first := v_first + p_depths[v_item] - 1;
-                END IF;
+                    IF FOUND AND (NOT v_found OR NOT v_row.transient) THEN
+                        v_blocker := v_row;
+                        v_found := true;
+                        EXIT WHEN NOT v_row.transient;
+                    END IF;
+                END LOOP;
+                v_first := v_first + p_depths[v_item] - 1;
                 IF NOT v_found OR v_blocker.transient THEN
                     IF v_exclusive THEN
                         SELECT * INTO v_row FROM {schema}.locks l
@@ -212,8 +223,11 @@ BEGIN
     -- 3. An upgrade: the grant's rows become Exclusive, with the new token
     --    and the same expiry.
     IF p_changing <> 0 THEN
-        UPDATE {schema}.locks l SET mode = 'exclusive', token = try_grant_items.token
-         WHERE l.namespace = p_namespace AND l.key = ANY (p_keys) AND l.owner = p_owner AND l.token = p_changing;
+        FOR v_item IN 1..cardinality(p_keys) LOOP
+            UPDATE {schema}.locks l SET mode = 'exclusive', token = try_grant_items.token
+             WHERE l.namespace = p_namespace AND l.key = p_keys[v_item] AND l.owner = p_owner
+               AND l.token = p_changing;
+        END LOOP;
         RETURN;
     END IF;
 
@@ -254,25 +268,24 @@ BEGIN
 END
 $fn$;
 
--- Removes every item of exactly this grant; true if it was live. If a
--- session listens for the namespace, waiters hear of it on the channel
--- (sent at commit); an expired grant is removed silently. A generic plan:
--- for `= ANY` of an array of unknown length the planner would otherwise
--- keep planning the statements at every call.
+-- Removes every item of exactly this grant (each by one lookup of the
+-- whole primary key); true if it was live. If a session listens for the
+-- namespace, waiters hear of it on the channel (sent at commit); an
+-- expired grant is removed silently.
 CREATE OR REPLACE FUNCTION {schema}.release_items(p_namespace text, p_keys text[], p_owner text, p_token bigint)
-RETURNS boolean LANGUAGE plpgsql VOLATILE SET plan_cache_mode = force_generic_plan AS $fn$
+RETURNS boolean LANGUAGE plpgsql VOLATILE AS $fn$
 DECLARE
     v_now timestamptz := clock_timestamp();
-    v_live boolean;
+    v_item integer;
+    v_removed boolean;
+    v_live boolean := false;
 BEGIN
-    DELETE FROM {schema}.locks l
-     WHERE l.namespace = p_namespace AND l.key = ANY (p_keys) AND l.owner = p_owner AND l.token = p_token
-       AND l.expires_at - v_now > interval '0';
-    v_live := FOUND;
-    IF NOT v_live THEN
+    FOR v_item IN 1..cardinality(p_keys) LOOP
         DELETE FROM {schema}.locks l
-         WHERE l.namespace = p_namespace AND l.key = ANY (p_keys) AND l.owner = p_owner AND l.token = p_token;
-    END IF;
+         WHERE l.namespace = p_namespace AND l.key = p_keys[v_item] AND l.owner = p_owner AND l.token = p_token
+        RETURNING l.expires_at > v_now INTO v_removed;
+        v_live := v_live OR coalesce(v_removed, false);
+    END LOOP;
     IF v_live THEN
         -- Held until commit: a session registering as a listener waits for
         -- this release to commit, or this release, looking in a statement
@@ -288,17 +301,22 @@ BEGIN
 END
 $fn$;
 
--- Sets the remaining life of every item of exactly this grant, if it is
--- live.
+-- Sets the remaining life of every item of exactly this grant (each by
+-- one lookup of the whole primary key), if it is live.
 CREATE OR REPLACE FUNCTION {schema}.refresh_items(
     p_namespace text, p_keys text[], p_owner text, p_token bigint, p_ttl_ms bigint)
 RETURNS boolean LANGUAGE plpgsql VOLATILE SET plan_cache_mode = force_generic_plan AS $fn$
 DECLARE
     v_now timestamptz := clock_timestamp();
+    v_item integer;
+    v_live boolean := false;
 BEGIN
-    UPDATE {schema}.locks l SET expires_at = v_now + p_ttl_ms * interval '1 millisecond'
-     WHERE l.namespace = p_namespace AND l.key = ANY (p_keys) AND l.owner = p_owner AND l.token = p_token
-       AND l.expires_at - v_now > interval '0';
-    RETURN FOUND;
+    FOR v_item IN 1..cardinality(p_keys) LOOP
+        UPDATE {schema}.locks l SET expires_at = v_now + p_ttl_ms * interval '1 millisecond'
+         WHERE l.namespace = p_namespace AND l.key = p_keys[v_item] AND l.owner = p_owner AND l.token = p_token
+           AND l.expires_at - v_now > interval '0';
+        v_live := v_live OR FOUND;
+    END LOOP;
+    RETURN v_live;
 END
 $fn$;
