@@ -125,7 +125,11 @@
 //! `plan_cache_mode = force_generic_plan`: each statement is planned once
 //! per connection (and again when the table's statistics change), never
 //! for the values of a call. The sweep alone reads the index on
-//! `expires_at`, on purpose.
+//! `expires_at`, on purpose. Since version 5 the rows of a grant's items
+//! are found one key at a time (`key = keys[i]`), never by
+//! `key = ANY (keys)`: for that one, depending on the statistics, the
+//! planner may scan the namespace's whole range of the primary key and
+//! filter the keys. A test reads the index pages each operation costs.
 //!
 //! # Wake-ups
 //!
