@@ -39,7 +39,7 @@ use crate::text::human;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// A path broke one of the rules of [`LockPath`]; nothing was sent.
+    /// A path broke one of the rules of [`LockPath`](crate::LockPath); nothing was sent.
     #[error("invalid lock path {input}: {rule}")]
     InvalidPath {
         /// The rejected input, shortened for display.

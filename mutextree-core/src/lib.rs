@@ -6,6 +6,14 @@
 //! independent. Locks expire, carry an owner id and a fencing token, and are
 //! refreshed and released only by their holder.
 //!
+//! A lock is [`Mode::Exclusive`] (the default) or [`Mode::Shared`]: two
+//! locks on one branch conflict unless both are Shared, and a Shared lock
+//! covers its whole subtree as an Exclusive one does (the conflict table is
+//! in the docs of [`Mode`]'s module, [here](crate::Mode#modes)). One grant
+//! may hold up to [`LockItems::MAX`] paths, each with its mode, all or
+//! nothing, under one fencing token; a held grant can change its mode
+//! ([`TreeLock::upgrade`], [`TreeLock::downgrade`]).
+//!
 //! Most applications depend on the `mutextree` facade crate instead, which
 //! re-exports this one with the stores behind cargo features.
 //!

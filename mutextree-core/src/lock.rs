@@ -159,8 +159,20 @@ impl fmt::Debug for Namespace {
 
 /// How an item of a grant holds its subtree.
 ///
-/// See the [conflict table](crate#modes-and-items): two comparable items
-/// conflict unless both are Shared.
+/// # Modes
+///
+/// Two live items of different grants conflict iff their paths are
+/// comparable (equal, or one an ancestor of the other) and not both
+/// Shared; the same owner conflicts too (tree locks are not re-entrant):
+///
+/// | held \ asked, comparable paths | Shared | Exclusive |
+/// | --- | --- | --- |
+/// | Shared | granted | refused |
+/// | Exclusive | refused | refused |
+///
+/// A Shared item on `[A]` covers the whole subtree: it refuses an Exclusive
+/// item on `[A]`, on an ancestor and on any descendant such as `[A, B, C]`.
+/// Siblings never conflict, whatever their modes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Mode {
     /// Readers: any number of Shared items coexist on comparable paths, and

@@ -226,3 +226,70 @@ impl LockItems {
 fn describe(item: &LockItem) -> String {
     format!("{} ({})", item.path, item.mode)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn items(list: &[(&str, Mode)]) -> Result<LockItems, Error> {
+        LockItems::new(list.iter().map(|(path, mode)| (LockPath::parse(path).expect("path"), *mode)))
+    }
+
+    fn shown(items: &LockItems) -> String {
+        items.to_string()
+    }
+
+    #[test]
+    fn items_are_normalised() {
+        use Mode::{Exclusive as X, Shared as S};
+        // Exact duplicates merge to the stronger mode, whatever their order.
+        assert_eq!(shown(&items(&[("a", S), ("a", X)]).expect("ok")), "a");
+        assert_eq!(shown(&items(&[("a", X), ("a", S)]).expect("ok")), "a");
+        assert_eq!(shown(&items(&[("a", S), ("a", S)]).expect("ok")), "a (shared)");
+        // One mode on one branch collapses to the ancestor.
+        assert_eq!(shown(&items(&[("a/b/c", S), ("a", S), ("a/d", S)]).expect("ok")), "a (shared)");
+        assert_eq!(shown(&items(&[("a/b", X), ("a/b/c", X), ("z", S)]).expect("ok")), "a/b, z (shared)");
+        // Key order, siblings kept, `a` is not an ancestor of `ab`.
+        assert_eq!(shown(&items(&[("b", X), ("ab", S), ("a", X)]).expect("ok")), "a, ab (shared), b");
+        // A duplicate that becomes Exclusive, under a Shared ancestor: refused.
+        let error = items(&[("a/b", S), ("a", S), ("a/b", X)]).expect_err("mixed modes on one branch");
+        assert!(matches!(error, Error::InvalidRequest { .. }), "{error:?}");
+        assert!(error.to_string().contains("a (shared) and a/b (exclusive)"), "{error}");
+    }
+
+    #[test]
+    fn item_limits() {
+        let none = LockItems::new(Vec::<LockItem>::new()).expect_err("empty");
+        assert!(none.to_string().contains("at least one path"), "{none}");
+        let seventeen: Vec<(LockPath, Mode)> =
+            (0..17).map(|at| (LockPath::new([format!("n{at}")]).expect("path"), Mode::Shared)).collect();
+        let error = LockItems::new(seventeen.clone()).expect_err("17");
+        assert!(error.to_string().contains("17 paths, but one request may lock at most 16"), "{error}");
+        assert_eq!(LockItems::new(seventeen[..16].to_vec()).expect("16").len(), 16);
+        // Counted before duplicates merge: 17 names for one path are refused too.
+        let same = vec![(LockPath::new(["a"]).expect("path"), Mode::Shared); 17];
+        assert!(LockItems::new(same).is_err());
+    }
+
+    #[test]
+    fn refusals_name_a_blocker_per_item() {
+        use crate::lock::{Blockers, HeldLock};
+        let asked = items(&[("a/b", Mode::Exclusive), ("c", Mode::Shared)]).expect("ok");
+        let held = |path: &str, mode| HeldLock {
+            path: LockPath::parse(path).expect("path"),
+            mode,
+            owner: Owner::new("w").expect("owner"),
+            token: 7,
+            remaining: Duration::from_secs(3),
+            transient: false,
+        };
+        let error = Error::Refused {
+            items: asked,
+            blockers: Blockers::new(held("a", Mode::Shared), [held("c/d", Mode::Exclusive)]),
+        };
+        let message = error.to_string();
+        assert!(message.starts_with("lock on a/b, c (shared) refused: "), "{message}");
+        assert!(message.contains("a/b: its ancestor a is held shared by \"w\""), "{message}");
+        assert!(message.contains("c: its descendant c/d is held by \"w\""), "{message}");
+    }
+}

@@ -184,3 +184,72 @@ async fn refusal_loops_do_not_starve_the_runtime() {
     let refreshed = holder.refresh().await.expect("still held after the spinning");
     assert_eq!(refreshed.token, grant.token);
 }
+
+/// A mode change replaces the grant's token; the handle follows it: the
+/// automatic refresh keeps the new token alive, `lost()` taken before the
+/// change still tells of a loss after it, and the old token is dead.
+#[tokio::test(start_paused = true)]
+async fn the_handle_follows_its_grant_through_mode_changes() {
+    use mutextree_core::{Error, Mode, TreeLock};
+    let store: Arc<dyn LockBackend> = Arc::new(MemoryBackend::new());
+    let ttl = Duration::from_secs(3);
+    let reader =
+        TreeLock::builder(store.clone(), "tenant/config").shared().ttl(ttl).auto_refresh(true).build().expect("ok");
+    let mut guard = reader.lock().await.expect("free");
+    let shared = guard.grant().clone();
+    let lost = guard.lost();
+    let exclusive = guard.upgrade().await.expect("no other reader").clone();
+    assert!(exclusive.token > shared.token);
+    assert_eq!(exclusive.items.first().mode, Mode::Exclusive);
+    assert!(matches!(store.refresh(&shared, Ttl::new(ttl).expect("ttl")).await, Err(Error::NotHeld { .. })));
+    // Many ttls later the upgraded grant is still held, kept by the refresh.
+    tokio::time::sleep(ttl * 5).await;
+    let listed = store.list(None).await.expect("list");
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!((listed[0].mode, listed[0].token), (Mode::Exclusive, reader.grant().expect("held").token));
+    // The downgrade lets a reader in, and the refresh follows again.
+    let downgraded = guard.downgrade().await.expect("live").clone();
+    assert!(downgraded.token > exclusive.token);
+    let other = TreeLock::builder(store.clone(), "tenant").shared().build().expect("ok");
+    let other_guard = other.try_lock().await.expect("readers share");
+    tokio::time::sleep(ttl * 5).await;
+    assert!(reader.is_held());
+    // An administrator's release is a loss that `lost()` hears, though it
+    // was taken two mode changes ago.
+    store.release(&reader.grant().expect("held")).await.expect("forced release");
+    let error = tokio::time::timeout(ttl * 2, lost).await.expect("the loss is heard");
+    assert!(matches!(error, Error::Lost { .. }), "{error:?}");
+    other_guard.release().await.expect("release");
+}
+
+/// Shared items of many readers below a node are not looked at by a
+/// Shared request above them, and do not linger once released.
+#[tokio::test(start_paused = true)]
+async fn readers_leave_no_entries_either() {
+    use mutextree_core::{LockItems, Mode};
+    let store = MemoryBackend::new();
+    let ttl = Ttl::new(Duration::from_secs(60)).expect("ttl");
+    let owner = Owner::new("reader").expect("owner");
+    let mut grants = Vec::new();
+    for reader in 0..50 {
+        let items = LockItems::new([
+            (LockPath::parse(&format!("t/p-{}", reader % 5)).expect("path"), Mode::Shared),
+            (LockPath::parse(&format!("u/h-{reader}")).expect("path"), Mode::Exclusive),
+        ])
+        .expect("items");
+        let attempt = store.try_grant(&LockRequest::of(items, owner.clone(), ttl)).await.expect("attempt");
+        grants.push(attempt.granted().expect("readers share, hosts differ"));
+    }
+    let above = LockRequest::of(LockItems::one(LockPath::parse("t").expect("path"), Mode::Shared), owner.clone(), ttl);
+    let above = store.try_grant(&above).await.expect("attempt").granted().expect("a reader above readers");
+    let writer = LockRequest::new(LockPath::parse("t/p-3/x").expect("path"), owner, ttl);
+    match store.try_grant(&writer).await.expect("attempt") {
+        Attempt::Blocked(blockers) => assert_eq!(blockers.first().path.to_string(), "t", "{blockers:?}"),
+        granted => panic!("a writer under readers: {granted:?}"),
+    }
+    for grant in grants.iter().chain([&above]) {
+        store.release(grant).await.expect("release");
+    }
+    store.sweep();
+    assert_eq!(store.entries(), 0, "{store:?}");
+}

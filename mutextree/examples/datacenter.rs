@@ -336,8 +336,8 @@ impl Timeline {
     }
 
     fn got(&self, actor: &'static str, grant: &Grant, how: &str) {
-        self.event(actor, "got", format!("{}  token {}  ({how})", grant.path, grant.token));
-        self.note(actor, format!("got {} (token {})", grant.path, grant.token));
+        self.event(actor, "got", format!("{}  token {}  ({how})", grant.items, grant.token));
+        self.note(actor, format!("got {} (token {})", grant.items, grant.token));
         lock(&self.tokens).push(grant.token);
     }
 

@@ -26,7 +26,7 @@ use std::future::Future;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use mutextree_core::{Error, Grant, IntoLockPath, LockBackend, TreeLockBuilder, Wait};
+use mutextree_core::{Error, Grant, IntoLockPath, LockBackend, LockItems, Mode, TreeLockBuilder, Wait};
 use tokio::runtime::Runtime;
 
 /// The process's runtime for blocking calls.
@@ -88,9 +88,38 @@ impl TreeLock {
         TreeLock::builder(backend, path).build()
     }
 
-    /// Configures a handle: the async handle's builder, building this one.
+    /// Configures a handle: the async handle's builder, building this one
+    /// (`.shared()` for a reader, `.and(path, mode)` for more paths).
     pub fn builder(backend: Arc<dyn LockBackend>, path: impl IntoLockPath) -> TreeLockBuilder<TreeLock> {
         TreeLockBuilder::new(backend, path)
+    }
+
+    /// A handle on several paths, each with its mode, granted all or
+    /// nothing (see [`crate::TreeLock::many`]).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use mutextree::{blocking, memory::MemoryBackend, Error, LockBackend, Mode};
+    ///
+    /// let store: Arc<dyn LockBackend> = Arc::new(MemoryBackend::new());
+    /// let hosts = [("dc/rack-1/host-3", Mode::Exclusive), ("dc/rack-4/host-8", Mode::Exclusive)];
+    /// let moving = blocking::TreeLock::many(store.clone(), hosts)?;
+    /// let guard = moving.lock()?;
+    /// assert_eq!(guard.grant().items.len(), 2);
+    /// // Nobody locks either host, nor a rack or the datacenter above them.
+    /// assert!(blocking::TreeLock::new(store, "dc/rack-4")?.try_lock().is_err());
+    /// # Ok::<(), Error>(())
+    /// ```
+    pub fn many<P: IntoLockPath>(
+        backend: Arc<dyn LockBackend>,
+        items: impl IntoIterator<Item = (P, Mode)>,
+    ) -> Result<Self, Error> {
+        TreeLockBuilder::many(backend, items).build()
+    }
+
+    /// The locked nodes and their modes, as asked for.
+    pub fn items(&self) -> &LockItems {
+        self.inner.items()
     }
 
     /// The async handle underneath.
@@ -131,6 +160,18 @@ impl TreeLock {
     /// Sets the remaining life to exactly `ttl`.
     pub fn refresh_to(&self, ttl: Duration) -> Result<Grant, Error> {
         block_on(self.inner.refresh_to(ttl))
+    }
+
+    /// Upgrades the held grant's Shared items to Exclusive, without
+    /// waiting (see [`crate::TreeLock::upgrade`]).
+    pub fn upgrade(&self) -> Result<Grant, Error> {
+        block_on(self.inner.upgrade())
+    }
+
+    /// Downgrades the held grant's Exclusive items to Shared (see
+    /// [`crate::TreeLock::downgrade`]).
+    pub fn downgrade(&self) -> Result<Grant, Error> {
+        block_on(self.inner.downgrade())
     }
 
     /// Whether anyone holds a live lock on exactly this path.
@@ -205,6 +246,33 @@ impl TreeLockGuard {
     /// The fencing token to hand to the protected resource.
     pub fn token(&self) -> u64 {
         self.inner().token()
+    }
+
+    /// Upgrades this guard's grant to Exclusive, without waiting (see
+    /// [`crate::TreeLock::upgrade`]).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use mutextree::{blocking, memory::MemoryBackend, Error, LockBackend};
+    ///
+    /// let store: Arc<dyn LockBackend> = Arc::new(MemoryBackend::new());
+    /// let config = blocking::TreeLock::builder(store, "tenant-1/config").shared().build()?;
+    /// let mut guard = config.lock()?;
+    /// let read_under = guard.token();
+    /// guard.upgrade()?; // no other reader: now a writer, with a newer token
+    /// assert!(guard.token() > read_under);
+    /// # Ok::<(), Error>(())
+    /// ```
+    pub fn upgrade(&mut self) -> Result<&Grant, Error> {
+        let guard = self.guard.as_mut().expect("a guard holds its grant until released");
+        block_on(guard.upgrade())
+    }
+
+    /// Downgrades this guard's grant to Shared (see
+    /// [`crate::TreeLock::downgrade`]).
+    pub fn downgrade(&mut self) -> Result<&Grant, Error> {
+        let guard = self.guard.as_mut().expect("a guard holds its grant until released");
+        block_on(guard.downgrade())
     }
 
     /// Releases this guard's grant and reports the outcome.

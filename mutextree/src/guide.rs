@@ -56,7 +56,8 @@
 //!
 //! let _region_guard = region.lock().await?;
 //! match host.try_lock().await {
-//!     Err(Error::Refused { blocker, .. }) => {
+//!     Err(Error::Refused { blockers, .. }) => {
+//!         let blocker = blockers.first();
 //!         assert_eq!(blocker.path.to_string(), "eu-west");
 //!         println!("busy: {} holds it for {:?} more", blocker.owner, blocker.remaining);
 //!     }
@@ -86,6 +87,78 @@
 //!     .await?;
 //! assert_eq!(patched, Ok(12));
 //! assert!(!rack.is_held(), "released after the work");
+//! # Ok(()) }
+//! ```
+//!
+//! # [`shared`](crate::TreeLockBuilder::shared): readers and a writer
+//!
+//! A Shared lock lets other Shared holders in and keeps every Exclusive
+//! one out, on the node, above it and anywhere below it:
+//!
+//! | held \\ asked, on the same branch | Shared | Exclusive |
+//! | --- | --- | --- |
+//! | Shared | granted | refused |
+//! | Exclusive | refused | refused |
+//!
+//! Siblings never conflict, whatever their modes. A reader can
+//! [`upgrade`](crate::TreeLockGuard::upgrade) to a writer when no one else
+//! reads (it never waits: two readers upgrading would wait for each other
+//! forever), and a writer can [`downgrade`](crate::TreeLockGuard::downgrade)
+//! to let readers in without letting a writer slip in between. Both give
+//! the grant a new fencing token.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), mutextree::Error> {
+//! use mutextree::{Error, TreeLock};
+//!
+//! let store = mutextree::connect("memory://?namespace=guide-shared").await?;
+//! let reader = |name: &str| TreeLock::builder(store.clone(), "tenant-1").shared().owner(name).build();
+//! let (a, b) = (reader("report-a")?, reader("report-b")?);
+//! let a_reads = a.lock().await?;
+//! let mut b_reads = b.lock().await?; // readers share the tenant
+//!
+//! // A writer anywhere in the tenant waits for both readers.
+//! let writer = TreeLock::new(store.clone(), "tenant-1/project-9")?;
+//! assert!(matches!(writer.try_lock().await, Err(Error::Refused { .. })));
+//!
+//! // b cannot upgrade while a reads; it can once a is done.
+//! assert!(matches!(b_reads.upgrade().await, Err(Error::Refused { .. })));
+//! a_reads.release().await?;
+//! b_reads.upgrade().await?;
+//! assert!(matches!(a.try_lock().await, Err(Error::Refused { .. })));
+//! b_reads.release().await?;
+//! writer.lock().await?.release().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # [`many`](crate::TreeLock::many): several paths, all or nothing
+//!
+//! Moving a VM from one host to another needs both hosts.
+//! [`TreeLock::many`](crate::TreeLock::many) (or
+//! [`TreeLockBuilder::and`](crate::TreeLockBuilder::and)) asks for up to
+//! 16 paths, each with its mode, granted together in one atomic step with
+//! one fencing token, or not at all. Nothing is held while waiting, so two
+//! movers naming the hosts in opposite orders cannot deadlock. A refusal
+//! names a blocker for each path in the way.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), mutextree::Error> {
+//! use mutextree::{Error, Mode, TreeLock};
+//!
+//! let store = mutextree::connect("memory://?namespace=guide-many").await?;
+//! let source = "dc-1/rack-1/host-3";
+//! let target = "dc-1/rack-4/host-8";
+//! let mover = TreeLock::many(store.clone(), [(source, Mode::Exclusive), (target, Mode::Exclusive)])?;
+//! let back = TreeLock::many(store.clone(), [(target, Mode::Exclusive), (source, Mode::Exclusive)])?;
+//!
+//! let moving = mover.lock().await?;
+//! assert_eq!(moving.grant().items.len(), 2);
+//! match back.try_lock().await {
+//!     Err(Error::Refused { blockers, .. }) => assert_eq!(blockers.len(), 2, "one blocker per host"),
+//!     other => panic!("both hosts are held: {other:?}"),
+//! }
+//! moving.release().await?; // both hosts at once
+//! back.lock().await?.release().await?;
 //! # Ok(()) }
 //! ```
 //!
