@@ -1,10 +1,11 @@
 //! What only the PostgreSQL store promises, on a real server: migrations
-//! racing each other, the READ COMMITTED snapshot race on parent/child
+//! racing each other, older schemas (a version 4 one with its locks)
+//! migrated, the READ COMMITTED snapshot race on parent/child
 //! paths, a server crash and restart, the table staying small, grants
 //! planned the same way whatever the statistics say, calls one at a time
 //! on one pooled connection, one listening connection per backend,
 //! releases that notify only when a backend of the namespace listens, and
-//! bad schema names.
+//! bad schema names. (Modes and multi-path grants: `tests/modes.rs`.)
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
