@@ -34,9 +34,10 @@
 //! the other takes the key, and that other one reads afterwards, in
 //! statements of their own: it sees the first one's rows. Two *conflicting*
 //! items are on comparable paths, so the second grant sees the first and
-//! refuses. The argument never looks at the modes: a Shared item needs no
-//! weaker lock, only its check counts fewer rows as in the way (see "Modes
-//! and multi-path grants"). The price is that two Shared grants of one
+//! refuses. The argument does not depend on the modes: a Shared item takes
+//! the same locks as an Exclusive one, and only its check counts fewer
+//! rows as in the way (see "Modes and multi-path grants"). The price is
+//! that two Shared grants of one
 //! node, or of a node and its descendant, take turns for the moment of
 //! their calls (both succeed); a Shared item could not take its node's key
 //! shared, since a Shared `[A]` and an Exclusive `[A, B]` would then both
