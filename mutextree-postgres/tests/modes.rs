@@ -11,6 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+mod common;
+
+use common::{fresh_name, inspector};
 use conformance::servers::postgres;
 use futures::future::join_all;
 use mutextree_core::backend::{Attempt, LockKind, LockRequest};
@@ -27,10 +30,6 @@ fn path(text: &str) -> LockPath {
 fn request(items: &[(&str, Mode)], owner: &str) -> LockRequest {
     let items = LockItems::new(items.iter().map(|(text, mode)| (path(text), *mode))).expect("items");
     LockRequest::of(items, Owner::new(owner).expect("owner"), Ttl::new(LONG).expect("ttl"))
-}
-
-fn fresh_name(prefix: &str) -> String {
-    format!("{prefix}_{:012x}", fastrand::u64(..1 << 48))
 }
 
 /// A backend on a namespace of its own, on a pool of one connection.
@@ -410,8 +409,7 @@ async fn racing_multi_path_grants_never_deadlock_nor_overlap() {
     );
 
     // Every session of the clients has ended, and reported its statistics.
-    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect");
-    tokio::spawn(connection);
+    let client = inspector(&url).await;
     let others =
         "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()";
     let started = tokio::time::Instant::now();
@@ -441,8 +439,7 @@ async fn operations_read_a_few_index_pages_whatever_the_namespace_holds() {
     let schema = fresh_name("reads");
     let config = PostgresConfig::from_url(&url).expect("url").schema(schema.clone()).pool_size(1);
     let backend = config.connect().await.expect("connect").backend("reads").expect("namespace");
-    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect");
-    tokio::spawn(connection);
+    let client = inspector(&url).await;
     client
         .batch_execute(&format!(
             "ANALYZE \"{schema}\".locks; \

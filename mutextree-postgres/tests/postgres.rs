@@ -11,6 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod common;
+
+use common::{fresh_name, inspector};
 use conformance::cancel::Gated;
 use conformance::oracle::Oracle;
 use conformance::servers::postgres;
@@ -26,17 +29,6 @@ fn request(path: &str, owner: &str, ttl: Duration) -> LockRequest {
         Owner::new(owner).expect("owner"),
         Ttl::new(ttl).expect("ttl"),
     )
-}
-
-fn fresh_name(prefix: &str) -> String {
-    format!("{prefix}_{:012x}", fastrand::u64(..1 << 48))
-}
-
-/// A plain connection for looking at the server's side of things.
-async fn inspector(url: &str) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("connect");
-    tokio::spawn(connection);
-    client
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
