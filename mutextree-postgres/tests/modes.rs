@@ -19,6 +19,7 @@ use futures::future::join_all;
 use mutextree_core::backend::{Attempt, LockKind, LockRequest};
 use mutextree_core::{Error, Grant, HeldLock, LockBackend, LockItem, LockItems, LockPath, Mode, Owner, Ttl};
 use mutextree_postgres::{PostgresBackend, PostgresConfig};
+use Mode::{Exclusive, Shared};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -61,8 +62,6 @@ fn described(held: &HeldLock) -> (String, Mode, u64) {
 async fn listed(backend: &PostgresBackend) -> Vec<(String, Mode, u64)> {
     backend.list(None).await.expect("list").iter().map(described).collect()
 }
-
-use Mode::{Exclusive, Shared};
 
 #[tokio::test]
 async fn shared_holders_share_one_path_and_keep_a_writer_out() {
