@@ -495,18 +495,18 @@ impl Tree {
             self.purge(grant.token, now);
             return Err(Error::not_held(grant));
         }
+        // A downgrade is checked too: among live grants only a stepwise
+        // client's lock in progress can conflict with it (see the contract).
         let changed = record.items.with_mode(mode);
-        if mode == Mode::Exclusive {
-            let mut expired = Vec::new();
-            let blockers: Vec<HeldLock> =
-                changed.iter().filter_map(|item| self.blocker(item, Some(grant.token), now, &mut expired)).collect();
-            for token in expired {
-                self.purge(token, now);
-            }
-            let mut blockers = blockers.into_iter();
-            if let Some(first) = blockers.next() {
-                return Ok(Attempt::Blocked(Blockers::new(first, blockers)));
-            }
+        let mut expired = Vec::new();
+        let blockers: Vec<HeldLock> =
+            changed.iter().filter_map(|item| self.blocker(item, Some(grant.token), now, &mut expired)).collect();
+        for token in expired {
+            self.purge(token, now);
+        }
+        let mut blockers = blockers.into_iter();
+        if let Some(first) = blockers.next() {
+            return Ok(Attempt::Blocked(Blockers::new(first, blockers)));
         }
         let mut record = self.remove(grant.token).expect("checked above");
         self.last_token += 1;
