@@ -533,9 +533,8 @@ impl LockBackend for PostgresBackend {
     }
 
     /// One call of the grant function, as a grant of the same items in
-    /// `mode` that does not count the grant's own rows as in the way; a
-    /// change to Shared takes no advisory lock and checks nothing (see the
-    /// schema module).
+    /// `mode` that does not count the grant's own rows as in the way (see
+    /// the schema module).
     async fn change_mode(&self, grant: &Grant, mode: Mode) -> Result<Attempt, Error> {
         let items = grant.items.with_mode(mode);
         self.grant(&items, &grant.owner, grant.ttl, grant.kind, Check::Tree, Some(grant)).await

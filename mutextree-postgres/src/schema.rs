@@ -78,11 +78,15 @@
 //! (the stepwise primitive) is blocked by any live row on its key, Shared
 //! included.
 //!
-//! A mode change is a call of the same function with the grant's token:
-//! an upgrade takes the locks and runs the checks of its items as
-//! Exclusive, not counting the grant's own rows, and on success gives
-//! them the new mode and a new token, with the same expiry; a downgrade
-//! only weakens a live grant, so it takes no lock and checks nothing.
+//! A mode change is a call of the same function with the grant's token: it
+//! takes the locks and runs the checks of a grant of the same items in
+//! their new mode, not counting the grant's own rows, and on success gives
+//! the rows the new mode and a new token, with the same expiry. Natively
+//! nothing can be in the way of a downgrade; beside stepwise clients, a
+//! key lock on an ancestor whose client has not yet looked below it is
+//! (see `LockBackend::change_mode`), and the downgrade's locks meet that
+//! key lock's on the ancestor's key, so the downgrade either sees its row
+//! and is refused, or commits first, and the key lock's token is newer.
 //! Release and refresh act on the rows of the grant's keys with its owner
 //! and token: every item at once.
 //!
@@ -440,7 +444,7 @@ mod tests {
         "7ff07ddb8ef729a3d9efad66f4ca0131390636808011c7654cd9dec06784014c",
         "41c72b29fb91f23992a317c63464abb3ba36f0ac5e06c82c909477625e18b1ea",
         "5f4edc589e89479fdca77c188b39d77396d1232893736f6da7144abfe61b7351",
-        "9acc93721e150d7b0d0d68ba3bdf813246813aadeb94ba800baefa1ec33262ff",
+        "d7e5ad45dded0bb7b80fc01e7e36cf0264bb89c21e8ec5e12fdf924aeb302e48",
     ];
 
     #[test]

@@ -204,9 +204,33 @@ async fn a_downgrade_lets_a_reader_in_and_keeps_writers_out() {
     assert_eq!(reading.expires_at, writer.expires_at, "the same expiry");
     let reader = granted(&backend, &[("A/B", Shared)], "r").await;
     assert_eq!(refused(&backend, &[("A/C", Exclusive)], "w2").await, [("A".into(), Shared, reading.token)]);
-    // A downgrade is granted even with another reader in: it only weakens.
+    // A downgrade is granted with another reader in: Shared items do not
+    // conflict.
     let again = backend.change_mode(&reading, Shared).await.expect("attempt").granted().expect("granted");
     assert!(again.token > reader.token);
+}
+
+/// A stepwise client's lock on an ancestor, taken before it looks below
+/// it, refuses a downgrade meanwhile: the downgrade's token would be newer
+/// than the stepwise grant's, which may yet be granted.
+#[tokio::test]
+async fn a_stepwise_lock_in_progress_above_refuses_a_downgrade() {
+    let backend = backend().await;
+    let writer = granted(&backend, &[("A/B", Exclusive)], "w").await;
+    let above = LockRequest::new(path("A"), Owner::new("stepwise").expect("owner"), Ttl::new(LONG).expect("ttl"));
+    let stepwise = backend.try_lock_key(&above, LockKind::Lock).await.expect("attempt").granted().expect("key free");
+    let Attempt::Blocked(blockers) = backend.change_mode(&writer, Shared).await.expect("attempt") else {
+        panic!("downgraded under a stepwise lock in progress");
+    };
+    assert_eq!(blockers.iter().map(described).collect::<Vec<_>>(), [("A".into(), Exclusive, stepwise.token)]);
+    assert_eq!(
+        listed(&backend).await,
+        [("A".into(), Exclusive, stepwise.token), ("A/B".into(), Exclusive, writer.token)],
+        "a refused downgrade leaves the grant as it was"
+    );
+    backend.release(&stepwise).await.expect("release");
+    let reading = backend.change_mode(&writer, Shared).await.expect("attempt").granted().expect("nothing above");
+    assert!(reading.token > stepwise.token);
 }
 
 #[tokio::test]

@@ -53,26 +53,6 @@ BEGIN
             USING ERRCODE = '25001';
     END IF;
 
-    -- A change to Shared only weakens a live grant: no advisory lock, no
-    -- check.
-    IF p_changing <> 0 AND 'exclusive' <> ALL (p_modes) THEN
-        v_now := clock_timestamp();
-        token := nextval('{schema}.tokens');
-        outcome := 'not held';
-        FOR v_item IN 1..cardinality(p_keys) LOOP
-            UPDATE {schema}.locks l SET mode = 'shared', token = try_grant_items.token
-             WHERE l.namespace = p_namespace AND l.key = p_keys[v_item] AND l.owner = p_owner
-               AND l.token = p_changing AND l.expires_at - v_now > interval '0';
-            IF FOUND THEN
-                outcome := 'granted';
-            END IF;
-        END LOOP;
-        IF outcome = 'not held' THEN
-            token := NULL;
-        END IF;
-        RETURN;
-    END IF;
-
     -- 1. The advisory locks, in the order of p_lock_keys, each only if it
     --    is free at once. When they all are, the check below runs once,
     --    with a snapshot taken after they were held. Otherwise the ones
@@ -220,11 +200,11 @@ BEGIN
     outcome := 'granted';
     token := nextval('{schema}.tokens');
 
-    -- 3. An upgrade: the grant's rows become Exclusive, with the new token
-    --    and the same expiry.
+    -- 3. A mode change: the grant's rows get their new mode and the new
+    --    token, with the same expiry.
     IF p_changing <> 0 THEN
         FOR v_item IN 1..cardinality(p_keys) LOOP
-            UPDATE {schema}.locks l SET mode = 'exclusive', token = try_grant_items.token
+            UPDATE {schema}.locks l SET mode = p_modes[v_item], token = try_grant_items.token
              WHERE l.namespace = p_namespace AND l.key = p_keys[v_item] AND l.owner = p_owner
                AND l.token = p_changing;
         END LOOP;
