@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use mutextree_core::{Error, Namespace};
+use mutextree_core::{Error, LockItems, Namespace};
 use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, ErrorKind, RedisError, Script, ServerErrorKind, ToRedisArgs, Value};
@@ -39,6 +39,7 @@ impl Lua {
 /// The scripts, each one atomic step in one round trip.
 pub(crate) struct Scripts {
     pub(crate) grant: Lua,
+    pub(crate) change_mode: Lua,
     pub(crate) release: Lua,
     pub(crate) refresh: Lua,
     pub(crate) list: Lua,
@@ -47,6 +48,7 @@ pub(crate) struct Scripts {
 
 pub(crate) static SCRIPTS: std::sync::LazyLock<Scripts> = std::sync::LazyLock::new(|| Scripts {
     grant: Lua::new(include_str!("lua/grant.lua")),
+    change_mode: Lua::new(include_str!("lua/change_mode.lua")),
     release: Lua::new(include_str!("lua/release.lua")),
     refresh: Lua::new(include_str!("lua/refresh.lua")),
     list: Lua::new(include_str!("lua/list.lua")),
@@ -61,6 +63,12 @@ impl Args {
     pub(crate) fn with(mut self, value: impl ToRedisArgs) -> Self {
         self.0.extend(value.to_redis_args());
         self
+    }
+
+    /// Each item's key and mode, last: the scripts read them from here to
+    /// the end.
+    pub(crate) fn with_items(self, items: &LockItems) -> Self {
+        items.iter().fold(self, |args, item| args.with(item.path.key()).with(item.mode.as_str()))
     }
 }
 
@@ -79,7 +87,7 @@ pub(crate) struct ScriptRunner {
 #[derive(Debug)]
 pub(crate) struct Keys {
     /// Declared to every script, in this order (see `lua/common.lua`).
-    pub(crate) declared: [String; 4],
+    pub(crate) declared: [String; 5],
     pub(crate) channel: String,
 }
 
@@ -87,7 +95,7 @@ impl Keys {
     pub(crate) fn new(prefix: &str, namespace: &Namespace) -> Self {
         let base = format!("{prefix}:{{{namespace}}}");
         Keys {
-            declared: ["locks", "index", "expiry", "token"].map(|name| format!("{base}:{name}")),
+            declared: ["locks", "index", "expiry", "token", "shared"].map(|name| format!("{base}:{name}")),
             channel: format!("{base}:released"),
         }
     }
@@ -110,8 +118,8 @@ impl ScriptRunner {
     /// if the server does not know it, and once more if the connection
     /// turned out to be dead (the server restarted since the last call; the
     /// client reconnects). Every script is safe to run twice: a grant
-    /// carries its request id, a release is remembered for a few seconds,
-    /// and a refresh sets the same deadline again.
+    /// or a mode change carries its request id, a release is remembered for
+    /// a few seconds, and a refresh sets the same deadline again.
     pub(crate) async fn run(&self, script: &Lua, args: Args) -> Result<Value, Error> {
         let keys = &self.keys.declared;
         let mut by_source = false;

@@ -40,3 +40,14 @@ impl TestStore for Redis {
         Ok(Arc::new(self.backend(namespace).await?))
     }
 }
+
+/// A plain connection to a server, to look behind the backend's back.
+pub(crate) async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url).expect("url").get_multiplexed_async_connection().await.expect("connect")
+}
+
+/// A script as the backend sends it (after the shared prelude), for calls
+/// by hand.
+pub(crate) fn script(body: &str) -> redis::Script {
+    redis::Script::new(&format!("{}\n{body}", include_str!("../../src/lua/common.lua")))
+}
