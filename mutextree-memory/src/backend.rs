@@ -2,7 +2,6 @@
 //! follow the scheme described in the crate docs (one tree per namespace,
 //! under one mutex, with per-mode counts of the items below each node).
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -17,6 +16,10 @@ use tokio::time::Instant;
 
 /// A fast hasher that is still seeded per map (paths come from users).
 type Hasher = foldhash::fast::RandomState;
+
+/// hashbrown's map rather than std's for `entry_ref`: one lookup finds an
+/// entry or makes it, allocating its key only when it is new.
+type HashMap<K, V> = hashbrown::HashMap<K, V, Hasher>;
 
 /// A store: independent namespaces, each a [`MemoryBackend`].
 ///
@@ -188,38 +191,45 @@ struct Tree {
     /// One entry per node with items on it or counted below it (and the
     /// empty ones left for the next sweep, so that the next grant on the
     /// same nodes allocates nothing).
-    nodes: HashMap<Box<str>, Node, Hasher>,
-    /// Every grant not yet removed (live, or expired and not yet purged),
-    /// by token.
-    grants: HashMap<u64, Record, Hasher>,
+    nodes: HashMap<String, Node>,
     last_token: u64,
     /// The token counter's value at the last sweep.
     last_sweep_token: u64,
 }
 
-/// A grant as the store keeps it.
-struct Record {
+/// An item of a grant, on its node. Each item carries its grant whole
+/// (shared, not copied: `LockItems` and `Owner` are reference counted), so
+/// that any item found leads to the others, and a grant of one item (the
+/// common case) costs one entry and no table beside the tree.
+struct Entry {
+    token: u64,
+    mode: Mode,
     items: LockItems,
     owner: Owner,
     expires_at: Instant,
     transient: bool,
 }
 
-impl Record {
+impl Entry {
     fn is_live(&self, now: Instant) -> bool {
         self.expires_at > now
     }
 
     fn is(&self, grant: &Grant) -> bool {
-        self.owner == grant.owner
+        self.token == grant.token && self.owner == grant.owner
     }
 
-    fn held(&self, path: &LockPath, mode: Mode, token: u64, now: Instant) -> HeldLock {
+    fn held(&self, key: &str, now: Instant) -> HeldLock {
+        let path = self
+            .items
+            .iter()
+            .find(|item| item.path.key() == key)
+            .map_or_else(|| self.items.first().path.clone(), |item| item.path.clone());
         HeldLock {
-            path: path.clone(),
-            mode,
+            path,
+            mode: self.mode,
             owner: self.owner.clone(),
-            token,
+            token: self.token,
             remaining: self.expires_at.saturating_duration_since(now),
             transient: self.transient,
         }
@@ -228,11 +238,11 @@ impl Record {
 
 #[derive(Default)]
 struct Node {
-    /// The items on this node: their grant's token and their mode.
-    items: Vec<(u64, Mode)>,
+    /// The items on this node.
+    items: Vec<Entry>,
     /// Items below this node, per mode, by the key of the child they lie
     /// under.
-    below: HashMap<Box<str>, [u32; 2], Hasher>,
+    below: HashMap<String, [u32; 2]>,
     below_total: [u32; 2],
 }
 
@@ -247,6 +257,10 @@ impl Node {
             Mode::Shared => counts[slot(Mode::Exclusive)],
             Mode::Exclusive => counts[0] + counts[1],
         }
+    }
+
+    fn entry(&self, token: u64) -> Option<&Entry> {
+        self.items.iter().find(|entry| entry.token == token)
     }
 }
 
@@ -277,22 +291,45 @@ impl<'k> std::ops::Deref for Levels<'k> {
     }
 }
 
+/// An expired grant met on the way: the key of one of its items, and its
+/// token.
+type Expired = (Box<str>, u64);
+
 impl Tree {
     /// Grants every item of `request` or none. Returns whether expired
     /// grants were purged on the way (waiters may want to hear it).
     fn grant(&mut self, request: &LockRequest, kind: LockKind, check: Check, now: Instant) -> (Attempt, bool) {
         let mut expired = Vec::new();
         let mut blockers = Vec::new();
-        for item in &request.items {
+        // Each item is checked and counted above in one pass over its
+        // ancestors; the counts are taken back if any item is refused.
+        // Which items were counted: a bit each (at most 16 items).
+        let mut counted = 0u32;
+        for (at, item) in request.items.iter().enumerate() {
             let blocker = match check {
-                Check::Tree => self.blocker(item, None, now, &mut expired),
-                Check::KeyOnly => self.holder_of_key(item.path.key(), now, &mut expired),
+                Check::Tree => self.check_and_count(item, now, &mut expired),
+                Check::KeyOnly => self.holder_of_key(item.path.key(), now, &mut expired).or_else(|| {
+                    self.count(item.path.key(), item.mode, 1);
+                    None
+                }),
             };
-            blockers.extend(blocker);
+            match blocker {
+                Some(blocker) => blockers.push(blocker),
+                None => counted |= 1 << at,
+            }
         }
         let purged = !expired.is_empty();
-        for token in expired {
-            self.purge(token, now);
+        let refused = !blockers.is_empty();
+        if refused {
+            for (at, item) in request.items.iter().enumerate() {
+                if counted & (1 << at) != 0 {
+                    self.count(item.path.key(), item.mode, -1);
+                }
+            }
+        }
+        // Purged after the counts are settled: a purge uncounts too.
+        for (key, token) in expired {
+            self.purge(&key, token, now);
         }
         let mut blockers = blockers.into_iter();
         if let Some(first) = blockers.next() {
@@ -300,19 +337,19 @@ impl Tree {
         }
         self.last_token += 1;
         let token = self.last_token;
-        for item in &request.items {
-            self.place(item, token);
-        }
         let ttl = request.ttl.get();
-        self.grants.insert(
-            token,
-            Record {
+        let (owner, expires_at, transient) = (&request.owner, now + ttl, kind == LockKind::Transient);
+        for item in &request.items {
+            let entry = Entry {
+                token,
+                mode: item.mode,
                 items: request.items.clone(),
-                owner: request.owner.clone(),
-                expires_at: now + ttl,
-                transient: kind == LockKind::Transient,
-            },
-        );
+                owner: owner.clone(),
+                expires_at,
+                transient,
+            };
+            self.node_mut(item.path.key()).items.push(entry);
+        }
         self.maybe_sweep(now);
         (Attempt::Granted(Grant::new(request, kind, token, ttl, now)), purged)
     }
@@ -320,15 +357,28 @@ impl Tree {
     /// A live item of another grant (not `skip`) in the way of `item`: on
     /// an ancestor, on the node, or below it. Expired grants met on the
     /// way are pushed to `expired` and not counted.
-    fn blocker(&self, item: &LockItem, skip: Option<u64>, now: Instant, expired: &mut Vec<u64>) -> Option<HeldLock> {
+    fn blocker(
+        &self,
+        item: &LockItem,
+        skip: Option<u64>,
+        now: Instant,
+        expired: &mut Vec<Expired>,
+    ) -> Option<HeldLock> {
         let key = item.path.key();
-        for level in Levels::of(key).iter() {
+        let levels = Levels::of(key);
+        let mut own = None;
+        for (depth, level) in levels.iter().enumerate() {
             let Some(node) = self.nodes.get(*level) else { continue };
-            if let Some(held) = self.conflicting_on(level, node, item.mode, skip, now, expired) {
+            if let Some(held) = conflicting_on(level, node, item.mode, skip, now, expired) {
                 return Some(held);
             }
+            if depth + 1 == levels.len() {
+                own = Some(node);
+            }
         }
-        let node = self.nodes.get(key)?;
+        // The last level is the node itself; without an entry, nothing
+        // lies below it.
+        let node = own?;
         if Node::conflicting_below(&node.below_total, item.mode) == 0 {
             return None;
         }
@@ -341,34 +391,47 @@ impl Tree {
         )
     }
 
-    /// The first live item on `node` (at `key`) that conflicts with `mode`.
-    fn conflicting_on(
-        &self,
-        key: &str,
-        node: &Node,
-        mode: Mode,
-        skip: Option<u64>,
-        now: Instant,
-        expired: &mut Vec<u64>,
-    ) -> Option<HeldLock> {
-        for &(token, held_mode) in &node.items {
-            if Some(token) == skip || !held_mode.conflicts_with(mode) {
-                continue;
+    /// [`Tree::blocker`] for a request's `item`, counting it below each
+    /// ancestor on the way (one lookup per ancestor for both); if it is
+    /// blocked, the counts it made are taken back and the blocker returned.
+    fn check_and_count(&mut self, item: &LockItem, now: Instant, expired: &mut Vec<Expired>) -> Option<HeldLock> {
+        let key = item.path.key();
+        let levels = Levels::of(key);
+        let (own_key, ancestors) = levels.split_last().expect("a path has at least one segment");
+        let slot = slot(item.mode);
+        for (depth, ancestor) in ancestors.iter().enumerate() {
+            let node = self.nodes.entry_ref(*ancestor).or_default();
+            if let Some(blocker) = conflicting_on(ancestor, node, item.mode, None, now, expired) {
+                self.add_below(&levels[..=depth], item.mode, -1);
+                return Some(blocker);
             }
-            let record = &self.grants[&token];
-            if !record.is_live(now) {
-                expired.push(token);
-                continue;
-            }
-            return Some(record.held(&path_of(record, key), held_mode, token, now));
+            node.below.entry_ref(levels[depth + 1]).or_default()[slot] += 1;
+            node.below_total[slot] += 1;
         }
-        None
+        let blocker = self.nodes.get(*own_key).and_then(|node| {
+            conflicting_on(own_key, node, item.mode, None, now, expired).or_else(|| {
+                if Node::conflicting_below(&node.below_total, item.mode) == 0 {
+                    return None;
+                }
+                self.find_below(
+                    own_key,
+                    now,
+                    expired,
+                    |counts| Node::conflicting_below(counts, item.mode) > 0,
+                    |mode| mode.conflicts_with(item.mode),
+                )
+            })
+        });
+        if blocker.is_some() {
+            self.add_below(&levels, item.mode, -1);
+        }
+        blocker
     }
 
     /// The stepwise primitive's check: any live item on exactly `key`.
-    fn holder_of_key(&self, key: &str, now: Instant, expired: &mut Vec<u64>) -> Option<HeldLock> {
+    fn holder_of_key(&self, key: &str, now: Instant, expired: &mut Vec<Expired>) -> Option<HeldLock> {
         let node = self.nodes.get(key)?;
-        self.conflicting_on(key, node, Mode::Exclusive, None, now, expired)
+        conflicting_on(key, node, Mode::Exclusive, None, now, expired)
     }
 
     /// The first live item strictly below `key` in key order whose mode
@@ -378,22 +441,18 @@ impl Tree {
         &self,
         key: &str,
         now: Instant,
-        expired: &mut Vec<u64>,
+        expired: &mut Vec<Expired>,
         worth: impl Fn(&[u32; 2]) -> bool,
         wanted: impl Fn(Mode) -> bool,
     ) -> Option<HeldLock> {
         let mut stack: Vec<&str> = self.children(key, &worth);
         while let Some(next) = stack.pop() {
             let Some(node) = self.nodes.get(next) else { continue };
-            for &(token, mode) in &node.items {
-                if !wanted(mode) {
-                    continue;
+            for entry in node.items.iter().filter(|entry| wanted(entry.mode)) {
+                if entry.is_live(now) {
+                    return Some(entry.held(next, now));
                 }
-                let record = &self.grants[&token];
-                if record.is_live(now) {
-                    return Some(record.held(&path_of(record, next), mode, token, now));
-                }
-                expired.push(token);
+                expired.push((next.into(), entry.token));
             }
             stack.extend(self.children(next, &worth));
         }
@@ -412,111 +471,125 @@ impl Tree {
         children
     }
 
-    /// Puts `item` of grant `token` on its node and counts it above.
-    fn place(&mut self, item: &LockItem, token: u64) {
-        let key = item.path.key();
-        self.count(key, item.mode, 1);
-        self.node_mut(key).items.push((token, item.mode));
+    /// Puts every item of a grant on its node and counts it above.
+    fn place(&mut self, items: &LockItems, token: u64, owner: &Owner, expires_at: Instant, transient: bool) {
+        for item in items {
+            let key = item.path.key();
+            self.count(key, item.mode, 1);
+            let entry =
+                Entry { token, mode: item.mode, items: items.clone(), owner: owner.clone(), expires_at, transient };
+            self.node_mut(key).items.push(entry);
+        }
     }
 
-    /// Takes `item` of grant `token` off its node and uncounts it above.
-    fn unplace(&mut self, item: &LockItem, token: u64) {
-        let key = item.path.key();
-        if let Some(node) = self.nodes.get_mut(key) {
-            node.items.retain(|&(held, _)| held != token);
+    /// Takes every item of grant `token` (whose items are `items`) off its
+    /// node and uncounts it above.
+    fn unplace(&mut self, items: &LockItems, token: u64) {
+        for item in items {
+            let key = item.path.key();
+            if let Some(node) = self.nodes.get_mut(key) {
+                node.items.retain(|entry| entry.token != token);
+            }
+            self.count(key, item.mode, -1);
         }
-        self.count(key, item.mode, -1);
     }
 
     /// Adds `delta` to the count of `mode` below each ancestor of `key`.
     fn count(&mut self, key: &str, mode: Mode, delta: i32) {
-        let levels = Levels::of(key);
+        self.add_below(&Levels::of(key), mode, delta);
+    }
+
+    /// Adds `delta` to the count of `mode` below each of `levels` but the
+    /// last, through the next level.
+    fn add_below(&mut self, levels: &[&str], mode: Mode, delta: i32) {
         for pair in levels.windows(2) {
             let node = self.node_mut(pair[0]);
-            let counts = match node.below.get_mut(pair[1]) {
-                Some(counts) => counts,
-                None => node.below.entry(pair[1].into()).or_default(),
-            };
+            let counts = node.below.entry_ref(pair[1]).or_default();
             counts[slot(mode)] = counts[slot(mode)].wrapping_add_signed(delta);
             node.below_total[slot(mode)] = node.below_total[slot(mode)].wrapping_add_signed(delta);
         }
     }
 
     fn node_mut(&mut self, key: &str) -> &mut Node {
-        if !self.nodes.contains_key(key) {
-            self.nodes.insert(key.into(), Node::default());
-        }
-        self.nodes.get_mut(key).expect("just inserted")
+        self.nodes.entry_ref(key).or_default()
     }
 
-    /// Removes grant `token` and its items, if it is still there.
-    fn purge(&mut self, token: u64, now: Instant) {
-        if self.grants.get(&token).is_some_and(|record| !record.is_live(now)) {
-            self.remove(token);
-        }
+    /// The grant's entry on its first item's node: it is there iff the
+    /// grant was made and not yet removed (items come and go together).
+    fn entry_of(&self, grant: &Grant) -> Option<&Entry> {
+        self.nodes.get(grant.path().key())?.entry(grant.token).filter(|entry| entry.is(grant))
     }
 
-    fn remove(&mut self, token: u64) -> Option<Record> {
-        let record = self.grants.remove(&token)?;
-        for item in &record.items {
-            self.unplace(item, token);
+    /// Removes the grant with `token` that has an item on `key`, if it is
+    /// still there and expired.
+    fn purge(&mut self, key: &str, token: u64, now: Instant) {
+        let Some(entry) = self.nodes.get(key).and_then(|node| node.entry(token)) else { return };
+        if !entry.is_live(now) {
+            let items = entry.items.clone();
+            self.unplace(&items, token);
         }
-        Some(record)
     }
 
     /// Releases `grant`: `Some(true)` if it was live, `Some(false)` if it
     /// had expired (and is purged now), `None` if it is not here.
     fn release(&mut self, grant: &Grant, now: Instant) -> Option<bool> {
-        if !self.grants.get(&grant.token).is_some_and(|record| record.is(grant)) {
-            return None;
+        let key = grant.path().key();
+        let node = self.nodes.get_mut(key)?;
+        let at = node.items.iter().position(|entry| entry.is(grant))?;
+        let entry = node.items.swap_remove(at);
+        for item in &entry.items {
+            if item.path.key() != key {
+                if let Some(node) = self.nodes.get_mut(item.path.key()) {
+                    node.items.retain(|other| other.token != grant.token);
+                }
+            }
+            self.count(item.path.key(), item.mode, -1);
         }
-        self.remove(grant.token).map(|record| record.is_live(now))
+        Some(entry.is_live(now))
     }
 
     fn refresh(&mut self, grant: &Grant, ttl: Ttl, now: Instant) -> Result<Grant, Error> {
-        match self.grants.get_mut(&grant.token) {
-            Some(record) if record.is(grant) && record.is_live(now) => {
-                record.expires_at = now + ttl.get();
-                Ok(Grant { ttl: ttl.get(), expires_at: now + ttl.get(), ..grant.clone() })
-            }
-            Some(record) if record.is(grant) => {
-                self.purge(grant.token, now);
-                Err(Error::not_held(grant))
-            }
-            _ => Err(Error::not_held(grant)),
+        let Some(entry) = self.entry_of(grant) else { return Err(Error::not_held(grant)) };
+        let items = entry.items.clone();
+        if !entry.is_live(now) {
+            self.unplace(&items, grant.token);
+            return Err(Error::not_held(grant));
         }
+        let expires_at = now + ttl.get();
+        for item in &items {
+            let node = self.nodes.get_mut(item.path.key()).expect("a live grant's items are on their nodes");
+            node.items
+                .iter_mut()
+                .filter(|entry| entry.token == grant.token)
+                .for_each(|entry| entry.expires_at = expires_at);
+        }
+        Ok(Grant { ttl: ttl.get(), expires_at, ..grant.clone() })
     }
 
     fn change_mode(&mut self, grant: &Grant, mode: Mode, now: Instant) -> Result<Attempt, Error> {
-        let Some(record) = self.grants.get(&grant.token).filter(|record| record.is(grant)) else {
-            return Err(Error::not_held(grant));
-        };
-        if !record.is_live(now) {
-            self.purge(grant.token, now);
+        let Some(entry) = self.entry_of(grant) else { return Err(Error::not_held(grant)) };
+        let (items, expires_at, transient) = (entry.items.clone(), entry.expires_at, entry.transient);
+        if !entry.is_live(now) {
+            self.unplace(&items, grant.token);
             return Err(Error::not_held(grant));
         }
         // A downgrade is checked too: among live grants only a stepwise
         // client's lock in progress can conflict with it (see the contract).
-        let changed = record.items.with_mode(mode);
+        let changed = items.with_mode(mode);
         let mut expired = Vec::new();
         let blockers: Vec<HeldLock> =
             changed.iter().filter_map(|item| self.blocker(item, Some(grant.token), now, &mut expired)).collect();
-        for token in expired {
-            self.purge(token, now);
+        for (key, token) in expired {
+            self.purge(&key, token, now);
         }
         let mut blockers = blockers.into_iter();
         if let Some(first) = blockers.next() {
             return Ok(Attempt::Blocked(Blockers::new(first, blockers)));
         }
-        let mut record = self.remove(grant.token).expect("checked above");
+        self.unplace(&items, grant.token);
         self.last_token += 1;
         let token = self.last_token;
-        for item in &changed {
-            self.place(item, token);
-        }
-        record.items = changed.clone();
-        let expires_at = record.expires_at;
-        self.grants.insert(token, record);
+        self.place(&changed, token, &grant.owner, expires_at, transient);
         // The handle's expiry stays its own (never later than the store's).
         let expires_at = grant.expires_at.min(expires_at);
         Ok(Attempt::Granted(Grant { items: changed, token, expires_at, ..grant.clone() }))
@@ -528,12 +601,11 @@ impl Tree {
         let mut held = Vec::new();
         let mut expired = Vec::new();
         let mut visit = |key: &str, node: &Node| {
-            for &(token, mode) in &node.items {
-                let record = &self.grants[&token];
-                if record.is_live(now) {
-                    held.push(record.held(&path_of(record, key), mode, token, now));
+            for entry in &node.items {
+                if entry.is_live(now) {
+                    held.push(entry.held(key, now));
                 } else {
-                    expired.push(token);
+                    expired.push((Box::<str>::from(key), entry.token));
                 }
             }
         };
@@ -548,10 +620,8 @@ impl Tree {
                 }
             }
         }
-        expired.sort_unstable();
-        expired.dedup();
-        for token in expired {
-            self.purge(token, now);
+        for (key, token) in expired {
+            self.purge(&key, token, now);
         }
         held.sort_by(|a, b| a.path.cmp(&b.path).then(a.token.cmp(&b.token)));
         held
@@ -575,10 +645,15 @@ impl Tree {
 
     fn sweep(&mut self, now: Instant) {
         self.last_sweep_token = self.last_token;
-        let expired: Vec<u64> =
-            self.grants.iter().filter(|(_, record)| !record.is_live(now)).map(|(&token, _)| token).collect();
-        for token in expired {
-            self.remove(token);
+        let expired: Vec<Expired> = self
+            .nodes
+            .iter()
+            .flat_map(|(key, node)| {
+                node.items.iter().filter(|entry| !entry.is_live(now)).map(|entry| (key.as_str().into(), entry.token))
+            })
+            .collect();
+        for (key, token) in expired {
+            self.purge(&key, token, now);
         }
         for node in self.nodes.values_mut() {
             node.below.retain(|_, counts| *counts != [0, 0]);
@@ -587,9 +662,26 @@ impl Tree {
     }
 }
 
-/// The path of the item of `record` on `key`.
-fn path_of(record: &Record, key: &str) -> LockPath {
-    record.items.iter().find(|item| item.path.key() == key).map(|item| item.path.clone()).expect("an item on its node")
+/// The first live item on `node` (at `key`) of a grant other than `skip`
+/// that conflicts with `mode`.
+fn conflicting_on(
+    key: &str,
+    node: &Node,
+    mode: Mode,
+    skip: Option<u64>,
+    now: Instant,
+    expired: &mut Vec<Expired>,
+) -> Option<HeldLock> {
+    for entry in &node.items {
+        if Some(entry.token) == skip || !entry.mode.conflicts_with(mode) {
+            continue;
+        }
+        if entry.is_live(now) {
+            return Some(entry.held(key, now));
+        }
+        expired.push((key.into(), entry.token));
+    }
+    None
 }
 
 #[cfg(test)]
@@ -620,6 +712,6 @@ mod tests {
         assert_eq!(tree.nodes[LockPath::parse("a").expect("a").key()].below_total, [0, 1]);
         assert_eq!(tree.release(&upgraded, now), Some(true));
         tree.sweep(now);
-        assert!(tree.nodes.is_empty() && tree.grants.is_empty());
+        assert!(tree.nodes.is_empty());
     }
 }
