@@ -10,11 +10,14 @@
 --                                             Exclusive item, for its resend
 --                      listened               until when some backend
 --                                             listens for releases
+--                      shared until           a deadline no Shared item
+--                                             of the namespace outlives
+--                                             (missing: none ever was)
 --                    Path keys end with "/" and never hold a control
 --                    character, so no two kinds of field can be confused.
 --   KEYS[2] index:   sorted set, the Exclusive path keys at score 0
---   KEYS[3] expiry:  sorted set, every field above but `listened` at its
---                    deadline (for the sweep)
+--   KEYS[3] expiry:  sorted set, every field above but `listened` and
+--                    `shared until` at its deadline (for the sweep)
 --   KEYS[4] counter: the fencing token counter (INCR)
 --   KEYS[5] shared:  sorted set, the Shared fields (<path key>\1<token>) at
 --                    score 0
@@ -42,6 +45,7 @@ local SHARED, EXCLUSIVE = 'shared', 'exclusive'
 local HOLDER = '\1'
 local REMEMBER = 5000000
 local LISTENED = 'listened'
+local SHARED_UNTIL = 'shared until'
 
 local function decode(field, value)
   local deadline, token, state, nonce, owner = string.match(value, '^(%d+) (%d+) ([0-3]) (%S+) (.*)$')
@@ -154,18 +158,26 @@ end
 -- `own`: the field of an item being changed (its node's key, or its Shared
 -- holder's field), not in its own way. One HMGET for the node and its
 -- ancestors; ranges of the sets for the subtree, where a Shared item looks
--- at Exclusive entries only.
+-- at Exclusive entries only, and an Exclusive one at Shared entries only
+-- while `shared until` (read with the node) says one may be alive: most
+-- namespaces hold Exclusive items only, and pay for one range.
 local function in_the_way(key, mode, tree, own)
   local fields = { key }
   if tree then
     for stop in string.gmatch(key, '()/') do
       if stop < #key then
-        table.insert(fields, string.sub(key, 1, stop))
+        fields[#fields + 1] = string.sub(key, 1, stop)
       end
     end
   end
+  local nodes = #fields
+  local readers = tree and mode == EXCLUSIVE
+  if readers then
+    fields[nodes + 1] = SHARED_UNTIL
+  end
   local values = redis.call('HMGET', locks, unpack(fields))
-  for i, field in ipairs(fields) do
+  for i = 1, nodes do
+    local field = fields[i]
     local entry = live_value(field, values[i])
     if entry and field ~= own then
       if entry.state ~= SHARED_NODE then
@@ -184,7 +196,8 @@ local function in_the_way(key, mode, tree, own)
   end
   local from, to = '(' .. key, '(' .. string.sub(key, 1, -2) .. '0'
   local field, entry = first_live(index, from, to, nil)
-  if field == nil and mode == EXCLUSIVE then
+  local shared_until = readers and values[nodes + 1]
+  if field == nil and shared_until and tonumber(shared_until) > now then
     field, entry = first_live(shared, from, to, own)
   end
   return field, entry
@@ -213,14 +226,18 @@ local function refusal(found)
   return { 0, unpack(rows) }
 end
 
--- Raises the node's Shared marker to cover a holder alive until `deadline`.
+-- Raises the node's Shared marker, and the namespace's `shared until`, to
+-- cover a holder alive until `deadline`.
 local function mark_shared(key, deadline)
-  local marker = live(key)
-  if marker and marker.state == SHARED_NODE and marker.deadline > deadline then
-    return
+  local values = redis.call('HMGET', locks, key, SHARED_UNTIL)
+  local marker = live_value(key, values[1])
+  if not (marker and marker.state == SHARED_NODE and marker.deadline > deadline) then
+    redis.call('HSET', locks, key, encode(deadline, 0, SHARED_NODE, '-', '-'))
+    redis.call('ZADD', expiry, deadline, key)
   end
-  redis.call('HSET', locks, key, encode(deadline, 0, SHARED_NODE, '-', '-'))
-  redis.call('ZADD', expiry, deadline, key)
+  if not values[2] or tonumber(values[2]) < deadline then
+    redis.call('HSET', locks, SHARED_UNTIL, string.format('%d', deadline))
+  end
 end
 
 -- Writes an item of grant `token` (its node checked free for it).
@@ -302,9 +319,12 @@ end
 
 -- Tells waiters that something was freed: only while a backend has said it
 -- listens (see listen.lua), since Redis writes a message to every
--- subscribed connection.
-local function announce(channel, message)
-  local listened = redis.call('HGET', locks, LISTENED)
+-- subscribed connection. `listened`: the field's value if read already
+-- (false when missing), else nil.
+local function announce(channel, message, listened)
+  if listened == nil then
+    listened = redis.call('HGET', locks, LISTENED)
+  end
   if listened and tonumber(listened) > now then
     redis.call('PUBLISH', channel, message)
   end
