@@ -13,7 +13,10 @@ use redis::{Cmd, ErrorKind, RedisError, Script, ServerErrorKind, ToRedisArgs, Va
 
 use crate::error::{store_error, unexpected};
 
-/// One Lua script: the shared prelude (`lua/common.lua`) and its body.
+/// One Lua script: the shared prelude (`lua/common.lua`), for the scripts
+/// that grant or change items the checks (`lua/checks.lua`), and its body.
+/// (Redis runs the whole text on every call, so a script carries only the
+/// functions it may use.)
 /// Called by `EVALSHA`; after `NOSCRIPT` (a restart, a failover, `SCRIPT
 /// FLUSH`) by `EVAL` with its source, which caches it again. (Not `SCRIPT
 /// LOAD`: in a cluster that goes to every node and fails while one is down.)
@@ -23,8 +26,9 @@ pub(crate) struct Lua {
 }
 
 impl Lua {
-    fn new(body: &str) -> Self {
-        let source = format!("{}\n{body}", include_str!("lua/common.lua"));
+    fn new(checks: bool, body: &str) -> Self {
+        let checks = if checks { include_str!("lua/checks.lua") } else { "" };
+        let source = format!("{}\n{checks}\n{body}", include_str!("lua/common.lua"));
         let sha = Script::new(&source).get_hash().to_owned();
         Lua { source, sha }
     }
@@ -47,12 +51,12 @@ pub(crate) struct Scripts {
 }
 
 pub(crate) static SCRIPTS: std::sync::LazyLock<Scripts> = std::sync::LazyLock::new(|| Scripts {
-    grant: Lua::new(include_str!("lua/grant.lua")),
-    change_mode: Lua::new(include_str!("lua/change_mode.lua")),
-    release: Lua::new(include_str!("lua/release.lua")),
-    refresh: Lua::new(include_str!("lua/refresh.lua")),
-    list: Lua::new(include_str!("lua/list.lua")),
-    listen: Lua::new(include_str!("lua/listen.lua")),
+    grant: Lua::new(true, include_str!("lua/grant.lua")),
+    change_mode: Lua::new(true, include_str!("lua/change_mode.lua")),
+    release: Lua::new(false, include_str!("lua/release.lua")),
+    refresh: Lua::new(true, include_str!("lua/refresh.lua")),
+    list: Lua::new(false, include_str!("lua/list.lua")),
+    listen: Lua::new(false, include_str!("lua/listen.lua")),
 });
 
 /// A script's arguments, each as the bytes sent.

@@ -333,13 +333,15 @@ async fn dead_shared_holders_block_nothing_and_leave_nothing(store: Redis) {
 async fn a_refreshed_reader_keeps_writers_out_past_its_first_ttl(store: Redis) {
     let backend = backend(&store).await;
     let short = Duration::from_millis(300);
-    let request = request(&[("A", Mode::Shared)], short);
+    let request = request(&[("A", Mode::Shared), ("R/S", Mode::Shared)], short);
     let reader = backend.try_grant(&request).await.expect("answered").granted().expect("free");
     let reader = backend.refresh(&reader, Ttl::new(LONG).expect("ttl")).await.expect("refresh");
     // Past the first ttl (no event for it): the node still tells writers
-    // below it that a reader holds it.
+    // below it that a reader holds it, and the namespace still tells
+    // writers above a reader to look for it.
     tokio::time::sleep(short + Duration::from_millis(100)).await;
     assert_eq!(blockers(attempt(&backend, &[("A/B", Mode::Exclusive)]).await), ["A shared"]);
+    assert_eq!(blockers(attempt(&backend, &[("R", Mode::Exclusive)]).await), ["R/S shared"]);
     backend.release(&reader).await.expect("release");
 }
 

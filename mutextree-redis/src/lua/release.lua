@@ -7,9 +7,12 @@ local fields = {}
 for i, item in ipairs(items) do
   fields[i] = item_field(item.key, item.mode, token)
 end
+-- Read with the items: whether anyone listens.
+fields[#items + 1] = LISTENED
 local values = redis.call('HMGET', locks, unpack(fields))
 local entries, by_this, by_other = {}, 0, 0
-for i, field in ipairs(fields) do
+for i = 1, #items do
+  local field = fields[i]
   local entry = values[i] and decode(field, values[i])
   if not entry or entry.deadline <= now or entry.owner ~= owner or entry.token ~= token then
     return 0
@@ -44,9 +47,9 @@ for i, item in ipairs(items) do
     redis.call('ZREM', index, fields[i])
   end
 end
-local keys = {}
-for i, item in ipairs(items) do
-  keys[i] = item.key
+local freed = items[1].key
+for i = 2, #items do
+  freed = freed .. '\n' .. items[i].key
 end
-announce(channel, table.concat(keys, '\n'))
+announce(channel, freed, values[#items + 1])
 return 1

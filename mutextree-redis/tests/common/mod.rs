@@ -46,8 +46,9 @@ pub(crate) async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
     redis::Client::open(url).expect("url").get_multiplexed_async_connection().await.expect("connect")
 }
 
-/// A script as the backend sends it (after the shared prelude), for calls
-/// by hand.
+/// A script after the shared prelude and the checks (which a script that
+/// uses none of them may carry as well), for calls by hand.
 pub(crate) fn script(body: &str) -> redis::Script {
-    redis::Script::new(&format!("{}\n{body}", include_str!("../../src/lua/common.lua")))
+    let (common, checks) = (include_str!("../../src/lua/common.lua"), include_str!("../../src/lua/checks.lua"));
+    redis::Script::new(&format!("{common}\n{checks}\n{body}"))
 }
