@@ -181,8 +181,9 @@ impl RedisBackend {
             .with(nonce())
             .with(request.owner.as_str())
             .with_items(&items);
+        let script = if items.is_single_exclusive() { &SCRIPTS.grant_one } else { &SCRIPTS.grant };
         let sent_at = Instant::now();
-        let reply = Reply::new(self.inner.scripts.run(&SCRIPTS.grant, args).await?)?;
+        let reply = Reply::new(self.inner.scripts.run(script, args).await?)?;
         match reply.granted()? {
             Some((token, ttl)) => Ok(Attempt::Granted(Grant::new(request, kind, token, ttl, sent_at))),
             None => reply.blocked(),

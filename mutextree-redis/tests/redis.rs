@@ -290,7 +290,7 @@ async fn requests_sent_twice_get_the_first_answer() {
     let backend = store.backend(&namespace()).await.expect("connect");
     let keys = backend.keys().to_vec();
     let mut raw = raw(store.url()).await;
-    let grant_script = script(include_str!("../src/lua/grant.lua"));
+    let grant_script = script(include_str!("../src/lua/grant_one.lua"));
     let release_script = script(include_str!("../src/lua/release.lua"));
     let call_grant = |nonce: &'static str| {
         let mut call = grant_script.prepare_invoke();

@@ -1,6 +1,8 @@
--- Shared by every script (prepended to each; checks.lua follows it in the
--- scripts that grant or change items). One namespace, five keys in
--- one hash slot:
+-- Shared by every script (prepended to each; the parts a script needs
+-- follow it, see scripts.rs: items.lua, the_way.lua, checks.lua). It
+-- defines only what the single Exclusive grant (grant_one.lua) and list
+-- use, since Redis runs a script's whole text, every function definition
+-- included, on each call. One namespace, five keys in one hash slot:
 --   KEYS[1] locks:   hash of entries, by field:
 --                      <path key>             an Exclusive item (or a
 --                                             stepwise lock), or the node's
@@ -61,25 +63,14 @@ local function encode(deadline, token, state, nonce, owner)
   return string.format('%d %d %d %s %s', deadline, token, state, nonce, owner)
 end
 
--- The field of a Shared item, and back: the node's key and the item's mode.
-local function holder_field(key, token)
-  return key .. HOLDER .. string.format('%d', token)
-end
-
+-- The node's key and the mode of the item at `field` (a Shared item's
+-- field is its node's key, HOLDER, its token: see items.lua).
 local function node_of(field)
   local at = string.find(field, HOLDER, 1, true)
   if at then
     return string.sub(field, 1, at - 1), SHARED
   end
   return field, EXCLUSIVE
-end
-
--- The field of an item of grant `token`.
-local function item_field(key, mode, token)
-  if mode == SHARED then
-    return holder_field(key, token)
-  end
-  return key
 end
 
 local function forget(field)
@@ -150,26 +141,4 @@ local function shared_holder(key, own)
     forget(key)
   end
   return field, entry
-end
-
--- The items of a request from ARGV[first] on: key, mode pairs.
-local function read_items(first)
-  local items = {}
-  for at = first, #ARGV, 2 do
-    table.insert(items, { key = ARGV[at], mode = ARGV[at + 1] })
-  end
-  return items
-end
-
--- Tells waiters that something was freed: only while a backend has said it
--- listens (see listen.lua), since Redis writes a message to every
--- subscribed connection. `listened`: the field's value if read already
--- (false when missing), else nil.
-local function announce(channel, message, listened)
-  if listened == nil then
-    listened = redis.call('HGET', locks, LISTENED)
-  end
-  if listened and tonumber(listened) > now then
-    redis.call('PUBLISH', channel, message)
-  end
 end
