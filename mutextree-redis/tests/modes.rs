@@ -259,6 +259,8 @@ async fn each_grant_and_change_is_one_script_call(store: Redis) {
     let warm = backend.change_mode(&warm, Mode::Exclusive).await.expect("answered").granted().expect("alone");
     backend.refresh(&warm, Ttl::new(LONG).expect("ttl")).await.expect("refresh");
     backend.release(&warm).await.expect("release");
+    let single = granted(&backend, &[("V", Mode::Exclusive)]).await;
+    backend.release(&single).await.expect("release");
     backend.list(None).await.expect("list");
 
     let calls = || backend.round_trips().expect("counted");
