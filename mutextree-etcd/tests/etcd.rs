@@ -145,6 +145,28 @@ async fn release_and_refresh_on_a_revoked_lease_are_not_held() {
     grant(&backend, "A", Duration::from_secs(2)).await;
 }
 
+/// A mode change that keeps an Exclusive item Exclusive moves it to a new
+/// key (the owner's one key on the node cannot be deleted and put again in
+/// one transaction), so the key's create revision is the new token, and
+/// release, refresh and the owner's next grant on the node all work.
+#[tokio::test]
+async fn an_exclusive_item_changed_to_exclusive_gets_a_new_key() {
+    let (backend, namespace) = fresh().await;
+    let first = grant(&backend, "m/n", Duration::from_secs(30)).await;
+    let Attempt::Granted(changed) = backend.change_mode(&first, Mode::Exclusive).await.expect("change") else {
+        panic!("nothing is in the way of the grant's own item");
+    };
+    assert!(changed.token > first.token);
+    let record = stored(&namespace, "m/n").await.expect("stored");
+    assert_eq!(record.create_revision() as u64, changed.token, "the key was written anew");
+    assert_ne!(record.key_str().expect("utf-8"), format!("mutextree/{namespace}/x/m/n//etcd-test\x1f"));
+    let refreshed = backend.refresh(&changed, Ttl::new(Duration::from_secs(20)).expect("ttl")).await.expect("refresh");
+    backend.release(&refreshed).await.expect("release");
+    assert!(stored(&namespace, "m/n").await.is_none());
+    let again = grant(&backend, "m/n", Duration::from_secs(30)).await;
+    backend.release(&again).await.expect("release");
+}
+
 /// One key per item, in the key space of its mode, named by its node and
 /// its owner (and for a Shared item a nonce), on a lease (never lease 0,
 /// which would never expire), holding the kind and the owner; the fencing
