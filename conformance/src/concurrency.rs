@@ -12,7 +12,7 @@
 //! In a mixed run a downgrade can be refused: a stepwise grant takes its
 //! token when it locks its node's key and only then checks the subtree,
 //! and a downgrade below in between must not take a newer token (see
-//! [`LockBackend::change_mode`](mutextree_core::LockBackend::change_mode)).
+//! [`mutextree_core::LockBackend::change_mode`]).
 //! The oracle would see the tokens fall across the two grants if a store
 //! let it through.
 

@@ -50,8 +50,11 @@ pub trait LockBackend: Send + Sync + fmt::Debug {
     /// stored with the lock and reported in [`HeldLock::transient`].
     async fn try_lock_key(&self, request: &LockRequest, kind: LockKind) -> Result<Attempt, Error>;
 
-    /// Releases exactly this grant (path, owner and token). Fails with
-    /// [`Error::NotHeld`], changing nothing, if it is not live.
+    /// Releases exactly this grant: all its items, found by owner and
+    /// token. `grant` is the grant as it was made (every item: a tool that
+    /// rebuilds one from [`list`](LockBackend::list) gathers the entries
+    /// that share its token). Fails with [`Error::NotHeld`], changing
+    /// nothing, if it is not live.
     async fn release(&self, grant: &Grant) -> Result<(), Error>;
 
     /// Sets the remaining life of exactly this grant to `ttl` (not adds to
