@@ -19,7 +19,7 @@ use mutextree_etcd::EtcdConfig;
 const TTL: Duration = Duration::from_secs(2);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 /// Longer than a request's: on a loaded 2-core machine a first connection
-/// (TLS-less gRPC, HTTP/2 handshake) to a member that is up took over 1 s.
+/// to a member that was up sometimes took over 1 s.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// A request's and a connection's timeout on each of the three members
 /// (the client moves on after a failure), and margin.
