@@ -329,7 +329,18 @@ impl LockBackend for EtcdBackend {
         for (item, now) in changed.iter().zip(grant.items.iter()) {
             checks.require_free(layout, &item.path, mode, Some((now.mode, grant.token)));
         }
-        let new_keys: Vec<String> = changed.iter().map(|item| layout.new_key(mode, &item.path, &grant.owner)).collect();
+        // An item that keeps its mode needs a key other than the one it has.
+        let new_keys: Vec<String> = changed
+            .iter()
+            .zip(grant.items.iter())
+            .map(|(item, now)| {
+                if now.mode == mode {
+                    layout.fresh_key(mode, &item.path, &grant.owner)
+                } else {
+                    layout.new_key(mode, &item.path, &grant.owner)
+                }
+            })
+            .collect();
         // Per item: two compares, a read and up to three operations.
         let items = grant.items.len();
         self.check_size(&changed, checks.len() + 2 * items, 3 * items, checks.len() + items)?;

@@ -7,7 +7,8 @@
 //! the namespace's prefix `<prefix>/<namespace>/`:
 //!
 //! ```text
-//! x/<path key>/<owner>\x1f<nonce>     an Exclusive item (or a stepwise lock)
+//! x/<path key>/<owner>\x1f            an Exclusive item (or a stepwise lock)
+//! x/<path key>/<owner>\x1f<nonce>     an Exclusive item whose key a mode change replaced
 //! s/<path key>/<owner>\x1f<nonce>     a Shared item
 //! ```
 //!
@@ -24,7 +25,14 @@
 //!   ends it. (No NUL: keys stay text every store and tool can show.)
 //!
 //! Several Shared holders coexist on one node, so a key cannot be just the
-//! node: the owner and a random nonce make it unique. The fencing token
+//! node: the owner and a random nonce make it unique. An Exclusive item has
+//! its node to itself, so its key needs no nonce, and the owner's next
+//! Exclusive grant on the node writes the same key again. That matters to
+//! etcd: a deleted key stays in its index until a compaction (which is off
+//! by default), and a range compare walks every key of its range, deleted
+//! ones too; a new key per grant would make each grant on a node slower
+//! than the last. (A mode change that keeps an item Exclusive cannot put
+//! and delete one key in one transaction, so it takes a nonce.) The fencing token
 //! cannot be in the key (it is the revision of the transaction that writes
 //! the key), so release, refresh and mode changes find a grant's key through
 //! its owner's range and its create revision (see the backend module).
@@ -94,12 +102,22 @@ impl Layout {
         Layout { namespace_prefix: format!("{prefix}/{namespace}/") }
     }
 
-    /// The key of a new item in `mode` on `path` for `owner`, unique by a
-    /// random nonce.
+    /// The key of a new item in `mode` on `path` for `owner`: for an
+    /// Exclusive item, the owner's one key on the node (nothing else of the
+    /// space is on the node while it lives); for a Shared one, a key unique
+    /// by a random nonce.
     pub(crate) fn new_key(&self, mode: Mode, path: &LockPath, owner: &Owner) -> String {
-        let mut key = self.node_prefix(mode, path);
-        key.push_str(owner.as_str());
-        key.push(OWNER_END);
+        match mode {
+            Mode::Exclusive => self.owned(mode, path, owner).start,
+            Mode::Shared => self.fresh_key(mode, path, owner),
+        }
+    }
+
+    /// A key in `mode` on `path` for `owner` unique by a random nonce,
+    /// whichever the mode: for an item whose new key must differ from the
+    /// one it has.
+    pub(crate) fn fresh_key(&self, mode: Mode, path: &LockPath, owner: &Owner) -> String {
+        let mut key = self.owned(mode, path, owner).start;
         key.push_str(&format!("{:016x}", fastrand::u64(..)));
         key
     }
@@ -240,9 +258,14 @@ mod tests {
         let me = owner("web-1");
         let key = |mode, at: &str, who: &str| layout.new_key(mode, &path(at), &owner(who));
         let x = Mode::Exclusive;
-        assert!(key(x, "A/B", "web-1").starts_with("mt/app/x/A/B//web-1\x1f"));
-        assert_eq!(key(x, "A/B", "web-1").len(), "mt/app/x/A/B//web-1\x1f".len() + 16);
-        assert_ne!(key(x, "A/B", "web-1"), key(x, "A/B", "web-1"), "a nonce each");
+        assert_eq!(key(x, "A/B", "web-1"), "mt/app/x/A/B//web-1\x1f", "one Exclusive key per owner and node");
+        let s = Mode::Shared;
+        assert!(key(s, "A/B", "web-1").starts_with("mt/app/s/A/B//web-1\x1f"));
+        assert_eq!(key(s, "A/B", "web-1").len(), "mt/app/s/A/B//web-1\x1f".len() + 16);
+        assert_ne!(key(s, "A/B", "web-1"), key(s, "A/B", "web-1"), "a nonce each");
+        let fresh = layout.fresh_key(x, &path("A/B"), &me);
+        assert!(fresh.starts_with("mt/app/x/A/B//web-1\x1f") && fresh.len() == "mt/app/x/A/B//web-1\x1f".len() + 16);
+        assert_ne!(fresh, layout.fresh_key(x, &path("A/B"), &me), "a nonce each");
 
         let subtree = layout.subtree(x, &path("A/B"));
         let holders = layout.holders(x, &path("A/B"));
@@ -325,8 +348,11 @@ mod tests {
         for text in ["A", "a\\/b/c", "%2F/;*?[", "🔒/名前"] {
             let node = path(text);
             for mode in [Mode::Shared, Mode::Exclusive] {
-                let key = layout.new_key(mode, &node, &owner("o//x/"));
-                assert_eq!(layout.item_of(key.as_bytes()).expect("ours"), (node.clone(), mode));
+                for key in
+                    [layout.new_key(mode, &node, &owner("o//x/")), layout.fresh_key(mode, &node, &owner("o//x/"))]
+                {
+                    assert_eq!(layout.item_of(key.as_bytes()).expect("ours"), (node.clone(), mode));
+                }
             }
         }
         assert!(layout.item_of(b"mt/other/x/A//o\x1f").is_err());

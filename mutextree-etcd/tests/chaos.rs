@@ -18,9 +18,12 @@ use mutextree_etcd::EtcdConfig;
 /// Whole seconds, at etcd's minimum lease.
 const TTL: Duration = Duration::from_secs(2);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longer than a request's: on a loaded 2-core machine a first connection
+/// to a member that was up sometimes took over 1 s.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// A request's and a connection's timeout on each of the three members
 /// (the client moves on after a failure), and margin.
-const CALL_LIMIT: Duration = Duration::from_secs(8);
+const CALL_LIMIT: Duration = Duration::from_secs(12);
 
 struct Faulty {
     cluster: Arc<Mutex<Cluster>>,
@@ -40,7 +43,7 @@ impl Faulty {
     }
 
     async fn backend(&self, endpoints: Vec<String>, namespace: &str) -> Result<Arc<dyn LockBackend>, Error> {
-        let config = EtcdConfig::new(endpoints).connect_timeout(REQUEST_TIMEOUT).request_timeout(REQUEST_TIMEOUT);
+        let config = EtcdConfig::new(endpoints).connect_timeout(CONNECT_TIMEOUT).request_timeout(REQUEST_TIMEOUT);
         Ok(Arc::new(config.connect().await?.backend(namespace)?))
     }
 

@@ -145,19 +145,46 @@ async fn release_and_refresh_on_a_revoked_lease_are_not_held() {
     grant(&backend, "A", Duration::from_secs(2)).await;
 }
 
-/// One key per item, in the key space of its mode, named by its node, its
-/// owner and a nonce, on a lease (never lease 0, which would never expire),
-/// holding the kind and the owner; the fencing token is the key's create
-/// revision, the revision of the granting transaction.
+/// A mode change that keeps an Exclusive item Exclusive moves it to a new
+/// key (the owner's one key on the node cannot be deleted and put again in
+/// one transaction), so the key's create revision is the new token, and
+/// release, refresh and the owner's next grant on the node all work.
+#[tokio::test]
+async fn an_exclusive_item_changed_to_exclusive_gets_a_new_key() {
+    let (backend, namespace) = fresh().await;
+    let first = grant(&backend, "m/n", Duration::from_secs(30)).await;
+    let Attempt::Granted(changed) = backend.change_mode(&first, Mode::Exclusive).await.expect("change") else {
+        panic!("nothing is in the way of the grant's own item");
+    };
+    assert!(changed.token > first.token);
+    let record = stored(&namespace, "m/n").await.expect("stored");
+    assert_eq!(record.create_revision() as u64, changed.token, "the key was written anew");
+    assert_ne!(record.key_str().expect("utf-8"), format!("mutextree/{namespace}/x/m/n//etcd-test\x1f"));
+    let refreshed = backend.refresh(&changed, Ttl::new(Duration::from_secs(20)).expect("ttl")).await.expect("refresh");
+    backend.release(&refreshed).await.expect("release");
+    assert!(stored(&namespace, "m/n").await.is_none());
+    let again = grant(&backend, "m/n", Duration::from_secs(30)).await;
+    backend.release(&again).await.expect("release");
+}
+
+/// One key per item, in the key space of its mode, named by its node and
+/// its owner (and for a Shared item a nonce), on a lease (never lease 0,
+/// which would never expire), holding the kind and the owner; the fencing
+/// token is the key's create revision, the revision of the granting
+/// transaction. The owner's next Exclusive grant on the node writes the
+/// same key again, so that deleted keys do not pile up in etcd's index.
 #[tokio::test]
 async fn keys_are_laid_out_as_documented() {
     let (backend, namespace) = fresh().await;
+    let exclusive_key = format!("mutextree/{namespace}/x/a%2Fb/c d//etcd-test\x1f");
+    let first = grant(&backend, "a\\/b/c d", Duration::from_secs(30)).await;
+    let record = stored(&namespace, "a\\/b/c d").await.expect("stored");
+    assert_eq!(record.key_str().expect("utf-8"), exclusive_key);
+    backend.release(&first).await.expect("release");
     let held = grant(&backend, "a\\/b/c d", Duration::from_secs(30)).await;
     let record = stored(&namespace, "a\\/b/c d").await.expect("stored");
-    let key = record.key_str().expect("utf-8");
-    let (node, nonce) = key.split_once('\x1f').expect("owner, unit separator, nonce");
-    assert_eq!(node, format!("mutextree/{namespace}/x/a%2Fb/c d//etcd-test"));
-    assert!(nonce.len() == 16 && nonce.chars().all(|c| c.is_ascii_hexdigit()), "{nonce:?}");
+    assert_eq!(record.key_str().expect("utf-8"), exclusive_key, "the same key again");
+    assert!(held.token > first.token);
     assert_eq!(record.value(), b"Letcd-test");
     assert_ne!(record.lease(), 0);
     assert_eq!(record.create_revision() as u64, held.token);
@@ -165,7 +192,9 @@ async fn keys_are_laid_out_as_documented() {
     assert!(shared.token > held.token);
     let record = stored_all(&namespace, "s", "y/z").await;
     assert_eq!(record.len(), 1);
-    assert!(record[0].key_str().expect("utf-8").starts_with(&format!("mutextree/{namespace}/s/y/z//etcd-test\x1f")));
+    let key = record[0].key_str().expect("utf-8");
+    let nonce = key.strip_prefix(&format!("mutextree/{namespace}/s/y/z//etcd-test\x1f")).expect("owner, separator");
+    assert!(nonce.len() == 16 && nonce.chars().all(|c| c.is_ascii_hexdigit()), "{nonce:?}");
     assert_eq!(record[0].create_revision() as u64, shared.token, "one revision for all the items");
     let other = stored(&namespace, "x").await.expect("stored");
     assert_eq!(other.lease(), record[0].lease(), "one lease for all the items");
