@@ -378,16 +378,28 @@ impl Tree {
         }
         // The last level is the node itself; without an entry, nothing
         // lies below it.
-        let node = own?;
-        if Node::conflicting_below(&node.below_total, item.mode) == 0 {
+        self.blocker_below(key, own?, item.mode, now, expired)
+    }
+
+    /// The first live item below `node` (at `key`) that conflicts with
+    /// `mode`; the counts say at once when there can be none.
+    fn blocker_below(
+        &self,
+        key: &str,
+        node: &Node,
+        mode: Mode,
+        now: Instant,
+        expired: &mut Vec<Expired>,
+    ) -> Option<HeldLock> {
+        if Node::conflicting_below(&node.below_total, mode) == 0 {
             return None;
         }
         self.find_below(
             key,
             now,
             expired,
-            |counts| Node::conflicting_below(counts, item.mode) > 0,
-            |mode| mode.conflicts_with(item.mode),
+            |counts| Node::conflicting_below(counts, mode) > 0,
+            |held| held.conflicts_with(mode),
         )
     }
 
@@ -409,18 +421,8 @@ impl Tree {
             node.below_total[slot] += 1;
         }
         let blocker = self.nodes.get(*own_key).and_then(|node| {
-            conflicting_on(own_key, node, item.mode, None, now, expired).or_else(|| {
-                if Node::conflicting_below(&node.below_total, item.mode) == 0 {
-                    return None;
-                }
-                self.find_below(
-                    own_key,
-                    now,
-                    expired,
-                    |counts| Node::conflicting_below(counts, item.mode) > 0,
-                    |mode| mode.conflicts_with(item.mode),
-                )
-            })
+            conflicting_on(own_key, node, item.mode, None, now, expired)
+                .or_else(|| self.blocker_below(own_key, node, item.mode, now, expired))
         });
         if blocker.is_some() {
             self.add_below(&levels, item.mode, -1);
