@@ -17,14 +17,22 @@ pub use crate::cancel::{
     a_timed_wait_cut_at_its_deadline_leaves_nothing, cancellation_leaves_nothing_beyond_the_ttl,
 };
 use crate::cancel::{Fault, Gated, Point};
+pub use crate::modes::{
+    a_downgrade_is_refused_under_a_stepwise_lock_in_progress, a_downgrade_lets_readers_in_and_keeps_writers_out,
+    a_mode_change_takes_a_new_token_and_keeps_the_expiry, a_multi_path_grant_shares_one_token_and_one_fate,
+    a_multi_path_refusal_names_every_blocked_item, exclusive_ancestor_refuses_shared_descendant,
+    racing_upgrades_never_both_win, requests_are_normalised_before_the_store,
+    shared_ancestor_refuses_exclusive_descendant, shared_holders_coexist_on_one_path,
+    siblings_never_conflict_in_any_mode, sixteen_deep_items_or_a_typed_refusal,
+};
 use crate::Ctx;
 
-fn path(text: &str) -> LockPath {
+pub(crate) fn path(text: &str) -> LockPath {
     LockPath::parse(text).expect("test paths are valid")
 }
 
 /// A ttl no case outlives.
-fn long(ctx: &Ctx) -> Duration {
+pub(crate) fn long(ctx: &Ctx) -> Duration {
     ctx.timing().unit * 30
 }
 

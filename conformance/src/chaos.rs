@@ -5,7 +5,9 @@
 //! are too. A run has three phases:
 //!
 //! 1. **Faults.** Clients acquire (some waiting, some not), hold, refresh
-//!    and release random nodes of a small deep tree, while the store's
+//!    and release random nodes of a small deep tree, Exclusive or Shared,
+//!    one or two at a time, upgrading or downgrading some while they hold
+//!    them, while the store's
 //!    [`ChaosStore::inject`] breaks things: the [proxy](crate::proxy)
 //!    between clients and server, the server process itself (`kill -9` and
 //!    a restart), a member of a cluster. Some clients also *pause* while
@@ -20,14 +22,18 @@
 //! Every grant is recorded as the interval in which its client may
 //! believe it holds the lock: from the reply to the release being sent,
 //! cut at the grant's own `expires_at` (which counts from when the
-//! request was *sent*, so it never outlives the store's expiry). If the
-//! store is right, no two such intervals on overlapping paths intersect,
-//! whatever the faults. The history is checked for that, and for fencing
-//! tokens that rise with every holder of an overlapping path. A shadow
-//! resource plays the fenced service: each holder writes its token when
-//! granted and before releasing, and paused holders try to write after
-//! waking; a live holder's write must never be refused, and the stale
-//! writes it refuses are counted. Every call runs under a limit, and a
+//! request was *sent*, so it never outlives the store's expiry). A mode
+//! change ends one interval and starts another with the new token: an
+//! upgrade's Shared one ends at its reply (until then the store holds the
+//! grant Shared or, stronger, Exclusive), a downgrade's Exclusive one ends
+//! when it is sent (a reader may be let in at once). If the store is
+//! right, no two such intervals with conflicting items (comparable paths,
+//! not both Shared) intersect, whatever the faults. The history is checked
+//! for that, and for fencing tokens that rise with every holder of a
+//! conflicting item. A shadow resource plays the fenced service: each
+//! holder writes its token when granted and before releasing, and paused
+//! holders try to write after waking; a live holder's write must never be
+//! refused, and the stale writes it refuses are counted. Every call runs under a limit, and a
 //! call past it is a violation too (no call may hang).
 
 use std::collections::{BTreeMap, HashMap};
@@ -38,9 +44,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::future::join_all;
-use mutextree_core::{Error, Grant, LockBackend, LockPath, TreeLock};
+use mutextree_core::{Error, Grant, LockBackend, LockItem, LockItems, LockPath, Mode, TreeLock, TreeLockBuilder};
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 
+use crate::oracle::items_conflict;
 use crate::proxy::{FaultProxy, NetFault};
 
 /// The random source of a run's choices, seeded by [`ChaosSettings::seed`].
@@ -239,6 +246,12 @@ pub struct ChaosReport {
     pub refusals: u64,
     /// Calls that failed with a store error.
     pub errors: u64,
+    /// Grants with a Shared item, and grants of several items.
+    pub shared_grants: u64,
+    /// Grants of several items.
+    pub multi_path_grants: u64,
+    /// Upgrades and downgrades granted.
+    pub mode_changes: u64,
     /// Holders that paused past their ttl.
     pub pauses: u64,
     /// Writes of paused holders that the fenced resource refused.
@@ -273,7 +286,8 @@ impl fmt::Display for ChaosReport {
         write!(
             f,
             "chaos {}: {} s of faults, seed {}: {} calls, {} grants, {} refused, {} store errors, {} pauses past the \
-             ttl ({} stale writes refused, {} late releases accepted), {} violations; faults: {}",
+             ttl ({} stale writes refused, {} late releases accepted), {} with a Shared item, {} multi-path, \
+             {} mode changes, {} violations; faults: {}",
             self.store,
             self.duration.as_secs(),
             self.seed,
@@ -284,6 +298,9 @@ impl fmt::Display for ChaosReport {
             self.pauses,
             self.stale_writes_refused,
             self.late_releases,
+            self.shared_grants,
+            self.multi_path_grants,
+            self.mode_changes,
             self.violations.len(),
             faults.join(", ")
         )
@@ -428,7 +445,7 @@ fn tree() -> Vec<LockPath> {
 /// A grant as its client saw it.
 #[derive(Clone, Debug)]
 struct Held {
-    path: LockPath,
+    items: LockItems,
     token: u64,
     client: usize,
     from: Instant,
@@ -443,7 +460,7 @@ struct Run {
     recovery: Duration,
     exact_expiry: bool,
     history: Mutex<Vec<Held>>,
-    fence: Mutex<HashMap<LockPath, u64>>,
+    fence: Mutex<HashMap<LockItem, u64>>,
     violations: Mutex<Vec<String>>,
     calls: AtomicU64,
     refusals: AtomicU64,
@@ -451,6 +468,7 @@ struct Run {
     pauses: AtomicU64,
     stale_writes_refused: AtomicU64,
     late_releases: AtomicU64,
+    mode_changes: AtomicU64,
 }
 
 impl Run {
@@ -470,6 +488,7 @@ impl Run {
             pauses: AtomicU64::new(0),
             stale_writes_refused: AtomicU64::new(0),
             late_releases: AtomicU64::new(0),
+            mode_changes: AtomicU64::new(0),
         }
     }
 
@@ -492,15 +511,19 @@ impl Run {
     }
 
     /// The fenced resource: a write is accepted if its token is above
-    /// every token written on an overlapping path (or is the writer's own
-    /// last one, on its path).
+    /// every token written by a conflicting item (or is the writer's own
+    /// last one). Readers write too: a stale reader must be refused as
+    /// well.
     fn write(&self, grant: &Grant) -> bool {
         let mut fence = self.fence.lock().expect("fence");
-        let accepted = fence.iter().all(|(path, &token)| {
-            !path.overlaps(grant.path()) || token < grant.token || (token == grant.token && path == grant.path())
+        let accepted = fence.iter().all(|(written, &token)| {
+            token <= grant.token || !grant.items.iter().any(|item| items_conflict(item, written))
         });
         if accepted {
-            fence.insert(grant.path().clone(), grant.token);
+            for item in &grant.items {
+                let highest = fence.entry(item.clone()).or_default();
+                *highest = (*highest).max(grant.token);
+            }
         }
         accepted
     }
@@ -509,7 +532,7 @@ impl Run {
     /// given to an overlapping holder.
     fn write_live(&self, grant: &Grant) {
         if !self.write(grant) && !grant.is_expired() {
-            self.violation(format!("the fenced resource refused live holder {} token {}", grant.path(), grant.token));
+            self.violation(format!("the fenced resource refused live holder {} token {}", grant.items, grant.token));
         }
     }
 
@@ -542,8 +565,8 @@ impl Run {
         rng: &mut Rng,
         pause_before: Instant,
     ) -> bool {
-        let path = self.tree[rng.usize(..self.tree.len())].clone();
-        let lock = TreeLock::builder(client.clone(), path.clone())
+        let items = self.random_items(rng);
+        let lock = TreeLockBuilder::<TreeLock>::many(client.clone(), items.iter().map(|i| (i.path.clone(), i.mode)))
             .ttl(self.ttl)
             .owner(owner)
             .build()
@@ -561,6 +584,10 @@ impl Run {
                 self.refusals.fetch_add(1, Ordering::Relaxed);
                 return false;
             }
+            Some(Err(Error::Unsupported { reason, .. })) => {
+                self.violation(format!("{} is unsupported: {reason}", lock.items()));
+                return false;
+            }
             Some(Err(_)) => {
                 self.errors.fetch_add(1, Ordering::Relaxed);
                 // A client backs off a little before trying a failing
@@ -572,7 +599,7 @@ impl Run {
         };
         let from = Instant::now();
         self.write_live(&grant);
-        let mut held = Held { path, token: grant.token, client: index, from, until: grant.expires_at };
+        let mut held = Held { items, token: grant.token, client: index, from, until: grant.expires_at };
         let choice = rng.u8(..10);
         if choice == 0 && Instant::now() + self.ttl * 2 < pause_before {
             // Stopped past the ttl, then carrying on. The store granted
@@ -587,8 +614,7 @@ impl Run {
             match self.call("a release after a pause", self.call_limit, client.release(&grant)).await {
                 Some(Ok(())) if self.exact_expiry => self.violation(format!(
                     "{} token {} was released by its holder a ttl after it expired",
-                    grant.path(),
-                    grant.token
+                    grant.items, grant.token
                 )),
                 Some(Ok(())) => {
                     self.late_releases.fetch_add(1, Ordering::Relaxed);
@@ -616,16 +642,96 @@ impl Run {
             }
             sleep(Duration::from_millis(rng.u64(0..=self.ttl.as_millis() as u64 / 16))).await;
         }
+        if choice == 2 {
+            match self.change_mode(&lock, grant, held).await {
+                Some((changed, now_held)) => (grant, held) = (changed, now_held),
+                None => {
+                    self.release(&lock).await;
+                    return true;
+                }
+            }
+            sleep(Duration::from_millis(rng.u64(0..=self.ttl.as_millis() as u64 / 16))).await;
+        }
         self.write_live(&grant);
         held.until = held.until.min(Instant::now());
         self.record(held);
+        self.release(&lock).await;
+        true
+    }
+
+    async fn release(&self, lock: &TreeLock) {
         match self.call("a release", self.call_limit, lock.release()).await {
             Some(Ok(()) | Err(Error::NotHeld { .. })) | None => {}
             Some(Err(_)) => {
                 self.errors.fetch_add(1, Ordering::Relaxed);
             }
         }
-        true
+    }
+
+    /// One, two or three random nodes of the tree: Exclusive alone as
+    /// often as anything else, otherwise in random modes.
+    fn random_items(&self, rng: &mut Rng) -> LockItems {
+        loop {
+            let count = if rng.bool() { 1 } else { rng.usize(1..=3) };
+            let exclusive_only = rng.u8(..3) == 0;
+            let items = (0..count).map(|_| {
+                let mode = if exclusive_only || rng.bool() { Mode::Exclusive } else { Mode::Shared };
+                (self.tree[rng.usize(..self.tree.len())].clone(), mode)
+            });
+            // Two items on one branch in different modes are invalid
+            // input: draw again.
+            if let Ok(items) = LockItems::new(items.collect::<Vec<_>>()) {
+                return items;
+            }
+        }
+    }
+
+    /// Upgrades a grant with a Shared item, or downgrades one without:
+    /// records the interval the old grant was believed held and returns the
+    /// new grant with its interval, or `None` if the grant may be lost (the
+    /// old interval is recorded then too).
+    async fn change_mode(&self, lock: &TreeLock, grant: Grant, mut held: Held) -> Option<(Grant, Held)> {
+        let upgrade = grant.items.any(Mode::Shared);
+        let sent = Instant::now();
+        let changed = if upgrade {
+            self.call("an upgrade", self.call_limit, lock.upgrade()).await
+        } else {
+            self.call("a downgrade", self.call_limit, lock.downgrade()).await
+        };
+        let replied = Instant::now();
+        let believed = held.until;
+        // Until an upgrade's reply the grant is Shared or stronger; a
+        // downgrade may let readers in as soon as it is sent.
+        held.until = held.until.min(if upgrade { replied } else { sent });
+        match changed {
+            Some(Ok(new)) => {
+                self.mode_changes.fetch_add(1, Ordering::Relaxed);
+                self.record(held.clone());
+                self.write_live(&new);
+                let now_held =
+                    Held { items: new.items.clone(), token: new.token, from: replied, until: new.expires_at, ..held };
+                Some((new, now_held))
+            }
+            Some(Err(Error::Refused { .. })) if upgrade => {
+                self.refusals.fetch_add(1, Ordering::Relaxed);
+                held.until = believed;
+                Some((grant, held))
+            }
+            Some(Err(Error::Unsupported { reason, .. })) => {
+                self.violation(format!("a mode change of {} is unsupported: {reason}", grant.items));
+                self.record(held);
+                None
+            }
+            Some(Err(Error::NotHeld { .. })) | None => {
+                self.record(held);
+                None
+            }
+            Some(Err(_)) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                self.record(held);
+                None
+            }
+        }
     }
 
     fn record(&self, held: Held) {
@@ -635,13 +741,16 @@ impl Run {
     fn report(&self, store: String, settings: &ChaosSettings, faults: BTreeMap<String, u64>) -> ChaosReport {
         let history = self.history.lock().expect("history");
         let mut violations = self.violations.lock().expect("violations").clone();
-        violations.extend(check_history(&history, &self.tree));
+        violations.extend(check_history(&history));
         ChaosReport {
             store,
             seed: settings.seed,
             duration: settings.duration,
             calls: self.calls.load(Ordering::Relaxed),
             grants: history.len() as u64,
+            shared_grants: history.iter().filter(|held| held.items.any(Mode::Shared)).count() as u64,
+            multi_path_grants: history.iter().filter(|held| held.items.len() > 1).count() as u64,
+            mode_changes: self.mode_changes.load(Ordering::Relaxed),
             refusals: self.refusals.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
             pauses: self.pauses.load(Ordering::Relaxed),
@@ -653,10 +762,10 @@ impl Run {
     }
 }
 
-/// The history's violations: two overlapping intervals on overlapping
-/// paths, or a holder whose token is not above that of every earlier
-/// holder of an overlapping path.
-fn check_history(history: &[Held], tree: &[LockPath]) -> Vec<String> {
+/// The history's violations: two overlapping intervals with conflicting
+/// items, or a holder whose token is not above that of every earlier
+/// holder of a conflicting item.
+fn check_history(history: &[Held]) -> Vec<String> {
     // Ends sort before starts at the same instant: touching is not
     // overlapping.
     let mut events: Vec<(Instant, bool, usize)> = Vec::new();
@@ -667,33 +776,36 @@ fn check_history(history: &[Held], tree: &[LockPath]) -> Vec<String> {
         }
     }
     events.sort_by_key(|&(at, is_start, _)| (at, is_start));
+    let conflict = |items: &LockItems, other: &LockItem| items.iter().any(|item| items_conflict(item, other));
     let mut live: Vec<usize> = Vec::new();
-    let mut highest_ended: HashMap<&LockPath, u64> = HashMap::new();
+    let mut highest_ended: HashMap<&LockItem, u64> = HashMap::new();
     let mut violations = Vec::new();
     for (_, is_start, index) in events {
         let held = &history[index];
         if !is_start {
             live.retain(|&other| other != index);
-            let highest = highest_ended.entry(&held.path).or_insert(0);
-            *highest = (*highest).max(held.token);
+            for item in &held.items {
+                let highest = highest_ended.entry(item).or_insert(0);
+                *highest = (*highest).max(held.token);
+            }
             continue;
         }
         for &other in &live {
             let other = &history[other];
-            if other.path.overlaps(&held.path) {
+            if other.items.iter().any(|item| conflict(&held.items, item)) {
                 violations.push(format!(
                     "client {} held {} (token {}) while client {} held {} (token {})",
-                    held.client, held.path, held.token, other.client, other.path, other.token
+                    held.client, held.items, held.token, other.client, other.items, other.token
                 ));
             }
         }
-        for path in tree.iter().filter(|path| path.overlaps(&held.path)) {
-            if let Some(&earlier) = highest_ended.get(path).filter(|&&token| token >= held.token) {
-                violations.push(format!(
-                    "client {} got token {} on {} after token {earlier} on {path} had been held",
-                    held.client, held.token, held.path
-                ));
-            }
+        for (item, earlier) in
+            highest_ended.iter().filter(|&(item, &token)| token >= held.token && conflict(&held.items, item))
+        {
+            violations.push(format!(
+                "client {} got token {} on {} after token {earlier} on {item} had been held",
+                held.client, held.token, held.items
+            ));
         }
         live.push(index);
     }
@@ -728,10 +840,11 @@ mod tests {
             Ok(Vec::new())
         }
         async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error> {
-            mutextree_core::backend::stepwise::try_grant(self, request).await
+            self.try_lock_key(request, LockKind::Lock).await
         }
         async fn change_mode(&self, grant: &Grant, mode: Mode) -> Result<Attempt, Error> {
-            mutextree_core::backend::stepwise::change_mode(self, grant, mode).await
+            let token = self.tokens.fetch_add(1, Ordering::SeqCst) + 1;
+            Ok(Attempt::Granted(Grant { items: grant.items.with_mode(mode), token, ..grant.clone() }))
         }
         async fn withdraw(&self, _owner: &mutextree_core::Owner, _ticket: u64) -> Result<(), Error> {
             Ok(())
@@ -776,12 +889,16 @@ mod tests {
         let report = run(Arc::new(LyingStore(Arc::default())), settings).await;
         assert!(report.violations.iter().any(|v| v.contains("while client")), "{:?}", report.violations);
         assert!(report.violations.iter().any(|v| v.contains("released by its holder")), "{:?}", report.violations);
+        assert!(report.shared_grants > 0 && report.multi_path_grants > 0 && report.mode_changes > 0, "{report}");
+        let shared_beside_exclusive = |v: &&String| v.contains("(shared)") && v.contains("while client");
+        assert!(report.violations.iter().any(|v| shared_beside_exclusive(&v)), "{:?}", report.violations);
         assert!(std::panic::catch_unwind(|| report.assert_clean()).is_err());
     }
 
-    fn held(path: &str, token: u64, from_ms: u64, until_ms: u64, origin: Instant) -> Held {
+    fn held_items(items: &[(&str, Mode)], token: u64, from_ms: u64, until_ms: u64, origin: Instant) -> Held {
         Held {
-            path: LockPath::parse(path).expect("path"),
+            items: LockItems::new(items.iter().map(|&(path, mode)| (LockPath::parse(path).expect("path"), mode)))
+                .expect("items"),
             token,
             client: token as usize,
             from: origin + Duration::from_millis(from_ms),
@@ -789,18 +906,48 @@ mod tests {
         }
     }
 
+    fn held(path: &str, token: u64, from_ms: u64, until_ms: u64, origin: Instant) -> Held {
+        held_items(&[(path, Mode::Exclusive)], token, from_ms, until_ms, origin)
+    }
+
     #[test]
     fn the_history_check_finds_overlaps_and_stale_tokens() {
         let origin = Instant::now();
-        let tree = tree();
         let clean = [held("a", 1, 0, 10, origin), held("a/b", 2, 10, 20, origin), held("b", 3, 5, 30, origin)];
-        assert_eq!(check_history(&clean, &tree), Vec::<String>::new());
+        assert_eq!(check_history(&clean), Vec::<String>::new());
         let overlapping = [held("a", 1, 0, 10, origin), held("a/b/a", 2, 9, 20, origin)];
-        assert_eq!(check_history(&overlapping, &tree).len(), 1);
+        assert_eq!(check_history(&overlapping).len(), 1);
         let stale = [held("a/a", 5, 0, 10, origin), held("a", 4, 11, 20, origin)];
-        assert_eq!(check_history(&stale, &tree).len(), 1);
+        assert_eq!(check_history(&stale).len(), 1);
         // A grant its client got after its expiry is an empty interval.
         let empty = [held("a", 1, 0, 10, origin), held("a", 2, 5, 5, origin)];
-        assert_eq!(check_history(&empty, &tree), Vec::<String>::new());
+        assert_eq!(check_history(&empty), Vec::<String>::new());
+    }
+
+    #[test]
+    fn the_history_check_judges_every_item_by_its_mode() {
+        let origin = Instant::now();
+        let shared = |path, token, from, until| held_items(&[(path, Mode::Shared)], token, from, until, origin);
+        // Readers overlap, in any token order; a writer after them is clean.
+        let readers = [shared("a", 2, 0, 10), shared("a/b/c", 1, 5, 15), held("a/c", 3, 15, 20, origin)];
+        assert_eq!(check_history(&readers), Vec::<String>::new());
+        // A Shared ancestor and an Exclusive descendant overlap.
+        let subtree = [shared("a", 1, 0, 10), held("a/b/c", 2, 5, 15, origin)];
+        assert_eq!(check_history(&subtree).len(), 1);
+        // The second item of a grant conflicts; and a later token.
+        let second = [
+            held_items(&[("b", Mode::Exclusive), ("c", Mode::Shared)], 1, 0, 10, origin),
+            held_items(&[("a", Mode::Exclusive), ("c/x", Mode::Exclusive)], 2, 5, 15, origin),
+        ];
+        assert_eq!(check_history(&second).len(), 1);
+        let stale =
+            [held_items(&[("b", Mode::Exclusive), ("c", Mode::Shared)], 5, 0, 10, origin), shared("c/x", 4, 11, 20)];
+        assert_eq!(check_history(&stale), Vec::<String>::new(), "Shared after Shared: no order");
+        let stale =
+            [held_items(&[("b", Mode::Shared), ("c", Mode::Exclusive)], 5, 0, 10, origin), shared("c/x", 4, 11, 20)];
+        assert_eq!(check_history(&stale).len(), 1, "Shared after Exclusive: a later token");
+        // An upgrade: the Shared interval ends where the Exclusive one starts.
+        let upgrade = [shared("a", 1, 0, 10), held("a", 2, 10, 20, origin), shared("a/b", 3, 20, 30)];
+        assert_eq!(check_history(&upgrade), Vec::<String>::new());
     }
 }

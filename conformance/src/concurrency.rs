@@ -2,16 +2,29 @@
 //!
 //! Every task has its own client (its own connection on a network store)
 //! and reports what it holds to the oracle, which fails the case if two
-//! overlapping paths are ever held at once or a token does not rise. Each
+//! conflicting items are ever held at once or a token does not rise. Each
 //! case also checks that every task made progress.
+//!
+//! The cases with modes (readers and writers, mode changes, multi-path
+//! grants) need a store's atomic grant: under the stepwise algorithm they
+//! only check that such a request is refused as unsupported.
+//!
+//! In a mixed run a downgrade can be refused: a stepwise grant takes its
+//! token when it locks its node's key and only then checks the subtree,
+//! and a downgrade below in between must not take a newer token (see
+//! [`mutextree_core::LockBackend::change_mode`]).
+//! The oracle would see the tokens fall across the two grants if a store
+//! let it through.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::join_all;
-use mutextree_core::{Error, Grant, LockPath, TreeLock, Wait};
+use mutextree_core::{Error, Grant, HeldLock, LockBackend, LockItems, LockPath, Mode, TreeLock, TreeLockBuilder, Wait};
 
+use crate::modes::unsupported_here;
 use crate::oracle::Oracle;
 use crate::Ctx;
 
@@ -174,4 +187,188 @@ pub async fn concurrent_deep_and_shallow_never_overlap(ctx: Ctx) {
     }
     oracle.assert_clean();
     assert!(oracle.grants() > 0);
+}
+
+/// One to `most` random nodes of `tree`, each Shared more often than not
+/// (so that readers meet); `None` when two are on one branch in different
+/// modes (invalid input, refused before anything is sent).
+fn random_items(tree: &[LockPath], most: usize) -> Option<LockItems> {
+    let items = (0..fastrand::usize(1..=most)).map(|_| {
+        let mode = if fastrand::u8(..10) < 6 { Mode::Shared } else { Mode::Exclusive };
+        (tree[fastrand::usize(..tree.len())].clone(), mode)
+    });
+    LockItems::new(items).ok()
+}
+
+/// A handle on `items` for `owner`.
+fn lock_on(client: &Arc<dyn LockBackend>, items: &LockItems, ttl: Duration, owner: &str) -> TreeLock {
+    TreeLockBuilder::<TreeLock>::many(client.clone(), items.iter().map(|item| (item.path.clone(), item.mode)))
+        .ttl(ttl)
+        .owner(owner)
+        .build()
+        .expect("valid lock")
+}
+
+/// What a holder did to its grant's mode while holding it.
+#[derive(Debug, Default)]
+struct Changes {
+    upgrades: AtomicU64,
+    upgrades_refused: AtomicU64,
+    downgrades: AtomicU64,
+    downgrades_refused: AtomicU64,
+}
+
+/// Holds `grant` for a few scheduler turns, sometimes upgrading or
+/// downgrading it meanwhile, telling the oracle (a downgrade is reported as
+/// a release before it is sent, so that a reader it lets in never meets
+/// the old Exclusive item in the oracle); then releases.
+async fn hold_and_change(oracle: &Oracle, lock: &TreeLock, grant: Grant, changes: &Changes) {
+    oracle.enter(&grant);
+    let mut grant = grant;
+    for _ in 0..fastrand::usize(1..4) {
+        tokio::task::yield_now().await;
+    }
+    let has = |grant: &Grant, mode: Mode| grant.items.iter().any(|item| item.mode == mode);
+    match fastrand::u8(..4) {
+        0 if has(&grant, Mode::Shared) => match lock.upgrade().await {
+            Ok(upgraded) => {
+                oracle.exit(&grant);
+                oracle.enter(&upgraded);
+                grant = upgraded;
+                changes.upgrades.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(Error::Refused { .. }) => {
+                changes.upgrades_refused.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(other) => panic!("unexpected error from an upgrade: {other}"),
+        },
+        1 if has(&grant, Mode::Exclusive) => {
+            oracle.exit(&grant);
+            match lock.downgrade().await {
+                Ok(downgraded) => {
+                    grant = downgraded;
+                    oracle.enter(&grant);
+                    changes.downgrades.fetch_add(1, Ordering::Relaxed);
+                }
+                // A stepwise client's lock in progress (mixed runs): the
+                // grant stays as it was, already reported as left.
+                Err(Error::Refused { .. }) => {
+                    changes.downgrades_refused.fetch_add(1, Ordering::Relaxed);
+                    lock.release().await.expect("release of a held lock");
+                    return;
+                }
+                Err(other) => panic!("unexpected error from a downgrade: {other}"),
+            }
+        }
+        _ => {}
+    }
+    for _ in 0..fastrand::usize(0..3) {
+        tokio::task::yield_now().await;
+    }
+    oracle.exit(&grant);
+    lock.release().await.expect("release of a held lock");
+}
+
+/// Readers and writers of one or two random nodes of a small deep tree,
+/// upgrading and downgrading while they hold: never two conflicting items
+/// at once, tokens rising across conflicting grants, readers sharing.
+pub async fn concurrent_readers_and_writers_never_conflict(ctx: Ctx) {
+    if unsupported_here(&ctx, &[("a", Mode::Shared)]).await {
+        return;
+    }
+    let tree = Arc::new(small_deep_tree(3));
+    let oracle = Arc::new(Oracle::new());
+    let changes = Arc::new(Changes::default());
+    let ttl = ctx.timing().unit * 30;
+    let tasks = (0..TASKS).map(|task| {
+        let (ctx, tree, oracle, changes) = (ctx.clone(), tree.clone(), oracle.clone(), changes.clone());
+        tokio::spawn(async move {
+            let client = ctx.client().await;
+            let mut granted = 0;
+            for _ in 0..ROUNDS {
+                let Some(items) = random_items(&tree, 2) else { continue };
+                let lock = lock_on(&client, &items, ttl, &format!("task-{task}"));
+                match lock.try_acquire().await {
+                    Ok(grant) => {
+                        hold_and_change(&oracle, &lock, grant, &changes).await;
+                        granted += 1;
+                    }
+                    Err(Error::Refused { .. }) => tokio::task::yield_now().await,
+                    Err(other) => panic!("unexpected error: {other}"),
+                }
+            }
+            granted
+        })
+    });
+    let granted: Vec<usize> = join_all(tasks).await.into_iter().map(|r| r.expect("task")).collect();
+    oracle.assert_clean();
+    assert!(granted.iter().all(|&n| n > 0), "a task was never granted anything: {granted:?}");
+    assert!(oracle.shared_overlaps() > 0, "readers never shared a branch in {} grants", oracle.grants());
+    let count = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+    assert!(count(&changes.upgrades) > 0 && count(&changes.downgrades) > 0, "{changes:?}");
+}
+
+/// Multi-path grants, mode changes and releases under contention, while a
+/// lister lists the namespace again and again: it never sees some items
+/// of a grant without the others (each holder's owner id says how many
+/// items its grant has).
+pub async fn concurrent_multi_path_grants_are_never_seen_half_granted(ctx: Ctx) {
+    if unsupported_here(&ctx, &[("a", Mode::Exclusive), ("b", Mode::Exclusive)]).await {
+        return;
+    }
+    let tree = Arc::new(small_deep_tree(3));
+    let ttl = ctx.timing().unit * 30;
+    let done = Arc::new(AtomicBool::new(false));
+    let oracle = Arc::new(Oracle::new());
+    let changes = Arc::new(Changes::default());
+    let lister = {
+        let (ctx, done) = (ctx.clone(), done.clone());
+        tokio::spawn(async move {
+            let client = ctx.client().await;
+            let (mut listings, mut whole_multi) = (0u64, 0u64);
+            while !done.load(Ordering::Relaxed) {
+                let held = client.list(None).await.expect("list");
+                listings += 1;
+                let mut by_token: HashMap<u64, Vec<&HeldLock>> = HashMap::new();
+                for item in &held {
+                    by_token.entry(item.token).or_default().push(item);
+                }
+                for (token, items) in by_token {
+                    let owner = items[0].owner.as_str();
+                    let expected: usize = owner.split('-').nth(1).and_then(|n| n.parse().ok()).expect("owner id");
+                    assert!(
+                        items.len() == expected && items.iter().all(|item| item.owner.as_str() == owner),
+                        "token {token}: listed {} of the {expected} items of {owner}: {items:?}",
+                        items.len()
+                    );
+                    whole_multi += u64::from(expected > 1);
+                }
+                tokio::task::yield_now().await;
+            }
+            (listings, whole_multi)
+        })
+    };
+    let tasks = (0..TASKS / 2).map(|task| {
+        let (ctx, tree, oracle, changes) = (ctx.clone(), tree.clone(), oracle.clone(), changes.clone());
+        tokio::spawn(async move {
+            let client = ctx.client().await;
+            for _ in 0..ROUNDS {
+                let Some(items) = random_items(&tree, 3) else { continue };
+                let lock = lock_on(&client, &items, ttl, &format!("items-{}-task-{task}", items.len()));
+                match lock.try_acquire().await {
+                    Ok(grant) => hold_and_change(&oracle, &lock, grant, &changes).await,
+                    Err(Error::Refused { .. }) => tokio::task::yield_now().await,
+                    Err(other) => panic!("unexpected error: {other}"),
+                }
+            }
+        })
+    });
+    let outcomes = join_all(tasks).await;
+    done.store(true, Ordering::Relaxed);
+    let (listings, whole_multi) = lister.await.expect("the lister saw a grant half granted");
+    for outcome in outcomes {
+        outcome.expect("task");
+    }
+    oracle.assert_clean();
+    assert!(listings > 10 && whole_multi > 0, "{listings} listings, {whole_multi} multi-path grants seen");
 }

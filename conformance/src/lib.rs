@@ -76,6 +76,8 @@
 //! * [`cases`]: the behaviour cases (the seed's table, ownership, expiry,
 //!   refresh, fencing, waiting, special names, namespaces, inspection, bad
 //!   input).
+//! * [`modes`]: the cases of Shared and multi-path grants and of mode
+//!   changes (re-exported by [`cases`]).
 //! * [`concurrency`]: many clients at once, checked by an [`oracle`].
 //! * [`model`]: a pure reference model and the proptest comparing a store
 //!   with it.
@@ -113,8 +115,11 @@ pub mod cases;
 pub mod chaos;
 pub mod churn;
 pub mod concurrency;
+#[cfg(test)]
+mod flawed;
 pub mod harness;
 pub mod model;
+pub mod modes;
 pub mod oracle;
 pub mod proxy;
 pub mod segments;
@@ -161,6 +166,17 @@ pub enum Algorithm {
     /// Both on one namespace: each client alternates its tree grants
     /// between a native connection and a stepwise one.
     Mixed,
+}
+
+impl Algorithm {
+    /// Whether clients of this run can hold Shared or multi-path grants
+    /// and change a grant's mode. The stepwise algorithm grants single
+    /// Exclusive items only and refuses the rest with
+    /// [`Error::Unsupported`]; a mixed client sends what the stepwise half
+    /// cannot do to its native half.
+    pub fn grants_modes(self) -> bool {
+        self != Algorithm::Stepwise
+    }
 }
 
 /// What a case gets: clients of its own fresh namespace.
@@ -264,8 +280,11 @@ where
     }
 }
 
-/// A native and a stepwise client of one namespace behind one face: tree
-/// grants alternate between them, everything else goes to the native one.
+/// A native and a stepwise client of one namespace behind one face: single
+/// Exclusive tree grants alternate between them; Shared and multi-path
+/// grants (which the stepwise algorithm refuses), mode changes and
+/// everything else go to the native one. So a mixed run still has stepwise
+/// Exclusive holders beside native Shared ones.
 #[derive(Debug)]
 struct Mixed {
     native: Arc<dyn LockBackend>,
@@ -292,7 +311,7 @@ impl LockBackend for Mixed {
     }
 
     async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error> {
-        if self.turn.fetch_add(1, Ordering::Relaxed).is_multiple_of(2) {
+        if !request.items.is_single_exclusive() || self.turn.fetch_add(1, Ordering::Relaxed).is_multiple_of(2) {
             self.native.try_grant(request).await
         } else {
             self.stepwise.try_grant(request).await
@@ -368,10 +387,24 @@ macro_rules! suite {
                 timed a_timed_wait_cut_at_its_deadline_leaves_nothing,
                 timed a_dropped_acquisition_leaves_nothing,
                 timed lock_waits_by_default_and_try_lock_does_not,
+                timed shared_holders_coexist_on_one_path,
+                timed shared_ancestor_refuses_exclusive_descendant,
+                timed exclusive_ancestor_refuses_shared_descendant,
+                timed siblings_never_conflict_in_any_mode,
+                timed racing_upgrades_never_both_win,
+                timed a_downgrade_lets_readers_in_and_keeps_writers_out,
+                timed a_downgrade_is_refused_under_a_stepwise_lock_in_progress,
+                timed a_mode_change_takes_a_new_token_and_keeps_the_expiry,
+                timed a_multi_path_refusal_names_every_blocked_item,
+                timed a_multi_path_grant_shares_one_token_and_one_fate,
+                timed requests_are_normalised_before_the_store,
+                timed sixteen_deep_items_or_a_typed_refusal,
                 threaded concurrent_overlapping_paths_never_overlap,
                 threaded concurrent_siblings_are_never_refused,
                 threaded concurrent_waiters_all_get_their_turn,
                 threaded concurrent_deep_and_shallow_never_overlap,
+                threaded concurrent_readers_and_writers_never_conflict,
+                threaded concurrent_multi_path_grants_are_never_seen_half_granted,
                 model model_agrees_with_the_reference,
                 segments arbitrary_segments_agree_with_the_reference,
             );

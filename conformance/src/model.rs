@@ -1,12 +1,26 @@
 //! The reference model of tree locks, and the property comparing a store
 //! with it.
 //!
-//! [`Model`] is the contract of SPEC §3 in a few lines of plain code: a
-//! grant succeeds iff no live lock overlaps; release and refresh act only on
-//! a live grant with the same path, owner and token; a lock lives until its
-//! ttl. Proptest generates sequences of acquire, release, refresh and time
-//! advances; each step runs on the store and on the model, and the outcomes
-//! and the set of live locks must agree after every step.
+//! [`Model`] is the contract of SPEC §3 and §8 in plain code: a grant is a
+//! set of items (path, mode) with one owner, one token and one expiry; a
+//! request succeeds iff no item of a live grant conflicts with one of its
+//! items (comparable paths, not both Shared, the same owner included), and
+//! a refusal names, for each blocked item in the request's order, a live
+//! item in its way; a mode change gets a new token and keeps the expiry,
+//! and an upgrade is refused (grant unchanged) while another grant's item
+//! is in the way; release, refresh and changes act only on a live grant
+//! with the same owner and token, on all its items; a grant lives until
+//! its ttl. Requests of one to three items are normalised by the model
+//! itself, in its own words (merge duplicates, refuse a branch with two
+//! modes, keep the topmost items), and must agree with core's
+//! [`LockItems::new`], invalid ones included, which never reach a store.
+//!
+//! Proptest generates sequences of acquisitions, releases, refreshes, mode
+//! changes and time advances; each step runs on the store and on the
+//! model, and the outcomes and the live items must agree. Under the
+//! stepwise algorithm, which grants single Exclusive items only, a Shared
+//! or multi-path request and every mode change must be refused with
+//! [`Error::Unsupported`], changing nothing.
 //!
 //! Time: the model's clock is virtual and the store's is tokio's (paused for
 //! the memory store) or real. Advances are whole units and ttls are
@@ -21,13 +35,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mutextree_core::backend::acquire;
-use mutextree_core::backend::LockRequest;
+use mutextree_core::backend::{Attempt, LockRequest};
 use mutextree_core::Wait;
-use mutextree_core::{Error, Grant, LockBackend, LockPath, Owner, Ttl};
+use mutextree_core::{Blockers, Error, Grant, LockBackend, LockItem, LockItems, LockPath, Mode, Owner, Ttl};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use tokio::time::{sleep_until, Instant};
 
+use crate::oracle::items_conflict;
 use crate::{Algorithm, Ctx, TestStore};
 
 /// The paths of the model's tree: parents, children, a grandchild and
@@ -38,12 +53,13 @@ const CLIENTS: usize = 2;
 /// One step of a generated history.
 #[derive(Clone, Debug)]
 pub enum Op {
-    /// `client` tries `PATHS[path]` without waiting, for `ttl_units + ½` units.
+    /// `client` tries the items (indexes into the model's paths, with a
+    /// mode) without waiting, for `ttl_units + ½` units.
     Acquire {
         /// Which client.
         client: usize,
-        /// Index into the model's paths.
-        path: usize,
+        /// One to three items, as asked (before normalisation).
+        items: Vec<(usize, Mode)>,
         /// Whole units of the ttl (half a unit is added).
         ttl_units: u32,
     },
@@ -63,65 +79,136 @@ pub enum Op {
         /// Whole units of the new ttl (half a unit is added).
         ttl_units: u32,
     },
+    /// `client` changes every item of one of the grants it ever got to
+    /// `mode` (skipped if that changes nothing, which the handle never
+    /// asks).
+    ChangeMode {
+        /// Which client.
+        client: usize,
+        /// Which of its grants, modulo how many it has.
+        slot: usize,
+        /// The new mode.
+        mode: Mode,
+    },
     /// Time passes.
     Advance {
         /// Whole units.
         units: u32,
     },
-    /// The live locks are listed and compared with the model's. Only at
+    /// The live items are listed and compared with the model's. Only at
     /// these steps: a listing may clean up expired locks, which would hide a
     /// store that wrongly revives them on release or refresh.
     Inspect,
 }
 
+fn mode() -> impl Strategy<Value = Mode> {
+    prop_oneof![Just(Mode::Exclusive), Just(Mode::Shared)]
+}
+
 fn op() -> impl Strategy<Value = Op> {
     let client = 0..CLIENTS;
+    let items = proptest::collection::vec((0..PATHS.len(), mode()), 1..=3);
     prop_oneof![
-        4 => (client.clone(), 0..PATHS.len(), 1..4u32).prop_map(|(client, path, ttl_units)| Op::Acquire { client, path, ttl_units }),
+        4 => (client.clone(), items, 1..4u32).prop_map(|(client, items, ttl_units)| Op::Acquire { client, items, ttl_units }),
         2 => (client.clone(), any::<usize>()).prop_map(|(client, slot)| Op::Release { client, slot }),
-        1 => (client, any::<usize>(), 1..4u32).prop_map(|(client, slot, ttl_units)| Op::Refresh { client, slot, ttl_units }),
+        1 => (client.clone(), any::<usize>(), 1..4u32).prop_map(|(client, slot, ttl_units)| Op::Refresh { client, slot, ttl_units }),
+        2 => (client, any::<usize>(), mode()).prop_map(|(client, slot, mode)| Op::ChangeMode { client, slot, mode }),
         1 => (1..3u32).prop_map(|units| Op::Advance { units }),
         1 => Just(Op::Inspect),
     ]
 }
 
-/// A live lock in the model.
+/// A live grant in the model.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct ModelLock {
-    path: LockPath,
+struct ModelGrant {
+    items: Vec<LockItem>,
     owner: Owner,
     token: u64,
     expires: Duration,
 }
 
-/// The reference: live locks on a virtual clock.
+/// The reference: live grants on a virtual clock.
 #[derive(Debug, Default)]
 pub struct Model {
     now: Duration,
-    locks: Vec<ModelLock>,
+    grants: Vec<ModelGrant>,
 }
 
 impl Model {
     fn expire(&mut self) {
         let now = self.now;
-        self.locks.retain(|lock| lock.expires > now);
+        self.grants.retain(|grant| grant.expires > now);
     }
 
-    fn blockers(&self, path: &LockPath) -> Vec<&ModelLock> {
-        self.locks.iter().filter(|lock| lock.path.overlaps(path)).collect()
+    /// For each item of `items` in order, the live items of grants other
+    /// than `except` that conflict with it; only the blocked items'.
+    fn blockers(&self, items: &[LockItem], except: Option<u64>) -> Vec<Vec<(LockItem, u64)>> {
+        let others = || self.grants.iter().filter(|grant| Some(grant.token) != except);
+        items
+            .iter()
+            .map(|asked| {
+                others()
+                    .flat_map(|grant| grant.items.iter().map(move |item| (item.clone(), grant.token)))
+                    .filter(|(item, _)| items_conflict(asked, item))
+                    .collect::<Vec<_>>()
+            })
+            .filter(|in_the_way| !in_the_way.is_empty())
+            .collect()
     }
 
     fn find(&self, grant: &Grant) -> Option<usize> {
-        self.locks
-            .iter()
-            .position(|lock| lock.path == *grant.path() && lock.owner == grant.owner && lock.token == grant.token)
+        self.grants.iter().position(|live| live.owner == grant.owner && live.token == grant.token)
     }
+}
+
+/// The model's own normalisation of a request: exact duplicates merge to
+/// the stronger mode; two items on one branch with different modes are
+/// invalid; of items on one branch, only the topmost stays.
+fn normalise(asked: &[(LockPath, Mode)]) -> Option<Vec<LockItem>> {
+    let mut merged: Vec<LockItem> = Vec::new();
+    for (path, mode) in asked {
+        match merged.iter_mut().find(|item| item.path == *path) {
+            Some(item) if *mode == Mode::Exclusive => item.mode = Mode::Exclusive,
+            Some(_) => {}
+            None => merged.push(LockItem { path: path.clone(), mode: *mode }),
+        }
+    }
+    let mixed_branch = merged
+        .iter()
+        .any(|one| merged.iter().any(|other| one.path.is_ancestor_of(&other.path) && one.mode != other.mode));
+    if mixed_branch {
+        return None;
+    }
+    let mut topmost: Vec<LockItem> = merged
+        .iter()
+        .filter(|item| !merged.iter().any(|other| other.path.is_ancestor_of(&item.path)))
+        .cloned()
+        .collect();
+    topmost.sort_by(|a, b| a.path.key().cmp(b.path.key()));
+    Some(topmost)
+}
+
+/// Whether a store's refusal names, for each blocked item in order, one
+/// of the live items the model has in its way.
+fn check_blockers(blockers: &Blockers, expected: &[Vec<(LockItem, u64)>]) -> Result<(), String> {
+    if blockers.len() != expected.len() {
+        return Err(format!("{} blockers named, but {} items blocked: {blockers:?}", blockers.len(), expected.len()));
+    }
+    for (blocker, in_the_way) in blockers.iter().zip(expected) {
+        let known = in_the_way
+            .iter()
+            .any(|(item, token)| item.path == blocker.path && item.mode == blocker.mode && *token == blocker.token);
+        if !known {
+            return Err(format!("refused by {blocker}, which the model does not have in the way: {in_the_way:?}"));
+        }
+    }
+    Ok(())
 }
 
 /// Runs the property for a store; the body of the `model` test of [`suite!`](crate::suite).
 pub fn check<S: TestStore>(store: fn() -> S, algorithm: Algorithm, paused: bool) {
     let config = Config {
-        cases: if paused { 128 } else { 12 },
+        cases: if paused { 256 } else { 12 },
         failure_persistence: None,
         max_shrink_iters: if paused { 2048 } else { 64 },
         ..Config::default()
@@ -142,112 +229,209 @@ pub fn check<S: TestStore>(store: fn() -> S, algorithm: Algorithm, paused: bool)
     }
 }
 
+/// One history on a store and on the model.
+struct History {
+    algorithm: Algorithm,
+    unit: Duration,
+    clients: Vec<Arc<dyn LockBackend>>,
+    owners: Vec<Owner>,
+    paths: Vec<LockPath>,
+    /// Every grant each client got, live or not, changed ones included.
+    granted: HashMap<usize, Vec<Grant>>,
+    model: Model,
+    last_token: u64,
+}
+
 async fn run_history(store: Arc<dyn TestStore>, algorithm: Algorithm, ops: Vec<Op>) -> Result<(), String> {
     let ctx = Ctx::new(store, algorithm);
-    let unit = ctx.timing().unit;
     let mut clients: Vec<Arc<dyn LockBackend>> = Vec::new();
     for _ in 0..CLIENTS {
         clients.push(ctx.client().await);
     }
-    let owners: Vec<Owner> = (0..CLIENTS).map(|c| Owner::new(format!("client-{c}")).expect("owner")).collect();
-    let paths: Vec<LockPath> = PATHS.iter().map(|p| LockPath::parse(p).expect("path")).collect();
-    let mut history: HashMap<usize, Vec<Grant>> = HashMap::new();
-    let mut model = Model::default();
-    let mut last_token = 0;
+    let mut history = History {
+        algorithm,
+        unit: ctx.timing().unit,
+        clients,
+        owners: (0..CLIENTS).map(|c| Owner::new(format!("client-{c}")).expect("owner")).collect(),
+        paths: PATHS.iter().map(|p| LockPath::parse(p).expect("path")).collect(),
+        granted: HashMap::new(),
+        model: Model::default(),
+        last_token: 0,
+    };
     let start = Instant::now();
-    let half_units = |units: u32| unit * units + unit / 2;
-
     for (step, op) in ops.iter().enumerate() {
-        let fail = |what: String| format!("step {step} {op:?}: {what}");
         // On a real clock the steps take time: once the store's clock runs
         // a quarter unit ahead of the model's, an expiry could fall on the
         // wrong side of a step, so the rest of the history proves nothing.
-        if Instant::now() > start + model.now + unit / 4 {
+        if Instant::now() > start + history.model.now + history.unit / 4 {
             return Ok(());
         }
+        history.step(op, start).await.map_err(|what| format!("step {step} {op:?}: {what}"))?;
+    }
+    // Always compare once at the end.
+    history.inspect().await.map_err(|what| format!("at the end: {what}"))
+}
+
+impl History {
+    fn ttl(&self, units: u32) -> Ttl {
+        Ttl::new(self.unit * units + self.unit / 2).expect("ttl")
+    }
+
+    fn slot(&self, client: usize, slot: usize) -> Option<Grant> {
+        let grants = self.granted.get(&client)?;
+        Some(grants[slot % grants.len()].clone())
+    }
+
+    fn new_token(&mut self, token: u64) -> Result<(), String> {
+        if token <= self.last_token {
+            return Err(format!("token {token} not above {}", self.last_token));
+        }
+        self.last_token = token;
+        Ok(())
+    }
+
+    async fn step(&mut self, op: &Op, start: Instant) -> Result<(), String> {
         match *op {
-            Op::Acquire { client, path, ttl_units } => {
-                let ttl = Ttl::new(half_units(ttl_units)).expect("ttl");
-                let request = LockRequest::new(paths[path].clone(), owners[client].clone(), ttl);
-                let outcome = acquire(&clients[client], &request, Wait::No).await;
-                let blockers = model.blockers(&paths[path]);
-                match (outcome, blockers.is_empty()) {
-                    (Ok(grant), true) => {
-                        if grant.token <= last_token {
-                            return Err(fail(format!("token {} not above {last_token}", grant.token)));
-                        }
-                        last_token = grant.token;
-                        model.locks.push(ModelLock {
-                            path: grant.path().clone(),
-                            owner: grant.owner.clone(),
-                            token: grant.token,
-                            expires: model.now + grant.ttl,
-                        });
-                        history.entry(client).or_default().push(grant);
-                    }
-                    (Err(Error::Refused { blockers, .. }), false) => {
-                        let blocker = blockers.first();
-                        let known =
-                            blockers.iter().any(|lock| lock.path == blocker.path && lock.token == blocker.token);
-                        if !known {
-                            return Err(fail(format!("refused by {blocker}, which the model does not hold")));
-                        }
-                    }
-                    (outcome, _) => {
-                        return Err(fail(format!("store said {outcome:?}, model's blockers {blockers:?}")));
-                    }
-                }
-            }
+            Op::Acquire { client, ref items, ttl_units } => self.acquire(client, items, ttl_units).await,
             Op::Release { client, slot } => {
-                let Some(grants) = history.get(&client) else { continue };
-                let grant = grants[slot % grants.len()].clone();
-                let outcome = clients[client].release(&grant).await;
-                match (outcome, model.find(&grant)) {
+                let Some(grant) = self.slot(client, slot) else { return Ok(()) };
+                let outcome = self.clients[client].release(&grant).await;
+                match (outcome, self.model.find(&grant)) {
                     (Ok(()), Some(index)) => {
-                        model.locks.remove(index);
+                        self.model.grants.remove(index);
+                        Ok(())
                     }
-                    (Err(Error::NotHeld { .. }), None) => {}
-                    (outcome, live) => return Err(fail(format!("store said {outcome:?}, model live: {live:?}"))),
+                    (Err(Error::NotHeld { .. }), None) => Ok(()),
+                    (outcome, live) => Err(format!("store said {outcome:?}, model live: {live:?}")),
                 }
             }
             Op::Refresh { client, slot, ttl_units } => {
-                let Some(grants) = history.get(&client) else { continue };
-                let grant = grants[slot % grants.len()].clone();
-                let ttl = Ttl::new(half_units(ttl_units)).expect("ttl");
-                let outcome = clients[client].refresh(&grant, ttl).await;
-                match (outcome, model.find(&grant)) {
+                let Some(grant) = self.slot(client, slot) else { return Ok(()) };
+                let outcome = self.clients[client].refresh(&grant, self.ttl(ttl_units)).await;
+                match (outcome, self.model.find(&grant)) {
                     (Ok(refreshed), Some(index)) => {
-                        if refreshed.token != grant.token {
-                            return Err(fail("a refresh changed the token".into()));
+                        if refreshed.token != grant.token || refreshed.items != grant.items {
+                            return Err(format!("a refresh changed the grant: {refreshed:?}"));
                         }
-                        model.locks[index].expires = model.now + refreshed.ttl;
+                        self.model.grants[index].expires = self.model.now + refreshed.ttl;
+                        Ok(())
                     }
-                    (Err(Error::NotHeld { .. }), None) => {}
-                    (outcome, live) => return Err(fail(format!("store said {outcome:?}, model live: {live:?}"))),
+                    (Err(Error::NotHeld { .. }), None) => Ok(()),
+                    (outcome, live) => Err(format!("store said {outcome:?}, model live: {live:?}")),
                 }
             }
+            Op::ChangeMode { client, slot, mode } => self.change_mode(client, slot, mode).await,
             Op::Advance { units } => {
-                model.now += unit * units;
-                model.expire();
-                sleep_until(start + model.now).await;
+                self.model.now += self.unit * units;
+                self.model.expire();
+                sleep_until(start + self.model.now).await;
+                Ok(())
             }
-            Op::Inspect => inspect(&*clients[0], &model).await.map_err(fail)?,
+            Op::Inspect => self.inspect().await,
         }
     }
-    // Always compare once at the end.
-    inspect(&*clients[0], &model).await.map_err(|what| format!("at the end: {what}"))
-}
 
-async fn inspect(client: &dyn LockBackend, model: &Model) -> Result<(), String> {
-    let listed = client.list(None).await.map_err(|e| format!("list failed: {e}"))?;
-    let mut expected: Vec<(String, String, u64)> =
-        model.locks.iter().map(|l| (l.path.key().to_owned(), l.owner.to_string(), l.token)).collect();
-    let mut actual: Vec<(String, String, u64)> =
-        listed.iter().map(|l| (l.path.key().to_owned(), l.owner.to_string(), l.token)).collect();
-    expected.sort();
-    actual.sort();
-    if expected != actual {
-        return Err(format!("store holds {actual:?}, model holds {expected:?}"));
+    async fn acquire(&mut self, client: usize, asked: &[(usize, Mode)], ttl_units: u32) -> Result<(), String> {
+        let asked: Vec<(LockPath, Mode)> = asked.iter().map(|&(path, mode)| (self.paths[path].clone(), mode)).collect();
+        let (expected, items) = match (normalise(&asked), LockItems::new(asked.clone())) {
+            (Some(expected), Ok(items)) => (expected, items),
+            (None, Err(Error::InvalidRequest { .. })) => return Ok(()),
+            (model, core) => return Err(format!("the model normalises {asked:?} to {model:?}, core to {core:?}")),
+        };
+        if items.iter().cloned().collect::<Vec<_>>() != expected {
+            return Err(format!("the model normalises {asked:?} to {expected:?}, core to {items:?}"));
+        }
+        let request = LockRequest::of(items, self.owners[client].clone(), self.ttl(ttl_units));
+        let outcome = acquire(&self.clients[client], &request, Wait::No).await;
+        if !self.algorithm.grants_modes() && !request.items.is_single_exclusive() {
+            return match outcome {
+                Err(Error::Unsupported { .. }) => Ok(()),
+                other => {
+                    Err(format!("the stepwise algorithm should refuse {:?} as unsupported: {other:?}", request.items))
+                }
+            };
+        }
+        let in_the_way = self.model.blockers(&expected, None);
+        match (outcome, in_the_way.is_empty()) {
+            (Ok(grant), true) => {
+                self.new_token(grant.token)?;
+                if grant.items != request.items || grant.owner != request.owner {
+                    return Err(format!("asked for {:?}, granted {grant:?}", request.items));
+                }
+                self.model.grants.push(ModelGrant {
+                    items: expected,
+                    owner: grant.owner.clone(),
+                    token: grant.token,
+                    expires: self.model.now + grant.ttl,
+                });
+                self.granted.entry(client).or_default().push(grant);
+                Ok(())
+            }
+            (Err(Error::Refused { blockers, .. }), false) => check_blockers(&blockers, &in_the_way),
+            (outcome, _) => Err(format!("store said {outcome:?}, model's blockers {in_the_way:?}")),
+        }
     }
-    Ok(())
+
+    async fn change_mode(&mut self, client: usize, slot: usize, mode: Mode) -> Result<(), String> {
+        let Some(grant) = self.slot(client, slot) else { return Ok(()) };
+        if grant.items.iter().all(|item| item.mode == mode) {
+            return Ok(());
+        }
+        let outcome = self.clients[client].change_mode(&grant, mode).await;
+        if !self.algorithm.grants_modes() {
+            return match outcome {
+                Err(Error::Unsupported { .. }) => Ok(()),
+                other => Err(format!("the stepwise algorithm should refuse a mode change as unsupported: {other:?}")),
+            };
+        }
+        let Some(index) = self.model.find(&grant) else {
+            return match outcome {
+                Err(Error::NotHeld { .. }) => Ok(()),
+                other => Err(format!("a change of a grant the model does not hold: {other:?}")),
+            };
+        };
+        let changed: Vec<LockItem> =
+            self.model.grants[index].items.iter().map(|item| LockItem { path: item.path.clone(), mode }).collect();
+        let in_the_way = self.model.blockers(&changed, Some(grant.token));
+        match (outcome, in_the_way.is_empty()) {
+            (Ok(Attempt::Granted(new)), true) => {
+                self.new_token(new.token)?;
+                if new.items != grant.items.with_mode(mode) || new.owner != grant.owner {
+                    return Err(format!("{grant:?} changed to {mode}, became {new:?}"));
+                }
+                let live = &mut self.model.grants[index];
+                live.items = changed;
+                live.token = new.token;
+                self.granted.entry(client).or_default().push(new);
+                Ok(())
+            }
+            (Ok(Attempt::Blocked(blockers)), false) if mode == Mode::Exclusive => {
+                check_blockers(&blockers, &in_the_way)
+            }
+            (outcome, _) => Err(format!("store said {outcome:?}, model's blockers {in_the_way:?}")),
+        }
+    }
+
+    async fn inspect(&self) -> Result<(), String> {
+        let listed = self.clients[0].list(None).await.map_err(|e| format!("list failed: {e}"))?;
+        let mut expected: Vec<(String, Mode, String, u64)> = self
+            .model
+            .grants
+            .iter()
+            .flat_map(|grant| {
+                grant
+                    .items
+                    .iter()
+                    .map(|item| (item.path.key().to_owned(), item.mode, grant.owner.to_string(), grant.token))
+            })
+            .collect();
+        let mut actual: Vec<(String, Mode, String, u64)> =
+            listed.iter().map(|l| (l.path.key().to_owned(), l.mode, l.owner.to_string(), l.token)).collect();
+        expected.sort();
+        actual.sort();
+        if expected != actual {
+            return Err(format!("store holds {actual:?}, model holds {expected:?}"));
+        }
+        Ok(())
+    }
 }

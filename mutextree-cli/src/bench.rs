@@ -10,6 +10,7 @@ use mutextree::{Error, LockBackend};
 use mutextree_load::{self as load, LoadSpec, Scenario};
 
 use crate::parse_duration;
+use crate::show::plural;
 
 /// Measure a store: simulated clients doing acquire+release pairs as fast
 /// as they can, with a progress bar, then a table (pairs/s, latency
@@ -22,6 +23,7 @@ use crate::parse_duration;
 #[command(after_help = "Examples:
   mutextree --store redis://127.0.0.1:6379 bench --clients 16 --duration 10s
   mutextree --store memory:// bench --scenario contended --depth 4 --fan-out 3 --background 100000
+  mutextree bench --clients 16 --scenario read-heavy --duration 2s
   mutextree bench --clients 4 --duration 3 --json | jq .pairs_per_sec")]
 pub(crate) struct Bench {
     /// Simulated clients, each with its own connection.
@@ -32,9 +34,12 @@ pub(crate) struct Bench {
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=32))]
     depth: u8,
 
-    /// siblings (one leaf each, shared parents, no conflicts) or contended
-    /// (random nodes of one small tree).
-    #[arg(long, default_value = "siblings", value_parser = parse_scenario)]
+    /// siblings (one leaf each, shared parents, no conflicts), contended
+    /// (random nodes of one small tree), read-heavy (one client writes a
+    /// leaf exclusively, the others read its parent shared: 16 clients are
+    /// 15 readers and a writer) or two-paths (two random hosts per grant,
+    /// exclusive; 8 hosts per client).
+    #[arg(long, default_value = "siblings", value_parser = clap::value_parser!(Scenario))]
     scenario: Scenario,
 
     /// Children per node of the contended tree.
@@ -67,6 +72,12 @@ impl Bench {
                     "a contended tree of depth {} and fan-out {} has over a million nodes: make one smaller",
                     self.depth, self.fan_out
                 ),
+            });
+        }
+        if self.scenario == Scenario::ReadHeavy && self.clients < 2 {
+            return Err(Error::InvalidConfig {
+                store: "mutextree",
+                reason: "the read-heavy scenario needs --clients 2 or more: a writer and readers".to_owned(),
             });
         }
         let namespace = format!("bench-{:08x}", fastrand::u32(..));
@@ -160,11 +171,6 @@ impl Bench {
     }
 }
 
-/// `1 client`, `16 clients`.
-fn plural(count: usize, noun: &str) -> String {
-    format!("{count} {noun}{}", if count == 1 { "" } else { "s" })
-}
-
 fn progress_bar(duration: Duration) -> ProgressBar {
     let bar = ProgressBar::new(u64::try_from(duration.as_millis()).unwrap_or(u64::MAX));
     bar.set_style(
@@ -174,12 +180,4 @@ fn progress_bar(duration: Duration) -> ProgressBar {
     );
     bar.enable_steady_tick(Duration::from_millis(100));
     bar
-}
-
-fn parse_scenario(text: &str) -> Result<Scenario, String> {
-    match text {
-        "siblings" => Ok(Scenario::Siblings),
-        "contended" => Ok(Scenario::Contended),
-        _ => Err("write siblings or contended".to_owned()),
-    }
 }

@@ -4,7 +4,7 @@
 //! | ---: | --- |
 //! | 0 | done (`run`: the command's own status, whatever it is) |
 //! | 1 | the store failed (unreachable, timed out) or something else went wrong |
-//! | 2 | bad usage or input (an invalid path, ttl, URL, option) |
+//! | 2 | bad usage or input (an invalid path, ttl, URL, option; paths and modes that cannot be held together; a request the store cannot grant, such as a shared lock through the stepwise algorithm) |
 //! | 3 | refused: an overlapping lock is held (`run --no-wait`; `why`: the path is blocked) |
 //! | 4 | timed out waiting for an overlapping lock (`run --timeout`) |
 //! | 5 | the lock was lost while the command ran; the command was stopped |
@@ -24,7 +24,8 @@ use mutextree::Error;
 pub(crate) const HELP: &str = "Exit status:
   0      done (run: the command's own status)
   1      the store failed, or something else went wrong
-  2      bad usage or input
+  2      bad usage or input (paths and modes that cannot be held
+         together, or that the store cannot grant, included)
   3      refused: an overlapping lock is held (run --no-wait; why: the path
          is blocked)
   4      timed out waiting for an overlapping lock (run --timeout)
@@ -57,7 +58,9 @@ pub(crate) fn status_for(error: &Error) -> u8 {
         | Error::InvalidTtl { .. }
         | Error::InvalidOwner { .. }
         | Error::InvalidNamespace { .. }
-        | Error::InvalidConfig { .. } => USAGE,
+        | Error::InvalidConfig { .. }
+        | Error::InvalidRequest { .. }
+        | Error::Unsupported { .. } => USAGE,
         _ => FAILED,
     }
 }

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! mutextree --store redis://127.0.0.1:6379 run eu-west/rack-12 -- ./patch-rack.sh
+//! mutextree --store redis://127.0.0.1:6379 run dc/rack-1/host-3 -s dc/images -- ./move-vm.sh
 //! mutextree --store redis://127.0.0.1:6379 status eu-west
 //! ```
 //!
@@ -31,6 +32,10 @@ mod waiting;
 /// A lock on a path (A/B/D) protects the node and its whole subtree: it is
 /// refused while the node, an ancestor or a descendant is held. Segments
 /// are separated by "/"; write "\/" for a slash inside a segment.
+///
+/// A lock is exclusive, or shared (run -s PATH): shared locks on one branch
+/// hold at once, and keep exclusive ones off the node, its ancestors and
+/// its subtree. One run can lock several paths, all or nothing.
 #[derive(Debug, Parser)]
 #[command(name = "mutextree", version, after_help = exit::HELP)]
 struct Cli {

@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use mutextree::backend::human;
-use mutextree::{Error, LockPath, TreeLock, Wait};
+use mutextree::{Error, LockItems, LockPath, Mode, TreeLock, TreeLockBuilder, Wait};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::{getpgrp, tcgetpgrp, Pid};
 use tokio::signal::unix::SignalKind;
 use tokio::time::Instant;
 
+use crate::show::shown_items;
 use crate::waiting::WaitingLine;
 use crate::{exit, parse_duration, parse_path};
 
@@ -21,22 +22,41 @@ use crate::{exit, parse_duration, parse_path};
 /// request's own timeout, at most.
 const SETTLE_LIMIT: Duration = Duration::from_secs(5);
 
-/// Hold PATH's lock while COMMAND runs.
+/// Hold the lock on PATH while COMMAND runs: on several paths, each
+/// exclusive or shared, all or nothing.
 ///
 /// Acquires the lock, waiting as long as it takes for an overlapping one
 /// (as flock(1), `etcdctl lock` and `consul lock` do; --no-wait or
 /// --timeout to wait less), runs COMMAND, keeps the lock refreshed while it
 /// runs, releases it when it ends and exits with its status. A refused or
 /// timed-out acquisition exits 3 or 4 (or --conflict-exit-code) and names
-/// the lock in the way. While it waits with a terminal on stderr, one line
-/// shows the lock in the way, how long that lock has left and how long the
-/// wait has left.
+/// every lock in the way. While it waits with a terminal on stderr, one
+/// line shows the lock in the way, how long that lock has left and how
+/// long the wait has left; --verbose says on stderr, with or without a
+/// terminal, each lock it waits behind.
+///
+/// Modes, as flock's -s and -x: PATH (or -x PATH) is locked exclusively,
+/// refused while anyone holds the node, an ancestor or a descendant.
+/// -s PATH locks it shared: any number of shared locks on one branch hold
+/// at once, and keep every exclusive lock off the node, its ancestors and
+/// its whole subtree.
+///
+/// Several paths (PATH..., -s PATH and -x PATH, each repeatable; up to 16)
+/// are granted together or not at all, with one fencing token and one ttl,
+/// and released together; nothing is held while waiting, so two runs
+/// naming the same paths in any order cannot deadlock. Paths on one branch
+/// with the same mode collapse to the ancestor; with different modes (A
+/// and -s A/B) they are bad usage (exit 2), refused before the store is
+/// contacted.
 ///
 /// COMMAND runs in mutextree's own process group, as it would from the
 /// shell: a terminal's Ctrl-C, Ctrl-Z and hangup reach both. SIGTERM,
 /// SIGHUP, and SIGINT or SIGQUIT not sent by a terminal, are passed on to
-/// it. It finds the lock in MUTEXTREE_PATH, MUTEXTREE_OWNER and
-/// MUTEXTREE_TOKEN (the fencing token to hand to what it changes).
+/// it. It finds the lock in MUTEXTREE_TOKEN (the fencing token to hand to
+/// what it changes), MUTEXTREE_OWNER, MUTEXTREE_PATH and MUTEXTREE_MODE
+/// (the first path in key order and its mode: the only ones of a
+/// single-path run) and MUTEXTREE_ITEMS (every path and its mode, a JSON
+/// array of {"path", "mode"} objects).
 ///
 /// If the lock is lost while it runs (a refresh refused, or the store
 /// unreachable until the ttl ran out), or turns out at the end to have been
@@ -51,11 +71,23 @@ const SETTLE_LIMIT: Duration = Duration::from_secs(5);
 #[command(after_help = "Examples:
   mutextree --store redis://127.0.0.1:6379 run eu-west/rack-12 -- ./patch-rack.sh rack-12
   mutextree run -n eu-west/rack-12 -c 'echo token $MUTEXTREE_TOKEN; ./migrate.sh'
-  mutextree run -w 10m -E 75 --ttl 2m eu-west -- ./migrate.sh")]
+  mutextree run -w 10m -E 75 --ttl 2m eu-west -- ./migrate.sh
+  mutextree run -s tenants/t1 -- ./export-config.sh t1
+  mutextree run dc/rack-1/host-3 dc/rack-4/host-8 -- ./move-vm.sh vm-42
+  mutextree run tenants/t1/project-9 -s tenants/t1/config -- ./rebuild.sh")]
 pub(crate) struct Run {
-    /// The path to lock, e.g. eu-west/rack-12.
-    #[arg(value_parser = parse_path)]
-    path: LockPath,
+    /// The paths to lock exclusively, e.g. eu-west/rack-12.
+    #[arg(value_name = "PATH", value_parser = parse_path, required_unless_present_any = ["shared", "exclusive"])]
+    paths: Vec<LockPath>,
+
+    /// Lock PATH shared, in the same grant (repeatable).
+    #[arg(short = 's', long, value_name = "PATH", value_parser = parse_path)]
+    shared: Vec<LockPath>,
+
+    /// Lock PATH exclusively, in the same grant (repeatable): as a PATH
+    /// argument, written where it reads better.
+    #[arg(short = 'x', long, value_name = "PATH", value_parser = parse_path)]
+    exclusive: Vec<LockPath>,
 
     /// Fail at once if an overlapping lock is held, instead of waiting.
     #[arg(short = 'n', long, conflicts_with = "timeout")]
@@ -86,7 +118,8 @@ pub(crate) struct Run {
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     kill_after: Duration,
 
-    /// Say on stderr how long the lock took and its fencing token.
+    /// Say on stderr each lock it waits behind, then how long the lock took
+    /// and its fencing token.
     #[arg(short, long)]
     verbose: bool,
 
@@ -100,16 +133,25 @@ pub(crate) struct Run {
 }
 
 impl Run {
+    /// The paths with their modes, normalised and checked as one request.
+    fn items(&self) -> Result<LockItems, Error> {
+        let exclusive = self.paths.iter().chain(&self.exclusive).map(|path| (path.clone(), Mode::Exclusive));
+        LockItems::new(exclusive.chain(self.shared.iter().map(|path| (path.clone(), Mode::Shared))))
+    }
+
     pub(crate) async fn execute(self, place: &crate::Place) -> Result<ExitCode, Error> {
         // Listening before anything is held: a signal from now on ends the
         // run properly (nothing held, or the command stopped and the lock
         // released), never by the default action that would leave the
         // command running unprotected.
         let mut signals = Signals::new();
+        // Bad paths and modes are refused before the store is contacted.
+        let items = self.items()?;
+        let shown = shown_items(&items);
         let store = place.connect().await?;
         let wait = if self.no_wait { Wait::No } else { self.timeout.unwrap_or(Wait::Forever) };
-        let waiting = WaitingLine::start(&self.path, wait);
-        let mut lock = TreeLock::builder(store, &self.path)
+        let waiting = WaitingLine::start(&items, wait, self.verbose);
+        let mut lock = TreeLockBuilder::<TreeLock>::many(store, items.iter().map(|item| (&item.path, item.mode)))
             .ttl(self.ttl)
             .wait(wait)
             .auto_refresh(true)
@@ -147,7 +189,7 @@ impl Run {
             Err(error) => return Err(error),
         };
         if self.verbose {
-            eprintln!("mutextree: granted after {}, token {}", human(started.elapsed()), grant.token);
+            eprintln!("mutextree: {shown} granted after {}, token {}", human(started.elapsed()), grant.token);
         }
         let (program, arguments) = match &self.shell {
             Some(shell) => (OsString::from("sh"), vec![OsString::from("-c"), OsString::from(shell)]),
@@ -158,7 +200,9 @@ impl Run {
         let mut command = tokio::process::Command::new(&program);
         command
             .args(&arguments)
-            .env("MUTEXTREE_PATH", grant.path.to_string())
+            .env("MUTEXTREE_PATH", grant.path().to_string())
+            .env("MUTEXTREE_MODE", grant.items.first().mode.as_str())
+            .env("MUTEXTREE_ITEMS", items_json(&grant.items).to_string())
             .env("MUTEXTREE_OWNER", grant.owner.as_str())
             .env("MUTEXTREE_TOKEN", grant.token.to_string());
         let mut child = match command.spawn() {
@@ -210,13 +254,12 @@ impl Run {
             }
             (None, Err(Error::NotHeld { .. })) => {
                 eprintln!(
-                    "mutextree: the lock on {} was lost before {name} ended: it expired or was released by someone \
-                     else",
-                    self.path
+                    "mutextree: the lock on {shown} was lost before {name} ended: it expired or was released by \
+                     someone else"
                 );
                 return Ok(ExitCode::from(exit::LOST));
             }
-            (None, Err(error)) => eprintln!("mutextree: releasing {}: {error}", self.path),
+            (None, Err(error)) => eprintln!("mutextree: releasing {shown}: {error}"),
             (None, Ok(())) => {}
         }
         Ok(match status {
@@ -227,6 +270,13 @@ impl Run {
             }
         })
     }
+}
+
+/// `[{"path": "A/B", "mode": "shared"}, ...]`: the items for the command's
+/// environment, in a form every script language reads without ambiguity
+/// (a segment may hold any character, a newline or a comma included).
+fn items_json(items: &LockItems) -> serde_json::Value {
+    items.iter().map(|item| serde_json::json!({"path": item.path.to_string(), "mode": item.mode.as_str()})).collect()
 }
 
 /// The signals `run` passes on to the command.
@@ -272,7 +322,7 @@ impl Signals {
 /// stays the exit status (the lock then expires at its ttl).
 async fn release(lock: &TreeLock) {
     if let Err(error) = lock.release().await {
-        eprintln!("mutextree: releasing {}: {error}", lock.path());
+        eprintln!("mutextree: releasing {}: {error}", shown_items(lock.items()));
     }
 }
 
@@ -301,7 +351,53 @@ fn parse_wait(text: &str) -> Result<Wait, String> {
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser;
+
     use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Command {
+        #[command(flatten)]
+        run: Run,
+    }
+
+    fn items(words: &[&str]) -> Result<LockItems, Error> {
+        let words = ["run"].iter().chain(words).chain(&["--", "true"]);
+        Command::try_parse_from(words).expect("a valid command line").run.items()
+    }
+
+    #[test]
+    fn paths_take_their_modes_from_their_flags() {
+        let one = items(&["eu/rack-12"]).expect("valid");
+        assert!(one.is_single_exclusive());
+        assert_eq!(items(&["-s", "eu"]).expect("valid").to_string(), "eu (shared)");
+        let mixed = items(&["A/B", "--shared", "C/D", "-x", "E", "-s", "F", "G"]).expect("valid");
+        assert_eq!(mixed.to_string(), "A/B, C/D (shared), E, F (shared), G");
+        assert_eq!(items_json(&mixed)[1], serde_json::json!({"path": "C/D", "mode": "shared"}));
+        // Normalised as one request: an ancestor of the same mode covers
+        // its descendants.
+        assert_eq!(items(&["-s", "A", "-s", "A/B"]).expect("valid").to_string(), "A (shared)");
+    }
+
+    #[test]
+    fn paths_that_cannot_be_held_together_are_bad_usage() {
+        let branch = items(&["A", "-s", "A/B"]).expect_err("one branch, two modes");
+        assert!(matches!(branch, Error::InvalidRequest { .. }), "{branch:?}");
+        assert!(branch.to_string().contains("A/B (shared)"), "{branch}");
+        assert_eq!(exit::status_for(&branch), exit::USAGE);
+        let paths: Vec<String> = (0..17).map(|n| format!("host-{n}")).collect();
+        let words: Vec<&str> = paths.iter().map(String::as_str).collect();
+        let many = items(&words).expect_err("17 paths");
+        assert!(many.to_string().contains("at most 16"), "{many}");
+        assert_eq!(exit::status_for(&many), exit::USAGE);
+        assert!(items(&words[..16]).is_ok(), "16 is the limit");
+    }
+
+    #[test]
+    fn a_path_is_needed() {
+        assert!(Command::try_parse_from(["run", "--", "true"]).is_err());
+        assert!(Command::try_parse_from(["run", "-x", "A", "--", "true"]).is_ok());
+    }
 
     #[test]
     fn waits() {

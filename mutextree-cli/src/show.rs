@@ -1,5 +1,9 @@
 //! `mutextree status` and `mutextree why`: who holds what, and what is in
 //! the way.
+//!
+//! Stores list one entry per item of a grant; the items of one grant share
+//! its fencing token and owner, which is how they are shown together here
+//! ([`by_grant`]), and how `release --force` finds every item of a grant.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -7,22 +11,27 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use mutextree::backend::human;
-use mutextree::{Error, HeldLock, LockBackend, LockPath};
+use mutextree::{Error, HeldLock, LockBackend, LockItems, LockPath, Mode};
 
 use crate::{exit, parse_path};
 
 /// Show the locks held at and under PATH (or in the whole namespace) as a
-/// tree: owner, remaining life and fencing token of each.
+/// tree: mode, owner, remaining life and fencing token of each holder, then
+/// the grants that hold several paths at once, one line each.
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
   mutextree --store redis://127.0.0.1:6379 status
-  mutextree status eu-west --json | jq '.[].owner'")]
+  mutextree status eu-west --json | jq '.[] | select(.mode == \"shared\") | .owner'
+  mutextree status --json | jq 'group_by(.token) | map(select(length > 1))'")]
 pub(crate) struct Status {
-    /// Where to look (default: the whole namespace).
+    /// Where to look (default: the whole namespace). A grant of several
+    /// paths shows only its paths at or under PATH.
     #[arg(value_parser = parse_path)]
     path: Option<LockPath>,
 
-    /// A JSON array instead of a tree, one object per lock.
+    /// A JSON array instead of a tree, one object per locked path (path,
+    /// segments, mode, owner, remaining_ms, token, transient); the paths
+    /// of one grant share its token.
     #[arg(long)]
     json: bool,
 }
@@ -40,25 +49,35 @@ impl Status {
             }
         } else {
             print!("{}", tree(&namespace, self.path.as_ref(), &held));
+            print!("{}", several_paths(&held));
         }
         Ok(ExitCode::SUCCESS)
     }
 }
 
-/// Say what would block a lock on PATH right now, and for how long; exit 3
-/// if something does.
+/// Say what would block a lock on PATH right now, and for how long: every
+/// lock in the way, each shared holder included; exit 3 if something does.
+///
+/// An exclusive lock (the default) is blocked by any lock on PATH, an
+/// ancestor or a descendant; a shared one (--shared) only by the exclusive
+/// ones among them.
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
   mutextree --store redis://127.0.0.1:6379 why eu-west/rack-12/host-7
+  mutextree why --shared eu-west
   mutextree why eu-west/rack-12 --json | jq '.blockers[].owner'")]
 pub(crate) struct Why {
     /// The path that would be locked.
     #[arg(value_parser = parse_path)]
     path: LockPath,
 
-    /// A JSON object instead of text: the path, whether it is free, and
-    /// the locks in the way (as `status --json` lists them, each with its
-    /// relation to the path).
+    /// Ask about a shared lock instead of an exclusive one.
+    #[arg(short, long)]
+    shared: bool,
+
+    /// A JSON object instead of text: the path, the mode asked about,
+    /// whether it is free, and the locks in the way (as `status --json`
+    /// lists them, each with its relation to the path).
     #[arg(long)]
     json: bool,
 }
@@ -68,30 +87,72 @@ impl Why {
         // Everything under the path's root holds its ancestors and its
         // subtree; the listing asks the store once.
         let root = LockPath::new([self.path.segments().next().unwrap_or_default()])?;
-        let blockers: Vec<HeldLock> =
-            store.list(Some(&root)).await?.into_iter().filter(|lock| lock.path.overlaps(&self.path)).collect();
+        let mode = if self.shared { Mode::Shared } else { Mode::Exclusive };
+        let answer = WhyAnswer::new(&self.path, mode, store.list(Some(&root)).await?);
         if self.json {
-            let listed = blockers.iter().map(|lock| {
-                let mut object = lock_json(lock);
-                object["relation"] = relation(&lock.path, &self.path).into();
-                object
-            });
-            let answer = serde_json::json!({
-                "path": self.path.to_string(),
-                "free": blockers.is_empty(),
-                "blockers": listed.collect::<Vec<_>>(),
-            });
-            println!("{answer}");
-        } else if blockers.is_empty() {
-            println!("{} is free: a lock on it would be granted now", shown(&self.path));
+            println!("{}", answer.json());
         } else {
-            let count = blockers.len();
-            println!("{} is blocked by {count} lock{}:", shown(&self.path), if count == 1 { "" } else { "s" });
-            for lock in &blockers {
-                println!("  {} ({}): {}", shown(&lock.path), relation(&lock.path, &self.path), describe(lock));
-            }
+            print!("{}", answer.text());
         }
-        Ok(if blockers.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(exit::REFUSED) })
+        Ok(if answer.blockers.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(exit::REFUSED) })
+    }
+}
+
+/// What `why` found: the locks in the way of a `mode` lock on `path`, and
+/// those on its branch that are not (shared, for a shared lock).
+struct WhyAnswer<'a> {
+    path: &'a LockPath,
+    mode: Mode,
+    blockers: Vec<HeldLock>,
+    sharing: usize,
+}
+
+impl<'a> WhyAnswer<'a> {
+    /// From a listing that holds at least every lock on `path`'s branch.
+    fn new(path: &'a LockPath, mode: Mode, listed: Vec<HeldLock>) -> Self {
+        let (blockers, sharing): (Vec<HeldLock>, Vec<HeldLock>) =
+            listed.into_iter().filter(|lock| lock.path.overlaps(path)).partition(|lock| mode.conflicts_with(lock.mode));
+        WhyAnswer { path, mode, blockers, sharing: sharing.len() }
+    }
+
+    fn text(&self) -> String {
+        let (path, lock) = (shown(self.path), a_lock(self.mode));
+        let mut out = if self.blockers.is_empty() {
+            format!("{path} is free: {lock} on it would be granted now\n")
+        } else {
+            let mut out = format!("{lock} on {path} is blocked by {}:\n", plural(self.blockers.len(), "lock"));
+            for lock in &self.blockers {
+                let _ =
+                    writeln!(out, "  {} ({}): {}", shown(&lock.path), relation(&lock.path, self.path), describe(lock));
+            }
+            out
+        };
+        if self.sharing > 0 {
+            let _ = writeln!(out, "({} on its branch would not be in the way)", plural(self.sharing, "shared lock"));
+        }
+        out
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let listed = self.blockers.iter().map(|lock| {
+            let mut object = lock_json(lock);
+            object["relation"] = relation(&lock.path, self.path).into();
+            object
+        });
+        serde_json::json!({
+            "path": self.path.to_string(),
+            "mode": self.mode.as_str(),
+            "free": self.blockers.is_empty(),
+            "blockers": listed.collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// `a shared lock`, `an exclusive lock`.
+fn a_lock(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Shared => "a shared lock",
+        Mode::Exclusive => "an exclusive lock",
     }
 }
 
@@ -107,6 +168,18 @@ pub(crate) fn relation(held: &LockPath, wanted: &LockPath) -> &'static str {
     }
 }
 
+/// A lock that refused `items`, with where it is: `A (an ancestor)`, or
+/// for a request of several paths, `A (an ancestor of A/B)`.
+pub(crate) fn in_the_way(items: &LockItems, blocker: &HeldLock) -> String {
+    let asked = &items.blocked_by(&blocker.path, blocker.mode).unwrap_or(items.first()).path;
+    let relation = relation(&blocker.path, asked);
+    if items.len() == 1 || blocker.path == *asked {
+        format!("{} ({relation})", shown(&blocker.path))
+    } else {
+        format!("{} ({relation} of {})", shown(&blocker.path), shown(asked))
+    }
+}
+
 /// A path as the command prints it: its text form (`\\/` for a slash in a
 /// segment), with control characters shown as escapes, so that no name can
 /// break the layout or drive the terminal.
@@ -118,21 +191,81 @@ fn visible(text: &str) -> String {
     text.chars().map(|c| if c.is_control() { c.escape_unicode().to_string() } else { c.to_string() }).collect()
 }
 
-/// `held by OWNER for 12.3 s more, fencing token 17`.
+/// `held exclusively by OWNER for 12.3 s more, fencing token 17`, or
+/// `held shared by ...`.
 pub(crate) fn describe(lock: &HeldLock) -> String {
+    let how = match lock.mode {
+        Mode::Exclusive => "exclusively",
+        Mode::Shared => "shared",
+    };
+    format!("held {how} {}", holder(lock))
+}
+
+/// `by OWNER for 12.3 s more, fencing token 17`: who holds a lock, and
+/// until when.
+pub(crate) fn holder(lock: &HeldLock) -> String {
     let transient = if lock.transient { ", a stepwise client's passing parent lock" } else { "" };
-    format!("held by {} for {} more, fencing token {}{transient}", lock.owner, human(lock.remaining), lock.token)
+    format!("by {} for {} more, fencing token {}{transient}", lock.owner, human(lock.remaining), lock.token)
+}
+
+/// `A/B (shared), C/D`: the paths of one grant or request with their
+/// modes, as a request names them (exclusive is the default).
+pub(crate) fn items_text<'a>(items: impl IntoIterator<Item = (&'a LockPath, Mode)>) -> String {
+    let items: Vec<String> = items
+        .into_iter()
+        .map(|(path, mode)| match mode {
+            Mode::Exclusive => shown(path),
+            Mode::Shared => format!("{} (shared)", shown(path)),
+        })
+        .collect();
+    items.join(", ")
+}
+
+/// [`items_text`] for a request or a grant.
+pub(crate) fn shown_items(items: &LockItems) -> String {
+    items_text(items.iter().map(|item| (&item.path, item.mode)))
+}
+
+/// [`items_text`] for the listed paths of one grant.
+pub(crate) fn listed_items(locks: &[&HeldLock]) -> String {
+    items_text(locks.iter().map(|lock| (&lock.path, lock.mode)))
+}
+
+/// The listed locks by grant (same fencing token and owner), in token
+/// order; each grant's paths in the listing's (key) order.
+pub(crate) fn by_grant(held: &[HeldLock]) -> Vec<Vec<&HeldLock>> {
+    let mut grants: BTreeMap<(u64, &str), Vec<&HeldLock>> = BTreeMap::new();
+    for lock in held {
+        grants.entry((lock.token, lock.owner.as_str())).or_default().push(lock);
+    }
+    grants.into_values().collect()
+}
+
+/// `1 lock`, `3 locks`.
+pub(crate) fn plural(count: usize, noun: &str) -> String {
+    format!("{count} {noun}{}", if count == 1 { "" } else { "s" })
 }
 
 /// The locks as `tree(1)` draws directories: nodes by name under `root`
-/// (or the namespace), each lock's details beside its node, below a line
-/// naming the namespace (and the root).
+/// (or the namespace), each holder's details beside its node (shared
+/// holders of one node side by side), below a line naming the namespace
+/// (and the root).
 fn tree(namespace: &str, root: Option<&LockPath>, held: &[HeldLock]) -> String {
     #[derive(Default)]
     struct Node<'a> {
-        lock: Option<&'a HeldLock>,
+        locks: Vec<&'a HeldLock>,
         children: BTreeMap<&'a str, Node<'a>>,
     }
+    let paths_per_grant = by_grant(held).into_iter().flat_map(|grant| {
+        let count = grant.len();
+        grant.into_iter().map(move |lock| ((lock.token, lock.owner.as_str()), count))
+    });
+    let paths_per_grant: BTreeMap<(u64, &str), usize> = paths_per_grant.collect();
+    let details = |lock: &HeldLock| {
+        let several = paths_per_grant.get(&(lock.token, lock.owner.as_str())).copied().unwrap_or(1);
+        let grant = if several > 1 { format!(", one grant of {several} paths") } else { String::new() };
+        format!("  [{}{grant}]", describe(lock))
+    };
     let skip = root.map_or(0, LockPath::depth);
     let mut top = Node::default();
     for lock in held {
@@ -140,30 +273,43 @@ fn tree(namespace: &str, root: Option<&LockPath>, held: &[HeldLock]) -> String {
         for segment in lock.path.segments().skip(skip) {
             node = node.children.entry(segment).or_default();
         }
-        node.lock = Some(lock);
+        node.locks.push(lock);
     }
-    fn draw(out: &mut String, node: &Node<'_>, prefix: &str) {
+    fn draw(out: &mut String, node: &Node<'_>, prefix: &str, details: &dyn Fn(&HeldLock) -> String) {
         let count = node.children.len();
         for (index, (name, child)) in node.children.iter().enumerate() {
             let last = index + 1 == count;
             let name = LockPath::new([*name]).map_or_else(|_| visible(name), |one| shown(&one));
             let _ = write!(out, "{prefix}{}{name}", if last { "└── " } else { "├── " });
-            if let Some(lock) = child.lock {
-                let _ = write!(out, "  [{}]", describe(lock));
+            for lock in &child.locks {
+                out.push_str(&details(lock));
             }
             out.push('\n');
-            draw(out, child, &format!("{prefix}{}", if last { "    " } else { "│   " }));
+            draw(out, child, &format!("{prefix}{}", if last { "    " } else { "│   " }), details);
         }
     }
     let mut out = match root {
         Some(root) => format!("namespace {namespace}: {}", shown(root)),
         None => format!("namespace {namespace}"),
     };
-    if let Some(lock) = top.lock {
-        let _ = write!(out, "  [{}]", describe(lock));
+    for lock in &top.locks {
+        out.push_str(&details(lock));
     }
     out.push('\n');
-    draw(&mut out, &top, "");
+    draw(&mut out, &top, "", &details);
+    out
+}
+
+/// The grants that hold several of the listed paths, one line each:
+/// `token 17 owner "web-1": A/B (shared), C/D`; nothing if there are none.
+fn several_paths(held: &[HeldLock]) -> String {
+    let mut out = String::new();
+    for grant in by_grant(held).into_iter().filter(|grant| grant.len() > 1) {
+        if out.is_empty() {
+            out.push_str("grants of several paths:\n");
+        }
+        let _ = writeln!(out, "  token {} owner {}: {}", grant[0].token, grant[0].owner, listed_items(&grant));
+    }
     out
 }
 
@@ -176,6 +322,7 @@ fn lock_json(lock: &HeldLock) -> serde_json::Value {
     serde_json::json!({
         "path": lock.path.to_string(),
         "segments": lock.path.segments().collect::<Vec<_>>(),
+        "mode": lock.mode.as_str(),
         "owner": lock.owner.as_str(),
         "remaining_ms": u64::try_from(lock.remaining.as_millis()).unwrap_or(u64::MAX),
         "token": lock.token,
@@ -184,7 +331,7 @@ fn lock_json(lock: &HeldLock) -> serde_json::Value {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::time::Duration;
 
     use mutextree::Owner;
@@ -192,13 +339,24 @@ mod tests {
     use super::*;
 
     fn held(path: &str, token: u64) -> HeldLock {
+        held_by(path, Mode::Exclusive, "web-1", token)
+    }
+
+    /// A listed lock, 12.3 s from its expiry.
+    pub(crate) fn held_by(path: &str, mode: Mode, owner: &str, token: u64) -> HeldLock {
         HeldLock {
             path: LockPath::parse(path).expect("path"),
-            owner: Owner::new("web-1").expect("owner"),
+            mode,
+            owner: Owner::new(owner).expect("owner"),
             token,
             remaining: Duration::from_millis(12_300),
             transient: false,
+            waiting: false,
         }
+    }
+
+    fn path(text: &str) -> LockPath {
+        LockPath::parse(text).expect("path")
     }
 
     #[test]
@@ -207,15 +365,58 @@ mod tests {
         let drawn = tree("app", None, &locks);
         let expected = "namespace app
 ├── eu
-│   ├── rack-1  [held by \"web-1\" for 12.3 s more, fencing token 3]
+│   ├── rack-1  [held exclusively by \"web-1\" for 12.3 s more, fencing token 3]
 │   └── rack-2
-│       ├── host-1  [held by \"web-1\" for 12.3 s more, fencing token 4]
-│       └── host-2  [held by \"web-1\" for 12.3 s more, fencing token 5]
-└── us  [held by \"web-1\" for 12.3 s more, fencing token 6]
+│       ├── host-1  [held exclusively by \"web-1\" for 12.3 s more, fencing token 4]
+│       └── host-2  [held exclusively by \"web-1\" for 12.3 s more, fencing token 5]
+└── us  [held exclusively by \"web-1\" for 12.3 s more, fencing token 6]
 ";
         assert_eq!(drawn, expected);
-        let under = tree("app", Some(&LockPath::parse("eu/rack-2").expect("path")), &locks[1..3]);
+        let under = tree("app", Some(&path("eu/rack-2")), &locks[1..3]);
         assert!(under.starts_with("namespace app: eu/rack-2\n├── host-1"), "{under}");
+        assert_eq!(several_paths(&locks), "", "no grant holds several paths");
+    }
+
+    #[test]
+    fn shared_holders_of_one_node_stand_side_by_side() {
+        let locks = [held_by("eu", Mode::Shared, "reader-1", 3), held_by("eu", Mode::Shared, "reader-2", 4)];
+        let drawn = tree("app", None, &locks);
+        let expected = "namespace app
+└── eu  [held shared by \"reader-1\" for 12.3 s more, fencing token 3]  \
+             [held shared by \"reader-2\" for 12.3 s more, fencing token 4]
+";
+        assert_eq!(drawn, expected);
+    }
+
+    #[test]
+    fn the_paths_of_one_grant_are_shown_together() {
+        // As a store lists them: key order, the grants' paths interleaved.
+        let locks = [
+            held_by("dc/rack-1/host-3", Mode::Exclusive, "mover", 17),
+            held_by("dc/rack-2", Mode::Shared, "auditor", 18),
+            held_by("dc/rack-4/host-8", Mode::Exclusive, "mover", 17),
+            held_by("tenants/t1", Mode::Shared, "auditor", 18),
+            held_by("tenants/t2", Mode::Exclusive, "admin", 19),
+        ];
+        assert_eq!(
+            several_paths(&locks),
+            "grants of several paths:
+  token 17 owner \"mover\": dc/rack-1/host-3, dc/rack-4/host-8
+  token 18 owner \"auditor\": dc/rack-2 (shared), tenants/t1 (shared)
+"
+        );
+        let drawn = tree("app", None, &locks);
+        assert!(
+            drawn.contains(
+                "host-3  [held exclusively by \"mover\" for 12.3 s more, fencing token 17, one grant of 2 paths]"
+            ),
+            "{drawn}"
+        );
+        assert!(drawn.contains("t2  [held exclusively by \"admin\" for 12.3 s more, fencing token 19]\n"), "{drawn}");
+        // One token, two owners: two grants (a store's tokens are unique,
+        // but the grouping does not rely on it).
+        let two = [held_by("a", Mode::Shared, "x", 5), held_by("b", Mode::Shared, "y", 5)];
+        assert_eq!(by_grant(&two).len(), 2);
     }
 
     #[test]
@@ -226,14 +427,75 @@ mod tests {
         assert!(drawn.contains("a\\\\"), "a backslash is escaped: {drawn}");
         assert!(drawn.contains("b\\/c"), "a slash in a segment is escaped: {drawn}");
         assert!(drawn.contains("x\\u{a}\\u{1b}[2Jy") && !drawn.contains('\u{1b}'), "{drawn}");
+        let grant = [held_by("x\n1", Mode::Shared, "o", 1), held_by("x\n2", Mode::Exclusive, "o", 1)];
+        assert_eq!(several_paths(&grant).lines().count(), 2, "{}", several_paths(&grant));
     }
 
     #[test]
     fn json_has_every_field() {
-        let value = json(&[held("a\\/b/c", 9)]);
+        let value = json(&[held("a\\/b/c", 9), held_by("d", Mode::Shared, "r", 10)]);
         assert_eq!(value[0]["segments"], serde_json::json!(["a/b", "c"]));
         assert_eq!(value[0]["path"], "a\\/b/c");
+        assert_eq!(value[0]["mode"], "exclusive");
         assert_eq!(value[0]["remaining_ms"], 12_300);
         assert_eq!(value[0]["token"], 9);
+        assert_eq!(value[1]["mode"], "shared");
+    }
+
+    #[test]
+    fn why_lists_every_holder_in_the_way_of_the_mode_asked() {
+        let listed = || {
+            vec![
+                held_by("eu", Mode::Shared, "reader-1", 3),
+                held_by("eu", Mode::Shared, "reader-2", 4),
+                held_by("eu/rack-1", Mode::Shared, "reader-3", 5),
+                held_by("eu/rack-1/host-2", Mode::Exclusive, "patcher", 6),
+                held_by("eu/rack-2", Mode::Exclusive, "sibling", 7),
+            ]
+        };
+        let wanted = path("eu/rack-1");
+        let exclusive = WhyAnswer::new(&wanted, Mode::Exclusive, listed());
+        let owners: Vec<&str> = exclusive.blockers.iter().map(|lock| lock.owner.as_str()).collect();
+        assert_eq!(owners, ["reader-1", "reader-2", "reader-3", "patcher"], "every shared holder, not only the first");
+        let text = exclusive.text();
+        assert!(text.starts_with("an exclusive lock on eu/rack-1 is blocked by 4 locks:\n"), "{text}");
+        assert!(
+            text.contains("  eu (an ancestor): held shared by \"reader-2\" for 12.3 s more, fencing token 4\n"),
+            "{text}"
+        );
+        assert!(text.contains("  eu/rack-1/host-2 (a descendant): held exclusively by \"patcher\""), "{text}");
+        assert!(!text.contains("sibling") && !text.contains("would not be in the way"), "{text}");
+
+        let shared = WhyAnswer::new(&wanted, Mode::Shared, listed());
+        let owners: Vec<&str> = shared.blockers.iter().map(|lock| lock.owner.as_str()).collect();
+        assert_eq!(owners, ["patcher"], "shared holders do not block a shared lock");
+        let text = shared.text();
+        assert!(text.starts_with("a shared lock on eu/rack-1 is blocked by 1 lock:\n"), "{text}");
+        assert!(text.ends_with("(3 shared locks on its branch would not be in the way)\n"), "{text}");
+        let json = shared.json();
+        assert_eq!(json["mode"], "shared");
+        assert_eq!(json["free"], false);
+        assert_eq!(json["blockers"].as_array().map(Vec::len), Some(1));
+        assert_eq!(json["blockers"][0]["relation"], "a descendant");
+        assert_eq!(json["blockers"][0]["mode"], "exclusive");
+
+        let reader = path("eu/rack-3");
+        let free = WhyAnswer::new(&reader, Mode::Shared, listed());
+        assert_eq!(free.text(), "eu/rack-3 is free: a shared lock on it would be granted now\n(2 shared locks on its branch would not be in the way)\n");
+        assert_eq!(free.json()["free"], true);
+    }
+
+    #[test]
+    fn in_the_way_names_the_path_it_blocks() {
+        let one = LockItems::one(path("eu/rack-1/host-2"), Mode::Exclusive);
+        assert_eq!(in_the_way(&one, &held("eu/rack-1", 1)), "eu/rack-1 (an ancestor)");
+        let two = LockItems::new([(path("dc/a"), Mode::Exclusive), (path("dc/b"), Mode::Shared)]).expect("valid");
+        assert_eq!(in_the_way(&two, &held("dc/b/x", 1)), "dc/b/x (a descendant of dc/b)");
+        assert_eq!(in_the_way(&two, &held("dc/a", 2)), "dc/a (the path itself)");
+        assert_eq!(
+            in_the_way(&two, &held_by("dc", Mode::Shared, "r", 3)),
+            "dc (an ancestor of dc/a)",
+            "a shared holder blocks the exclusive item"
+        );
     }
 }

@@ -1,6 +1,8 @@
 //! What `run` shows while it waits for a lock: on a terminal, one line
 //! that updates in place, naming the lock in the way, how long that lock
-//! has left and how long `--timeout` has left.
+//! has left and how long `--timeout` has left; with `--verbose`, one line
+//! per lock it comes to wait behind, terminal or not (a request of several
+//! paths waits behind its blockers one after the other).
 //!
 //! The lock in the way is learnt from the acquisition itself (each refusal
 //! it is about to wait behind), not from a second listing of the store: a
@@ -13,11 +15,11 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use mutextree::backend::human;
-use mutextree::{HeldLock, LockPath, Wait};
+use mutextree::{HeldLock, LockItems, Wait};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::show::{describe, relation, shown};
+use crate::show::{describe, in_the_way, shown_items};
 
 /// How often the line is redrawn: often enough that the counts look alive.
 const REDRAW_EVERY: Duration = Duration::from_millis(200);
@@ -28,6 +30,8 @@ const REDRAW_EVERY: Duration = Duration::from_millis(200);
 pub(crate) struct WaitingLine {
     seen: Arc<Mutex<Option<Seen>>>,
     drawer: Option<(ProgressBar, JoinHandle<()>)>,
+    /// With `--verbose`: what is waited for, to say it.
+    verbose: Option<LockItems>,
 }
 
 /// The last lock the acquisition was refused by, and when.
@@ -37,8 +41,10 @@ struct Seen {
 }
 
 impl WaitingLine {
-    /// Starts drawing, for an acquisition of `path` that waits as `wait` says.
-    pub(crate) fn start(path: &LockPath, wait: Wait) -> Self {
+    /// Starts drawing, for an acquisition of `items` that waits as `wait`
+    /// says; with `verbose`, each lock it comes to wait behind is also
+    /// said on a line of its own.
+    pub(crate) fn start(items: &LockItems, wait: Wait, verbose: bool) -> Self {
         let seen: Arc<Mutex<Option<Seen>>> = Arc::default();
         let drawer = (wait != Wait::No && std::io::stderr().is_terminal()).then(|| {
             let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
@@ -49,14 +55,14 @@ impl WaitingLine {
                 Wait::No | Wait::Forever => None,
             };
             let task = tokio::spawn({
-                let (bar, seen, path) = (bar.clone(), seen.clone(), path.clone());
+                let (bar, seen, items) = (bar.clone(), seen.clone(), items.clone());
                 async move {
                     loop {
                         let message = seen
                             .lock()
                             .expect("the waiting line's state is never poisoned")
                             .as_ref()
-                            .map(|seen| line(&path, seen, deadline));
+                            .map(|seen| line(&items, seen, deadline));
                         if let Some(message) = message {
                             bar.set_message(message);
                             bar.tick();
@@ -67,16 +73,29 @@ impl WaitingLine {
             });
             (bar, task)
         });
-        WaitingLine { seen, drawer }
+        WaitingLine { seen, drawer, verbose: verbose.then(|| items.clone()) }
     }
 
     /// Records a lock the acquisition is about to wait behind: the
-    /// handle's `on_wait`.
+    /// handle's `on_wait`. With `--verbose`, says so when it is not the
+    /// lock waited behind just before (above the line, on a terminal).
     pub(crate) fn observer(&self) -> impl Fn(&HeldLock) + Send + Sync + 'static {
         let seen = self.seen.clone();
+        let verbose = self.verbose.clone();
+        let bar = self.drawer.as_ref().map(|(bar, _)| bar.clone());
         move |blocker: &HeldLock| {
-            *seen.lock().expect("the waiting line's state is never poisoned") =
-                Some(Seen { blocker: blocker.clone(), at: Instant::now() });
+            let mut seen = seen.lock().expect("the waiting line's state is never poisoned");
+            let same = seen
+                .as_ref()
+                .is_some_and(|seen| seen.blocker.path == blocker.path && seen.blocker.token == blocker.token);
+            if let (false, Some(items)) = (same, &verbose) {
+                let said = format!("mutextree: {}", waiting_behind(items, blocker));
+                match &bar {
+                    Some(bar) => bar.println(said),
+                    None => eprintln!("{said}"),
+                }
+            }
+            *seen = Some(Seen { blocker: blocker.clone(), at: Instant::now() });
         }
     }
 
@@ -89,10 +108,10 @@ impl WaitingLine {
     }
 }
 
-/// `waiting for A/B (gives up in 4 min 3 s): A (an ancestor) held by
-/// "web-1" for 12.3 s more, fencing token 7`: the times first, so that a
-/// narrow terminal cuts off the least telling part.
-fn line(path: &LockPath, seen: &Seen, deadline: Option<Instant>) -> String {
+/// `waiting for A/B (gives up in 4 min 3 s): A (an ancestor) held
+/// exclusively by "web-1" for 12.3 s more, fencing token 7`: the times
+/// first, so that a narrow terminal cuts off the least telling part.
+fn line(items: &LockItems, seen: &Seen, deadline: Option<Instant>) -> String {
     let now = Instant::now();
     let mut blocker = seen.blocker.clone();
     blocker.remaining = blocker.remaining.saturating_sub(now - seen.at);
@@ -100,37 +119,59 @@ fn line(path: &LockPath, seen: &Seen, deadline: Option<Instant>) -> String {
         Some(deadline) => format!("gives up in {}", human(deadline.saturating_duration_since(now))),
         None => "no time limit".to_owned(),
     };
-    format!(
-        "waiting for {} ({limit}): {} ({}) {}",
-        shown(path),
-        shown(&blocker.path),
-        relation(&blocker.path, path),
-        describe(&blocker)
-    )
+    format!("waiting for {} ({limit}): {} {}", shown_items(items), in_the_way(items, &blocker), describe(&blocker))
+}
+
+/// `waiting for A/B, C/D behind C (an ancestor of C/D) held ...`: what
+/// `--verbose` says of each lock waited behind.
+fn waiting_behind(items: &LockItems, blocker: &HeldLock) -> String {
+    format!("waiting for {} behind {} {}", shown_items(items), in_the_way(items, blocker), describe(blocker))
 }
 
 #[cfg(test)]
 mod tests {
-    use mutextree::Owner;
+    use mutextree::{LockPath, Mode, Owner};
 
     use super::*;
 
-    #[test]
-    fn the_line_names_the_blocker_and_both_times_left() {
-        let path = LockPath::parse("eu/rack-1/host-2").expect("path");
-        let blocker = HeldLock {
-            path: LockPath::parse("eu/rack-1").expect("path"),
+    fn blocker(path: &str, mode: Mode) -> HeldLock {
+        HeldLock {
+            path: LockPath::parse(path).expect("path"),
+            mode,
             owner: Owner::new("web-1").expect("owner"),
             token: 7,
             remaining: Duration::from_secs(20),
             transient: false,
-        };
+            waiting: false,
+        }
+    }
+
+    #[test]
+    fn the_line_names_the_blocker_and_both_times_left() {
+        let items = LockItems::one(LockPath::parse("eu/rack-1/host-2").expect("path"), Mode::Exclusive);
         let now = Instant::now();
-        let seen = Seen { blocker, at: now };
-        let timed = line(&path, &seen, Some(now + Duration::from_secs(90)));
-        let blocker = "eu/rack-1 (an ancestor) held by \"web-1\" for 20.0 s more, fencing token 7";
+        let seen = Seen { blocker: blocker("eu/rack-1", Mode::Exclusive), at: now };
+        let timed = line(&items, &seen, Some(now + Duration::from_secs(90)));
+        let blocker = "eu/rack-1 (an ancestor) held exclusively by \"web-1\" for 20.0 s more, fencing token 7";
         assert_eq!(timed, format!("waiting for eu/rack-1/host-2 (gives up in 90.0 s): {blocker}"));
-        let forever = line(&path, &seen, None);
+        let forever = line(&items, &seen, None);
         assert_eq!(forever, format!("waiting for eu/rack-1/host-2 (no time limit): {blocker}"));
+    }
+
+    #[test]
+    fn a_request_of_several_paths_names_the_one_blocked() {
+        let path = |text| LockPath::parse(text).expect("path");
+        let items = LockItems::new([(path("dc/a/h1"), Mode::Exclusive), (path("dc/b"), Mode::Shared)]).expect("valid");
+        let seen = Seen { blocker: blocker("dc/b/h2", Mode::Exclusive), at: Instant::now() };
+        assert_eq!(
+            line(&items, &seen, None),
+            "waiting for dc/a/h1, dc/b (shared) (no time limit): dc/b/h2 (a descendant of dc/b) held exclusively by \
+             \"web-1\" for 20.0 s more, fencing token 7"
+        );
+        assert_eq!(
+            waiting_behind(&items, &blocker("dc", Mode::Shared)),
+            "waiting for dc/a/h1, dc/b (shared) behind dc (an ancestor of dc/a/h1) held shared by \"web-1\" for 20.0 s \
+             more, fencing token 7"
+        );
     }
 }

@@ -52,6 +52,13 @@ fn start_run(store: &(String, String), options: &[&str], path: &str, script: &st
     (run, line.trim().to_owned())
 }
 
+/// `status` finds no lock in the store's namespace.
+fn assert_nothing_held(store: &(String, String)) {
+    let status = output(mutextree(store).arg("status"));
+    let expected = format!("no locks held in namespace {}\n", store.1);
+    assert_eq!(text(&status.stdout), expected, "all released on {}", store.0);
+}
+
 fn output(command: &mut Command) -> Output {
     command.output().expect("the mutextree binary runs")
 }
@@ -91,13 +98,7 @@ fn overlapping_runs_exclude_each_other(store: &(String, String)) {
     }
     let lines = std::fs::read_to_string(&log).expect("log");
     assert_eq!(lines, "start\nend\n".repeat(4), "the commands never overlapped on {}", store.0);
-    let status = output(mutextree(store).arg("status"));
-    assert_eq!(
-        text(&status.stdout),
-        format!("no locks held in namespace {}\n", store.1),
-        "all released on {}",
-        store.0
-    );
+    assert_nothing_held(store);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -169,25 +170,202 @@ fn status_draws_the_tree_and_why_names_the_blocker(store: &(String, String)) {
     let lines: Vec<&str> = drawn.lines().collect();
     assert_eq!(lines[0], format!("namespace {}", store.1));
     assert_eq!(lines[1], "└── eu");
-    assert!(lines[2].starts_with("    ├── rack-1  [held by ") && lines[2].contains("fencing token"), "{drawn}");
+    assert!(
+        lines[2].starts_with("    ├── rack-1  [held exclusively by ") && lines[2].contains("fencing token"),
+        "{drawn}"
+    );
     assert_eq!(lines[3], "    └── rack-2");
-    assert!(lines[4].starts_with("        └── host-7  [held by "), "{drawn}");
+    assert!(lines[4].starts_with("        └── host-7  [held exclusively by "), "{drawn}");
 
     let json = output(mutextree(store).args(["status", "eu/rack-2", "--json"]));
     let parsed: serde_json::Value = serde_json::from_slice(&json.stdout).expect("JSON");
     assert_eq!(parsed.as_array().map(Vec::len), Some(1));
     assert_eq!(parsed[0]["path"], "eu/rack-2/host-7");
+    assert_eq!(parsed[0]["mode"], "exclusive");
     assert_eq!(parsed[0]["token"], host.as_async().grant().expect("held").token);
 
     let why = output(mutextree(store).args(["why", "eu/rack-2"]));
     assert_eq!(why.status.code(), Some(3));
-    assert!(text(&why.stdout).contains("eu/rack-2/host-7 (a descendant): held by"), "{}", text(&why.stdout));
+    assert!(
+        text(&why.stdout).contains("eu/rack-2/host-7 (a descendant): held exclusively by"),
+        "{}",
+        text(&why.stdout)
+    );
     let above = output(mutextree(store).args(["why", "eu/rack-1/host-1"]));
     assert_eq!(above.status.code(), Some(3));
-    assert!(text(&above.stdout).contains("eu/rack-1 (an ancestor): held by"), "{}", text(&above.stdout));
+    assert!(text(&above.stdout).contains("eu/rack-1 (an ancestor): held exclusively by"), "{}", text(&above.stdout));
     let free = output(mutextree(store).args(["why", "eu/rack-3"]));
     assert_eq!(free.status.code(), Some(0));
     assert!(text(&free.stdout).contains("is free"));
+}
+
+#[test]
+fn a_run_of_several_paths_holds_them_all_as_one_grant_on_every_store() {
+    for store in every_store() {
+        a_run_of_several_paths_holds_them_all_as_one_grant(&store);
+    }
+}
+
+fn a_run_of_several_paths_holds_them_all_as_one_grant(store: &(String, String)) {
+    let (holder, command_pid) =
+        start_run(store, &["--owner", "mover", "--shared", "C/D"], "A/B", "echo $$; exec sleep 60");
+
+    let json = output(mutextree(store).args(["status", "--json"]));
+    let listed: serde_json::Value = serde_json::from_slice(&json.stdout).expect("JSON");
+    let listed = listed.as_array().expect("an array");
+    assert_eq!(listed.len(), 2, "both paths are held on {}: {listed:?}", store.0);
+    assert_eq!((&listed[0]["path"], &listed[0]["mode"]), (&"A/B".into(), &"exclusive".into()));
+    assert_eq!((&listed[1]["path"], &listed[1]["mode"]), (&"C/D".into(), &"shared".into()));
+    let token = listed[0]["token"].as_u64().expect("a token");
+    assert_eq!(listed[1]["token"], token, "one grant, one token");
+
+    let status = text(&output(mutextree(store).arg("status")).stdout);
+    assert!(status.contains("B  [held exclusively by \"mover\""), "{status}");
+    assert!(status.contains("D  [held shared by \"mover\""), "{status}");
+    assert!(
+        status.ends_with(&format!("grants of several paths:\n  token {token} owner \"mover\": A/B, C/D (shared)\n")),
+        "the grant's paths shown together on {}: {status}",
+        store.0
+    );
+
+    // Shared coexists with shared, on the path, an ancestor or a
+    // descendant; exclusive is refused on every one of them.
+    for shared in ["C/D", "C", "C/D/e"] {
+        let joined = output(mutextree(store).args(["run", "-n", "-s", shared, "--", "true"]));
+        assert!(joined.status.success(), "shared {shared} beside shared C/D on {}: {}", store.0, text(&joined.stderr));
+    }
+    for exclusive in ["C/D", "C", "C/D/e"] {
+        let refused = output(mutextree(store).args(["run", "-n", exclusive, "--", "true"]));
+        assert_eq!(refused.status.code(), Some(3), "exclusive {exclusive} on {}: {}", store.0, text(&refused.stderr));
+        let message = text(&refused.stderr);
+        assert!(message.contains("shared by \"mover\""), "names the shared holder: {message}");
+    }
+    let refused = output(mutextree(store).args(["run", "-n", "-s", "A/B", "--", "true"]));
+    assert_eq!(refused.status.code(), Some(3), "shared under exclusive on {}", store.0);
+
+    // A refusal of several paths names a lock in the way of each, and
+    // takes none of the free ones.
+    let both = output(mutextree(store).args(["run", "-n", "-E", "75", "A/B/x", "C/D", "F", "--", "true"]));
+    assert_eq!(both.status.code(), Some(75), "{}", text(&both.stderr));
+    let message = text(&both.stderr);
+    assert!(message.contains("A/B/x: its ancestor A/B is held by \"mover\""), "{message}");
+    assert!(message.contains("C/D: it is held shared by \"mover\""), "{message}");
+    assert_eq!(output(mutextree(store).args(["why", "F"])).status.code(), Some(0), "nothing half-granted");
+
+    assert!(Command::new("kill").arg(&command_pid).status().expect("kill").success());
+    let finished = holder.wait_with_output().expect("wait");
+    assert_eq!(finished.status.code(), Some(128 + 15), "the command's end: {}", text(&finished.stderr));
+    assert_nothing_held(store);
+}
+
+#[test]
+fn the_command_finds_every_path_and_mode_in_its_environment() {
+    let memory = ("memory://".to_owned(), "cli".to_owned());
+    let script = "printf '%s %s\\n%s\\n' \"$MUTEXTREE_PATH\" \"$MUTEXTREE_MODE\" \"$MUTEXTREE_ITEMS\"";
+    let ran = output(mutextree(&memory).args(["run", "-s", "x/y", "a\\/b", "--", "sh", "-c", script]));
+    assert!(ran.status.success(), "{}", text(&ran.stderr));
+    let out = text(&ran.stdout);
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("a\\/b exclusive"), "the first path in key order: {out}");
+    let items: serde_json::Value = serde_json::from_str(lines.next().expect("a second line")).expect("JSON");
+    assert_eq!(items, serde_json::json!([{"path": "a\\/b", "mode": "exclusive"}, {"path": "x/y", "mode": "shared"}]));
+}
+
+#[test]
+fn why_lists_every_holder_in_the_way() {
+    let store = store();
+    let backend = library(&store);
+    let readers: Vec<blocking::TreeLock> = [("eu", "reader-1"), ("eu", "reader-2"), ("eu/rack-1", "reader-3")]
+        .iter()
+        .map(|(path, owner)| {
+            let reader =
+                blocking::TreeLock::builder(backend.clone(), *path).shared().owner(*owner).build().expect("lock");
+            reader.acquire().expect("readers share");
+            reader
+        })
+        .collect();
+    let sibling =
+        blocking::TreeLock::builder(backend, "eu/rack-2/host-1").shared().owner("reader-4").build().expect("lock");
+    sibling.acquire().expect("readers share");
+
+    let why = output(mutextree(&store).args(["why", "eu/rack-1/host-9"]));
+    assert_eq!(why.status.code(), Some(3));
+    let said = text(&why.stdout);
+    assert!(said.starts_with("an exclusive lock on eu/rack-1/host-9 is blocked by 3 locks:\n"), "{said}");
+    for reader in ["reader-1", "reader-2", "reader-3"] {
+        assert!(said.contains(&format!("held shared by \"{reader}\"")), "every shared holder: {said}");
+    }
+    assert!(!said.contains("reader-4"), "a sibling's reader is not in the way: {said}");
+
+    let json = output(mutextree(&store).args(["why", "eu", "--json"]));
+    assert_eq!(json.status.code(), Some(3));
+    let answer: serde_json::Value = serde_json::from_slice(&json.stdout).expect("JSON");
+    assert_eq!(answer["mode"], "exclusive");
+    let mut owners: Vec<&str> =
+        answer["blockers"].as_array().expect("blockers").iter().filter_map(|b| b["owner"].as_str()).collect();
+    owners.sort_unstable();
+    assert_eq!(owners, ["reader-1", "reader-2", "reader-3", "reader-4"], "{answer}");
+
+    let shared = output(mutextree(&store).args(["why", "--shared", "eu/rack-1/host-9"]));
+    assert_eq!(shared.status.code(), Some(0), "{}", text(&shared.stdout));
+    let said = text(&shared.stdout);
+    assert!(said.starts_with("eu/rack-1/host-9 is free: a shared lock on it would be granted now\n"), "{said}");
+    assert!(said.contains("(3 shared locks on its branch would not be in the way)"), "{said}");
+    drop((readers, sibling));
+}
+
+#[test]
+fn release_force_of_a_multi_path_grant_frees_every_path_on_every_store() {
+    for store in every_store() {
+        release_force_of_a_multi_path_grant_frees_every_path(&store);
+    }
+}
+
+fn release_force_of_a_multi_path_grant_frees_every_path(store: &(String, String)) {
+    let other = blocking::TreeLock::builder(library(store), "R/b").owner("bystander").build().expect("lock");
+    other.acquire().expect("free");
+    let (run, _) = start_run(
+        store,
+        &["--owner", "mover", "-s", "S/x", "--ttl", "3s", "--kill-after", "5s"],
+        "R/a",
+        "echo $$; exec sleep 60",
+    );
+    let released = output(mutextree(store).args(["release", "--force", "--yes", "S/x"]));
+    assert!(released.status.success(), "{}", text(&released.stderr));
+    let said = text(&released.stdout);
+    assert!(said.contains("released R/a, S/x (shared) (owner \"mover\", token "), "both paths of the grant: {said}");
+
+    let finished = run.wait_with_output().expect("wait");
+    assert_eq!(
+        finished.status.code(),
+        Some(5),
+        "the holder learns its loss on {}: {}",
+        store.0,
+        text(&finished.stderr)
+    );
+    let json = output(mutextree(store).args(["status", "--json"]));
+    let listed: serde_json::Value = serde_json::from_slice(&json.stdout).expect("JSON");
+    let paths: Vec<&str> = listed.as_array().expect("array").iter().filter_map(|lock| lock["path"].as_str()).collect();
+    assert_eq!(paths, ["R/b"], "every path of the grant is free, the other lock stays, on {}", store.0);
+    other.release().expect("still held");
+}
+
+#[test]
+fn paths_that_cannot_be_held_together_are_refused_before_the_store_is_contacted() {
+    // Nothing listens there: a store contacted would fail with status 1.
+    let nowhere = ("redis://127.0.0.1:1/?connect_timeout=300ms".to_owned(), "cli".to_owned());
+    let branch = output(mutextree(&nowhere).args(["run", "A", "--shared", "A/B", "--", "true"]));
+    assert_eq!(branch.status.code(), Some(2), "{}", text(&branch.stderr));
+    let message = text(&branch.stderr);
+    assert!(message.contains("invalid lock request: A (exclusive) and A/B (shared) are on one branch"), "{message}");
+
+    let paths: Vec<String> = (0..17).map(|n| format!("dc/host-{n}")).collect();
+    let many = output(mutextree(&nowhere).arg("run").args(&paths).args(["--", "true"]));
+    assert_eq!(many.status.code(), Some(2), "{}", text(&many.stderr));
+    assert!(text(&many.stderr).contains("17 paths, but one request may lock at most 16"), "{}", text(&many.stderr));
+
+    let sixteen = output(mutextree(&nowhere).arg("run").args(&paths[..16]).args(["--", "true"]));
+    assert_eq!(sixteen.status.code(), Some(1), "16 paths are fine, and the store is tried: {}", text(&sixteen.stderr));
 }
 
 #[test]
@@ -350,16 +528,30 @@ fn the_memory_store_serves_one_process() {
 #[test]
 fn bench_counts_round_trips_on_redis() {
     let store = store();
-    let bench = output(mutextree(&store).args(["bench", "--duration", "300ms", "--background", "1000"]));
-    assert!(bench.status.success(), "{}", text(&bench.stderr));
-    let out = text(&bench.stdout);
-    let per_pair: f64 = out
-        .lines()
-        .find_map(|line| line.strip_prefix("round trips per pair: "))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no round trips in {out}"));
-    // Two scripts a pair; a reloaded script (NOSCRIPT) adds one request once.
-    assert!((2.0..2.05).contains(&per_pair), "{out}");
+    // A grant of two paths, and a shared one, is one script too.
+    for (scenario, clients) in [("siblings", "1"), ("two-paths", "1"), ("read-heavy", "2")] {
+        let bench = output(mutextree(&store).args([
+            "bench",
+            "--duration",
+            "300ms",
+            "--background",
+            "1000",
+            "--scenario",
+            scenario,
+            "--clients",
+            clients,
+        ]));
+        assert!(bench.status.success(), "{scenario}: {}", text(&bench.stderr));
+        let out = text(&bench.stdout);
+        let per_pair: f64 = out
+            .lines()
+            .find_map(|line| line.strip_prefix("round trips per pair: "))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no round trips in {out}"));
+        // Two scripts a pair; a reloaded script (NOSCRIPT) adds one request
+        // once per connection.
+        assert!((2.0..2.05).contains(&per_pair), "{scenario}: {out}");
+    }
 }
 
 #[test]

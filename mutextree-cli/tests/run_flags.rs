@@ -123,7 +123,7 @@ fn a_second_run_waits_for_the_first_by_default_and_shows_what_blocks_it() {
     // The waiting line names the path waited for, the lock in the way, its
     // owner and how long the wait may last.
     read_until(&terminal, &mut seen, |seen| {
-        seen.contains("waiting for A/B (no time limit): A (an ancestor) held by \"first-holder\" for ")
+        seen.contains("waiting for A/B (no time limit): A (an ancestor) held exclusively by \"first-holder\" for ")
     });
     assert!(waiter.try_wait().expect("try_wait").is_none(), "the second run waits: {seen:?}");
     finish_holder(holder);
@@ -140,7 +140,8 @@ fn the_waiting_line_counts_down_the_timeout() {
         under_terminal(&store, 120, &[BINARY, "run", "--timeout", "30", "-E", "75", "T", "--", "true"]);
     let mut seen = String::new();
     read_until(&terminal, &mut seen, |seen| {
-        seen.contains("waiting for T (gives up in ") && seen.contains("): T (the path itself) held by \"admin-3\" for ")
+        seen.contains("waiting for T (gives up in ")
+            && seen.contains("): T (the path itself) held exclusively by \"admin-3\" for ")
     });
     waiter.kill().expect("stop the waiter");
     let _ = waiter.wait();
@@ -212,6 +213,22 @@ fn verbose_reports_the_grant_without_a_terminal() {
 }
 
 #[test]
+fn verbose_names_each_lock_waited_behind_without_a_terminal() {
+    let store = redis();
+    let _held = hold(&store, "V/b", "admin-v");
+    let timed_out = output(mutextree(&store).args(["run", "-v", "-w", "300ms", "V/a", "-s", "V/b/c", "--", "true"]));
+    assert_eq!(timed_out.status.code(), Some(4), "{}", text(&timed_out.stderr));
+    let message = text(&timed_out.stderr);
+    assert!(
+        message.contains(
+            "mutextree: waiting for V/a, V/b/c (shared) behind V/b (an ancestor of V/b/c) held exclusively by \"admin-v\""
+        ),
+        "{message}"
+    );
+    assert!(!message.contains("(shared) granted after"), "nothing granted: {message}");
+}
+
+#[test]
 fn why_answers_in_json() {
     let store = redis();
     let held = hold(&store, "J/a", "admin-9");
@@ -228,7 +245,7 @@ fn why_answers_in_json() {
     let free = output(mutextree(&store).args(["why", "K", "--json"]));
     assert_eq!(free.status.code(), Some(0));
     let answer: serde_json::Value = serde_json::from_slice(&free.stdout).expect("JSON");
-    assert_eq!(answer, serde_json::json!({"path": "K", "free": true, "blockers": []}));
+    assert_eq!(answer, serde_json::json!({"path": "K", "mode": "exclusive", "free": true, "blockers": []}));
 }
 
 #[test]
@@ -242,6 +259,37 @@ fn bench_answers_in_json() {
     assert!(figures["pairs"].as_u64().is_some_and(|pairs| pairs > 0), "{figures}");
     assert!(figures["p50_us"].as_u64().is_some(), "{figures}");
     assert_eq!(figures["round_trips_per_pair"], serde_json::Value::Null, "the memory store counts none");
+}
+
+#[test]
+fn bench_runs_readers_with_a_writer_and_grants_of_two_paths() {
+    for scenario in ["read-heavy", "two-paths"] {
+        let bench =
+            output(mutextree(&memory()).args(["bench", "--clients", "4", "--duration", "0.3", "--scenario", scenario]));
+        assert!(bench.status.success(), "{scenario}: {}", text(&bench.stderr));
+        let table = text(&bench.stdout);
+        assert!(table.contains(&format!("| 4 | 3 | {scenario} | 0 | ")), "{table}");
+    }
+    let json = output(mutextree(&memory()).args([
+        "bench",
+        "--clients",
+        "2",
+        "--duration",
+        "0.3",
+        "--scenario",
+        "two-paths",
+        "--json",
+    ]));
+    let figures: serde_json::Value = serde_json::from_slice(&json.stdout).expect("JSON");
+    assert_eq!(figures["scenario"], "two-paths");
+    assert!(figures["pairs"].as_u64().is_some_and(|pairs| pairs > 0), "{figures}");
+
+    let alone = output(mutextree(&memory()).args(["bench", "--scenario", "read-heavy", "--duration", "0.3"]));
+    assert_eq!(alone.status.code(), Some(2), "a writer needs readers: {}", text(&alone.stderr));
+    assert!(text(&alone.stderr).contains("--clients 2 or more"), "{}", text(&alone.stderr));
+    let unknown = output(mutextree(&memory()).args(["bench", "--scenario", "readers"]));
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(text(&unknown.stderr).contains("read-heavy, two-paths"), "{}", text(&unknown.stderr));
 }
 
 #[test]

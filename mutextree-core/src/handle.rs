@@ -647,7 +647,10 @@ impl TreeLock {
 
     /// Downgrades the held grant's Exclusive items to Shared, in one atomic
     /// step with a new fencing token: readers may join at once, no writer
-    /// can slip in between. Succeeds while the grant is live.
+    /// can slip in between. Succeeds while the grant is live, unless a
+    /// stepwise client shares the namespace and is halfway through a lock
+    /// above it: then [`Error::Refused`] for that moment (see
+    /// [`LockBackend::change_mode`]).
     ///
     /// [`Error::InvalidRequest`] if every item is Shared already;
     /// [`Error::NotHeld`] if nothing is held.

@@ -7,23 +7,27 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use etcd_client::{
     Client, Compare, CompareOp, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
 };
+use futures::future::{join, try_join_all};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use mutextree_core::backend::url::connect_within;
 use mutextree_core::backend::{async_trait, stepwise::TRANSIENT_TTL, Attempt, Listener, LockKind, LockRequest};
 use mutextree_core::backend::{AbortOnDrop, Check};
-use mutextree_core::{Error, Grant, HeldLock, LockBackend, LockPath, Namespace, Ttl};
+use mutextree_core::{
+    Blockers, Error, Fairness, Grant, HeldLock, LockBackend, LockItems, LockPath, Mode, Namespace, Owner, Ttl,
+};
 use tokio::time::Instant;
 
 use crate::config::EtcdConfig;
 use crate::error::{connect_error, is_lease_not_found, store_error, STORE};
 use crate::feed::{self, Feeds};
-use crate::layout::{decode_value, encode_value, Layout};
+use crate::layout::{decode_value, encode_value, Layout, Range};
 use crate::members::Members;
 
 /// etcd's minimum lease ttl with its default timing (`--election-timeout`
@@ -40,9 +44,13 @@ const LOOKUPS_IN_FLIGHT: usize = 32;
 /// lives that much less than its ttl at most, and its grant says so.
 const SHARING_SHARE: u32 = 20;
 const MAX_SHARING: Duration = Duration::from_millis(500);
-/// How often a grant is retried when the lock in its way vanished (its
-/// lease expired) between the transaction and the lookup of its lease.
-const VANISHED_BLOCKER_RETRIES: usize = 3;
+/// How often a grant or an upgrade is retried when a lock in its way
+/// vanished (its lease expired) between the transaction and the lookup of
+/// its lease; and how often a mode change is sent again after learning
+/// where the grant's keys are.
+const ROUNDS: usize = 3;
+/// Grants whose lease a backend remembers before it forgets the expired ones.
+const REMEMBERED_LEASES: usize = 4096;
 
 impl EtcdConfig {
     /// Checks the configuration and connects, one connection per endpoint
@@ -110,9 +118,12 @@ impl EtcdStore {
                 members: self.members.clone(),
                 layout: Layout::new(self.config.key_prefix(), name.as_str()),
                 namespace: name,
+                max_txn_ops: self.config.max_txn_ops_value(),
                 feeds: Arc::new(Feeds::default()),
                 watch: Mutex::new(None),
                 shared_leases: Mutex::new(HashMap::new()),
+                grant_leases: Mutex::new(HashMap::new()),
+                sent: AtomicU64::new(0),
             }),
         })
     }
@@ -136,6 +147,8 @@ struct Inner {
     members: Arc<Members>,
     layout: Layout,
     namespace: Namespace,
+    /// The server's `--max-txn-ops`, as configured.
+    max_txn_ops: usize,
     /// The waiters' feeds, fed by the watch.
     feeds: Arc<Feeds>,
     /// The watch task, started by the first `listen`; it ends with the
@@ -143,6 +156,11 @@ struct Inner {
     watch: Mutex<Option<AbortOnDrop>>,
     /// The lease new grants of each ttl (in seconds) go on, while young.
     shared_leases: Mutex<HashMap<i64, Lease>>,
+    /// The lease of each grant this backend made or refreshed, by token:
+    /// the lease a mode change puts the grant's new keys on.
+    grant_leases: Mutex<HashMap<u64, Lease>>,
+    /// Requests sent, for [`LockBackend::round_trips`].
+    sent: AtomicU64,
 }
 
 /// A mutex that outlives a panic elsewhere: its data stays consistent
@@ -174,6 +192,11 @@ impl Lease {
     fn is_young(&self, now: Instant) -> bool {
         now.saturating_duration_since(self.sent_at) <= (self.ttl / SHARING_SHARE).min(MAX_SHARING)
     }
+
+    /// Whether it has run out by this side's reckoning.
+    fn is_over(&self, now: Instant) -> bool {
+        now >= self.sent_at + self.ttl
+    }
 }
 
 #[async_trait]
@@ -182,72 +205,97 @@ impl LockBackend for EtcdBackend {
         self.grant(request, kind, Check::KeyOnly).await
     }
 
-    /// One transaction: if the key still has this grant's create revision
-    /// (the token) and value (kind and owner), delete it. Its lease is left
-    /// to lapse: other locks may share it.
+    /// One transaction: if each item's owner range holds only keys of this
+    /// grant (create revision = token), delete the range. Its lease is left
+    /// to lapse: other grants may share it. If that finds more than the
+    /// grant's keys (the same owner's other Shared grant on a node), the
+    /// grant's keys are read and deleted exactly, in two more.
     async fn release(&self, grant: &Grant) -> Result<(), Error> {
-        let key = self.inner.layout.key(&grant.path);
-        let txn = Txn::new().when(is_grant(&key, grant)).and_then([TxnOp::delete(key, None)]);
-        let response = self.inner.members.kv(|mut kv| async move { kv.txn(txn).await }).await.map_err(store_error)?;
-        if !response.succeeded() {
+        let owned: Vec<Range> = self.owned_ranges(grant).collect();
+        if self.send(release_txn(&owned, grant.token)).await?.succeeded() {
+            self.forget_grant_lease(grant.token);
+            return Ok(());
+        }
+        let Some(own) = self.locate(grant).await? else {
+            return Err(Error::not_held(grant));
+        };
+        let exact: Vec<Range> = own.iter().map(|kv| Range::key(kv.key())).collect();
+        if !self.send(release_txn(&exact, grant.token)).await?.succeeded() {
             return Err(Error::not_held(grant));
         }
+        self.forget_grant_lease(grant.token);
         Ok(())
     }
 
     /// A new lease of its own with the new ttl (so the remaining life is
-    /// exactly that), then one transaction that re-puts the key (same
-    /// value, same create revision, so the same token) on it if the key is
-    /// still this grant's. The old lease is left to lapse: other locks may
-    /// share it. A keep-alive would restore the lease's *original* ttl, and
-    /// etcd 3.4 can answer a keep-alive of a revoked lease with success.
+    /// exactly that) while the grant's keys are read, then one transaction
+    /// that re-puts each key (same value, same create revision, so the same
+    /// token) on it if it is still this grant's. The old lease is left to
+    /// lapse: other grants may share it. A keep-alive would restore the
+    /// lease's *original* ttl, and etcd 3.4 can answer a keep-alive of a
+    /// revoked lease with success.
     async fn refresh(&self, grant: &Grant, ttl: Ttl) -> Result<Grant, Error> {
-        let lease = self.grant_lease(ttl).await?;
-        let key = self.inner.layout.key(&grant.path);
-        let value = encode_value(grant.kind, &grant.owner);
-        let txn = Txn::new().when(is_grant(&key, grant)).and_then([TxnOp::put(
-            key,
-            value,
-            Some(PutOptions::new().with_lease(lease.id)),
-        )]);
-        // On an error the put may have been applied: the lease then holds
+        let (lease, own) = join(self.grant_lease(ttl), self.locate(grant)).await;
+        let lease = lease?;
+        let own = match own {
+            Ok(Some(own)) => own,
+            // Nothing went on the new lease.
+            Ok(None) => {
+                self.revoke_in_background(lease.id);
+                return Err(Error::not_held(grant));
+            }
+            Err(error) => {
+                self.revoke_in_background(lease.id);
+                return Err(error);
+            }
+        };
+        let compares: Vec<Compare> = own.iter().map(|kv| is_grant(&Range::key(kv.key()), grant.token)).collect();
+        let puts: Vec<TxnOp> = own
+            .iter()
+            .map(|kv| TxnOp::put(kv.key(), kv.value(), Some(PutOptions::new().with_lease(lease.id))))
+            .collect();
+        // On an error the puts may have been applied: the lease then holds
         // the lock, and is not revoked.
-        let response = self.inner.members.kv(|mut kv| async move { kv.txn(txn).await }).await.map_err(store_error)?;
-        if !response.succeeded() {
-            // Nothing went on it.
+        if !self.send(Txn::new().when(compares).and_then(puts)).await?.succeeded() {
             self.revoke_in_background(lease.id);
             return Err(Error::not_held(grant));
         }
+        self.remember_grant_lease(grant.token, lease);
         Ok(Grant { ttl: lease.ttl, expires_at: lease.sent_at + lease.ttl, ..grant.clone() })
     }
 
-    /// Range requests of at most 1000 keys, all at the revision of the
-    /// first, then the remaining lives, with a lease lookup where one is
-    /// needed (a lock whose lease is gone by then is not listed).
+    /// Range requests of at most 1000 keys over both key spaces, all at the
+    /// revision of the first, then the remaining lives, with a lease lookup
+    /// where one is needed (a lock whose lease is gone by then is not
+    /// listed); in path order.
     async fn list(&self, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
-        let (start, end) = match under {
-            Some(path) => self.inner.layout.subtree(path),
-            None => self.inner.layout.namespace(),
+        let layout = &self.inner.layout;
+        let ranges = match under {
+            Some(path) => vec![layout.subtree(Mode::Exclusive, path), layout.subtree(Mode::Shared, path)],
+            None => vec![layout.namespace()],
         };
         let mut found: Vec<KeyValue> = Vec::new();
-        let mut from = start.into_bytes();
         let mut revision = 0;
-        loop {
-            let options = GetOptions::new().with_range(end.clone()).with_limit(LIST_PAGE).with_revision(revision);
-            let key = from.clone();
-            let page = self.inner.members.kv(|mut kv| async move { kv.get(key, Some(options)).await });
-            let mut page = page.await.map_err(store_error)?;
-            if revision == 0 {
-                revision = page.header().map_or(0, |header| header.revision());
-            }
-            let more = page.more();
-            found.extend(page.take_kvs());
-            match found.last() {
-                Some(last) if more => {
-                    from = last.key().to_vec();
-                    from.push(0);
+        for range in ranges {
+            let mut from = range.start.into_bytes();
+            loop {
+                let options =
+                    GetOptions::new().with_range(range.end.clone()).with_limit(LIST_PAGE).with_revision(revision);
+                let key = from.clone();
+                let page = self.counted().kv(|mut kv| async move { kv.get(key, Some(options)).await });
+                let mut page = page.await.map_err(store_error)?;
+                if revision == 0 {
+                    revision = page.header().map_or(0, |header| header.revision());
                 }
-                _ => break,
+                let more = page.more();
+                found.extend(page.take_kvs());
+                match found.last() {
+                    Some(last) if more => {
+                        from = last.key().to_vec();
+                        from.push(0);
+                    }
+                    _ => break,
+                }
             }
         }
         let described: Vec<Option<HeldLock>> = stream::iter(found)
@@ -258,23 +306,142 @@ impl LockBackend for EtcdBackend {
             .buffered(LOOKUPS_IN_FLIGHT)
             .try_collect()
             .await?;
-        Ok(described.into_iter().flatten().collect())
+        let mut held: Vec<HeldLock> = described.into_iter().flatten().collect();
+        held.sort_by(|a, b| a.path.cmp(&b.path).then(a.token.cmp(&b.token)));
+        Ok(held)
     }
 
     async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error> {
         self.grant(request, LockKind::Lock, Check::Tree).await
     }
 
-    /// Wakes on deletes of `path`, its ancestors and its descendants, as
-    /// this backend's watch reports them.
-    fn listen(&self, path: &LockPath) -> Listener {
+    /// One transaction that deletes each item's key and puts a new one in
+    /// the new mode's key space, on the grant's lease (so the expiry stays),
+    /// if the grant is live and nothing of another grant is in the way of
+    /// the changed items (for a downgrade, only a stepwise client's lock in
+    /// progress can be); the new keys' create revision is the new token. (etcd
+    /// refuses a put and a delete of one key in one transaction, so an item
+    /// that keeps its mode gets a new key too.) See the crate docs.
+    async fn change_mode(&self, grant: &Grant, mode: Mode) -> Result<Attempt, Error> {
+        let layout = &self.inner.layout;
+        let changed = grant.items.with_mode(mode);
+        // A downgrade is checked too: natively nothing can be in its way,
+        // but a stepwise client's lock in progress can (see the contract).
+        let mut checks = Checks::default();
+        for (item, now) in changed.iter().zip(grant.items.iter()) {
+            checks.require_free(layout, &item.path, mode, Some((now.mode, grant.token)));
+        }
+        // An item that keeps its mode needs a key other than the one it has.
+        let new_keys: Vec<String> = changed
+            .iter()
+            .zip(grant.items.iter())
+            .map(|(item, now)| {
+                if now.mode == mode {
+                    layout.fresh_key(mode, &item.path, &grant.owner)
+                } else {
+                    layout.new_key(mode, &item.path, &grant.owner)
+                }
+            })
+            .collect();
+        // Per item: two compares, a read and up to three operations.
+        let items = grant.items.len();
+        self.check_size(&changed, checks.len() + 2 * items, 3 * items, checks.len() + items)?;
+        let value = encode_value(grant.kind, &grant.owner);
+        // First the owner's ranges on the lease this backend put the grant
+        // on; after a refusal that shows the keys elsewhere, those exactly.
+        let mut own: Option<Vec<(Range, i64)>> = self
+            .remembered_grant_lease(grant.token)
+            .map(|lease| self.owned_ranges(grant).map(|range| (range, lease.id)).collect());
+        for round in 1..=ROUNDS {
+            let own_now = match own.take() {
+                Some(own) => own,
+                None => match self.locate(grant).await? {
+                    Some(kvs) => kvs.iter().map(|kv| (Range::key(kv.key()), kv.lease())).collect(),
+                    None => return Err(Error::not_held(grant)),
+                },
+            };
+            let mut compares = checks.compares();
+            let mut ops = Vec::with_capacity(3 * items);
+            let mut reads = checks.reads();
+            for (((range, lease), item), new_key) in own_now.iter().zip(grant.items.iter()).zip(&new_keys) {
+                compares.push(is_grant(range, grant.token));
+                compares
+                    .push(Compare::lease(range.start.clone(), CompareOp::Equal, *lease).with_range(range.end.clone()));
+                // A key of the same space must stay out of the deleted range.
+                let deleted = if item.mode == mode { range.without(new_key) } else { vec![range.clone()] };
+                ops.extend(deleted.into_iter().map(|range| TxnOp::delete(range.start, Some(delete_range(range.end)))));
+                ops.push(TxnOp::put(new_key.clone(), value.clone(), Some(PutOptions::new().with_lease(*lease))));
+                reads.push(TxnOp::get(range.start.clone(), Some(GetOptions::new().with_range(range.end.clone()))));
+            }
+            let txn = Txn::new().when(compares).and_then(ops).or_else(reads);
+            let response = match self.send_raw(txn).await {
+                Ok(response) => response,
+                // The lease is not where this backend thought: look.
+                Err(error) if is_lease_not_found(&error) => continue,
+                Err(error) => return Err(store_error(error)),
+            };
+            if response.succeeded() {
+                let token = revision(&response)?;
+                self.forget_grant_lease(grant.token);
+                // All the keys of a grant are on one lease, which ends when the grant does.
+                if let (Some((_, id)), Some(sent_at)) = (own_now.first(), grant.expires_at.checked_sub(grant.ttl)) {
+                    self.remember_grant_lease(token, Lease { id: *id, ttl: grant.ttl, sent_at });
+                }
+                return Ok(Attempt::Granted(Grant { items: changed, token, ..grant.clone() }));
+            }
+            let found = read_keys(response);
+            let located = self.own_keys(grant, &found);
+            let Some(located) = located else {
+                return Err(Error::not_held(grant));
+            };
+            if let Some((blockers, alive)) = self.blockers(&changed, Some(grant.token), &found).await? {
+                if alive || round == ROUNDS {
+                    return Ok(Attempt::Blocked(blockers));
+                }
+                own = Some(own_now);
+                continue;
+            }
+            // Live and unopposed: the keys are not all where this round
+            // looked for them (another lease, or the same owner's other
+            // Shared grant on a node); the next round names them exactly.
+            own = Some(located.iter().map(|kv| (Range::key(kv.key()), kv.lease())).collect());
+        }
+        Err(Error::store_message(
+            STORE,
+            true,
+            format!("the keys of the grant on {} kept changing while its mode was changed", grant.items),
+        ))
+    }
+
+    /// This store does not queue waiters yet: it writes no reservation.
+    async fn withdraw(&self, _owner: &Owner, _ticket: u64) -> Result<(), Error> {
+        Ok(())
+    }
+
+    async fn waiters(&self, _under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
+        Ok(Vec::new())
+    }
+
+    /// Barging until this store queues waiters.
+    fn fairness(&self) -> Fairness {
+        Fairness::Barging
+    }
+
+    /// Wakes on deletes of the items' paths, their ancestors and their
+    /// descendants, as this backend's watch reports them.
+    fn listen(&self, items: &LockItems) -> Listener {
         let mut task = locked(&self.inner.watch);
         if task.is_none() {
-            let prefix = self.inner.layout.namespace_prefix().to_owned();
-            let watching = feed::run(self.inner.members.clone(), prefix, self.inner.feeds.clone());
+            let watching = feed::run(self.inner.members.clone(), self.inner.layout.clone(), self.inner.feeds.clone());
             *task = Some(AbortOnDrop::new(tokio::spawn(watching)));
         }
-        self.inner.feeds.listen(path.key())
+        self.inner.feeds.listen(items.iter().map(|item| item.path.key().to_owned()).collect())
+    }
+
+    /// Requests this backend (and its clones) sent so far: transactions,
+    /// reads and lease requests, not the watch.
+    fn round_trips(&self) -> Option<u64> {
+        Some(self.inner.sent.load(Ordering::Relaxed))
     }
 }
 
@@ -284,23 +451,46 @@ impl EtcdBackend {
         &self.inner.namespace
     }
 
-    /// One transaction that puts the node's key on a young shared lease
-    /// of the request's ttl, or reports the lock in the way.
+    /// One transaction that puts each item's key on a young shared lease
+    /// of the request's ttl, or reports what is in the way of each blocked
+    /// item.
     ///
-    /// The transaction compares, for [`Check::Tree`], `version == 0` on
-    /// each ancestor's key and on the range of the node and its descendants
-    /// (an empty range passes); for [`Check::KeyOnly`], on the node's key.
-    /// On failure it reads the keys it compared (the subtree's first key
-    /// only), so a refusal names a blocker without another request for the
-    /// key; its lease is then looked up for the remaining life.
+    /// The transaction compares, for [`Check::Tree`], the ranges each item
+    /// needs free ([`Checks::require_free`]); for [`Check::KeyOnly`], the
+    /// node's holders in both spaces. On failure it reads the ranges it
+    /// compared (their first key only), so a refusal names a blocker for
+    /// each blocked item without another request for the keys; their
+    /// leases are then looked up for the remaining lives.
     async fn grant(&self, request: &LockRequest, kind: LockKind, check: Check) -> Result<Attempt, Error> {
+        let layout = &self.inner.layout;
+        let mut checks = Checks::default();
+        match check {
+            Check::Tree => {
+                for item in &request.items {
+                    checks.require_free(layout, &item.path, item.mode, None);
+                }
+            }
+            Check::KeyOnly => {
+                for mode in [Mode::Exclusive, Mode::Shared] {
+                    checks.require(layout.holders(mode, request.path()), Expect::Empty);
+                }
+            }
+        }
+        let keys: Vec<String> =
+            request.items.iter().map(|item| layout.new_key(item.mode, &item.path, &request.owner)).collect();
+        self.check_size(&request.items, checks.len(), keys.len(), checks.len())?;
+        let value = encode_value(kind, &request.owner);
+        let (compares, reads) = (checks.compares(), checks.reads());
         let mut lease = self.shared_lease(request.ttl).await?;
         let mut lease_replaced = false;
-        let mut last_blocker = None;
-        let mut refusals = 0;
-        while refusals < VANISHED_BLOCKER_RETRIES {
-            let txn = self.grant_txn(request, kind, check, lease.id);
-            let response = match self.inner.members.kv(|mut kv| async move { kv.txn(txn).await }).await {
+        let mut round = 0;
+        loop {
+            let puts: Vec<TxnOp> = keys
+                .iter()
+                .map(|key| TxnOp::put(key.clone(), value.clone(), Some(PutOptions::new().with_lease(lease.id))))
+                .collect();
+            let txn = Txn::new().when(compares.clone()).and_then(puts).or_else(reads.clone());
+            let response = match self.send_raw(txn).await {
                 Ok(response) => response,
                 Err(error) if is_lease_not_found(&error) && !lease_replaced => {
                     // Someone revoked the shared lease: the put named a
@@ -315,28 +505,125 @@ impl EtcdBackend {
             };
             if response.succeeded() {
                 let token = revision(&response)?;
+                self.remember_grant_lease(token, lease);
                 return Ok(Attempt::Granted(Grant::new(request, kind, token, lease.ttl, lease.sent_at)));
             }
-            refusals += 1;
-            let blocker = first_blocker(&response).ok_or_else(|| {
-                Error::store_message(STORE, false, "a refused grant transaction returned none of the keys it compared")
-            })?;
-            match self.describe(&blocker).await? {
-                Some(held) => return Ok(Attempt::Blocked(held)),
-                None => last_blocker = Some(blocker),
+            round += 1;
+            let found = read_keys(response);
+            let Some((blockers, alive)) = self.blockers(&request.items, None, &found).await? else {
+                return Err(Error::store_message(
+                    STORE,
+                    false,
+                    "a refused grant transaction read nothing in the way of the request",
+                ));
+            };
+            // A blocker whose lease is gone by now may let the next round
+            // through; after a few, it is reported as ending now and a
+            // waiter retries at once.
+            if alive || round == ROUNDS {
+                return Ok(Attempt::Blocked(blockers));
             }
         }
-        // The blocker kept expiring under our eyes: report the last one as
-        // ending now; a waiter retries at once.
-        let blocker = last_blocker.expect("the loop ran at least once");
-        let (transient, owner) = decode_value(blocker.value())?;
-        Ok(Attempt::Blocked(HeldLock {
-            path: self.inner.layout.path_of(blocker.key())?,
-            owner,
-            token: blocker.create_revision() as u64,
-            remaining: Duration::from_millis(1),
-            transient,
-        }))
+    }
+
+    /// For each item of `items`, in order, a live key among `found` (other
+    /// than those of the grant with token `own`) in its way, described; and
+    /// whether all of them still had their lease when described (one that
+    /// did not is reported with 1 ms left). `None` if no item has one.
+    async fn blockers(
+        &self,
+        items: &LockItems,
+        own: Option<u64>,
+        found: &[KeyValue],
+    ) -> Result<Option<(Blockers, bool)>, Error> {
+        let layout = &self.inner.layout;
+        let mut candidates = Vec::with_capacity(found.len());
+        for kv in found.iter().filter(|kv| Some(kv.create_revision() as u64) != own) {
+            let (path, mode) = layout.item_of(kv.key())?;
+            let (transient, _) = decode_value(kv.value())?;
+            candidates.push((path, mode, transient, kv));
+        }
+        // A held lock before a transient one: a transient one is waited
+        // out even without waiting.
+        candidates.sort_by_key(|(_, _, transient, _)| *transient);
+        let in_the_way: Vec<&KeyValue> = items
+            .iter()
+            .filter_map(|item| {
+                candidates
+                    .iter()
+                    .find(|(path, mode, _, _)| path.overlaps(&item.path) && mode.conflicts_with(item.mode))
+                    .map(|(_, _, _, kv)| *kv)
+            })
+            .collect();
+        if in_the_way.is_empty() {
+            return Ok(None);
+        }
+        let described = try_join_all(in_the_way.iter().map(|kv| self.describe(kv))).await?;
+        let alive = described.iter().all(Option::is_some);
+        let mut held = Vec::with_capacity(described.len());
+        for (kv, described) in in_the_way.into_iter().zip(described) {
+            let held_lock = match described {
+                Some(held_lock) => held_lock,
+                None => HeldLock { remaining: Duration::from_millis(1), ..self.describe_with(kv, Duration::ZERO)? },
+            };
+            held.push(held_lock);
+        }
+        let mut held = held.into_iter();
+        let first = held.next().expect("at least one item is blocked");
+        Ok(Some((Blockers::new(first, held), alive)))
+    }
+
+    /// The ranges where the grant's items keep their keys: one per item,
+    /// its owner's keys on its node, in its mode's space.
+    fn owned_ranges<'g>(&'g self, grant: &'g Grant) -> impl Iterator<Item = Range> + 'g {
+        grant.items.iter().map(|item| self.inner.layout.owned(item.mode, &item.path, &grant.owner))
+    }
+
+    /// The grant's keys, one per item in item order, read in one
+    /// transaction; `None` if one of them is gone.
+    async fn locate(&self, grant: &Grant) -> Result<Option<Vec<KeyValue>>, Error> {
+        let reads: Vec<TxnOp> = self
+            .owned_ranges(grant)
+            .map(|range| TxnOp::get(range.start, Some(GetOptions::new().with_range(range.end))))
+            .collect();
+        let found = read_keys(self.send(Txn::new().and_then(reads)).await?);
+        Ok(self.own_keys(grant, &found))
+    }
+
+    /// The grant's key of each item among `found`, in item order; `None`
+    /// if one of them is not there.
+    fn own_keys(&self, grant: &Grant, found: &[KeyValue]) -> Option<Vec<KeyValue>> {
+        self.owned_ranges(grant)
+            .map(|range| {
+                found
+                    .iter()
+                    .find(|kv| {
+                        kv.create_revision() as u64 == grant.token
+                            && range.start.as_bytes() <= kv.key()
+                            && kv.key() < range.end.as_bytes()
+                    })
+                    .cloned()
+            })
+            .collect()
+    }
+
+    /// Refuses, before anything is sent, a transaction larger than the
+    /// server accepts: `compares` compares, `then` operations on success,
+    /// `otherwise` on failure.
+    fn check_size(&self, items: &LockItems, compares: usize, then: usize, otherwise: usize) -> Result<(), Error> {
+        let needed = compares.max(then).max(otherwise);
+        let max = self.inner.max_txn_ops;
+        if needed <= max {
+            return Ok(());
+        }
+        Err(Error::Unsupported {
+            store: STORE,
+            reason: format!(
+                "{items} needs one transaction of {needed} operations, and etcd accepts {max} \
+                 (its --max-txn-ops, 128 by default, which the store's max_txn_ops parameter must match): \
+                 ask for fewer or shallower items, or raise both"
+            ),
+        })
     }
 
     /// A young lease for locks of `ttl`: the one this backend granted
@@ -357,27 +644,21 @@ impl EtcdBackend {
         locked(&self.inner.shared_leases).retain(|_, lease| lease.id != gone.id);
     }
 
-    fn grant_txn(&self, request: &LockRequest, kind: LockKind, check: Check, lease: i64) -> Txn {
-        let layout = &self.inner.layout;
-        let key = layout.key(&request.path);
-        let value = encode_value(kind, &request.owner);
-        let put = TxnOp::put(key.clone(), value, Some(PutOptions::new().with_lease(lease)));
-        match check {
-            Check::KeyOnly => Txn::new()
-                .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
-                .and_then([put])
-                .or_else([TxnOp::get(key, None)]),
-            Check::Tree => {
-                let ancestors = layout.ancestor_keys(&request.path);
-                let (start, end) = layout.subtree(&request.path);
-                let mut compares: Vec<Compare> =
-                    ancestors.iter().map(|key| Compare::version(key.clone(), CompareOp::Equal, 0)).collect();
-                compares.push(Compare::version(start.clone(), CompareOp::Equal, 0).with_range(end.clone()));
-                let mut reads: Vec<TxnOp> = ancestors.into_iter().map(|key| TxnOp::get(key, None)).collect();
-                reads.push(TxnOp::get(start, Some(GetOptions::new().with_range(end).with_limit(1))));
-                Txn::new().when(compares).and_then([put]).or_else(reads)
-            }
+    fn remember_grant_lease(&self, token: u64, lease: Lease) {
+        let mut leases = locked(&self.inner.grant_leases);
+        if leases.len() >= REMEMBERED_LEASES {
+            let now = Instant::now();
+            leases.retain(|_, lease| !lease.is_over(now));
         }
+        leases.insert(token, lease);
+    }
+
+    fn remembered_grant_lease(&self, token: u64) -> Option<Lease> {
+        locked(&self.inner.grant_leases).get(&token).copied()
+    }
+
+    fn forget_grant_lease(&self, token: u64) {
+        locked(&self.inner.grant_leases).remove(&token);
     }
 
     /// A lease of `ttl` in whole seconds, rounded up; etcd raises it to its
@@ -385,7 +666,7 @@ impl EtcdBackend {
     async fn grant_lease(&self, ttl: Ttl) -> Result<Lease, Error> {
         let sent_at = Instant::now();
         let seconds = lease_seconds(ttl);
-        let granted = self.inner.members.lease(|mut lease| async move { lease.grant(seconds, None).await });
+        let granted = self.counted().lease(|mut lease| async move { lease.grant(seconds, None).await });
         let granted = granted.await.map_err(store_error)?;
         if granted.id() == 0 || !granted.error().is_empty() {
             let message = format!("etcd granted no lease: {:?}", granted.error());
@@ -395,7 +676,7 @@ impl EtcdBackend {
         Ok(Lease { id: granted.id(), ttl: Duration::from_secs(applied), sent_at })
     }
 
-    /// A stored lock as a [`HeldLock`]; `None` if its lease is already
+    /// A stored item as a [`HeldLock`]; `None` if its lease is already
     /// gone (the lock expired since it was read).
     ///
     /// The remaining life costs a lease lookup, except where it is known
@@ -405,14 +686,13 @@ impl EtcdBackend {
     /// waiter waits out anyway (reported as that, an upper bound). Stepwise
     /// rounds and their refusals then cost one request less.
     async fn describe(&self, kv: &KeyValue) -> Result<Option<HeldLock>, Error> {
-        let path = self.inner.layout.path_of(kv.key())?;
-        let (transient, owner) = decode_value(kv.value())?;
+        let (transient, _) = decode_value(kv.value())?;
         let known = if transient { Some(TRANSIENT_TTL) } else { self.shared_lease_life(kv.lease()) };
         let remaining = match known {
             Some(remaining) => remaining,
             None => {
                 let id = kv.lease();
-                let lookup = self.inner.members.lease(|mut lease| async move { lease.time_to_live(id, None).await });
+                let lookup = self.counted().lease(|mut lease| async move { lease.time_to_live(id, None).await });
                 let lookup = lookup.await.map_err(store_error)?;
                 if lookup.ttl() < 0 {
                     return Ok(None);
@@ -420,7 +700,14 @@ impl EtcdBackend {
                 remaining_life(lookup.ttl(), lookup.granted_ttl())
             }
         };
-        Ok(Some(HeldLock { path, owner, token: kv.create_revision() as u64, remaining, transient }))
+        self.describe_with(kv, remaining).map(Some)
+    }
+
+    /// A stored item as a [`HeldLock`] with `remaining` life.
+    fn describe_with(&self, kv: &KeyValue, remaining: Duration) -> Result<HeldLock, Error> {
+        let (path, mode) = self.inner.layout.item_of(kv.key())?;
+        let (transient, owner) = decode_value(kv.value())?;
+        Ok(HeldLock { path, mode, owner, token: kv.create_revision() as u64, remaining, transient, waiting: false })
     }
 
     /// What is left of a lease this backend shares, if it is one and not
@@ -438,27 +725,138 @@ impl EtcdBackend {
         if lease == 0 {
             return;
         }
-        let members = self.inner.members.clone();
+        let backend = self.clone();
         // If it fails, the lease lapses at its ttl.
         tokio::spawn(async move {
-            let _ = members.lease(|mut client| async move { client.revoke(lease).await }).await;
+            let _ = backend.counted().lease(|mut client| async move { client.revoke(lease).await }).await;
         });
+    }
+
+    /// A transaction, counted; a refusal is a response, not an error.
+    async fn send(&self, txn: Txn) -> Result<TxnResponse, Error> {
+        self.send_raw(txn).await.map_err(store_error)
+    }
+
+    /// [`Self::send`] with the client's error, for callers that tell
+    /// errors apart.
+    async fn send_raw(&self, txn: Txn) -> Result<TxnResponse, etcd_client::Error> {
+        self.counted().kv(|mut kv| async move { kv.txn(txn).await }).await
+    }
+
+    /// The members, for one request more of this backend's count.
+    fn counted(&self) -> &Members {
+        self.inner.sent.fetch_add(1, Ordering::Relaxed);
+        &self.inner.members
     }
 }
 
-/// The compares that make a transaction act only on this very grant: the
-/// key was created by it (its token is the create revision, unique in the
-/// store's history) and still holds its kind and owner.
-fn is_grant(key: &str, grant: &Grant) -> [Compare; 2] {
-    let token = i64::try_from(grant.token).unwrap_or(i64::MAX);
-    [
-        Compare::create_revision(key, CompareOp::Equal, token),
-        Compare::value(key, CompareOp::Equal, encode_value(grant.kind, &grant.owner)),
-    ]
+/// What a transaction requires of a key range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Expect {
+    /// No key: nothing live there.
+    Empty,
+    /// Keys of the grant with this token only, at least one: the grant is
+    /// live there and nothing else is.
+    Only(u64),
+}
+
+/// The compares of one transaction, without repeats (two items of a
+/// request share ancestors), and the reads its else branch makes to show
+/// what failed them.
+#[derive(Debug, Default)]
+struct Checks {
+    required: Vec<(Range, Expect)>,
+}
+
+impl Checks {
+    /// Requires `range` to be as `expect` says.
+    fn require(&mut self, range: Range, expect: Expect) {
+        let check = (range, expect);
+        if !self.required.contains(&check) {
+            self.required.push(check);
+        }
+    }
+
+    /// The ranges an item on `path` in `mode` needs free of conflicting
+    /// items: for each strict ancestor, its Exclusive holders (and, for an
+    /// Exclusive item, its Shared ones: never their subtrees, which hold
+    /// the item's siblings); and the node's subtree in the Exclusive space
+    /// (and, for an Exclusive item, in the Shared one).
+    ///
+    /// `own` is the mode and token of the grant's item that already lies on
+    /// `path` (an upgrade): the subtree of its space may hold that key and
+    /// no other.
+    fn require_free(&mut self, layout: &Layout, path: &LockPath, mode: Mode, own: Option<(Mode, u64)>) {
+        for ancestor in path.ancestors() {
+            self.require(layout.holders(Mode::Exclusive, &ancestor), Expect::Empty);
+            if mode == Mode::Exclusive {
+                self.require(layout.holders(Mode::Shared, &ancestor), Expect::Empty);
+            }
+        }
+        for space in [Mode::Exclusive, Mode::Shared] {
+            if !space.conflicts_with(mode) {
+                continue;
+            }
+            let expect = match own {
+                Some((own_space, token)) if own_space == space => Expect::Only(token),
+                _ => Expect::Empty,
+            };
+            self.require(layout.subtree(space, path), expect);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.required.len()
+    }
+
+    fn compares(&self) -> Vec<Compare> {
+        self.required
+            .iter()
+            .map(|(range, expect)| match expect {
+                Expect::Empty => {
+                    Compare::version(range.start.clone(), CompareOp::Equal, 0).with_range(range.end.clone())
+                }
+                Expect::Only(token) => is_grant(range, *token),
+            })
+            .collect()
+    }
+
+    /// A read of each range: its first key for an empty one, its first two
+    /// where the grant's own key may be one of them.
+    fn reads(&self) -> Vec<TxnOp> {
+        self.required
+            .iter()
+            .map(|(range, expect)| {
+                let limit = if *expect == Expect::Empty { 1 } else { 2 };
+                TxnOp::get(range.start.clone(), Some(GetOptions::new().with_range(range.end.clone()).with_limit(limit)))
+            })
+            .collect()
+    }
+}
+
+/// The compare that holds iff every key in `range` was created by the
+/// grant with this token, and there is one (an empty range compares as a
+/// key with create revision 0).
+fn is_grant(range: &Range, token: u64) -> Compare {
+    let token = i64::try_from(token).unwrap_or(i64::MAX);
+    Compare::create_revision(range.start.clone(), CompareOp::Equal, token).with_range(range.end.clone())
+}
+
+/// Deletes the grant's keys in `ranges` if each holds only keys of the
+/// grant with this token.
+fn release_txn(ranges: &[Range], token: u64) -> Txn {
+    let compares: Vec<Compare> = ranges.iter().map(|range| is_grant(range, token)).collect();
+    let deletes: Vec<TxnOp> =
+        ranges.iter().map(|range| TxnOp::delete(range.start.clone(), Some(delete_range(range.end.clone())))).collect();
+    Txn::new().when(compares).and_then(deletes)
+}
+
+fn delete_range(end: String) -> etcd_client::DeleteOptions {
+    etcd_client::DeleteOptions::new().with_range(end)
 }
 
 /// The revision a successful transaction created: the fencing token (and
-/// the create revision of the key it put).
+/// the create revision of the keys it put).
 fn revision(response: &TxnResponse) -> Result<u64, Error> {
     response
         .header()
@@ -468,11 +866,9 @@ fn revision(response: &TxnResponse) -> Result<u64, Error> {
         .ok_or_else(|| Error::store_message(STORE, false, "a transaction's reply carried no revision"))
 }
 
-/// The lock a refused grant transaction read: a held one before a
-/// transient one (a transient one is waited out even without waiting),
-/// root first.
-fn first_blocker(response: &TxnResponse) -> Option<KeyValue> {
-    let found: Vec<KeyValue> = response
+/// Every key the reads of a transaction's branch returned, in order.
+fn read_keys(response: TxnResponse) -> Vec<KeyValue> {
+    response
         .op_responses()
         .into_iter()
         .filter_map(|op| match op {
@@ -480,10 +876,7 @@ fn first_blocker(response: &TxnResponse) -> Option<KeyValue> {
             _ => None,
         })
         .flatten()
-        .collect();
-    let held = found.iter().position(|kv| decode_value(kv.value()).is_ok_and(|(transient, _)| !transient));
-    let index = held.unwrap_or(0);
-    found.into_iter().nth(index)
+        .collect()
 }
 
 /// A ttl as a lease's whole seconds, rounded up.
@@ -518,5 +911,28 @@ mod tests {
         assert_eq!(remaining_life(1, 2), Duration::from_secs(2));
         assert_eq!(remaining_life(5, 5), Duration::from_secs(5));
         assert_eq!(remaining_life(-1, 0), Duration::from_secs(1));
+    }
+
+    fn path(text: &str) -> LockPath {
+        LockPath::parse(text).expect("path")
+    }
+
+    /// The compares of a grant: an Exclusive item at depth d costs 2d, a
+    /// Shared one d, and items share their ancestors' compares.
+    #[test]
+    fn compares_per_item() {
+        let layout = Layout::new("mt", "app");
+        let count = |items: &[(&str, Mode)]| {
+            let mut checks = Checks::default();
+            for (at, mode) in items {
+                checks.require_free(&layout, &path(at), *mode, None);
+            }
+            checks.len()
+        };
+        assert_eq!(count(&[("A", Mode::Exclusive)]), 2);
+        assert_eq!(count(&[("A/B/C", Mode::Exclusive)]), 6);
+        assert_eq!(count(&[("A/B/C", Mode::Shared)]), 3);
+        assert_eq!(count(&[("A/B/C", Mode::Exclusive), ("A/B/D", Mode::Exclusive)]), 8);
+        assert_eq!(count(&[("A/B/C", Mode::Shared), ("A/B/D", Mode::Exclusive)]), 7);
     }
 }

@@ -36,6 +36,7 @@ pub struct EtcdConfig {
     user: Option<(String, String)>,
     connect_timeout: Duration,
     request_timeout: Duration,
+    max_txn_ops: usize,
     #[cfg(feature = "tls")]
     tls: Option<etcd_client::TlsOptions>,
 }
@@ -43,6 +44,10 @@ pub struct EtcdConfig {
 impl EtcdConfig {
     /// The default key prefix.
     pub const DEFAULT_PREFIX: &'static str = "mutextree";
+
+    /// etcd's default `--max-txn-ops`: the most compares, and the most
+    /// operations in each branch, of one transaction.
+    pub const DEFAULT_MAX_TXN_OPS: usize = 128;
 
     /// A configuration for these endpoints (`http://host:port`, or
     /// `https://host:port` with the `tls` feature): every member of the
@@ -60,6 +65,7 @@ impl EtcdConfig {
             user: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            max_txn_ops: Self::DEFAULT_MAX_TXN_OPS,
             #[cfg(feature = "tls")]
             tls: None,
         }
@@ -77,6 +83,7 @@ impl EtcdConfig {
     /// | `connect_timeout` | `5s` | to reach a first member, one attempt: `500ms`, `2s`, `1m`, a bare number is seconds |
     /// | `request_timeout` | `5s` | for each request |
     /// | `prefix` | `mutextree` | the first part of every key |
+    /// | `max_txn_ops` | `128` | [`max_txn_ops`](Self::max_txn_ops): the server's `--max-txn-ops` |
     ///
     /// Anything else is an error naming it; so is a bad port or a URL
     /// without a host.
@@ -105,6 +112,9 @@ impl EtcdConfig {
         config.request_timeout = url.take_request_timeout()?;
         if let Some(prefix) = url.take("prefix") {
             config.prefix = prefix;
+        }
+        if let Some(max) = url.take_parsed("max_txn_ops", "a whole number of operations, like 128")? {
+            config.max_txn_ops = max;
         }
         match (url.user(), url.password()) {
             (Some(user), Some(password)) => config = config.user(user, password),
@@ -143,6 +153,17 @@ impl EtcdConfig {
     /// [`Error::Store`]; whatever it granted expires at its ttl.
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
+        self
+    }
+
+    /// The server's `--max-txn-ops` (etcd's default, 128, unless set): the
+    /// most compares, and the most operations in each branch, that one
+    /// transaction may have. A request whose transaction would be larger (a
+    /// multi-path request of many deep items) is refused before anything is
+    /// sent with [`Error::Unsupported`], rather than by the server; raise it
+    /// together with the server's setting.
+    pub fn max_txn_ops(mut self, max: usize) -> Self {
+        self.max_txn_ops = max;
         self
     }
 
@@ -185,6 +206,10 @@ impl EtcdConfig {
         self.connect_timeout
     }
 
+    pub(crate) fn max_txn_ops_value(&self) -> usize {
+        self.max_txn_ops
+    }
+
     /// Checks every option; the error names the first bad one.
     pub(crate) fn check(&self) -> Result<(), Error> {
         let invalid = |reason: String| Err(Error::InvalidConfig { store: STORE, reason });
@@ -222,6 +247,14 @@ impl EtcdConfig {
                 return invalid("the user name is empty".into());
             }
         }
+        if self.max_txn_ops < MIN_TXN_OPS {
+            return invalid(format!(
+                "max_txn_ops {}: at least {MIN_TXN_OPS}, what an exclusive lock on a root node needs; \
+                 etcd's default --max-txn-ops is {}",
+                self.max_txn_ops,
+                Self::DEFAULT_MAX_TXN_OPS
+            ));
+        }
         url::checked_timeout(STORE, "connect_timeout", self.connect_timeout)?;
         url::checked_timeout(STORE, "request_timeout", self.request_timeout)?;
         Ok(())
@@ -258,7 +291,8 @@ impl fmt::Debug for EtcdConfig {
             .field("prefix", &self.prefix)
             .field("user", &self.user.as_ref().map(|(name, _)| name))
             .field("connect_timeout", &self.connect_timeout)
-            .field("request_timeout", &self.request_timeout);
+            .field("request_timeout", &self.request_timeout)
+            .field("max_txn_ops", &self.max_txn_ops);
         #[cfg(feature = "tls")]
         debug.field("tls", &self.tls.is_some());
         debug.finish()
@@ -266,7 +300,11 @@ impl fmt::Debug for EtcdConfig {
 }
 
 /// The URL parameters [`EtcdConfig::from_url`] knows.
-const PARAMETERS: &[&str] = &["namespace", "connect_timeout", "request_timeout", "prefix"];
+const PARAMETERS: &[&str] = &["namespace", "connect_timeout", "request_timeout", "prefix", "max_txn_ops"];
+
+/// The smallest `max_txn_ops` accepted: an exclusive lock on a root node
+/// compares its subtree in both key spaces.
+const MIN_TXN_OPS: usize = 2;
 
 /// etcd's client port.
 const DEFAULT_PORT: u16 = 2379;
@@ -291,6 +329,7 @@ mod tests {
         assert!(reason(EtcdConfig::new(["http://a"]).prefix("")).contains("key prefix"));
         assert!(reason(EtcdConfig::new(["http://a"]).user("", "x")).contains("user name"));
         assert!(reason(EtcdConfig::new(["http://a"]).request_timeout(Duration::ZERO)).contains("request_timeout"));
+        assert!(reason(EtcdConfig::new(["http://a"]).max_txn_ops(1)).contains("max_txn_ops 1: at least 2"));
         assert!(reason(EtcdConfig::new(["http://a:99999"])).contains("\"99999\""));
         #[cfg(not(feature = "tls"))]
         assert!(reason(EtcdConfig::new(["https://a:2379"])).contains("`tls` feature"));
@@ -303,13 +342,15 @@ mod tests {
     #[test]
     fn urls() {
         let config = EtcdConfig::from_url(
-            "etcd://u:p%40w@a,[::1]:2380?namespace=n&prefix=p&connect_timeout=1m&request_timeout=1500ms",
+            "etcd://u:p%40w@a,[::1]:2380?namespace=n&prefix=p&connect_timeout=1m&request_timeout=1500ms&max_txn_ops=256",
         )
         .expect("valid");
         assert_eq!(config.endpoints(), ["http://a:2379", "http://[::1]:2380"]);
         assert_eq!(config.addresses(), "a:2379, [::1]:2380");
         assert_eq!(config.user, Some(("u".to_owned(), "p@w".to_owned())));
         assert_eq!((config.namespace().as_str(), config.key_prefix()), ("n", "p"));
+        assert_eq!(config.max_txn_ops, 256);
+        assert_eq!(EtcdConfig::from_url("etcd://a").expect("valid").max_txn_ops, 128);
         assert_eq!(
             (config.connect_timeout, config.request_timeout),
             (Duration::from_secs(60), Duration::from_millis(1500))
@@ -323,6 +364,7 @@ mod tests {
             ("etcd://?namespace=x", "no host"),
             ("etcd://h?namesapce=x", "unknown URL parameter \"namesapce\"; the known ones are namespace,"),
             ("etcd://u@h", "both user and password"),
+            ("etcd://h?max_txn_ops=many", "max_txn_ops=\"many\": write a whole number"),
             ("etcd://h/x", "no path"),
             ("http://h", "unknown scheme"),
         ] {

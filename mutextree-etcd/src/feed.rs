@@ -1,15 +1,16 @@
 //! The change feed: one etcd watch per backend on its namespace's prefix,
 //! fanned out to the waiters whose paths a change concerns. It needs only
-//! the members (to open the watch) and the prefix, which the backend
-//! passes in when its first waiter listens.
+//! the members (to open the watch) and the layout (to read a key's node),
+//! which the backend passes in when its first waiter listens.
 //!
-//! Waiters listen on a [`ChangeFeed`] per path they wait for; this task
-//! turns every delete event under the prefix (a release, a lease that
-//! expired or was revoked) into one notification of the feeds of the
-//! deleted node, its ancestors and its descendants: a delete elsewhere in
-//! the namespace cannot unblock them, and waking them would only cost a
-//! transaction each. The server filters out puts: a new or refreshed lock
-//! never unblocks anyone.
+//! Waiters listen on a [`ChangeFeed`] per set of paths they wait for (the
+//! items of one request); this task turns every delete event under the
+//! prefix (a release, a lease that expired or was revoked, the old key of a
+//! mode change) into one notification of the feeds with a path that is the
+//! deleted node, one of its ancestors or one of its descendants: a delete
+//! elsewhere in the namespace cannot unblock them, and waking them would
+//! only cost a transaction each. The server filters out puts: a new or
+//! refreshed lock never unblocks anyone.
 //!
 //! The watch starts on the first `listen`, so a backend that never waits
 //! opens no stream. Until the server confirms it (and whenever the stream
@@ -19,7 +20,7 @@
 //! it was down. No start revision is needed: a missed event costs a retry,
 //! never a lost wake-up.
 //!
-//! A feed is kept while its path is listened to; once there are
+//! A feed is kept while its paths are listened to; once there are
 //! [`MAX_FEEDS`] of them, those not listened to for [`FORGET_AFTER`] are
 //! dropped (a waiter that still holds one then wakes only at its blocker's
 //! expiry).
@@ -32,6 +33,7 @@ use etcd_client::{EventType, WatchClient, WatchFilterType, WatchOptions};
 use mutextree_core::backend::{ChangeFeed, Listener};
 use tokio::time::{sleep, Instant};
 
+use crate::layout::Layout;
 use crate::members::Members;
 
 /// First pause before re-opening a broken watch; doubles up to [`MAX_PAUSE`].
@@ -40,7 +42,8 @@ const MAX_PAUSE: Duration = Duration::from_secs(2);
 const MAX_FEEDS: usize = 10_000;
 const FORGET_AFTER: Duration = Duration::from_secs(600);
 
-/// The feeds of one backend's waiters, by the key of the path they wait for.
+/// The feeds of one backend's waiters, by the keys of the paths they wait
+/// for.
 #[derive(Default)]
 pub(crate) struct Feeds {
     state: Mutex<FeedsState>,
@@ -50,7 +53,7 @@ pub(crate) struct Feeds {
 struct FeedsState {
     /// Whether the watch is confirmed and running.
     live: bool,
-    by_path: HashMap<String, Waited>,
+    by_paths: HashMap<Vec<String>, Waited>,
 }
 
 struct Waited {
@@ -59,16 +62,16 @@ struct Waited {
 }
 
 impl Feeds {
-    /// A listener for changes that may unblock `path_key` (a
-    /// [`LockPath::key`](mutextree_core::LockPath::key)).
-    pub(crate) fn listen(&self, path_key: &str) -> Listener {
+    /// A listener for changes that may unblock a request for `path_keys`
+    /// ([`LockPath::key`](mutextree_core::LockPath::key)s).
+    pub(crate) fn listen(&self, path_keys: Vec<String>) -> Listener {
         let mut state = self.locked();
         let now = Instant::now();
-        if state.by_path.len() >= MAX_FEEDS {
-            state.by_path.retain(|_, waited| now.saturating_duration_since(waited.listened_at) < FORGET_AFTER);
+        if state.by_paths.len() >= MAX_FEEDS {
+            state.by_paths.retain(|_, waited| now.saturating_duration_since(waited.listened_at) < FORGET_AFTER);
         }
         let live = state.live;
-        let waited = state.by_path.entry(path_key.to_owned()).or_insert_with(|| {
+        let waited = state.by_paths.entry(path_keys).or_insert_with(|| {
             let feed = ChangeFeed::new();
             feed.set_live(live);
             Waited { feed, listened_at: now }
@@ -80,15 +83,17 @@ impl Feeds {
     fn set_live(&self, live: bool) {
         let mut state = self.locked();
         state.live = live;
-        for waited in state.by_path.values() {
+        for waited in state.by_paths.values() {
             waited.feed.set_live(live);
         }
     }
 
     /// Wakes the waiters of `path_key`, its ancestors and its descendants.
     fn deleted(&self, path_key: &str) {
-        for (waited_key, waited) in &self.locked().by_path {
-            if waited_key.starts_with(path_key) || path_key.starts_with(waited_key.as_str()) {
+        for (waited_keys, waited) in &self.locked().by_paths {
+            let concerned =
+                |waited_key: &String| waited_key.starts_with(path_key) || path_key.starts_with(waited_key.as_str());
+            if waited_keys.iter().any(concerned) {
                 waited.feed.notify();
             }
         }
@@ -102,11 +107,11 @@ impl Feeds {
 
 /// Runs until aborted: the backend holds it in an `AbortOnDrop`, so it
 /// ends with the backend's last clone.
-pub(crate) async fn run(members: Arc<Members>, prefix: String, feeds: Arc<Feeds>) {
+pub(crate) async fn run(members: Arc<Members>, layout: Layout, feeds: Arc<Feeds>) {
     let mut pause = FIRST_PAUSE;
     loop {
         let (member, mut client) = members.watch();
-        watch_once(&mut client, &prefix, &feeds, &mut pause).await;
+        watch_once(&mut client, &layout, &feeds, &mut pause).await;
         feeds.set_live(false);
         members.failed(member);
         // Jittered, so that many clients do not reconnect in step.
@@ -117,9 +122,9 @@ pub(crate) async fn run(members: Arc<Members>, prefix: String, feeds: Arc<Feeds>
 
 /// One watch stream, from creation to its end (an error, a cancellation by
 /// the server, or the connection closing).
-async fn watch_once(client: &mut WatchClient, prefix: &str, feeds: &Feeds, pause: &mut Duration) {
+async fn watch_once(client: &mut WatchClient, layout: &Layout, feeds: &Feeds, pause: &mut Duration) {
     let options = WatchOptions::new().with_prefix().with_filters([WatchFilterType::NoPut]);
-    let Ok(mut stream) = client.watch(prefix, Some(options)).await else {
+    let Ok(mut stream) = client.watch(layout.namespace_prefix(), Some(options)).await else {
         return;
     };
     while let Ok(Some(response)) = stream.message().await {
@@ -135,8 +140,8 @@ async fn watch_once(client: &mut WatchClient, prefix: &str, feeds: &Feeds, pause
                 .kv()
                 .filter(|_| event.event_type() == EventType::Delete)
                 .and_then(|kv| kv.key_str().ok())
-                .and_then(|key| key.strip_prefix(prefix));
-            if let Some(path_key) = path_key {
+                .and_then(|key| layout.path_key_of(key));
+            if let Some((path_key, _)) = path_key {
                 feeds.deleted(path_key);
             }
         }

@@ -1,25 +1,96 @@
 //! The keys and values this store writes, shared by native grants and the
 //! stepwise primitives so that both kinds of client see each other's locks.
 //!
-//! * **Key**: `<prefix>/<namespace>/` followed by [`LockPath::key`]. The
-//!   path key ends every segment with `/`, so the subtree of `[A, B]` is the
-//!   range `[…/A/B/, …/A/B0)` and never holds `[A, BC]`; prefix and
-//!   namespace cannot contain `/`, so two namespaces (or prefixes) never
-//!   share a key.
-//! * **Value**: one byte for the kind (`L` a lock, `T` a stepwise client's
-//!   transient parent lock), then the owner id. It never changes while the
-//!   grant lives (a refresh re-puts the same bytes on a new lease), so
-//!   release and refresh compare it exactly, together with the key's create
-//!   revision (the fencing token), in one transaction.
-//! * **Lease**: one per lock, its ttl the lock's. Expiry, revocation and
-//!   deletion all remove the key, which is what etcd's watch reports.
+//! # Two key spaces
+//!
+//! Every live item of a grant is one key, in the space of its mode, under
+//! the namespace's prefix `<prefix>/<namespace>/`:
+//!
+//! ```text
+//! x/<path key>/<owner>\x1f            an Exclusive item (or a stepwise lock)
+//! x/<path key>/<owner>\x1f<nonce>     an Exclusive item whose key a mode change replaced
+//! s/<path key>/<owner>\x1f<nonce>     a Shared item
+//! ```
+//!
+//! The path key ([`LockPath::key`]) ends every segment with `/` and never
+//! holds an empty segment, so after it a second `/` can only mean "the node
+//! itself": three distinct ranges fall out of one key space:
+//!
+//! * the **subtree** of `[A, B]`, `[x/A/B/, x/A/B0)`: its holders and every
+//!   descendant's, never `[A, BC]`'s;
+//! * the **holders** of `[A, B]` itself, `[x/A/B//, x/A/B/0)`: never a
+//!   descendant's (whose key goes on with a segment, not a `/`);
+//! * **one owner's** holders of `[A, B]`, `x/A/B//<owner>\x1f` and on:
+//!   the owner id has no control character, so the unit separator (`0x1F`)
+//!   ends it. (No NUL: keys stay text every store and tool can show.)
+//!
+//! Several Shared holders coexist on one node, so a key cannot be just the
+//! node: the owner and a random nonce make it unique. An Exclusive item has
+//! its node to itself, so its key needs no nonce, and the owner's next
+//! Exclusive grant on the node writes the same key again. That matters to
+//! etcd: a deleted key stays in its index until a compaction (which is off
+//! by default), and a range compare walks every key of its range, deleted
+//! ones too; a new key per grant would make each grant on a node slower
+//! than the last. (A mode change that keeps an item Exclusive cannot put
+//! and delete one key in one transaction, so it takes a nonce.) The fencing token
+//! cannot be in the key (it is the revision of the transaction that writes
+//! the key), so release, refresh and mode changes find a grant's key through
+//! its owner's range and its create revision (see the backend module).
+//!
+//! Prefix and namespace cannot contain `/`, so two namespaces (or prefixes)
+//! never share a key.
+//!
+//! # Values and leases
+//!
+//! The value is one byte for the kind (`L` a lock, `T` a stepwise client's
+//! transient parent lock), then the owner id. It never changes while the
+//! grant lives (a refresh re-puts the same bytes on a new lease). Each key is
+//! on a lease, its ttl the grant's; all the keys of one grant are on one
+//! lease. Expiry, revocation and deletion all remove a key, which is what
+//! etcd's watch reports.
 
 use mutextree_core::backend::LockKind;
-use mutextree_core::{Error, LockPath, Owner};
+use mutextree_core::{Error, LockPath, Mode, Owner};
 
 use crate::error::STORE;
 
-/// The key space of one namespace.
+/// A half-open key range `[start, end)`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct Range {
+    pub(crate) start: String,
+    pub(crate) end: String,
+}
+
+impl Range {
+    /// The range of the keys that start with `prefix` (which ends with an
+    /// ASCII character below `0x7F`).
+    fn prefixed(prefix: String) -> Self {
+        let mut end = prefix.clone();
+        let last = end.pop().expect("a prefix is not empty");
+        end.push(char::from(last as u8 + 1));
+        Range { start: prefix, end }
+    }
+
+    /// The range of exactly one key.
+    pub(crate) fn key(key: &[u8]) -> Self {
+        let start = String::from_utf8_lossy(key).into_owned();
+        let mut end = start.clone();
+        end.push('\0');
+        Range { start, end }
+    }
+
+    /// This range without `key`: up to two ranges, either possibly empty
+    /// (and then left out).
+    pub(crate) fn without(&self, key: &str) -> Vec<Range> {
+        let mut after = key.to_owned();
+        after.push('\0');
+        let below = Range { start: self.start.clone(), end: key.min(&self.end).to_owned() };
+        let above = Range { start: after.max(self.start.clone()), end: self.end.clone() };
+        [below, above].into_iter().filter(|range| range.start < range.end).collect()
+    }
+}
+
+/// The key spaces of one namespace.
 #[derive(Debug, Clone)]
 pub(crate) struct Layout {
     /// `<prefix>/<namespace>/`: every key of the namespace starts with it.
@@ -31,29 +102,51 @@ impl Layout {
         Layout { namespace_prefix: format!("{prefix}/{namespace}/") }
     }
 
-    /// The key of a node's lock.
-    pub(crate) fn key(&self, path: &LockPath) -> String {
-        self.with_prefix(path.key())
+    /// The key of a new item in `mode` on `path` for `owner`: for an
+    /// Exclusive item, the owner's one key on the node (nothing else of the
+    /// space is on the node while it lives); for a Shared one, a key unique
+    /// by a random nonce.
+    pub(crate) fn new_key(&self, mode: Mode, path: &LockPath, owner: &Owner) -> String {
+        match mode {
+            Mode::Exclusive => self.owned(mode, path, owner).start,
+            Mode::Shared => self.fresh_key(mode, path, owner),
+        }
     }
 
-    /// The keys of a node's strict ancestors, root first.
-    pub(crate) fn ancestor_keys(&self, path: &LockPath) -> Vec<String> {
-        path.ancestor_keys().map(|key| self.with_prefix(key)).collect()
+    /// A key in `mode` on `path` for `owner` unique by a random nonce,
+    /// whichever the mode: for an item whose new key must differ from the
+    /// one it has.
+    pub(crate) fn fresh_key(&self, mode: Mode, path: &LockPath, owner: &Owner) -> String {
+        let mut key = self.owned(mode, path, owner).start;
+        key.push_str(&format!("{:016x}", fastrand::u64(..)));
+        key
     }
 
-    /// The half-open key range of a node and all its descendants.
-    pub(crate) fn subtree(&self, path: &LockPath) -> (String, String) {
-        (self.key(path), self.with_prefix(&path.key_range_end()))
+    /// The keys of `path` and of all its descendants, in `mode`'s space.
+    pub(crate) fn subtree(&self, mode: Mode, path: &LockPath) -> Range {
+        let mut start = self.space(mode);
+        start.push_str(path.key());
+        Range::prefixed(start)
+    }
+
+    /// The keys of the items on `path` itself (not its descendants), in
+    /// `mode`'s space.
+    pub(crate) fn holders(&self, mode: Mode, path: &LockPath) -> Range {
+        Range::prefixed(self.node_prefix(mode, path))
+    }
+
+    /// The keys of `owner`'s items on `path` itself, in `mode`'s space.
+    pub(crate) fn owned(&self, mode: Mode, path: &LockPath, owner: &Owner) -> Range {
+        let mut start = self.node_prefix(mode, path);
+        start.push_str(owner.as_str());
+        start.push(OWNER_END);
+        Range::prefixed(start)
     }
 
     /// The half-open key range of the whole namespace (its prefix, whose
     /// final `/` becomes `0`, the next character).
-    pub(crate) fn namespace(&self) -> (String, String) {
-        let start = self.namespace_prefix.clone();
-        let mut end = start.clone();
-        end.pop();
-        end.push('0');
-        (start, end)
+    pub(crate) fn namespace(&self) -> Range {
+        Range::prefixed(self.namespace_prefix.clone())
     }
 
     /// The prefix every key of the namespace starts with (for the watch).
@@ -61,25 +154,56 @@ impl Layout {
         &self.namespace_prefix
     }
 
-    /// The path a key of this namespace names.
-    pub(crate) fn path_of(&self, key: &[u8]) -> Result<LockPath, Error> {
+    /// The node and mode of a key of this namespace.
+    pub(crate) fn item_of(&self, key: &[u8]) -> Result<(LockPath, Mode), Error> {
         let key = std::str::from_utf8(key).map_err(|_| foreign("a key that is not UTF-8"))?;
-        let path_key = key.strip_prefix(&*self.namespace_prefix).ok_or_else(|| foreign(&format!("the key {key:?}")))?;
-        LockPath::from_key(path_key).map_err(|_| foreign(&format!("the key {key:?}")))
+        let (path_key, mode) = self.path_key_of(key).ok_or_else(|| foreign(&format!("the key {key:?}")))?;
+        let path = LockPath::from_key(path_key).map_err(|_| foreign(&format!("the key {key:?}")))?;
+        Ok((path, mode))
     }
 
-    fn with_prefix(&self, key: &str) -> String {
-        let mut full = String::with_capacity(self.namespace_prefix.len() + key.len());
-        full.push_str(&self.namespace_prefix);
-        full.push_str(key);
-        full
+    /// The path key ([`LockPath::key`], unchecked) and mode a key of this
+    /// namespace names.
+    pub(crate) fn path_key_of<'k>(&self, key: &'k str) -> Option<(&'k str, Mode)> {
+        let in_namespace = key.strip_prefix(&*self.namespace_prefix)?;
+        let (mode, rest) = if let Some(rest) = in_namespace.strip_prefix("x/") {
+            (Mode::Exclusive, rest)
+        } else {
+            (Mode::Shared, in_namespace.strip_prefix("s/")?)
+        };
+        // The first `//` ends the path key: an encoded segment is never empty.
+        let end = rest.find("//")? + 1;
+        Some((&rest[..end], mode))
+    }
+
+    /// `<namespace prefix>x/` or `…s/`.
+    fn space(&self, mode: Mode) -> String {
+        let mut space = String::with_capacity(self.namespace_prefix.len() + 2);
+        space.push_str(&self.namespace_prefix);
+        space.push_str(match mode {
+            Mode::Exclusive => "x/",
+            Mode::Shared => "s/",
+        });
+        space
+    }
+
+    /// What every key of an item on `path` in `mode` starts with: the
+    /// path key and one more `/`.
+    fn node_prefix(&self, mode: Mode, path: &LockPath) -> String {
+        let mut prefix = self.space(mode);
+        prefix.push_str(path.key());
+        prefix.push('/');
+        prefix
     }
 }
+
+/// Ends the owner id in a key: a control character, which no owner id has.
+const OWNER_END: char = '\x1f';
 
 const LOCK: u8 = b'L';
 const TRANSIENT: u8 = b'T';
 
-/// The value stored under a lock's key.
+/// The value stored under an item's key.
 pub(crate) fn encode_value(kind: LockKind, owner: &Owner) -> Vec<u8> {
     let tag = match kind {
         LockKind::Lock => LOCK,
@@ -120,48 +244,101 @@ mod tests {
         LockPath::parse(text).expect("path")
     }
 
-    #[test]
-    fn keys_keep_prefixes_apart() {
-        let layout = Layout::new("mt", "app");
-        assert_eq!(layout.key(&path("A/B")), "mt/app/A/B/");
-        assert_eq!(layout.ancestor_keys(&path("A/B/C")), ["mt/app/A/", "mt/app/A/B/"]);
-        let (start, end) = layout.subtree(&path("A/B"));
-        let inside = |key: &str| start.as_str() <= key && key < end.as_str();
-        assert!(inside(&layout.key(&path("A/B"))));
-        assert!(inside(&layout.key(&path("A/B/C/D"))));
-        assert!(!inside(&layout.key(&path("A/BC"))));
-        assert!(!inside(&layout.key(&path("A/B C"))));
-        assert!(!inside(&layout.key(&path("A"))));
-        let (start, end) = layout.namespace();
-        assert_eq!((start.as_str(), end.as_str()), ("mt/app/", "mt/app0"));
-        assert!(!(start.as_str()..end.as_str()).contains(&Layout::new("mt", "app2").key(&path("A")).as_str()));
+    fn owner(text: &str) -> Owner {
+        Owner::new(text).expect("owner")
     }
 
-    /// This store's layout, for the property checks core's fuzz targets run.
-    impl mutextree_core::checks::KeyLayout for Layout {
+    fn contains(range: &Range, key: &str) -> bool {
+        range.start.as_str() <= key && key < range.end.as_str()
+    }
+
+    #[test]
+    fn subtree_holders_and_owned_ranges_are_distinct() {
+        let layout = Layout::new("mt", "app");
+        let me = owner("web-1");
+        let key = |mode, at: &str, who: &str| layout.new_key(mode, &path(at), &owner(who));
+        let x = Mode::Exclusive;
+        assert_eq!(key(x, "A/B", "web-1"), "mt/app/x/A/B//web-1\x1f", "one Exclusive key per owner and node");
+        let s = Mode::Shared;
+        assert!(key(s, "A/B", "web-1").starts_with("mt/app/s/A/B//web-1\x1f"));
+        assert_eq!(key(s, "A/B", "web-1").len(), "mt/app/s/A/B//web-1\x1f".len() + 16);
+        assert_ne!(key(s, "A/B", "web-1"), key(s, "A/B", "web-1"), "a nonce each");
+        let fresh = layout.fresh_key(x, &path("A/B"), &me);
+        assert!(fresh.starts_with("mt/app/x/A/B//web-1\x1f") && fresh.len() == "mt/app/x/A/B//web-1\x1f".len() + 16);
+        assert_ne!(fresh, layout.fresh_key(x, &path("A/B"), &me), "a nonce each");
+
+        let subtree = layout.subtree(x, &path("A/B"));
+        let holders = layout.holders(x, &path("A/B"));
+        let owned = layout.owned(x, &path("A/B"), &me);
+        for (at, who, in_subtree, in_holders, in_owned) in [
+            ("A/B", "web-1", true, true, true),
+            ("A/B", "web-10", true, true, false),
+            ("A/B", "web", true, true, false),
+            ("A/B", " web-1", true, true, false),
+            ("A/B/C", "web-1", true, false, false),
+            ("A/B/ C", "web-1", true, false, false),
+            ("A/B/!", "web-1", true, false, false),
+            ("A/B/%2F", "web-1", true, false, false),
+            ("A/BC", "web-1", false, false, false),
+            ("A/B C", "web-1", false, false, false),
+            ("A", "web-1", false, false, false),
+        ] {
+            let key = key(x, at, who);
+            assert_eq!(contains(&subtree, &key), in_subtree, "{key:?} in the subtree");
+            assert_eq!(contains(&holders, &key), in_holders, "{key:?} among the holders");
+            assert_eq!(contains(&owned, &key), in_owned, "{key:?} among web-1's");
+        }
+        let shared = key(Mode::Shared, "A/B", "web-1");
+        assert!(!contains(&subtree, &shared), "the spaces are apart");
+        assert!(contains(&layout.subtree(Mode::Shared, &path("A")), &shared));
+        let namespace = layout.namespace();
+        assert_eq!((namespace.start.as_str(), namespace.end.as_str()), ("mt/app/", "mt/app0"));
+        assert!(contains(&namespace, &shared));
+        assert!(!contains(&namespace, &Layout::new("mt", "app2").new_key(x, &path("A"), &me)));
+    }
+
+    #[test]
+    fn a_range_without_a_key() {
+        let range = Range { start: "b".into(), end: "d".into() };
+        let starts = |ranges: Vec<Range>| ranges.into_iter().map(|r| (r.start, r.end)).collect::<Vec<_>>();
+        assert_eq!(starts(range.without("c")), [("b".into(), "c".into()), ("c\0".into(), "d".into())]);
+        assert_eq!(starts(range.without("a")), [("b".into(), "d".into())]);
+        assert_eq!(starts(range.without("e")), [("b".into(), "d".into())]);
+        assert_eq!(starts(Range::key(b"c").without("e")), [("c".into(), "c\0".into())]);
+        assert_eq!(starts(Range::key(b"c").without("c")), Vec::<(String, String)>::new());
+    }
+
+    /// The Exclusive space of this store's layout, for the property checks
+    /// core's fuzz targets run: a node's key is where its subtree starts
+    /// (its holders' keys go on from there, as the test above checks).
+    struct Exclusive(Layout);
+
+    impl mutextree_core::checks::KeyLayout for Exclusive {
         fn key(&self, path: &LockPath) -> String {
-            Layout::key(self, path)
+            self.0.subtree(Mode::Exclusive, path).start
         }
 
         fn ancestor_keys(&self, path: &LockPath) -> Vec<String> {
-            Layout::ancestor_keys(self, path)
+            path.ancestors().iter().map(|ancestor| self.key(ancestor)).collect()
         }
 
         fn subtree(&self, path: &LockPath) -> (String, String) {
-            Layout::subtree(self, path)
+            let range = self.0.subtree(Mode::Exclusive, path);
+            (range.start, range.end)
         }
 
         fn path_of(&self, key: &str) -> Option<LockPath> {
-            Layout::path_of(self, key.as_bytes()).ok()
+            let holder = format!("{key}/owner{OWNER_END}");
+            self.0.item_of(holder.as_bytes()).ok().map(|(path, _)| path)
         }
     }
 
-    /// The prefix keeps every property of the path keys: the fuzz seeds of
-    /// `path_keys`, through this layout.
+    /// The prefix and the spaces keep every property of the path keys: the
+    /// fuzz seeds of `path_keys`, through this layout.
     #[test]
     fn the_layout_keeps_the_key_properties() {
         let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/path_keys");
-        let layout = Layout::new("mt", "app");
+        let layout = Exclusive(Layout::new("mt", "app"));
         mutextree_core::checks::replay_seeds(&corpus, |data| mutextree_core::checks::path_keys_with(&layout, data));
     }
 
@@ -170,10 +347,18 @@ mod tests {
         let layout = Layout::new("mt", "app");
         for text in ["A", "a\\/b/c", "%2F/;*?[", "🔒/名前"] {
             let node = path(text);
-            assert_eq!(layout.path_of(layout.key(&node).as_bytes()).expect("ours"), node);
+            for mode in [Mode::Shared, Mode::Exclusive] {
+                for key in
+                    [layout.new_key(mode, &node, &owner("o//x/")), layout.fresh_key(mode, &node, &owner("o//x/"))]
+                {
+                    assert_eq!(layout.item_of(key.as_bytes()).expect("ours"), (node.clone(), mode));
+                }
+            }
         }
-        assert!(layout.path_of(b"mt/other/A/").is_err());
-        let owner = Owner::new("web-1 (pid 7)").expect("owner");
+        assert!(layout.item_of(b"mt/other/x/A//o\x1f").is_err());
+        assert!(layout.item_of(b"mt/app/A//o\x1f").is_err(), "no space");
+        assert!(layout.item_of(b"mt/app/x/A/").is_err(), "no holder");
+        let owner = owner("web-1 (pid 7)");
         assert_eq!(decode_value(&encode_value(LockKind::Lock, &owner)).expect("ours"), (false, owner.clone()));
         assert_eq!(decode_value(&encode_value(LockKind::Transient, &owner)).expect("ours"), (true, owner));
         assert!(decode_value(b"").is_err());

@@ -8,11 +8,13 @@
 //! * `error.rs`: client errors as [`Error::Store`](mutextree_core::Error::Store),
 //!   and which are worth retrying.
 //! * `config.rs`: [`EtcdConfig`], read from a URL or set in code.
-//! * `layout.rs` and `members.rs`: the keys and values the store writes,
+//! * `layout.rs` and `members.rs`: the keys and values the store writes
+//!   (two key spaces, one per mode, and the ranges a transaction compares),
 //!   and the failover between the cluster's members (this store's own parts).
 //! * `feed.rs`: the watch on the namespace that wakes waiters.
 //! * `backend.rs`: [`EtcdStore`] (with [`EtcdConfig::connect`]) and the
-//!   [`LockBackend`](mutextree_core::LockBackend), [`EtcdBackend`].
+//!   [`LockBackend`](mutextree_core::LockBackend), [`EtcdBackend`]: the
+//!   transactions, each counted against `--max-txn-ops` before it is sent.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod backend;

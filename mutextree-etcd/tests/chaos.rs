@@ -18,6 +18,8 @@ use mutextree_etcd::EtcdConfig;
 /// Whole seconds, at etcd's minimum lease.
 const TTL: Duration = Duration::from_secs(2);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a new cluster may take to serve.
+const READY_LIMIT: Duration = Duration::from_secs(30);
 /// A request's and a connection's timeout on each of the three members
 /// (the client moves on after a failure), and margin.
 const CALL_LIMIT: Duration = Duration::from_secs(8);
@@ -36,6 +38,11 @@ impl Faulty {
             proxies.push(FaultProxy::to_port(*port).await.expect("proxy"));
         }
         let urls = cluster.urls();
+        // A member listens before it serves: a new cluster answers once it
+        // has elected a leader, which can take a few seconds. The faults
+        // start only once it answers (waiting up to a generous limit).
+        let serving = EtcdConfig::new(urls.clone()).connect_timeout(READY_LIMIT).request_timeout(READY_LIMIT);
+        serving.connect().await.unwrap_or_else(|error| panic!("the new cluster never served: {error}"));
         Faulty { cluster: Arc::new(Mutex::new(cluster)), urls, proxies }
     }
 

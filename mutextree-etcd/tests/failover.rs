@@ -79,7 +79,7 @@ async fn killing_the_leader_never_double_grants_and_clients_fail_over() {
                             Err(other) => panic!("release: {other}"),
                         }
                     }
-                    Ok(Attempt::Blocked(_)) => tokio::task::yield_now().await,
+                    Ok(Attempt::Blocked(_) | Attempt::Queued { .. }) => tokio::task::yield_now().await,
                     Err(Error::Store { retryable: true, .. }) => {
                         counts[client].errors.fetch_add(1, Ordering::Relaxed);
                         sleep(Duration::from_millis(20)).await;

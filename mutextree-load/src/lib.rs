@@ -71,6 +71,20 @@
 //!   into each other's locks, on the node itself, an ancestor or a
 //!   descendant. Each client draws from its own seeded generator, so a run is
 //!   repeatable in what it asks for.
+//! * [`Scenario::ReadHeavy`]: readers and one writer on one subtree, the
+//!   shape of many jobs reading a tenant's configuration while one admin
+//!   rewrites a part of it. Client 0 locks the leaf `read/r1/…/w` of
+//!   `depth` segments, Exclusive; every other client locks its parent
+//!   Shared (at depth 1, the leaf `w` itself). Readers never refuse each
+//!   other; the writer and the readers refuse each other (a Shared lock
+//!   covers its whole subtree). 16 clients are 15 readers and 1 writer.
+//! * [`Scenario::TwoPaths`]: grants of two paths, the shape of moving a VM
+//!   between two hosts. Every client locks two distinct hosts at once, both
+//!   Exclusive, in one request (one grant, one release): hosts are the
+//!   leaves `move/r1/…/h{n}` of `depth` segments, [`HOSTS_PER_CLIENT`]
+//!   per client, and each client draws its pairs of hosts from its own
+//!   seeded generator ([`TWO_PATH_REQUESTS`] of them, built before the
+//!   clock starts). Clients meet on a host now and then.
 //!
 //! # Background locks
 //!
@@ -85,7 +99,7 @@ use std::time::{Duration, Instant};
 
 use futures::stream::{self, StreamExt, TryStreamExt};
 use mutextree_core::backend::{Attempt, LockRequest};
-use mutextree_core::{Error, Grant, LockBackend, LockPath, Owner, Ttl};
+use mutextree_core::{Error, Grant, LockBackend, LockItems, LockPath, Mode, Owner, Ttl};
 
 /// A client yields to the runtime once per this many iterations (outside
 /// the timed samples).
@@ -97,7 +111,14 @@ const BACKGROUND_IN_FLIGHT: usize = 512;
 /// Background locks per `background/g{n}` parent.
 const BACKGROUND_FAN_OUT: usize = 1000;
 
-/// What the clients lock.
+/// Hosts per client in [`Scenario::TwoPaths`].
+pub const HOSTS_PER_CLIENT: usize = 8;
+
+/// Pairs of hosts each client of [`Scenario::TwoPaths`] draws before the
+/// clock starts, and then picks from at random.
+pub const TWO_PATH_REQUESTS: usize = 256;
+
+/// What the clients lock (see the [module docs](crate#scenarios)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Scenario {
     /// One leaf per client, all siblings under the same ancestors: no
@@ -106,13 +127,43 @@ pub enum Scenario {
     /// Random nodes of one small full subtree of the spec's depth and
     /// fan-out (2 by default): frequent refusals.
     Contended,
+    /// Shared readers of one subtree and one Exclusive writer under it
+    /// (client 0).
+    ReadHeavy,
+    /// Two random hosts at once per grant, both Exclusive.
+    TwoPaths,
+}
+
+impl Scenario {
+    /// Every scenario, in the order of the module docs.
+    pub const ALL: [Scenario; 4] = [Scenario::Siblings, Scenario::Contended, Scenario::ReadHeavy, Scenario::TwoPaths];
+
+    /// `siblings`, `contended`, `read-heavy`, `two-paths`: the name in
+    /// tables, row labels and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scenario::Siblings => "siblings",
+            Scenario::Contended => "contended",
+            Scenario::ReadHeavy => "read-heavy",
+            Scenario::TwoPaths => "two-paths",
+        }
+    }
 }
 
 impl fmt::Display for Scenario {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Scenario::Siblings => "siblings",
-            Scenario::Contended => "contended",
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Scenario {
+    type Err = String;
+
+    /// A scenario by [its name](Scenario::as_str).
+    fn from_str(name: &str) -> Result<Self, String> {
+        Scenario::ALL.into_iter().find(|scenario| scenario.as_str() == name).ok_or_else(|| {
+            let names: Vec<&str> = Scenario::ALL.iter().map(|scenario| scenario.as_str()).collect();
+            format!("write one of {}", names.join(", "))
         })
     }
 }
@@ -217,13 +268,10 @@ pub async fn run(clients: &[Arc<dyn LockBackend>], spec: &LoadSpec) -> Result<Lo
     let mut plans = Vec::with_capacity(spec.clients);
     for client in 0..spec.clients {
         let owner = Owner::new(format!("load-{client}"))?;
-        let paths = match spec.scenario {
-            Scenario::Siblings => vec![sibling_path(spec.depth, client)?],
-            Scenario::Contended => contended_paths(spec.depth, spec.fan_out)?,
-        };
+        let seed = client as u64;
         let requests: Vec<LockRequest> =
-            paths.into_iter().map(|path| LockRequest::new(path, owner.clone(), ttl)).collect();
-        plans.push((backend_of(client), requests, client as u64));
+            items_of(spec, client, seed)?.into_iter().map(|items| LockRequest::of(items, owner.clone(), ttl)).collect();
+        plans.push((backend_of(client), requests, seed));
     }
 
     let background = hold_background(clients, spec).await?;
@@ -319,15 +367,51 @@ async fn client_loop(
     Ok(ClientOutcome { latencies, refused })
 }
 
-/// `bench/r1/…/r{depth-2}/c{client}`, or `c{client}` at depth 1.
-fn sibling_path(depth: usize, client: usize) -> Result<LockPath, Error> {
+/// What `client` of `spec` may ask for, one request each (the client
+/// picks one at random per attempt when there are several).
+fn items_of(spec: &LoadSpec, client: usize, seed: u64) -> Result<Vec<LockItems>, Error> {
+    let exclusive = |path: LockPath| LockItems::one(path, Mode::Exclusive);
+    Ok(match spec.scenario {
+        Scenario::Siblings => vec![exclusive(sibling_path(spec.depth, client)?)],
+        Scenario::Contended => contended_paths(spec.depth, spec.fan_out)?.into_iter().map(exclusive).collect(),
+        Scenario::ReadHeavy => {
+            let writer = below("read", spec.depth, "w")?;
+            match (client, writer.parent()) {
+                (0, _) => vec![exclusive(writer)],
+                (_, Some(subtree)) => vec![LockItems::one(subtree, Mode::Shared)],
+                (_, None) => vec![LockItems::one(writer, Mode::Shared)],
+            }
+        }
+        Scenario::TwoPaths => {
+            let hosts = (0..spec.clients * HOSTS_PER_CLIENT)
+                .map(|host| below("move", spec.depth, &format!("h{host}")))
+                .collect::<Result<Vec<_>, Error>>()?;
+            let mut rng = fastrand::Rng::with_seed(seed);
+            (0..TWO_PATH_REQUESTS)
+                .map(|_| {
+                    let one = rng.usize(..hosts.len());
+                    let other = (one + rng.usize(1..hosts.len())) % hosts.len();
+                    LockItems::new([(hosts[one].clone(), Mode::Exclusive), (hosts[other].clone(), Mode::Exclusive)])
+                })
+                .collect::<Result<_, Error>>()?
+        }
+    })
+}
+
+/// `root/r1/…/r{depth-2}/leaf` of `depth` segments, or `leaf` at depth 1.
+fn below(root: &str, depth: usize, leaf: &str) -> Result<LockPath, Error> {
     let mut segments: Vec<String> = Vec::with_capacity(depth);
     if depth > 1 {
-        segments.push("bench".to_owned());
+        segments.push(root.to_owned());
         segments.extend((1..depth - 1).map(|level| format!("r{level}")));
     }
-    segments.push(format!("c{client}"));
+    segments.push(leaf.to_owned());
     LockPath::new(segments)
+}
+
+/// `bench/r1/…/r{depth-2}/c{client}`, or `c{client}` at depth 1.
+fn sibling_path(depth: usize, client: usize) -> Result<LockPath, Error> {
+    below("bench", depth, &format!("c{client}"))
 }
 
 /// Every node of the full binary tree of `depth` levels under `hot`.
@@ -481,6 +565,70 @@ mod tests {
         assert!(tree.iter().any(|p| p.to_string() == "hot/1/0"));
         assert_eq!(contended_paths(1, 2).expect("valid").len(), 1);
         assert_eq!(contended_paths(3, 10).expect("valid").len(), 111);
+    }
+
+    fn spec(scenario: Scenario, clients: usize, depth: usize) -> LoadSpec {
+        LoadSpec { clients, depth, scenario, duration: Duration::from_millis(100), ..LoadSpec::default() }
+    }
+
+    #[test]
+    fn read_heavy_is_readers_of_a_subtree_and_a_writer_under_it() {
+        for depth in [1, 2, 3, 8] {
+            let spec = spec(Scenario::ReadHeavy, 16, depth);
+            let writer = items_of(&spec, 0, 0).expect("valid");
+            assert_eq!(writer.len(), 1);
+            let writer = writer[0].first();
+            assert_eq!((writer.mode, writer.path.depth()), (Mode::Exclusive, depth));
+            for client in 1..16 {
+                let reader = items_of(&spec, client, client as u64).expect("valid");
+                assert_eq!(reader.len(), 1);
+                let reader = reader[0].first();
+                assert_eq!(reader.mode, Mode::Shared);
+                assert!(reader.path.overlaps(&writer.path), "the writer is in the readers' subtree at depth {depth}");
+                assert_eq!(reader.path.depth(), depth.saturating_sub(1).max(1));
+            }
+        }
+        assert_eq!(
+            items_of(&spec(Scenario::ReadHeavy, 16, 3), 0, 0).expect("valid")[0].first().path.to_string(),
+            "read/r1/w"
+        );
+    }
+
+    #[test]
+    fn two_paths_are_two_distinct_exclusive_hosts_drawn_per_client() {
+        let spec = spec(Scenario::TwoPaths, 4, 3);
+        let requests = items_of(&spec, 2, 2).expect("valid");
+        assert_eq!(requests.len(), TWO_PATH_REQUESTS);
+        for items in &requests {
+            assert_eq!(items.len(), 2, "two distinct hosts: {items}");
+            assert!(items.iter().all(|item| item.mode == Mode::Exclusive && item.path.depth() == 3), "{items}");
+            assert!(items.iter().all(|item| item.path.to_string().starts_with("move/r1/h")), "{items}");
+        }
+        let hosts: std::collections::BTreeSet<&LockPath> =
+            requests.iter().flat_map(|items| items.iter().map(|item| &item.path)).collect();
+        assert_eq!(hosts.len(), 4 * HOSTS_PER_CLIENT, "256 pairs cover the pool of 32 hosts");
+        assert_eq!(items_of(&spec, 2, 2).expect("valid"), requests, "a client's draws repeat with its seed");
+        assert_ne!(items_of(&spec, 3, 3).expect("valid"), requests, "another client draws others");
+    }
+
+    #[test]
+    fn readers_and_grants_of_two_paths_run_and_release_everything() {
+        for scenario in [Scenario::ReadHeavy, Scenario::TwoPaths] {
+            let store: Arc<dyn LockBackend> = Arc::new(mutextree_memory::MemoryBackend::new());
+            let spec = LoadSpec { clients: 4, duration: Duration::from_millis(50), ..spec(scenario, 4, 3) };
+            let runtime = runtime_for(spec.clients);
+            let report = runtime.block_on(run(std::slice::from_ref(&store), &spec)).expect("the run succeeds");
+            assert!(report.pairs > 0, "{scenario}: {report:?}");
+            assert_eq!(runtime.block_on(store.list(None)).expect("list"), [], "{scenario}: all released");
+        }
+    }
+
+    #[test]
+    fn scenarios_read_back_from_their_names() {
+        for scenario in Scenario::ALL {
+            assert_eq!(scenario.to_string().parse::<Scenario>(), Ok(scenario));
+        }
+        assert!("hot".parse::<Scenario>().expect_err("unknown").contains("read-heavy, two-paths"));
     }
 
     #[test]

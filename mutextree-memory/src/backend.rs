@@ -2,23 +2,24 @@
 //! follow the scheme described in the crate docs (one tree per namespace,
 //! under one mutex, with per-mode counts of the items below each node).
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use dashmap::DashMap;
-use mutextree_core::backend::{
-    async_trait, Attempt, ChangeFeed, Check, Listener, LockKind, LockRequest, Queue, RESERVATION_TTL,
-};
+use mutextree_core::backend::{async_trait, Attempt, ChangeFeed, Check, Listener, LockKind, LockRequest};
 use mutextree_core::{
-    Blockers, Error, Grant, HeldLock, LockBackend, LockItem, LockItems, LockPath, Mode, Namespace, Owner, Ttl,
-    MAX_DEPTH,
+    Blockers, Error, Fairness, Grant, HeldLock, LockBackend, LockItem, LockItems, LockPath, Mode, Namespace, Owner,
+    Ttl, MAX_DEPTH,
 };
 use tokio::task::coop::consume_budget;
 use tokio::time::Instant;
 
 /// A fast hasher that is still seeded per map (paths come from users).
 type Hasher = foldhash::fast::RandomState;
+
+/// hashbrown's map rather than std's for `entry_ref`: one lookup finds an
+/// entry or makes it, allocating its key only when it is new.
+type HashMap<K, V> = hashbrown::HashMap<K, V, Hasher>;
 
 /// A store: independent namespaces, each a [`MemoryBackend`].
 ///
@@ -73,8 +74,7 @@ impl MemoryBackend {
     /// [`sweep`](Self::sweep). Zero after a sweep once every lock is
     /// released or expired.
     pub fn entries(&self) -> usize {
-        let tree = self.space.tree();
-        tree.grants.nodes.len() + tree.queue.nodes.len()
+        self.space.tree().nodes.len()
     }
 }
 
@@ -104,12 +104,12 @@ impl LockBackend for MemoryBackend {
 
     async fn refresh(&self, grant: &Grant, ttl: Ttl) -> Result<Grant, Error> {
         consume_budget().await;
-        self.space.tree().grants.refresh(grant, ttl, Instant::now())
+        self.space.tree().refresh(grant, ttl, Instant::now())
     }
 
     async fn list(&self, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
         consume_budget().await;
-        Ok(self.space.tree().grants.list(under, Instant::now()))
+        Ok(self.space.tree().list(under, Instant::now()))
     }
 
     async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error> {
@@ -122,20 +122,18 @@ impl LockBackend for MemoryBackend {
         self.space.change_mode(grant, mode)
     }
 
-    async fn withdraw(&self, owner: &Owner, ticket: u64) -> Result<(), Error> {
-        consume_budget().await;
-        if self.space.tree().withdraw(owner, ticket) {
-            self.space.feed.notify();
-        }
+    /// This store does not queue waiters yet: it writes no reservation.
+    async fn withdraw(&self, _owner: &Owner, _ticket: u64) -> Result<(), Error> {
         Ok(())
     }
 
-    async fn waiters(&self, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
-        consume_budget().await;
-        let mut tree = self.space.tree();
-        let now = Instant::now();
-        let waiters = tree.queue.list(under, now);
-        Ok(waiters.into_iter().map(|held| HeldLock { waiting: true, ..held }).collect())
+    async fn waiters(&self, _under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
+        Ok(Vec::new())
+    }
+
+    /// Barging until this store queues waiters.
+    fn fairness(&self) -> Fairness {
+        Fairness::Barging
     }
 
     /// Every release or purge in the namespace wakes every waiter (an
@@ -173,7 +171,7 @@ impl Space {
     }
 
     fn release(&self, grant: &Grant) -> Result<(), Error> {
-        let outcome = self.tree().grants.release(grant, Instant::now());
+        let outcome = self.tree().release(grant, Instant::now());
         if outcome.is_some() {
             self.feed.notify();
         }
@@ -201,52 +199,51 @@ fn slot(mode: Mode) -> usize {
     }
 }
 
-/// The locks of one namespace, and its waiters' reservations.
+/// The locks of one namespace.
 #[derive(Default)]
 struct Tree {
-    grants: Layer,
-    /// The reservations of fair waiters, by ticket.
-    queue: Layer,
+    /// One entry per node with items on it or counted below it (and the
+    /// empty ones left for the next sweep, so that the next grant on the
+    /// same nodes allocates nothing).
+    nodes: HashMap<String, Node>,
     last_token: u64,
     /// The token counter's value at the last sweep.
     last_sweep_token: u64,
 }
 
-/// Items on the tree, by the token of the grant (or the ticket of the
-/// reservation) they belong to.
-#[derive(Default)]
-struct Layer {
-    /// One entry per node with items on it or counted below it (and the
-    /// empty ones left for the next sweep, so that the next grant on the
-    /// same nodes allocates nothing).
-    nodes: HashMap<Box<str>, Node, Hasher>,
-    /// Every record not yet removed (live, or expired and not yet purged).
-    records: HashMap<u64, Record, Hasher>,
-}
-
-/// A grant or a reservation as the store keeps it.
-struct Record {
+/// An item of a grant, on its node. Each item carries its grant whole
+/// (shared, not copied: `LockItems` and `Owner` are reference counted), so
+/// that any item found leads to the others, and a grant of one item (the
+/// common case) costs one entry and no table beside the tree.
+struct Entry {
+    token: u64,
+    mode: Mode,
     items: LockItems,
     owner: Owner,
     expires_at: Instant,
     transient: bool,
 }
 
-impl Record {
+impl Entry {
     fn is_live(&self, now: Instant) -> bool {
         self.expires_at > now
     }
 
     fn is(&self, grant: &Grant) -> bool {
-        self.owner == grant.owner
+        self.token == grant.token && self.owner == grant.owner
     }
 
-    fn held(&self, path: &LockPath, mode: Mode, token: u64, now: Instant) -> HeldLock {
+    fn held(&self, key: &str, now: Instant) -> HeldLock {
+        let path = self
+            .items
+            .iter()
+            .find(|item| item.path.key() == key)
+            .map_or_else(|| self.items.first().path.clone(), |item| item.path.clone());
         HeldLock {
-            path: path.clone(),
-            mode,
+            path,
+            mode: self.mode,
             owner: self.owner.clone(),
-            token,
+            token: self.token,
             remaining: self.expires_at.saturating_duration_since(now),
             transient: self.transient,
             waiting: false,
@@ -256,11 +253,11 @@ impl Record {
 
 #[derive(Default)]
 struct Node {
-    /// The items on this node: their record's token and their mode.
-    items: Vec<(u64, Mode)>,
+    /// The items on this node.
+    items: Vec<Entry>,
     /// Items below this node, per mode, by the key of the child they lie
     /// under.
-    below: HashMap<Box<str>, [u32; 2], Hasher>,
+    below: HashMap<String, [u32; 2]>,
     below_total: [u32; 2],
 }
 
@@ -275,6 +272,10 @@ impl Node {
             Mode::Shared => counts[slot(Mode::Exclusive)],
             Mode::Exclusive => counts[0] + counts[1],
         }
+    }
+
+    fn entry(&self, token: u64) -> Option<&Entry> {
+        self.items.iter().find(|entry| entry.token == token)
     }
 }
 
@@ -305,220 +306,170 @@ impl<'k> std::ops::Deref for Levels<'k> {
     }
 }
 
-/// Which records of a layer count in a check.
-#[derive(Clone, Copy)]
-struct Among {
-    /// A record left out (a grant changing its mode).
-    skip: Option<u64>,
-    /// Only records with a smaller token (a waiter's earlier tickets).
-    before: Option<u64>,
-}
-
-impl Among {
-    const ALL: Among = Among { skip: None, before: None };
-
-    fn counts(self, token: u64) -> bool {
-        Some(token) != self.skip && self.before.is_none_or(|limit| token < limit)
-    }
-}
+/// An expired grant met on the way: the key of one of its items, and its
+/// token.
+type Expired = (Box<str>, u64);
 
 impl Tree {
-    /// Grants every item of `request` or none, and keeps the request's
-    /// reservation as its queue says. Returns whether expired records were
-    /// purged on the way (waiters may want to hear it).
+    /// Grants every item of `request` or none. Returns whether expired
+    /// grants were purged on the way (waiters may want to hear it).
     fn grant(&mut self, request: &LockRequest, kind: LockKind, check: Check, now: Instant) -> (Attempt, bool) {
         let mut expired = Vec::new();
-        let mut expired_reservations = Vec::new();
-        let queue_from = match request.queue {
-            Queue::Barge => None,
-            Queue::Try | Queue::Join => Some(Among::ALL),
-            Queue::Waiting(ticket) => Some(Among { skip: None, before: Some(ticket) }),
-        };
         let mut blockers = Vec::new();
-        for item in &request.items {
+        // Each item is checked and counted above in one pass over its
+        // ancestors; the counts are taken back if any item is refused.
+        // Which items were counted: a bit each (at most 16 items).
+        let mut counted = 0u32;
+        for (at, item) in request.items.iter().enumerate() {
             let blocker = match check {
-                Check::Tree => self.grants.blocker(item, Among::ALL, now, &mut expired).or_else(|| {
-                    let among = queue_from?;
-                    let waiter = self.queue.blocker(item, among, now, &mut expired_reservations)?;
-                    Some(HeldLock { waiting: true, ..waiter })
+                Check::Tree => self.check_and_count(item, now, &mut expired),
+                Check::KeyOnly => self.holder_of_key(item.path.key(), now, &mut expired).or_else(|| {
+                    self.count(item.path.key(), item.mode, 1);
+                    None
                 }),
-                Check::KeyOnly => self.grants.holder_of_key(item.path.key(), now, &mut expired),
             };
-            blockers.extend(blocker);
+            match blocker {
+                Some(blocker) => blockers.push(blocker),
+                None => counted |= 1 << at,
+            }
         }
-        let purged = !expired.is_empty() || !expired_reservations.is_empty();
-        expired.into_iter().for_each(|token| self.grants.purge(token, now));
-        expired_reservations.into_iter().for_each(|ticket| self.queue.purge(ticket, now));
+        let purged = !expired.is_empty();
+        let refused = !blockers.is_empty();
+        if refused {
+            for (at, item) in request.items.iter().enumerate() {
+                if counted & (1 << at) != 0 {
+                    self.count(item.path.key(), item.mode, -1);
+                }
+            }
+        }
+        // Purged after the counts are settled: a purge uncounts too.
+        for (key, token) in expired {
+            self.purge(&key, token, now);
+        }
         let mut blockers = blockers.into_iter();
         if let Some(first) = blockers.next() {
-            let blockers = Blockers::new(first, blockers);
-            let ticket = match request.queue {
-                Queue::Join => self.next_token(),
-                Queue::Waiting(ticket) => ticket,
-                Queue::Barge | Queue::Try => return (Attempt::Blocked(blockers), purged),
-            };
-            self.queue.keep(ticket, request, now + RESERVATION_TTL);
-            return (Attempt::Queued { ticket, blockers }, purged);
+            return (Attempt::Blocked(Blockers::new(first, blockers)), purged);
         }
-        if let Queue::Waiting(ticket) = request.queue {
-            self.queue.remove_of(&request.owner, ticket);
-        }
-        let token = self.next_token();
+        self.last_token += 1;
+        let token = self.last_token;
         let ttl = request.ttl.get();
-        let record = Record {
-            items: request.items.clone(),
-            owner: request.owner.clone(),
-            expires_at: now + ttl,
-            transient: kind == LockKind::Transient,
-        };
-        self.grants.insert(token, record);
+        let (owner, expires_at, transient) = (&request.owner, now + ttl, kind == LockKind::Transient);
+        for item in &request.items {
+            let entry = Entry {
+                token,
+                mode: item.mode,
+                items: request.items.clone(),
+                owner: owner.clone(),
+                expires_at,
+                transient,
+            };
+            self.node_mut(item.path.key()).items.push(entry);
+        }
         self.maybe_sweep(now);
         (Attempt::Granted(Grant::new(request, kind, token, ttl, now)), purged)
     }
 
-    fn next_token(&mut self) -> u64 {
-        self.last_token += 1;
-        self.last_token
-    }
-
-    /// Removes the reservation `ticket` of `owner`; whether it was there.
-    fn withdraw(&mut self, owner: &Owner, ticket: u64) -> bool {
-        self.queue.remove_of(owner, ticket)
-    }
-
-    fn change_mode(&mut self, grant: &Grant, mode: Mode, now: Instant) -> Result<Attempt, Error> {
-        let grants = &mut self.grants;
-        let Some(record) = grants.records.get(&grant.token).filter(|record| record.is(grant)) else {
-            return Err(Error::not_held(grant));
-        };
-        if !record.is_live(now) {
-            grants.purge(grant.token, now);
-            return Err(Error::not_held(grant));
-        }
-        let changed = record.items.with_mode(mode);
-        if mode == Mode::Exclusive {
-            let mut expired = Vec::new();
-            let others = Among { skip: Some(grant.token), before: None };
-            let blockers: Vec<HeldLock> =
-                changed.iter().filter_map(|item| grants.blocker(item, others, now, &mut expired)).collect();
-            expired.into_iter().for_each(|token| grants.purge(token, now));
-            let mut blockers = blockers.into_iter();
-            if let Some(first) = blockers.next() {
-                return Ok(Attempt::Blocked(Blockers::new(first, blockers)));
-            }
-        }
-        let mut record = self.grants.remove(grant.token).expect("checked above");
-        let token = self.next_token();
-        record.items = changed.clone();
-        let expires_at = record.expires_at;
-        self.grants.insert(token, record);
-        // The handle's expiry stays its own (never later than the store's).
-        let expires_at = grant.expires_at.min(expires_at);
-        Ok(Attempt::Granted(Grant { items: changed, token, expires_at, ..grant.clone() }))
-    }
-
-    /// Every time as many grants were made as there are entries, remove the
-    /// expired records and the empty entries of the whole map: amortised
-    /// O(1) per grant. Looks only every 1024th token, so the hot path pays
-    /// one comparison.
-    fn maybe_sweep(&mut self, now: Instant) {
-        const CHECK_EVERY: u64 = 1024;
-        const MIN_GRANTS: u64 = 4096;
-        if !self.last_token.is_multiple_of(CHECK_EVERY) {
-            return;
-        }
-        let grants = self.last_token - self.last_sweep_token;
-        if grants >= MIN_GRANTS && grants >= (self.grants.nodes.len() + self.queue.nodes.len()) as u64 {
-            self.sweep(now);
-        }
-    }
-
-    fn sweep(&mut self, now: Instant) {
-        self.last_sweep_token = self.last_token;
-        self.grants.sweep(now);
-        self.queue.sweep(now);
-    }
-}
-
-impl Layer {
-    /// A live item of a record `among` counts that is in the way of `item`:
-    /// on an ancestor, on the node, or below it. Expired records met on
-    /// the way are pushed to `expired` and not counted.
-    fn blocker(&self, item: &LockItem, among: Among, now: Instant, expired: &mut Vec<u64>) -> Option<HeldLock> {
+    /// A live item of another grant (not `skip`) in the way of `item`: on
+    /// an ancestor, on the node, or below it. Expired grants met on the
+    /// way are pushed to `expired` and not counted.
+    fn blocker(
+        &self,
+        item: &LockItem,
+        skip: Option<u64>,
+        now: Instant,
+        expired: &mut Vec<Expired>,
+    ) -> Option<HeldLock> {
         let key = item.path.key();
-        for level in Levels::of(key).iter() {
+        let levels = Levels::of(key);
+        let mut own = None;
+        for (depth, level) in levels.iter().enumerate() {
             let Some(node) = self.nodes.get(*level) else { continue };
-            if let Some(held) = self.conflicting_on(level, node, item.mode, among, now, expired) {
+            if let Some(held) = conflicting_on(level, node, item.mode, skip, now, expired) {
                 return Some(held);
             }
+            if depth + 1 == levels.len() {
+                own = Some(node);
+            }
         }
-        let node = self.nodes.get(key)?;
-        if Node::conflicting_below(&node.below_total, item.mode) == 0 {
+        // The last level is the node itself; without an entry, nothing
+        // lies below it.
+        self.blocker_below(key, own?, item.mode, now, expired)
+    }
+
+    /// The first live item below `node` (at `key`) that conflicts with
+    /// `mode`; the counts say at once when there can be none.
+    fn blocker_below(
+        &self,
+        key: &str,
+        node: &Node,
+        mode: Mode,
+        now: Instant,
+        expired: &mut Vec<Expired>,
+    ) -> Option<HeldLock> {
+        if Node::conflicting_below(&node.below_total, mode) == 0 {
             return None;
         }
         self.find_below(
             key,
             now,
             expired,
-            |counts| Node::conflicting_below(counts, item.mode) > 0,
-            |token, mode| among.counts(token) && mode.conflicts_with(item.mode),
+            |counts| Node::conflicting_below(counts, mode) > 0,
+            |held| held.conflicts_with(mode),
         )
     }
 
-    /// The first live item on `node` (at `key`) of a record `among` counts
-    /// that conflicts with `mode`.
-    fn conflicting_on(
-        &self,
-        key: &str,
-        node: &Node,
-        mode: Mode,
-        among: Among,
-        now: Instant,
-        expired: &mut Vec<u64>,
-    ) -> Option<HeldLock> {
-        for &(token, held_mode) in &node.items {
-            if !among.counts(token) || !held_mode.conflicts_with(mode) {
-                continue;
+    /// [`Tree::blocker`] for a request's `item`, counting it below each
+    /// ancestor on the way (one lookup per ancestor for both); if it is
+    /// blocked, the counts it made are taken back and the blocker returned.
+    fn check_and_count(&mut self, item: &LockItem, now: Instant, expired: &mut Vec<Expired>) -> Option<HeldLock> {
+        let key = item.path.key();
+        let levels = Levels::of(key);
+        let (own_key, ancestors) = levels.split_last().expect("a path has at least one segment");
+        let slot = slot(item.mode);
+        for (depth, ancestor) in ancestors.iter().enumerate() {
+            let node = self.nodes.entry_ref(*ancestor).or_default();
+            if let Some(blocker) = conflicting_on(ancestor, node, item.mode, None, now, expired) {
+                self.add_below(&levels[..=depth], item.mode, -1);
+                return Some(blocker);
             }
-            let record = &self.records[&token];
-            if !record.is_live(now) {
-                expired.push(token);
-                continue;
-            }
-            return Some(record.held(&path_of(record, key), held_mode, token, now));
+            node.below.entry_ref(levels[depth + 1]).or_default()[slot] += 1;
+            node.below_total[slot] += 1;
         }
-        None
+        let blocker = self.nodes.get(*own_key).and_then(|node| {
+            conflicting_on(own_key, node, item.mode, None, now, expired)
+                .or_else(|| self.blocker_below(own_key, node, item.mode, now, expired))
+        });
+        if blocker.is_some() {
+            self.add_below(&levels, item.mode, -1);
+        }
+        blocker
     }
 
     /// The stepwise primitive's check: any live item on exactly `key`.
-    fn holder_of_key(&self, key: &str, now: Instant, expired: &mut Vec<u64>) -> Option<HeldLock> {
+    fn holder_of_key(&self, key: &str, now: Instant, expired: &mut Vec<Expired>) -> Option<HeldLock> {
         let node = self.nodes.get(key)?;
-        self.conflicting_on(key, node, Mode::Exclusive, Among::ALL, now, expired)
+        conflicting_on(key, node, Mode::Exclusive, None, now, expired)
     }
 
-    /// The first live item strictly below `key` in key order that `wanted`
-    /// accepts, descending only into children whose counts `worth`
-    /// accepts. Expired records met are pushed to `expired`.
+    /// The first live item strictly below `key` in key order whose mode
+    /// `wanted` accepts, descending only into children whose counts
+    /// `worth` accepts. Expired grants met are pushed to `expired`.
     fn find_below(
         &self,
         key: &str,
         now: Instant,
-        expired: &mut Vec<u64>,
+        expired: &mut Vec<Expired>,
         worth: impl Fn(&[u32; 2]) -> bool,
-        wanted: impl Fn(u64, Mode) -> bool,
+        wanted: impl Fn(Mode) -> bool,
     ) -> Option<HeldLock> {
         let mut stack: Vec<&str> = self.children(key, &worth);
         while let Some(next) = stack.pop() {
             let Some(node) = self.nodes.get(next) else { continue };
-            for &(token, mode) in &node.items {
-                if !wanted(token, mode) {
-                    continue;
+            for entry in node.items.iter().filter(|entry| wanted(entry.mode)) {
+                if entry.is_live(now) {
+                    return Some(entry.held(next, now));
                 }
-                let record = &self.records[&token];
-                if record.is_live(now) {
-                    return Some(record.held(&path_of(record, next), mode, token, now));
-                }
-                expired.push(token);
+                expired.push((next.into(), entry.token));
             }
             stack.extend(self.children(next, &worth));
         }
@@ -537,99 +488,128 @@ impl Layer {
         children
     }
 
-    /// Adds `record` under `token`, its items on their nodes.
-    fn insert(&mut self, token: u64, record: Record) {
-        for item in &record.items {
+    /// Puts every item of a grant on its node and counts it above.
+    fn place(&mut self, items: &LockItems, token: u64, owner: &Owner, expires_at: Instant, transient: bool) {
+        for item in items {
             let key = item.path.key();
             self.count(key, item.mode, 1);
-            self.node_mut(key).items.push((token, item.mode));
+            let entry =
+                Entry { token, mode: item.mode, items: items.clone(), owner: owner.clone(), expires_at, transient };
+            self.node_mut(key).items.push(entry);
         }
-        self.records.insert(token, record);
     }
 
-    /// Keeps the reservation `ticket` of `request` until `expires_at`:
-    /// renews it, or writes it (again, if it lapsed).
-    fn keep(&mut self, ticket: u64, request: &LockRequest, expires_at: Instant) {
-        match self.records.get_mut(&ticket) {
-            Some(record) => record.expires_at = expires_at,
-            None => {
-                let record =
-                    Record { items: request.items.clone(), owner: request.owner.clone(), expires_at, transient: false };
-                self.insert(ticket, record);
+    /// Takes every item of grant `token` (whose items are `items`) off its
+    /// node and uncounts it above.
+    fn unplace(&mut self, items: &LockItems, token: u64) {
+        for item in items {
+            let key = item.path.key();
+            if let Some(node) = self.nodes.get_mut(key) {
+                node.items.retain(|entry| entry.token != token);
             }
+            self.count(key, item.mode, -1);
         }
     }
 
     /// Adds `delta` to the count of `mode` below each ancestor of `key`.
     fn count(&mut self, key: &str, mode: Mode, delta: i32) {
-        let levels = Levels::of(key);
+        self.add_below(&Levels::of(key), mode, delta);
+    }
+
+    /// Adds `delta` to the count of `mode` below each of `levels` but the
+    /// last, through the next level.
+    fn add_below(&mut self, levels: &[&str], mode: Mode, delta: i32) {
         for pair in levels.windows(2) {
             let node = self.node_mut(pair[0]);
-            let counts = match node.below.get_mut(pair[1]) {
-                Some(counts) => counts,
-                None => node.below.entry(pair[1].into()).or_default(),
-            };
+            let counts = node.below.entry_ref(pair[1]).or_default();
             counts[slot(mode)] = counts[slot(mode)].wrapping_add_signed(delta);
             node.below_total[slot(mode)] = node.below_total[slot(mode)].wrapping_add_signed(delta);
         }
     }
 
     fn node_mut(&mut self, key: &str) -> &mut Node {
-        if !self.nodes.contains_key(key) {
-            self.nodes.insert(key.into(), Node::default());
-        }
-        self.nodes.get_mut(key).expect("just inserted")
+        self.nodes.entry_ref(key).or_default()
     }
 
-    /// Removes record `token` if it is still there and expired.
-    fn purge(&mut self, token: u64, now: Instant) {
-        if self.records.get(&token).is_some_and(|record| !record.is_live(now)) {
-            self.remove(token);
-        }
+    /// The grant's entry on its first item's node: it is there iff the
+    /// grant was made and not yet removed (items come and go together).
+    fn entry_of(&self, grant: &Grant) -> Option<&Entry> {
+        self.nodes.get(grant.path().key())?.entry(grant.token).filter(|entry| entry.is(grant))
     }
 
-    /// Removes record `token` and its items.
-    fn remove(&mut self, token: u64) -> Option<Record> {
-        let record = self.records.remove(&token)?;
-        for item in &record.items {
-            let key = item.path.key();
-            if let Some(node) = self.nodes.get_mut(key) {
-                node.items.retain(|&(held, _)| held != token);
-            }
-            self.count(key, item.mode, -1);
+    /// Removes the grant with `token` that has an item on `key`, if it is
+    /// still there and expired.
+    fn purge(&mut self, key: &str, token: u64, now: Instant) {
+        let Some(entry) = self.nodes.get(key).and_then(|node| node.entry(token)) else { return };
+        if !entry.is_live(now) {
+            let items = entry.items.clone();
+            self.unplace(&items, token);
         }
-        Some(record)
-    }
-
-    /// Removes record `token` if `owner` has it; whether it was there.
-    fn remove_of(&mut self, owner: &Owner, token: u64) -> bool {
-        if !self.records.get(&token).is_some_and(|record| record.owner == *owner) {
-            return false;
-        }
-        self.remove(token).is_some()
     }
 
     /// Releases `grant`: `Some(true)` if it was live, `Some(false)` if it
     /// had expired (and is purged now), `None` if it is not here.
     fn release(&mut self, grant: &Grant, now: Instant) -> Option<bool> {
-        if !self.records.get(&grant.token).is_some_and(|record| record.is(grant)) {
-            return None;
+        let key = grant.path().key();
+        let node = self.nodes.get_mut(key)?;
+        let at = node.items.iter().position(|entry| entry.is(grant))?;
+        let entry = node.items.swap_remove(at);
+        for item in &entry.items {
+            if item.path.key() != key {
+                if let Some(node) = self.nodes.get_mut(item.path.key()) {
+                    node.items.retain(|other| other.token != grant.token);
+                }
+            }
+            self.count(item.path.key(), item.mode, -1);
         }
-        self.remove(grant.token).map(|record| record.is_live(now))
+        Some(entry.is_live(now))
     }
 
     fn refresh(&mut self, grant: &Grant, ttl: Ttl, now: Instant) -> Result<Grant, Error> {
-        match self.records.get_mut(&grant.token) {
-            Some(record) if record.is(grant) && record.is_live(now) => {
-                record.expires_at = now + ttl.get();
-                Ok(Grant { ttl: ttl.get(), expires_at: now + ttl.get(), ..grant.clone() })
-            }
-            Some(record) if record.is(grant) => {
-                self.purge(grant.token, now);
-                Err(Error::not_held(grant))
-            }
-            _ => Err(Error::not_held(grant)),
+        let Some(entry) = self.entry_of(grant) else { return Err(Error::not_held(grant)) };
+        let items = entry.items.clone();
+        if !entry.is_live(now) {
+            self.unplace(&items, grant.token);
+            return Err(Error::not_held(grant));
         }
+        let expires_at = now + ttl.get();
+        for item in &items {
+            let node = self.nodes.get_mut(item.path.key()).expect("a live grant's items are on their nodes");
+            node.items
+                .iter_mut()
+                .filter(|entry| entry.token == grant.token)
+                .for_each(|entry| entry.expires_at = expires_at);
+        }
+        Ok(Grant { ttl: ttl.get(), expires_at, ..grant.clone() })
+    }
+
+    fn change_mode(&mut self, grant: &Grant, mode: Mode, now: Instant) -> Result<Attempt, Error> {
+        let Some(entry) = self.entry_of(grant) else { return Err(Error::not_held(grant)) };
+        let (items, expires_at, transient) = (entry.items.clone(), entry.expires_at, entry.transient);
+        if !entry.is_live(now) {
+            self.unplace(&items, grant.token);
+            return Err(Error::not_held(grant));
+        }
+        // A downgrade is checked too: among live grants only a stepwise
+        // client's lock in progress can conflict with it (see the contract).
+        let changed = items.with_mode(mode);
+        let mut expired = Vec::new();
+        let blockers: Vec<HeldLock> =
+            changed.iter().filter_map(|item| self.blocker(item, Some(grant.token), now, &mut expired)).collect();
+        for (key, token) in expired {
+            self.purge(&key, token, now);
+        }
+        let mut blockers = blockers.into_iter();
+        if let Some(first) = blockers.next() {
+            return Ok(Attempt::Blocked(Blockers::new(first, blockers)));
+        }
+        self.unplace(&items, grant.token);
+        self.last_token += 1;
+        let token = self.last_token;
+        self.place(&changed, token, &grant.owner, expires_at, transient);
+        // The handle's expiry stays its own (never later than the store's).
+        let expires_at = grant.expires_at.min(expires_at);
+        Ok(Attempt::Granted(Grant { items: changed, token, expires_at, ..grant.clone() }))
     }
 
     /// The live items on `under` and below (everywhere for `None`), in
@@ -638,12 +618,11 @@ impl Layer {
         let mut held = Vec::new();
         let mut expired = Vec::new();
         let mut visit = |key: &str, node: &Node| {
-            for &(token, mode) in &node.items {
-                let record = &self.records[&token];
-                if record.is_live(now) {
-                    held.push(record.held(&path_of(record, key), mode, token, now));
+            for entry in &node.items {
+                if entry.is_live(now) {
+                    held.push(entry.held(key, now));
                 } else {
-                    expired.push(token);
+                    expired.push((Box::<str>::from(key), entry.token));
                 }
             }
         };
@@ -658,20 +637,40 @@ impl Layer {
                 }
             }
         }
-        expired.sort_unstable();
-        expired.dedup();
-        for token in expired {
-            self.purge(token, now);
+        for (key, token) in expired {
+            self.purge(&key, token, now);
         }
         held.sort_by(|a, b| a.path.cmp(&b.path).then(a.token.cmp(&b.token)));
         held
     }
 
+    /// Every time as many grants were made as there are entries, remove the
+    /// expired locks and the empty entries of the whole map: amortised O(1)
+    /// per grant. Looks only every 1024th token, so the hot path pays one
+    /// comparison.
+    fn maybe_sweep(&mut self, now: Instant) {
+        const CHECK_EVERY: u64 = 1024;
+        const MIN_GRANTS: u64 = 4096;
+        if !self.last_token.is_multiple_of(CHECK_EVERY) {
+            return;
+        }
+        let grants = self.last_token - self.last_sweep_token;
+        if grants >= MIN_GRANTS && grants >= self.nodes.len() as u64 {
+            self.sweep(now);
+        }
+    }
+
     fn sweep(&mut self, now: Instant) {
-        let expired: Vec<u64> =
-            self.records.iter().filter(|(_, record)| !record.is_live(now)).map(|(&token, _)| token).collect();
-        for token in expired {
-            self.remove(token);
+        self.last_sweep_token = self.last_token;
+        let expired: Vec<Expired> = self
+            .nodes
+            .iter()
+            .flat_map(|(key, node)| {
+                node.items.iter().filter(|entry| !entry.is_live(now)).map(|entry| (key.as_str().into(), entry.token))
+            })
+            .collect();
+        for (key, token) in expired {
+            self.purge(&key, token, now);
         }
         for node in self.nodes.values_mut() {
             node.below.retain(|_, counts| *counts != [0, 0]);
@@ -680,9 +679,26 @@ impl Layer {
     }
 }
 
-/// The path of the item of `record` on `key`.
-fn path_of(record: &Record, key: &str) -> LockPath {
-    record.items.iter().find(|item| item.path.key() == key).map(|item| item.path.clone()).expect("an item on its node")
+/// The first live item on `node` (at `key`) of a grant other than `skip`
+/// that conflicts with `mode`.
+fn conflicting_on(
+    key: &str,
+    node: &Node,
+    mode: Mode,
+    skip: Option<u64>,
+    now: Instant,
+    expired: &mut Vec<Expired>,
+) -> Option<HeldLock> {
+    for entry in &node.items {
+        if Some(entry.token) == skip || !entry.mode.conflicts_with(mode) {
+            continue;
+        }
+        if entry.is_live(now) {
+            return Some(entry.held(key, now));
+        }
+        expired.push((key.into(), entry.token));
+    }
+    None
 }
 
 #[cfg(test)]
@@ -707,12 +723,12 @@ mod tests {
             now,
         );
         let grant = attempt.granted().expect("free");
-        assert_eq!(tree.grants.nodes[LockPath::parse("a").expect("a").key()].below_total, [1, 0]);
+        assert_eq!(tree.nodes[LockPath::parse("a").expect("a").key()].below_total, [1, 0]);
         let Ok(Attempt::Granted(upgraded)) = tree.change_mode(&grant, Mode::Exclusive, now) else { panic!("upgrade") };
         assert!(upgraded.token > grant.token);
-        assert_eq!(tree.grants.nodes[LockPath::parse("a").expect("a").key()].below_total, [0, 1]);
-        assert_eq!(tree.grants.release(&upgraded, now), Some(true));
+        assert_eq!(tree.nodes[LockPath::parse("a").expect("a").key()].below_total, [0, 1]);
+        assert_eq!(tree.release(&upgraded, now), Some(true));
         tree.sweep(now);
-        assert!(tree.grants.nodes.is_empty() && tree.grants.records.is_empty());
+        assert!(tree.nodes.is_empty());
     }
 }

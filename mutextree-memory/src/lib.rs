@@ -36,9 +36,13 @@
 //!    then does a walk descend, into the children whose counts say so, to
 //!    name the first live one in key order.
 //!
-//! So a grant costs O(depth) map lookups per item whatever is held
+//! Step 1 counts the item below each ancestor as it passes it (one lookup
+//! for both), and a refusal takes the counts back, all inside the critical
+//! section. So a grant costs O(depth) map lookups per item whatever is held
 //! elsewhere, plus a walk only when something below may be in the way. A
-//! Shared request on a subtree full of readers looks at no reader.
+//! Shared request on a subtree full of readers looks at no reader. Each
+//! item keeps its grant's whole description (reference counted), so a
+//! single-path grant is one entry and no table beside the tree.
 //!
 //! A mode change is the same check for the grant's items with its own
 //! items left out, then a re-placing under a new token.

@@ -194,8 +194,8 @@ async fn count_round_trips(url: &str) -> String {
         let row = client
             .query_one(
                 "SELECT (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()), \
-                        coalesce((SELECT sum(calls) FROM pg_stat_user_functions WHERE funcname = 'try_grant'), 0)::bigint, \
-                        coalesce((SELECT sum(calls) FROM pg_stat_user_functions WHERE funcname = 'release'), 0)::bigint",
+                        coalesce((SELECT sum(calls) FROM pg_stat_user_functions WHERE funcname = 'try_grant_items'), 0)::bigint, \
+                        coalesce((SELECT sum(calls) FROM pg_stat_user_functions WHERE funcname = 'release_items'), 0)::bigint",
                 &[],
             )
             .await

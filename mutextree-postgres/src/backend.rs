@@ -5,7 +5,9 @@
 //! schema module), with the backend's listening connection (the feed
 //! module) beside it.
 
+use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +15,9 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, QueueMode, Recy
 use mutextree_core::backend::url::{connect_failed, connect_timed_out, connect_within};
 use mutextree_core::backend::Check;
 use mutextree_core::backend::{async_trait, Attempt, Listener, LockKind, LockRequest};
-use mutextree_core::{Error, Grant, HeldLock, LockBackend, LockPath, Namespace, Ttl};
+use mutextree_core::{
+    Blockers, Error, Fairness, Grant, HeldLock, LockBackend, LockItems, LockPath, Mode, Namespace, Owner, Ttl,
+};
 use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
@@ -182,13 +186,17 @@ impl Shared {
     }
 
     /// One statement on a pooled connection: one round trip (plus one to
-    /// prepare it, the first time on each connection), within the request
-    /// timeout. A connection whose answer did not come in time is closed,
-    /// not handed back: the answer may still arrive on it.
-    async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, CallError> {
+    /// prepare it, the first time on each connection), each counted in
+    /// `sent`, within the request timeout. A connection whose answer did
+    /// not come in time is closed, not handed back: the answer may still
+    /// arrive on it.
+    async fn query(&self, sent: &AtomicU64, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, CallError> {
         let client = self.pool.get().await?;
         let call = async {
+            let prepared = client.statement_cache.size();
             let statement = client.prepare_cached(sql).await?;
+            let round_trips = if client.statement_cache.size() > prepared { 2 } else { 1 };
+            sent.fetch_add(round_trips, Ordering::Relaxed);
             client.query(&statement, params).await
         };
         match tokio::time::timeout(self.request_timeout, call).await {
@@ -202,10 +210,10 @@ impl Shared {
 
     /// [`Shared::query`] for a statement that returns exactly one row, sent
     /// again if the server broke a deadlock.
-    async fn query_one(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row, Error> {
+    async fn query_one(&self, sent: &AtomicU64, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row, Error> {
         let mut retries = 0;
         loop {
-            match self.query(sql, params).await {
+            match self.query(sent, sql, params).await {
                 Ok(mut rows) if rows.len() == 1 => return Ok(rows.remove(0)),
                 Ok(rows) => return Err(unexpected(format!("{} rows where one was expected", rows.len()))),
                 Err(error) if error.is_deadlock() && retries < DEADLOCK_RETRIES => retries += 1,
@@ -239,6 +247,9 @@ pub struct PostgresBackend {
     shared: Arc<Shared>,
     namespace: Namespace,
     notifications: Arc<Notifications>,
+    /// Statements sent (and prepared) by this backend and its clones, for
+    /// [`LockBackend::round_trips`].
+    sent: Arc<AtomicU64>,
 }
 
 impl PostgresBackend {
@@ -249,7 +260,7 @@ impl PostgresBackend {
             schema::ListenerStatements::new(&shared.schema),
             namespace.as_str().to_owned(),
         );
-        PostgresBackend { shared, namespace, notifications: Arc::new(notifications) }
+        PostgresBackend { shared, namespace, notifications: Arc::new(notifications), sent: Arc::default() }
     }
 
     /// The namespace of this backend.
@@ -264,59 +275,171 @@ impl PostgresBackend {
         self.notifications.is_live()
     }
 
-    /// One call of the grant function: the tree operation, or the single-key
-    /// primitive.
-    async fn grant(&self, request: &LockRequest, kind: LockKind, check: Check) -> Result<Attempt, Error> {
-        let tree = check == Check::Tree;
-        let ancestors: Vec<&str> = if tree { request.path.ancestor_keys().collect() } else { Vec::new() };
-        let range_end = request.path.key_range_end();
-        let ttl_ms = millis(request.ttl);
-        let transient = kind == LockKind::Transient;
+    /// One call of the grant function: `items` for `owner` during `ttl`,
+    /// by the tree operation or the single-key primitive; or, with
+    /// `changing` (a grant of `owner` with the same paths), that grant's
+    /// items changed to the modes of `items`, with its expiry.
+    async fn grant(
+        &self,
+        items: &LockItems,
+        owner: &Owner,
+        ttl: Duration,
+        kind: LockKind,
+        check: Check,
+        changing: Option<&Grant>,
+    ) -> Result<Attempt, Error> {
+        let arrays = GrantItems::new(items, check);
+        let ttl_ms = millis(ttl);
+        let (tree, transient) = (check == Check::Tree, kind == LockKind::Transient);
+        let changing_token = match changing {
+            None => 0,
+            Some(grant) => stored_token(grant).ok_or_else(|| Error::not_held(grant))?,
+        };
         let sent_at = Instant::now();
         let row = self
-            .shared
             .query_one(
                 &self.shared.statements.grant,
                 &[
                     &self.namespace.as_str(),
-                    &request.path.key(),
-                    &ancestors,
-                    &range_end,
-                    &request.owner.as_str(),
+                    &owner.as_str(),
                     &ttl_ms,
                     &tree,
                     &transient,
+                    &changing_token,
+                    &arrays.keys,
+                    &arrays.modes,
+                    &arrays.range_ends,
+                    &arrays.depths,
+                    &arrays.ancestors,
+                    &arrays.lock_keys,
+                    &arrays.lock_modes,
                 ],
             )
             .await?;
-        if column::<bool>(&row, 0)? {
-            let token = token(column(&row, 1)?)?;
-            return Ok(Attempt::Granted(Grant::new(request, kind, token, request.ttl.get(), sent_at)));
+        match (column::<&str>(&row, 0)?, changing) {
+            ("granted", None) => {
+                let (items, owner, token) = (items.clone(), owner.clone(), token(column(&row, 1)?)?);
+                Ok(Attempt::Granted(Grant { items, owner, token, ttl, expires_at: sent_at + ttl, kind }))
+            }
+            // The same expiry, the items in their new mode.
+            ("granted", Some(grant)) => {
+                let token = token(column(&row, 1)?)?;
+                Ok(Attempt::Granted(Grant { items: items.clone(), token, ..grant.clone() }))
+            }
+            ("blocked", _) => self.blockers(&row, items.len()).map(Attempt::Blocked),
+            ("not held", Some(grant)) => Err(Error::not_held(grant)),
+            (other, _) => Err(unexpected(format!("the grant function's outcome {other:?}"))),
         }
-        let blocker =
-            self.held(column(&row, 2)?, column(&row, 3)?, column(&row, 4)?, column(&row, 5)?, column(&row, 6)?)?;
-        Ok(Attempt::Blocked(blocker))
+    }
+
+    /// The blockers of a refused grant, one for each blocked item, in the
+    /// request's item order.
+    fn blockers(&self, row: &Row, items: usize) -> Result<Blockers, Error> {
+        let blocked: Vec<i32> = column(row, 2)?;
+        let keys: Vec<String> = column(row, 3)?;
+        let modes: Vec<String> = column(row, 4)?;
+        let owners: Vec<String> = column(row, 5)?;
+        let tokens: Vec<i64> = column(row, 6)?;
+        let remaining_us: Vec<i64> = column(row, 7)?;
+        let transient: Vec<bool> = column(row, 8)?;
+        let in_order = blocked.windows(2).all(|pair| pair[0] < pair[1]);
+        let in_range = blocked.iter().all(|&item| item >= 1 && item as usize <= items);
+        let same_length = [keys.len(), modes.len(), owners.len(), tokens.len(), remaining_us.len(), transient.len()]
+            .iter()
+            .all(|&length| length == blocked.len());
+        if !(in_order && in_range && same_length) {
+            return Err(unexpected(format!("blockers of items {blocked:?} for a request of {items}")));
+        }
+        let mut held = keys.into_iter().zip(modes).zip(owners).zip(tokens).zip(remaining_us).zip(transient).map(
+            |(((((key, mode), owner), token), remaining_us), transient)| {
+                self.held(key, &mode, owner, token, remaining_us, transient)
+            },
+        );
+        let first = held.next().ok_or_else(|| unexpected("a refusal without a blocker".to_owned()))??;
+        Ok(Blockers::new(first, held.collect::<Result<Vec<_>, Error>>()?))
     }
 
     /// A lock as the server described it.
     fn held(
         &self,
         key: String,
+        mode: &str,
         owner: String,
         token_value: i64,
         remaining_us: i64,
         transient: bool,
     ) -> Result<HeldLock, Error> {
         let path = LockPath::from_key(&key).map_err(|error| unexpected(format!("a lock row's key: {error}")))?;
-        let owner =
-            mutextree_core::Owner::new(owner).map_err(|error| unexpected(format!("a lock row's owner: {error}")))?;
+        let owner = Owner::new(owner).map_err(|error| unexpected(format!("a lock row's owner: {error}")))?;
+        let mode = match mode {
+            "shared" => Mode::Shared,
+            "exclusive" => Mode::Exclusive,
+            other => return Err(unexpected(format!("a lock row's mode {other:?}"))),
+        };
         Ok(HeldLock {
             path,
+            mode,
             owner,
             token: token(token_value)?,
             remaining: Duration::from_micros(remaining_us.max(0) as u64),
             transient,
+            waiting: false,
         })
+    }
+
+    /// [`Shared::query`], counted in [`LockBackend::round_trips`].
+    async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, CallError> {
+        self.shared.query(&self.sent, sql, params).await
+    }
+
+    /// [`Shared::query_one`], counted in [`LockBackend::round_trips`].
+    async fn query_one(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row, Error> {
+        self.shared.query_one(&self.sent, sql, params).await
+    }
+}
+
+/// A request's items as the grant function takes them (see the schema
+/// module): per item its key, mode, the end of its subtree's key range and
+/// its depth; the items' strict ancestors, item after item; and the
+/// advisory locks to take, in key order.
+#[derive(Debug)]
+struct GrantItems<'a> {
+    keys: Vec<&'a str>,
+    modes: Vec<&'static str>,
+    range_ends: Vec<String>,
+    depths: Vec<i32>,
+    ancestors: Vec<&'a str>,
+    lock_keys: Vec<&'a str>,
+    lock_modes: Vec<&'static str>,
+}
+
+impl<'a> GrantItems<'a> {
+    fn new(items: &'a LockItems, check: Check) -> Self {
+        let tree = check == Check::Tree;
+        // Each key once, in its strongest mode: an item's node Exclusive,
+        // its ancestors Shared (a tree grant only), whatever the item's
+        // mode (see "Modes and multi-path grants" in the schema module).
+        let mut locks: BTreeMap<&str, Mode> = BTreeMap::new();
+        let mut ancestors = Vec::new();
+        for item in items {
+            locks.insert(item.path.key(), Mode::Exclusive);
+            if tree {
+                for ancestor in item.path.ancestor_keys() {
+                    ancestors.push(ancestor);
+                    locks.entry(ancestor).or_insert(Mode::Shared);
+                }
+            }
+        }
+        GrantItems {
+            keys: items.iter().map(|item| item.path.key()).collect(),
+            modes: items.iter().map(|item| item.mode.as_str()).collect(),
+            range_ends: items.iter().map(|item| item.path.key_range_end()).collect(),
+            // At most MAX_DEPTH: always fits.
+            depths: items.iter().map(|item| item.path.depth() as i32).collect(),
+            ancestors,
+            lock_keys: locks.keys().copied().collect(),
+            lock_modes: locks.values().map(|mode| mode.as_str()).collect(),
+        }
     }
 }
 
@@ -329,9 +452,14 @@ fn token(value: i64) -> Result<u64, Error> {
     u64::try_from(value).map_err(|_| unexpected(format!("fencing token {value}")))
 }
 
-fn millis(ttl: Ttl) -> i64 {
+fn millis(ttl: Duration) -> i64 {
     // At most a day: always fits.
     ttl.as_millis() as i64
+}
+
+/// The keys of a grant's items, as release and refresh match them.
+fn grant_keys(grant: &Grant) -> Vec<&str> {
+    grant.items.iter().map(|item| item.path.key()).collect()
 }
 
 /// A grant's token as the server stores it; a token beyond `i64::MAX` was
@@ -353,13 +481,14 @@ impl fmt::Debug for PostgresBackend {
 #[async_trait]
 impl LockBackend for PostgresBackend {
     async fn try_lock_key(&self, request: &LockRequest, kind: LockKind) -> Result<Attempt, Error> {
-        self.grant(request, kind, Check::KeyOnly).await
+        self.grant(&request.items, &request.owner, request.ttl.get(), kind, Check::KeyOnly, None).await
     }
 
     async fn release(&self, grant: &Grant) -> Result<(), Error> {
         let Some(token) = stored_token(grant) else { return Err(Error::not_held(grant)) };
-        let (namespace, key, owner) = (self.namespace.as_str(), grant.path.key(), grant.owner.as_str());
-        let row = self.shared.query_one(&self.shared.statements.release, &[&namespace, &key, &owner, &token]).await?;
+        let keys = grant_keys(grant);
+        let (namespace, owner) = (self.namespace.as_str(), grant.owner.as_str());
+        let row = self.query_one(&self.shared.statements.release, &[&namespace, &keys, &owner, &token]).await?;
         if column::<bool>(&row, 0)? {
             Ok(())
         } else {
@@ -369,13 +498,12 @@ impl LockBackend for PostgresBackend {
 
     async fn refresh(&self, grant: &Grant, ttl: Ttl) -> Result<Grant, Error> {
         let Some(token) = stored_token(grant) else { return Err(Error::not_held(grant)) };
-        let ttl_ms = millis(ttl);
-        let (namespace, key, owner) = (self.namespace.as_str(), grant.path.key(), grant.owner.as_str());
+        let ttl_ms = millis(ttl.get());
+        let keys = grant_keys(grant);
+        let (namespace, owner) = (self.namespace.as_str(), grant.owner.as_str());
         let sent_at = Instant::now();
-        let row = self
-            .shared
-            .query_one(&self.shared.statements.refresh, &[&namespace, &key, &owner, &token, &ttl_ms])
-            .await?;
+        let row =
+            self.query_one(&self.shared.statements.refresh, &[&namespace, &keys, &owner, &token, &ttl_ms]).await?;
         if column::<bool>(&row, 0)? {
             Ok(Grant { ttl: ttl.get(), expires_at: sent_at + ttl.get(), ..grant.clone() })
         } else {
@@ -383,29 +511,64 @@ impl LockBackend for PostgresBackend {
         }
     }
 
+    /// One entry per live item, in key order (the items of one grant share
+    /// its token).
     async fn list(&self, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
         let namespace = self.namespace.as_str();
         let rows = match under {
-            None => self.shared.query(&self.shared.statements.list_all, &[&namespace]).await,
+            None => self.query(&self.shared.statements.list_all, &[&namespace]).await,
             Some(path) => {
                 let range_end = path.key_range_end();
-                self.shared.query(&self.shared.statements.list_under, &[&namespace, &path.key(), &range_end]).await
+                self.query(&self.shared.statements.list_under, &[&namespace, &path.key(), &range_end]).await
             }
         }
         .map_err(Error::from)?;
         rows.iter()
-            .map(|row| self.held(column(row, 0)?, column(row, 1)?, column(row, 2)?, column(row, 3)?, column(row, 4)?))
+            .map(|row| {
+                let mode = column::<&str>(row, 5)?;
+                self.held(column(row, 0)?, mode, column(row, 1)?, column(row, 2)?, column(row, 3)?, column(row, 4)?)
+            })
             .collect()
     }
 
     async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error> {
-        self.grant(request, LockKind::Lock, Check::Tree).await
+        self.grant(&request.items, &request.owner, request.ttl.get(), LockKind::Lock, Check::Tree, None).await
+    }
+
+    /// One call of the grant function, as a grant of the same items in
+    /// `mode` that does not count the grant's own rows as in the way (see
+    /// the schema module).
+    async fn change_mode(&self, grant: &Grant, mode: Mode) -> Result<Attempt, Error> {
+        let items = grant.items.with_mode(mode);
+        self.grant(&items, &grant.owner, grant.ttl, grant.kind, Check::Tree, Some(grant)).await
+    }
+
+    /// This store does not queue waiters yet: it writes no reservation.
+    async fn withdraw(&self, _owner: &Owner, _ticket: u64) -> Result<(), Error> {
+        Ok(())
+    }
+
+    async fn waiters(&self, _under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
+        Ok(Vec::new())
+    }
+
+    /// Barging until this store queues waiters.
+    fn fairness(&self) -> Fairness {
+        Fairness::Barging
     }
 
     /// Every release in the namespace wakes every waiter of this backend,
-    /// through its one listening connection (see the feed module);
-    /// `path` is not used to filter.
-    fn listen(&self, _path: &LockPath) -> Listener {
+    /// through its one listening connection (see the feed module); `items`
+    /// are not used to filter.
+    fn listen(&self, _items: &LockItems) -> Listener {
         self.notifications.listen()
+    }
+
+    /// Statements this backend (and its clones) sent so far: one per
+    /// operation, one more the first time a statement is prepared on a
+    /// pooled connection, and one more for each call sent again after the
+    /// server broke a deadlock.
+    fn round_trips(&self) -> Option<u64> {
+        Some(self.sent.load(Ordering::Relaxed))
     }
 }

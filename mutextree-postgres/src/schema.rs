@@ -25,21 +25,70 @@
 //! before the locks and once after: three of the eleven statements of an
 //! uncontended grant at depth 3.)
 //!
-//! A tree grant takes a *shared* transaction-scoped advisory lock on each
-//! ancestor's key and an *exclusive* one on its node's key, root first. Two
-//! overlapping paths always meet on one key: for `[A]` and `[A, B]`, the
-//! first holds `A` exclusively and the second wants it shared, so one
-//! commits before the other reads. Siblings only share their parents'
-//! locks, so they never wait for each other. A stepwise client's single-key
-//! lock takes the exclusive lock on its key too, so it serialises with every
-//! native grant that passes through that key, which is what the stepwise
-//! algorithm's argument needs (see `mutextree_core::backend::stepwise`).
+//! For each of its items, whatever the item's mode, a grant takes a
+//! *shared* transaction-scoped advisory lock on each ancestor's key and an
+//! *exclusive* one on the item's node's key. Two items on comparable paths,
+//! `P` an ancestor of `Q` or equal to it, always meet on `P`'s key: the
+//! grant of `P` holds it exclusively, the grant of `Q` wants it shared (or
+//! exclusively, for `P = Q`), so one grant commits (or gives up) before
+//! the other takes the key, and that other one reads afterwards, in
+//! statements of their own: it sees the first one's rows. Two *conflicting*
+//! items are on comparable paths, so the second grant sees the first and
+//! refuses. The argument does not depend on the modes: a Shared item takes
+//! the same locks as an Exclusive one, and only its check counts fewer
+//! rows as in the way (see "Modes and multi-path grants"). The price is
+//! that two Shared grants of one
+//! node, or of a node and its descendant, take turns for the moment of
+//! their calls (both succeed); a Shared item could not take its node's key
+//! shared, since a Shared `[A]` and an Exclusive `[A, B]` would then both
+//! hold `A` shared, and check at once. Siblings only share their parents'
+//! locks, so they never wait for each other. A stepwise client's
+//! single-key lock takes the exclusive lock on its key too, so it
+//! serialises with every native grant that passes through that key, which
+//! is what the stepwise algorithm's argument needs (see
+//! `mutextree_core::backend::stepwise`).
+//!
+//! A grant takes its locks in one global order, by key (bytewise, as the
+//! table sorts them), each key once, exclusive if any of its items needs
+//! it so: an ancestor's key sorts before its descendants', so a single
+//! path still goes root first. Every call holds the locks it took until
+//! it ends and only ever waits for a key after those it holds, so no set
+//! of calls can wait for each other in a circle, however their items
+//! cross.
 //!
 //! The keys are 64-bit hashes of namespace and key. A collision merges two
 //! unrelated keys into one lock: that only serialises more than needed, but
-//! can make two grants wait for each other in opposite orders; PostgreSQL
-//! then aborts one with a deadlock (SQLSTATE 40P01), which the client
-//! retries.
+//! it breaks the order (two keys sorted one way may hash the other way), so
+//! two grants can then wait for each other; PostgreSQL aborts one with a
+//! deadlock (SQLSTATE 40P01), which the client retries.
+//!
+//! # Modes and multi-path grants
+//!
+//! Since version 5 a row of `locks` is one item of a grant: its key, its
+//! `mode` (`shared` or `exclusive`), and the grant's owner, token and
+//! expiry, which all its items share. The primary key is (namespace, key,
+//! token), so several Shared holders sit on one key; a stepwise client's
+//! locks are Exclusive rows. `try_grant_items` checks the items one by
+//! one, under the locks of all of them: an Exclusive item is blocked by any
+//! live row on an ancestor, on its node or below; a Shared item only by an
+//! Exclusive one, which it finds through a partial index on the Exclusive
+//! rows, so its cost does not grow with the Shared holders around it. It
+//! reports a blocker for every blocked item, and grants (one token, one
+//! expiry, a row per item) only if none is blocked. A single-key lock
+//! (the stepwise primitive) is blocked by any live row on its key, Shared
+//! included.
+//!
+//! A mode change is a call of the same function with the grant's token: it
+//! takes the locks and runs the checks of a grant of the same items in
+//! their new mode, not counting the grant's own rows, and on success gives
+//! the rows the new mode and a new token, with the same expiry. Natively
+//! nothing can be in the way of a downgrade; beside stepwise clients, a
+//! key lock on an ancestor whose client has not yet looked below it is
+//! (see `LockBackend::change_mode`), and the downgrade's locks meet that
+//! key lock's on the ancestor's key, so the downgrade either sees its row
+//! and is refused, or commits first, and the key lock's token is newer.
+//! Release and refresh act on the rows of the grant's keys with its owner
+//! and token: every item at once.
 //!
 //! # Why the server's clock, read at the call
 //!
@@ -49,10 +98,13 @@
 //!
 //! # Keeping the table small
 //!
-//! A grant removes the expired rows of the subtree it locks, and every
-//! 128th token also removes up to 256 expired rows anywhere, oldest first,
-//! through the index on `expires_at`: a bounded amount of work per grant, and the table holds little more than
-//! the live locks.
+//! A grant removes the expired rows of the subtree of each Exclusive item,
+//! and the expired Exclusive rows under each Shared item (through the
+//! partial index: the live Shared rows there stay unread); and one grant in
+//! 128 for each of its items, on average (the token modulo 128 below the
+//! number of items), also removes up to 256 expired rows anywhere, oldest
+//! first, through the index on `expires_at`: a bounded amount of work per
+//! grant, and the table holds little more than the live locks.
 //!
 //! # Plans
 //!
@@ -70,13 +122,19 @@
 //! however many locks were held (10k or 100k alike).
 //!
 //! So, since version 2, the statements of a grant or a refresh that find
-//! rows by their primary key test expiry as a difference
+//! rows by their primary key (or, for a Shared item, by the partial index
+//! on Exclusive rows, which a statement that says `mode = 'exclusive'` in
+//! its text can use whatever its parameters) test expiry as a difference
 //! (`expires_at - now > interval '0'`), which no index serves and no
-//! statistics describe, and `try_grant` and `refresh` run with
+//! statistics describe, and the grant and refresh functions run with
 //! `plan_cache_mode = force_generic_plan`: each statement is planned once
 //! per connection (and again when the table's statistics change), never
 //! for the values of a call. The sweep alone reads the index on
-//! `expires_at`, on purpose.
+//! `expires_at`, on purpose. Since version 5 the rows of a grant's items
+//! are found one key at a time (`key = keys[i]`), never by
+//! `key = ANY (keys)`: for that one, depending on the statistics, the
+//! planner may scan the namespace's whole range of the primary key and
+//! filter the keys. A test reads the index pages each operation costs.
 //!
 //! # Wake-ups
 //!
@@ -120,6 +178,17 @@
 //!    "Wake-ups").
 //! 4. `try_grant` replaced, with the same arguments and results, to try
 //!    its advisory locks before it looks (see "Why these advisory locks").
+//! 5. Items and modes (see "Modes and multi-path grants"): the column
+//!    `mode`, the primary key (namespace, key, token), the partial index
+//!    `locks_exclusive`, and the functions `try_grant_items`,
+//!    `release_items` and `refresh_items`. Rows already there become
+//!    Exclusive items. The functions of version 4 stay, so that clients of
+//!    that version still running while their schema is upgraded keep
+//!    working: their grants take the same advisory locks and count every
+//!    row as in the way, Shared ones included, so they never grant what
+//!    the new rules refuse; only their single-key lock fails (its
+//!    `ON CONFLICT` names the old primary key). Every statement of this
+//!    step can run again on a schema it already changed.
 //!
 //! Each version is a fixed file in `src/migrations/`, its text exactly as
 //! it was released, with only the schema's name spliced in. Installed
@@ -142,7 +211,7 @@ use mutextree_core::backend::quote;
 use mutextree_core::Error;
 
 /// The version of the objects this crate creates and uses.
-pub(crate) const VERSION: i32 = 4;
+pub(crate) const VERSION: i32 = 5;
 
 /// The name of a PostgreSQL schema the store keeps its objects in.
 ///
@@ -236,17 +305,17 @@ impl Statements {
         let s = schema.quoted();
         let list = format!(
             "SELECT l.key, l.owner, l.token, \
-                    (extract(epoch FROM l.expires_at - n.now) * 1000000)::bigint, l.transient \
+                    (extract(epoch FROM l.expires_at - n.now) * 1000000)::bigint, l.transient, l.mode \
              FROM {s}.locks l, (SELECT clock_timestamp() AS now) n \
              WHERE l.namespace = $1 AND l.expires_at > n.now"
         );
         Statements {
             read_version: format!("SELECT version FROM {s}.schema_version"),
-            grant: format!("SELECT * FROM {s}.try_grant($1, $2, $3, $4, $5, $6, $7, $8)"),
-            release: format!("SELECT {s}.release($1, $2, $3, $4)"),
-            refresh: format!("SELECT {s}.refresh($1, $2, $3, $4, $5)"),
-            list_all: format!("{list} ORDER BY l.key"),
-            list_under: format!("{list} AND l.key >= $2 AND l.key < $3 ORDER BY l.key"),
+            grant: format!("SELECT * FROM {s}.try_grant_items($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"),
+            release: format!("SELECT {s}.release_items($1, $2, $3, $4)"),
+            refresh: format!("SELECT {s}.refresh_items($1, $2, $3, $4, $5)"),
+            list_all: format!("{list} ORDER BY l.key, l.token"),
+            list_under: format!("{list} AND l.key >= $2 AND l.key < $3 ORDER BY l.key, l.token"),
         }
     }
 }
@@ -261,6 +330,7 @@ const MIGRATIONS: [&str; VERSION as usize] = [
     include_str!("migrations/0002_generic_plans.sql"),
     include_str!("migrations/0003_listeners.sql"),
     include_str!("migrations/0004_try_locks_first.sql"),
+    include_str!("migrations/0005_modes_and_items.sql"),
 ];
 
 /// The statements that take the schema from `version - 1` to `version`.
@@ -369,11 +439,12 @@ mod tests {
 
     /// The SHA-256 of each released migration's file, as
     /// `sha256sum src/migrations/*.sql` prints it.
-    const RELEASED: [&str; 4] = [
+    const RELEASED: [&str; 5] = [
         "306db937814fdbdcd85009cb7f375c47657aa5f39d2ec457290f798a0aa1f2f0",
         "7ff07ddb8ef729a3d9efad66f4ca0131390636808011c7654cd9dec06784014c",
         "41c72b29fb91f23992a317c63464abb3ba36f0ac5e06c82c909477625e18b1ea",
         "5f4edc589e89479fdca77c188b39d77396d1232893736f6da7144abfe61b7351",
+        "d7e5ad45dded0bb7b80fc01e7e36cf0264bb89c21e8ec5e12fdf924aeb302e48",
     ];
 
     #[test]

@@ -1,21 +1,25 @@
 //! What only the PostgreSQL store promises, on a real server: migrations
-//! racing each other, the READ COMMITTED snapshot race on parent/child
+//! racing each other, older schemas (a version 4 one with its locks)
+//! migrated, the READ COMMITTED snapshot race on parent/child
 //! paths, a server crash and restart, the table staying small, grants
 //! planned the same way whatever the statistics say, calls one at a time
 //! on one pooled connection, one listening connection per backend,
 //! releases that notify only when a backend of the namespace listens, and
-//! bad schema names.
+//! bad schema names. (Modes and multi-path grants: `tests/modes.rs`.)
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod common;
+
+use common::{fresh_name, inspector};
 use conformance::cancel::Gated;
 use conformance::oracle::Oracle;
 use conformance::servers::postgres;
 use futures::future::join_all;
 use mutextree_core::backend::{Attempt, LockRequest, Stepwise};
-use mutextree_core::{Error, Grant, LockBackend, LockPath, Owner, TreeLock, Ttl, Wait};
+use mutextree_core::{Error, Grant, LockBackend, LockItems, LockPath, Mode, Owner, TreeLock, Ttl, Wait};
 use mutextree_postgres::{PostgresBackend, PostgresConfig, PostgresStore};
 use tokio::time::Instant;
 
@@ -25,17 +29,6 @@ fn request(path: &str, owner: &str, ttl: Duration) -> LockRequest {
         Owner::new(owner).expect("owner"),
         Ttl::new(ttl).expect("ttl"),
     )
-}
-
-fn fresh_name(prefix: &str) -> String {
-    format!("{prefix}_{:012x}", fastrand::u64(..1 << 48))
-}
-
-/// A plain connection for looking at the server's side of things.
-async fn inspector(url: &str) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("connect");
-    tokio::spawn(connection);
-    client
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -57,12 +50,12 @@ async fn concurrent_migrations_of_a_fresh_schema_all_succeed() {
         let grant = grant.granted().expect("a fresh schema holds no lock");
         let other = stores[5].backend("app").expect("namespace");
         let refused = other.try_grant(&request("a", "you", Duration::from_secs(30))).await.expect("attempt");
-        assert!(matches!(refused, Attempt::Blocked(ref held) if held.token == grant.token), "{refused:?}");
+        assert!(matches!(refused, Attempt::Blocked(ref held) if held.first().token == grant.token), "{refused:?}");
 
         let client = inspector(&url).await;
         let versions = client.query(&format!("SELECT version FROM \"{schema}\".schema_version"), &[]).await;
         let versions: Vec<i32> = versions.expect("version table").iter().map(|row| row.get(0)).collect();
-        assert_eq!(versions, [4], "one version row");
+        assert_eq!(versions, [5], "one version row");
         // A later start finds the current version and changes nothing.
         PostgresConfig::from_url(&url).expect("url").schema(schema.clone()).connect().await.expect("again");
         client.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE")).await.expect("drop");
@@ -170,7 +163,7 @@ async fn restart_yields_errors_then_recovery_and_keeps_the_locks() {
     assert_eq!(tokens, [parent.token, other.token], "the granted locks survived the restart");
 
     let refused = backend.try_grant(&request("A/B", "me", long)).await.expect("attempt");
-    assert!(matches!(refused, Attempt::Blocked(ref held) if held.token == parent.token), "{refused:?}");
+    assert!(matches!(refused, Attempt::Blocked(ref held) if held.first().token == parent.token), "{refused:?}");
     let next = backend.try_grant(&request("C", "me", long)).await.expect("grant").granted().expect("free");
     assert!(next.token > other.token, "tokens rise across the restart: {} after {}", next.token, other.token);
 
@@ -229,7 +222,9 @@ async fn expired_rows_are_swept_so_the_table_stays_small() {
 
 /// A schema left at version 1 is brought to the current version by the
 /// next client, and its functions get their planning setting. (The table
-/// version 3 adds stays: the step from 2 is tested below.)
+/// version 3 adds stays: the step from 2 is tested below; so do version
+/// 5's changes, which its step finds made: the step from 4 is tested
+/// below.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_older_schema_is_migrated() {
     let url = postgres::url();
@@ -249,7 +244,7 @@ async fn an_older_schema_is_migrated() {
         .expect("back to version 1");
     let backend = config.connect().await.expect("migrate").backend("older").expect("namespace");
     let version = client.query_one(&format!("SELECT version FROM \"{schema}\".schema_version"), &[]).await;
-    assert_eq!(version.expect("version").get::<_, i32>(0), 4);
+    assert_eq!(version.expect("version").get::<_, i32>(0), 5);
     let settings = client
         .query(
             "SELECT p.proname::text, array_to_string(p.proconfig, ',') FROM pg_proc p \
@@ -260,10 +255,15 @@ async fn an_older_schema_is_migrated() {
         .expect("functions");
     let settings: Vec<(String, Option<String>)> = settings.iter().map(|row| (row.get(0), row.get(1))).collect();
     let generic = Some("plan_cache_mode=force_generic_plan".to_owned());
-    assert_eq!(
-        settings,
-        [("refresh".to_owned(), generic.clone()), ("release".to_owned(), None), ("try_grant".to_owned(), generic)]
-    );
+    let expected = [
+        ("refresh", generic.clone()),
+        ("refresh_items", generic.clone()),
+        ("release", None),
+        ("release_items", None),
+        ("try_grant", generic.clone()),
+        ("try_grant_items", generic),
+    ];
+    assert_eq!(settings, expected.map(|(name, setting)| (name.to_owned(), setting)));
     let grant = backend.try_grant(&request("a/b", "me", Duration::from_secs(30))).await.expect("grant");
     let grant = grant.granted().expect("free");
     backend.refresh(&grant, Ttl::new(Duration::from_secs(30)).expect("ttl")).await.expect("refresh");
@@ -326,7 +326,7 @@ async fn a_version_2_schema_is_migrated() {
 
     let backend = Arc::new(config.connect().await.expect("migrate").backend("older").expect("namespace"));
     let version = client.query_one(&format!("SELECT version FROM \"{schema}\".schema_version"), &[]).await;
-    assert_eq!(version.expect("version").get::<_, i32>(0), 4);
+    assert_eq!(version.expect("version").get::<_, i32>(0), 5);
     let rows = client.query_one(&format!("SELECT count(*) FROM \"{schema}\".listeners"), &[]).await;
     assert_eq!(rows.expect("listeners table").get::<_, i64>(0), 0);
     let long = Duration::from_secs(60);
@@ -646,4 +646,88 @@ async fn connection_errors_say_what_the_server_said() {
         let store = PostgresConfig::from_url(&url).expect("url").connect().await.expect("connect");
         store.backend("durations").expect("namespace").list(None).await.expect("answered");
     }
+}
+
+/// A released migration's text for `schema`, as the crate fills it in.
+fn released(template: &str, schema: &str) -> String {
+    template
+        .replace("{schema}", &format!("\"{schema}\""))
+        .replace("{channel}", &format!("{schema}_changes"))
+        .replace("{schema_name}", schema)
+}
+
+/// A schema made by versions 1 to 4 exactly as released, holding locks
+/// granted by version 4's functions, is migrated by the next client: the
+/// locks are kept, listed as Exclusive, and keep Shared requests out;
+/// a client of version 4 still running keeps working against the new
+/// table (its functions stay); and the step to version 5 can run again
+/// without changing anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_4_schema_with_locks_is_migrated() {
+    let url = postgres::url();
+    let schema = fresh_name("four");
+    let client = inspector(&url).await;
+    let steps = [
+        include_str!("../src/migrations/0001_locks_and_functions.sql"),
+        include_str!("../src/migrations/0002_generic_plans.sql"),
+        include_str!("../src/migrations/0003_listeners.sql"),
+        include_str!("../src/migrations/0004_try_locks_first.sql"),
+    ];
+    let mut install = format!(
+        "CREATE SCHEMA \"{schema}\"; CREATE TABLE \"{schema}\".schema_version ( \
+             singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton), version integer NOT NULL); \
+         INSERT INTO \"{schema}\".schema_version (version) VALUES (4);"
+    );
+    for step in steps {
+        install.push_str(&released(step, &schema));
+    }
+    client.batch_execute(&install).await.expect("version 4");
+    let old_grant = format!("SELECT * FROM \"{schema}\".try_grant('app', $1, $2, $3, 'old', 60000, true, false)");
+    let old_grant = |key: &'static str, ancestors: Vec<&'static str>, end: &'static str| {
+        let (client, sql) = (&client, &old_grant);
+        async move {
+            let row = client.query_one(sql, &[&key, &ancestors, &end]).await.expect("version 4's grant");
+            (row.get::<_, bool>(0), row.get::<_, Option<i64>>(1))
+        }
+    };
+    let (granted, parent) = old_grant("a/", vec![], "a0").await;
+    assert!(granted);
+    let (granted, child) = old_grant("b/c/", vec!["b/"], "b/c0").await;
+    assert!(granted);
+
+    let config = PostgresConfig::from_url(&url).expect("url").schema(schema.clone());
+    let backend = config.connect().await.expect("migrate").backend("app").expect("namespace");
+    let version = client.query_one(&format!("SELECT version FROM \"{schema}\".schema_version"), &[]).await;
+    assert_eq!(version.expect("version").get::<_, i32>(0), 5);
+    let held = backend.list(None).await.expect("list");
+    let held: Vec<(String, Mode, u64)> =
+        held.iter().map(|lock| (lock.path.to_string(), lock.mode, lock.token)).collect();
+    let (parent, child) = (parent.expect("token") as u64, child.expect("token") as u64);
+    assert_eq!(held, [("a".to_owned(), Mode::Exclusive, parent), ("b/c".to_owned(), Mode::Exclusive, child)]);
+    let shared = |path: &str, owner: &str| {
+        let items = LockItems::one(LockPath::parse(path).expect("path"), Mode::Shared);
+        LockRequest::of(items, Owner::new(owner).expect("owner"), Ttl::new(Duration::from_secs(60)).expect("ttl"))
+    };
+    let refused = backend.try_grant(&shared("a/x", "new")).await.expect("attempt");
+    assert!(matches!(refused, Attempt::Blocked(ref held) if held.first().token == parent), "{refused:?}");
+    let reader = backend.try_grant(&shared("b", "new")).await.expect("attempt");
+    assert!(matches!(reader, Attempt::Blocked(ref held) if held.first().token == child), "{reader:?}");
+
+    // A client of version 4 still running: its release and grant work, and
+    // it takes a Shared row for a lock.
+    let released_old =
+        client.query_one(&format!("SELECT \"{schema}\".release('app', 'a/', 'old', $1)"), &[&(parent as i64)]).await;
+    assert!(released_old.expect("version 4's release").get::<_, bool>(0));
+    let reader = backend.try_grant(&shared("a/x", "new")).await.expect("attempt").granted().expect("free");
+    assert_eq!(old_grant("a/", vec![], "a0").await, (false, None), "version 4's grant sees the Shared row");
+
+    // The step to version 5 again changes nothing.
+    client
+        .batch_execute(&released(include_str!("../src/migrations/0005_modes_and_items.sql"), &schema))
+        .await
+        .expect("again");
+    let held_again = backend.list(None).await.expect("list");
+    assert_eq!(held_again.iter().map(|lock| lock.token).collect::<Vec<_>>(), [reader.token, child]);
+    backend.release(&reader).await.expect("release");
+    client.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE")).await.expect("drop");
 }

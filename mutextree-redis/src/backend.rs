@@ -12,10 +12,12 @@ use std::time::Duration;
 use mutextree_core::backend::url::{connect_failed, connect_timed_out, connect_within};
 use mutextree_core::backend::{async_trait, Attempt, ChangeFeed, Listener, LockKind, LockRequest};
 use mutextree_core::backend::{AbortOnDrop, Check};
-use mutextree_core::{Error, Grant, HeldLock, LockBackend, LockPath, Namespace, Owner, Ttl};
+use mutextree_core::{
+    Blockers, Error, Fairness, Grant, HeldLock, LockBackend, LockItems, LockPath, Mode, Namespace, Owner, Ttl,
+};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
-use redis::{RedisError, ToRedisArgs, Value};
+use redis::{RedisError, Value};
 use tokio::time::Instant;
 
 use crate::config::RedisConfig;
@@ -157,42 +159,44 @@ impl RedisBackend {
         &self.inner.store
     }
 
-    /// The four keys that hold the namespace (locks, index, expiry, token
-    /// counter), all in one cluster slot.
+    /// The five keys that hold the namespace (locks, index of Exclusive
+    /// items, expiry, token counter, index of Shared items), all in one
+    /// cluster slot.
     pub fn keys(&self) -> &[String] {
         &self.inner.scripts.keys.declared
     }
 
     async fn grant(&self, request: &LockRequest, kind: LockKind, check: Check) -> Result<Attempt, Error> {
-        // The grant script's names for what it checks.
-        let mode = match check {
-            Check::Tree => "tree",
-            Check::KeyOnly => "key",
+        // The grant script's names for what it checks; the stepwise
+        // primitive locks one key, Exclusive.
+        let (scope, items) = match check {
+            Check::Tree => ("tree", request.items.clone()),
+            Check::KeyOnly => ("key", LockItems::one(request.path().clone(), Mode::Exclusive)),
         };
         let transient = u8::from(kind == LockKind::Transient);
         // The request id lets a resent request (a lost reply, the client
         // library's retry) be recognised as the same grant, not refused.
         let args = Args::default()
-            .with(mode)
-            .with(request.path.key())
+            .with(scope)
             .with(request.ttl.as_millis())
             .with(transient)
             .with(nonce())
-            .with(request.owner.as_str());
+            .with(request.owner.as_str())
+            .with_items(&items);
+        let script = if items.is_single_exclusive() { &SCRIPTS.grant_one } else { &SCRIPTS.grant };
         let sent_at = Instant::now();
-        let reply = Reply::new(self.inner.scripts.run(&SCRIPTS.grant, args).await?)?;
-        if reply.int(0)? == 1 {
-            let ttl = Duration::from_millis(reply.int(2)?);
-            Ok(Attempt::Granted(Grant::new(request, kind, reply.int(1)?, ttl, sent_at)))
-        } else {
-            Ok(Attempt::Blocked(reply.held_lock(1)?))
+        let reply = Reply::new(self.inner.scripts.run(script, args).await?)?;
+        match reply.granted()? {
+            Some((token, ttl)) => Ok(Attempt::Granted(Grant::new(request, kind, token, ttl, sent_at))),
+            None => reply.blocked(),
         }
     }
 
-    /// Runs a script that answers 1 if `grant` was live (and changed), 0
-    /// if not.
-    async fn on_grant(&self, script: &Lua, grant: &Grant, last: impl ToRedisArgs) -> Result<(), Error> {
-        let args = Args::default().with(grant.path.key()).with(grant.owner.as_str()).with(grant.token).with(last);
+    /// Runs a script on every item of `grant` (`head`, then its owner,
+    /// token and items) that answers 1 if the grant was live (and
+    /// changed), 0 if not.
+    async fn on_grant(&self, script: &Lua, grant: &Grant, head: Args) -> Result<(), Error> {
+        let args = head.with(grant.owner.as_str()).with(grant.token).with_items(&grant.items);
         match self.inner.scripts.run(script, args).await? {
             Value::Int(1) => Ok(()),
             Value::Int(0) => Err(Error::not_held(grant)),
@@ -208,13 +212,13 @@ impl LockBackend for RedisBackend {
     }
 
     async fn release(&self, grant: &Grant) -> Result<(), Error> {
-        let channel_and_nonce = [self.inner.scripts.keys.channel.clone(), nonce()];
-        self.on_grant(&SCRIPTS.release, grant, &channel_and_nonce[..]).await
+        let head = Args::default().with(self.inner.scripts.channel()).with(nonce());
+        self.on_grant(&SCRIPTS.release, grant, head).await
     }
 
     async fn refresh(&self, grant: &Grant, ttl: Ttl) -> Result<Grant, Error> {
         let sent_at = Instant::now();
-        self.on_grant(&SCRIPTS.refresh, grant, ttl.as_millis()).await?;
+        self.on_grant(&SCRIPTS.refresh, grant, Args::default().with(ttl.as_millis())).await?;
         Ok(Grant { ttl: ttl.get(), expires_at: sent_at + ttl.get(), ..grant.clone() })
     }
 
@@ -223,20 +227,59 @@ impl LockBackend for RedisBackend {
             Some(path) => (format!("[{}", path.key()), format!("({}", path.key_range_end())),
             None => ("-".to_owned(), "+".to_owned()),
         };
-        match self.inner.scripts.run(&SCRIPTS.list, Args::default().with(from).with(to)).await? {
-            Value::Array(rows) => rows.into_iter().map(|row| Reply::new(row)?.held_lock(0)).collect(),
-            other => Err(unexpected(&other)),
-        }
+        let mut held = match self.inner.scripts.run(&SCRIPTS.list, Args::default().with(from).with(to)).await? {
+            Value::Array(rows) => rows.into_iter().map(held_lock).collect::<Result<Vec<_>, _>>()?,
+            other => return Err(unexpected(&other)),
+        };
+        held.sort_by(|a, b| a.path.cmp(&b.path).then(a.token.cmp(&b.token)));
+        Ok(held)
     }
 
     async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error> {
         self.grant(request, LockKind::Lock, Check::Tree).await
     }
 
-    /// Every release in the namespace, published by the release script and
-    /// heard by this backend's one subscription, wakes every waiter of the
-    /// backend; `path` is not used to filter.
-    fn listen(&self, _path: &LockPath) -> Listener {
+    async fn change_mode(&self, grant: &Grant, mode: Mode) -> Result<Attempt, Error> {
+        // A request id, like a grant's: the change sent twice is answered
+        // with the same new token.
+        let args = Args::default()
+            .with(mode.as_str())
+            .with(grant.owner.as_str())
+            .with(grant.token)
+            .with(nonce())
+            .with(self.inner.scripts.channel())
+            .with_items(&grant.items);
+        let reply = match self.inner.scripts.run(&SCRIPTS.change_mode, args).await? {
+            Value::Int(0) => return Err(Error::not_held(grant)),
+            reply => Reply::new(reply)?,
+        };
+        match reply.granted()? {
+            // Same expiry: the change does not touch the deadline.
+            Some((token, _)) => {
+                Ok(Attempt::Granted(Grant { items: grant.items.with_mode(mode), token, ..grant.clone() }))
+            }
+            None => reply.blocked(),
+        }
+    }
+
+    /// This store does not queue waiters yet: it writes no reservation.
+    async fn withdraw(&self, _owner: &Owner, _ticket: u64) -> Result<(), Error> {
+        Ok(())
+    }
+
+    async fn waiters(&self, _under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
+        Ok(Vec::new())
+    }
+
+    /// Barging until this store queues waiters.
+    fn fairness(&self) -> Fairness {
+        Fairness::Barging
+    }
+
+    /// Every release (and downgrade) in the namespace, published by its
+    /// script and heard by this backend's one subscription, wakes every
+    /// waiter of the backend; `items` are not used to filter.
+    fn listen(&self, _items: &LockItems) -> Listener {
         self.inner.feed.listen()
     }
 
@@ -259,7 +302,8 @@ impl fmt::Debug for RedisBackend {
     }
 }
 
-/// A script's array reply.
+/// A grant or mode change script's array reply: `{1, token, ttl ms}`, or
+/// `{0, row...}` with a row per blocked item.
 struct Reply(Vec<Value>);
 
 impl Reply {
@@ -270,33 +314,58 @@ impl Reply {
         }
     }
 
-    fn int(&self, at: usize) -> Result<u64, Error> {
-        match self.0.get(at) {
-            Some(Value::Int(n)) if *n >= 0 => Ok(*n as u64),
-            other => Err(unexpected(other.unwrap_or(&Value::Nil))),
+    /// The token and ttl of a grant; `None` for a refusal.
+    fn granted(&self) -> Result<Option<(u64, Duration)>, Error> {
+        match self.0.as_slice() {
+            [Value::Int(1), token, ttl] => Ok(Some((int(token)?, Duration::from_millis(int(ttl)?)))),
+            [Value::Int(0), _, ..] => Ok(None),
+            _ => Err(unexpected(&Value::Array(self.0.clone()))),
         }
     }
 
-    fn text(&self, at: usize) -> Result<&str, Error> {
-        match self.0.get(at) {
-            Some(Value::BulkString(bytes)) => std::str::from_utf8(bytes).map_err(|_| unexpected(&self.0[at])),
-            other => Err(unexpected(other.unwrap_or(&Value::Nil))),
-        }
+    /// The blockers of a refusal, in the request's item order.
+    fn blocked(self) -> Result<Attempt, Error> {
+        let mut rows = self.0.into_iter().skip(1).map(held_lock);
+        let first = rows.next().ok_or_else(|| unexpected(&Value::Nil))??;
+        Ok(Attempt::Blocked(Blockers::new(first, rows.collect::<Result<Vec<_>, _>>()?)))
     }
+}
 
-    /// `key, owner, token, remaining ms, transient` from `at` on.
-    fn held_lock(&self, at: usize) -> Result<HeldLock, Error> {
-        let stored = |error: Error| {
-            Error::store_message(STORE, false, format!("the namespace holds a lock this client cannot read: {error}"))
-        };
-        Ok(HeldLock {
-            path: LockPath::from_key(self.text(at)?).map_err(stored)?,
-            owner: Owner::new(self.text(at + 1)?).map_err(stored)?,
-            token: self.int(at + 2)?,
-            remaining: Duration::from_millis(self.int(at + 3)?),
-            transient: self.int(at + 4)? == 1,
-        })
+fn int(value: &Value) -> Result<u64, Error> {
+    match value {
+        Value::Int(n) if *n >= 0 => Ok(*n as u64),
+        other => Err(unexpected(other)),
     }
+}
+
+fn text(value: &Value) -> Result<&str, Error> {
+    match value {
+        Value::BulkString(bytes) => std::str::from_utf8(bytes).map_err(|_| unexpected(value)),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// A script's row `{key, owner, token, remaining ms, state, mode}` as the
+/// live item it describes.
+fn held_lock(row: Value) -> Result<HeldLock, Error> {
+    let stored = |error: Error| {
+        Error::store_message(STORE, false, format!("the namespace holds a lock this client cannot read: {error}"))
+    };
+    let Value::Array(fields) = &row else { return Err(unexpected(&row)) };
+    let [key, owner, token, remaining, state, mode] = fields.as_slice() else { return Err(unexpected(&row)) };
+    Ok(HeldLock {
+        path: LockPath::from_key(text(key)?).map_err(stored)?,
+        mode: match text(mode)? {
+            "shared" => Mode::Shared,
+            "exclusive" => Mode::Exclusive,
+            _ => return Err(unexpected(mode)),
+        },
+        owner: Owner::new(text(owner)?).map_err(stored)?,
+        token: int(token)?,
+        remaining: Duration::from_millis(int(remaining)?),
+        transient: int(state)? == 1,
+        waiting: false,
+    })
 }
 
 /// Identifies one request, so that the same request sent twice (after a

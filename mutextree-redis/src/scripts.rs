@@ -6,14 +6,17 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use mutextree_core::{Error, Namespace};
+use mutextree_core::{Error, LockItems, Namespace};
 use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, ErrorKind, RedisError, Script, ServerErrorKind, ToRedisArgs, Value};
 
 use crate::error::{store_error, unexpected};
 
-/// One Lua script: the shared prelude (`lua/common.lua`) and its body.
+/// One Lua script: the shared prelude (`lua/common.lua`), the parts of
+/// the prelude it uses, and its body, joined in this order. (Redis runs the
+/// whole text on every call, so a script carries only the functions it may
+/// use.)
 /// Called by `EVALSHA`; after `NOSCRIPT` (a restart, a failover, `SCRIPT
 /// FLUSH`) by `EVAL` with its source, which caches it again. (Not `SCRIPT
 /// LOAD`: in a cluster that goes to every node and fails while one is down.)
@@ -22,9 +25,15 @@ pub(crate) struct Lua {
     sha: String,
 }
 
+// The parts of the prelude after `lua/common.lua`, in the order they are
+// joined (each may use the ones before it).
+const ITEMS: &str = include_str!("lua/items.lua");
+const THE_WAY: &str = include_str!("lua/the_way.lua");
+const CHECKS: &str = include_str!("lua/checks.lua");
+
 impl Lua {
-    fn new(body: &str) -> Self {
-        let source = format!("{}\n{body}", include_str!("lua/common.lua"));
+    fn new(parts: &[&str], body: &str) -> Self {
+        let source = [&[include_str!("lua/common.lua")], parts, &[body]].concat().join("\n");
         let sha = Script::new(&source).get_hash().to_owned();
         Lua { source, sha }
     }
@@ -38,7 +47,12 @@ impl Lua {
 
 /// The scripts, each one atomic step in one round trip.
 pub(crate) struct Scripts {
+    /// Any request but one Exclusive item.
     pub(crate) grant: Lua,
+    /// One Exclusive item, what most requests are, by a script that
+    /// defines far fewer functions.
+    pub(crate) grant_one: Lua,
+    pub(crate) change_mode: Lua,
     pub(crate) release: Lua,
     pub(crate) refresh: Lua,
     pub(crate) list: Lua,
@@ -46,11 +60,13 @@ pub(crate) struct Scripts {
 }
 
 pub(crate) static SCRIPTS: std::sync::LazyLock<Scripts> = std::sync::LazyLock::new(|| Scripts {
-    grant: Lua::new(include_str!("lua/grant.lua")),
-    release: Lua::new(include_str!("lua/release.lua")),
-    refresh: Lua::new(include_str!("lua/refresh.lua")),
-    list: Lua::new(include_str!("lua/list.lua")),
-    listen: Lua::new(include_str!("lua/listen.lua")),
+    grant: Lua::new(&[ITEMS, THE_WAY, CHECKS], include_str!("lua/grant.lua")),
+    grant_one: Lua::new(&[THE_WAY], include_str!("lua/grant_one.lua")),
+    change_mode: Lua::new(&[ITEMS, THE_WAY, CHECKS], include_str!("lua/change_mode.lua")),
+    release: Lua::new(&[ITEMS], include_str!("lua/release.lua")),
+    refresh: Lua::new(&[ITEMS, THE_WAY, CHECKS], include_str!("lua/refresh.lua")),
+    list: Lua::new(&[], include_str!("lua/list.lua")),
+    listen: Lua::new(&[], include_str!("lua/listen.lua")),
 });
 
 /// A script's arguments, each as the bytes sent.
@@ -61,6 +77,12 @@ impl Args {
     pub(crate) fn with(mut self, value: impl ToRedisArgs) -> Self {
         self.0.extend(value.to_redis_args());
         self
+    }
+
+    /// Each item's key and mode, last: the scripts read them from here to
+    /// the end.
+    pub(crate) fn with_items(self, items: &LockItems) -> Self {
+        items.iter().fold(self, |args, item| args.with(item.path.key()).with(item.mode.as_str()))
     }
 }
 
@@ -79,7 +101,7 @@ pub(crate) struct ScriptRunner {
 #[derive(Debug)]
 pub(crate) struct Keys {
     /// Declared to every script, in this order (see `lua/common.lua`).
-    pub(crate) declared: [String; 4],
+    pub(crate) declared: [String; 5],
     pub(crate) channel: String,
 }
 
@@ -87,7 +109,7 @@ impl Keys {
     pub(crate) fn new(prefix: &str, namespace: &Namespace) -> Self {
         let base = format!("{prefix}:{{{namespace}}}");
         Keys {
-            declared: ["locks", "index", "expiry", "token"].map(|name| format!("{base}:{name}")),
+            declared: ["locks", "index", "expiry", "token", "shared"].map(|name| format!("{base}:{name}")),
             channel: format!("{base}:released"),
         }
     }
@@ -110,8 +132,8 @@ impl ScriptRunner {
     /// if the server does not know it, and once more if the connection
     /// turned out to be dead (the server restarted since the last call; the
     /// client reconnects). Every script is safe to run twice: a grant
-    /// carries its request id, a release is remembered for a few seconds,
-    /// and a refresh sets the same deadline again.
+    /// or a mode change carries its request id, a release is remembered for
+    /// a few seconds, and a refresh sets the same deadline again.
     pub(crate) async fn run(&self, script: &Lua, args: Args) -> Result<Value, Error> {
         let keys = &self.keys.declared;
         let mut by_source = false;
@@ -149,5 +171,24 @@ impl Connection {
             Connection::Standalone(connection) => command.query_async(&mut connection.clone()).await,
             Connection::Cluster(connection) => command.query_async(&mut connection.clone()).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SCRIPTS;
+
+    fn functions(script: &super::Lua) -> usize {
+        script.source.matches("local function ").count()
+    }
+
+    /// Redis runs a script's whole text on every call: the grant of one
+    /// Exclusive item, half of most pairs, defines a handful of functions,
+    /// far fewer than the grant of anything else.
+    #[test]
+    fn the_single_exclusive_grant_defines_only_what_it_uses() {
+        assert!(functions(&SCRIPTS.grant_one) <= 13, "{} functions", functions(&SCRIPTS.grant_one));
+        assert!(functions(&SCRIPTS.grant_one) * 3 < functions(&SCRIPTS.grant) * 2);
+        assert!(functions(&SCRIPTS.release) <= 14, "{} functions", functions(&SCRIPTS.release));
     }
 }

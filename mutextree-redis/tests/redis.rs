@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::Redis;
+use common::{raw, script, Redis};
 use conformance::harness::{temp_dir, RunningServer};
 use conformance::oracle::Oracle;
 use conformance::servers;
@@ -30,12 +30,6 @@ async fn grant(backend: &RedisBackend, path: &str, ttl: Duration) -> Attempt {
     backend.try_grant(&request(path, ttl)).await.expect("the store answers")
 }
 
-/// A plain connection to the shared standalone server, to look behind the
-/// backend's back.
-async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(url).expect("url").get_multiplexed_async_connection().await.expect("connect")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flushed_scripts_are_sent_again() {
     let store = Redis::standalone();
@@ -45,7 +39,7 @@ async fn flushed_scripts_are_sent_again() {
         let held = grant(&backend, "A/B", Duration::from_secs(30)).await.granted().expect("free");
         let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut raw).await.expect("flush");
         assert!(
-            matches!(grant(&backend, "A", Duration::from_secs(30)).await, Attempt::Blocked(ref b) if b.path == held.path),
+            matches!(grant(&backend, "A", Duration::from_secs(30)).await, Attempt::Blocked(ref b) if b.first().path == *held.path()),
             "round {round}: the grant script, sent again, still sees A/B"
         );
         let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut raw).await.expect("flush");
@@ -59,7 +53,7 @@ async fn flushed_scripts_are_sent_again() {
 async fn index_entries_of_expired_locks_never_block_and_are_removed() {
     let store = Redis::standalone();
     let backend = store.backend(&namespace()).await.expect("connect");
-    let [locks, index, expiry, _] = <[String; 4]>::try_from(backend.keys().to_vec()).expect("four keys");
+    let [locks, index, expiry, _, _] = <[String; 5]>::try_from(backend.keys().to_vec()).expect("five keys");
     let mut raw = raw(store.url()).await;
     // All at once, so that none expires before the last is granted (each
     // grant sweeps expired locks).
@@ -119,7 +113,7 @@ async fn scripted_outcomes(backend: &RedisBackend) -> Vec<String> {
                 outcomes.push(format!("{path}: granted"));
                 held.push(grant);
             }
-            Attempt::Blocked(blocker) => outcomes.push(format!("{path}: blocked by {}", blocker.path)),
+            Attempt::Blocked(blocker) => outcomes.push(format!("{path}: blocked by {}", blocker.first().path)),
         }
     }
     for grant in held {
@@ -283,16 +277,11 @@ async fn restart_run() {
     // always), still refuses overlapping paths, and is released by its holder.
     let other = connect().await.expect("connect");
     assert!(
-        matches!(grant(&other, "site", Duration::from_secs(1)).await, Attempt::Blocked(b) if b.path == *kept.path())
+        matches!(grant(&other, "site", Duration::from_secs(1)).await, Attempt::Blocked(b) if b.first().path == *kept.path())
     );
     kept.release().await.expect("the holder releases after the restart");
     server.stop();
     let _ = std::fs::remove_dir_all(&data);
-}
-
-/// The scripts as the backend sends them, for calls by hand.
-fn script(body: &str) -> redis::Script {
-    redis::Script::new(&format!("{}\n{body}", include_str!("../src/lua/common.lua")))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -301,11 +290,11 @@ async fn requests_sent_twice_get_the_first_answer() {
     let backend = store.backend(&namespace()).await.expect("connect");
     let keys = backend.keys().to_vec();
     let mut raw = raw(store.url()).await;
-    let grant_script = script(include_str!("../src/lua/grant.lua"));
+    let grant_script = script(include_str!("../src/lua/grant_one.lua"));
     let release_script = script(include_str!("../src/lua/release.lua"));
     let call_grant = |nonce: &'static str| {
         let mut call = grant_script.prepare_invoke();
-        call.key(&keys).arg("tree").arg("A/").arg(30_000).arg(0).arg(nonce).arg("me");
+        call.key(&keys).arg("tree").arg(30_000).arg(0).arg(nonce).arg("me").arg("A/").arg("exclusive");
         call
     };
     let first: Vec<redis::Value> = call_grant("g1").invoke_async(&mut raw).await.expect("grant");
@@ -320,7 +309,7 @@ async fn requests_sent_twice_get_the_first_answer() {
     };
     let call_release = |nonce: &'static str| {
         let mut call = release_script.prepare_invoke();
-        call.key(&keys).arg("A/").arg("me").arg(token).arg("channel").arg(nonce);
+        call.key(&keys).arg("channel").arg(nonce).arg("me").arg(token).arg("A/").arg("exclusive");
         call
     };
     let released: i64 = call_release("r1").invoke_async(&mut raw).await.expect("release");

@@ -50,8 +50,11 @@ pub trait LockBackend: Send + Sync + fmt::Debug {
     /// stored with the lock and reported in [`HeldLock::transient`].
     async fn try_lock_key(&self, request: &LockRequest, kind: LockKind) -> Result<Attempt, Error>;
 
-    /// Releases exactly this grant (path, owner and token). Fails with
-    /// [`Error::NotHeld`], changing nothing, if it is not live.
+    /// Releases exactly this grant: all its items, found by owner and
+    /// token. `grant` is the grant as it was made (every item: a tool that
+    /// rebuilds one from [`list`](LockBackend::list) gathers the entries
+    /// that share its token). Fails with [`Error::NotHeld`], changing
+    /// nothing, if it is not live.
     async fn release(&self, grant: &Grant) -> Result<(), Error>;
 
     /// Sets the remaining life of exactly this grant to `ttl` (not adds to
@@ -91,12 +94,21 @@ pub trait LockBackend: Send + Sync + fmt::Debug {
     /// with a new fencing token, returning the changed grant (same items,
     /// owner and expiry).
     ///
-    /// To [`Mode::Exclusive`] (an upgrade): granted iff no live item of
-    /// another grant conflicts with the upgraded items; otherwise
-    /// [`Attempt::Blocked`] naming them, and the grant is left as it was.
-    /// It never waits: two Shared holders upgrading would wait for each
-    /// other. To [`Mode::Shared`] (a downgrade): always granted while the
-    /// grant is live. [`Error::NotHeld`], changing nothing, if it is not.
+    /// Either way it is granted iff no live item of another grant
+    /// conflicts with the changed items; otherwise [`Attempt::Blocked`]
+    /// naming them, and the grant is left as it was. It never waits: two
+    /// Shared holders upgrading would wait for each other.
+    /// [`Error::NotHeld`], changing nothing, if the grant is not live.
+    ///
+    /// To [`Mode::Shared`] (a downgrade), the check only matters beside
+    /// stepwise clients: natively, nothing conflicts with a live grant, so
+    /// a downgrade always succeeds. A stepwise client, though, holds its
+    /// node's key (and its token) before it looks below it; a downgrade
+    /// below in between would take a newer token, and if its holder then
+    /// released, the stepwise grant would hold an older token than a
+    /// conflicting holder before it. Refusing the downgrade for the moment
+    /// the stepwise client needs keeps tokens rising across conflicting
+    /// grants.
     ///
     /// The handle only asks for a change that changes a mode. A store
     /// seen through the stepwise algorithm answers

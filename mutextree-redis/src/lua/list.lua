@@ -1,12 +1,17 @@
--- The live locks in a key range, in key order; changes nothing.
--- ARGV: ZRANGEBYLEX bounds. Returns {key, owner, token, remaining ms, transient}...
+-- The live items in a key range (Exclusive ones, then Shared ones; the
+-- client sorts them, since Lua compares strings by the server's locale);
+-- changes nothing.
+-- ARGV: ZRANGEBYLEX bounds. Returns {key, owner, token, remaining ms,
+-- state, mode}...
 local out = {}
-for _, key in ipairs(redis.call('ZRANGEBYLEX', index, ARGV[1], ARGV[2])) do
-  local value = redis.call('HGET', locks, key)
-  if value then
-    local lock = decode(key, value)
-    if lock.deadline > now and lock.state ~= RELEASED then
-      table.insert(out, { key, lock.owner, lock.token, remaining(lock), lock.state })
+for _, set in ipairs({ index, shared }) do
+  for _, field in ipairs(redis.call('ZRANGEBYLEX', set, ARGV[1], ARGV[2])) do
+    local value = redis.call('HGET', locks, field)
+    if value then
+      local entry = decode(field, value)
+      if entry.deadline > now and entry.state ~= RELEASED then
+        table.insert(out, row(field, entry))
+      end
     end
   end
 end

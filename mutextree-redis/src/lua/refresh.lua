@@ -1,11 +1,19 @@
--- Sets the remaining life of exactly one grant to ttl.
--- ARGV: node key, owner, token, ttl ms. Returns 1, or 0 if not live.
-local node, owner, token, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local lock = live(node)
-if not lock or lock.owner ~= owner or lock.token ~= token then
+-- Sets the remaining life of every item of exactly one grant to ttl.
+-- ARGV: ttl ms, owner, token, then each item's key and mode. Returns 1, or 0
+-- (changing nothing) if the grant is not live.
+local ttl, owner, token = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local items = read_items(4)
+local entries = grant_entries(items, owner, token)
+if not entries then
   return 0
 end
 local deadline = now + ttl * 1000
-redis.call('HSET', locks, node, encode(deadline, lock.token, lock.state, lock.nonce, lock.owner))
-redis.call('ZADD', expiry, deadline, node)
+for i, item in ipairs(items) do
+  local held = entries[i]
+  redis.call('HSET', locks, held.field, encode(deadline, token, held.entry.state, held.entry.nonce, owner))
+  redis.call('ZADD', expiry, deadline, held.field)
+  if item.mode == SHARED then
+    mark_shared(item.key, deadline)
+  end
+end
 return 1

@@ -40,3 +40,20 @@ impl TestStore for Redis {
         Ok(Arc::new(self.backend(namespace).await?))
     }
 }
+
+/// A plain connection to a server, to look behind the backend's back.
+pub(crate) async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url).expect("url").get_multiplexed_async_connection().await.expect("connect")
+}
+
+/// A script after every part of the prelude (which a script that uses
+/// fewer of them may carry as well), for calls by hand.
+pub(crate) fn script(body: &str) -> redis::Script {
+    let prelude = [
+        include_str!("../../src/lua/common.lua"),
+        include_str!("../../src/lua/items.lua"),
+        include_str!("../../src/lua/the_way.lua"),
+        include_str!("../../src/lua/checks.lua"),
+    ];
+    redis::Script::new(&format!("{}\n{body}", prelude.join("\n")))
+}

@@ -1,0 +1,248 @@
+//! The suite's own checks, run against deliberately broken stores: each
+//! flaw must make the case written for it fail. A suite that passes a
+//! broken store proves nothing about a right one.
+//!
+//! Each broken store is the memory store behind a [`Flawed`] wrapper that
+//! breaks one rule of the modes, the way a real store could get it wrong.
+
+use std::any::Any;
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use mutextree::memory::MemoryStore;
+use mutextree_core::backend::{Attempt, Listener, LockKind, LockRequest};
+use mutextree_core::{Error, Fairness, Grant, HeldLock, LockBackend, LockItems, LockPath, Mode, Owner, Ttl};
+use tokio::time::Instant;
+
+use crate::{concurrency, model, modes, Algorithm, Ctx, TestStore, Timing};
+
+/// How a [`Flawed`] store breaks the rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Flaw {
+    /// A request with a Shared item is granted whatever is held, as if a
+    /// reader conflicted with nothing (the grant is not recorded).
+    SharedIgnoresConflicts,
+    /// A Shared item keeps Exclusive items off its own path but not off
+    /// its subtree, as read/write tree locks that read-lock only the
+    /// ancestors do: an Exclusive request refused only by Shared items
+    /// above it is granted.
+    SharedCoversOnlyItsNode,
+    /// An upgrade is granted whatever is held.
+    UpgradeIgnoresConflicts,
+    /// A listing leaves out the last item of every multi-path grant, as a
+    /// store that writes or reads a grant's items one by one might show.
+    ListsHalfGrants,
+}
+
+/// The memory store with a flaw; grants it made up (which the memory store
+/// never saw) are released and refreshed without complaint.
+#[derive(Debug)]
+struct Flawed {
+    inner: Arc<dyn LockBackend>,
+    flaw: Flaw,
+    made_up: Mutex<HashSet<u64>>,
+    tokens: Arc<AtomicU64>,
+}
+
+impl Flawed {
+    /// A grant of `items` nobody checked, with a token of its own range.
+    fn make_up(&self, template: &Grant, items: LockItems) -> Attempt {
+        let token = (1 << 40) + self.tokens.fetch_add(1, Ordering::SeqCst);
+        self.made_up.lock().expect("made up").insert(token);
+        Attempt::Granted(Grant { items, token, ..template.clone() })
+    }
+
+    fn is_made_up(&self, grant: &Grant) -> bool {
+        self.made_up.lock().expect("made up").contains(&grant.token)
+    }
+}
+
+#[async_trait]
+impl LockBackend for Flawed {
+    async fn try_lock_key(&self, request: &LockRequest, kind: LockKind) -> Result<Attempt, Error> {
+        self.inner.try_lock_key(request, kind).await
+    }
+
+    async fn release(&self, grant: &Grant) -> Result<(), Error> {
+        if self.is_made_up(grant) {
+            return Ok(());
+        }
+        self.inner.release(grant).await
+    }
+
+    async fn refresh(&self, grant: &Grant, ttl: Ttl) -> Result<Grant, Error> {
+        if self.is_made_up(grant) {
+            return Ok(grant.clone());
+        }
+        self.inner.refresh(grant, ttl).await
+    }
+
+    async fn list(&self, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
+        let mut held = self.inner.list(under).await?;
+        if self.flaw == Flaw::ListsHalfGrants {
+            let last_of_each: Vec<usize> = (0..held.len())
+                .filter(|&at| {
+                    let token = held[at].token;
+                    held[..at].iter().any(|other| other.token == token)
+                        && !held[at + 1..].iter().any(|other| other.token == token)
+                })
+                .collect();
+            for at in last_of_each.into_iter().rev() {
+                held.remove(at);
+            }
+        }
+        Ok(held)
+    }
+
+    async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error> {
+        let attempt = self.inner.try_grant(request).await?;
+        let made_up = match &attempt {
+            Attempt::Blocked(_) if self.flaw == Flaw::SharedIgnoresConflicts => request.items.any(Mode::Shared),
+            Attempt::Blocked(blockers) if self.flaw == Flaw::SharedCoversOnlyItsNode => {
+                blockers.iter().all(|blocker| {
+                    blocker.mode == Mode::Shared
+                        && request.items.iter().all(|item| blocker.path.is_ancestor_of(&item.path))
+                })
+            }
+            _ => false,
+        };
+        if made_up {
+            let template = Grant::new(request, LockKind::Lock, 0, request.ttl.get(), Instant::now());
+            return Ok(self.make_up(&template, request.items.clone()));
+        }
+        Ok(attempt)
+    }
+
+    async fn change_mode(&self, grant: &Grant, mode: Mode) -> Result<Attempt, Error> {
+        if self.is_made_up(grant) {
+            return Ok(self.make_up(grant, grant.items.with_mode(mode)));
+        }
+        match self.inner.change_mode(grant, mode).await? {
+            Attempt::Blocked(_) if self.flaw == Flaw::UpgradeIgnoresConflicts => {
+                Ok(self.make_up(grant, grant.items.with_mode(mode)))
+            }
+            attempt => Ok(attempt),
+        }
+    }
+
+    async fn withdraw(&self, owner: &Owner, ticket: u64) -> Result<(), Error> {
+        self.inner.withdraw(owner, ticket).await
+    }
+
+    async fn waiters(&self, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
+        self.inner.waiters(under).await
+    }
+
+    fn fairness(&self) -> Fairness {
+        self.inner.fairness()
+    }
+
+    fn listen(&self, items: &LockItems) -> Listener {
+        self.inner.listen(items)
+    }
+}
+
+/// A memory store whose clients all have `flaw`.
+struct FlawedStore {
+    store: MemoryStore,
+    flaw: Flaw,
+    tokens: Arc<AtomicU64>,
+    timing: Timing,
+}
+
+impl FlawedStore {
+    /// In real time, for the cases.
+    fn new(flaw: Flaw) -> Self {
+        FlawedStore { store: MemoryStore::new(), flaw, tokens: Arc::default(), timing: Timing::REAL }
+    }
+
+    /// On tokio's paused clock, for the model's histories.
+    fn paused(flaw: Flaw) -> Self {
+        FlawedStore { timing: Timing::PAUSED, ..FlawedStore::new(flaw) }
+    }
+}
+
+#[async_trait]
+impl TestStore for FlawedStore {
+    async fn connect(&self, namespace: &str) -> Result<Arc<dyn LockBackend>, Error> {
+        Ok(Arc::new(Flawed {
+            inner: Arc::new(self.store.backend(namespace)?),
+            flaw: self.flaw,
+            made_up: Mutex::default(),
+            tokens: self.tokens.clone(),
+        }))
+    }
+
+    fn timing(&self) -> Timing {
+        self.timing
+    }
+}
+
+/// The panic message of a case run on `flaw`, which must fail.
+async fn failure<F, Fut>(flaw: Flaw, case: F) -> String
+where
+    F: FnOnce(Ctx) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let run = tokio::spawn(crate::run_case(FlawedStore::new(flaw), Algorithm::Native, case));
+    let error = run.await.expect_err("the case passed on a broken store");
+    message(error.into_panic())
+}
+
+fn message(panic: Box<dyn Any + Send>) -> String {
+    match panic.downcast::<String>() {
+        Ok(text) => *text,
+        Err(panic) => panic.downcast::<&str>().map(|text| text.to_string()).unwrap_or_default(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_oracle_catches_readers_that_ignore_writers() {
+    let text = failure(Flaw::SharedIgnoresConflicts, concurrency::concurrent_readers_and_writers_never_conflict).await;
+    assert!(text.contains("violations") && text.contains("while"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_past_a_writer_fail_the_branch_case() {
+    let text = failure(Flaw::SharedIgnoresConflicts, modes::exclusive_ancestor_refuses_shared_descendant).await;
+    assert!(text.contains("should be refused"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_ancestor_that_covers_only_its_node_fails_the_branch_case() {
+    let text = failure(Flaw::SharedCoversOnlyItsNode, modes::shared_ancestor_refuses_exclusive_descendant).await;
+    assert!(text.contains("A/B/C") && text.contains("should be refused"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_upgrades_that_both_win_fail_the_case() {
+    let text = failure(Flaw::UpgradeIgnoresConflicts, modes::racing_upgrades_never_both_win).await;
+    assert!(text.contains("both upgrades won"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_past_readers_fails_the_downgrade_case() {
+    let text = failure(Flaw::UpgradeIgnoresConflicts, modes::a_downgrade_lets_readers_in_and_keeps_writers_out).await;
+    assert!(text.contains("must be refused"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_listing_of_half_a_grant_fails_the_lister() {
+    let text =
+        failure(Flaw::ListsHalfGrants, concurrency::concurrent_multi_path_grants_are_never_seen_half_granted).await;
+    assert!(text.contains("half granted"), "{text}");
+}
+
+#[test]
+fn the_model_catches_readers_that_ignore_writers_and_upgrades_past_readers() {
+    let shared: fn() -> FlawedStore = || FlawedStore::paused(Flaw::SharedIgnoresConflicts);
+    let upgrade: fn() -> FlawedStore = || FlawedStore::paused(Flaw::UpgradeIgnoresConflicts);
+    for store in [shared, upgrade] {
+        let outcome = std::panic::catch_unwind(|| model::check(store, Algorithm::Native, true));
+        let text = message(outcome.expect_err("the model passed a broken store"));
+        assert!(text.contains("disagrees with the reference model"), "{}", text);
+    }
+}
