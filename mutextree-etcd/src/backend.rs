@@ -12,13 +12,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
+    Client, Compare, CompareOp, GetOptions, KeyValue, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
+    TxnResponse,
 };
 use futures::future::{join, try_join_all};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use mutextree_core::backend::url::connect_within;
 use mutextree_core::backend::{async_trait, stepwise::TRANSIENT_TTL, Attempt, Listener, LockKind, LockRequest};
-use mutextree_core::backend::{AbortOnDrop, Check};
+use mutextree_core::backend::{AbortOnDrop, Check, Queue, RESERVATION_TTL};
 use mutextree_core::{
     Blockers, Error, Fairness, Grant, HeldLock, LockBackend, LockItems, LockPath, Mode, Namespace, Owner, Ttl,
 };
@@ -27,7 +28,7 @@ use tokio::time::Instant;
 use crate::config::EtcdConfig;
 use crate::error::{connect_error, is_lease_not_found, store_error, STORE};
 use crate::feed::{self, Feeds};
-use crate::layout::{decode_value, encode_value, Layout, Range};
+use crate::layout::{decode_reservation, decode_value, encode_reservation, encode_value, Layout, Range};
 use crate::members::Members;
 
 /// etcd's minimum lease ttl with its default timing (`--election-timeout`
@@ -51,6 +52,18 @@ const MAX_SHARING: Duration = Duration::from_millis(500);
 const ROUNDS: usize = 3;
 /// Grants whose lease a backend remembers before it forgets the expired ones.
 const REMEMBERED_LEASES: usize = 4096;
+/// The ttl asked for the leases reservations are on: etcd's minimum, so
+/// that a dead waiter's reservation is gone within [`RESERVATION_TTL`]
+/// (the lease's 2 s, then etcd's sweep of expired leases, every 500 ms).
+const RESERVATION_LEASE: Duration = MIN_LEASE_TTL;
+/// How long after its grant a lease may still take a waiter's renewal. A
+/// waiter renews at least every third of [`RESERVATION_TTL`] (1 s), so its
+/// reservation, renewed on a lease at most this old, never lapses while it
+/// waits unless a renewal is half a second late.
+const RESERVATION_LEASE_YOUTH: Duration = Duration::from_millis(500);
+/// Reservations a transaction reads per range: the waiters before a
+/// request that it learns at once. With more, it learns them as they go.
+const AWAITED_PER_RANGE: i64 = 128;
 
 impl EtcdConfig {
     /// Checks the configuration and connects, one connection per endpoint
@@ -123,6 +136,8 @@ impl EtcdStore {
                 watch: Mutex::new(None),
                 shared_leases: Mutex::new(HashMap::new()),
                 grant_leases: Mutex::new(HashMap::new()),
+                reservation_lease: Mutex::new(None),
+                queued: Mutex::new(HashMap::new()),
                 sent: AtomicU64::new(0),
             }),
         })
@@ -159,6 +174,10 @@ struct Inner {
     /// The lease of each grant this backend made or refreshed, by token:
     /// the lease a mode change puts the grant's new keys on.
     grant_leases: Mutex<HashMap<u64, Lease>>,
+    /// The lease this backend puts reservations on, while it lives.
+    reservation_lease: Mutex<Option<Lease>>,
+    /// This backend's waiters, by ticket: what each waits for.
+    queued: Mutex<HashMap<u64, Queued>>,
     /// Requests sent, for [`LockBackend::round_trips`].
     sent: AtomicU64,
 }
@@ -197,6 +216,29 @@ impl Lease {
     fn is_over(&self, now: Instant) -> bool {
         now >= self.sent_at + self.ttl
     }
+
+    /// Whether it was asked for at most `age` ago.
+    fn is_younger_than(&self, age: Duration) -> bool {
+        Instant::now().saturating_duration_since(self.sent_at) <= age
+    }
+}
+
+/// A waiter of this backend, by its ticket: its reservation's keys, and
+/// the keys of the conflicting reservations with smaller tickets it saw
+/// last, with their create revisions. Those can only go: a reservation
+/// written later has a later create revision. So once each of them is gone
+/// (or written anew), no earlier waiter is in the way, and a transaction
+/// can check exactly that, key by key (a range compare cannot: an empty
+/// range compares as create revision 0, so "every key's create revision
+/// is at least the ticket" fails on it).
+struct Queued {
+    owner: Owner,
+    keys: Vec<String>,
+    earlier: Vec<(Vec<u8>, i64)>,
+    /// Whether `earlier` holds all of them (a read stops at
+    /// [`AWAITED_PER_RANGE`] per range).
+    complete: bool,
+    noted_at: Instant,
 }
 
 #[async_trait]
@@ -271,44 +313,10 @@ impl LockBackend for EtcdBackend {
     async fn list(&self, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
         let layout = &self.inner.layout;
         let ranges = match under {
-            Some(path) => vec![layout.subtree(Mode::Exclusive, path), layout.subtree(Mode::Shared, path)],
-            None => vec![layout.namespace()],
+            Some(path) => [layout.subtree(Mode::Exclusive, path), layout.subtree(Mode::Shared, path)],
+            None => layout.grants(),
         };
-        let mut found: Vec<KeyValue> = Vec::new();
-        let mut revision = 0;
-        for range in ranges {
-            let mut from = range.start.into_bytes();
-            loop {
-                let options =
-                    GetOptions::new().with_range(range.end.clone()).with_limit(LIST_PAGE).with_revision(revision);
-                let key = from.clone();
-                let page = self.counted().kv(|mut kv| async move { kv.get(key, Some(options)).await });
-                let mut page = page.await.map_err(store_error)?;
-                if revision == 0 {
-                    revision = page.header().map_or(0, |header| header.revision());
-                }
-                let more = page.more();
-                found.extend(page.take_kvs());
-                match found.last() {
-                    Some(last) if more => {
-                        from = last.key().to_vec();
-                        from.push(0);
-                    }
-                    _ => break,
-                }
-            }
-        }
-        let described: Vec<Option<HeldLock>> = stream::iter(found)
-            .map(|kv| {
-                let backend = self.clone();
-                async move { backend.describe(&kv).await }
-            })
-            .buffered(LOOKUPS_IN_FLIGHT)
-            .try_collect()
-            .await?;
-        let mut held: Vec<HeldLock> = described.into_iter().flatten().collect();
-        held.sort_by(|a, b| a.path.cmp(&b.path).then(a.token.cmp(&b.token)));
-        Ok(held)
+        self.listed(ranges.to_vec()).await
     }
 
     async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error> {
@@ -371,7 +379,7 @@ impl LockBackend for EtcdBackend {
                 let deleted = if item.mode == mode { range.without(new_key) } else { vec![range.clone()] };
                 ops.extend(deleted.into_iter().map(|range| TxnOp::delete(range.start, Some(delete_range(range.end)))));
                 ops.push(TxnOp::put(new_key.clone(), value.clone(), Some(PutOptions::new().with_lease(*lease))));
-                reads.push(TxnOp::get(range.start.clone(), Some(GetOptions::new().with_range(range.end.clone()))));
+                reads.push(read_all(range));
             }
             let txn = Txn::new().when(compares).and_then(ops).or_else(reads);
             let response = match self.send_raw(txn).await {
@@ -413,18 +421,62 @@ impl LockBackend for EtcdBackend {
         ))
     }
 
-    /// This store does not queue waiters yet: it writes no reservation.
-    async fn withdraw(&self, _owner: &Owner, _ticket: u64) -> Result<(), Error> {
-        Ok(())
+    /// Reads the reservation's keys (those this backend wrote for the
+    /// ticket, or for a ticket it does not know, every reservation of the
+    /// namespace), then deletes those of this owner and ticket in one
+    /// transaction, if none changed in between (a renewal); the deletes
+    /// wake the waiters behind it.
+    async fn withdraw(&self, owner: &Owner, ticket: u64) -> Result<(), Error> {
+        let known = {
+            let mut queued = locked(&self.inner.queued);
+            match queued.get(&ticket) {
+                Some(waiter) if &waiter.owner == owner => queued.remove(&ticket).map(|waiter| waiter.keys),
+                _ => None,
+            }
+        };
+        let reads: Vec<TxnOp> = match known {
+            Some(keys) => keys.into_iter().map(|key| TxnOp::get(key, None)).collect(),
+            None => self.inner.layout.reservations().into_iter().map(|range| read_all(&range)).collect(),
+        };
+        for _ in 0..ROUNDS {
+            let found = read_keys(self.send(Txn::new().and_then(reads.clone())).await?);
+            let theirs: Vec<&KeyValue> = found
+                .iter()
+                .filter(|kv| {
+                    decode_reservation(kv.value(), kv.create_revision())
+                        .is_ok_and(|(of, by)| of == ticket && &by == owner)
+                })
+                .collect();
+            if theirs.is_empty() {
+                return Ok(());
+            }
+            let unchanged: Vec<Compare> =
+                theirs.iter().map(|kv| Compare::mod_revision(kv.key(), CompareOp::Equal, kv.mod_revision())).collect();
+            let deletes: Vec<TxnOp> = theirs.iter().map(|kv| TxnOp::delete(kv.key(), None)).collect();
+            if self.send(Txn::new().when(unchanged).and_then(deletes)).await?.succeeded() {
+                return Ok(());
+            }
+        }
+        Err(Error::store_message(STORE, true, format!("the reservation with ticket {ticket} kept changing")))
     }
 
-    async fn waiters(&self, _under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
-        Ok(Vec::new())
+    /// The space of all reservations under `under`, read like
+    /// [`list`](LockBackend::list) reads the grants.
+    async fn waiters(&self, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
+        let layout = &self.inner.layout;
+        let range = match under {
+            // Every mode conflicts with an Exclusive request.
+            Some(path) => layout.awaited_below(path, Mode::Exclusive),
+            None => {
+                let [all, _exclusive_again] = layout.reservations();
+                all
+            }
+        };
+        self.listed(vec![range]).await
     }
 
-    /// Barging until this store queues waiters.
     fn fairness(&self) -> Fairness {
-        Fairness::Barging
+        Fairness::Fair
     }
 
     /// Wakes on deletes of the items' paths, their ancestors and their
@@ -453,7 +505,7 @@ impl EtcdBackend {
 
     /// One transaction that puts each item's key on a young shared lease
     /// of the request's ttl, or reports what is in the way of each blocked
-    /// item.
+    /// item; and, for a fair request, keeps its place in the queue.
     ///
     /// The transaction compares, for [`Check::Tree`], the ranges each item
     /// needs free ([`Checks::require_free`]); for [`Check::KeyOnly`], the
@@ -461,24 +513,43 @@ impl EtcdBackend {
     /// compared (their first key only), so a refusal names a blocker for
     /// each blocked item without another request for the keys; their
     /// leases are then looked up for the remaining lives.
+    ///
+    /// A fair request (see [`Fair`]) also compares the reservations in its
+    /// way, and reads them on failure: a refusal of [`Queue::Join`] writes
+    /// its reservation in the same transaction (whose revision is its
+    /// ticket), one of [`Queue::Waiting`] writes it again on a young lease
+    /// (renewing it), and a grant of `Waiting` deletes it. After a `Join`
+    /// on a lease that is no longer young, the next round renews at once.
     async fn grant(&self, request: &LockRequest, kind: LockKind, check: Check) -> Result<Attempt, Error> {
         let layout = &self.inner.layout;
         let mut checks = Checks::default();
-        match check {
+        let mut queue = match check {
             Check::Tree => {
                 for item in &request.items {
                     checks.require_free(layout, &item.path, item.mode, None);
                 }
+                request.queue
             }
+            // The stepwise primitive ignores the queue.
             Check::KeyOnly => {
                 for mode in [Mode::Exclusive, Mode::Shared] {
                     checks.require(layout.holders(mode, request.path()), Expect::Empty);
                 }
+                Queue::Barge
             }
-        }
+        };
         let keys: Vec<String> =
             request.items.iter().map(|item| layout.new_key(item.mode, &item.path, &request.owner)).collect();
-        self.check_size(&request.items, checks.len(), keys.len(), checks.len())?;
+        let fair = Fair::new(layout, request);
+        let (compares, then, otherwise) = match queue {
+            Queue::Barge => (checks.len(), keys.len(), checks.len()),
+            Queue::Try => (checks.len() + fair.ranges.len(), keys.len(), checks.len() + fair.ranges.len()),
+            Queue::Join | Queue::Waiting(_) => {
+                let reads = checks.len() + fair.ranges.len();
+                (reads, keys.len() + fair.keys.len(), reads + fair.keys.len())
+            }
+        };
+        self.check_size(&request.items, compares, then, otherwise)?;
         let value = encode_value(kind, &request.owner);
         let (compares, reads) = (checks.compares(), checks.reads());
         let mut lease = self.shared_lease(request.ttl).await?;
@@ -489,13 +560,20 @@ impl EtcdBackend {
                 .iter()
                 .map(|key| TxnOp::put(key.clone(), value.clone(), Some(PutOptions::new().with_lease(lease.id))))
                 .collect();
-            let txn = Txn::new().when(compares.clone()).and_then(puts).or_else(reads.clone());
+            let room = self.inner.max_txn_ops.saturating_sub(compares.len());
+            let in_queue = self.queue_part(queue, &fair, request, room).await?;
+            let txn = Txn::new()
+                .when([compares.clone(), in_queue.compares].concat())
+                .and_then([puts, in_queue.then].concat())
+                .or_else([reads.clone(), in_queue.otherwise].concat());
             let response = match self.send_raw(txn).await {
                 Ok(response) => response,
                 Err(error) if is_lease_not_found(&error) && !lease_replaced => {
-                    // Someone revoked the shared lease: the put named a
-                    // lease that is gone, so nothing was written.
+                    // Someone revoked the shared lease, or the
+                    // reservations' one: the put named a lease that is
+                    // gone, so nothing was written.
                     self.forget_shared_lease(&lease);
+                    locked(&self.inner.reservation_lease).take();
                     lease = self.shared_lease(request.ttl).await?;
                     lease_replaced = true;
                     continue;
@@ -505,25 +583,191 @@ impl EtcdBackend {
             };
             if response.succeeded() {
                 let token = revision(&response)?;
+                if let Queue::Waiting(ticket) = queue {
+                    locked(&self.inner.queued).remove(&ticket);
+                }
                 self.remember_grant_lease(token, lease);
                 return Ok(Attempt::Granted(Grant::new(request, kind, token, lease.ttl, lease.sent_at)));
             }
             round += 1;
-            let found = read_keys(response);
-            let Some((blockers, alive)) = self.blockers(&request.items, None, &found).await? else {
+            let ticket = match queue {
+                Queue::Barge | Queue::Try => None,
+                Queue::Join => Some(revision(&response)?),
+                Queue::Waiting(ticket) => Some(ticket),
+            };
+            let in_the_way = self.refused_by(&response, reads.len(), ticket, request, &fair);
+            let renew_now = in_queue.lease.is_some_and(|on| !on.is_younger_than(RESERVATION_LEASE_YOUTH));
+            if let Some(ticket) = ticket {
+                queue = Queue::Waiting(ticket);
+            }
+            let Some((blockers, alive)) = self.blockers(&request.items, None, &in_the_way).await? else {
+                // A waiter whose earlier waiters were gone, but not all
+                // where it looked: the next round knows where they are.
+                if ticket.is_some() && round < ROUNDS {
+                    continue;
+                }
                 return Err(Error::store_message(
                     STORE,
-                    false,
+                    ticket.is_some(),
                     "a refused grant transaction read nothing in the way of the request",
                 ));
             };
             // A blocker whose lease is gone by now may let the next round
             // through; after a few, it is reported as ending now and a
             // waiter retries at once.
-            if alive || round == ROUNDS {
-                return Ok(Attempt::Blocked(blockers));
+            if (alive && !renew_now) || round == ROUNDS {
+                return Ok(match ticket {
+                    Some(ticket) => Attempt::Queued { ticket, blockers },
+                    None => Attempt::Blocked(blockers),
+                });
             }
         }
+    }
+
+    /// Range requests of at most [`LIST_PAGE`] keys over `ranges`, all at
+    /// the revision of the first, then the remaining lives, with a lease
+    /// lookup where one is needed (an item whose lease is gone by then is
+    /// not listed); in path order, then token order.
+    async fn listed(&self, ranges: Vec<Range>) -> Result<Vec<HeldLock>, Error> {
+        let mut found: Vec<KeyValue> = Vec::new();
+        let mut revision = 0;
+        for range in ranges {
+            let mut from = range.start.into_bytes();
+            loop {
+                let options =
+                    GetOptions::new().with_range(range.end.clone()).with_limit(LIST_PAGE).with_revision(revision);
+                let key = from.clone();
+                let page = self.counted().kv(|mut kv| async move { kv.get(key, Some(options)).await });
+                let mut page = page.await.map_err(store_error)?;
+                if revision == 0 {
+                    revision = page.header().map_or(0, |header| header.revision());
+                }
+                let more = page.more();
+                found.extend(page.take_kvs());
+                match found.last() {
+                    Some(last) if more => {
+                        from = last.key().to_vec();
+                        from.push(0);
+                    }
+                    _ => break,
+                }
+            }
+        }
+        let described: Vec<Option<HeldLock>> = stream::iter(found)
+            .map(|kv| {
+                let backend = self.clone();
+                async move { backend.describe(&kv).await }
+            })
+            .buffered(LOOKUPS_IN_FLIGHT)
+            .try_collect()
+            .await?;
+        let mut held: Vec<HeldLock> = described.into_iter().flatten().collect();
+        held.sort_by(|a, b| a.path.cmp(&b.path).then(a.token.cmp(&b.token)));
+        Ok(held)
+    }
+
+    /// The earlier waiters in the way of the waiter with `ticket`, if all
+    /// of them are known: remembered from its last attempt, or read now
+    /// (one request more) for a ticket this backend does not know.
+    async fn earlier(
+        &self,
+        fair: &Fair,
+        request: &LockRequest,
+        ticket: u64,
+    ) -> Result<Option<Vec<(Vec<u8>, i64)>>, Error> {
+        if let Some(waiter) = locked(&self.inner.queued).get(&ticket) {
+            return Ok(waiter.complete.then(|| waiter.earlier.clone()));
+        }
+        let response = self.send(Txn::new().and_then(fair.reads(Some(ticket), AWAITED_PER_RANGE))).await?;
+        let (earlier, complete) = fair.earlier(read_ranges(&response));
+        self.note_queued(ticket, request, fair, &earlier, complete);
+        Ok(complete.then(|| earlier.iter().map(|kv| (kv.key().to_vec(), kv.create_revision())).collect()))
+    }
+
+    /// Remembers the waiter with `ticket` and the earlier waiters it saw;
+    /// forgets the waiters not heard of for longer than a reservation lives.
+    fn note_queued(&self, ticket: u64, request: &LockRequest, fair: &Fair, earlier: &[KeyValue], complete: bool) {
+        let now = Instant::now();
+        let mut queued = locked(&self.inner.queued);
+        queued.retain(|_, waiter| now.saturating_duration_since(waiter.noted_at) < RESERVATION_TTL * 2);
+        let earlier = earlier.iter().map(|kv| (kv.key().to_vec(), kv.create_revision())).collect();
+        let (owner, keys) = (request.owner.clone(), fair.keys.clone());
+        queued.insert(ticket, Queued { owner, keys, earlier, complete, noted_at: now });
+    }
+
+    /// The lease to put a reservation on: the one this backend put its
+    /// last on, if `young` only while it is younger than
+    /// [`RESERVATION_LEASE_YOUTH`], else a new one. A first attempt (which
+    /// is usually granted, and then writes no reservation) takes the last
+    /// one at any age, so that it costs no lease: should it be refused, the
+    /// next round renews the reservation on a young lease, and should that
+    /// lease be gone, etcd refuses the write and the round is sent again.
+    async fn reservation_lease(&self, young: bool) -> Result<Lease, Error> {
+        let last = *locked(&self.inner.reservation_lease);
+        if let Some(lease) = last.filter(|lease| !young || lease.is_younger_than(RESERVATION_LEASE_YOUTH)) {
+            return Ok(lease);
+        }
+        let lease = self.grant_lease(Ttl::new(RESERVATION_LEASE)?).await?;
+        *locked(&self.inner.reservation_lease) = Some(lease);
+        Ok(lease)
+    }
+
+    /// The queue's part of one round of a grant (see [`Fair`]), given
+    /// `room` for compares.
+    async fn queue_part(
+        &self,
+        queue: Queue,
+        fair: &Fair,
+        request: &LockRequest,
+        room: usize,
+    ) -> Result<InQueue, Error> {
+        Ok(match queue {
+            Queue::Barge => InQueue::default(),
+            Queue::Try => {
+                InQueue { compares: fair.none_compares(), otherwise: fair.reads(None, 1), ..InQueue::default() }
+            }
+            Queue::Join => {
+                let on = self.reservation_lease(false).await?;
+                let otherwise = [fair.reads(None, AWAITED_PER_RANGE), fair.puts(on.id, None)].concat();
+                InQueue { compares: fair.none_compares(), then: Vec::new(), otherwise, lease: Some(on) }
+            }
+            Queue::Waiting(ticket) => {
+                let on = self.reservation_lease(true).await?;
+                let earlier = self.earlier(fair, request, ticket).await?;
+                let otherwise = [fair.reads(Some(ticket), AWAITED_PER_RANGE), fair.puts(on.id, Some(ticket))].concat();
+                InQueue {
+                    compares: fair.gone_compares(earlier.as_deref(), room),
+                    then: fair.deletes(),
+                    otherwise,
+                    lease: Some(on),
+                }
+            }
+        })
+    }
+
+    /// What a refused round read in the way: the grants' keys (the first
+    /// `grant_reads` reads), then the reservations'. For a waiter with a
+    /// ticket, those are the earlier ones, remembered for its next round.
+    fn refused_by(
+        &self,
+        response: &TxnResponse,
+        grant_reads: usize,
+        ticket: Option<u64>,
+        request: &LockRequest,
+        fair: &Fair,
+    ) -> Vec<KeyValue> {
+        let mut found = read_ranges(response);
+        let awaited = found.split_off(grant_reads.min(found.len()));
+        let mut in_the_way: Vec<KeyValue> = found.into_iter().flat_map(|(kvs, _)| kvs).collect();
+        match ticket {
+            Some(ticket) => {
+                let (earlier, complete) = fair.earlier(awaited);
+                self.note_queued(ticket, request, fair, &earlier, complete);
+                in_the_way.extend(earlier);
+            }
+            None => in_the_way.extend(awaited.into_iter().flat_map(|(kvs, _)| kvs)),
+        }
+        in_the_way
     }
 
     /// For each item of `items`, in order, a live key among `found` (other
@@ -540,12 +784,15 @@ impl EtcdBackend {
         let mut candidates = Vec::with_capacity(found.len());
         for kv in found.iter().filter(|kv| Some(kv.create_revision() as u64) != own) {
             let (path, mode) = layout.item_of(kv.key())?;
-            let (transient, _) = decode_value(kv.value())?;
-            candidates.push((path, mode, transient, kv));
+            // A held lock before a transient one (a transient one is waited
+            // out even without waiting), and both before a reservation.
+            let rank = match layout.is_reservation(kv.key()) {
+                true => 2,
+                false => u8::from(decode_value(kv.value())?.0),
+            };
+            candidates.push((path, mode, rank, kv));
         }
-        // A held lock before a transient one: a transient one is waited
-        // out even without waiting.
-        candidates.sort_by_key(|(_, _, transient, _)| *transient);
+        candidates.sort_by_key(|(_, _, rank, _)| *rank);
         let in_the_way: Vec<&KeyValue> = items
             .iter()
             .filter_map(|item| {
@@ -582,10 +829,7 @@ impl EtcdBackend {
     /// The grant's keys, one per item in item order, read in one
     /// transaction; `None` if one of them is gone.
     async fn locate(&self, grant: &Grant) -> Result<Option<Vec<KeyValue>>, Error> {
-        let reads: Vec<TxnOp> = self
-            .owned_ranges(grant)
-            .map(|range| TxnOp::get(range.start, Some(GetOptions::new().with_range(range.end))))
-            .collect();
+        let reads: Vec<TxnOp> = self.owned_ranges(grant).map(|range| read_all(&range)).collect();
         let found = read_keys(self.send(Txn::new().and_then(reads)).await?);
         Ok(self.own_keys(grant, &found))
     }
@@ -686,8 +930,11 @@ impl EtcdBackend {
     /// waiter waits out anyway (reported as that, an upper bound). Stepwise
     /// rounds and their refusals then cost one request less.
     async fn describe(&self, kv: &KeyValue) -> Result<Option<HeldLock>, Error> {
-        let (transient, _) = decode_value(kv.value())?;
-        let known = if transient { Some(TRANSIENT_TTL) } else { self.shared_lease_life(kv.lease()) };
+        let known = match self.inner.layout.is_reservation(kv.key()) {
+            true => self.reservation_lease_life(kv.lease()),
+            false if decode_value(kv.value())?.0 => Some(TRANSIENT_TTL),
+            false => self.shared_lease_life(kv.lease()),
+        };
         let remaining = match known {
             Some(remaining) => remaining,
             None => {
@@ -704,8 +951,13 @@ impl EtcdBackend {
     }
 
     /// A stored item as a [`HeldLock`] with `remaining` life.
+    /// A reservation is described with its ticket as the token.
     fn describe_with(&self, kv: &KeyValue, remaining: Duration) -> Result<HeldLock, Error> {
         let (path, mode) = self.inner.layout.item_of(kv.key())?;
+        if self.inner.layout.is_reservation(kv.key()) {
+            let (ticket, owner) = decode_reservation(kv.value(), kv.create_revision())?;
+            return Ok(HeldLock { path, mode, owner, token: ticket, remaining, transient: false, waiting: true });
+        }
         let (transient, owner) = decode_value(kv.value())?;
         Ok(HeldLock { path, mode, owner, token: kv.create_revision() as u64, remaining, transient, waiting: false })
     }
@@ -717,6 +969,16 @@ impl EtcdBackend {
         locked(&self.inner.shared_leases)
             .values()
             .find(|lease| lease.id == id)
+            .map(|lease| (lease.sent_at + lease.ttl).saturating_duration_since(now))
+            .filter(|left| !left.is_zero())
+    }
+
+    /// What is left of the lease this backend puts reservations on, if it
+    /// is that one and not run out by this side's reckoning.
+    fn reservation_lease_life(&self, id: i64) -> Option<Duration> {
+        let now = Instant::now();
+        locked(&self.inner.reservation_lease)
+            .filter(|lease| lease.id == id)
             .map(|lease| (lease.sent_at + lease.ttl).saturating_duration_since(now))
             .filter(|left| !left.is_zero())
     }
@@ -758,6 +1020,16 @@ enum Expect {
     /// Keys of the grant with this token only, at least one: the grant is
     /// live there and nothing else is.
     Only(u64),
+}
+
+impl Expect {
+    /// The compare that holds iff `range` is as expected.
+    fn compare(&self, range: &Range) -> Compare {
+        match self {
+            Expect::Empty => Compare::version(range.start.clone(), CompareOp::Equal, 0).with_range(range.end.clone()),
+            Expect::Only(token) => is_grant(range, *token),
+        }
+    }
 }
 
 /// The compares of one transaction, without repeats (two items of a
@@ -810,15 +1082,7 @@ impl Checks {
     }
 
     fn compares(&self) -> Vec<Compare> {
-        self.required
-            .iter()
-            .map(|(range, expect)| match expect {
-                Expect::Empty => {
-                    Compare::version(range.start.clone(), CompareOp::Equal, 0).with_range(range.end.clone())
-                }
-                Expect::Only(token) => is_grant(range, *token),
-            })
-            .collect()
+        self.required.iter().map(|(range, expect)| expect.compare(range)).collect()
     }
 
     /// A read of each range: its first key for an empty one, its first two
@@ -831,6 +1095,117 @@ impl Checks {
                 TxnOp::get(range.start.clone(), Some(GetOptions::new().with_range(range.end.clone()).with_limit(limit)))
             })
             .collect()
+    }
+}
+
+/// The queue's part of one round of a grant: what its transaction also
+/// compares, does on a grant and on a refusal, and the lease a refusal puts
+/// the reservation on.
+#[derive(Default)]
+struct InQueue {
+    compares: Vec<Compare>,
+    then: Vec<TxnOp>,
+    otherwise: Vec<TxnOp>,
+    lease: Option<Lease>,
+}
+
+/// What a fair request compares, reads and writes of the queue: the
+/// reservation ranges its items must find without earlier waiters (per
+/// item, the conflicting reservations on each strict ancestor, and on the
+/// node and below it: one range each, shared between items), and its own
+/// reservation's keys and owner.
+struct Fair {
+    ranges: Vec<Range>,
+    keys: Vec<String>,
+    owner: Owner,
+}
+
+impl Fair {
+    fn new(layout: &Layout, request: &LockRequest) -> Self {
+        let mut ranges: Vec<Range> = Vec::new();
+        for item in &request.items {
+            let on_ancestors =
+                item.path.ancestors().into_iter().map(|ancestor| layout.awaited_on(&ancestor, item.mode));
+            for range in on_ancestors.chain([layout.awaited_below(&item.path, item.mode)]) {
+                if !ranges.contains(&range) {
+                    ranges.push(range);
+                }
+            }
+        }
+        let keys = request
+            .items
+            .iter()
+            .flat_map(|item| layout.reservation_keys(item.mode, &item.path, &request.owner))
+            .collect();
+        Fair { ranges, keys, owner: request.owner.clone() }
+    }
+
+    /// No reservation in the way at all: what a request without a ticket
+    /// compares.
+    fn none_compares(&self) -> Vec<Compare> {
+        self.ranges.iter().map(|range| Expect::Empty.compare(range)).collect()
+    }
+
+    /// Each earlier waiter's keys gone or written anew since (a create
+    /// revision other than the one seen): what a waiter compares, if all of
+    /// them are known and `room` compares are enough. Otherwise a compare
+    /// that never holds: an earlier waiter is in the way (or was at the
+    /// last look), and the refusal reads them again.
+    fn gone_compares(&self, earlier: Option<&[(Vec<u8>, i64)]>, room: usize) -> Vec<Compare> {
+        match earlier {
+            Some(earlier) if earlier.len() <= room => earlier
+                .iter()
+                .map(|(key, created)| Compare::create_revision(key.clone(), CompareOp::NotEqual, *created))
+                .collect(),
+            _ => vec![Compare::version(self.keys[0].clone(), CompareOp::Less, 0)],
+        }
+    }
+
+    /// A read of each range, earliest waiter first: for a waiter with a
+    /// ticket, of the earlier waiters only.
+    fn reads(&self, before: Option<u64>, limit: i64) -> Vec<TxnOp> {
+        self.ranges
+            .iter()
+            .map(|range| {
+                let options = GetOptions::new()
+                    .with_range(range.end.clone())
+                    .with_sort(SortTarget::Create, SortOrder::Ascend)
+                    .with_limit(limit);
+                let options = match before {
+                    // Tickets are revisions of writes: at least 2.
+                    Some(ticket) => options.with_max_create_revision((ticket as i64 - 1).max(1)),
+                    None => options,
+                };
+                TxnOp::get(range.start.clone(), Some(options))
+            })
+            .collect()
+    }
+
+    /// The reservation's keys on `lease`; with the ticket in the value
+    /// unless the keys are new (their create revision is the ticket then).
+    fn puts(&self, lease: i64, ticket: Option<u64>) -> Vec<TxnOp> {
+        let value = encode_reservation(ticket, &self.owner);
+        self.keys
+            .iter()
+            .map(|key| TxnOp::put(key.clone(), value.clone(), Some(PutOptions::new().with_lease(lease))))
+            .collect()
+    }
+
+    fn deletes(&self) -> Vec<TxnOp> {
+        self.keys.iter().map(|key| TxnOp::delete(key.clone(), None)).collect()
+    }
+
+    /// The earlier waiters among the reads of the ranges, and whether the
+    /// reads saw all of them. One owner's two waits on one node share its
+    /// key, which never holds up the wait that renews it.
+    fn earlier(&self, awaited: Vec<(Vec<KeyValue>, bool)>) -> (Vec<KeyValue>, bool) {
+        let complete = awaited.iter().all(|(_, more)| !more);
+        let earlier = awaited
+            .into_iter()
+            .flat_map(|(kvs, _)| kvs)
+            .filter(|kv| !self.keys.iter().any(|key| key.as_bytes() == kv.key()))
+            .collect();
+        (earlier, complete)
     }
 }
 
@@ -868,15 +1243,25 @@ fn revision(response: &TxnResponse) -> Result<u64, Error> {
 
 /// Every key the reads of a transaction's branch returned, in order.
 fn read_keys(response: TxnResponse) -> Vec<KeyValue> {
+    read_ranges(&response).into_iter().flat_map(|(kvs, _)| kvs).collect()
+}
+
+/// What each read of a transaction's branch returned, in order, and
+/// whether it stopped at its limit.
+fn read_ranges(response: &TxnResponse) -> Vec<(Vec<KeyValue>, bool)> {
     response
         .op_responses()
         .into_iter()
         .filter_map(|op| match op {
-            TxnOpResponse::Get(mut get) => Some(get.take_kvs()),
+            TxnOpResponse::Get(mut get) => Some((get.take_kvs(), get.more())),
             _ => None,
         })
-        .flatten()
         .collect()
+}
+
+/// A read of every key in `range`.
+fn read_all(range: &Range) -> TxnOp {
+    TxnOp::get(range.start.clone(), Some(GetOptions::new().with_range(range.end.clone())))
 }
 
 /// A ttl as a lease's whole seconds, rounded up.

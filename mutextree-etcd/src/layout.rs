@@ -40,6 +40,34 @@
 //! Prefix and namespace cannot contain `/`, so two namespaces (or prefixes)
 //! never share a key.
 //!
+//! # Reservations
+//!
+//! A fair waiter's reservation is one key per item in a third space, and
+//! one more per Exclusive item in a fourth:
+//!
+//! ```text
+//! r/<path key>/x<owner>\x1f     an Exclusive item awaited
+//! r/<path key>/s<owner>\x1f     a Shared item awaited
+//! rx/<path key>/<owner>\x1f     an Exclusive item awaited (the index below)
+//! ```
+//!
+//! The mode letter comes right after the node's `//`, so the reservations
+//! on a node that conflict with a request are one range whatever its mode
+//! (`r/A//` for an Exclusive request, `r/A//x` for a Shared one), and the
+//! subtree of `r/` holds every reservation at or below a node. A Shared
+//! request must not wait for Shared reservations below it, which the
+//! subtree of `r/` mixes in: the `rx/` space holds the Exclusive ones alone.
+//! So a request needs one range per item and ancestor, never two.
+//!
+//! The ticket is not in the key, for the reason an Exclusive grant's key
+//! has no nonce: etcd's range compares walk deleted keys too, and a new key
+//! per wait would make every request on a busy node slower than the last.
+//! A reservation's key is its owner's on the node, and its ticket is the
+//! key's create revision (the revision of the refused transaction that
+//! wrote it). One owner waiting twice on one node at once shares the key:
+//! its two waits are not ordered between themselves (their grants still
+//! exclude each other).
+//!
 //! # Values and leases
 //!
 //! The value is one byte for the kind (`L` a lock, `T` a stepwise client's
@@ -48,6 +76,11 @@
 //! on a lease, its ttl the grant's; all the keys of one grant are on one
 //! lease. Expiry, revocation and deletion all remove a key, which is what
 //! etcd's watch reports.
+//!
+//! A reservation's value is `Q`, its ticket in decimal where it is not the
+//! key's create revision (a reservation written again after it lapsed),
+//! the unit separator, then the owner id. Reservations are on short leases
+//! of their own (see the backend module).
 
 use mutextree_core::backend::LockKind;
 use mutextree_core::{Error, LockPath, Mode, Owner};
@@ -143,10 +176,57 @@ impl Layout {
         Range::prefixed(start)
     }
 
-    /// The half-open key range of the whole namespace (its prefix, whose
-    /// final `/` becomes `0`, the next character).
-    pub(crate) fn namespace(&self) -> Range {
-        Range::prefixed(self.namespace_prefix.clone())
+    /// The keys of every grant's items: the Exclusive and the Shared space.
+    pub(crate) fn grants(&self) -> [Range; 2] {
+        [Range::prefixed(self.space(Mode::Exclusive)), Range::prefixed(self.space(Mode::Shared))]
+    }
+
+    /// The keys of a reservation of an item in `mode` on `path` for
+    /// `owner`: one in the space of all reservations, and for an Exclusive
+    /// item one in the space of the Exclusive ones.
+    pub(crate) fn reservation_keys(&self, mode: Mode, path: &LockPath, owner: &Owner) -> Vec<String> {
+        let mut awaited = self.awaited_prefix(path);
+        awaited.push(mode_letter(mode));
+        let mut keys = vec![awaited];
+        if mode == Mode::Exclusive {
+            keys.push(self.node_prefix_in(EXCLUSIVE_AWAITED, path));
+        }
+        for key in &mut keys {
+            key.push_str(owner.as_str());
+            key.push(OWNER_END);
+        }
+        keys
+    }
+
+    /// The reservations on `path` itself that conflict with a request in
+    /// `mode`: all of them for an Exclusive request, the Exclusive ones for
+    /// a Shared one.
+    pub(crate) fn awaited_on(&self, path: &LockPath, mode: Mode) -> Range {
+        let mut prefix = self.awaited_prefix(path);
+        if mode == Mode::Shared {
+            prefix.push(mode_letter(Mode::Exclusive));
+        }
+        Range::prefixed(prefix)
+    }
+
+    /// The reservations on `path` and below it that conflict with a request
+    /// in `mode` (as [`Self::awaited_on`]).
+    pub(crate) fn awaited_below(&self, path: &LockPath, mode: Mode) -> Range {
+        let space = match mode {
+            Mode::Exclusive => AWAITED,
+            Mode::Shared => EXCLUSIVE_AWAITED,
+        };
+        Range::prefixed(format!("{}{space}{}", self.namespace_prefix, path.key()))
+    }
+
+    /// Every reservation's keys: both reservation spaces.
+    pub(crate) fn reservations(&self) -> [Range; 2] {
+        [AWAITED, EXCLUSIVE_AWAITED].map(|space| Range::prefixed(format!("{}{space}", self.namespace_prefix)))
+    }
+
+    /// Whether a key of this namespace is a reservation's.
+    pub(crate) fn is_reservation(&self, key: &[u8]) -> bool {
+        key.strip_prefix(self.namespace_prefix.as_bytes()).is_some_and(|rest| rest.starts_with(b"r"))
     }
 
     /// The prefix every key of the namespace starts with (for the watch).
@@ -163,16 +243,29 @@ impl Layout {
     }
 
     /// The path key ([`LockPath::key`], unchecked) and mode a key of this
-    /// namespace names.
+    /// namespace names: a grant's item or a reservation's.
     pub(crate) fn path_key_of<'k>(&self, key: &'k str) -> Option<(&'k str, Mode)> {
         let in_namespace = key.strip_prefix(&*self.namespace_prefix)?;
         let (mode, rest) = if let Some(rest) = in_namespace.strip_prefix("x/") {
-            (Mode::Exclusive, rest)
+            (Some(Mode::Exclusive), rest)
+        } else if let Some(rest) = in_namespace.strip_prefix(EXCLUSIVE_AWAITED) {
+            (Some(Mode::Exclusive), rest)
+        } else if let Some(rest) = in_namespace.strip_prefix(AWAITED) {
+            (None, rest)
         } else {
-            (Mode::Shared, in_namespace.strip_prefix("s/")?)
+            (Some(Mode::Shared), in_namespace.strip_prefix("s/")?)
         };
         // The first `//` ends the path key: an encoded segment is never empty.
         let end = rest.find("//")? + 1;
+        let mode = match mode {
+            Some(mode) => mode,
+            // In the space of all reservations, the letter after the `//`.
+            None => match rest.as_bytes().get(end + 1)? {
+                b'x' => Mode::Exclusive,
+                b's' => Mode::Shared,
+                _ => return None,
+            },
+        };
         Some((&rest[..end], mode))
     }
 
@@ -194,6 +287,29 @@ impl Layout {
         prefix.push_str(path.key());
         prefix.push('/');
         prefix
+    }
+
+    /// What every key of a reservation on `path` starts with, before the
+    /// mode letter.
+    fn awaited_prefix(&self, path: &LockPath) -> String {
+        self.node_prefix_in(AWAITED, path)
+    }
+
+    /// `<namespace prefix><space><path key>/`.
+    fn node_prefix_in(&self, space: &str, path: &LockPath) -> String {
+        format!("{}{space}{}/", self.namespace_prefix, path.key())
+    }
+}
+
+/// The space of all reservations, and that of the Exclusive ones.
+const AWAITED: &str = "r/";
+const EXCLUSIVE_AWAITED: &str = "rx/";
+
+/// The letter of a mode in a reservation's key.
+fn mode_letter(mode: Mode) -> char {
+    match mode {
+        Mode::Exclusive => 'x',
+        Mode::Shared => 's',
     }
 }
 
@@ -225,6 +341,35 @@ pub(crate) fn decode_value(value: &[u8]) -> Result<(bool, Owner), Error> {
     let owner = std::str::from_utf8(owner).map_err(|_| foreign("an owner id that is not UTF-8"))?;
     let owner = Owner::new(owner).map_err(|_| foreign("an invalid owner id"))?;
     Ok((transient, owner))
+}
+
+const RESERVATION: u8 = b'Q';
+
+/// The value stored under a reservation's keys: its ticket where it is not
+/// the keys' create revision, and its owner.
+pub(crate) fn encode_reservation(ticket: Option<u64>, owner: &Owner) -> Vec<u8> {
+    let mut value = vec![RESERVATION];
+    if let Some(ticket) = ticket {
+        value.extend_from_slice(ticket.to_string().as_bytes());
+    }
+    value.push(OWNER_END as u8);
+    value.extend_from_slice(owner.as_str().as_bytes());
+    value
+}
+
+/// The ticket and the owner of a stored reservation whose key was created
+/// at `create_revision`.
+pub(crate) fn decode_reservation(value: &[u8], create_revision: i64) -> Result<(u64, Owner), Error> {
+    let malformed = || foreign("a value that is not a reservation record");
+    let rest = value.strip_prefix(&[RESERVATION]).ok_or_else(malformed)?;
+    let end = rest.iter().position(|byte| *byte == OWNER_END as u8).ok_or_else(malformed)?;
+    let ticket = match &rest[..end] {
+        [] => u64::try_from(create_revision).map_err(|_| malformed())?,
+        digits => std::str::from_utf8(digits).ok().and_then(|digits| digits.parse().ok()).ok_or_else(malformed)?,
+    };
+    let owner = std::str::from_utf8(&rest[end + 1..]).map_err(|_| foreign("an owner id that is not UTF-8"))?;
+    let owner = Owner::new(owner).map_err(|_| foreign("an invalid owner id"))?;
+    Ok((ticket, owner))
 }
 
 /// Something under the namespace's prefix that this store did not write.
@@ -291,10 +436,58 @@ mod tests {
         let shared = key(Mode::Shared, "A/B", "web-1");
         assert!(!contains(&subtree, &shared), "the spaces are apart");
         assert!(contains(&layout.subtree(Mode::Shared, &path("A")), &shared));
-        let namespace = layout.namespace();
-        assert_eq!((namespace.start.as_str(), namespace.end.as_str()), ("mt/app/", "mt/app0"));
-        assert!(contains(&namespace, &shared));
-        assert!(!contains(&namespace, &Layout::new("mt", "app2").new_key(x, &path("A"), &me)));
+        let [exclusive, shared_space] = layout.grants();
+        assert_eq!((exclusive.start.as_str(), exclusive.end.as_str()), ("mt/app/x/", "mt/app/x0"));
+        assert!(contains(&shared_space, &shared) && !contains(&exclusive, &shared));
+        assert!(!contains(&exclusive, &Layout::new("mt", "app2").new_key(x, &path("A"), &me)));
+        let awaited = layout.reservation_keys(x, &path("A"), &me);
+        assert!(awaited.iter().all(|key| !contains(&exclusive, key) && !contains(&shared_space, key)));
+    }
+
+    /// A request's reservation ranges hold exactly the reservations that
+    /// conflict with it: on the node itself and below it, any mode for an
+    /// Exclusive request and Exclusive ones for a Shared request; never a
+    /// sibling's, nor a node's whose name extends this one's.
+    #[test]
+    fn reservation_ranges_hold_the_conflicting_reservations() {
+        let layout = Layout::new("mt", "app");
+        let (x, s) = (Mode::Exclusive, Mode::Shared);
+        let keys = |mode, at: &str| layout.reservation_keys(mode, &path(at), &owner("w"));
+        assert_eq!(keys(x, "A/B"), ["mt/app/r/A/B//xw\x1f", "mt/app/rx/A/B//w\x1f"]);
+        assert_eq!(keys(s, "A/B"), ["mt/app/r/A/B//sw\x1f"]);
+        let holds = |range: &Range, mode, at: &str| keys(mode, at).iter().any(|key| contains(range, key));
+        for asked in [x, s] {
+            let on_node = layout.awaited_on(&path("A/B"), asked);
+            let at_or_below = layout.awaited_below(&path("A/B"), asked);
+            for (mode, at, is_on, is_below) in [
+                (x, "A/B", true, true),
+                (s, "A/B", asked == x, asked == x),
+                (x, "A/B/C", false, true),
+                (s, "A/B/C", false, asked == x),
+                (x, "A/B/ C", false, true),
+                (x, "A/BC", false, false),
+                (x, "A/B C", false, false),
+                (x, "A", false, false),
+                (x, "A/C", false, false),
+            ] {
+                assert_eq!(holds(&on_node, mode, at), is_on, "{asked:?} asks: {mode:?} on {at} on the node");
+                assert_eq!(holds(&at_or_below, mode, at), is_below, "{asked:?} asks: {mode:?} on {at} below");
+            }
+        }
+        for mode in [x, s] {
+            for key in keys(mode, "a\\/b/ü c") {
+                assert_eq!(layout.item_of(key.as_bytes()).expect("ours"), (path("a\\/b/ü c"), mode));
+                assert!(layout.is_reservation(key.as_bytes()));
+                assert!(layout.reservations().iter().any(|range| contains(range, &key)));
+            }
+        }
+        assert!(!layout.is_reservation(layout.new_key(x, &path("r"), &owner("w")).as_bytes()));
+        let value = encode_reservation(None, &owner("w 1"));
+        assert_eq!(decode_reservation(&value, 42).expect("ours"), (42, owner("w 1")));
+        let value = encode_reservation(Some(7), &owner("w 1"));
+        assert_eq!(decode_reservation(&value, 42).expect("ours"), (7, owner("w 1")));
+        assert!(decode_reservation(b"Lw", 42).is_err() && decode_reservation(b"Q7w", 42).is_err());
+        assert!(decode_value(&value).is_err(), "not a grant's value");
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //!   and which are worth retrying.
 //! * `config.rs`: [`EtcdConfig`], read from a URL or set in code.
 //! * `layout.rs` and `members.rs`: the keys and values the store writes
-//!   (two key spaces, one per mode, and the ranges a transaction compares),
+//!   (two key spaces of grants, one per mode, two of waiters' reservations,
+//!   and the ranges a transaction compares),
 //!   and the failover between the cluster's members (this store's own parts).
 //! * `feed.rs`: the watch on the namespace that wakes waiters.
 //! * `backend.rs`: [`EtcdStore`] (with [`EtcdConfig::connect`]) and the

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use conformance::servers::etcd;
 use etcd_client::Client;
-use mutextree_core::backend::{Attempt, LockKind, LockRequest};
+use mutextree_core::backend::{Attempt, LockKind, LockRequest, Queue};
 use mutextree_core::{Error, Grant, HeldLock, LockBackend, LockItems, LockPath, Mode, Owner, Ttl, MAX_DEPTH};
 use mutextree_etcd::{EtcdBackend, EtcdConfig, MIN_LEASE_TTL};
 use tokio::time::{sleep, sleep_until, Instant};
@@ -608,31 +608,40 @@ async fn one_round_trip_per_operation() {
 #[tokio::test]
 async fn requests_beyond_max_txn_ops_are_refused_unsent() {
     let (backend, _) = fresh().await;
-    // 16 Exclusive items at depth 5 with no common ancestor: 160 compares.
+    // 16 Exclusive items at depth 5 with no common ancestor: 160 compares,
+    // and 80 more for the waiters in their way unless the request barges.
     let deep: Vec<String> = (0..16).map(|i| format!("r{i}/a/b/c/d")).collect();
     let deep: Vec<(&str, Mode)> = deep.iter().map(|at| (at.as_str(), X)).collect();
     let before = backend.round_trips().expect("counted");
-    let error = attempt(&backend, &deep, "big").await.expect_err("too big");
-    assert!(matches!(error, Error::Unsupported { store: "etcd", .. }), "{error:?}");
-    let message = error.to_string();
-    assert!(
-        message.contains("160 operations")
-            && message.contains("--max-txn-ops")
-            && message.contains("max_txn_ops parameter"),
-        "{message}"
-    );
+    for (queue, needed) in [(Queue::Barge, "160 operations"), (Queue::Try, "240 operations")] {
+        let error = backend.try_grant(&LockRequest::of(items(&deep), owner("big"), long()).in_queue(queue)).await;
+        let error = error.expect_err("too big");
+        assert!(matches!(error, Error::Unsupported { store: "etcd", .. }), "{error:?}");
+        let message = error.to_string();
+        assert!(
+            message.contains(needed) && message.contains("--max-txn-ops") && message.contains("max_txn_ops parameter"),
+            "{message}"
+        );
+    }
     assert_eq!(backend.round_trips().expect("counted"), before, "nothing sent, not even a lease");
-    // Shared, the same items need half as many compares.
+    // Shared, the same items need half as many compares: they fit barging,
+    // not with the waiters' 80 more.
     let shared: Vec<(&str, Mode)> = deep.iter().map(|(at, _)| (*at, S)).collect();
-    let readers = granted(&backend, &shared, "big").await;
+    assert!(matches!(attempt(&backend, &shared, "big").await, Err(Error::Unsupported { .. })), "160 compares");
+    let barging = LockRequest::of(items(&shared), owner("big"), long()).in_queue(Queue::Barge);
+    let readers = backend.try_grant(&barging).await.expect("attempt").granted().expect("free");
     // An upgrade needs the exclusive compares and more.
     assert!(matches!(backend.change_mode(&readers, X).await, Err(Error::Unsupported { .. })));
 
     let small = EtcdConfig::new([etcd::url()]).max_txn_ops(4).connect().await.expect("connect");
     let small = small.backend(&conformance::random_namespace()).expect("namespace");
-    assert!(matches!(attempt(&small, &[("a/b/c", X)], "x").await, Err(Error::Unsupported { .. })), "6 compares");
-    granted(&small, &[("a/b/c", S)], "x").await;
-    granted(&small, &[("q/r", X)], "x").await;
+    assert!(matches!(attempt(&small, &[("a/b/c", X)], "x").await, Err(Error::Unsupported { .. })), "9 compares");
+    assert!(matches!(attempt(&small, &[("a/b/c", S)], "x").await, Err(Error::Unsupported { .. })), "6 compares");
+    for list in [&[("a/b/c", S)][..], &[("q/r", X)][..]] {
+        let barging = LockRequest::of(items(list), owner("x"), long()).in_queue(Queue::Barge);
+        small.try_grant(&barging).await.expect("attempt").granted().expect("free");
+    }
+    granted(&small, &[("w", X)], "x").await;
 }
 
 /// The stepwise primitive refuses a key with any live lock on it, a Shared
