@@ -222,12 +222,7 @@ mod tests {
         let path = |text| LockPath::parse(text).expect("path");
         let owner = Owner::new("me").expect("owner");
         let items = LockItems::one(path("eu/rack-1"), Mode::Exclusive);
-        let waiter = |at: &str, mode, who: &str, ticket| HeldLock {
-            waiting: true,
-            token: ticket,
-            owner: Owner::new(who).expect("owner"),
-            ..blocker(at, mode)
-        };
+        let waiter = crate::show::tests::awaited_by;
         let waiters = [
             waiter("eu", Mode::Shared, "audit", 3),
             waiter("eu/rack-1/host-2", Mode::Exclusive, "patch", 4),
