@@ -781,6 +781,17 @@ impl BenchSettings {
         BenchSettings { duration, repeats, only }
     }
 
+    /// These settings with `duration` per row (for a benchmark that reads
+    /// its own variable).
+    pub fn with_duration(self, duration: Duration) -> Self {
+        BenchSettings { duration, ..self }
+    }
+
+    /// These settings with `repeats` runs per row.
+    pub fn with_repeats(self, repeats: usize) -> Self {
+        BenchSettings { repeats, ..self }
+    }
+
     /// Whether the row labelled `label` is to run.
     pub fn includes(&self, label: &str) -> bool {
         self.only.as_ref().is_none_or(|only| only.iter().any(|part| label.contains(part.as_str())))
@@ -794,6 +805,55 @@ impl BenchSettings {
         let spread = format!("{:.0}..{:.0}", runs[0].pairs_per_sec, runs[runs.len() - 1].pairs_per_sec);
         (runs.swap_remove(runs.len() / 2), spread)
     }
+}
+
+/// Waiting clients under contention, fair against barging: 16 clients
+/// wait for random nodes of the contended tree at depth 3, in runs of one
+/// and then the other, alternating, [`BenchSettings::repeats`] each, so
+/// that both meet the same machine. `run_row` runs one spec on the store
+/// being measured. Returns a Markdown section: every run's pairs/s, and the
+/// median run of each with its wait percentiles. The rows are labelled
+/// `c16/d3/contended/b0/fair-wait` and `.../barging-wait` for
+/// `MUTEXTREE_BENCH_ROWS`; nothing runs (and the section is empty) unless
+/// one of them is included.
+pub fn fair_against_barging(settings: &BenchSettings, mut run_row: impl FnMut(&LoadSpec) -> LoadReport) -> String {
+    let sides = [(Fairness::Fair, "fair-wait"), (Fairness::Barging, "barging-wait")];
+    let sides: Vec<(LoadSpec, &str)> = sides
+        .into_iter()
+        .filter(|(_, label)| settings.includes(&format!("c16/d3/contended/b0/{label}")))
+        .map(|(fairness, label)| {
+            let spec = LoadSpec {
+                clients: 16,
+                scenario: Scenario::Contended,
+                duration: settings.duration,
+                waiting: Some(fairness),
+                ..LoadSpec::default()
+            };
+            (spec, label)
+        })
+        .collect();
+    if sides.is_empty() {
+        return String::new();
+    }
+    let mut runs: Vec<Vec<LoadReport>> = vec![Vec::new(); sides.len()];
+    for _ in 0..settings.repeats {
+        for ((spec, _), reports) in sides.iter().zip(&mut runs) {
+            reports.push(run_row(spec));
+        }
+    }
+    let mut out = String::from(
+        "### Waiting under contention: fair against barging\n\n| wait | pairs/s of each run |\n| --- | --- |\n",
+    );
+    let mut medians = Vec::new();
+    for ((spec, label), mut reports) in sides.into_iter().zip(runs) {
+        let each: Vec<String> = reports.iter().map(|report| thousands(report.pairs_per_sec.round() as u64)).collect();
+        let _ = writeln!(out, "| {label} | {} |", each.join(" / "));
+        reports.sort_by(|a, b| a.pairs_per_sec.total_cmp(&b.pairs_per_sec));
+        medians.push((spec, reports.swap_remove(reports.len() / 2)));
+    }
+    out.push_str("\nThe median run of each (a pair's latency is its wait plus its release):\n\n");
+    out.push_str(&markdown_table(&medians));
+    out
 }
 
 /// `N cores, CPU model`, from the OS: for the header of a benchmark's
