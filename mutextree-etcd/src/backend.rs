@@ -52,14 +52,13 @@ const MAX_SHARING: Duration = Duration::from_millis(500);
 const ROUNDS: usize = 3;
 /// Grants whose lease a backend remembers before it forgets the expired ones.
 const REMEMBERED_LEASES: usize = 4096;
-/// The ttl asked for the leases reservations are on: etcd's minimum, so
-/// that a dead waiter's reservation is gone within [`RESERVATION_TTL`]
-/// (the lease's 2 s, then etcd's sweep of expired leases, every 500 ms).
-const RESERVATION_LEASE: Duration = MIN_LEASE_TTL;
-/// How long after its grant a lease may still take a waiter's renewal. A
-/// waiter renews at least every third of [`RESERVATION_TTL`] (1 s), so its
-/// reservation, renewed on a lease at most this old, never lapses while it
-/// waits unless a renewal is half a second late.
+/// The ttl of the leases reservations are on: a reservation lives
+/// [`RESERVATION_TTL`] after it was written at most, as a grant lives its
+/// ttl (then etcd's sweep of expired leases, every 500 ms, deletes it).
+const RESERVATION_LEASE: Duration = RESERVATION_TTL;
+/// How long after its grant a lease may still take a waiter's renewal: a
+/// renewed reservation lives at least 2.5 s more, and its waiter renews it
+/// at least every third of [`RESERVATION_TTL`] (1 s).
 const RESERVATION_LEASE_YOUTH: Duration = Duration::from_millis(500);
 /// Reservations a transaction reads per range: the waiters before a
 /// request that it learns at once. With more, it learns them as they go.
