@@ -274,8 +274,6 @@ async fn a_dead_waiters_reservation_lapses_within_the_reservation_ttl() {
 #[tokio::test]
 async fn withdraw_removes_the_reservation_and_wakes_the_waiters_behind() {
     let (backend, namespace) = fresh().await;
-    granted(&backend, &[("A/B", X)], "holder", Queue::Try).await;
-    let (first, _) = queued(attempt(&backend, &[("A", X)], "first", Queue::Join).await);
     let behind = request(&[("A/C", X)], "second", Queue::Join);
     // Once the watch is confirmed by the server, listeners wake on events.
     let mut warm = backend.listen(&behind.items);
@@ -286,6 +284,9 @@ async fn withdraw_removes_the_reservation_and_wakes_the_waiters_behind() {
     })
     .await
     .expect("the watch starts");
+    granted(&backend, &[("A/B", X)], "holder", Queue::Try).await;
+    let joined_at = Instant::now();
+    let (first, _) = queued(attempt(&backend, &[("A", X)], "first", Queue::Join).await);
     let mut listener = backend.listen(&behind.items);
     let (second, blockers) = queued(backend.try_grant(&behind).await.expect("attempt"));
     assert_eq!(named(&blockers)[0].3, first);
@@ -296,7 +297,11 @@ async fn withdraw_removes_the_reservation_and_wakes_the_waiters_behind() {
     assert_eq!(backend.waiters(None).await.expect("waiters").len(), 2);
 
     backend.withdraw(&Owner::new("first").expect("owner"), first).await.expect("withdraw");
-    timeout(Duration::from_secs(5), listener.changed()).await.expect("woken by the withdrawal");
+    let left = reservation_keys(&namespace).await;
+    assert!(left.iter().all(|kv| kv.key_str().is_ok_and(|key| key.contains("second"))), "{left:?}");
+    // Well before the reservation could have lapsed (it lives 2.5 s at least).
+    assert!(joined_at.elapsed() < Duration::from_secs(2), "too slow to tell a withdrawal from a lapse");
+    timeout(Duration::from_secs(1), listener.changed()).await.expect("woken by the withdrawal");
     granted(&backend, &[("A/C", X)], "second", Queue::Waiting(second)).await;
     backend.withdraw(&Owner::new("first").expect("owner"), first).await.expect("again: nothing to do");
 
