@@ -666,15 +666,7 @@ async fn a_listener_wakes_for_any_of_its_items() {
     let (backend, _) = fresh().await;
     let second = granted(&backend, &[("B/x", X)], "holder").await;
     let wanted = items(&[("A", X), ("B", S)]);
-    let mut warm = backend.listen(&wanted);
-    // The watch is confirmed by the server: from then on, no polling.
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while !warm.is_notified() {
-            warm.changed().await;
-        }
-    })
-    .await
-    .expect("the watch starts");
+    common::until_watched(&mut backend.listen(&wanted)).await;
     let mut listener = backend.listen(&wanted);
     backend.release(&second).await.expect("release");
     tokio::time::timeout(Duration::from_secs(5), listener.changed()).await.expect("woken by the release under B");

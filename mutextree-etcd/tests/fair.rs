@@ -276,14 +276,7 @@ async fn withdraw_removes_the_reservation_and_wakes_the_waiters_behind() {
     let (backend, namespace) = fresh().await;
     let behind = request(&[("A/C", X)], "second", Queue::Join);
     // Once the watch is confirmed by the server, listeners wake on events.
-    let mut warm = backend.listen(&behind.items);
-    timeout(Duration::from_secs(10), async {
-        while !warm.is_notified() {
-            warm.changed().await;
-        }
-    })
-    .await
-    .expect("the watch starts");
+    common::until_watched(&mut backend.listen(&behind.items)).await;
     granted(&backend, &[("A/B", X)], "holder", Queue::Try).await;
     let joined_at = Instant::now();
     let (first, _) = queued(attempt(&backend, &[("A", X)], "first", Queue::Join).await);

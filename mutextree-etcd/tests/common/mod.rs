@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use conformance::servers::etcd;
 use conformance::{TestStore, Timing};
-use mutextree_core::backend::async_trait;
+use mutextree_core::backend::{async_trait, Listener};
 use mutextree_core::{Error, LockBackend};
 use mutextree_etcd::{EtcdBackend, EtcdConfig};
 
@@ -21,6 +21,17 @@ pub(crate) const TIMING: Timing = Timing { unit: Duration::from_secs(2), slack: 
 /// A backend on its own connection to `urls`, in `namespace`.
 pub(crate) async fn backend(urls: &[String], namespace: &str) -> Result<EtcdBackend, Error> {
     EtcdConfig::new(urls.iter().cloned()).connect().await?.backend(namespace)
+}
+
+/// Waits (10 s at most) until the watch behind `listener` is confirmed by
+/// the server: from then on, listeners wake on its events, not by polling.
+pub(crate) async fn until_watched(listener: &mut Listener) {
+    let confirmed = async {
+        while !listener.is_notified() {
+            listener.changed().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), confirmed).await.expect("the watch starts");
 }
 
 /// The store under the conformance suite: a fresh connection per client.
