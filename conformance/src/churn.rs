@@ -1,11 +1,13 @@
 //! How long a waiter for an ancestor waits while its descendants churn.
 //!
-//! No store queues waiters: a tree lock is a compare-and-set over a
-//! subtree, and a waiter for `[A]` is granted only at an instant when no
-//! lock under `[A]` is held. Clients that keep locking and releasing
-//! descendants can leave it no such instant for a long time (etcd's own
-//! `concurrency.Mutex` avoids this by queueing on create revisions; a plain
-//! compare-and-put cannot). This measures it: a few clients churn on the
+//! Without fair waiting (a barging store or handle), a tree lock is a
+//! compare-and-set over a subtree, and a waiter for `[A]` is granted only at
+//! an instant when no lock under `[A]` is held. Clients that keep locking
+//! and releasing descendants can leave it no such instant for a long time
+//! (etcd's own `concurrency.Mutex` avoids this by queueing on create
+//! revisions; a plain compare-and-put cannot). With fair waiting the
+//! waiter's reservation refuses the churners' later tries, and
+//! [`crate::fair`] asserts a bound. This measures it: a few clients churn on the
 //! leaves under `[A]`, one client waits for `[A]` again and again, and the
 //! report gives the waits' p50, p99 and maximum, and how many gave up at
 //! their limit. An oracle checks, meanwhile, that the waiter and the
