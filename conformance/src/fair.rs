@@ -119,6 +119,24 @@ fn assert_reservation(blocker: &HeldLock, at: &str, owner: &str, ticket: u64, wh
     );
 }
 
+/// Asserts that a try on `asked` is refused, held back by the reservation
+/// `(path, owner, ticket)` and by no grant.
+async fn assert_try_held_back(
+    ctx: &Ctx,
+    client: &Arc<dyn LockBackend>,
+    asked: (&str, Mode),
+    (at, owner, ticket): (&str, &str, u64),
+    what: &str,
+) {
+    let blockers = blocked(attempt(ctx, client, &[asked], "late", Queue::Try).await, what);
+    assert_reservation(blockers.first(), at, owner, ticket, what);
+}
+
+/// `owner` withdraws its reservation `ticket`.
+async fn withdraw(client: &Arc<dyn LockBackend>, owner: &str, ticket: u64) {
+    client.withdraw(&Owner::new(owner).expect("owner"), ticket).await.expect("withdraw");
+}
+
 /// The tickets of the live reservations on `under` and below, in the
 /// order listed.
 async fn tickets(client: &Arc<dyn LockBackend>, under: Option<&str>) -> Vec<u64> {
@@ -158,12 +176,12 @@ pub async fn a_reservation_refuses_later_requests_and_names_its_waiter(ctx: Ctx)
 
     for asked in [("A/C", Exclusive), ("A/C/D", Shared), ("A", Shared)] {
         let what = format!("a try on {asked:?}");
-        let blockers = blocked(attempt(&ctx, &client, &[asked], "late", Queue::Try).await, &what);
         if asked.0 == "A" {
             // Shared on A meets the holder's Exclusive item below first.
+            let blockers = blocked(attempt(&ctx, &client, &[asked], "late", Queue::Try).await, &what);
             assert_eq!(blockers.first().token, holder.token, "{what}: a grant is named first");
         } else {
-            assert_reservation(blockers.first(), "A", "waiter", ticket, &what);
+            assert_try_held_back(&ctx, &client, asked, ("A", "waiter", ticket), &what).await;
         }
     }
     let what = "a try on A/B/C and Z";
@@ -190,7 +208,7 @@ pub async fn a_reservation_refuses_later_requests_and_names_its_waiter(ctx: Ctx)
     assert_eq!(tickets(&client, None).await, [ticket, second], "in key order");
 
     for (owner, ticket) in [("waiter", ticket), ("second", second)] {
-        client.withdraw(&Owner::new(owner).expect("owner"), ticket).await.expect("withdraw");
+        withdraw(&client, owner, ticket).await;
     }
     for grant in [&holder, &elsewhere] {
         client.release(grant).await.expect("release");
@@ -247,10 +265,10 @@ pub async fn waiters_defer_only_to_earlier_tickets(ctx: Ctx) {
     let (_, blockers) = queued(later, "the second waiter, behind the first's grant");
     assert!(!blockers.first().waiting && blockers.first().token == grant.token, "{blockers:?}");
 
-    client.withdraw(&Owner::new("first").expect("owner"), second).await.expect("withdraw");
+    withdraw(&client, "first", second).await;
     assert_eq!(tickets(&client, None).await, [second], "only its owner withdraws a reservation");
     for _ in 0..2 {
-        client.withdraw(&Owner::new("second").expect("owner"), second).await.expect("withdraw, even twice");
+        withdraw(&client, "second", second).await;
     }
     assert!(tickets(&client, None).await.is_empty(), "withdrawn");
     client.release(&grant).await.expect("release");
@@ -292,25 +310,13 @@ pub async fn reservations_never_refuse_what_they_do_not_conflict_with(ctx: Ctx) 
     }
     // While the reservations are live: conflicting requests are refused.
     let what = "a try on A/B/D";
-    assert_reservation(
-        blocked(attempt(&ctx, &client, &[("A/B/D", Shared)], "late", Queue::Try).await, what).first(),
-        "A/B",
-        "writer",
-        writer,
-        what,
-    );
+    assert_try_held_back(&ctx, &client, ("A/B/D", Shared), ("A/B", "writer", writer), what).await;
     let what = "a try on S/y, exclusive";
-    assert_reservation(
-        blocked(attempt(&ctx, &client, &[("S/y", Exclusive)], "late", Queue::Try).await, what).first(),
-        "S",
-        "reader",
-        reader,
-        what,
-    );
+    assert_try_held_back(&ctx, &client, ("S/y", Exclusive), ("S", "reader", reader), what).await;
     assert_eq!(tickets(&client, None).await.len(), 2, "no request beside them wrote a reservation");
 
     for (owner, ticket) in [("writer", writer), ("reader", reader)] {
-        client.withdraw(&Owner::new(owner).expect("owner"), ticket).await.expect("withdraw");
+        withdraw(&client, owner, ticket).await;
     }
     client.release(&holder).await.expect("release");
 }
@@ -329,23 +335,11 @@ pub async fn a_dead_waiters_reservation_lapses_within_its_ttl(ctx: Ctx) {
     let (ticket, _) = queued(attempt(&ctx, &dead, &[("A", Exclusive)], "dead", Queue::Join).await, "A");
     drop(dead);
     let what = "a try on A/y behind a dead waiter";
-    assert_reservation(
-        blocked(attempt(&ctx, &client, &[("A/y", Exclusive)], "probe", Queue::Try).await, what).first(),
-        "A",
-        "dead",
-        ticket,
-        what,
-    );
+    assert_try_held_back(&ctx, &client, ("A/y", Exclusive), ("A", "dead", ticket), what).await;
 
     sleep_until(joined_at + RESERVATION_TTL / 2).await;
     let what = "a try on A/y, half a reservation's life later";
-    assert_reservation(
-        blocked(attempt(&ctx, &client, &[("A/y", Exclusive)], "probe", Queue::Try).await, what).first(),
-        "A",
-        "dead",
-        ticket,
-        what,
-    );
+    assert_try_held_back(&ctx, &client, ("A/y", Exclusive), ("A", "dead", ticket), what).await;
 
     sleep_until(joined_at + RESERVATION_TTL + ctx.timing().slack).await;
     let grant = attempt(&ctx, &client, &[("A/y", Exclusive)], "probe", Queue::Try).await;
@@ -357,7 +351,7 @@ pub async fn a_dead_waiters_reservation_lapses_within_its_ttl(ctx: Ctx) {
     let (again, _) = queued(again, "a slow waiter's next attempt");
     assert_eq!(again, ticket, "it keeps its ticket");
     assert_eq!(tickets(&client, None).await, [ticket], "its reservation is written again");
-    client.withdraw(&Owner::new("dead").expect("owner"), ticket).await.expect("withdraw");
+    withdraw(&client, "dead", ticket).await;
     client.release(&holder).await.expect("release");
 }
 
