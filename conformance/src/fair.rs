@@ -544,6 +544,7 @@ pub async fn ancestor_waits_under_fair_churn(ctx: &Ctx, churners: usize, waits: 
         gave_up: 0,
         wait_limit: bound,
         churn_grants: churn_grants.load(Ordering::Relaxed),
+        overtaken: 0,
     };
     println!("{report}");
     report
