@@ -343,6 +343,25 @@ fn the_model_catches_readers_that_ignore_writers_and_upgrades_past_readers() {
     }
 }
 
+#[test]
+fn the_model_catches_queues_that_are_ignored_overreach_or_defer_to_later_tickets() {
+    let ignored: fn() -> FlawedStore = || FlawedStore::paused(Flaw::QueueIgnored);
+    let overreach: fn() -> FlawedStore = || FlawedStore::paused(Flaw::ReservationsOverreach);
+    let every: fn() -> FlawedStore = || FlawedStore::paused(Flaw::EveryReservationBlocks);
+    for store in [ignored, overreach, every] {
+        let outcome = std::panic::catch_unwind(|| model::check(store, Algorithm::Native, true));
+        let text = message(outcome.expect_err("the model passed a broken queue"));
+        assert!(text.contains("disagrees with the reference model"), "{}", text);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn churners_that_overtake_the_ancestor_waiter_fail_the_churn_measurement() {
+    let run = tokio::spawn(async { crate::churn::measure("flawed", &FlawedStore::new(Flaw::QueueIgnored), 16).await });
+    let text = message(run.await.expect_err("the measurement passed a store that ignores its queue").into_panic());
+    assert!(text.contains("overtook a queued waiter") || text.contains("a queued waiter gave up"), "{text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queue_that_is_ignored_fails_the_contract_and_the_order() {
     let text = failure(Flaw::QueueIgnored, cases::a_reservation_refuses_later_requests_and_names_its_waiter).await;
