@@ -42,7 +42,9 @@ async fn backend() -> PostgresBackend {
 async fn granted(backend: &PostgresBackend, items: &[(&str, Mode)], owner: &str) -> Grant {
     match backend.try_grant(&request(items, owner)).await.expect("attempt") {
         Attempt::Granted(grant) => grant,
-        Attempt::Blocked(blockers) => panic!("{items:?} for {owner} refused: {blockers:?}"),
+        refusal @ (Attempt::Blocked(_) | Attempt::Queued { .. }) => {
+            panic!("{items:?} for {owner} refused: {refusal:?}")
+        }
     }
 }
 
@@ -51,6 +53,7 @@ async fn refused(backend: &PostgresBackend, items: &[(&str, Mode)], owner: &str)
     match backend.try_grant(&request(items, owner)).await.expect("attempt") {
         Attempt::Granted(grant) => panic!("{items:?} for {owner} granted: {grant:?}"),
         Attempt::Blocked(blockers) => blockers.iter().map(described).collect(),
+        queued @ Attempt::Queued { .. } => panic!("a try of {items:?} for {owner} was queued: {queued:?}"),
     }
 }
 
@@ -241,6 +244,7 @@ async fn a_key_lock_is_refused_by_a_shared_holder_and_blocks_a_shared_request() 
     match backend.try_lock_key(&key_lock, LockKind::Lock).await.expect("attempt") {
         Attempt::Blocked(blockers) => assert_eq!(described(blockers.first()), ("A/B".into(), Shared, reader.token)),
         Attempt::Granted(grant) => panic!("a key with a live Shared lock was locked: {grant:?}"),
+        queued @ Attempt::Queued { .. } => panic!("a key lock was queued: {queued:?}"),
     }
     backend.release(&reader).await.expect("release");
     let parent = LockRequest::new(path("A"), Owner::new("stepwise").expect("owner"), Ttl::new(LONG).expect("ttl"));
@@ -333,6 +337,7 @@ async fn racing_multi_path_grants_never_deadlock_nor_overlap() {
                         refusals.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
+                    Ok(queued @ Attempt::Queued { .. }) => panic!("client {client}: a try was queued: {queued:?}"),
                     Err(error) => panic!("client {client}: {error}"),
                 };
                 grants.fetch_add(1, Ordering::Relaxed);
@@ -356,6 +361,7 @@ async fn racing_multi_path_grants_never_deadlock_nor_overlap() {
                         }
                         // Only a stepwise client's lock refuses a downgrade.
                         Attempt::Blocked(_) => assert_eq!(mode, Exclusive, "a downgrade was refused"),
+                        queued @ Attempt::Queued { .. } => panic!("a mode change was queued: {queued:?}"),
                     }
                     tokio::task::yield_now().await;
                 }

@@ -55,7 +55,7 @@ async fn concurrent_migrations_of_a_fresh_schema_all_succeed() {
         let client = inspector(&url).await;
         let versions = client.query(&format!("SELECT version FROM \"{schema}\".schema_version"), &[]).await;
         let versions: Vec<i32> = versions.expect("version table").iter().map(|row| row.get(0)).collect();
-        assert_eq!(versions, [5], "one version row");
+        assert_eq!(versions, [6], "one version row");
         // A later start finds the current version and changes nothing.
         PostgresConfig::from_url(&url).expect("url").schema(schema.clone()).connect().await.expect("again");
         client.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE")).await.expect("drop");
@@ -102,6 +102,7 @@ async fn parent_child_race(stepwise_every: usize) {
                     Attempt::Blocked(_) => {
                         refused.fetch_add(1, Ordering::Relaxed);
                     }
+                    queued @ Attempt::Queued { .. } => panic!("client {client}: a try was queued: {queued:?}"),
                 }
             }
         })
@@ -244,7 +245,7 @@ async fn an_older_schema_is_migrated() {
         .expect("back to version 1");
     let backend = config.connect().await.expect("migrate").backend("older").expect("namespace");
     let version = client.query_one(&format!("SELECT version FROM \"{schema}\".schema_version"), &[]).await;
-    assert_eq!(version.expect("version").get::<_, i32>(0), 5);
+    assert_eq!(version.expect("version").get::<_, i32>(0), 6);
     let settings = client
         .query(
             "SELECT p.proname::text, array_to_string(p.proconfig, ',') FROM pg_proc p \
@@ -261,7 +262,9 @@ async fn an_older_schema_is_migrated() {
         ("release", None),
         ("release_items", None),
         ("try_grant", generic.clone()),
-        ("try_grant_items", generic),
+        ("try_grant_items", generic.clone()),
+        ("try_grant_queued", generic.clone()),
+        ("withdraw", generic),
     ];
     assert_eq!(settings, expected.map(|(name, setting)| (name.to_owned(), setting)));
     let grant = backend.try_grant(&request("a/b", "me", Duration::from_secs(30))).await.expect("grant");
@@ -326,7 +329,7 @@ async fn a_version_2_schema_is_migrated() {
 
     let backend = Arc::new(config.connect().await.expect("migrate").backend("older").expect("namespace"));
     let version = client.query_one(&format!("SELECT version FROM \"{schema}\".schema_version"), &[]).await;
-    assert_eq!(version.expect("version").get::<_, i32>(0), 5);
+    assert_eq!(version.expect("version").get::<_, i32>(0), 6);
     let rows = client.query_one(&format!("SELECT count(*) FROM \"{schema}\".listeners"), &[]).await;
     assert_eq!(rows.expect("listeners table").get::<_, i64>(0), 0);
     let long = Duration::from_secs(60);
@@ -698,7 +701,7 @@ async fn a_version_4_schema_with_locks_is_migrated() {
     let config = PostgresConfig::from_url(&url).expect("url").schema(schema.clone());
     let backend = config.connect().await.expect("migrate").backend("app").expect("namespace");
     let version = client.query_one(&format!("SELECT version FROM \"{schema}\".schema_version"), &[]).await;
-    assert_eq!(version.expect("version").get::<_, i32>(0), 5);
+    assert_eq!(version.expect("version").get::<_, i32>(0), 6);
     let held = backend.list(None).await.expect("list");
     let held: Vec<(String, Mode, u64)> =
         held.iter().map(|lock| (lock.path.to_string(), lock.mode, lock.token)).collect();
