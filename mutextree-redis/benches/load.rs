@@ -5,7 +5,7 @@
 //! uses `MUTEXTREE_REDIS_URL`) and prints, as Markdown:
 //!
 //! 1. the round trips per acquire+release pair at depth 1, 3 and 8: the
-//!    script calls the server executed (`INFO commandstats`, `eval*`), and
+//!    script calls the server executed (`INFO commandstats`, `fcall`, `eval*`), and
 //!    the requests the client sent (`LockBackend::round_trips`);
 //! 2. `redis-benchmark -c 1` and `-c 16` for `SET k v NX PX 10000`: one
 //!    round trip per request, the ceiling (a pair is two round trips, so
@@ -15,7 +15,9 @@
 //!    share of the ceiling. The 16 clients run twice: each with its own
 //!    backend (16 connections, like `redis-benchmark -c 16`), and all on
 //!    one backend (its one multiplexed connection, as an application's
-//!    tasks share a backend's clones).
+//!    tasks share a backend's clones);
+//! 4. 16 waiting clients under contention, fair against barging,
+//!    alternating (rows `.../fair-wait` and `.../barging-wait`).
 //!
 //! The `MUTEXTREE_BENCH_*` variables of
 //! [`BenchSettings`](mutextree_load::BenchSettings) apply; a row's label
@@ -169,10 +171,23 @@ fn main() {
     for share in shares {
         println!("{share}");
     }
+    print!(
+        "\n{}",
+        load::fair_against_barging(&settings, |spec| {
+            load::runtime_for(spec.clients).block_on(async {
+                let namespace = format!("bench-wait-{:08x}", fastrand::u32(..));
+                let mut backends: Vec<Arc<dyn LockBackend>> = Vec::new();
+                for _ in 0..spec.clients {
+                    backends.push(Arc::new(connect(namespace.clone()).await.expect("connect")));
+                }
+                load::run(&backends, spec).await.unwrap_or_else(|error| panic!("load run {spec:?}: {error}"))
+            })
+        })
+    );
 }
 
 /// Runs [`COUNTED_PAIRS`] pairs at `depth` and returns how many scripts
-/// the server ran meanwhile (`eval*` in `INFO commandstats`; the commands
+/// the server ran meanwhile (`fcall*` and `eval*` in `INFO commandstats`; the commands
 /// a script runs inside are counted apart, as their own names) and how many
 /// requests the client sent.
 async fn count_round_trips(url: &str, backend: &mutextree_redis::RedisBackend, depth: usize) -> (u64, u64) {
@@ -182,7 +197,7 @@ async fn count_round_trips(url: &str, backend: &mutextree_redis::RedisBackend, d
         let grant = backend.try_grant(&request).await.expect("grant").granted().expect("free");
         backend.release(&grant).await.expect("release");
     };
-    // Caches the scripts (after NOSCRIPT) outside the count.
+    // Loads the library (or caches the scripts) outside the count.
     pair().await;
     let mut raw = redis::Client::open(url).expect("url").get_multiplexed_async_connection().await.expect("connect");
     let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query_async(&mut raw).await.expect("resetstat");
@@ -194,7 +209,7 @@ async fn count_round_trips(url: &str, backend: &mutextree_redis::RedisBackend, d
     let stats: String = redis::cmd("INFO").arg("commandstats").query_async(&mut raw).await.expect("info");
     let scripts = stats
         .lines()
-        .filter_map(|line| line.strip_prefix("cmdstat_eval"))
+        .filter_map(|line| line.strip_prefix("cmdstat_fcall").or_else(|| line.strip_prefix("cmdstat_eval")))
         .filter_map(|line| line.split_once(':'))
         .map(|(_, fields)| {
             fields

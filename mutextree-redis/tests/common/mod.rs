@@ -55,5 +55,5 @@ pub(crate) fn script(body: &str) -> redis::Script {
         include_str!("../../src/lua/the_way.lua"),
         include_str!("../../src/lua/checks.lua"),
     ];
-    redis::Script::new(&format!("{}\n{body}", prelude.join("\n")))
+    redis::Script::new(&format!("{}\nbegin(KEYS, ARGV)\n{body}", prelude.join("\n")))
 }
