@@ -402,6 +402,28 @@ impl PostgresBackend {
         })
     }
 
+    /// The rows of a listing statement, as held locks: `all` for the
+    /// namespace, or `below` for `under` and below it (its key range).
+    /// Each row is key, owner, token (or ticket), remaining microseconds,
+    /// transient, mode.
+    async fn listing(&self, all: &str, below: &str, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
+        let namespace = self.namespace.as_str();
+        let rows = match under {
+            None => self.query(all, &[&namespace]).await,
+            Some(path) => {
+                let range_end = path.key_range_end();
+                self.query(below, &[&namespace, &path.key(), &range_end]).await
+            }
+        }
+        .map_err(Error::from)?;
+        rows.iter()
+            .map(|row| {
+                let mode = column::<&str>(row, 5)?;
+                self.held(column(row, 0)?, mode, column(row, 1)?, column(row, 2)?, column(row, 3)?, column(row, 4)?)
+            })
+            .collect()
+    }
+
     /// [`Shared::query`], counted in [`LockBackend::round_trips`].
     async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, CallError> {
         self.shared.query(&self.sent, sql, params).await
@@ -558,21 +580,8 @@ impl LockBackend for PostgresBackend {
     /// One entry per live item, in key order (the items of one grant share
     /// its token).
     async fn list(&self, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
-        let namespace = self.namespace.as_str();
-        let rows = match under {
-            None => self.query(&self.shared.statements.list_all, &[&namespace]).await,
-            Some(path) => {
-                let range_end = path.key_range_end();
-                self.query(&self.shared.statements.list_under, &[&namespace, &path.key(), &range_end]).await
-            }
-        }
-        .map_err(Error::from)?;
-        rows.iter()
-            .map(|row| {
-                let mode = column::<&str>(row, 5)?;
-                self.held(column(row, 0)?, mode, column(row, 1)?, column(row, 2)?, column(row, 3)?, column(row, 4)?)
-            })
-            .collect()
+        let statements = &self.shared.statements;
+        self.listing(&statements.list_all, &statements.list_under, under).await
     }
 
     async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error> {
@@ -601,23 +610,9 @@ impl LockBackend for PostgresBackend {
     /// One entry per item of each live reservation, in key order (then by
     /// ticket), its ticket as the token.
     async fn waiters(&self, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
-        let namespace = self.namespace.as_str();
-        let rows = match under {
-            None => self.query(&self.shared.statements.waiters_all, &[&namespace]).await,
-            Some(path) => {
-                let range_end = path.key_range_end();
-                self.query(&self.shared.statements.waiters_under, &[&namespace, &path.key(), &range_end]).await
-            }
-        }
-        .map_err(Error::from)?;
-        rows.iter()
-            .map(|row| {
-                let mode = column::<&str>(row, 4)?;
-                let held =
-                    self.held(column(row, 0)?, mode, column(row, 1)?, column(row, 2)?, column(row, 3)?, false)?;
-                Ok(HeldLock { waiting: true, ..held })
-            })
-            .collect()
+        let statements = &self.shared.statements;
+        let reservations = self.listing(&statements.waiters_all, &statements.waiters_under, under).await?;
+        Ok(reservations.into_iter().map(|held| HeldLock { waiting: true, ..held }).collect())
     }
 
     /// Fair: a grant honours the queue (see "Fair waiting" in the schema

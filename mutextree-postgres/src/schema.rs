@@ -376,7 +376,7 @@ impl Statements {
         );
         let waiters = format!(
             "SELECT r.key, r.owner, r.ticket, \
-                    (extract(epoch FROM r.expires_at - n.now) * 1000000)::bigint, r.mode \
+                    (extract(epoch FROM r.expires_at - n.now) * 1000000)::bigint, false, r.mode \
              FROM {s}.reservations r, (SELECT clock_timestamp() AS now) n \
              WHERE r.namespace = $1 AND r.expires_at > n.now"
         );

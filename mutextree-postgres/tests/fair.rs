@@ -14,7 +14,7 @@ use std::time::Duration;
 
 mod common;
 
-use common::{fresh_name, inspector};
+use common::{deadlocks_once_sessions_end, fresh_name, inspector, install_released, migrated, released, RELEASED};
 use conformance::cancel::Gated;
 use conformance::oracle::Oracle;
 use conformance::servers::postgres;
@@ -367,14 +367,6 @@ async fn waiters_lists_live_reservations_one_entry_per_item_in_key_order() {
     f.drop_schema().await;
 }
 
-/// A released migration's text for `schema`, as the crate fills it in.
-fn released(template: &str, schema: &str) -> String {
-    template
-        .replace("{schema}", &format!("\"{schema}\""))
-        .replace("{channel}", &format!("{schema}_changes"))
-        .replace("{schema_name}", schema)
-}
-
 /// A schema made by versions 1 to 5 exactly as released, holding locks
 /// granted by version 5's function, is migrated by the next client: the
 /// locks are kept and refuse requests, waiters queue behind them; a client
@@ -386,22 +378,7 @@ async fn a_version_5_schema_with_live_locks_is_migrated() {
     let url = postgres::url();
     let schema = fresh_name("five");
     let client = inspector(&url).await;
-    let steps = [
-        include_str!("../src/migrations/0001_locks_and_functions.sql"),
-        include_str!("../src/migrations/0002_generic_plans.sql"),
-        include_str!("../src/migrations/0003_listeners.sql"),
-        include_str!("../src/migrations/0004_try_locks_first.sql"),
-        include_str!("../src/migrations/0005_modes_and_items.sql"),
-    ];
-    let mut install = format!(
-        "CREATE SCHEMA \"{schema}\"; CREATE TABLE \"{schema}\".schema_version ( \
-             singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton), version integer NOT NULL); \
-         INSERT INTO \"{schema}\".schema_version (version) VALUES (5);"
-    );
-    for step in steps {
-        install.push_str(&released(step, &schema));
-    }
-    client.batch_execute(&install).await.expect("version 5");
+    install_released(&client, &schema, 5).await;
     // Version 5's grant of one item: (key, mode, range end, ancestors).
     let old_grant = format!(
         "SELECT outcome, token FROM \"{schema}\".try_grant_items('app', 'old', 60000, true, false, 0, \
@@ -421,13 +398,7 @@ async fn a_version_5_schema_with_live_locks_is_migrated() {
     assert_eq!(outcome, "granted");
     let (exclusive, shared) = (exclusive.expect("token") as u64, shared.expect("token") as u64);
 
-    let config = PostgresConfig::from_url(&url).expect("url").schema(schema.clone());
-    let backend = config.connect().await.expect("migrate").backend("app").expect("namespace");
-    let version = client.query_one(&format!("SELECT version FROM \"{schema}\".schema_version"), &[]).await;
-    assert_eq!(version.expect("version").get::<_, i32>(0), 6);
-    let held = backend.list(None).await.expect("list");
-    let held: Vec<(String, Mode, u64)> =
-        held.iter().map(|lock| (lock.path.to_string(), lock.mode, lock.token)).collect();
+    let (backend, held) = migrated(&url, &schema, &client).await;
     assert_eq!(held, [("a".into(), Exclusive, exclusive), ("b/c".into(), Shared, shared)]);
     let attempt = |items: &'static [(&'static str, Mode)], queue: Queue| {
         let backend = &backend;
@@ -448,10 +419,7 @@ async fn a_version_5_schema_with_live_locks_is_migrated() {
     assert_eq!(old_grant("a/x/", "exclusive", "a/x0", vec!["a/"]).await.0, "granted");
 
     // The step to version 6 again changes nothing.
-    client
-        .batch_execute(&released(include_str!("../src/migrations/0006_fair_waiting.sql"), &schema))
-        .await
-        .expect("again");
+    client.batch_execute(&released(RELEASED[5], &schema)).await.expect("again");
     let waiters = backend.waiters(None).await.expect("waiters");
     assert_eq!(
         waiters.iter().map(described).collect::<Vec<_>>(),
@@ -525,20 +493,8 @@ async fn crossing_fair_waiters_never_deadlock_nor_overlap() {
     let live = f.backend.waiters(None).await.expect("waiters");
     assert_eq!(live, [], "every wait ended in a grant, which removed its reservation");
 
-    let started = Instant::now();
-    let others =
-        "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()";
-    // Only the fixture's sessions (its pool and the inspector) are left.
-    while f.client.query_one(others, &[]).await.expect("activity").get::<_, i64>(0) > 2 {
-        assert!(started.elapsed() < Duration::from_secs(30), "the clients' sessions never ended");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let deadlocks = f
-        .client
-        .query_one("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()", &[])
-        .await
-        .expect("statistics")
-        .get::<_, i64>(0);
+    // Besides the inspector, only the fixture's pool (two at most) is left.
+    let deadlocks = deadlocks_once_sessions_end(&f.client, 2).await;
     assert_eq!(deadlocks, 0, "the server broke {deadlocks} deadlocks between grants");
     drop(f);
     drop(server);

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 mod common;
 
-use common::{fresh_name, inspector};
+use common::{deadlocks_once_sessions_end, fresh_name, inspector};
 use conformance::oracle::Oracle;
 use conformance::servers::postgres;
 use futures::future::join_all;
@@ -382,20 +382,7 @@ async fn racing_multi_path_grants_never_deadlock_nor_overlap() {
         "{grants} grants, {changes} changes, {refusals} refusals, {shared} beside readers"
     );
 
-    // Every session of the clients has ended, and reported its statistics.
-    let client = inspector(&url).await;
-    let others =
-        "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()";
-    let started = tokio::time::Instant::now();
-    while client.query_one(others, &[]).await.expect("activity").get::<_, i64>(0) > 0 {
-        assert!(started.elapsed() < Duration::from_secs(30), "the clients' sessions never ended");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let deadlocks = client
-        .query_one("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()", &[])
-        .await
-        .expect("statistics")
-        .get::<_, i64>(0);
+    let deadlocks = deadlocks_once_sessions_end(&inspector(&url).await, 0).await;
     assert_eq!(deadlocks, 0, "the server broke {deadlocks} deadlocks between grants");
 }
 
