@@ -15,7 +15,8 @@
 //! oracle checks that the waiter and the churners never overlap, and every
 //! churner's grant is checked against the waiter's: a churner that asked
 //! after the waiter had queued and was granted before it *overtook* it.
-//! [`ChurnReport::assert_fair`] asserts none did and no wait gave up.
+//! [`ChurnReport::assert_fair`] asserts none did and no wait gave up;
+//! [`crate::fair`] bounds the wait itself.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
