@@ -14,7 +14,7 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, QueueMode, RecyclingMethod, Runtime};
 use mutextree_core::backend::url::{connect_failed, connect_timed_out, connect_within};
 use mutextree_core::backend::Check;
-use mutextree_core::backend::{async_trait, Attempt, Listener, LockKind, LockRequest};
+use mutextree_core::backend::{async_trait, Attempt, Listener, LockKind, LockRequest, Queue, RESERVATION_TTL};
 use mutextree_core::{
     Blockers, Error, Fairness, Grant, HeldLock, LockBackend, LockItems, LockPath, Mode, Namespace, Owner, Ttl,
 };
@@ -276,19 +276,23 @@ impl PostgresBackend {
     }
 
     /// One call of the grant function: `items` for `owner` during `ttl`,
-    /// by the tree operation or the single-key primitive; or, with
-    /// `changing` (a grant of `owner` with the same paths), that grant's
-    /// items changed to the modes of `items`, with its expiry.
+    /// as `call` says (see [`GrantCall`]).
     async fn grant(
         &self,
         items: &LockItems,
         owner: &Owner,
         ttl: Duration,
         kind: LockKind,
-        check: Check,
-        changing: Option<&Grant>,
+        call: GrantCall<'_>,
     ) -> Result<Attempt, Error> {
+        let (check, queue, changing) = match call {
+            GrantCall::Tree(queue) => (Check::Tree, queue, None),
+            GrantCall::KeyOnly => (Check::KeyOnly, Queue::Barge, None),
+            GrantCall::Change(grant) => (Check::Tree, Queue::Barge, Some(grant)),
+        };
         let arrays = GrantItems::new(items, check);
+        let (queue, ticket) = queue_arguments(queue)?;
+        let reservation_ms = millis(RESERVATION_TTL);
         let ttl_ms = millis(ttl);
         let (tree, transient) = (check == Check::Tree, kind == LockKind::Transient);
         let changing_token = match changing {
@@ -313,6 +317,9 @@ impl PostgresBackend {
                     &arrays.ancestors,
                     &arrays.lock_keys,
                     &arrays.lock_modes,
+                    &queue,
+                    &ticket,
+                    &reservation_ms,
                 ],
             )
             .await?;
@@ -327,6 +334,10 @@ impl PostgresBackend {
                 Ok(Attempt::Granted(Grant { items: items.clone(), token, ..grant.clone() }))
             }
             ("blocked", _) => self.blockers(&row, items.len()).map(Attempt::Blocked),
+            ("queued", None) => {
+                let ticket = token(column(&row, 1)?)?;
+                Ok(Attempt::Queued { ticket, blockers: self.blockers(&row, items.len())? })
+            }
             ("not held", Some(grant)) => Err(Error::not_held(grant)),
             (other, _) => Err(unexpected(format!("the grant function's outcome {other:?}"))),
         }
@@ -342,24 +353,28 @@ impl PostgresBackend {
         let tokens: Vec<i64> = column(row, 6)?;
         let remaining_us: Vec<i64> = column(row, 7)?;
         let transient: Vec<bool> = column(row, 8)?;
+        let waiting: Vec<bool> = column(row, 9)?;
         let in_order = blocked.windows(2).all(|pair| pair[0] < pair[1]);
         let in_range = blocked.iter().all(|&item| item >= 1 && item as usize <= items);
-        let same_length = [keys.len(), modes.len(), owners.len(), tokens.len(), remaining_us.len(), transient.len()]
-            .iter()
-            .all(|&length| length == blocked.len());
+        let lengths =
+            [keys.len(), modes.len(), owners.len(), tokens.len(), remaining_us.len(), transient.len(), waiting.len()];
+        let same_length = lengths.iter().all(|&length| length == blocked.len());
         if !(in_order && in_range && same_length) {
             return Err(unexpected(format!("blockers of items {blocked:?} for a request of {items}")));
         }
-        let mut held = keys.into_iter().zip(modes).zip(owners).zip(tokens).zip(remaining_us).zip(transient).map(
-            |(((((key, mode), owner), token), remaining_us), transient)| {
-                self.held(key, &mode, owner, token, remaining_us, transient)
+        let described = keys.into_iter().zip(modes).zip(owners).zip(tokens).zip(remaining_us);
+        let mut held = described.zip(transient).zip(waiting).map(
+            |((((((key, mode), owner), token), remaining_us), transient), waiting)| -> Result<HeldLock, Error> {
+                let held = self.held(key, &mode, owner, token, remaining_us, transient)?;
+                Ok(HeldLock { waiting, ..held })
             },
         );
         let first = held.next().ok_or_else(|| unexpected("a refusal without a blocker".to_owned()))??;
         Ok(Blockers::new(first, held.collect::<Result<Vec<_>, Error>>()?))
     }
 
-    /// A lock as the server described it.
+    /// A lock (or, with `waiting` set afterwards, a reservation, its
+    /// ticket as `token_value`) as the server described it.
     fn held(
         &self,
         key: String,
@@ -387,6 +402,28 @@ impl PostgresBackend {
         })
     }
 
+    /// The rows of a listing statement, as held locks: `all` for the
+    /// namespace, or `below` for `under` and below it (its key range).
+    /// Each row is key, owner, token (or ticket), remaining microseconds,
+    /// transient, mode.
+    async fn listing(&self, all: &str, below: &str, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
+        let namespace = self.namespace.as_str();
+        let rows = match under {
+            None => self.query(all, &[&namespace]).await,
+            Some(path) => {
+                let range_end = path.key_range_end();
+                self.query(below, &[&namespace, &path.key(), &range_end]).await
+            }
+        }
+        .map_err(Error::from)?;
+        rows.iter()
+            .map(|row| {
+                let mode = column::<&str>(row, 5)?;
+                self.held(column(row, 0)?, mode, column(row, 1)?, column(row, 2)?, column(row, 3)?, column(row, 4)?)
+            })
+            .collect()
+    }
+
     /// [`Shared::query`], counted in [`LockBackend::round_trips`].
     async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, CallError> {
         self.shared.query(&self.sent, sql, params).await
@@ -396,6 +433,20 @@ impl PostgresBackend {
     async fn query_one(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row, Error> {
         self.shared.query_one(&self.sent, sql, params).await
     }
+}
+
+/// What one call of the grant function does.
+#[derive(Clone, Copy, Debug)]
+enum GrantCall<'a> {
+    /// The tree operation, at this place in the waiters' queue.
+    Tree(Queue),
+    /// The single-key primitive of the stepwise algorithm, which ignores
+    /// the queue.
+    KeyOnly,
+    /// This grant of the owner (with the same paths) changed to the modes
+    /// of the items, with its expiry. A change never waits, and ignores
+    /// the queue.
+    Change(&'a Grant),
 }
 
 /// A request's items as the grant function takes them (see the schema
@@ -457,6 +508,21 @@ fn millis(ttl: Duration) -> i64 {
     ttl.as_millis() as i64
 }
 
+/// A place in the queue as the grant function takes it: `barge`, `try`,
+/// `join` or `waiting` with the ticket (0 for the others). A ticket beyond
+/// `i64::MAX` was never issued by this store.
+fn queue_arguments(queue: Queue) -> Result<(&'static str, i64), Error> {
+    Ok(match queue {
+        Queue::Barge => ("barge", 0),
+        Queue::Try => ("try", 0),
+        Queue::Join => ("join", 0),
+        Queue::Waiting(ticket) => {
+            let ticket = i64::try_from(ticket).map_err(|_| unexpected(format!("a waiter's ticket {ticket}")))?;
+            ("waiting", ticket)
+        }
+    })
+}
+
 /// The keys of a grant's items, as release and refresh match them.
 fn grant_keys(grant: &Grant) -> Vec<&str> {
     grant.items.iter().map(|item| item.path.key()).collect()
@@ -481,7 +547,7 @@ impl fmt::Debug for PostgresBackend {
 #[async_trait]
 impl LockBackend for PostgresBackend {
     async fn try_lock_key(&self, request: &LockRequest, kind: LockKind) -> Result<Attempt, Error> {
-        self.grant(&request.items, &request.owner, request.ttl.get(), kind, Check::KeyOnly, None).await
+        self.grant(&request.items, &request.owner, request.ttl.get(), kind, GrantCall::KeyOnly).await
     }
 
     async fn release(&self, grant: &Grant) -> Result<(), Error> {
@@ -514,25 +580,13 @@ impl LockBackend for PostgresBackend {
     /// One entry per live item, in key order (the items of one grant share
     /// its token).
     async fn list(&self, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
-        let namespace = self.namespace.as_str();
-        let rows = match under {
-            None => self.query(&self.shared.statements.list_all, &[&namespace]).await,
-            Some(path) => {
-                let range_end = path.key_range_end();
-                self.query(&self.shared.statements.list_under, &[&namespace, &path.key(), &range_end]).await
-            }
-        }
-        .map_err(Error::from)?;
-        rows.iter()
-            .map(|row| {
-                let mode = column::<&str>(row, 5)?;
-                self.held(column(row, 0)?, mode, column(row, 1)?, column(row, 2)?, column(row, 3)?, column(row, 4)?)
-            })
-            .collect()
+        let statements = &self.shared.statements;
+        self.listing(&statements.list_all, &statements.list_under, under).await
     }
 
     async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error> {
-        self.grant(&request.items, &request.owner, request.ttl.get(), LockKind::Lock, Check::Tree, None).await
+        let call = GrantCall::Tree(request.queue);
+        self.grant(&request.items, &request.owner, request.ttl.get(), LockKind::Lock, call).await
     }
 
     /// One call of the grant function, as a grant of the same items in
@@ -540,21 +594,31 @@ impl LockBackend for PostgresBackend {
     /// the schema module).
     async fn change_mode(&self, grant: &Grant, mode: Mode) -> Result<Attempt, Error> {
         let items = grant.items.with_mode(mode);
-        self.grant(&items, &grant.owner, grant.ttl, grant.kind, Check::Tree, Some(grant)).await
+        self.grant(&items, &grant.owner, grant.ttl, grant.kind, GrantCall::Change(grant)).await
     }
 
-    /// This store does not queue waiters yet: it writes no reservation.
-    async fn withdraw(&self, _owner: &Owner, _ticket: u64) -> Result<(), Error> {
+    /// One call of the withdrawal function, which wakes the namespace's
+    /// waiters if the reservation was live (see the schema module).
+    async fn withdraw(&self, owner: &Owner, ticket: u64) -> Result<(), Error> {
+        // A ticket beyond i64::MAX was never issued: nothing to remove.
+        let Ok(ticket) = i64::try_from(ticket) else { return Ok(()) };
+        let (namespace, owner) = (self.namespace.as_str(), owner.as_str());
+        self.query_one(&self.shared.statements.withdraw, &[&namespace, &owner, &ticket]).await?;
         Ok(())
     }
 
-    async fn waiters(&self, _under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
-        Ok(Vec::new())
+    /// One entry per item of each live reservation, in key order (then by
+    /// ticket), its ticket as the token.
+    async fn waiters(&self, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
+        let statements = &self.shared.statements;
+        let reservations = self.listing(&statements.waiters_all, &statements.waiters_under, under).await?;
+        Ok(reservations.into_iter().map(|held| HeldLock { waiting: true, ..held }).collect())
     }
 
-    /// Barging until this store queues waiters.
+    /// Fair: a grant honours the queue (see "Fair waiting" in the schema
+    /// module).
     fn fairness(&self) -> Fairness {
-        Fairness::Barging
+        Fairness::Fair
     }
 
     /// Every release in the namespace wakes every waiter of this backend,

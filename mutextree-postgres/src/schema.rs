@@ -68,11 +68,12 @@
 //! `mode` (`shared` or `exclusive`), and the grant's owner, token and
 //! expiry, which all its items share. The primary key is (namespace, key,
 //! token), so several Shared holders sit on one key; a stepwise client's
-//! locks are Exclusive rows. `try_grant_items` checks the items one by
-//! one, under the locks of all of them: an Exclusive item is blocked by any
-//! live row on an ancestor, on its node or below; a Shared item only by an
-//! Exclusive one, which it finds through a partial index on the Exclusive
-//! rows, so its cost does not grow with the Shared holders around it. It
+//! locks are Exclusive rows. `try_grant_items` (since version 6
+//! `try_grant_queued`) checks the items one by one, under the locks of all
+//! of them: an Exclusive item is blocked by any live row on an ancestor,
+//! on its node or below; a Shared item only by an Exclusive one, which it
+//! finds through a partial index on the Exclusive rows, so its cost does
+//! not grow with the Shared holders around it. It
 //! reports a blocker for every blocked item, and grants (one token, one
 //! expiry, a row per item) only if none is blocked. A single-key lock
 //! (the stepwise primitive) is blocked by any live row on its key, Shared
@@ -90,6 +91,58 @@
 //! Release and refresh act on the rows of the grant's keys with its owner
 //! and token: every item at once.
 //!
+//! # Fair waiting
+//!
+//! Since version 6 the grant function is `try_grant_queued`, which also
+//! honours the waiters' queue (see `mutextree_core::Fairness`). A waiter's
+//! *reservation* is a row of `reservations` per item of its request: key,
+//! mode, owner, ticket (a value of the same sequence as the tokens) and
+//! expiry, `clock_timestamp()` plus `RESERVATION_TTL`. Its items conflict
+//! with a request's exactly as a grant's would, and they are checked the
+//! same way, after the grants: for an item that no grant is in the way
+//! of, each ancestor's key by equality (the head of its queue: the
+//! primary key is (namespace, key, ticket)) and the subtree by a range,
+//! through a partial index on the Exclusive rows for a Shared item;
+//! a try and a joining request count every live reservation, a waiter only
+//! those with smaller tickets, so its own never blocks it. The refusal of a
+//! joining request takes its ticket (`nextval`) and writes its reservation;
+//! a waiter's refusal renews it (writing it again if it lapsed); a waiter's
+//! grant deletes it: all in the same call. A grant that replaces its
+//! reservation wakes nobody, since its items refuse exactly what the
+//! reservation refused; `withdraw` (a wait that ends otherwise) does, as a
+//! release does.
+//!
+//! The advisory-lock argument above covers reservations: a request that
+//! writes a reservation when refused (a joining request or a waiter) never
+//! takes the shortcut of looking without its locks, so a reservation's rows
+//! are written, like a grant's, while its call holds the locks of its
+//! items, and read by every check under the locks of the checking
+//! request's items. A reservation and a request that conflict are on
+//! comparable paths, so their calls meet on the upper path's key and one
+//! commits before the other looks: every check sees every conflicting
+//! reservation committed before it, and a ticket (drawn under the locks)
+//! is never passed by a request whose check could not see it. Refusals that
+//! write nothing (tries, barging requests) still look without waiting
+//! first. Withdrawals take no advisory lock: removing a reservation only
+//! lets requests through, and a check that saw it just before was right
+//! to refuse.
+//!
+//! So that the queue costs nothing while nobody waits, `queues` holds per
+//! namespace a mark that no reservation of the namespace lives past: a
+//! call that writes a reservation moves the mark to twice the
+//! reservation's life ahead, if the reservation would outlive it (once per
+//! reservation's life in a namespace with waiters, not at every attempt;
+//! the mark is written in the reservation's transaction, so a check that
+//! sees the reservation sees the mark). A fair request first reads the
+//! mark, one lookup of that small table's primary key, and looks for
+//! reservations only while it lies ahead: an uncontended grant pays that
+//! one lookup, which finds no row in a namespace that never queued, and a
+//! mark in the past in one whose waiters have gone. Barging requests, the
+//! stepwise primitive and mode changes do not read it.
+//!
+//! Expired reservations are removed by the grants' bounded sweep (see
+//! "Keeping the table small"); checks and listings ignore them until then.
+//!
 //! # Why the server's clock, read at the call
 //!
 //! Expiry is judged by `clock_timestamp()` (the present), read once after
@@ -103,8 +156,9 @@
 //! partial index: the live Shared rows there stay unread); and one grant in
 //! 128 for each of its items, on average (the token modulo 128 below the
 //! number of items), also removes up to 256 expired rows anywhere, oldest
-//! first, through the index on `expires_at`: a bounded amount of work per
-//! grant, and the table holds little more than the live locks.
+//! first, through the index on `expires_at` (and since version 6 up to 256
+//! expired reservations, through theirs): a bounded amount of work per
+//! grant, and the tables hold little more than the live locks and waiters.
 //!
 //! # Plans
 //!
@@ -189,6 +243,13 @@
 //!    the new rules refuse; only their single-key lock fails (its
 //!    `ON CONFLICT` names the old primary key). Every statement of this
 //!    step can run again on a schema it already changed.
+//! 6. Fair waiting (see "Fair waiting"): the tables `reservations` and
+//!    `queues`, and the functions `try_grant_queued` and `withdraw`. The
+//!    grant functions of versions 4 and 5 stay, for clients of those
+//!    versions still running while their schema is upgraded: they neither
+//!    read nor write reservations (they barge), and count the same grants
+//!    as in the way as before. Every statement of this step can run again
+//!    on a schema it already changed.
 //!
 //! Each version is a fixed file in `src/migrations/`, its text exactly as
 //! it was released, with only the schema's name spliced in. Installed
@@ -196,7 +257,8 @@
 //! again, so editing a released file would give fresh installs objects
 //! that upgraded ones never get. A test pins every file's checksum; a
 //! change is a new version, even when it repeats most of an older one
-//! (versions 2 and 4 each restate all of `try_grant`).
+//! (versions 2 and 4 each restate all of `try_grant`, version 6 all of
+//! `try_grant_items`).
 //!
 //! `schema_version` holds the version of the objects. A client migrates an
 //! older schema step by step inside one transaction, under a transaction-
@@ -211,7 +273,7 @@ use mutextree_core::backend::quote;
 use mutextree_core::Error;
 
 /// The version of the objects this crate creates and uses.
-pub(crate) const VERSION: i32 = 5;
+pub(crate) const VERSION: i32 = 6;
 
 /// The name of a PostgreSQL schema the store keeps its objects in.
 ///
@@ -298,6 +360,9 @@ pub(crate) struct Statements {
     pub(crate) refresh: String,
     pub(crate) list_all: String,
     pub(crate) list_under: String,
+    pub(crate) withdraw: String,
+    pub(crate) waiters_all: String,
+    pub(crate) waiters_under: String,
 }
 
 impl Statements {
@@ -309,13 +374,24 @@ impl Statements {
              FROM {s}.locks l, (SELECT clock_timestamp() AS now) n \
              WHERE l.namespace = $1 AND l.expires_at > n.now"
         );
+        let waiters = format!(
+            "SELECT r.key, r.owner, r.ticket, \
+                    (extract(epoch FROM r.expires_at - n.now) * 1000000)::bigint, false, r.mode \
+             FROM {s}.reservations r, (SELECT clock_timestamp() AS now) n \
+             WHERE r.namespace = $1 AND r.expires_at > n.now"
+        );
         Statements {
             read_version: format!("SELECT version FROM {s}.schema_version"),
-            grant: format!("SELECT * FROM {s}.try_grant_items($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"),
+            grant: format!(
+                "SELECT * FROM {s}.try_grant_queued($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
+            ),
             release: format!("SELECT {s}.release_items($1, $2, $3, $4)"),
             refresh: format!("SELECT {s}.refresh_items($1, $2, $3, $4, $5)"),
             list_all: format!("{list} ORDER BY l.key, l.token"),
             list_under: format!("{list} AND l.key >= $2 AND l.key < $3 ORDER BY l.key, l.token"),
+            withdraw: format!("SELECT {s}.withdraw($1, $2, $3)"),
+            waiters_all: format!("{waiters} ORDER BY r.key, r.ticket"),
+            waiters_under: format!("{waiters} AND r.key >= $2 AND r.key < $3 ORDER BY r.key, r.ticket"),
         }
     }
 }
@@ -331,6 +407,7 @@ const MIGRATIONS: [&str; VERSION as usize] = [
     include_str!("migrations/0003_listeners.sql"),
     include_str!("migrations/0004_try_locks_first.sql"),
     include_str!("migrations/0005_modes_and_items.sql"),
+    include_str!("migrations/0006_fair_waiting.sql"),
 ];
 
 /// The statements that take the schema from `version - 1` to `version`.
@@ -439,12 +516,13 @@ mod tests {
 
     /// The SHA-256 of each released migration's file, as
     /// `sha256sum src/migrations/*.sql` prints it.
-    const RELEASED: [&str; 5] = [
+    const RELEASED: [&str; 6] = [
         "306db937814fdbdcd85009cb7f375c47657aa5f39d2ec457290f798a0aa1f2f0",
         "7ff07ddb8ef729a3d9efad66f4ca0131390636808011c7654cd9dec06784014c",
         "41c72b29fb91f23992a317c63464abb3ba36f0ac5e06c82c909477625e18b1ea",
         "5f4edc589e89479fdca77c188b39d77396d1232893736f6da7144abfe61b7351",
         "d7e5ad45dded0bb7b80fc01e7e36cf0264bb89c21e8ec5e12fdf924aeb302e48",
+        "4369596d7c06a677f251d1934887f2c4e0efa875d2d0885bdad77dfe590435da",
     ];
 
     #[test]
@@ -482,11 +560,15 @@ mod tests {
     }
 
     #[test]
-    fn releases_take_the_listeners_key_that_listening_sessions_take() {
+    fn releases_and_withdrawals_take_the_listeners_key_that_listening_sessions_take() {
         let schema = SchemaName::new("other_9").expect("valid");
         let listeners = migration_step(&schema, 3).expect("version 3");
         let key = listeners_lock(&schema, "p_namespace");
         assert!(listeners.contains(&format!("pg_advisory_xact_lock_shared({key})")), "{listeners}");
         assert!(listeners.contains(&format!("pg_notify('{}', p_namespace)", schema.channel())), "{listeners}");
+        // And so do withdrawals, which wake waiters as releases do.
+        let withdrawals = migration_step(&schema, 6).expect("version 6");
+        assert!(withdrawals.contains(&format!("pg_advisory_xact_lock_shared({key})")), "{withdrawals}");
+        assert!(withdrawals.contains(&format!("pg_notify('{}', p_namespace)", schema.channel())), "{withdrawals}");
     }
 }

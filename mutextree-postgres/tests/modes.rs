@@ -12,7 +12,7 @@ use std::time::Duration;
 
 mod common;
 
-use common::{fresh_name, inspector};
+use common::{deadlocks_once_sessions_end, fresh_name, inspector};
 use conformance::oracle::Oracle;
 use conformance::servers::postgres;
 use futures::future::join_all;
@@ -42,7 +42,9 @@ async fn backend() -> PostgresBackend {
 async fn granted(backend: &PostgresBackend, items: &[(&str, Mode)], owner: &str) -> Grant {
     match backend.try_grant(&request(items, owner)).await.expect("attempt") {
         Attempt::Granted(grant) => grant,
-        Attempt::Blocked(blockers) => panic!("{items:?} for {owner} refused: {blockers:?}"),
+        refusal @ (Attempt::Blocked(_) | Attempt::Queued { .. }) => {
+            panic!("{items:?} for {owner} refused: {refusal:?}")
+        }
     }
 }
 
@@ -51,6 +53,7 @@ async fn refused(backend: &PostgresBackend, items: &[(&str, Mode)], owner: &str)
     match backend.try_grant(&request(items, owner)).await.expect("attempt") {
         Attempt::Granted(grant) => panic!("{items:?} for {owner} granted: {grant:?}"),
         Attempt::Blocked(blockers) => blockers.iter().map(described).collect(),
+        queued @ Attempt::Queued { .. } => panic!("a try of {items:?} for {owner} was queued: {queued:?}"),
     }
 }
 
@@ -241,6 +244,7 @@ async fn a_key_lock_is_refused_by_a_shared_holder_and_blocks_a_shared_request() 
     match backend.try_lock_key(&key_lock, LockKind::Lock).await.expect("attempt") {
         Attempt::Blocked(blockers) => assert_eq!(described(blockers.first()), ("A/B".into(), Shared, reader.token)),
         Attempt::Granted(grant) => panic!("a key with a live Shared lock was locked: {grant:?}"),
+        queued @ Attempt::Queued { .. } => panic!("a key lock was queued: {queued:?}"),
     }
     backend.release(&reader).await.expect("release");
     let parent = LockRequest::new(path("A"), Owner::new("stepwise").expect("owner"), Ttl::new(LONG).expect("ttl"));
@@ -333,6 +337,7 @@ async fn racing_multi_path_grants_never_deadlock_nor_overlap() {
                         refusals.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
+                    Ok(queued @ Attempt::Queued { .. }) => panic!("client {client}: a try was queued: {queued:?}"),
                     Err(error) => panic!("client {client}: {error}"),
                 };
                 grants.fetch_add(1, Ordering::Relaxed);
@@ -356,6 +361,7 @@ async fn racing_multi_path_grants_never_deadlock_nor_overlap() {
                         }
                         // Only a stepwise client's lock refuses a downgrade.
                         Attempt::Blocked(_) => assert_eq!(mode, Exclusive, "a downgrade was refused"),
+                        queued @ Attempt::Queued { .. } => panic!("a mode change was queued: {queued:?}"),
                     }
                     tokio::task::yield_now().await;
                 }
@@ -376,20 +382,7 @@ async fn racing_multi_path_grants_never_deadlock_nor_overlap() {
         "{grants} grants, {changes} changes, {refusals} refusals, {shared} beside readers"
     );
 
-    // Every session of the clients has ended, and reported its statistics.
-    let client = inspector(&url).await;
-    let others =
-        "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()";
-    let started = tokio::time::Instant::now();
-    while client.query_one(others, &[]).await.expect("activity").get::<_, i64>(0) > 0 {
-        assert!(started.elapsed() < Duration::from_secs(30), "the clients' sessions never ended");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let deadlocks = client
-        .query_one("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()", &[])
-        .await
-        .expect("statistics")
-        .get::<_, i64>(0);
+    let deadlocks = deadlocks_once_sessions_end(&inspector(&url).await, 0).await;
     assert_eq!(deadlocks, 0, "the server broke {deadlocks} deadlocks between grants");
 }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 mod common;
 
-use common::{fresh_name, inspector};
+use common::{fresh_name, inspector, install_released, migrated, released, RELEASED};
 use conformance::cancel::Gated;
 use conformance::oracle::Oracle;
 use conformance::servers::postgres;
@@ -55,7 +55,7 @@ async fn concurrent_migrations_of_a_fresh_schema_all_succeed() {
         let client = inspector(&url).await;
         let versions = client.query(&format!("SELECT version FROM \"{schema}\".schema_version"), &[]).await;
         let versions: Vec<i32> = versions.expect("version table").iter().map(|row| row.get(0)).collect();
-        assert_eq!(versions, [5], "one version row");
+        assert_eq!(versions, [6], "one version row");
         // A later start finds the current version and changes nothing.
         PostgresConfig::from_url(&url).expect("url").schema(schema.clone()).connect().await.expect("again");
         client.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE")).await.expect("drop");
@@ -102,6 +102,7 @@ async fn parent_child_race(stepwise_every: usize) {
                     Attempt::Blocked(_) => {
                         refused.fetch_add(1, Ordering::Relaxed);
                     }
+                    queued @ Attempt::Queued { .. } => panic!("client {client}: a try was queued: {queued:?}"),
                 }
             }
         })
@@ -244,7 +245,7 @@ async fn an_older_schema_is_migrated() {
         .expect("back to version 1");
     let backend = config.connect().await.expect("migrate").backend("older").expect("namespace");
     let version = client.query_one(&format!("SELECT version FROM \"{schema}\".schema_version"), &[]).await;
-    assert_eq!(version.expect("version").get::<_, i32>(0), 5);
+    assert_eq!(version.expect("version").get::<_, i32>(0), 6);
     let settings = client
         .query(
             "SELECT p.proname::text, array_to_string(p.proconfig, ',') FROM pg_proc p \
@@ -261,7 +262,9 @@ async fn an_older_schema_is_migrated() {
         ("release", None),
         ("release_items", None),
         ("try_grant", generic.clone()),
-        ("try_grant_items", generic),
+        ("try_grant_items", generic.clone()),
+        ("try_grant_queued", generic.clone()),
+        ("withdraw", generic),
     ];
     assert_eq!(settings, expected.map(|(name, setting)| (name.to_owned(), setting)));
     let grant = backend.try_grant(&request("a/b", "me", Duration::from_secs(30))).await.expect("grant");
@@ -326,7 +329,7 @@ async fn a_version_2_schema_is_migrated() {
 
     let backend = Arc::new(config.connect().await.expect("migrate").backend("older").expect("namespace"));
     let version = client.query_one(&format!("SELECT version FROM \"{schema}\".schema_version"), &[]).await;
-    assert_eq!(version.expect("version").get::<_, i32>(0), 5);
+    assert_eq!(version.expect("version").get::<_, i32>(0), 6);
     let rows = client.query_one(&format!("SELECT count(*) FROM \"{schema}\".listeners"), &[]).await;
     assert_eq!(rows.expect("listeners table").get::<_, i64>(0), 0);
     let long = Duration::from_secs(60);
@@ -648,14 +651,6 @@ async fn connection_errors_say_what_the_server_said() {
     }
 }
 
-/// A released migration's text for `schema`, as the crate fills it in.
-fn released(template: &str, schema: &str) -> String {
-    template
-        .replace("{schema}", &format!("\"{schema}\""))
-        .replace("{channel}", &format!("{schema}_changes"))
-        .replace("{schema_name}", schema)
-}
-
 /// A schema made by versions 1 to 4 exactly as released, holding locks
 /// granted by version 4's functions, is migrated by the next client: the
 /// locks are kept, listed as Exclusive, and keep Shared requests out;
@@ -667,21 +662,7 @@ async fn a_version_4_schema_with_locks_is_migrated() {
     let url = postgres::url();
     let schema = fresh_name("four");
     let client = inspector(&url).await;
-    let steps = [
-        include_str!("../src/migrations/0001_locks_and_functions.sql"),
-        include_str!("../src/migrations/0002_generic_plans.sql"),
-        include_str!("../src/migrations/0003_listeners.sql"),
-        include_str!("../src/migrations/0004_try_locks_first.sql"),
-    ];
-    let mut install = format!(
-        "CREATE SCHEMA \"{schema}\"; CREATE TABLE \"{schema}\".schema_version ( \
-             singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton), version integer NOT NULL); \
-         INSERT INTO \"{schema}\".schema_version (version) VALUES (4);"
-    );
-    for step in steps {
-        install.push_str(&released(step, &schema));
-    }
-    client.batch_execute(&install).await.expect("version 4");
+    install_released(&client, &schema, 4).await;
     let old_grant = format!("SELECT * FROM \"{schema}\".try_grant('app', $1, $2, $3, 'old', 60000, true, false)");
     let old_grant = |key: &'static str, ancestors: Vec<&'static str>, end: &'static str| {
         let (client, sql) = (&client, &old_grant);
@@ -695,13 +676,7 @@ async fn a_version_4_schema_with_locks_is_migrated() {
     let (granted, child) = old_grant("b/c/", vec!["b/"], "b/c0").await;
     assert!(granted);
 
-    let config = PostgresConfig::from_url(&url).expect("url").schema(schema.clone());
-    let backend = config.connect().await.expect("migrate").backend("app").expect("namespace");
-    let version = client.query_one(&format!("SELECT version FROM \"{schema}\".schema_version"), &[]).await;
-    assert_eq!(version.expect("version").get::<_, i32>(0), 5);
-    let held = backend.list(None).await.expect("list");
-    let held: Vec<(String, Mode, u64)> =
-        held.iter().map(|lock| (lock.path.to_string(), lock.mode, lock.token)).collect();
+    let (backend, held) = migrated(&url, &schema, &client).await;
     let (parent, child) = (parent.expect("token") as u64, child.expect("token") as u64);
     assert_eq!(held, [("a".to_owned(), Mode::Exclusive, parent), ("b/c".to_owned(), Mode::Exclusive, child)]);
     let shared = |path: &str, owner: &str| {
@@ -722,10 +697,7 @@ async fn a_version_4_schema_with_locks_is_migrated() {
     assert_eq!(old_grant("a/", vec![], "a0").await, (false, None), "version 4's grant sees the Shared row");
 
     // The step to version 5 again changes nothing.
-    client
-        .batch_execute(&released(include_str!("../src/migrations/0005_modes_and_items.sql"), &schema))
-        .await
-        .expect("again");
+    client.batch_execute(&released(RELEASED[4], &schema)).await.expect("again");
     let held_again = backend.list(None).await.expect("list");
     assert_eq!(held_again.iter().map(|lock| lock.token).collect::<Vec<_>>(), [reader.token, child]);
     backend.release(&reader).await.expect("release");
