@@ -63,6 +63,8 @@ const RESERVATION_LEASE_YOUTH: Duration = Duration::from_millis(500);
 /// Reservations a transaction reads per range: the waiters before a
 /// request that it learns at once. With more, it learns them as they go.
 const AWAITED_PER_RANGE: i64 = 128;
+/// Free tags a backend keeps for its next waits.
+const FREE_TAGS: usize = 64;
 
 impl EtcdConfig {
     /// Checks the configuration and connects, one connection per endpoint
@@ -137,6 +139,7 @@ impl EtcdStore {
                 grant_leases: Mutex::new(HashMap::new()),
                 reservation_lease: Mutex::new(None),
                 queued: Mutex::new(HashMap::new()),
+                free_tags: Mutex::new(Vec::new()),
                 sent: AtomicU64::new(0),
             }),
         })
@@ -177,6 +180,9 @@ struct Inner {
     reservation_lease: Mutex<Option<Lease>>,
     /// This backend's waiters, by ticket: what each waits for.
     queued: Mutex<HashMap<u64, Queued>>,
+    /// Tags of this backend's ended waits whose keys are gone, for its next
+    /// waits (see the layout module).
+    free_tags: Mutex<Vec<String>>,
     /// Requests sent, for [`LockBackend::round_trips`].
     sent: AtomicU64,
 }
@@ -232,6 +238,7 @@ impl Lease {
 /// is at least the ticket" fails on it).
 struct Queued {
     owner: Owner,
+    tag: String,
     keys: Vec<String>,
     earlier: Vec<(Vec<u8>, i64)>,
     /// Whether `earlier` holds all of them (a read stops at
@@ -429,30 +436,28 @@ impl LockBackend for EtcdBackend {
         let known = {
             let mut queued = locked(&self.inner.queued);
             match queued.get(&ticket) {
-                Some(waiter) if &waiter.owner == owner => queued.remove(&ticket).map(|waiter| waiter.keys),
+                Some(waiter) if &waiter.owner == owner => {
+                    queued.remove(&ticket).map(|waiter| (waiter.keys, waiter.tag))
+                }
                 _ => None,
             }
         };
-        let reads: Vec<TxnOp> = match known {
-            Some(keys) => keys.into_iter().map(|key| TxnOp::get(key, None)).collect(),
-            None => self.inner.layout.reservations().into_iter().map(|range| read_all(&range)).collect(),
-        };
+        let (keys, tag) = known.unzip();
         for _ in 0..ROUNDS {
-            let found = read_keys(self.send(Txn::new().and_then(reads.clone())).await?);
-            let theirs: Vec<&KeyValue> = found
-                .iter()
-                .filter(|kv| {
-                    decode_reservation(kv.value(), kv.create_revision())
-                        .is_ok_and(|(of, by)| of == ticket && &by == owner)
-                })
-                .collect();
+            let theirs = self.reservation_of(owner, ticket, keys.clone()).await?;
             if theirs.is_empty() {
+                if let Some(tag) = tag {
+                    self.give_back_tag(tag);
+                }
                 return Ok(());
             }
             let unchanged: Vec<Compare> =
                 theirs.iter().map(|kv| Compare::mod_revision(kv.key(), CompareOp::Equal, kv.mod_revision())).collect();
             let deletes: Vec<TxnOp> = theirs.iter().map(|kv| TxnOp::delete(kv.key(), None)).collect();
             if self.send(Txn::new().when(unchanged).and_then(deletes)).await?.succeeded() {
+                if let Some(tag) = tag {
+                    self.give_back_tag(tag);
+                }
                 return Ok(());
             }
         }
@@ -539,7 +544,12 @@ impl EtcdBackend {
         };
         let keys: Vec<String> =
             request.items.iter().map(|item| layout.new_key(item.mode, &item.path, &request.owner)).collect();
-        let fair = Fair::new(layout, request);
+        let tag = match queue {
+            Queue::Barge | Queue::Try => String::new(),
+            Queue::Join => self.take_tag(),
+            Queue::Waiting(ticket) => self.tag_of(&request.owner, ticket).await?,
+        };
+        let fair = Fair::new(layout, request, &tag);
         let (compares, then, otherwise) = match queue {
             Queue::Barge => (checks.len(), keys.len(), checks.len()),
             Queue::Try => (checks.len() + fair.ranges.len(), keys.len(), checks.len() + fair.ranges.len()),
@@ -584,6 +594,10 @@ impl EtcdBackend {
                 let token = revision(&response)?;
                 if let Queue::Waiting(ticket) = queue {
                     locked(&self.inner.queued).remove(&ticket);
+                }
+                // Its keys are gone, or were never written.
+                if queue != Queue::Try && queue != Queue::Barge {
+                    self.give_back_tag(fair.tag.clone());
                 }
                 self.remember_grant_lease(token, lease);
                 return Ok(Attempt::Granted(Grant::new(request, kind, token, lease.ttl, lease.sent_at)));
@@ -683,6 +697,50 @@ impl EtcdBackend {
         Ok(complete.then(|| earlier.iter().map(|kv| (kv.key().to_vec(), kv.create_revision())).collect()))
     }
 
+    /// A tag for a new wait: a free one of this backend's, or a new one.
+    fn take_tag(&self) -> String {
+        locked(&self.inner.free_tags).pop().unwrap_or_else(|| format!("{:016x}", fastrand::u64(..)))
+    }
+
+    /// Frees the tag of a wait whose keys are gone (a few are kept).
+    fn give_back_tag(&self, tag: String) {
+        let mut free = locked(&self.inner.free_tags);
+        if free.len() < FREE_TAGS && !free.contains(&tag) {
+            free.push(tag);
+        }
+    }
+
+    /// The tag of the wait of `owner` with `ticket`: remembered, else read
+    /// from its keys if they are there (one request more), else a new one
+    /// (its reservation lapsed: it is written again).
+    async fn tag_of(&self, owner: &Owner, ticket: u64) -> Result<String, Error> {
+        if let Some(waiter) = locked(&self.inner.queued).get(&ticket) {
+            return Ok(waiter.tag.clone());
+        }
+        let found = self.reservation_of(owner, ticket, None).await?;
+        let tag = found.first().and_then(|kv| self.inner.layout.reservation_tag(kv.key())).map(str::to_owned);
+        Ok(tag.unwrap_or_else(|| self.take_tag()))
+    }
+
+    /// The keys of the reservation of `owner` with `ticket`, read: among
+    /// `known` keys, or among all the namespace's reservations.
+    async fn reservation_of(
+        &self,
+        owner: &Owner,
+        ticket: u64,
+        known: Option<Vec<String>>,
+    ) -> Result<Vec<KeyValue>, Error> {
+        let reads: Vec<TxnOp> = match known {
+            Some(keys) => keys.into_iter().map(|key| TxnOp::get(key, None)).collect(),
+            None => self.inner.layout.reservations().into_iter().map(|range| read_all(&range)).collect(),
+        };
+        let found = read_keys(self.send(Txn::new().and_then(reads)).await?);
+        let theirs = |kv: &KeyValue| {
+            decode_reservation(kv.value(), kv.create_revision()).is_ok_and(|(of, by)| of == ticket && &by == owner)
+        };
+        Ok(found.into_iter().filter(|kv| theirs(kv)).collect())
+    }
+
     /// Remembers the waiter with `ticket` and the earlier waiters it saw;
     /// forgets the waiters not heard of for longer than a reservation lives.
     fn note_queued(&self, ticket: u64, request: &LockRequest, fair: &Fair, earlier: &[KeyValue], complete: bool) {
@@ -690,8 +748,8 @@ impl EtcdBackend {
         let mut queued = locked(&self.inner.queued);
         queued.retain(|_, waiter| now.saturating_duration_since(waiter.noted_at) < RESERVATION_TTL * 2);
         let earlier = earlier.iter().map(|kv| (kv.key().to_vec(), kv.create_revision())).collect();
-        let (owner, keys) = (request.owner.clone(), fair.keys.clone());
-        queued.insert(ticket, Queued { owner, keys, earlier, complete, noted_at: now });
+        let (owner, tag, keys) = (request.owner.clone(), fair.tag.clone(), fair.keys.clone());
+        queued.insert(ticket, Queued { owner, tag, keys, earlier, complete, noted_at: now });
     }
 
     /// The lease to put a reservation on: the one this backend put its
@@ -1115,12 +1173,13 @@ struct InQueue {
 /// reservation's keys and owner.
 struct Fair {
     ranges: Vec<Range>,
+    tag: String,
     keys: Vec<String>,
     owner: Owner,
 }
 
 impl Fair {
-    fn new(layout: &Layout, request: &LockRequest) -> Self {
+    fn new(layout: &Layout, request: &LockRequest, tag: &str) -> Self {
         let mut ranges: Vec<Range> = Vec::new();
         for item in &request.items {
             let on_ancestors =
@@ -1134,9 +1193,9 @@ impl Fair {
         let keys = request
             .items
             .iter()
-            .flat_map(|item| layout.reservation_keys(item.mode, &item.path, &request.owner))
+            .flat_map(|item| layout.reservation_keys(item.mode, &item.path, &request.owner, tag))
             .collect();
-        Fair { ranges, keys, owner: request.owner.clone() }
+        Fair { ranges, tag: tag.to_owned(), keys, owner: request.owner.clone() }
     }
 
     /// No reservation in the way at all: what a request without a ticket
@@ -1195,16 +1254,10 @@ impl Fair {
     }
 
     /// The earlier waiters among the reads of the ranges, and whether the
-    /// reads saw all of them. One owner's two waits on one node share its
-    /// key, which never holds up the wait that renews it.
+    /// reads saw all of them.
     fn earlier(&self, awaited: Vec<(Vec<KeyValue>, bool)>) -> (Vec<KeyValue>, bool) {
         let complete = awaited.iter().all(|(_, more)| !more);
-        let earlier = awaited
-            .into_iter()
-            .flat_map(|(kvs, _)| kvs)
-            .filter(|kv| !self.keys.iter().any(|key| key.as_bytes() == kv.key()))
-            .collect();
-        (earlier, complete)
+        (awaited.into_iter().flat_map(|(kvs, _)| kvs).collect(), complete)
     }
 }
 

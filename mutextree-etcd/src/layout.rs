@@ -46,9 +46,9 @@
 //! one more per Exclusive item in a fourth:
 //!
 //! ```text
-//! r/<path key>/x<owner>\x1f     an Exclusive item awaited
-//! r/<path key>/s<owner>\x1f     a Shared item awaited
-//! rx/<path key>/<owner>\x1f     an Exclusive item awaited (the index below)
+//! r/<path key>/x<owner>\x1f<tag>     an Exclusive item awaited
+//! r/<path key>/s<owner>\x1f<tag>     a Shared item awaited
+//! rx/<path key>/<owner>\x1f<tag>     an Exclusive item awaited (the index below)
 //! ```
 //!
 //! The mode letter comes right after the node's `//`, so the reservations
@@ -59,14 +59,13 @@
 //! subtree of `r/` mixes in: the `rx/` space holds the Exclusive ones alone.
 //! So a request needs one range per item and ancestor, never two.
 //!
-//! The ticket is not in the key, for the reason an Exclusive grant's key
-//! has no nonce: etcd's range compares walk deleted keys too, and a new key
-//! per wait would make every request on a busy node slower than the last.
-//! A reservation's key is its owner's on the node, and its ticket is the
-//! key's create revision (the revision of the refused transaction that
-//! wrote it). One owner waiting twice on one node at once shares the key:
-//! its two waits are not ordered between themselves (their grants still
-//! exclude each other).
+//! The ticket cannot be in the key: it is the revision of the refused
+//! transaction that writes the key (its create revision). The tag (16 hex
+//! digits) tells apart the waits of one owner on one node. A backend takes
+//! a new tag only when none of its ended waits' tags is free, and a tag is
+//! free once its keys are gone: etcd's range compares walk deleted keys too
+//! (until a compaction), and a new key per wait would make every request on
+//! a busy node slower than the last, as a new key per grant would.
 //!
 //! # Values and leases
 //!
@@ -182,9 +181,9 @@ impl Layout {
     }
 
     /// The keys of a reservation of an item in `mode` on `path` for
-    /// `owner`: one in the space of all reservations, and for an Exclusive
-    /// item one in the space of the Exclusive ones.
-    pub(crate) fn reservation_keys(&self, mode: Mode, path: &LockPath, owner: &Owner) -> Vec<String> {
+    /// `owner`'s wait with `tag`: one in the space of all reservations, and
+    /// for an Exclusive item one in the space of the Exclusive ones.
+    pub(crate) fn reservation_keys(&self, mode: Mode, path: &LockPath, owner: &Owner, tag: &str) -> Vec<String> {
         let mut awaited = self.awaited_prefix(path);
         awaited.push(mode_letter(mode));
         let mut keys = vec![awaited];
@@ -194,8 +193,15 @@ impl Layout {
         for key in &mut keys {
             key.push_str(owner.as_str());
             key.push(OWNER_END);
+            key.push_str(tag);
         }
         keys
+    }
+
+    /// The tag of a reservation's key.
+    pub(crate) fn reservation_tag<'k>(&self, key: &'k [u8]) -> Option<&'k str> {
+        let end = key.iter().rposition(|byte| *byte == OWNER_END as u8)?;
+        std::str::from_utf8(&key[end + 1..]).ok()
     }
 
     /// The reservations on `path` itself that conflict with a request in
@@ -440,7 +446,7 @@ mod tests {
         assert_eq!((exclusive.start.as_str(), exclusive.end.as_str()), ("mt/app/x/", "mt/app/x0"));
         assert!(contains(&shared_space, &shared) && !contains(&exclusive, &shared));
         assert!(!contains(&exclusive, &Layout::new("mt", "app2").new_key(x, &path("A"), &me)));
-        let awaited = layout.reservation_keys(x, &path("A"), &me);
+        let awaited = layout.reservation_keys(x, &path("A"), &me, "0123456789abcdef");
         assert!(awaited.iter().all(|key| !contains(&exclusive, key) && !contains(&shared_space, key)));
     }
 
@@ -452,9 +458,10 @@ mod tests {
     fn reservation_ranges_hold_the_conflicting_reservations() {
         let layout = Layout::new("mt", "app");
         let (x, s) = (Mode::Exclusive, Mode::Shared);
-        let keys = |mode, at: &str| layout.reservation_keys(mode, &path(at), &owner("w"));
-        assert_eq!(keys(x, "A/B"), ["mt/app/r/A/B//xw\x1f", "mt/app/rx/A/B//w\x1f"]);
-        assert_eq!(keys(s, "A/B"), ["mt/app/r/A/B//sw\x1f"]);
+        let keys = |mode, at: &str| layout.reservation_keys(mode, &path(at), &owner("w"), "t1");
+        assert_eq!(keys(x, "A/B"), ["mt/app/r/A/B//xw\x1ft1", "mt/app/rx/A/B//w\x1ft1"]);
+        assert_eq!(keys(s, "A/B"), ["mt/app/r/A/B//sw\x1ft1"]);
+        assert_eq!(layout.reservation_tag(keys(s, "A/B")[0].as_bytes()), Some("t1"));
         let holds = |range: &Range, mode, at: &str| keys(mode, at).iter().any(|key| contains(range, key));
         for asked in [x, s] {
             let on_node = layout.awaited_on(&path("A/B"), asked);

@@ -143,7 +143,13 @@ async fn join_writes_the_reservation_in_the_same_transaction() {
         .into_iter()
         .filter(|kv| kv.key_str().is_ok_and(|key| key.contains("waiter")))
         .collect();
-    let names: Vec<&str> = keys.iter().map(|kv| kv.key_str().expect("utf-8")).collect();
+    // Each key ends with the wait's tag, after the owner.
+    let split: Vec<(&str, &str)> =
+        keys.iter().map(|kv| kv.key_str().expect("utf-8").split_once('\x1f').expect("owner, tag")).collect();
+    let tag = split[0].1;
+    assert!(tag.len() == 16 && tag.chars().all(|c| c.is_ascii_hexdigit()), "{tag:?}");
+    assert!(split.iter().all(|(_, each)| *each == tag), "one tag: {split:?}");
+    let names: Vec<String> = split.iter().map(|(name, _)| format!("{name}\x1f")).collect();
     assert_eq!(
         names,
         [
@@ -191,7 +197,9 @@ async fn waiting_renews_and_a_grant_deletes_it() {
         assert_eq!(again, first, "the same ticket");
     }
     let renewed = reservation_keys(&namespace).await;
-    let mine = |kvs: &[KeyValue]| kvs.iter().find(|kv| kv.key().ends_with(b"//xfirst\x1f")).cloned().expect("there");
+    let mine = |kvs: &[KeyValue]| {
+        kvs.iter().find(|kv| kv.key_str().is_ok_and(|key| key.contains("/r/A//xfirst\x1f"))).cloned().expect("there")
+    };
     let (before, after) = (mine(&written), mine(&renewed));
     assert_eq!(after.create_revision(), before.create_revision(), "the same keys, kept");
     assert!(after.mod_revision() > before.mod_revision() && after.lease() != before.lease(), "{after:?}");
@@ -353,4 +361,41 @@ async fn max_txn_ops_counts_the_reservation_checks() {
     assert!(error.to_string().contains("8 operations"), "{error}");
     granted(&small, &[("u/v", S)], "x", Queue::Join).await;
     granted(&small, &[("t", X)], "x", Queue::Join).await;
+}
+
+/// One owner's two waits on one node are two reservations: the later one
+/// waits behind the earlier one, and neither's grant or withdrawal takes
+/// the other's away. A wait's tag is reused by the next once its keys are
+/// gone, so a node's keys do not pile up.
+#[tokio::test]
+async fn one_owners_two_waits_are_two_reservations() {
+    let (backend, namespace) = fresh().await;
+    let holder = granted(&backend, &[("A", X)], "twice", Queue::Try).await;
+    let (first, _) = queued(attempt(&backend, &[("A", X), ("B", X)], "twice", Queue::Join).await);
+    let (second, blockers) = queued(attempt(&backend, &[("B", X)], "twice", Queue::Join).await);
+    assert_eq!(named(&blockers), [("B".into(), X, "twice".into(), first, true)], "behind its own earlier wait");
+    let tickets: Vec<u64> = backend.waiters(None).await.expect("waiters").iter().map(|h| h.token).collect();
+    assert_eq!(tickets, [first, first, second]);
+    // Still behind it, however often it asks.
+    let (again, blockers) = queued(attempt(&backend, &[("B", X)], "twice", Queue::Waiting(second)).await);
+    assert_eq!((again, named(&blockers)[0].3), (second, first));
+    backend.withdraw(&Owner::new("twice").expect("owner"), first).await.expect("withdraw");
+    let tickets: Vec<u64> = backend.waiters(None).await.expect("waiters").iter().map(|h| h.token).collect();
+    assert_eq!(tickets, [second], "the later wait keeps its reservation");
+    let second_tags = tags_of(&namespace).await;
+    let grant = granted(&backend, &[("B", X)], "twice", Queue::Waiting(second)).await;
+    assert!(reservation_keys(&namespace).await.is_empty());
+    // The next wait takes a tag whose keys are gone: the same keys again.
+    backend.release(&grant).await.expect("release");
+    let (third, _) = queued(attempt(&backend, &[("A", X), ("B", X)], "twice", Queue::Join).await);
+    let tags = tags_of(&namespace).await;
+    assert!(tags.len() == 4 && tags.iter().all(|tag| tag == &second_tags[0]), "{tags:?} after {second_tags:?}");
+    backend.withdraw(&Owner::new("twice").expect("owner"), third).await.expect("withdraw");
+    backend.release(&holder).await.expect("release");
+}
+
+/// The tags of the namespace's reservation keys.
+async fn tags_of(namespace: &str) -> Vec<String> {
+    let keys = reservation_keys(namespace).await;
+    keys.iter().map(|kv| kv.key_str().expect("utf-8").rsplit_once('\x1f').expect("tag").1.to_owned()).collect()
 }
