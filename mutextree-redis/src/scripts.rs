@@ -30,6 +30,7 @@ pub(crate) struct Lua {
 const ITEMS: &str = include_str!("lua/items.lua");
 const THE_WAY: &str = include_str!("lua/the_way.lua");
 const CHECKS: &str = include_str!("lua/checks.lua");
+const QUEUE: &str = include_str!("lua/queue.lua");
 
 impl Lua {
     fn new(parts: &[&str], body: &str) -> Self {
@@ -56,16 +57,22 @@ pub(crate) struct Scripts {
     pub(crate) release: Lua,
     pub(crate) refresh: Lua,
     pub(crate) list: Lua,
+    /// Removes a waiter's reservation.
+    pub(crate) withdraw: Lua,
+    /// Lists the waiters' reservations.
+    pub(crate) waiters: Lua,
     listen: Lua,
 }
 
 pub(crate) static SCRIPTS: std::sync::LazyLock<Scripts> = std::sync::LazyLock::new(|| Scripts {
-    grant: Lua::new(&[ITEMS, THE_WAY, CHECKS], include_str!("lua/grant.lua")),
-    grant_one: Lua::new(&[THE_WAY], include_str!("lua/grant_one.lua")),
+    grant: Lua::new(&[ITEMS, THE_WAY, CHECKS, QUEUE], include_str!("lua/grant.lua")),
+    grant_one: Lua::new(&[THE_WAY, QUEUE], include_str!("lua/grant_one.lua")),
     change_mode: Lua::new(&[ITEMS, THE_WAY, CHECKS], include_str!("lua/change_mode.lua")),
     release: Lua::new(&[ITEMS], include_str!("lua/release.lua")),
     refresh: Lua::new(&[ITEMS, THE_WAY, CHECKS], include_str!("lua/refresh.lua")),
     list: Lua::new(&[], include_str!("lua/list.lua")),
+    withdraw: Lua::new(&[ITEMS, THE_WAY, QUEUE], include_str!("lua/withdraw.lua")),
+    waiters: Lua::new(&[THE_WAY, QUEUE], include_str!("lua/waiters.lua")),
     listen: Lua::new(&[], include_str!("lua/listen.lua")),
 });
 
@@ -101,7 +108,7 @@ pub(crate) struct ScriptRunner {
 #[derive(Debug)]
 pub(crate) struct Keys {
     /// Declared to every script, in this order (see `lua/common.lua`).
-    pub(crate) declared: [String; 5],
+    pub(crate) declared: [String; 8],
     pub(crate) channel: String,
 }
 
@@ -109,7 +116,8 @@ impl Keys {
     pub(crate) fn new(prefix: &str, namespace: &Namespace) -> Self {
         let base = format!("{prefix}:{{{namespace}}}");
         Keys {
-            declared: ["locks", "index", "expiry", "token", "shared"].map(|name| format!("{base}:{name}")),
+            declared: ["locks", "index", "expiry", "token", "shared", "queue", "queued", "queue-expiry"]
+                .map(|name| format!("{base}:{name}")),
             channel: format!("{base}:released"),
         }
     }
@@ -176,7 +184,9 @@ impl Connection {
 
 #[cfg(test)]
 mod tests {
-    use super::SCRIPTS;
+    use mutextree_core::backend::RESERVATION_TTL;
+
+    use super::{QUEUE, SCRIPTS};
 
     fn functions(script: &super::Lua) -> usize {
         script.source.matches("local function ").count()
@@ -190,5 +200,13 @@ mod tests {
         assert!(functions(&SCRIPTS.grant_one) <= 13, "{} functions", functions(&SCRIPTS.grant_one));
         assert!(functions(&SCRIPTS.grant_one) * 3 < functions(&SCRIPTS.grant) * 2);
         assert!(functions(&SCRIPTS.release) <= 14, "{} functions", functions(&SCRIPTS.release));
+    }
+
+    /// The scripts' life of a reservation is core's, which waiters renew
+    /// theirs by.
+    #[test]
+    fn reservations_live_as_long_as_core_says() {
+        let line = format!("\nlocal RESERVATION = {}\n", RESERVATION_TTL.as_micros());
+        assert!(QUEUE.contains(&line), "queue.lua lacks {line:?}");
     }
 }

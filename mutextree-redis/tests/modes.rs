@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{raw, script, Redis};
+use common::{raw, raw_members, script, Redis};
 use futures::StreamExt;
 use mutextree_core::backend::{Attempt, LockKind, LockRequest};
 use mutextree_core::{Error, Grant, LockBackend, LockItem, LockItems, LockPath, Mode, Owner, Ttl};
@@ -35,7 +35,7 @@ async fn attempt(backend: &RedisBackend, of: &[(&str, Mode)]) -> Attempt {
 async fn granted(backend: &RedisBackend, of: &[(&str, Mode)]) -> Grant {
     match attempt(backend, of).await {
         Attempt::Granted(grant) => grant,
-        Attempt::Blocked(blockers) => panic!("{of:?} refused: {blockers:?}"),
+        Attempt::Blocked(blockers) | Attempt::Queued { blockers, .. } => panic!("{of:?} refused: {blockers:?}"),
     }
 }
 
@@ -43,7 +43,9 @@ async fn granted(backend: &RedisBackend, of: &[(&str, Mode)]) -> Grant {
 fn blockers(attempt: Attempt) -> Vec<String> {
     match attempt {
         Attempt::Granted(grant) => panic!("{} granted, expected a refusal", grant.items),
-        Attempt::Blocked(blockers) => blockers.iter().map(|b| format!("{} {}", b.path, b.mode)).collect(),
+        Attempt::Blocked(blockers) | Attempt::Queued { blockers, .. } => {
+            blockers.iter().map(|b| format!("{} {}", b.path, b.mode)).collect()
+        }
     }
 }
 
@@ -55,32 +57,6 @@ async fn listed(backend: &RedisBackend) -> Vec<String> {
 
 fn shown(grant: &Grant) -> Vec<String> {
     grant.items.iter().map(|item| format!("{} {} {}", item.path, item.mode, grant.token)).collect()
-}
-
-/// The fields of a hash, or the members of a sorted set, of the namespace,
-/// read behind the backend's back (from the cluster's node for its slot).
-async fn raw_members(store: &Redis, key: &str) -> Vec<String> {
-    let url = store.url();
-    let command = |kind: &str| match kind {
-        "hash" => redis::cmd("HKEYS").arg(key).clone(),
-        _ => redis::cmd("ZRANGE").arg(key).arg(0).arg(-1).clone(),
-    };
-    let mut members: Vec<String> = match url.strip_prefix("redis+cluster://") {
-        Some(nodes) => {
-            let nodes: Vec<String> = nodes.split(',').map(|node| format!("redis://{node}/")).collect();
-            let client = redis::cluster::ClusterClient::new(nodes).expect("cluster");
-            let mut raw = client.get_async_connection().await.expect("connect");
-            let kind: String = redis::cmd("TYPE").arg(key).query_async(&mut raw).await.expect("type");
-            command(&kind).query_async(&mut raw).await.expect("members")
-        }
-        None => {
-            let mut raw = raw(url).await;
-            let kind: String = redis::cmd("TYPE").arg(key).query_async(&mut raw).await.expect("type");
-            command(&kind).query_async(&mut raw).await.expect("members")
-        }
-    };
-    members.sort();
-    members
 }
 
 async fn backend(store: &Redis) -> RedisBackend {
@@ -205,7 +181,7 @@ async fn an_upgrade_waits_for_no_one_and_takes_a_new_token(store: Redis) {
             let blockers: Vec<String> = blockers.iter().map(|b| format!("{} {}", b.path, b.mode)).collect();
             assert_eq!(blockers, ["A/x shared"], "the other holder, not the grant's own item");
         }
-        Attempt::Granted(grant) => panic!("upgraded past another holder: {grant:?}"),
+        other => panic!("upgraded past another holder, or queued: {other:?}"),
     }
     let mut unchanged = [shown(&first), shown(&second)].concat();
     unchanged.sort();
@@ -430,7 +406,7 @@ async fn grants_and_changes_sent_twice_get_the_first_answer() {
     // All Shared (nothing of its own would refuse a resend) and multi-path.
     let call_grant = |nonce: &'static str| {
         let mut call = grant_script.prepare_invoke();
-        call.key(&keys).arg("tree").arg(30_000).arg(0).arg(nonce).arg("me");
+        call.key(&keys).arg("tree").arg(30_000).arg(0).arg(nonce).arg("me").arg("try");
         call.arg("A/").arg("shared").arg("B/").arg("shared");
         call
     };

@@ -2,7 +2,7 @@
 -- follow it, see scripts.rs: items.lua, the_way.lua, checks.lua). It
 -- defines only what the single Exclusive grant (grant_one.lua) and list
 -- use, since Redis runs a script's whole text, every function definition
--- included, on each call. One namespace, five keys in one hash slot:
+-- included, on each call. One namespace, eight keys in one hash slot:
 --   KEYS[1] locks:   hash of entries, by field:
 --                      <path key>             an Exclusive item (or a
 --                                             stepwise lock), or the node's
@@ -16,14 +16,20 @@
 --                      shared until           a deadline no Shared item
 --                                             of the namespace outlives
 --                                             (missing: none ever was)
+--                      queue until            a deadline no reservation
+--                                             of the namespace outlives
+--                                             (missing: none is stored)
 --                    Path keys end with "/" and never hold a control
 --                    character, so no two kinds of field can be confused.
 --   KEYS[2] index:   sorted set, the Exclusive path keys at score 0
---   KEYS[3] expiry:  sorted set, every field above but `listened` and
---                    `shared until` at its deadline (for the sweep)
+--   KEYS[3] expiry:  sorted set, every field above but `listened`,
+--                    `shared until` and `queue until` at its deadline (for
+--                    the sweep)
 --   KEYS[4] counter: the fencing token counter (INCR)
 --   KEYS[5] shared:  sorted set, the Shared fields (<path key>\1<token>) at
 --                    score 0
+--   KEYS[6..8] queue, queued, queue expiry: the waiters' reservations
+--                    (see queue.lua)
 -- Both sets are in lexical order: the entries under a node are one range of
 -- each (from the node's key to the key with its last "/" made "0"), and a
 -- node's own Shared holders the range [<key>\1, <key>\2).
@@ -39,6 +45,7 @@
 -- node's key (one HMGET for a node and all its ancestors) tell whether to
 -- look for Shared holders there.
 local locks, index, expiry, counter, shared = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local queue, queued, queue_expiry = KEYS[6], KEYS[7], KEYS[8]
 
 local now = redis.call('TIME')
 now = tonumber(now[1]) * 1000000 + tonumber(now[2])
@@ -49,6 +56,7 @@ local HOLDER = '\1'
 local REMEMBER = 5000000
 local LISTENED = 'listened'
 local SHARED_UNTIL = 'shared until'
+local QUEUE_UNTIL = 'queue until'
 
 local function decode(field, value)
   local deadline, token, state, nonce, owner = string.match(value, '^(%d+) (%d+) ([0-3]) (%S+) (.*)$')

@@ -54,6 +54,33 @@ pub(crate) fn script(body: &str) -> redis::Script {
         include_str!("../../src/lua/items.lua"),
         include_str!("../../src/lua/the_way.lua"),
         include_str!("../../src/lua/checks.lua"),
+        include_str!("../../src/lua/queue.lua"),
     ];
     redis::Script::new(&format!("{}\n{body}", prelude.join("\n")))
+}
+
+/// The fields of a hash, or the members of a sorted set, of the namespace,
+/// read behind the backend's back (from the cluster's node for its slot).
+pub(crate) async fn raw_members(store: &Redis, key: &str) -> Vec<String> {
+    let url = store.url();
+    let command = |kind: &str| match kind {
+        "hash" => redis::cmd("HKEYS").arg(key).clone(),
+        _ => redis::cmd("ZRANGE").arg(key).arg(0).arg(-1).clone(),
+    };
+    let mut members: Vec<String> = match url.strip_prefix("redis+cluster://") {
+        Some(nodes) => {
+            let nodes: Vec<String> = nodes.split(',').map(|node| format!("redis://{node}/")).collect();
+            let client = redis::cluster::ClusterClient::new(nodes).expect("cluster");
+            let mut raw = client.get_async_connection().await.expect("connect");
+            let kind: String = redis::cmd("TYPE").arg(key).query_async(&mut raw).await.expect("type");
+            command(&kind).query_async(&mut raw).await.expect("members")
+        }
+        None => {
+            let mut raw = raw(url).await;
+            let kind: String = redis::cmd("TYPE").arg(key).query_async(&mut raw).await.expect("type");
+            command(&kind).query_async(&mut raw).await.expect("members")
+        }
+    };
+    members.sort();
+    members
 }
