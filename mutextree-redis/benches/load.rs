@@ -5,7 +5,7 @@
 //! uses `MUTEXTREE_REDIS_URL`) and prints, as Markdown:
 //!
 //! 1. the round trips per acquire+release pair at depth 1, 3 and 8: the
-//!    script calls the server executed (`INFO commandstats`, `eval*`), and
+//!    script calls the server executed (`INFO commandstats`, `fcall`, `eval*`), and
 //!    the requests the client sent (`LockBackend::round_trips`);
 //! 2. `redis-benchmark -c 1` and `-c 16` for `SET k v NX PX 10000`: one
 //!    round trip per request, the ceiling (a pair is two round trips, so
@@ -172,7 +172,7 @@ fn main() {
 }
 
 /// Runs [`COUNTED_PAIRS`] pairs at `depth` and returns how many scripts
-/// the server ran meanwhile (`eval*` in `INFO commandstats`; the commands
+/// the server ran meanwhile (`fcall*` and `eval*` in `INFO commandstats`; the commands
 /// a script runs inside are counted apart, as their own names) and how many
 /// requests the client sent.
 async fn count_round_trips(url: &str, backend: &mutextree_redis::RedisBackend, depth: usize) -> (u64, u64) {
@@ -182,7 +182,7 @@ async fn count_round_trips(url: &str, backend: &mutextree_redis::RedisBackend, d
         let grant = backend.try_grant(&request).await.expect("grant").granted().expect("free");
         backend.release(&grant).await.expect("release");
     };
-    // Caches the scripts (after NOSCRIPT) outside the count.
+    // Loads the library (or caches the scripts) outside the count.
     pair().await;
     let mut raw = redis::Client::open(url).expect("url").get_multiplexed_async_connection().await.expect("connect");
     let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query_async(&mut raw).await.expect("resetstat");
@@ -194,7 +194,7 @@ async fn count_round_trips(url: &str, backend: &mutextree_redis::RedisBackend, d
     let stats: String = redis::cmd("INFO").arg("commandstats").query_async(&mut raw).await.expect("info");
     let scripts = stats
         .lines()
-        .filter_map(|line| line.strip_prefix("cmdstat_eval"))
+        .filter_map(|line| line.strip_prefix("cmdstat_fcall").or_else(|| line.strip_prefix("cmdstat_eval")))
         .filter_map(|line| line.split_once(':'))
         .map(|(_, fields)| {
             fields

@@ -290,8 +290,10 @@ impl LockBackend for RedisBackend {
     }
 
     /// Script calls this backend (and its clones) sent so far: one per
-    /// operation, two when a dead connection was retried. (A `NOSCRIPT`
-    /// reply, once per script and server start, adds two more.)
+    /// operation, two when a dead connection was retried. (Loading the
+    /// library, once per server start, adds two more: the call that found
+    /// no function, and `FUNCTION LOAD`; on servers without functions a
+    /// `NOSCRIPT` reply, once per script, adds one.)
     fn round_trips(&self) -> Option<u64> {
         Some(self.inner.scripts.sent.load(Ordering::Relaxed))
     }

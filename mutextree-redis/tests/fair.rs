@@ -311,7 +311,7 @@ async fn the_queue_costs_nothing_while_no_reservation_is_alive() {
     let batch = |round: &str, queue: Queue, of: &[Mode]| -> Vec<LockRequest> {
         (0..16)
             .map(|n| {
-                let paths: Vec<String> = (0..of.len()).map(|i| format!("{round}/{n}/item-{i}")).collect();
+                let paths: Vec<String> = (0..of.len()).map(|i| format!("{round}-{}/{n}/item-{i}", of.len())).collect();
                 let items: Vec<(&str, Mode)> = paths.iter().map(String::as_str).zip(of.iter().copied()).collect();
                 request(&items, queue)
             })
@@ -363,7 +363,7 @@ async fn fair_requests_sent_twice_get_the_first_answer() {
     let store = Redis::standalone();
     let backend = backend(&store).await;
     let keys = backend.keys().to_vec();
-    let mut raw = raw(store.url()).await;
+    let raw = raw(store.url()).await;
     // One Exclusive item, by its own script; two items, by the other.
     let cases = [
         (script(include_str!("../src/lua/grant_one.lua")), &[("exclusive", "one")][..]),

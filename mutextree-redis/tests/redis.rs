@@ -30,23 +30,78 @@ async fn grant(backend: &RedisBackend, path: &str, ttl: Duration) -> Attempt {
     backend.try_grant(&request(path, ttl)).await.expect("the store answers")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn flushed_scripts_are_sent_again() {
-    let store = Redis::standalone();
-    let backend = store.backend(&namespace()).await.expect("connect");
-    let mut raw = raw(store.url()).await;
+/// The scripts calls the server ran since the last `CONFIG RESETSTAT`, by
+/// command (`fcall`, `evalsha`, `eval`).
+async fn script_calls(raw: &mut redis::aio::MultiplexedConnection) -> [u64; 3] {
+    let info: String = redis::cmd("INFO").arg("commandstats").query_async(raw).await.expect("info");
+    ["fcall", "evalsha", "eval"].map(|command| {
+        info.lines()
+            .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
+            .map_or(0, |rest| rest.split(',').next().and_then(|n| n.parse::<u64>().ok()).expect("calls"))
+    })
+}
+
+/// Grants, checks and releases across `flush`es of what the server keeps
+/// of the scripts: each call after a flush must load or send its script
+/// again and still see the namespace as it is.
+async fn grants_across_flushes(backend: &RedisBackend, raw: &mut redis::aio::MultiplexedConnection, flush: &[&str]) {
+    let flush_all = || {
+        let mut raw = raw.clone();
+        let command = redis::cmd(flush[0]).arg(&flush[1..]).clone();
+        async move {
+            let _: () = command.query_async(&mut raw).await.expect("flush");
+        }
+    };
     for round in 0..3 {
-        let held = grant(&backend, "A/B", Duration::from_secs(30)).await.granted().expect("free");
-        let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut raw).await.expect("flush");
+        let held = grant(backend, "A/B", Duration::from_secs(30)).await.granted().expect("free");
+        flush_all().await;
         assert!(
-            matches!(grant(&backend, "A", Duration::from_secs(30)).await, Attempt::Blocked(ref b) if b.first().path == *held.path()),
+            matches!(grant(backend, "A", Duration::from_secs(30)).await, Attempt::Blocked(ref b) if b.first().path == *held.path()),
             "round {round}: the grant script, sent again, still sees A/B"
         );
-        let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut raw).await.expect("flush");
+        flush_all().await;
         backend.release(&held).await.expect("the release script is sent again too");
-        let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut raw).await.expect("flush");
+        flush_all().await;
         assert!(backend.list(None).await.expect("list").is_empty());
     }
+}
+
+/// Redis 7 has functions: the scripts are one library, loaded once and
+/// loaded again after `FUNCTION FLUSH`; no call is sent by `EVAL`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushed_functions_are_loaded_again() {
+    // A server of its own: command counts are server-wide.
+    let data = temp_dir("redis-functions").expect("temp dir");
+    let server = servers::redis::own_server(None, &[], &data).expect("redis-server");
+    let url = format!("redis://127.0.0.1:{}/", server.port);
+    let backend = RedisConfig::from_url(&url).expect("url").connect().await.expect("connect").backend("f").expect("ns");
+    let mut raw = raw(&url).await;
+    grants_across_flushes(&backend, &mut raw, &["FUNCTION", "FLUSH"]).await;
+    let [fcall, evalsha, eval] = script_calls(&mut raw).await;
+    assert!(fcall >= 12, "every call is a function call: {fcall}");
+    assert_eq!((evalsha, eval), (0, 0), "nothing by EVAL while the server has functions");
+    drop(server);
+}
+
+/// A user whose ACL forbids functions (as a server before Redis 7 has
+/// none) gets every script by `EVALSHA`, and by `EVAL` after `SCRIPT
+/// FLUSH`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_functions_flushed_scripts_are_sent_again() {
+    let data = temp_dir("redis-scripts").expect("temp dir");
+    let server = servers::redis::own_server(None, &[], &data).expect("redis-server");
+    let mut raw = raw(&format!("redis://127.0.0.1:{}/", server.port)).await;
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "scripts", "on", ">secret", "~*", "&*", "+@all", "-fcall", "-function"])
+        .query_async(&mut raw)
+        .await
+        .expect("acl");
+    let url = format!("redis://scripts:secret@127.0.0.1:{}/", server.port);
+    let backend = RedisConfig::from_url(&url).expect("url").connect().await.expect("connect").backend("s").expect("ns");
+    grants_across_flushes(&backend, &mut raw, &["SCRIPT", "FLUSH"]).await;
+    let [_, evalsha, eval] = script_calls(&mut raw).await;
+    assert!(evalsha > 0 && eval >= 9, "by hash, and by source after each flush: {evalsha}, {eval}");
+    drop(server);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

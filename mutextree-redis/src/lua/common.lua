@@ -1,8 +1,11 @@
--- Shared by every script (prepended to each; the parts a script needs
--- follow it, see scripts.rs: items.lua, the_way.lua, checks.lua). It
--- defines only what the single Exclusive grant (grant_one.lua) and list
--- use, since Redis runs a script's whole text, every function definition
--- included, on each call. One namespace, eight keys in one hash slot:
+-- Shared by every script. On Redis 7 and later every script is a function
+-- of one library (see scripts.rs) defined once per server, this prelude
+-- and its parts (items.lua, the_way.lua, checks.lua, queue.lua) with it.
+-- Older servers get each script by EVAL with this prelude and only the
+-- parts it uses, since EVAL runs a script's whole text, every function
+-- definition included, on each call; so this file defines only what the
+-- single Exclusive grant (grant_one.lua) and list use. Every script calls
+-- `begin` first. One namespace, eight keys in one hash slot:
 --   KEYS[1] locks:   hash of entries, by field:
 --                      <path key>             an Exclusive item (or a
 --                                             stepwise lock), or the node's
@@ -44,11 +47,19 @@
 -- had Shared holders, all dead by its deadline. It lets a check of the
 -- node's key (one HMGET for a node and all its ancestors) tell whether to
 -- look for Shared holders there.
-local locks, index, expiry, counter, shared = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local queue, queued, queue_expiry = KEYS[6], KEYS[7], KEYS[8]
+-- Set by `begin` at the start of every call: the keys, the arguments
+-- (ARGV) and the server's time. A script's text is defined once per server
+-- as a function library (see scripts.rs), so nothing of a call may be read
+-- while the prelude is defined.
+local locks, index, expiry, counter, shared, queue, queued, queue_expiry, arguments, now
 
-local now = redis.call('TIME')
-now = tonumber(now[1]) * 1000000 + tonumber(now[2])
+local function begin(keys, args)
+  locks, index, expiry, counter, shared = keys[1], keys[2], keys[3], keys[4], keys[5]
+  queue, queued, queue_expiry = keys[6], keys[7], keys[8]
+  arguments = args
+  local time = redis.call('TIME')
+  now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+end
 
 local RELEASED, SHARED_NODE = 2, 3
 local SHARED, EXCLUSIVE = 'shared', 'exclusive'

@@ -17,8 +17,8 @@ end
 -- The items of a request from ARGV[first] on: key, mode pairs.
 local function read_items(first)
   local items = {}
-  for at = first, #ARGV, 2 do
-    table.insert(items, { key = ARGV[at], mode = ARGV[at + 1] })
+  for at = first, #arguments, 2 do
+    table.insert(items, { key = arguments[at], mode = arguments[at + 1] })
   end
   return items
 end

@@ -56,7 +56,7 @@ pub(crate) fn script(body: &str) -> redis::Script {
         include_str!("../../src/lua/checks.lua"),
         include_str!("../../src/lua/queue.lua"),
     ];
-    redis::Script::new(&format!("{}\n{body}", prelude.join("\n")))
+    redis::Script::new(&format!("{}\nbegin(KEYS, ARGV)\n{body}", prelude.join("\n")))
 }
 
 /// The fields of a hash, or the members of a sorted set, of the namespace,
