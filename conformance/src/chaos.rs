@@ -4,7 +4,8 @@
 //! The trusted lock systems are judged by what survives faults, so ours
 //! are too. A run has three phases:
 //!
-//! 1. **Faults.** Clients acquire (some waiting, some not), hold, refresh
+//! 1. **Faults.** Clients acquire (some waiting, in the store's queue or
+//!    barging, some not), hold, refresh
 //!    and release random nodes of a small deep tree, Exclusive or Shared,
 //!    one or two at a time, upgrading or downgrading some while they hold
 //!    them, while the store's
@@ -16,8 +17,9 @@
 //!    the lock.
 //! 2. **Recovery.** Faults stop; every client must be granted something
 //!    within a bounded time.
-//! 3. **Settling.** Once every ttl has passed, the namespace must be empty
-//!    and its roots lockable: no fault left a lock behind for good.
+//! 3. **Settling.** Once every ttl has passed, the namespace must be empty,
+//!    with no waiter's reservation left, and its roots lockable: no fault
+//!    left a lock or a place in the queue behind for good.
 //!
 //! Every grant is recorded as the interval in which its client may
 //! believe it holds the lock: from the reply to the release being sent,
@@ -44,7 +46,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::future::join_all;
-use mutextree_core::{Error, Grant, LockBackend, LockItem, LockItems, LockPath, Mode, TreeLock, TreeLockBuilder};
+use mutextree_core::backend::RESERVATION_TTL;
+use mutextree_core::{
+    Error, Fairness, Grant, LockBackend, LockItem, LockItems, LockPath, Mode, TreeLock, TreeLockBuilder,
+};
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 
 use crate::oracle::items_conflict;
@@ -336,13 +341,19 @@ pub async fn run(store: Arc<dyn ChaosStore>, settings: ChaosSettings) -> ChaosRe
     for worker in join_all(workers).await {
         worker.expect("a worker panicked");
     }
-    // Settling: every lock has expired or was released.
-    sleep(settings.ttl + settings.call_limit).await;
+    // Settling: every lock and every reservation has expired or was
+    // released.
+    sleep(settings.ttl.max(RESERVATION_TTL) + settings.call_limit).await;
     let checker = store.connect(&namespace).await.expect("a client connects after the faults");
     match checker.list(None).await {
         Ok(left) if left.is_empty() => {}
         Ok(left) => run.violation(format!("{} locks left a ttl after the run, e.g. {}", left.len(), left[0].path)),
         Err(error) => run.violation(format!("cannot list after the run: {error}")),
+    }
+    match checker.waiters(None).await {
+        Ok(left) if left.is_empty() => {}
+        Ok(left) => run.violation(format!("{} reservations left after the run, e.g. {}", left.len(), left[0])),
+        Err(error) => run.violation(format!("cannot list the waiters after the run: {error}")),
     }
     for root in ["a", "b", "c"] {
         let lock = TreeLock::builder(checker.clone(), root).ttl(settings.ttl).build().expect("lock");
@@ -566,9 +577,12 @@ impl Run {
         pause_before: Instant,
     ) -> bool {
         let items = self.random_items(rng);
+        // Waiters queue as the store does by default, or barge now and then.
+        let fairness = if rng.u8(..4) == 0 { Fairness::Barging } else { client.fairness() };
         let lock = TreeLockBuilder::<TreeLock>::many(client.clone(), items.iter().map(|i| (i.path.clone(), i.mode)))
             .ttl(self.ttl)
             .owner(owner)
+            .fairness(fairness)
             .build()
             .expect("the run's locks are valid");
         let waiting = rng.bool();

@@ -1,23 +1,29 @@
 //! How long a waiter for an ancestor waits while its descendants churn.
 //!
-//! No store queues waiters: a tree lock is a compare-and-set over a
-//! subtree, and a waiter for `[A]` is granted only at an instant when no
-//! lock under `[A]` is held. Clients that keep locking and releasing
-//! descendants can leave it no such instant for a long time (etcd's own
-//! `concurrency.Mutex` avoids this by queueing on create revisions; a plain
-//! compare-and-put cannot). This measures it: a few clients churn on the
-//! leaves under `[A]`, one client waits for `[A]` again and again, and the
-//! report gives the waits' p50, p99 and maximum, and how many gave up at
-//! their limit. An oracle checks, meanwhile, that the waiter and the
-//! churners never overlap. The figures are reported, not asserted.
+//! A tree lock is a compare-and-set over a subtree: without a queue, a
+//! waiter for `[A]` is granted only at an instant when no lock under `[A]`
+//! is held, and clients that keep locking and releasing descendants can
+//! leave it no such instant for a long time. A fair store queues the
+//! waiter: once its reservation is written, every later conflicting
+//! request is refused, so the waiter is granted as soon as the holders it
+//! found are gone.
+//!
+//! This measures it: clients churn on the leaves under `[A]` (each tries a
+//! leaf, holds it a moment, releases it, and tries another), one client
+//! waits for `[A]` again and again, and the report gives the waits' p50,
+//! p99 and maximum, and how many gave up at their limit. Meanwhile an
+//! oracle checks that the waiter and the churners never overlap, and every
+//! churner's grant is checked against the waiter's: a churner that asked
+//! after the waiter had queued and was granted before it *overtook* it.
+//! [`ChurnReport::assert_fair`] asserts none did and no wait gave up.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::join_all;
-use mutextree_core::{Error, LockBackend, LockPath, TreeLock};
+use mutextree_core::{Error, Fairness, LockBackend, LockPath, TreeLock};
 use tokio::time::{sleep, Instant};
 
 use crate::oracle::Oracle;
@@ -62,6 +68,9 @@ pub struct ChurnReport {
     pub wait_limit: Duration,
     /// Grants of leaves during the measurement.
     pub churn_grants: u64,
+    /// Churners' grants asked for after the waiter had queued and granted
+    /// before it.
+    pub overtaken: usize,
 }
 
 impl ChurnReport {
@@ -71,6 +80,13 @@ impl ChurnReport {
         let total = self.granted.len() + self.gave_up;
         let rank = ((total as f64 * q).ceil() as usize).clamp(1, total.max(1)) - 1;
         self.granted.get(rank).copied()
+    }
+
+    /// Panics unless every wait was granted and no churner overtook the
+    /// waiter: what a fair store guarantees.
+    pub fn assert_fair(&self) {
+        assert_eq!(self.gave_up, 0, "a queued waiter gave up: {self}");
+        assert_eq!(self.overtaken, 0, "later requests overtook a queued waiter: {self}");
     }
 }
 
@@ -83,7 +99,7 @@ impl fmt::Display for ChurnReport {
         write!(
             f,
             "ancestor wait under churn, {} ({} churners): {} waits, p50 {}, p99 {}, max {}; {} gave up after {} s; {} \
-             leaf grants meanwhile",
+             leaf grants meanwhile, {} overtaking the waiter",
             self.store,
             self.churners,
             self.granted.len() + self.gave_up,
@@ -92,7 +108,8 @@ impl fmt::Display for ChurnReport {
             show(1.0),
             self.gave_up,
             self.wait_limit.as_secs(),
-            self.churn_grants
+            self.churn_grants,
+            self.overtaken
         )
     }
 }
@@ -111,7 +128,8 @@ pub async fn measure(name: &str, store: &dyn TestStore, churners: usize) -> Chur
 
 /// Measures on `churners` (one client each) and `waiter`, all of one fresh
 /// namespace; prints the report and returns it. Panics if the oracle saw
-/// an overlap.
+/// an overlap, or, when the waiter's store is fair, if a wait gave up or
+/// was overtaken ([`ChurnReport::assert_fair`]).
 pub async fn ancestor_waits_under_churn(
     store: &str,
     churners: Vec<Arc<dyn LockBackend>>,
@@ -121,20 +139,24 @@ pub async fn ancestor_waits_under_churn(
     let oracle = Arc::new(Oracle::new());
     let stop = Arc::new(AtomicBool::new(false));
     let churn_grants = Arc::new(AtomicU64::new(0));
+    // Each churner grant: when it was asked for, and its token.
+    let asked: Arc<Mutex<Vec<(Instant, u64)>>> = Arc::default();
     let count = churners.len();
     let churning: Vec<_> = churners
         .into_iter()
         .map(|client| {
-            let (oracle, stop, churn_grants, settings) =
-                (oracle.clone(), stop.clone(), churn_grants.clone(), settings.clone());
+            let (oracle, stop, churn_grants, asked, settings) =
+                (oracle.clone(), stop.clone(), churn_grants.clone(), asked.clone(), settings.clone());
             tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
                     let leaf = LockPath::new(["A", &fastrand::u8(..4).to_string(), &fastrand::u8(..4).to_string()])
                         .expect("path");
                     let lock = TreeLock::builder(client.clone(), leaf).ttl(settings.ttl).build().expect("lock");
+                    let asking = Instant::now();
                     match lock.try_acquire().await {
                         Ok(grant) => {
                             oracle.enter(&grant);
+                            asked.lock().expect("never poisoned").push((asking, grant.token));
                             churn_grants.fetch_add(1, Ordering::Relaxed);
                             sleep(settings.hold).await;
                             oracle.exit(&grant);
@@ -148,18 +170,36 @@ pub async fn ancestor_waits_under_churn(
         })
         .collect();
 
-    let (mut granted, mut gave_up) = (Vec::new(), 0);
-    let ancestor = TreeLock::builder(waiter, "A").ttl(settings.ttl).build().expect("lock");
+    let fair = waiter.fairness() == Fairness::Fair;
+    let (mut granted, mut gave_up, mut overtaken) = (Vec::new(), 0, 0);
+    // When the waiter first heard it must wait, in the current wait: its
+    // reservation is written by then on a fair store.
+    let queued_at: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let ancestor = TreeLock::builder(waiter, "A")
+        .ttl(settings.ttl)
+        .on_wait({
+            let queued_at = queued_at.clone();
+            move |_| {
+                queued_at.lock().expect("never poisoned").get_or_insert_with(Instant::now);
+            }
+        })
+        .build()
+        .expect("lock");
     for _ in 0..settings.waits {
         // Churn resumes between waits (the pause is the waiter's own
         // pacing, not a synchronisation).
         sleep(settings.hold * 5).await;
+        *queued_at.lock().expect("never poisoned") = None;
         let started = Instant::now();
         match ancestor.acquire_timeout(settings.wait_limit).await {
             Ok(grant) => {
                 granted.push(started.elapsed());
                 oracle.enter(&grant);
                 oracle.exit(&grant);
+                if let Some(queued) = *queued_at.lock().expect("never poisoned") {
+                    let asked = asked.lock().expect("never poisoned");
+                    overtaken += asked.iter().filter(|&&(at, token)| at > queued && token < grant.token).count();
+                }
                 ancestor.release().await.expect("the waiter releases");
             }
             Err(Error::Timeout { .. }) => gave_up += 1,
@@ -179,8 +219,12 @@ pub async fn ancestor_waits_under_churn(
         gave_up,
         wait_limit: settings.wait_limit,
         churn_grants: churn_grants.load(Ordering::Relaxed),
+        overtaken,
     };
     println!("{report}");
+    if fair {
+        report.assert_fair();
+    }
     report
 }
 
@@ -197,6 +241,7 @@ mod tests {
             gave_up: 2,
             wait_limit: Duration::from_secs(1),
             churn_grants: 0,
+            overtaken: 0,
         };
         assert_eq!(report.quantile(0.5), Some(Duration::from_millis(5)));
         assert_eq!(report.quantile(0.8), Some(Duration::from_millis(8)));

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use mutextree::backend::human;
-use mutextree::{Error, LockBackend};
+use mutextree::{Error, Fairness, LockBackend};
 use mutextree_load::{self as load, LoadSpec, Scenario};
 
 use crate::parse_duration;
@@ -24,6 +24,7 @@ use crate::show::plural;
   mutextree --store redis://127.0.0.1:6379 bench --clients 16 --duration 10s
   mutextree --store memory:// bench --scenario contended --depth 4 --fan-out 3 --background 100000
   mutextree bench --clients 16 --scenario read-heavy --duration 2s
+  mutextree bench --clients 16 --scenario contended --wait fair
   mutextree bench --clients 4 --duration 3 --json | jq .pairs_per_sec")]
 pub(crate) struct Bench {
     /// Simulated clients, each with its own connection.
@@ -49,6 +50,14 @@ pub(crate) struct Bench {
     /// Unrelated locks held during the run.
     #[arg(long, default_value_t = 0)]
     background: usize,
+
+    /// Clients wait for their locks instead of trying once and counting a
+    /// refusal: fair (queued behind earlier waiters) or barging (first
+    /// attempt after a release wins). A pair's latency is then its wait
+    /// plus its release, and the round trips per pair count the attempts
+    /// of the wait.
+    #[arg(long, value_name = "fair|barging", value_parser = parse_fairness)]
+    wait: Option<Fairness>,
 
     /// How long the clients run.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
@@ -94,6 +103,7 @@ impl Bench {
             background: self.background,
             duration: self.duration,
             fan_out: usize::from(self.fan_out),
+            waiting: self.wait,
             ..LoadSpec::default()
         };
         let measuring = format!(
@@ -144,6 +154,10 @@ impl Bench {
                 "clients": spec.clients,
                 "depth": spec.depth,
                 "scenario": spec.scenario.to_string(),
+                "wait": spec.waiting.map(|fairness| match fairness {
+                    Fairness::Fair => "fair",
+                    Fairness::Barging => "barging",
+                }),
                 "fan_out": spec.fan_out,
                 "background": spec.background,
                 "duration_ms": u64::try_from(spec.duration.as_millis()).unwrap_or(u64::MAX),
@@ -168,6 +182,15 @@ impl Bench {
             None => println!("round trips per pair: not counted by this store"),
         }
         Ok(ExitCode::SUCCESS)
+    }
+}
+
+/// `fair` or `barging`.
+fn parse_fairness(text: &str) -> Result<Fairness, String> {
+    match text {
+        "fair" => Ok(Fairness::Fair),
+        "barging" => Ok(Fairness::Barging),
+        other => Err(format!("{other:?} is neither fair nor barging")),
     }
 }
 

@@ -150,16 +150,18 @@ impl Run {
         let shown = shown_items(&items);
         let store = place.connect().await?;
         let wait = if self.no_wait { Wait::No } else { self.timeout.unwrap_or(Wait::Forever) };
-        let waiting = WaitingLine::start(&items, wait, self.verbose);
-        let mut lock = TreeLockBuilder::<TreeLock>::many(store, items.iter().map(|item| (&item.path, item.mode)))
-            .ttl(self.ttl)
-            .wait(wait)
-            .auto_refresh(true)
-            .on_wait(waiting.observer());
+        let mut waiting = WaitingLine::start(&items, wait, self.verbose);
+        let mut lock =
+            TreeLockBuilder::<TreeLock>::many(store.clone(), items.iter().map(|item| (&item.path, item.mode)))
+                .ttl(self.ttl)
+                .wait(wait)
+                .auto_refresh(true)
+                .on_wait(waiting.observer());
         if let Some(owner) = &self.owner {
             lock = lock.owner(owner);
         }
         let lock = lock.build()?;
+        waiting.watch_queue(store, lock.owner().clone(), items.clone());
         let started = Instant::now();
         let acquired = tokio::select! {
             acquired = lock.acquire() => acquired,

@@ -1,5 +1,10 @@
-//! `mutextree status` and `mutextree why`: who holds what, and what is in
-//! the way.
+//! `mutextree status` and `mutextree why`: who holds what, who waits, and
+//! what is in the way.
+//!
+//! A waiter of a fair store holds a *reservation*: its paths, its owner and
+//! its ticket (its place in the queue). A reservation delays the requests
+//! that conflict with it and come after it, a request that does not wait
+//! included, so both commands show them beside the locks.
 //!
 //! Stores list one entry per item of a grant; the items of one grant share
 //! its fencing token and owner, which is how they are shown together here
@@ -17,7 +22,8 @@ use crate::{exit, parse_path};
 
 /// Show the locks held at and under PATH (or in the whole namespace) as a
 /// tree: mode, owner, remaining life and fencing token of each holder, then
-/// the grants that hold several paths at once, one line each.
+/// the grants that hold several paths at once, one line each, then the
+/// waiters in the queue, first in line first.
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
   mutextree --store redis://127.0.0.1:6379 status
@@ -29,9 +35,10 @@ pub(crate) struct Status {
     #[arg(value_parser = parse_path)]
     path: Option<LockPath>,
 
-    /// A JSON array instead of a tree, one object per locked path (path,
-    /// segments, mode, owner, remaining_ms, token, transient); the paths
-    /// of one grant share its token.
+    /// A JSON array instead of a tree, one object per locked or awaited
+    /// path (path, segments, mode, owner, remaining_ms, token, transient,
+    /// waiting); the paths of one grant share its token, those of one
+    /// waiter its ticket (in `token`, with `waiting` true).
     #[arg(long)]
     json: bool,
 }
@@ -39,10 +46,13 @@ pub(crate) struct Status {
 impl Status {
     pub(crate) async fn execute(self, store: &Arc<dyn LockBackend>, namespace: &str) -> Result<ExitCode, Error> {
         let held = store.list(self.path.as_ref()).await?;
+        let waiters = store.waiters(self.path.as_ref()).await?;
         let namespace = visible(namespace);
         if self.json {
-            println!("{}", json(&held));
-        } else if held.is_empty() {
+            println!("{}", json(held.iter().chain(&waiters)));
+            return Ok(ExitCode::SUCCESS);
+        }
+        if held.is_empty() {
             match &self.path {
                 Some(path) => println!("no locks held at or under {} in namespace {namespace}", shown(path)),
                 None => println!("no locks held in namespace {namespace}"),
@@ -51,16 +61,19 @@ impl Status {
             print!("{}", tree(&namespace, self.path.as_ref(), &held));
             print!("{}", several_paths(&held));
         }
+        print!("{}", queue(&waiters));
         Ok(ExitCode::SUCCESS)
     }
 }
 
 /// Say what would block a lock on PATH right now, and for how long: every
-/// lock in the way, each shared holder included; exit 3 if something does.
+/// lock in the way, each shared holder included, and every waiter queued
+/// for it; exit 3 if something does.
 ///
 /// An exclusive lock (the default) is blocked by any lock on PATH, an
 /// ancestor or a descendant; a shared one (--shared) only by the exclusive
-/// ones among them.
+/// ones among them. On a fair store the waiters that asked for such a lock
+/// first come before it too.
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
   mutextree --store redis://127.0.0.1:6379 why eu-west/rack-12/host-7
@@ -88,7 +101,9 @@ impl Why {
         // subtree; the listing asks the store once.
         let root = LockPath::new([self.path.segments().next().unwrap_or_default()])?;
         let mode = if self.shared { Mode::Shared } else { Mode::Exclusive };
-        let answer = WhyAnswer::new(&self.path, mode, store.list(Some(&root)).await?);
+        let mut listed = store.list(Some(&root)).await?;
+        listed.extend(store.waiters(Some(&root)).await?);
+        let answer = WhyAnswer::new(&self.path, mode, listed);
         if self.json {
             println!("{}", answer.json());
         } else {
@@ -98,8 +113,9 @@ impl Why {
     }
 }
 
-/// What `why` found: the locks in the way of a `mode` lock on `path`, and
-/// those on its branch that are not (shared, for a shared lock).
+/// What `why` found: the locks and the waiters in the way of a `mode` lock
+/// on `path`, and the locks on its branch that are not (shared, for a
+/// shared lock).
 struct WhyAnswer<'a> {
     path: &'a LockPath,
     mode: Mode,
@@ -112,7 +128,8 @@ impl<'a> WhyAnswer<'a> {
     fn new(path: &'a LockPath, mode: Mode, listed: Vec<HeldLock>) -> Self {
         let (blockers, sharing): (Vec<HeldLock>, Vec<HeldLock>) =
             listed.into_iter().filter(|lock| lock.path.overlaps(path)).partition(|lock| mode.conflicts_with(lock.mode));
-        WhyAnswer { path, mode, blockers, sharing: sharing.len() }
+        let sharing = sharing.iter().filter(|lock| !lock.waiting).count();
+        WhyAnswer { path, mode, blockers, sharing }
     }
 
     fn text(&self) -> String {
@@ -120,7 +137,14 @@ impl<'a> WhyAnswer<'a> {
         let mut out = if self.blockers.is_empty() {
             format!("{path} is free: {lock} on it would be granted now\n")
         } else {
-            let mut out = format!("{lock} on {path} is blocked by {}:\n", plural(self.blockers.len(), "lock"));
+            let waiters = self.blockers.iter().filter(|lock| lock.waiting).count();
+            let locks = self.blockers.len() - waiters;
+            let what = match (locks, waiters) {
+                (_, 0) => plural(locks, "lock"),
+                (0, _) => plural(waiters, "waiter") + " queued first",
+                _ => format!("{} and {} queued first", plural(locks, "lock"), plural(waiters, "waiter")),
+            };
+            let mut out = format!("{lock} on {path} is blocked by {what}:\n");
             for lock in &self.blockers {
                 let _ =
                     writeln!(out, "  {} ({}): {}", shown(&lock.path), relation(&lock.path, self.path), describe(lock));
@@ -192,12 +216,16 @@ fn visible(text: &str) -> String {
 }
 
 /// `held exclusively by OWNER for 12.3 s more, fencing token 17`, or
-/// `held shared by ...`.
+/// `held shared by ...`; for a waiter's reservation `awaited exclusively
+/// by OWNER, queued with ticket 18`.
 pub(crate) fn describe(lock: &HeldLock) -> String {
     let how = match lock.mode {
         Mode::Exclusive => "exclusively",
         Mode::Shared => "shared",
     };
+    if lock.waiting {
+        return format!("awaited {how} by {}, queued with ticket {}", lock.owner, lock.token);
+    }
     format!("held {how} {}", holder(lock))
 }
 
@@ -313,8 +341,21 @@ fn several_paths(held: &[HeldLock]) -> String {
     out
 }
 
-fn json(held: &[HeldLock]) -> serde_json::Value {
-    held.iter().map(lock_json).collect()
+/// The waiters, one line per waiter in ticket order (first in line first):
+/// `ticket 18 owner "web-2": A/B (shared), C/D`; nothing if there are none.
+fn queue(waiters: &[HeldLock]) -> String {
+    let mut out = String::new();
+    for waiter in by_grant(waiters) {
+        if out.is_empty() {
+            out.push_str("waiters, first in line first:\n");
+        }
+        let _ = writeln!(out, "  ticket {} owner {}: {}", waiter[0].token, waiter[0].owner, listed_items(&waiter));
+    }
+    out
+}
+
+fn json<'a>(listed: impl IntoIterator<Item = &'a HeldLock>) -> serde_json::Value {
+    listed.into_iter().map(lock_json).collect()
 }
 
 /// One lock as `status --json` lists it.
@@ -327,6 +368,7 @@ fn lock_json(lock: &HeldLock) -> serde_json::Value {
         "remaining_ms": u64::try_from(lock.remaining.as_millis()).unwrap_or(u64::MAX),
         "token": lock.token,
         "transient": lock.transient,
+        "waiting": lock.waiting,
     })
 }
 
@@ -353,6 +395,62 @@ pub(crate) mod tests {
             transient: false,
             waiting: false,
         }
+    }
+
+    /// A listed reservation with `ticket`.
+    pub(crate) fn awaited_by(path: &str, mode: Mode, owner: &str, ticket: u64) -> HeldLock {
+        HeldLock { waiting: true, remaining: Duration::from_millis(2_500), ..held_by(path, mode, owner, ticket) }
+    }
+
+    #[test]
+    fn waiters_are_listed_in_ticket_order_with_their_paths_together() {
+        let waiters = [
+            awaited_by("dc/a", Mode::Exclusive, "mover", 12),
+            awaited_by("dc/b", Mode::Shared, "mover", 12),
+            awaited_by("dc", Mode::Exclusive, "failover", 9),
+        ];
+        assert_eq!(
+            queue(&waiters),
+            "waiters, first in line first:\n  ticket 9 owner \"failover\": dc\n  ticket 12 owner \"mover\": dc/a, dc/b \
+             (shared)\n"
+        );
+        assert_eq!(queue(&[]), "");
+        let value = json(waiters.iter());
+        assert_eq!(value[2]["waiting"], true);
+        assert_eq!(value[2]["token"], 9);
+        assert_eq!(json([held("x", 1)].iter())[0]["waiting"], false);
+    }
+
+    #[test]
+    fn why_names_the_waiters_queued_first() {
+        let listed = vec![
+            held_by("eu/rack-1/host-2", Mode::Exclusive, "patcher", 6),
+            awaited_by("eu", Mode::Exclusive, "failover", 8),
+            awaited_by("eu/rack-1", Mode::Shared, "audit", 9),
+            awaited_by("eu/rack-2", Mode::Exclusive, "sibling", 10),
+        ];
+        let wanted = path("eu/rack-1/host-2");
+        let answer = WhyAnswer::new(&wanted, Mode::Shared, listed.clone());
+        let text = answer.text();
+        assert!(
+            text.starts_with("a shared lock on eu/rack-1/host-2 is blocked by 1 lock and 1 waiter queued first:\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  eu (an ancestor): awaited exclusively by \"failover\", queued with ticket 8\n"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("audit") && !text.contains("sibling") && !text.contains("would not be in the way"),
+            "{text}"
+        );
+        assert_eq!(answer.json()["blockers"][1]["waiting"], true);
+
+        let sibling = path("eu/rack-3");
+        let waiters_only = WhyAnswer::new(&sibling, Mode::Exclusive, listed);
+        assert!(waiters_only
+            .text()
+            .starts_with("an exclusive lock on eu/rack-3 is blocked by 1 waiter queued first:\n"));
     }
 
     fn path(text: &str) -> LockPath {

@@ -151,6 +151,59 @@ fn a_killed_run_frees_its_lock_at_the_ttl(store: &(String, String)) {
 }
 
 #[test]
+fn a_killed_waiter_stops_blocking_within_its_reservation_ttl_on_every_store() {
+    for store in every_store() {
+        a_killed_waiter_stops_blocking_within_its_reservation_ttl(&store);
+    }
+}
+
+fn a_killed_waiter_stops_blocking_within_its_reservation_ttl(store: &(String, String)) {
+    let backend = library(store);
+    let holder = blocking::TreeLock::new(backend, "Q").expect("lock");
+    let held = holder.lock().expect("free");
+    // A waiting run says, with --verbose, what it queued behind: by then
+    // its reservation is written.
+    let mut waiter = mutextree(store)
+        .args(["run", "-v", "--owner", "doomed-waiter", "Q", "--", "true"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut line = String::new();
+    BufReader::new(waiter.stderr.as_mut().expect("stderr")).read_line(&mut line).expect("the waiting line");
+    assert!(line.contains("waiting for Q behind Q"), "{line}");
+
+    let status = text(&output(mutextree(store).arg("status")).stdout);
+    assert!(status.contains("waiters, first in line first:\n  ticket "), "{status}");
+    assert!(status.contains("owner \"doomed-waiter\": Q\n"), "{status}");
+    let why = output(mutextree(store).args(["why", "Q/x"]));
+    assert_eq!(why.status.code(), Some(3));
+    assert!(
+        text(&why.stdout).contains("Q (an ancestor): awaited exclusively by \"doomed-waiter\""),
+        "{}",
+        text(&why.stdout)
+    );
+
+    waiter.kill().expect("SIGKILL mutextree");
+    waiter.wait().expect("wait");
+    let killed = Instant::now();
+    held.release().expect("the holder releases");
+    // The dead waiter's place in the queue outlives it for a moment: a
+    // request that does not wait comes after it...
+    let refused = output(mutextree(store).args(["run", "--no-wait", "Q/x", "--", "true"]));
+    assert_eq!(refused.status.code(), Some(3), "{}", text(&refused.stderr));
+    assert!(text(&refused.stderr).contains("doomed-waiter"), "{}", text(&refused.stderr));
+    // ...until its reservation lapses, unrenewed.
+    let granted = output(mutextree(store).args(["run", "--timeout", "20s", "Q/x", "--", "true"]));
+    assert!(granted.status.success(), "{}", text(&granted.stderr));
+    let lapsed = killed.elapsed();
+    // The reservation's ttl, plus what a store needs to notice (etcd
+    // revokes expired leases every half second or so).
+    let limit = mutextree::backend::RESERVATION_TTL + Duration::from_secs(2);
+    assert!(lapsed < limit, "the dead waiter blocked for {lapsed:?} on {}", store.0);
+    assert_nothing_held(store);
+}
+
+#[test]
 fn status_draws_the_tree_and_why_names_the_blocker_on_every_store() {
     for store in every_store() {
         status_draws_the_tree_and_why_names_the_blocker(&store);

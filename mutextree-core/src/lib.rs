@@ -14,6 +14,13 @@
 //! nothing, under one fencing token; a held grant can change its mode
 //! ([`TreeLock::upgrade`], [`TreeLock::downgrade`]).
 //!
+//! Waiters queue across the tree by default ([`Fairness::Fair`]): a request
+//! that must wait takes a ticket and a reservation of its paths, and a
+//! request is granted only when no grant and no earlier conflicting
+//! reservation is in its way, so a waiter for `[A]` is never starved by a
+//! stream of locks under `[A]` (the rule and its guarantees are in the docs
+//! of [`Fairness`]).
+//!
 //! Most applications depend on the `mutextree` facade crate instead, which
 //! re-exports this one with the stores behind cargo features.
 //!

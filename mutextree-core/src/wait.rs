@@ -328,7 +328,7 @@ type Call = Pin<Box<dyn Future<Output = Result<Attempt, Error>> + Send>>;
 impl Drop for Acquisition<'_> {
     /// A wait that ends without a grant (timed out, failed, cancelled)
     /// withdraws its reservation, in the background. (If an attempt was in
-    /// flight, its [`InFlight`] took the ticket and withdraws once the
+    /// flight, its `InFlight` took the ticket and withdraws once the
     /// attempt is answered, so that the attempt cannot renew the
     /// reservation after the withdrawal.)
     fn drop(&mut self) {

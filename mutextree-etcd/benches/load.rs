@@ -14,6 +14,9 @@
 //!   clients (each with its own connection), depth 1 and 3, siblings and
 //!   contended, and the same for the plain put loop.
 //!
+//! * 16 waiting clients under contention, fair against barging, alternating
+//!   (`MUTEXTREE_BENCH_RUNS` runs of each).
+//!
 //! `MUTEXTREE_BENCH_SECS` sets the seconds per row (default 3).
 
 use std::collections::BTreeMap;
@@ -28,7 +31,7 @@ use etcd_client::Client;
 use mutextree_core::backend::LockRequest;
 use mutextree_core::{LockBackend, LockPath, Owner, Ttl};
 use mutextree_etcd::EtcdConfig;
-use mutextree_load::{self as load, LoadSpec, Scenario};
+use mutextree_load::{self as load, BenchSettings, LoadSpec, Scenario};
 
 /// Sequential operations per round-trip count.
 const COUNTED: usize = 200;
@@ -48,6 +51,20 @@ fn main() {
         round_trips(&url).await;
         throughput(&url, duration).await;
     });
+    let settings = BenchSettings::from_env().with_duration(duration);
+    print!(
+        "\n{}",
+        load::fair_against_barging(&settings, |spec| {
+            runtime.block_on(async {
+                let namespace = random_namespace();
+                let mut backends = Vec::new();
+                for _ in 0..spec.clients {
+                    backends.push(backend(&url, &namespace).await);
+                }
+                load::run(&backends, spec).await.unwrap_or_else(|e| panic!("{spec:?}: {e}"))
+            })
+        })
+    );
 }
 
 /// A client of `namespace` on its own connection.

@@ -111,5 +111,5 @@ async fn a_lost_grant_reply_leaves_at_most_an_orphan() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_ancestor_waiter_under_descendant_churn() {
-    conformance::churn::measure("etcd", &common::Etcd::shared(), 4).await;
+    conformance::churn::measure("etcd", &common::Etcd::shared(), 16).await;
 }

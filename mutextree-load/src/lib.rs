@@ -50,6 +50,12 @@
 //!   pair; its time still counts in the run's elapsed time.
 //! * **Throughput** is pairs divided by the wall time from the first
 //!   client's start to the last client's end.
+//! * **Waiting clients** ([`LoadSpec::waiting`]): instead of trying once
+//!   and counting a refusal, each client waits for its lock through a
+//!   [`TreeLock`] handle (core's acquisition loop), fair or barging, so a pair's
+//!   latency is the wait plus the release, and nothing is refused. Under
+//!   contention this compares what queueing costs and what it buys: pairs/s
+//!   against the spread of the waits (p99, max).
 //!
 //! The deadline is checked after every pair, on the clock read the latency
 //! needs anyway. Every [`YIELD_EVERY`] iterations a client yields to the
@@ -99,7 +105,9 @@ use std::time::{Duration, Instant};
 
 use futures::stream::{self, StreamExt, TryStreamExt};
 use mutextree_core::backend::{Attempt, LockRequest};
-use mutextree_core::{Error, Grant, LockBackend, LockItems, LockPath, Mode, Owner, Ttl};
+use mutextree_core::{
+    Error, Fairness, Grant, LockBackend, LockItems, LockPath, Mode, Owner, TreeLock, TreeLockBuilder, Ttl, Wait,
+};
 
 /// A client yields to the runtime once per this many iterations (outside
 /// the timed samples).
@@ -188,7 +196,16 @@ pub struct LoadSpec {
     /// Children per node of the [`Scenario::Contended`] tree (2 or more);
     /// the tree has at most a million nodes.
     pub fan_out: usize,
+    /// `None`: each attempt is one try, and a refusal is counted and
+    /// followed at once by the next attempt. `Some(fairness)`: each client
+    /// waits for its lock, queueing as `fairness` says (see the
+    /// [module docs](crate#what-is-measured)).
+    pub waiting: Option<Fairness>,
 }
+
+/// How long a waiting client waits at most before its run fails: far
+/// longer than any wait a sound store makes it wait in a run of seconds.
+const WAIT_LIMIT: Duration = Duration::from_secs(60);
 
 impl Default for LoadSpec {
     /// One client, depth 3, siblings, no background, one second, ttl 30 s.
@@ -201,6 +218,7 @@ impl Default for LoadSpec {
             duration: Duration::from_secs(1),
             ttl: Duration::from_secs(30),
             fan_out: 2,
+            waiting: None,
         }
     }
 }
@@ -280,7 +298,7 @@ pub async fn run(clients: &[Arc<dyn LockBackend>], spec: &LoadSpec) -> Result<Lo
     let deadline = started + spec.duration;
     let tasks: Vec<_> = plans
         .into_iter()
-        .map(|(backend, requests, seed)| tokio::spawn(client_loop(backend, requests, seed, deadline)))
+        .map(|(backend, requests, seed)| tokio::spawn(client_loop(backend, requests, seed, deadline, spec.waiting)))
         .collect();
     let mut outcomes = Vec::with_capacity(tasks.len());
     for task in tasks {
@@ -324,28 +342,55 @@ struct ClientOutcome {
 }
 
 async fn client_loop(
-    backend: Arc<dyn LockBackend>,
+    shared: Arc<dyn LockBackend>,
     requests: Vec<LockRequest>,
     seed: u64,
     deadline: Instant,
+    waiting: Option<Fairness>,
 ) -> Result<ClientOutcome, Error> {
     // Called through `&dyn`: on `Arc<dyn LockBackend>` itself, method
     // resolution would pick core's `impl LockBackend for Arc<B>` and box every
     // call twice.
-    let backend: &dyn LockBackend = &*backend;
+    let backend: &dyn LockBackend = &*shared;
+    // Waiting clients wait through handles, built before the clock starts.
+    let handles = match waiting {
+        Some(fairness) => requests
+            .iter()
+            .map(|request| {
+                TreeLockBuilder::<TreeLock>::many(
+                    Arc::clone(&shared),
+                    request.items.iter().map(|item| (&item.path, item.mode)),
+                )
+                .owner(request.owner.as_str())
+                .ttl(request.ttl.get())
+                .wait(Wait::For(WAIT_LIMIT))
+                .fairness(fairness)
+                .build()
+            })
+            .collect::<Result<Vec<TreeLock>, Error>>()?,
+        None => Vec::new(),
+    };
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut latencies: Vec<u64> = Vec::with_capacity(1 << 16);
     let mut refused = 0;
     let mut since_yield = 0;
     let mut previous = Instant::now();
     loop {
-        let request = if requests.len() == 1 { &requests[0] } else { &requests[rng.usize(..requests.len())] };
-        let granted = match backend.try_grant(request).await? {
-            Attempt::Granted(grant) => {
-                backend.release(&grant).await?;
+        let pick = if requests.len() == 1 { 0 } else { rng.usize(..requests.len()) };
+        let request = &requests[pick];
+        let granted = match handles.get(pick) {
+            Some(handle) => {
+                handle.acquire().await?;
+                handle.release().await?;
                 true
             }
-            Attempt::Blocked(_) | Attempt::Queued { .. } => false,
+            None => match backend.try_grant(request).await? {
+                Attempt::Granted(grant) => {
+                    backend.release(&grant).await?;
+                    true
+                }
+                Attempt::Blocked(_) | Attempt::Queued { .. } => false,
+            },
         };
         let now = Instant::now();
         if granted {
@@ -501,7 +546,7 @@ pub fn markdown_table(rows: &[(LoadSpec, LoadReport)]) -> String {
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} |",
             spec.clients,
             spec.depth,
-            spec.scenario,
+            scenario_text(spec),
             thousands(spec.background as u64),
             thousands(report.pairs_per_sec.round() as u64),
             short(report.p50),
@@ -512,6 +557,16 @@ pub fn markdown_table(rows: &[(LoadSpec, LoadReport)]) -> String {
         );
     }
     out
+}
+
+/// `contended`, or for waiting clients `contended, fair wait` or
+/// `contended, barging wait`.
+fn scenario_text(spec: &LoadSpec) -> String {
+    match spec.waiting {
+        None => spec.scenario.to_string(),
+        Some(Fairness::Fair) => format!("{}, fair wait", spec.scenario),
+        Some(Fairness::Barging) => format!("{}, barging wait", spec.scenario),
+    }
 }
 
 /// `1234567` as `1,234,567`.
@@ -624,6 +679,28 @@ mod tests {
     }
 
     #[test]
+    fn waiting_clients_are_never_refused_and_leave_nothing_behind() {
+        for fairness in [Fairness::Fair, Fairness::Barging] {
+            let store: Arc<dyn LockBackend> = Arc::new(mutextree_memory::MemoryBackend::new());
+            let spec = LoadSpec {
+                clients: 8,
+                duration: Duration::from_millis(100),
+                waiting: Some(fairness),
+                ..spec(Scenario::Contended, 8, 3)
+            };
+            let runtime = runtime_for(spec.clients);
+            let report = runtime.block_on(run(std::slice::from_ref(&store), &spec)).expect("the run succeeds");
+            assert!(report.pairs > 0 && report.refused == 0, "{fairness:?}: {report:?}");
+            assert_eq!(runtime.block_on(store.list(None)).expect("list"), [], "{fairness:?}: all released");
+            assert_eq!(runtime.block_on(store.waiters(None)).expect("waiters"), [], "{fairness:?}: nobody queued");
+            let table = markdown_table(&[(spec, report)]);
+            let label =
+                if fairness == Fairness::Fair { "| contended, fair wait |" } else { "| contended, barging wait |" };
+            assert!(table.contains(label), "{table}");
+        }
+    }
+
+    #[test]
     fn scenarios_read_back_from_their_names() {
         for scenario in Scenario::ALL {
             assert_eq!(scenario.to_string().parse::<Scenario>(), Ok(scenario));
@@ -704,6 +781,17 @@ impl BenchSettings {
         BenchSettings { duration, repeats, only }
     }
 
+    /// These settings with `duration` per row (for a benchmark that reads
+    /// its own variable).
+    pub fn with_duration(self, duration: Duration) -> Self {
+        BenchSettings { duration, ..self }
+    }
+
+    /// These settings with `repeats` runs per row.
+    pub fn with_repeats(self, repeats: usize) -> Self {
+        BenchSettings { repeats, ..self }
+    }
+
     /// Whether the row labelled `label` is to run.
     pub fn includes(&self, label: &str) -> bool {
         self.only.as_ref().is_none_or(|only| only.iter().any(|part| label.contains(part.as_str())))
@@ -717,6 +805,55 @@ impl BenchSettings {
         let spread = format!("{:.0}..{:.0}", runs[0].pairs_per_sec, runs[runs.len() - 1].pairs_per_sec);
         (runs.swap_remove(runs.len() / 2), spread)
     }
+}
+
+/// Waiting clients under contention, fair against barging: 16 clients
+/// wait for random nodes of the contended tree at depth 3, in runs of one
+/// and then the other, alternating, [`BenchSettings::repeats`] each, so
+/// that both meet the same machine. `run_row` runs one spec on the store
+/// being measured. Returns a Markdown section: every run's pairs/s, and the
+/// median run of each with its wait percentiles. The rows are labelled
+/// `c16/d3/contended/b0/fair-wait` and `.../barging-wait` for
+/// `MUTEXTREE_BENCH_ROWS`; nothing runs (and the section is empty) unless
+/// one of them is included.
+pub fn fair_against_barging(settings: &BenchSettings, mut run_row: impl FnMut(&LoadSpec) -> LoadReport) -> String {
+    let sides = [(Fairness::Fair, "fair-wait"), (Fairness::Barging, "barging-wait")];
+    let sides: Vec<(LoadSpec, &str)> = sides
+        .into_iter()
+        .filter(|(_, label)| settings.includes(&format!("c16/d3/contended/b0/{label}")))
+        .map(|(fairness, label)| {
+            let spec = LoadSpec {
+                clients: 16,
+                scenario: Scenario::Contended,
+                duration: settings.duration,
+                waiting: Some(fairness),
+                ..LoadSpec::default()
+            };
+            (spec, label)
+        })
+        .collect();
+    if sides.is_empty() {
+        return String::new();
+    }
+    let mut runs: Vec<Vec<LoadReport>> = vec![Vec::new(); sides.len()];
+    for _ in 0..settings.repeats {
+        for ((spec, _), reports) in sides.iter().zip(&mut runs) {
+            reports.push(run_row(spec));
+        }
+    }
+    let mut out = String::from(
+        "### Waiting under contention: fair against barging\n\n| wait | pairs/s of each run |\n| --- | --- |\n",
+    );
+    let mut medians = Vec::new();
+    for ((spec, label), mut reports) in sides.into_iter().zip(runs) {
+        let each: Vec<String> = reports.iter().map(|report| thousands(report.pairs_per_sec.round() as u64)).collect();
+        let _ = writeln!(out, "| {label} | {} |", each.join(" / "));
+        reports.sort_by(|a, b| a.pairs_per_sec.total_cmp(&b.pairs_per_sec));
+        medians.push((spec, reports.swap_remove(reports.len() / 2)));
+    }
+    out.push_str("\nThe median run of each (a pair's latency is its wait plus its release):\n\n");
+    out.push_str(&markdown_table(&medians));
+    out
 }
 
 /// `N cores, CPU model`, from the OS: for the header of a benchmark's

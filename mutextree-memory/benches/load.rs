@@ -8,7 +8,9 @@
 //! Markdown table. The `MUTEXTREE_BENCH_*` variables of
 //! [`BenchSettings`](mutextree_load::BenchSettings) set the seconds per
 //! row, the runs per row and which rows run; a row's label is
-//! `c{clients}/d{depth}/{scenario}/b{background}`.
+//! `c{clients}/d{depth}/{scenario}/b{background}`. Then 16 waiting clients
+//! under contention, fair against barging (rows `.../fair-wait` and
+//! `.../barging-wait`).
 
 use std::sync::Arc;
 
@@ -50,6 +52,7 @@ fn main() {
         settings.repeats
     );
     print!("{}", load::markdown_table(&rows));
+    print!("\n{}", load::fair_against_barging(&settings, run_row));
 }
 
 /// One row on a fresh store and a fresh runtime: one core for one client,

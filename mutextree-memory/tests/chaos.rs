@@ -60,5 +60,5 @@ async fn chaos_memory_api_faults_and_pauses() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_ancestor_waiter_under_descendant_churn() {
     let store = common::Memory::new(conformance::Timing::REAL);
-    conformance::churn::measure("memory", &store, 4).await;
+    conformance::churn::measure("memory", &store, 16).await;
 }

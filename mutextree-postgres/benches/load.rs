@@ -19,8 +19,11 @@
 //! 4. **locks held**: 0, 10k and 100k unrelated locks held during the run
 //!    (one run per row: setting up 100k locks takes a while).
 //!
+//! 5. 16 waiting clients under contention, fair against barging,
+//!    alternating.
+//!
 //! `MUTEXTREE_BENCH_ONLY=scaling` runs part 3 only, `MUTEXTREE_BENCH_ONLY=held`
-//! part 4 only. `MUTEXTREE_BENCH_SECS` sets the seconds per row (default 3). The server
+//! part 4 (and 5) only, `MUTEXTREE_BENCH_ONLY=queue` part 5 only. `MUTEXTREE_BENCH_SECS` sets the seconds per row (default 3). The server
 //! runs with `fsync` off unless `MUTEXTREE_BENCH_FSYNC=on`: with it on, this
 //! machine's disk (a few ms per flush) is all that is measured.
 
@@ -31,7 +34,7 @@ use std::time::Duration;
 use conformance::servers::postgres;
 use mutextree_core::backend::LockRequest;
 use mutextree_core::{LockBackend, LockPath, Owner, Ttl};
-use mutextree_load::{self as load, LoadReport, LoadSpec, Scenario};
+use mutextree_load::{self as load, BenchSettings, LoadReport, LoadSpec, Scenario};
 use mutextree_postgres::PostgresConfig;
 
 fn main() {
@@ -60,6 +63,11 @@ fn main() {
     // `MUTEXTREE_BENCH_ONLY=held` runs the last part only,
     // `MUTEXTREE_BENCH_ONLY=scaling` the third only.
     let only = std::env::var("MUTEXTREE_BENCH_ONLY").unwrap_or_default();
+    if only == "queue" {
+        print!("{}", fair_against_barging(&url, duration, runs));
+        drop(server);
+        return;
+    }
     if only == "scaling" {
         scaling(&url, &Pgbench::new(&url, duration), duration, runs);
         drop(server);
@@ -79,7 +87,14 @@ fn main() {
         }
     }
     print!("{}", load::markdown_table(&rows));
+    print!("\n{}", fair_against_barging(&url, duration, runs));
     drop(server);
+}
+
+/// 16 waiting clients under contention, fair against barging, alternating.
+fn fair_against_barging(url: &str, duration: Duration, runs: usize) -> String {
+    let settings = BenchSettings::from_env().with_duration(duration).with_repeats(runs);
+    load::fair_against_barging(&settings, |spec| run_row(url, spec))
 }
 
 /// Parts 1 to 3: round trips, one client against pgbench, scaling.

@@ -73,5 +73,5 @@ conformance::behind_proxy_tests!(server: Server::start(), ttl: TTL, call_limit: 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_ancestor_waiter_under_descendant_churn() {
-    conformance::churn::measure("postgres", &common::Store, 4).await;
+    conformance::churn::measure("postgres", &common::Store, 16).await;
 }

@@ -15,7 +15,9 @@
 //!    share of the ceiling. The 16 clients run twice: each with its own
 //!    backend (16 connections, like `redis-benchmark -c 16`), and all on
 //!    one backend (its one multiplexed connection, as an application's
-//!    tasks share a backend's clones).
+//!    tasks share a backend's clones);
+//! 4. 16 waiting clients under contention, fair against barging,
+//!    alternating (rows `.../fair-wait` and `.../barging-wait`).
 //!
 //! The `MUTEXTREE_BENCH_*` variables of
 //! [`BenchSettings`](mutextree_load::BenchSettings) apply; a row's label
@@ -169,6 +171,19 @@ fn main() {
     for share in shares {
         println!("{share}");
     }
+    print!(
+        "\n{}",
+        load::fair_against_barging(&settings, |spec| {
+            load::runtime_for(spec.clients).block_on(async {
+                let namespace = format!("bench-wait-{:08x}", fastrand::u32(..));
+                let mut backends: Vec<Arc<dyn LockBackend>> = Vec::new();
+                for _ in 0..spec.clients {
+                    backends.push(Arc::new(connect(namespace.clone()).await.expect("connect")));
+                }
+                load::run(&backends, spec).await.unwrap_or_else(|error| panic!("load run {spec:?}: {error}"))
+            })
+        })
+    );
 }
 
 /// Runs [`COUNTED_PAIRS`] pairs at `depth` and returns how many scripts

@@ -81,5 +81,5 @@ conformance::behind_proxy_tests!(server: Server::start(), ttl: TTL, call_limit: 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_ancestor_waiter_under_descendant_churn() {
-    conformance::churn::measure("redis", &common::Redis::standalone(), 4).await;
+    conformance::churn::measure("redis", &common::Redis::standalone(), 16).await;
 }

@@ -189,6 +189,15 @@
 //! # Ok(()) }
 //! ```
 //!
+//! While it waits, a handle holds a place in the store's queue
+//! ([`Fairness::Fair`](crate::Fairness::Fair), the default): later requests
+//! that conflict with it wait behind it, a try included, so a lock on a
+//! busy subtree's root is granted as soon as the holders it found are gone.
+//! A wait that ends without a grant gives its place up.
+//! [`fairness(Fairness::Barging)`](crate::TreeLockBuilder::fairness) waits
+//! without a place: more grants per second under contention, and no bound
+//! on the wait.
+//!
 //! # [`Error`](crate::Error): what went wrong, and whether to try again
 //!
 //! One error type for every store. Bad input (an empty path segment, a zero
