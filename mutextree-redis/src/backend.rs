@@ -329,7 +329,9 @@ impl Reply {
         match self.0.as_slice() {
             [Value::Int(1), token, ttl] => Ok(Attempt::Granted(grant(int(token)?, Duration::from_millis(int(ttl)?)))),
             [Value::Int(0), rows @ ..] => Ok(Attempt::Blocked(blockers(rows)?)),
-            [Value::Int(2), ticket, rows @ ..] => Ok(Attempt::Queued { ticket: int(ticket)?, blockers: blockers(rows)? }),
+            [Value::Int(2), ticket, rows @ ..] => {
+                Ok(Attempt::Queued { ticket: int(ticket)?, blockers: blockers(rows)? })
+            }
             other => Err(unexpected(&Value::Array(other.to_vec()))),
         }
     }

@@ -25,7 +25,8 @@ fn path(text: &str) -> LockPath {
 }
 
 fn request(of: &[(&str, Mode)], queue: Queue) -> LockRequest {
-    let items = LockItems::new(of.iter().map(|(text, mode)| LockItem { path: path(text), mode: *mode })).expect("items");
+    let items =
+        LockItems::new(of.iter().map(|(text, mode)| LockItem { path: path(text), mode: *mode })).expect("items");
     LockRequest::of(items, Owner::random(), Ttl::new(LONG).expect("ttl")).in_queue(queue)
 }
 
