@@ -8,8 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{raw, raw_members, script, Redis};
-use futures::StreamExt;
+use common::{announced, answer, command_calls, heard, raw, raw_members, script, Redis};
 use mutextree_core::backend::{Attempt, LockRequest, Queue, RESERVATION_TTL};
 use mutextree_core::{
     Blockers, Fairness, Grant, HeldLock, LockBackend, LockItem, LockItems, LockPath, Mode, Owner, Ttl,
@@ -243,17 +242,7 @@ async fn waiters_lists_live_reservations_in_key_order(store: Redis) {
 async fn a_withdrawal_removes_its_owners_reservation_and_tells_waiters() {
     let store = Redis::standalone();
     let backend = backend(&store).await;
-    let keys = backend.keys().to_vec();
-    let channel = keys[0].replace(":locks", ":released");
-    // As a subscribed backend does (see the listen script): changes publish
-    // while someone listens.
-    let mut raw = raw(store.url()).await;
-    let forever = u64::MAX / 4096;
-    let _: () =
-        redis::cmd("HSET").arg(&keys[0]).arg("listened").arg(forever).query_async(&mut raw).await.expect("hset");
-    let mut subscription = redis::Client::open(store.url()).expect("url").get_async_pubsub().await.expect("pubsub");
-    subscription.subscribe(&channel).await.expect("subscribe");
-    let mut messages = subscription.into_on_message();
+    let mut messages = announced(&store, backend.keys()).await;
 
     let holder = granted(&backend, &request(&[("A", EXCLUSIVE)], Queue::Try)).await;
     let waiter = request(&[("A/b", EXCLUSIVE), ("C", SHARED)], Queue::Join);
@@ -271,21 +260,7 @@ async fn a_withdrawal_removes_its_owners_reservation_and_tells_waiters() {
     backend.release(&holder).await.expect("release");
     // In order, and nothing else: the withdrawal's items, then the
     // release's (the second withdrawal removed nothing).
-    let mut heard = Vec::new();
-    for _ in 0..2 {
-        let message = tokio::time::timeout(Duration::from_secs(10), messages.next()).await.expect("a message");
-        heard.push(message.expect("subscribed").get_payload::<String>().expect("text"));
-    }
-    assert_eq!(heard, ["A/b/\nC/", "A/"]);
-}
-
-/// The commands the server ran since the last reset, all kinds together.
-async fn commands(raw: &mut redis::aio::MultiplexedConnection) -> u64 {
-    let info: String = redis::cmd("INFO").arg("commandstats").query_async(raw).await.expect("info");
-    info.lines()
-        .filter_map(|line| line.split_once(":calls=").filter(|(name, _)| name.starts_with("cmdstat_")))
-        .map(|(_, rest)| rest.split(',').next().and_then(|n| n.parse::<u64>().ok()).expect("calls"))
-        .sum()
+    assert_eq!(heard(&mut messages, 2).await, ["A/b/\nC/", "A/"]);
 }
 
 /// The commands (the scripts' own included) that `requests` cost, each
@@ -295,7 +270,7 @@ async fn cost(backend: &RedisBackend, raw: &mut redis::aio::MultiplexedConnectio
     for request in requests {
         granted(backend, request).await;
     }
-    commands(raw).await
+    command_calls(raw, None).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -344,19 +319,6 @@ async fn the_queue_costs_nothing_while_no_reservation_is_alive() {
     assert_eq!(fair, barging);
     server.stop();
     let _ = std::fs::remove_dir_all(&data);
-}
-
-/// `{1, token, ttl}`, `{0, rows...}` or `{2, ticket, rows...}` as (kind,
-/// token or ticket).
-fn answer(reply: &redis::Value) -> (i64, i64) {
-    match reply {
-        redis::Value::Array(fields) => match fields.as_slice() {
-            [redis::Value::Int(kind @ (1 | 2)), redis::Value::Int(number), ..] => (*kind, *number),
-            [redis::Value::Int(0), ..] => (0, 0),
-            other => panic!("unexpected reply {other:?}"),
-        },
-        other => panic!("unexpected reply {other:?}"),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -414,29 +376,7 @@ async fn fair_requests_sent_twice_get_the_first_answer() {
     }
 }
 
-/// Each case as a test on the standalone server and on the cluster.
-macro_rules! on_both {
-    ($($case:ident),* $(,)?) => {
-        mod standalone {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(super::Redis::standalone()).await
-                }
-            )*
-        }
-        mod cluster {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(super::Redis::cluster()).await
-                }
-            )*
-        }
-    };
-}
-
-on_both!(
+common::on_both!(
     a_try_is_refused_by_a_reservation_and_names_it,
     a_shared_reservation_delays_writers_only,
     a_join_writes_one_reservation_with_a_ticket_above_every_token,
