@@ -358,8 +358,9 @@ fn text(value: &Value) -> Result<&str, Error> {
     }
 }
 
-/// The state in a script's row of a waiter's reservation (see
-/// `lua/queue.lua`); 0 and 1 are a held and a transient lock.
+/// The states in a script's row of a stepwise client's transient lock and
+/// of a waiter's reservation (see `lua/queue.lua`); 0 is a held lock.
+const TRANSIENT: u64 = 1;
 const RESERVED: u64 = 4;
 
 /// A script's row `{key, owner, token, remaining ms, state, mode}` as the
@@ -380,7 +381,7 @@ fn held_lock(row: Value) -> Result<HeldLock, Error> {
         owner: Owner::new(text(owner)?).map_err(stored)?,
         token: int(token)?,
         remaining: Duration::from_millis(int(remaining)?),
-        transient: int(state)? == 1,
+        transient: int(state)? == TRANSIENT,
         waiting: int(state)? == RESERVED,
     })
 }

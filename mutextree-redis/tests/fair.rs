@@ -215,6 +215,34 @@ async fn a_dead_waiters_reservation_lapses_and_then_blocks_nobody(store: Redis) 
     backend.release(&grant).await.expect("release");
 }
 
+async fn dead_reservations_are_swept_while_others_wait(store: Redis) {
+    let backend = backend(&store).await;
+    let holder = granted(&backend, &request(&[("H", EXCLUSIVE)], Queue::Try)).await;
+    // Ten waiters that join and never come back, then one that stays.
+    for n in 0..10 {
+        queued(attempt(&backend, &request(&[(&format!("H/dead-{n}"), EXCLUSIVE)], Queue::Join)).await);
+    }
+    let live = request(&[("H/live", EXCLUSIVE)], Queue::Join);
+    let (ticket, _) = queued(attempt(&backend, &live).await);
+    let renewal = live.in_queue(Queue::Waiting(ticket));
+    // Time passing has no event: renewed once before the dead ones lapse,
+    // then after.
+    tokio::time::sleep(RESERVATION_TTL * 2 / 3).await;
+    queued(attempt(&backend, &renewal).await);
+    tokio::time::sleep(RESERVATION_TTL / 2).await;
+    // Each renewal sweeps a few of the expired entries.
+    for _ in 0..3 {
+        queued(attempt(&backend, &renewal).await);
+    }
+    assert_eq!(waiting(&backend, None).await, [reservation(&live, 0, ticket)]);
+    let keys = backend.keys();
+    let left = [raw_members(&store, &keys[5]).await, raw_members(&store, &keys[7]).await].concat();
+    assert!(left.iter().all(|field| !field.contains("dead")), "{left:?}");
+    assert_eq!(queue_fields(&store, &backend, "ticket ").await, [format!("ticket {ticket}")]);
+    assert_eq!(raw_members(&store, &keys[6]).await.len(), 1);
+    backend.release(&holder).await.expect("release");
+}
+
 async fn waiters_lists_live_reservations_in_key_order(store: Redis) {
     let backend = backend(&store).await;
     let holder = granted(&backend, &request(&[("R", EXCLUSIVE)], Queue::Try)).await;
@@ -382,5 +410,6 @@ common::on_both!(
     a_join_writes_one_reservation_with_a_ticket_above_every_token,
     waiting_renews_the_reservation_and_a_grant_removes_it,
     a_dead_waiters_reservation_lapses_and_then_blocks_nobody,
+    dead_reservations_are_swept_while_others_wait,
     waiters_lists_live_reservations_in_key_order,
 );
