@@ -337,6 +337,8 @@ fn random_up_to(limit: Duration) -> Duration {
 async fn assert_nothing_left(probe: &Arc<dyn LockBackend>, trial: usize, what: &str) {
     let left = probe.list(None).await.expect("list");
     assert!(left.is_empty(), "trial {trial}: {what} left {left:?}");
+    let waiting = probe.waiters(None).await.expect("waiters");
+    assert!(waiting.is_empty(), "trial {trial}: {what} left the reservations {waiting:?}");
 }
 
 /// A timed wait whose blocker is released at random moments within 5 ms

@@ -17,6 +17,11 @@ pub use crate::cancel::{
     a_timed_wait_cut_at_its_deadline_leaves_nothing, cancellation_leaves_nothing_beyond_the_ttl,
 };
 use crate::cancel::{Fault, Gated, Point};
+pub use crate::fair::{
+    a_dead_waiters_reservation_lapses_within_its_ttl, a_reservation_refuses_later_requests_and_names_its_waiter,
+    a_wait_that_ends_without_a_grant_leaves_no_reservation, reservations_never_refuse_what_they_do_not_conflict_with,
+    waiters_defer_only_to_earlier_tickets,
+};
 pub use crate::modes::{
     a_downgrade_is_refused_under_a_stepwise_lock_in_progress, a_downgrade_lets_readers_in_and_keeps_writers_out,
     a_mode_change_takes_a_new_token_and_keeps_the_expiry, a_multi_path_grant_shares_one_token_and_one_fate,

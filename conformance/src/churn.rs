@@ -15,7 +15,8 @@
 //! oracle checks that the waiter and the churners never overlap, and every
 //! churner's grant is checked against the waiter's: a churner that asked
 //! after the waiter had queued and was granted before it *overtook* it.
-//! [`ChurnReport::assert_fair`] asserts none did and no wait gave up.
+//! [`ChurnReport::assert_fair`] asserts none did and no wait gave up;
+//! [`crate::fair`] bounds the wait itself.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -40,6 +41,8 @@ pub struct ChurnSettings {
     pub hold: Duration,
     /// The ttl of every lock.
     pub ttl: Duration,
+    /// How the waiter waits (`None`: as its store does by default).
+    pub fairness: Option<Fairness>,
 }
 
 impl Default for ChurnSettings {
@@ -49,6 +52,7 @@ impl Default for ChurnSettings {
             wait_limit: Duration::from_secs(3),
             hold: Duration::from_millis(20),
             ttl: Duration::from_secs(5),
+            fairness: None,
         }
     }
 }
@@ -116,14 +120,27 @@ impl fmt::Display for ChurnReport {
 
 /// Measures on `store`, in a fresh namespace, with `churners` churning
 /// clients and the default settings; see [`ancestor_waits_under_churn`].
+///
+/// On a fair store it measures twice, the second time with a barging
+/// waiter (the rule of stores without a queue), to show what the queue
+/// changes; it returns the first.
 pub async fn measure(name: &str, store: &dyn TestStore, churners: usize) -> ChurnReport {
-    let namespace = crate::random_namespace();
-    let mut clients = Vec::new();
-    for _ in 0..=churners {
-        clients.push(store.connect(&namespace).await.expect("connect to the store"));
+    let once = |fairness: Option<Fairness>| async move {
+        let namespace = crate::random_namespace();
+        let mut clients = Vec::new();
+        for _ in 0..=churners {
+            clients.push(store.connect(&namespace).await.expect("connect to the store"));
+        }
+        let waiter = clients.pop().expect("one client more than the churners");
+        let fair = waiter.fairness() == Fairness::Fair;
+        let settings = ChurnSettings { fairness, ..ChurnSettings::default() };
+        (fair, ancestor_waits_under_churn(name, clients, waiter, settings).await)
+    };
+    let (fair, report) = once(None).await;
+    if fair {
+        once(Some(Fairness::Barging)).await;
     }
-    let waiter = clients.pop().expect("one client more than the churners");
-    ancestor_waits_under_churn(name, clients, waiter, ChurnSettings::default()).await
+    report
 }
 
 /// Measures on `churners` (one client each) and `waiter`, all of one fresh
@@ -170,13 +187,15 @@ pub async fn ancestor_waits_under_churn(
         })
         .collect();
 
-    let fair = waiter.fairness() == Fairness::Fair;
+    let fairness = settings.fairness.unwrap_or(waiter.fairness());
+    let fair = fairness == Fairness::Fair;
     let (mut granted, mut gave_up, mut overtaken) = (Vec::new(), 0, 0);
     // When the waiter first heard it must wait, in the current wait: its
     // reservation is written by then on a fair store.
     let queued_at: Arc<Mutex<Option<Instant>>> = Arc::default();
     let ancestor = TreeLock::builder(waiter, "A")
         .ttl(settings.ttl)
+        .fairness(fairness)
         .on_wait({
             let queued_at = queued_at.clone();
             move |_| {
@@ -213,7 +232,7 @@ pub async fn ancestor_waits_under_churn(
     oracle.assert_clean();
     granted.sort();
     let report = ChurnReport {
-        store: store.to_owned(),
+        store: if fair { store.to_owned() } else { format!("{store}, barging waiter") },
         churners: count,
         granted,
         gave_up,

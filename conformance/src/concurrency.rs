@@ -24,6 +24,10 @@ use std::time::Duration;
 use futures::future::join_all;
 use mutextree_core::{Error, Grant, HeldLock, LockBackend, LockItems, LockPath, Mode, TreeLock, TreeLockBuilder, Wait};
 
+pub use crate::fair::{
+    an_ancestor_waiter_is_not_starved_by_churn_below_it, crossing_waiters_never_deadlock,
+    waiters_are_granted_in_ticket_order,
+};
 use crate::modes::unsupported_here;
 use crate::oracle::Oracle;
 use crate::Ctx;

@@ -3,7 +3,8 @@
 //! broken store proves nothing about a right one.
 //!
 //! Each broken store is the memory store behind a [`Flawed`] wrapper that
-//! breaks one rule of the modes, the way a real store could get it wrong.
+//! breaks one rule of the modes or of fair waiting, the way a real store
+//! could get it wrong.
 
 use std::any::Any;
 use std::collections::HashSet;
@@ -13,11 +14,14 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use mutextree::memory::MemoryStore;
-use mutextree_core::backend::{Attempt, Listener, LockKind, LockRequest};
-use mutextree_core::{Error, Fairness, Grant, HeldLock, LockBackend, LockItems, LockPath, Mode, Owner, Ttl};
+use mutextree_core::backend::{Attempt, Listener, LockKind, LockRequest, Queue};
+use mutextree_core::{
+    Blockers, Error, Fairness, Grant, HeldLock, LockBackend, LockItem, LockItems, LockPath, Mode, Owner, Ttl,
+};
 use tokio::time::Instant;
 
-use crate::{concurrency, model, modes, Algorithm, Ctx, TestStore, Timing};
+use crate::oracle::items_conflict;
+use crate::{cases, concurrency, model, modes, Algorithm, Ctx, TestStore, Timing};
 
 /// How a [`Flawed`] store breaks the rules.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,6 +39,23 @@ enum Flaw {
     /// A listing leaves out the last item of every multi-path grant, as a
     /// store that writes or reads a grant's items one by one might show.
     ListsHalfGrants,
+    /// Fair requests are served as barging ones: no reservation is ever
+    /// written or looked at, and whoever asks first after a release wins.
+    QueueIgnored,
+    /// A waiter defers to every conflicting reservation, later tickets
+    /// included, as a queue that forgot its order would.
+    EveryReservationBlocks,
+    /// A reservation refuses every fair request of another owner under its
+    /// path's root, whatever the modes, as a store that reserved the root
+    /// would.
+    ReservationsOverreach,
+    /// Withdrawals are lost: a wait that ends leaves its reservation to
+    /// lapse.
+    WithdrawIgnored,
+    /// Every reservation is renewed whenever any client asks for a lock,
+    /// as if its life depended on the store's clients rather than on its
+    /// own waiter.
+    ReservationsOutliveWaiters,
 }
 
 /// The memory store with a flaw; grants it made up (which the memory store
@@ -45,6 +66,9 @@ struct Flawed {
     flaw: Flaw,
     made_up: Mutex<HashSet<u64>>,
     tokens: Arc<AtomicU64>,
+    /// The waiting requests of every client of the store, for
+    /// [`Flaw::ReservationsOutliveWaiters`].
+    kept: Arc<Mutex<Vec<LockRequest>>>,
 }
 
 impl Flawed {
@@ -57,6 +81,55 @@ impl Flawed {
 
     fn is_made_up(&self, grant: &Grant) -> bool {
         self.made_up.lock().expect("made up").contains(&grant.token)
+    }
+
+    /// What a flaw of the queue answers instead of the store, if anything,
+    /// and the request the store is sent otherwise.
+    async fn queue_flaw(&self, request: &LockRequest) -> Result<Result<LockRequest, Attempt>, Error> {
+        match (self.flaw, request.queue) {
+            (Flaw::QueueIgnored, _) => return Ok(Ok(request.in_queue(Queue::Barge))),
+            (Flaw::EveryReservationBlocks, Queue::Waiting(ticket)) => {
+                let later = self.reservation_in_way(request, |held| held.token != ticket).await?;
+                if let Some(blocker) = later {
+                    return Ok(Err(Attempt::Queued { ticket, blockers: Blockers::from(blocker) }));
+                }
+            }
+            (Flaw::ReservationsOverreach, Queue::Try | Queue::Join | Queue::Waiting(_)) => {
+                let root = |path: &LockPath| path.segments().next().map(str::to_owned);
+                let roots: Vec<_> = request.items.iter().map(|item| root(&item.path)).collect();
+                let waiters = self.inner.waiters(None).await?;
+                let over =
+                    waiters.into_iter().find(|held| held.owner != request.owner && roots.contains(&root(&held.path)));
+                if let Some(blocker) = over {
+                    return Ok(Err(Attempt::Blocked(Blockers::from(blocker))));
+                }
+            }
+            (Flaw::ReservationsOutliveWaiters, _) => {
+                let kept = self.kept.lock().expect("kept").clone();
+                for waiting in kept {
+                    if let Attempt::Granted(grant) = self.inner.try_grant(&waiting).await? {
+                        self.inner.release(&grant).await?;
+                        self.kept.lock().expect("kept").retain(|other| *other != waiting);
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(Ok(request.clone()))
+    }
+
+    /// A live reservation that `counts`, of another waiter or not, in the
+    /// way of an item of `request`.
+    async fn reservation_in_way(
+        &self,
+        request: &LockRequest,
+        counts: impl Fn(&HeldLock) -> bool,
+    ) -> Result<Option<HeldLock>, Error> {
+        let waiters = self.inner.waiters(None).await?;
+        Ok(waiters.into_iter().find(|held| {
+            let reserved = LockItem { path: held.path.clone(), mode: held.mode };
+            counts(held) && request.items.iter().any(|item| items_conflict(item, &reserved))
+        }))
     }
 }
 
@@ -98,7 +171,19 @@ impl LockBackend for Flawed {
     }
 
     async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error> {
+        let request = match self.queue_flaw(request).await? {
+            Ok(request) => request,
+            Err(answer) => return Ok(answer),
+        };
+        let request = &request;
         let attempt = self.inner.try_grant(request).await?;
+        if let (Flaw::ReservationsOutliveWaiters, Attempt::Queued { ticket, .. }) = (self.flaw, &attempt) {
+            let waiting = request.in_queue(Queue::Waiting(*ticket));
+            let mut kept = self.kept.lock().expect("kept");
+            if !kept.contains(&waiting) {
+                kept.push(waiting);
+            }
+        }
         let made_up = match &attempt {
             Attempt::Blocked(_) if self.flaw == Flaw::SharedIgnoresConflicts => request.items.any(Mode::Shared),
             Attempt::Blocked(blockers) if self.flaw == Flaw::SharedCoversOnlyItsNode => {
@@ -129,6 +214,9 @@ impl LockBackend for Flawed {
     }
 
     async fn withdraw(&self, owner: &Owner, ticket: u64) -> Result<(), Error> {
+        if self.flaw == Flaw::WithdrawIgnored {
+            return Ok(());
+        }
         self.inner.withdraw(owner, ticket).await
     }
 
@@ -150,13 +238,20 @@ struct FlawedStore {
     store: MemoryStore,
     flaw: Flaw,
     tokens: Arc<AtomicU64>,
+    kept: Arc<Mutex<Vec<LockRequest>>>,
     timing: Timing,
 }
 
 impl FlawedStore {
     /// In real time, for the cases.
     fn new(flaw: Flaw) -> Self {
-        FlawedStore { store: MemoryStore::new(), flaw, tokens: Arc::default(), timing: Timing::REAL }
+        FlawedStore {
+            store: MemoryStore::new(),
+            flaw,
+            tokens: Arc::default(),
+            kept: Arc::default(),
+            timing: Timing::REAL,
+        }
     }
 
     /// On tokio's paused clock, for the model's histories.
@@ -173,6 +268,7 @@ impl TestStore for FlawedStore {
             flaw: self.flaw,
             made_up: Mutex::default(),
             tokens: self.tokens.clone(),
+            kept: self.kept.clone(),
         }))
     }
 
@@ -245,4 +341,71 @@ fn the_model_catches_readers_that_ignore_writers_and_upgrades_past_readers() {
         let text = message(outcome.expect_err("the model passed a broken store"));
         assert!(text.contains("disagrees with the reference model"), "{}", text);
     }
+}
+
+#[test]
+fn the_model_catches_queues_that_are_ignored_overreach_or_defer_to_later_tickets() {
+    let ignored: fn() -> FlawedStore = || FlawedStore::paused(Flaw::QueueIgnored);
+    let overreach: fn() -> FlawedStore = || FlawedStore::paused(Flaw::ReservationsOverreach);
+    let every: fn() -> FlawedStore = || FlawedStore::paused(Flaw::EveryReservationBlocks);
+    for store in [ignored, overreach, every] {
+        let outcome = std::panic::catch_unwind(|| model::check(store, Algorithm::Native, true));
+        let text = message(outcome.expect_err("the model passed a broken queue"));
+        assert!(text.contains("disagrees with the reference model"), "{}", text);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn churners_that_overtake_the_ancestor_waiter_fail_the_churn_measurement() {
+    let run = tokio::spawn(async { crate::churn::measure("flawed", &FlawedStore::new(Flaw::QueueIgnored), 16).await });
+    let text = message(run.await.expect_err("the measurement passed a store that ignores its queue").into_panic());
+    assert!(text.contains("overtook a queued waiter") || text.contains("a queued waiter gave up"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_that_is_ignored_fails_the_contract_and_the_order() {
+    let text = failure(Flaw::QueueIgnored, cases::a_reservation_refuses_later_requests_and_names_its_waiter).await;
+    assert!(text.contains("should be refused and queued"), "{text}");
+    let text = failure(Flaw::QueueIgnored, cases::a_dead_waiters_reservation_lapses_within_its_ttl).await;
+    assert!(text.contains("should be refused and queued"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn waiters_that_barge_fail_the_ticket_order() {
+    let text = failure(Flaw::QueueIgnored, concurrency::waiters_are_granted_in_ticket_order).await;
+    assert!(text.contains("out of ticket order"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_ancestor_starved_by_barging_churn_fails_the_churn_case() {
+    let text = failure(Flaw::QueueIgnored, concurrency::an_ancestor_waiter_is_not_starved_by_churn_below_it).await;
+    assert!(text.contains("starved"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn waiters_that_defer_to_later_tickets_deadlock_and_fail() {
+    let text = failure(Flaw::EveryReservationBlocks, concurrency::crossing_waiters_never_deadlock).await;
+    assert!(text.contains("not all granted"), "{text}");
+    // Its renewal is refused by the later waiter instead of the holder.
+    let text = failure(Flaw::EveryReservationBlocks, cases::waiters_defer_only_to_earlier_tickets).await;
+    assert!(text.contains("the holder is still in the way"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservations_that_refuse_their_neighbours_fail_the_collateral_case() {
+    let text =
+        failure(Flaw::ReservationsOverreach, cases::reservations_never_refuse_what_they_do_not_conflict_with).await;
+    assert!(text.contains("beside the waiters"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_withdrawals_fail_the_case_of_waits_that_end() {
+    let text = failure(Flaw::WithdrawIgnored, cases::a_wait_that_ends_without_a_grant_leaves_no_reservation).await;
+    assert!(text.contains("a timed-out wait left"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservations_that_outlive_their_waiter_fail_the_dead_waiter_case() {
+    let text = failure(Flaw::ReservationsOutliveWaiters, cases::a_dead_waiters_reservation_lapses_within_its_ttl).await;
+    assert!(text.contains("once the dead waiter's reservation lapsed"), "{text}");
 }

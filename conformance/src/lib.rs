@@ -78,6 +78,9 @@
 //!   input).
 //! * [`modes`]: the cases of Shared and multi-path grants and of mode
 //!   changes (re-exported by [`cases`]).
+//! * [`fair`]: the cases of fair waiting: reservations and tickets, FIFO
+//!   order, no starvation, no deadlock, nothing left behind, dead waiters
+//!   (re-exported by [`cases`] and [`concurrency`]); natively only.
 //! * [`concurrency`]: many clients at once, checked by an [`oracle`].
 //! * [`model`]: a pure reference model and the proptest comparing a store
 //!   with it.
@@ -115,6 +118,7 @@ pub mod cases;
 pub mod chaos;
 pub mod churn;
 pub mod concurrency;
+pub mod fair;
 #[cfg(test)]
 mod flawed;
 pub mod harness;
@@ -399,12 +403,20 @@ macro_rules! suite {
                 timed a_multi_path_grant_shares_one_token_and_one_fate,
                 timed requests_are_normalised_before_the_store,
                 timed sixteen_deep_items_or_a_typed_refusal,
+                timed a_reservation_refuses_later_requests_and_names_its_waiter,
+                timed waiters_defer_only_to_earlier_tickets,
+                timed reservations_never_refuse_what_they_do_not_conflict_with,
+                timed a_dead_waiters_reservation_lapses_within_its_ttl,
+                timed a_wait_that_ends_without_a_grant_leaves_no_reservation,
                 threaded concurrent_overlapping_paths_never_overlap,
                 threaded concurrent_siblings_are_never_refused,
                 threaded concurrent_waiters_all_get_their_turn,
                 threaded concurrent_deep_and_shallow_never_overlap,
                 threaded concurrent_readers_and_writers_never_conflict,
                 threaded concurrent_multi_path_grants_are_never_seen_half_granted,
+                threaded waiters_are_granted_in_ticket_order,
+                threaded an_ancestor_waiter_is_not_starved_by_churn_below_it,
+                threaded crossing_waiters_never_deadlock,
                 model model_agrees_with_the_reference,
                 segments arbitrary_segments_agree_with_the_reference,
             );

@@ -27,10 +27,10 @@ use crate::Ctx;
 use Mode::{Exclusive, Shared};
 
 /// Items as a case writes them: path text and mode.
-type Asked<'a> = &'a [(&'a str, Mode)];
+pub(crate) type Asked<'a> = &'a [(&'a str, Mode)];
 
 /// A handle on `items`, with a ttl no case outlives.
-fn handle_of(ctx: &Ctx, client: &Arc<dyn LockBackend>, items: Asked<'_>) -> TreeLock {
+pub(crate) fn handle_of(ctx: &Ctx, client: &Arc<dyn LockBackend>, items: Asked<'_>) -> TreeLock {
     TreeLockBuilder::<TreeLock>::many(client.clone(), items.iter().map(|&(at, mode)| (path(at), mode)))
         .ttl(long(ctx))
         .build()

@@ -57,9 +57,28 @@
 //! benchmarks compare both (see BENCHMARKS.md).
 //!
 //! Expired locks are removed when a grant, release or listing comes across
-//! them, and by a sweep of the whole map every time as many grants were
-//! made as there are entries, so memory stays bounded by the live locks at
+//! them, and by a sweep of the whole map every time as many tokens were
+//! taken as there are entries, so memory stays bounded by the live locks at
 //! an amortised O(1) per grant.
+//!
+//! # Fair waiting
+//!
+//! A waiter's reservation (its items, owner, ticket and a
+//! [`RESERVATION_TTL`](mutextree_core::backend::RESERVATION_TTL) of life)
+//! lies on a second tree of the same shape beside the grants', with the
+//! same per-mode counts, so its conflicts are found exactly like a grant's.
+//! A fair request is checked against the grants as above and then, for
+//! each item no grant blocks, against the reservations that come before it
+//! (all of them for a request that does not wait, the smaller tickets for
+//! a waiter); a refusal takes its ticket from the token counter and writes
+//! or renews the reservation, and a grant removes it, all in the same
+//! critical section. Reservations are kept off the grants' tree so that
+//! the grants' counts and walks never meet them, and the check of the
+//! second tree is skipped while the namespace has no reservation at all
+//! (one comparison): an uncontended grant costs what it did before fair
+//! waiting. A table by ticket beside the second tree serves withdrawals,
+//! which name only the ticket. Lapsed reservations are purged like expired
+//! locks: when a check or a listing meets them, and by the sweep.
 //!
 //! # Sharing the runtime
 //!

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use mutextree_core::backend::{Attempt, LockRequest};
+use mutextree_core::backend::{Attempt, LockRequest, Queue, RESERVATION_TTL};
 use mutextree_core::{LockBackend, LockPath, Owner, Ttl};
 use mutextree_memory::{MemoryBackend, MemoryStore};
 
@@ -54,6 +54,70 @@ async fn expired_locks_are_swept_without_being_touched() {
         store.release(&grant.expect("free")).await.expect("release");
     }
     assert!(store.entries() <= 11, "expired locks were left behind: {store:?}");
+}
+
+/// `request` for `owner` at `queue`.
+fn queued(path: &str, owner: &str, queue: Queue) -> LockRequest {
+    let request = request(path, Duration::from_secs(60));
+    LockRequest { owner: Owner::new(owner).expect("owner"), ..request }.in_queue(queue)
+}
+
+/// The ticket of an attempt that must have queued.
+fn ticket(attempt: Attempt) -> u64 {
+    match attempt {
+        Attempt::Queued { ticket, .. } => ticket,
+        other => panic!("the request should have queued, got {other:?}"),
+    }
+}
+
+/// Reservations leave with their waiters, whichever way the wait ends
+/// (granted, withdrawn, lapsed), and the map is empty again after a sweep.
+#[tokio::test(start_paused = true)]
+async fn reservations_leave_no_entries() {
+    let store = MemoryBackend::new();
+    let holder = store.try_grant(&queued("dc/rack", "holder", Queue::Try)).await.expect("attempt");
+    let holder = holder.granted().expect("free");
+    let mut tickets = Vec::new();
+    for (waiter, path) in ["dc", "dc/rack/host-1", "dc/rack"].into_iter().enumerate() {
+        let attempt = store.try_grant(&queued(path, &format!("w{waiter}"), Queue::Join)).await.expect("attempt");
+        tickets.push(ticket(attempt));
+    }
+    assert_eq!(store.waiters(None).await.expect("waiters").len(), 3);
+    store.withdraw(&Owner::new("w1").expect("owner"), tickets[1]).await.expect("withdraw");
+    store.release(&holder).await.expect("release");
+    let first = store.try_grant(&queued("dc", "w0", Queue::Waiting(tickets[0]))).await.expect("attempt");
+    let first = first.granted().expect("the first waiter is next");
+    let left = store.waiters(None).await.expect("waiters");
+    assert_eq!(left.iter().map(|held| held.token).collect::<Vec<_>>(), [tickets[2]], "{left:?}");
+    store.release(&first).await.expect("release");
+    // The last waiter dies: its reservation lapses and is swept untouched.
+    tokio::time::advance(RESERVATION_TTL + Duration::from_millis(1)).await;
+    store.sweep();
+    assert_eq!(store.entries(), 0, "{store:?}");
+    assert!(store.waiters(None).await.expect("waiters").is_empty());
+    let after = store.try_grant(&queued("dc/rack/host-2", "late", Queue::Try)).await.expect("attempt");
+    store.release(&after.granted().expect("nothing is in the way")).await.expect("release");
+}
+
+/// Lapsed reservations met by a check are purged on the spot, like
+/// expired locks, and the sweep that enough tokens trigger takes the rest.
+#[tokio::test(start_paused = true)]
+async fn lapsed_reservations_are_purged_and_swept() {
+    let store = MemoryBackend::new();
+    let holder = store.try_grant(&queued("a", "holder", Queue::Try)).await.expect("attempt").granted();
+    for waiter in 0..100 {
+        let path = format!("a/{}/{waiter}", waiter % 10);
+        ticket(store.try_grant(&queued(&path, &format!("w{waiter}"), Queue::Join)).await.expect("attempt"));
+    }
+    store.release(&holder.expect("free")).await.expect("release");
+    tokio::time::advance(RESERVATION_TTL + Duration::from_millis(1)).await;
+    let grant = store.try_grant(&queued("a/1", "late", Queue::Try)).await.expect("attempt").granted();
+    store.release(&grant.expect("lapsed reservations do not block")).await.expect("release");
+    for round in 0..10_000 {
+        let grant = store.try_grant(&queued(&format!("b/{}", round % 10), "churn", Queue::Try)).await;
+        store.release(&grant.expect("attempt").granted().expect("free")).await.expect("release");
+    }
+    assert!(store.entries() <= 11, "lapsed reservations were left behind: {store:?}");
 }
 
 #[tokio::test(start_paused = true)]
