@@ -294,7 +294,7 @@ impl<'a> Acquisition<'a> {
 
     /// Sleeps until a change the store reports, the blocker's expiry or
     /// `give_up_at`, whichever comes first; after a spurious wake-up, one
-    /// backoff step instead of a change.
+    /// backoff step instead of a change, unless the waiter is queued.
     async fn sleep(&mut self, blocker: &HeldLock, give_up_at: Option<Instant>, spurious: bool) {
         // Expiry sends no notification: retry just after the blocker's.
         let mut wake_at = Instant::now() + blocker.remaining + Duration::from_millis(1);
@@ -304,8 +304,12 @@ impl<'a> Acquisition<'a> {
         }
         let wake_at = give_up_at.map_or(wake_at, |at| at.min(wake_at));
         let listener = &mut self.listener;
+        // A queued waiter never backs off: nobody may take its turn, so a
+        // backoff step that outlasts the lock's release leaves the lock
+        // idle (and every waiter queued behind it).
+        let back_off = spurious && self.ticket.is_none();
         let woken = async {
-            if spurious {
+            if back_off {
                 listener.pause().await;
                 false
             } else {

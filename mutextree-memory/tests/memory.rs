@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mutextree_core::backend::{Attempt, LockRequest, Queue, RESERVATION_TTL};
-use mutextree_core::{LockBackend, LockPath, Owner, Ttl};
+use mutextree_core::{LockBackend, LockPath, Owner, TreeLock, Ttl, Wait};
 use mutextree_memory::{MemoryBackend, MemoryStore};
 
 fn request(path: &str, ttl: Duration) -> LockRequest {
@@ -322,4 +322,78 @@ async fn readers_leave_no_entries_either() {
     }
     store.sweep();
     assert_eq!(store.entries(), 0, "{store:?}");
+}
+
+/// A queue drains without idle time: nobody may take a queued waiter's
+/// turn, so it must never sleep through it. 16 waiters queued behind one
+/// holder are granted one after the other, each releasing at once, with
+/// no time passing on the paused clock (a waiter asleep in a backoff step
+/// would make the clock jump to its wake-up).
+#[tokio::test(start_paused = true)]
+async fn a_queue_drains_without_idle_time() {
+    let store: Arc<dyn LockBackend> = Arc::new(MemoryBackend::new());
+    let holder = TreeLock::new(store.clone(), "A").expect("lock");
+    let held = holder.lock().await.expect("free");
+    let mut waiters = Vec::new();
+    for _ in 0..16 {
+        let queued = Arc::new(tokio::sync::Notify::new());
+        let lock = TreeLock::builder(store.clone(), "A")
+            .wait(Wait::Forever)
+            .on_wait({
+                let queued = queued.clone();
+                move |_| queued.notify_one()
+            })
+            .build()
+            .expect("lock");
+        waiters.push(tokio::spawn(async move {
+            let guard = lock.lock().await.expect("granted in turn");
+            let granted = tokio::time::Instant::now();
+            guard.release().await.expect("release");
+            granted
+        }));
+        queued.notified().await;
+    }
+    let released = tokio::time::Instant::now();
+    held.release().await.expect("release");
+    for waiter in waiters {
+        let granted = waiter.await.expect("a waiter");
+        assert_eq!(granted - released, Duration::ZERO, "the queue stood idle");
+    }
+}
+
+/// A queued waiter woken by releases elsewhere, which do not free it,
+/// keeps listening instead of backing off: a backoff step would outlast
+/// the release that is its turn, and nobody else may take that turn. On
+/// the paused clock no time passes between that release and its grant.
+#[tokio::test(start_paused = true)]
+async fn a_queued_waiter_woken_in_vain_still_takes_its_turn_at_once() {
+    let store: Arc<dyn LockBackend> = Arc::new(MemoryBackend::new());
+    let holder = TreeLock::new(store.clone(), "A/x").expect("lock");
+    let held = holder.lock().await.expect("free");
+    let queued = Arc::new(tokio::sync::Notify::new());
+    let ancestor = TreeLock::builder(store.clone(), "A")
+        .wait(Wait::Forever)
+        .on_wait({
+            let queued = queued.clone();
+            move |_| queued.notify_one()
+        })
+        .build()
+        .expect("lock");
+    let waiter = tokio::spawn(async move {
+        let guard = ancestor.lock().await.expect("granted in turn");
+        let granted = tokio::time::Instant::now();
+        guard.release().await.expect("release");
+        granted
+    });
+    queued.notified().await;
+    // Releases elsewhere in the namespace wake the waiter, in vain.
+    let elsewhere = TreeLock::new(store.clone(), "B").expect("lock");
+    for _ in 0..20 {
+        elsewhere.lock().await.expect("free").release().await.expect("release");
+        tokio::task::yield_now().await;
+    }
+    let released = tokio::time::Instant::now();
+    held.release().await.expect("release");
+    let granted = waiter.await.expect("the waiter");
+    assert_eq!(granted - released, Duration::ZERO, "the waiter slept through its turn");
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mutextree_core::backend::url::{connect_failed, connect_timed_out, connect_within};
-use mutextree_core::backend::{async_trait, Attempt, ChangeFeed, Listener, LockKind, LockRequest};
+use mutextree_core::backend::{async_trait, Attempt, ChangeFeed, Listener, LockKind, LockRequest, Queue};
 use mutextree_core::backend::{AbortOnDrop, Check};
 use mutextree_core::{
     Blockers, Error, Fairness, Grant, HeldLock, LockBackend, LockItems, LockPath, Mode, Namespace, Owner, Ttl,
@@ -159,19 +159,21 @@ impl RedisBackend {
         &self.inner.store
     }
 
-    /// The five keys that hold the namespace (locks, index of Exclusive
-    /// items, expiry, token counter, index of Shared items), all in one
-    /// cluster slot.
+    /// The eight keys that hold the namespace (locks, index of Exclusive
+    /// items, expiry, token counter, index of Shared items; the waiters'
+    /// reservations, their index and their expiry), all in one cluster
+    /// slot.
     pub fn keys(&self) -> &[String] {
         &self.inner.scripts.keys.declared
     }
 
     async fn grant(&self, request: &LockRequest, kind: LockKind, check: Check) -> Result<Attempt, Error> {
-        // The grant script's names for what it checks; the stepwise
-        // primitive locks one key, Exclusive.
-        let (scope, items) = match check {
-            Check::Tree => ("tree", request.items.clone()),
-            Check::KeyOnly => ("key", LockItems::one(request.path().clone(), Mode::Exclusive)),
+        // The grant script's names for what it checks and where the request
+        // stands in the queue; the stepwise primitive locks one key,
+        // Exclusive, and ignores the queue.
+        let (scope, items, standing) = match check {
+            Check::Tree => ("tree", request.items.clone(), standing(request.queue)),
+            Check::KeyOnly => ("key", LockItems::one(request.path().clone(), Mode::Exclusive), standing(Queue::Barge)),
         };
         let transient = u8::from(kind == LockKind::Transient);
         // The request id lets a resent request (a lost reply, the client
@@ -182,14 +184,28 @@ impl RedisBackend {
             .with(transient)
             .with(nonce())
             .with(request.owner.as_str())
+            .with(standing)
             .with_items(&items);
         let script = if items.is_single_exclusive() { &SCRIPTS.grant_one } else { &SCRIPTS.grant };
         let sent_at = Instant::now();
-        let reply = Reply::new(self.inner.scripts.run(script, args).await?)?;
-        match reply.granted()? {
-            Some((token, ttl)) => Ok(Attempt::Granted(Grant::new(request, kind, token, ttl, sent_at))),
-            None => reply.blocked(),
-        }
+        Reply::new(self.inner.scripts.run(script, args).await?)?
+            .attempt(|token, ttl| Grant::new(request, kind, token, ttl, sent_at))
+    }
+
+    /// The rows a listing script (list, waiters) answers for the key
+    /// range of `under` (the whole namespace for `None`), in key order,
+    /// then token order.
+    async fn rows_in(&self, script: &Lua, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
+        let (from, to) = match under {
+            Some(path) => (format!("[{}", path.key()), format!("({}", path.key_range_end())),
+            None => ("-".to_owned(), "+".to_owned()),
+        };
+        let mut held = match self.inner.scripts.run(script, Args::default().with(from).with(to)).await? {
+            Value::Array(rows) => rows.into_iter().map(held_lock).collect::<Result<Vec<_>, _>>()?,
+            other => return Err(unexpected(&other)),
+        };
+        held.sort_by(|a, b| a.path.cmp(&b.path).then(a.token.cmp(&b.token)));
+        Ok(held)
     }
 
     /// Runs a script on every item of `grant` (`head`, then its owner,
@@ -223,16 +239,7 @@ impl LockBackend for RedisBackend {
     }
 
     async fn list(&self, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
-        let (from, to) = match under {
-            Some(path) => (format!("[{}", path.key()), format!("({}", path.key_range_end())),
-            None => ("-".to_owned(), "+".to_owned()),
-        };
-        let mut held = match self.inner.scripts.run(&SCRIPTS.list, Args::default().with(from).with(to)).await? {
-            Value::Array(rows) => rows.into_iter().map(held_lock).collect::<Result<Vec<_>, _>>()?,
-            other => return Err(unexpected(&other)),
-        };
-        held.sort_by(|a, b| a.path.cmp(&b.path).then(a.token.cmp(&b.token)));
-        Ok(held)
+        self.rows_in(&SCRIPTS.list, under).await
     }
 
     async fn try_grant(&self, request: &LockRequest) -> Result<Attempt, Error> {
@@ -253,27 +260,26 @@ impl LockBackend for RedisBackend {
             Value::Int(0) => return Err(Error::not_held(grant)),
             reply => Reply::new(reply)?,
         };
-        match reply.granted()? {
-            // Same expiry: the change does not touch the deadline.
-            Some((token, _)) => {
-                Ok(Attempt::Granted(Grant { items: grant.items.with_mode(mode), token, ..grant.clone() }))
-            }
-            None => reply.blocked(),
+        // Same expiry: the change does not touch the deadline.
+        reply.attempt(|token, _| Grant { items: grant.items.with_mode(mode), token, ..grant.clone() })
+    }
+
+    /// One script call; a withdrawal that removed a live reservation tells
+    /// waiters, as a release does.
+    async fn withdraw(&self, owner: &Owner, ticket: u64) -> Result<(), Error> {
+        let args = Args::default().with(self.inner.scripts.channel()).with(owner.as_str()).with(ticket);
+        match self.inner.scripts.run(&SCRIPTS.withdraw, args).await? {
+            Value::Int(0 | 1) => Ok(()),
+            other => Err(unexpected(&other)),
         }
     }
 
-    /// This store does not queue waiters yet: it writes no reservation.
-    async fn withdraw(&self, _owner: &Owner, _ticket: u64) -> Result<(), Error> {
-        Ok(())
+    async fn waiters(&self, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
+        self.rows_in(&SCRIPTS.waiters, under).await
     }
 
-    async fn waiters(&self, _under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
-        Ok(Vec::new())
-    }
-
-    /// Barging until this store queues waiters.
     fn fairness(&self) -> Fairness {
-        Fairness::Barging
+        Fairness::Fair
     }
 
     /// Every release (and downgrade) in the namespace, published by its
@@ -304,8 +310,9 @@ impl fmt::Debug for RedisBackend {
     }
 }
 
-/// A grant or mode change script's array reply: `{1, token, ttl ms}`, or
-/// `{0, row...}` with a row per blocked item.
+/// A grant or mode change script's array reply: `{1, token, ttl ms}`;
+/// `{0, row...}` with a row per blocked item; or, for a request that waits
+/// in the queue, `{2, ticket, row...}`.
 struct Reply(Vec<Value>);
 
 impl Reply {
@@ -316,21 +323,25 @@ impl Reply {
         }
     }
 
-    /// The token and ttl of a grant; `None` for a refusal.
-    fn granted(&self) -> Result<Option<(u64, Duration)>, Error> {
+    /// The attempt answered: a grant made by `grant(token, ttl)`, or the
+    /// blockers (in the request's item order) of a refusal.
+    fn attempt(self, grant: impl FnOnce(u64, Duration) -> Grant) -> Result<Attempt, Error> {
         match self.0.as_slice() {
-            [Value::Int(1), token, ttl] => Ok(Some((int(token)?, Duration::from_millis(int(ttl)?)))),
-            [Value::Int(0), _, ..] => Ok(None),
-            _ => Err(unexpected(&Value::Array(self.0.clone()))),
+            [Value::Int(1), token, ttl] => Ok(Attempt::Granted(grant(int(token)?, Duration::from_millis(int(ttl)?)))),
+            [Value::Int(0), rows @ ..] => Ok(Attempt::Blocked(blockers(rows)?)),
+            [Value::Int(2), ticket, rows @ ..] => {
+                Ok(Attempt::Queued { ticket: int(ticket)?, blockers: blockers(rows)? })
+            }
+            other => Err(unexpected(&Value::Array(other.to_vec()))),
         }
     }
+}
 
-    /// The blockers of a refusal, in the request's item order.
-    fn blocked(self) -> Result<Attempt, Error> {
-        let mut rows = self.0.into_iter().skip(1).map(held_lock);
-        let first = rows.next().ok_or_else(|| unexpected(&Value::Nil))??;
-        Ok(Attempt::Blocked(Blockers::new(first, rows.collect::<Result<Vec<_>, _>>()?)))
-    }
+/// The blockers of a refusal: its rows, at least one.
+fn blockers(rows: &[Value]) -> Result<Blockers, Error> {
+    let mut held = rows.iter().cloned().map(held_lock);
+    let first = held.next().ok_or_else(|| unexpected(&Value::Nil))??;
+    Ok(Blockers::new(first, held.collect::<Result<Vec<_>, _>>()?))
 }
 
 fn int(value: &Value) -> Result<u64, Error> {
@@ -346,6 +357,11 @@ fn text(value: &Value) -> Result<&str, Error> {
         other => Err(unexpected(other)),
     }
 }
+
+/// The states in a script's row of a stepwise client's transient lock and
+/// of a waiter's reservation (see `lua/queue.lua`); 0 is a held lock.
+const TRANSIENT: u64 = 1;
+const RESERVED: u64 = 4;
 
 /// A script's row `{key, owner, token, remaining ms, state, mode}` as the
 /// live item it describes.
@@ -365,9 +381,20 @@ fn held_lock(row: Value) -> Result<HeldLock, Error> {
         owner: Owner::new(text(owner)?).map_err(stored)?,
         token: int(token)?,
         remaining: Duration::from_millis(int(remaining)?),
-        transient: int(state)? == 1,
-        waiting: false,
+        transient: int(state)? == TRANSIENT,
+        waiting: int(state)? == RESERVED,
     })
+}
+
+/// Where a grant request stands in the waiters' queue, as the grant
+/// scripts read it.
+fn standing(queue: Queue) -> String {
+    match queue {
+        Queue::Barge => "barge".to_owned(),
+        Queue::Try => "try".to_owned(),
+        Queue::Join => "join".to_owned(),
+        Queue::Waiting(ticket) => ticket.to_string(),
+    }
 }
 
 /// Identifies one request, so that the same request sent twice (after a

@@ -48,6 +48,7 @@ const COMMON: &str = include_str!("lua/common.lua");
 const ITEMS: &str = include_str!("lua/items.lua");
 const THE_WAY: &str = include_str!("lua/the_way.lua");
 const CHECKS: &str = include_str!("lua/checks.lua");
+const QUEUE: &str = include_str!("lua/queue.lua");
 
 /// Every script starts by reading its call's keys, arguments and time.
 const BEGIN: &str = "begin(KEYS, ARGV)";
@@ -92,18 +93,24 @@ pub(crate) struct Scripts {
     pub(crate) release: Lua,
     pub(crate) refresh: Lua,
     pub(crate) list: Lua,
+    /// Removes a waiter's reservation.
+    pub(crate) withdraw: Lua,
+    /// Lists the waiters' reservations.
+    pub(crate) waiters: Lua,
     listen: Lua,
     library: Library,
 }
 
 /// Each script: its name, the parts of the prelude it uses, its body.
-const BODIES: [(&str, &[&str], &str); 7] = [
-    ("grant", &[ITEMS, THE_WAY, CHECKS], include_str!("lua/grant.lua")),
-    ("grant_one", &[THE_WAY], include_str!("lua/grant_one.lua")),
+const BODIES: [(&str, &[&str], &str); 9] = [
+    ("grant", &[ITEMS, THE_WAY, CHECKS, QUEUE], include_str!("lua/grant.lua")),
+    ("grant_one", &[THE_WAY, QUEUE], include_str!("lua/grant_one.lua")),
     ("change_mode", &[ITEMS, THE_WAY, CHECKS], include_str!("lua/change_mode.lua")),
     ("release", &[ITEMS], include_str!("lua/release.lua")),
     ("refresh", &[ITEMS, THE_WAY, CHECKS], include_str!("lua/refresh.lua")),
     ("list", &[], include_str!("lua/list.lua")),
+    ("withdraw", &[ITEMS, THE_WAY, QUEUE], include_str!("lua/withdraw.lua")),
+    ("waiters", &[THE_WAY, QUEUE], include_str!("lua/waiters.lua")),
     ("listen", &[], include_str!("lua/listen.lua")),
 ];
 
@@ -117,13 +124,13 @@ pub(crate) static SCRIPTS: std::sync::LazyLock<Scripts> = std::sync::LazyLock::n
             })
             .collect::<String>()
     };
-    let prelude = [COMMON, ITEMS, THE_WAY, CHECKS].join("\n");
+    let prelude = [COMMON, ITEMS, THE_WAY, CHECKS, QUEUE].join("\n");
     let version = Script::new(&format!("{prelude}\n{}", register("mutextree"))).get_hash().to_owned();
     let name = format!("mutextree_{}", &version[..16]);
     let library = Library { source: format!("#!lua name={name}\n{prelude}\n{}", register(&name)) };
-    let [grant, grant_one, change_mode, release, refresh, list, listen] =
+    let [grant, grant_one, change_mode, release, refresh, list, withdraw, waiters, listen] =
         BODIES.map(|(script, parts, body)| Lua::new(&name, script, parts, body));
-    Scripts { grant, grant_one, change_mode, release, refresh, list, listen, library }
+    Scripts { grant, grant_one, change_mode, release, refresh, list, withdraw, waiters, listen, library }
 });
 
 /// A script's arguments, each as the bytes sent.
@@ -162,7 +169,7 @@ pub(crate) struct ScriptRunner {
 #[derive(Debug)]
 pub(crate) struct Keys {
     /// Declared to every script, in this order (see `lua/common.lua`).
-    pub(crate) declared: [String; 5],
+    pub(crate) declared: [String; 8],
     pub(crate) channel: String,
 }
 
@@ -170,7 +177,8 @@ impl Keys {
     pub(crate) fn new(prefix: &str, namespace: &Namespace) -> Self {
         let base = format!("{prefix}:{{{namespace}}}");
         Keys {
-            declared: ["locks", "index", "expiry", "token", "shared"].map(|name| format!("{base}:{name}")),
+            declared: ["locks", "index", "expiry", "token", "shared", "queue", "queued", "queue-expiry"]
+                .map(|name| format!("{base}:{name}")),
             channel: format!("{base}:released"),
         }
     }
@@ -295,7 +303,9 @@ impl Connection {
 
 #[cfg(test)]
 mod tests {
-    use super::SCRIPTS;
+    use mutextree_core::backend::RESERVATION_TTL;
+
+    use super::{QUEUE, SCRIPTS};
 
     fn functions(script: &super::Lua) -> usize {
         script.source.matches("local function ").count()
@@ -303,12 +313,15 @@ mod tests {
 
     /// `EVAL` (servers without functions) runs a script's whole text on
     /// every call: the grant of one Exclusive item, half of most pairs,
-    /// defines a handful of functions, far fewer than the grant of anything
-    /// else.
+    /// defines a handful of functions besides the queue's, far fewer than
+    /// the grant of anything else. (Every grant carries the queue's
+    /// functions: any refusal may write a reservation.)
     #[test]
     fn the_single_exclusive_grant_defines_only_what_it_uses() {
-        assert!(functions(&SCRIPTS.grant_one) <= 14, "{} functions", functions(&SCRIPTS.grant_one));
-        assert!(functions(&SCRIPTS.grant_one) * 3 < functions(&SCRIPTS.grant) * 2);
+        let queue = QUEUE.matches("local function ").count();
+        let own = |script: &super::Lua| functions(script) - queue;
+        assert!(own(&SCRIPTS.grant_one) <= 16, "{} functions", own(&SCRIPTS.grant_one));
+        assert!(own(&SCRIPTS.grant_one) * 3 < own(&SCRIPTS.grant) * 2);
         assert!(functions(&SCRIPTS.release) <= 15, "{} functions", functions(&SCRIPTS.release));
     }
 
@@ -319,7 +332,8 @@ mod tests {
         let library = &SCRIPTS.library.source;
         let name = library.lines().next().and_then(|line| line.strip_prefix("#!lua name=")).expect("a library header");
         assert!(name.starts_with("mutextree_") && name.len() == "mutextree_".len() + 16, "{name}");
-        for script in [&SCRIPTS.grant, &SCRIPTS.grant_one, &SCRIPTS.change_mode, &SCRIPTS.release, &SCRIPTS.list] {
+        let scripts = [&SCRIPTS.grant, &SCRIPTS.grant_one, &SCRIPTS.change_mode, &SCRIPTS.release, &SCRIPTS.list];
+        for script in scripts.into_iter().chain([&SCRIPTS.withdraw, &SCRIPTS.waiters]) {
             assert!(script.function.starts_with(name));
             assert_eq!(library.matches(&format!("redis.register_function('{}',", script.function)).count(), 1);
         }
@@ -328,5 +342,13 @@ mod tests {
         for line in code {
             assert!(!line.contains("KEYS") && !line.contains("ARGV"), "per-call state read at load: {line}");
         }
+    }
+
+    /// The scripts' life of a reservation is core's, which waiters renew
+    /// theirs by.
+    #[test]
+    fn reservations_live_as_long_as_core_says() {
+        let line = format!("\nlocal RESERVATION = {}\n", RESERVATION_TTL.as_micros());
+        assert!(QUEUE.contains(&line), "queue.lua lacks {line:?}");
     }
 }

@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{raw, script, Redis};
+use common::{announced, answer, command_calls, heard, raw, raw_members, script, Redis};
 use futures::StreamExt;
 use mutextree_core::backend::{Attempt, LockKind, LockRequest};
 use mutextree_core::{Error, Grant, LockBackend, LockItem, LockItems, LockPath, Mode, Owner, Ttl};
@@ -35,7 +35,7 @@ async fn attempt(backend: &RedisBackend, of: &[(&str, Mode)]) -> Attempt {
 async fn granted(backend: &RedisBackend, of: &[(&str, Mode)]) -> Grant {
     match attempt(backend, of).await {
         Attempt::Granted(grant) => grant,
-        Attempt::Blocked(blockers) => panic!("{of:?} refused: {blockers:?}"),
+        Attempt::Blocked(blockers) | Attempt::Queued { blockers, .. } => panic!("{of:?} refused: {blockers:?}"),
     }
 }
 
@@ -43,7 +43,9 @@ async fn granted(backend: &RedisBackend, of: &[(&str, Mode)]) -> Grant {
 fn blockers(attempt: Attempt) -> Vec<String> {
     match attempt {
         Attempt::Granted(grant) => panic!("{} granted, expected a refusal", grant.items),
-        Attempt::Blocked(blockers) => blockers.iter().map(|b| format!("{} {}", b.path, b.mode)).collect(),
+        Attempt::Blocked(blockers) | Attempt::Queued { blockers, .. } => {
+            blockers.iter().map(|b| format!("{} {}", b.path, b.mode)).collect()
+        }
     }
 }
 
@@ -55,32 +57,6 @@ async fn listed(backend: &RedisBackend) -> Vec<String> {
 
 fn shown(grant: &Grant) -> Vec<String> {
     grant.items.iter().map(|item| format!("{} {} {}", item.path, item.mode, grant.token)).collect()
-}
-
-/// The fields of a hash, or the members of a sorted set, of the namespace,
-/// read behind the backend's back (from the cluster's node for its slot).
-async fn raw_members(store: &Redis, key: &str) -> Vec<String> {
-    let url = store.url();
-    let command = |kind: &str| match kind {
-        "hash" => redis::cmd("HKEYS").arg(key).clone(),
-        _ => redis::cmd("ZRANGE").arg(key).arg(0).arg(-1).clone(),
-    };
-    let mut members: Vec<String> = match url.strip_prefix("redis+cluster://") {
-        Some(nodes) => {
-            let nodes: Vec<String> = nodes.split(',').map(|node| format!("redis://{node}/")).collect();
-            let client = redis::cluster::ClusterClient::new(nodes).expect("cluster");
-            let mut raw = client.get_async_connection().await.expect("connect");
-            let kind: String = redis::cmd("TYPE").arg(key).query_async(&mut raw).await.expect("type");
-            command(&kind).query_async(&mut raw).await.expect("members")
-        }
-        None => {
-            let mut raw = raw(url).await;
-            let kind: String = redis::cmd("TYPE").arg(key).query_async(&mut raw).await.expect("type");
-            command(&kind).query_async(&mut raw).await.expect("members")
-        }
-    };
-    members.sort();
-    members
 }
 
 async fn backend(store: &Redis) -> RedisBackend {
@@ -205,7 +181,7 @@ async fn an_upgrade_waits_for_no_one_and_takes_a_new_token(store: Redis) {
             let blockers: Vec<String> = blockers.iter().map(|b| format!("{} {}", b.path, b.mode)).collect();
             assert_eq!(blockers, ["A/x shared"], "the other holder, not the grant's own item");
         }
-        Attempt::Granted(grant) => panic!("upgraded past another holder: {grant:?}"),
+        other => panic!("upgraded past another holder, or queued: {other:?}"),
     }
     let mut unchanged = [shown(&first), shown(&second)].concat();
     unchanged.sort();
@@ -406,18 +382,6 @@ async fn multi_path_grants_are_never_seen_half_granted(store: Redis) {
     assert!(listed(&backend).await.is_empty());
 }
 
-/// `{1, token, ttl}` or `{0, rows...}` as (granted, token).
-fn answer(reply: &redis::Value) -> (i64, i64) {
-    match reply {
-        redis::Value::Array(fields) => match fields.as_slice() {
-            [redis::Value::Int(1), redis::Value::Int(token), _] => (1, *token),
-            [redis::Value::Int(0), ..] => (0, 0),
-            other => panic!("unexpected reply {other:?}"),
-        },
-        other => panic!("unexpected reply {other:?}"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grants_and_changes_sent_twice_get_the_first_answer() {
     let store = Redis::standalone();
@@ -430,7 +394,7 @@ async fn grants_and_changes_sent_twice_get_the_first_answer() {
     // All Shared (nothing of its own would refuse a resend) and multi-path.
     let call_grant = |nonce: &'static str| {
         let mut call = grant_script.prepare_invoke();
-        call.key(&keys).arg("tree").arg(30_000).arg(0).arg(nonce).arg("me");
+        call.key(&keys).arg("tree").arg(30_000).arg(0).arg(nonce).arg("me").arg("try");
         call.arg("A/").arg("shared").arg("B/").arg("shared");
         call
     };
@@ -474,17 +438,7 @@ async fn grants_and_changes_sent_twice_get_the_first_answer() {
 async fn a_downgrade_is_announced_to_waiters_and_an_upgrade_is_not() {
     let store = Redis::standalone();
     let backend = backend(&store).await;
-    let keys = backend.keys().to_vec();
-    let channel = keys[0].replace(":locks", ":released");
-    // As a subscribed backend does (see the listen script): releases and
-    // downgrades publish while someone listens.
-    let mut raw = raw(store.url()).await;
-    let forever = u64::MAX / 4096;
-    let _: () =
-        redis::cmd("HSET").arg(&keys[0]).arg("listened").arg(forever).query_async(&mut raw).await.expect("hset");
-    let mut subscription = redis::Client::open(store.url()).expect("url").get_async_pubsub().await.expect("pubsub");
-    subscription.subscribe(&channel).await.expect("subscribe");
-    let mut messages = subscription.into_on_message();
+    let mut messages = announced(&store, backend.keys()).await;
 
     let grant = granted(&backend, &[("A", Mode::Exclusive), ("B", Mode::Shared)]).await;
     let downgraded = backend.change_mode(&grant, Mode::Shared).await.expect("answered").granted().expect("live");
@@ -494,24 +448,13 @@ async fn a_downgrade_is_announced_to_waiters_and_an_upgrade_is_not() {
     backend.release(&last).await.expect("release");
     // In order, and nothing else: nothing for the grants and the upgrade;
     // the downgrade's freed item; each release's items.
-    let mut heard = Vec::new();
-    for _ in 0..3 {
-        let message = tokio::time::timeout(Duration::from_secs(10), messages.next()).await.expect("a message");
-        heard.push(message.expect("subscribed").get_payload::<String>().expect("text"));
-    }
-    assert_eq!(heard, ["A/", "A/\nB/", "Z/"]);
+    assert_eq!(heard(&mut messages, 3).await, ["A/", "A/\nB/", "Z/"]);
 }
 
 /// The reads of the namespace's keys made by scripts since the last reset
 /// (the server's command counts: `HGET`, `HMGET`, `ZRANGEBYLEX`).
 async fn reads(raw: &mut redis::aio::MultiplexedConnection) -> u64 {
-    let info: String = redis::cmd("INFO").arg("commandstats").query_async(raw).await.expect("info");
-    let calls = |command: &str| {
-        info.lines()
-            .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
-            .map_or(0, |rest| rest.split(',').next().and_then(|n| n.parse::<u64>().ok()).expect("calls"))
-    };
-    calls("hget") + calls("hmget") + calls("zrangebylex")
+    command_calls(raw, Some(&["hget", "hmget", "zrangebylex"])).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -559,29 +502,7 @@ async fn many_readers_are_never_read_one_by_one() {
     let _ = std::fs::remove_dir_all(&data);
 }
 
-/// Each case as a test on the standalone server and on the cluster.
-macro_rules! on_both {
-    ($($case:ident),* $(,)?) => {
-        mod standalone {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(super::Redis::standalone()).await
-                }
-            )*
-        }
-        mod cluster {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(super::Redis::cluster()).await
-                }
-            )*
-        }
-    };
-}
-
-on_both!(
+common::on_both!(
     shared_holders_coexist_on_one_path,
     shared_covers_its_subtree_and_its_ancestors,
     siblings_never_conflict,

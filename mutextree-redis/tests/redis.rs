@@ -108,7 +108,7 @@ async fn without_functions_flushed_scripts_are_sent_again() {
 async fn index_entries_of_expired_locks_never_block_and_are_removed() {
     let store = Redis::standalone();
     let backend = store.backend(&namespace()).await.expect("connect");
-    let [locks, index, expiry, _, _] = <[String; 5]>::try_from(backend.keys().to_vec()).expect("five keys");
+    let [locks, index, expiry, ..] = <[String; 8]>::try_from(backend.keys().to_vec()).expect("eight keys");
     let mut raw = raw(store.url()).await;
     // All at once, so that none expires before the last is granted (each
     // grant sweeps expired locks).
@@ -168,7 +168,9 @@ async fn scripted_outcomes(backend: &RedisBackend) -> Vec<String> {
                 outcomes.push(format!("{path}: granted"));
                 held.push(grant);
             }
-            Attempt::Blocked(blocker) => outcomes.push(format!("{path}: blocked by {}", blocker.first().path)),
+            Attempt::Blocked(blocker) | Attempt::Queued { blockers: blocker, .. } => {
+                outcomes.push(format!("{path}: blocked by {}", blocker.first().path))
+            }
         }
     }
     for grant in held {
@@ -349,7 +351,7 @@ async fn requests_sent_twice_get_the_first_answer() {
     let release_script = script(include_str!("../src/lua/release.lua"));
     let call_grant = |nonce: &'static str| {
         let mut call = grant_script.prepare_invoke();
-        call.key(&keys).arg("tree").arg(30_000).arg(0).arg(nonce).arg("me").arg("A/").arg("exclusive");
+        call.key(&keys).arg("tree").arg(30_000).arg(0).arg(nonce).arg("me").arg("try").arg("A/").arg("exclusive");
         call
     };
     let first: Vec<redis::Value> = call_grant("g1").invoke_async(&mut raw).await.expect("grant");

@@ -1,11 +1,11 @@
 -- Shared by every script. On Redis 7 and later every script is a function
 -- of one library (see scripts.rs) defined once per server, this prelude
--- and its parts (items.lua, the_way.lua, checks.lua) with it. Older servers
--- get each script by EVAL with this prelude and only the parts it uses,
--- since EVAL runs a script's whole text, every function definition
--- included, on each call; so this file defines only what the single
--- Exclusive grant (grant_one.lua) and list use. Every script calls `begin`
--- first. One namespace, five keys in one hash slot:
+-- and its parts (items.lua, the_way.lua, checks.lua, queue.lua) with it.
+-- Older servers get each script by EVAL with this prelude and only the
+-- parts it uses, since EVAL runs a script's whole text, every function
+-- definition included, on each call; so this file defines only what the
+-- single Exclusive grant (grant_one.lua) and list use. Every script calls
+-- `begin` first. One namespace, eight keys in one hash slot:
 --   KEYS[1] locks:   hash of entries, by field:
 --                      <path key>             an Exclusive item (or a
 --                                             stepwise lock), or the node's
@@ -19,14 +19,20 @@
 --                      shared until           a deadline no Shared item
 --                                             of the namespace outlives
 --                                             (missing: none ever was)
+--                      queue until            a deadline no reservation
+--                                             of the namespace outlives
+--                                             (missing: none is stored)
 --                    Path keys end with "/" and never hold a control
 --                    character, so no two kinds of field can be confused.
 --   KEYS[2] index:   sorted set, the Exclusive path keys at score 0
---   KEYS[3] expiry:  sorted set, every field above but `listened` and
---                    `shared until` at its deadline (for the sweep)
+--   KEYS[3] expiry:  sorted set, every field above but `listened`,
+--                    `shared until` and `queue until` at its deadline (for
+--                    the sweep)
 --   KEYS[4] counter: the fencing token counter (INCR)
 --   KEYS[5] shared:  sorted set, the Shared fields (<path key>\1<token>) at
 --                    score 0
+--   KEYS[6..8] queue, queued, queue expiry: the waiters' reservations
+--                    (see queue.lua)
 -- Both sets are in lexical order: the entries under a node are one range of
 -- each (from the node's key to the key with its last "/" made "0"), and a
 -- node's own Shared holders the range [<key>\1, <key>\2).
@@ -45,10 +51,11 @@
 -- (ARGV) and the server's time. A script's text is defined once per server
 -- as a function library (see scripts.rs), so nothing of a call may be read
 -- while the prelude is defined.
-local locks, index, expiry, counter, shared, arguments, now
+local locks, index, expiry, counter, shared, queue, queued, queue_expiry, arguments, now
 
 local function begin(keys, args)
   locks, index, expiry, counter, shared = keys[1], keys[2], keys[3], keys[4], keys[5]
+  queue, queued, queue_expiry = keys[6], keys[7], keys[8]
   arguments = args
   local time = redis.call('TIME')
   now = tonumber(time[1]) * 1000000 + tonumber(time[2])
@@ -60,6 +67,7 @@ local HOLDER = '\1'
 local REMEMBER = 5000000
 local LISTENED = 'listened'
 local SHARED_UNTIL = 'shared until'
+local QUEUE_UNTIL = 'queue until'
 
 local function decode(field, value)
   local deadline, token, state, nonce, owner = string.match(value, '^(%d+) (%d+) ([0-3]) (%S+) (.*)$')
