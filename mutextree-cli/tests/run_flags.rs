@@ -120,10 +120,13 @@ fn a_second_run_waits_for_the_first_by_default_and_shows_what_blocks_it() {
     let holder = start_holder(&store, "A", "first-holder");
     let (mut waiter, terminal) = under_terminal(&store, 120, &[BINARY, "run", "-v", "A/B", "-c", "echo second ran"]);
     let mut seen = String::new();
-    // The waiting line names the path waited for, the lock in the way, its
-    // owner and how long the wait may last.
+    // The waiting line names the path waited for, how long the wait may
+    // last, its place in the queue, the lock in the way and its owner.
     read_until(&terminal, &mut seen, |seen| {
-        seen.contains("waiting for A/B (no time limit): A (an ancestor) held exclusively by \"first-holder\" for ")
+        seen.contains(
+            "waiting for A/B (no time limit, first in the queue): A (an ancestor) held exclusively by \"first-holder\" \
+             for ",
+        )
     });
     assert!(waiter.try_wait().expect("try_wait").is_none(), "the second run waits: {seen:?}");
     finish_holder(holder);
