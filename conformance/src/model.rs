@@ -200,15 +200,17 @@ impl Model {
     /// of the reservations that come before `ticket` (all of them for
     /// `None`, a try); only the blocked items'.
     fn queue_blockers(&self, items: &[LockItem], ticket: Option<u64>) -> Vec<InTheWay> {
-        let grants = self.blockers(items, None);
         items
             .iter()
             .filter_map(|asked| {
-                let held =
-                    grants.iter().find(|in_the_way| in_the_way.iter().any(|(item, _)| items_conflict(asked, item)));
-                if let Some(held) = held {
-                    let held = held.iter().filter(|(item, _)| items_conflict(asked, item));
-                    return Some(held.map(|(item, token)| (item.clone(), *token, false)).collect());
+                let held: InTheWay = self
+                    .grants
+                    .iter()
+                    .flat_map(|grant| grant.items.iter().map(move |item| (item.clone(), grant.token, false)))
+                    .filter(|(item, _, _)| items_conflict(asked, item))
+                    .collect();
+                if !held.is_empty() {
+                    return Some(held);
                 }
                 let queued: InTheWay = self
                     .reservations
