@@ -324,6 +324,21 @@ async fn readers_leave_no_entries_either() {
     assert_eq!(store.entries(), 0, "{store:?}");
 }
 
+/// A handle that waits as long as it takes for `path`, and the event of
+/// its first refusal: from then on it is queued.
+fn waiting_lock(store: &Arc<dyn LockBackend>, path: &str) -> (TreeLock, Arc<tokio::sync::Notify>) {
+    let queued = Arc::new(tokio::sync::Notify::new());
+    let lock = TreeLock::builder(store.clone(), path)
+        .wait(Wait::Forever)
+        .on_wait({
+            let queued = queued.clone();
+            move |_| queued.notify_one()
+        })
+        .build()
+        .expect("lock");
+    (lock, queued)
+}
+
 /// A queue drains without idle time: nobody may take a queued waiter's
 /// turn, so it must never sleep through it. 16 waiters queued behind one
 /// holder are granted one after the other, each releasing at once, with
@@ -336,15 +351,7 @@ async fn a_queue_drains_without_idle_time() {
     let held = holder.lock().await.expect("free");
     let mut waiters = Vec::new();
     for _ in 0..16 {
-        let queued = Arc::new(tokio::sync::Notify::new());
-        let lock = TreeLock::builder(store.clone(), "A")
-            .wait(Wait::Forever)
-            .on_wait({
-                let queued = queued.clone();
-                move |_| queued.notify_one()
-            })
-            .build()
-            .expect("lock");
+        let (lock, queued) = waiting_lock(&store, "A");
         waiters.push(tokio::spawn(async move {
             let guard = lock.lock().await.expect("granted in turn");
             let granted = tokio::time::Instant::now();
@@ -370,15 +377,7 @@ async fn a_queued_waiter_woken_in_vain_still_takes_its_turn_at_once() {
     let store: Arc<dyn LockBackend> = Arc::new(MemoryBackend::new());
     let holder = TreeLock::new(store.clone(), "A/x").expect("lock");
     let held = holder.lock().await.expect("free");
-    let queued = Arc::new(tokio::sync::Notify::new());
-    let ancestor = TreeLock::builder(store.clone(), "A")
-        .wait(Wait::Forever)
-        .on_wait({
-            let queued = queued.clone();
-            move |_| queued.notify_one()
-        })
-        .build()
-        .expect("lock");
+    let (ancestor, queued) = waiting_lock(&store, "A");
     let waiter = tokio::spawn(async move {
         let guard = ancestor.lock().await.expect("granted in turn");
         let granted = tokio::time::Instant::now();
