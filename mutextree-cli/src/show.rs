@@ -394,6 +394,7 @@ pub(crate) mod tests {
             remaining: Duration::from_millis(12_300),
             transient: false,
             waiting: false,
+            waited: Duration::ZERO,
         }
     }
 

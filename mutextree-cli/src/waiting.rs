@@ -202,6 +202,7 @@ mod tests {
             remaining: Duration::from_secs(20),
             transient: false,
             waiting: false,
+            waited: Duration::ZERO,
         }
     }
 

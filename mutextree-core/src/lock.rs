@@ -490,6 +490,11 @@ pub struct HeldLock {
     /// `token` is its ticket, and `remaining` the life of the reservation
     /// unless the waiter renews it.
     pub waiting: bool,
+    /// For a reservation, how long its waiter had been in line when the
+    /// store answered (since the attempt that took its ticket, by the
+    /// store's clock; etcd, which keeps no time, reports the waiter's own).
+    /// Zero for a grant.
+    pub waited: Duration,
 }
 
 impl fmt::Display for HeldLock {

@@ -283,6 +283,7 @@ mod tests {
             remaining: Duration::from_secs(3),
             transient: false,
             waiting: false,
+            waited: Duration::ZERO,
         };
         let error = Error::Refused {
             items: asked,

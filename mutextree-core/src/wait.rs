@@ -549,6 +549,7 @@ mod tests {
                 remaining: Duration::from_millis(50),
                 transient: true,
                 waiting: false,
+                waited: Duration::ZERO,
             })))
         }
         async fn change_mode(&self, grant: &Grant, _mode: Mode) -> Result<Attempt, Error> {

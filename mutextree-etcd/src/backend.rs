@@ -1013,10 +1013,28 @@ impl EtcdBackend {
         let (path, mode) = self.inner.layout.item_of(kv.key())?;
         if self.inner.layout.is_reservation(kv.key()) {
             let (ticket, owner) = decode_reservation(kv.value(), kv.create_revision())?;
-            return Ok(HeldLock { path, mode, owner, token: ticket, remaining, transient: false, waiting: true });
+            return Ok(HeldLock {
+                path,
+                mode,
+                owner,
+                token: ticket,
+                remaining,
+                transient: false,
+                waiting: true,
+                waited: Duration::ZERO,
+            });
         }
         let (transient, owner) = decode_value(kv.value())?;
-        Ok(HeldLock { path, mode, owner, token: kv.create_revision() as u64, remaining, transient, waiting: false })
+        Ok(HeldLock {
+            path,
+            mode,
+            owner,
+            token: kv.create_revision() as u64,
+            remaining,
+            transient,
+            waiting: false,
+            waited: Duration::ZERO,
+        })
     }
 
     /// What is left of a lease this backend shares, if it is one and not

@@ -5,6 +5,7 @@
 
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use dashmap::DashMap;
 use hashbrown::hash_map::Entry as Slot;
@@ -278,6 +279,9 @@ struct Entry {
     items: LockItems,
     owner: Owner,
     expires_at: Instant,
+    /// When the grant or reservation was written (a reservation's
+    /// renewals keep it: its waiter is in line since then).
+    placed_at: Instant,
     kind: Kind,
 }
 
@@ -304,6 +308,10 @@ impl Entry {
             remaining: self.expires_at.saturating_duration_since(now),
             transient: self.kind == Kind::Transient,
             waiting: self.kind == Kind::Reservation,
+            waited: match self.kind {
+                Kind::Reservation => now.saturating_duration_since(self.placed_at),
+                _ => Duration::ZERO,
+            },
         }
     }
 }
@@ -449,7 +457,7 @@ impl Tree {
                 (Check::Tree, Queue::Waiting(ticket)) => ticket,
                 _ => return (Attempt::Blocked(blockers), purged),
             };
-            self.queue.keep(ticket, request, now + RESERVATION_TTL);
+            self.queue.keep(ticket, request, now);
             self.maybe_sweep(now);
             return (Attempt::Queued { ticket, blockers }, purged);
         }
@@ -466,6 +474,7 @@ impl Tree {
                 items: request.items.clone(),
                 owner: owner.clone(),
                 expires_at,
+                placed_at: now,
                 kind: kind.into(),
             };
             self.grants.node_mut(item.path.key()).items.push(entry);
@@ -507,7 +516,7 @@ impl Tree {
 
     fn change_mode(&mut self, grant: &Grant, mode: Mode, now: Instant) -> Result<Attempt, Error> {
         let Some(entry) = self.grants.entry_of(grant) else { return Err(Error::not_held(grant)) };
-        let (items, expires_at, kind) = (entry.items.clone(), entry.expires_at, entry.kind);
+        let (items, expires_at, placed_at, kind) = (entry.items.clone(), entry.expires_at, entry.placed_at, entry.kind);
         if !entry.is_live(now) {
             self.grants.unplace(&items, grant.token);
             return Err(Error::not_held(grant));
@@ -529,7 +538,7 @@ impl Tree {
         }
         self.grants.unplace(&items, grant.token);
         let token = self.next_token();
-        self.grants.place(&changed, token, &grant.owner, expires_at, kind);
+        self.grants.place(&changed, token, &grant.owner, (placed_at, expires_at), kind);
         // The handle's expiry stays its own (never later than the store's).
         let expires_at = grant.expires_at.min(expires_at);
         Ok(Attempt::Granted(Grant { items: changed, token, expires_at, ..grant.clone() }))
@@ -564,10 +573,11 @@ impl Reservations {
         self.by_ticket.is_empty()
     }
 
-    /// Keeps reservation `ticket` of `request` until `expires_at`: renews
-    /// it, or writes it (again, if it lapsed and was purged). Another
-    /// owner's reservation with that ticket is left alone.
-    fn keep(&mut self, ticket: u64, request: &LockRequest, expires_at: Instant) {
+    /// Keeps reservation `ticket` of `request` for [`RESERVATION_TTL`]
+    /// from `now`: renews it, or writes it (again, if it lapsed and was
+    /// purged). Another owner's reservation with that ticket is left alone.
+    fn keep(&mut self, ticket: u64, request: &LockRequest, now: Instant) {
+        let expires_at = now + RESERVATION_TTL;
         match self.by_ticket.entry(ticket) {
             Slot::Occupied(found) => {
                 if found.get().owner == request.owner {
@@ -576,7 +586,7 @@ impl Reservations {
             }
             Slot::Vacant(free) => {
                 free.insert(Waiter { items: request.items.clone(), owner: request.owner.clone() });
-                self.layer.place(&request.items, ticket, &request.owner, expires_at, Kind::Reservation);
+                self.layer.place(&request.items, ticket, &request.owner, (now, expires_at), Kind::Reservation);
             }
         }
     }
@@ -738,12 +748,21 @@ impl Layer {
     }
 
     /// Puts every item of a grant or reservation on its node and counts it
-    /// above.
-    fn place(&mut self, items: &LockItems, token: u64, owner: &Owner, expires_at: Instant, kind: Kind) {
+    /// above; `life` is when it was first written and when it expires.
+    fn place(&mut self, items: &LockItems, token: u64, owner: &Owner, life: (Instant, Instant), kind: Kind) {
+        let (placed_at, expires_at) = life;
         for item in items {
             let key = item.path.key();
             self.count(key, item.mode, 1);
-            let entry = Entry { token, mode: item.mode, items: items.clone(), owner: owner.clone(), expires_at, kind };
+            let entry = Entry {
+                token,
+                mode: item.mode,
+                items: items.clone(),
+                owner: owner.clone(),
+                expires_at,
+                placed_at,
+                kind,
+            };
             self.node_mut(key).items.push(entry);
         }
     }

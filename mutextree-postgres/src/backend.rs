@@ -399,6 +399,7 @@ impl PostgresBackend {
             remaining: Duration::from_micros(remaining_us.max(0) as u64),
             transient,
             waiting: false,
+            waited: Duration::ZERO,
         })
     }
 

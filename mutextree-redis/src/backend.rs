@@ -383,6 +383,7 @@ fn held_lock(row: Value) -> Result<HeldLock, Error> {
         remaining: Duration::from_millis(int(remaining)?),
         transient: int(state)? == TRANSIENT,
         waiting: int(state)? == RESERVED,
+        waited: Duration::ZERO,
     })
 }
 
