@@ -19,8 +19,8 @@ pub use crate::cancel::{
 use crate::cancel::{Fault, Gated, Point};
 pub use crate::fair::{
     a_dead_waiters_reservation_lapses_within_its_ttl, a_reservation_refuses_later_requests_and_names_its_waiter,
-    a_wait_that_ends_without_a_grant_leaves_no_reservation, reservations_never_refuse_what_they_do_not_conflict_with,
-    waiters_defer_only_to_earlier_tickets,
+    a_wait_that_ends_without_a_grant_leaves_no_reservation, a_waiter_says_how_long_it_has_been_in_line,
+    reservations_never_refuse_what_they_do_not_conflict_with, waiters_defer_only_to_earlier_tickets,
 };
 pub use crate::modes::{
     a_downgrade_is_refused_under_a_stepwise_lock_in_progress, a_downgrade_lets_readers_in_and_keeps_writers_out,

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::join_all;
-use mutextree_core::backend::{Attempt, LockRequest, Queue, RESERVATION_TTL};
+use mutextree_core::backend::{human, Attempt, LockRequest, Queue, RESERVATION_TTL};
 use mutextree_core::{
     Blockers, Error, Fairness, Grant, HeldLock, LockBackend, LockItems, Mode, Owner, TreeLock, TreeLockBuilder, Ttl,
     Wait,
@@ -352,6 +352,45 @@ pub async fn a_dead_waiters_reservation_lapses_within_its_ttl(ctx: Ctx) {
     assert_eq!(again, ticket, "it keeps its ticket");
     assert_eq!(tickets(&client, None).await, [ticket], "its reservation is written again");
     withdraw(&client, "dead", ticket).await;
+    client.release(&holder).await.expect("release");
+}
+
+/// A reservation says how long its waiter has been in line: since the
+/// attempt that took its ticket, through its renewals (a renewal does not
+/// send it back to the start), never longer than the time since, in the
+/// listing and as a blocker alike. A grant says nothing of the kind.
+pub async fn a_waiter_says_how_long_it_has_been_in_line(ctx: Ctx) {
+    if !queues_here(&ctx).await {
+        return;
+    }
+    let client = ctx.client().await;
+    let slack = ctx.timing().slack;
+    // Steps well inside a reservation's life, so that it never lapses.
+    let step = RESERVATION_TTL / 3;
+    let holder = granted(attempt(&ctx, &client, &[("A/x", Exclusive)], "holder", Queue::Try).await, "A/x");
+    let before_join = Instant::now();
+    let (ticket, _) = queued(attempt(&ctx, &client, &[("A", Exclusive)], "waiter", Queue::Join).await, "A");
+    sleep_until(before_join + step).await;
+    let renewal = attempt(&ctx, &client, &[("A", Exclusive)], "waiter", Queue::Waiting(ticket)).await;
+    assert_eq!(queued(renewal, "a renewal").0, ticket);
+    sleep_until(before_join + 2 * step).await;
+
+    let listed = client.waiters(None).await.expect("waiters");
+    let blockers = blocked(attempt(&ctx, &client, &[("A/y", Exclusive)], "late", Queue::Try).await, "a try on A/y");
+    let since_join = before_join.elapsed();
+    let held = client.list(None).await.expect("list");
+    for (reservation, seen) in [(&listed[0], "listed"), (blockers.first(), "as a blocker")] {
+        assert_reservation(reservation, "A", "waiter", ticket, seen);
+        assert!(
+            reservation.waited + slack >= 2 * step && reservation.waited <= since_join + slack,
+            "{seen}, the waiter has been in line since its join, {} ago at most and renewed {} after it: it says {}",
+            human(since_join),
+            human(step),
+            human(reservation.waited)
+        );
+    }
+    assert_eq!(held.iter().map(|held| held.waited).collect::<Vec<_>>(), [Duration::ZERO], "a grant waits for nothing");
+    withdraw(&client, "waiter", ticket).await;
     client.release(&holder).await.expect("release");
 }
 

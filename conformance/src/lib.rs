@@ -408,6 +408,7 @@ macro_rules! suite {
                 timed reservations_never_refuse_what_they_do_not_conflict_with,
                 timed a_dead_waiters_reservation_lapses_within_its_ttl,
                 timed a_wait_that_ends_without_a_grant_leaves_no_reservation,
+                timed a_waiter_says_how_long_it_has_been_in_line,
                 threaded concurrent_overlapping_paths_never_overlap,
                 threaded concurrent_siblings_are_never_refused,
                 threaded concurrent_waiters_all_get_their_turn,

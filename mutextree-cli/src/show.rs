@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use mutextree::backend::human;
 use mutextree::{Error, HeldLock, LockBackend, LockItems, LockPath, Mode};
@@ -61,7 +62,7 @@ impl Status {
             print!("{}", tree(&namespace, self.path.as_ref(), &held));
             print!("{}", several_paths(&held));
         }
-        print!("{}", queue(&waiters));
+        print!("{}", queue(&waiters, SystemTime::now()));
         Ok(ExitCode::SUCCESS)
     }
 }
@@ -342,16 +343,34 @@ fn several_paths(held: &[HeldLock]) -> String {
 }
 
 /// The waiters, one line per waiter in ticket order (first in line first):
-/// `ticket 18 owner "web-2": A/B (shared), C/D`; nothing if there are none.
-fn queue(waiters: &[HeldLock]) -> String {
+/// `ticket 18 owner "web-2" waiting since 09:14:03 UTC (4.2 s): A/B
+/// (shared), C/D`, the time read on `now`'s clock; nothing if there are
+/// none.
+fn queue(waiters: &[HeldLock], now: SystemTime) -> String {
     let mut out = String::new();
     for waiter in by_grant(waiters) {
         if out.is_empty() {
             out.push_str("waiters, first in line first:\n");
         }
-        let _ = writeln!(out, "  ticket {} owner {}: {}", waiter[0].token, waiter[0].owner, listed_items(&waiter));
+        let (first, waited) = (&waiter[0], waiter[0].waited);
+        let since = clock_time(now.checked_sub(waited).unwrap_or(UNIX_EPOCH));
+        let _ = writeln!(
+            out,
+            "  ticket {} owner {} waiting since {since} ({}): {}",
+            first.token,
+            first.owner,
+            human(waited),
+            listed_items(&waiter)
+        );
     }
     out
+}
+
+/// `at` as a UTC time of day, `09:14:03 UTC`: enough to tell when a
+/// waiter came (it waits seconds or minutes, not days).
+fn clock_time(at: SystemTime) -> String {
+    let seconds = at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() % 86_400;
+    format!("{:02}:{:02}:{:02} UTC", seconds / 3600, seconds / 60 % 60, seconds % 60)
 }
 
 fn json<'a>(listed: impl IntoIterator<Item = &'a HeldLock>) -> serde_json::Value {
@@ -369,6 +388,7 @@ fn lock_json(lock: &HeldLock) -> serde_json::Value {
         "token": lock.token,
         "transient": lock.transient,
         "waiting": lock.waiting,
+        "waited_ms": u64::try_from(lock.waited.as_millis()).unwrap_or(u64::MAX),
     })
 }
 
@@ -399,8 +419,15 @@ pub(crate) mod tests {
     }
 
     /// A listed reservation with `ticket`.
+    /// A listed reservation with `ticket`, 2.5 s from its lapse, its
+    /// waiter in line for `ticket` seconds.
     pub(crate) fn awaited_by(path: &str, mode: Mode, owner: &str, ticket: u64) -> HeldLock {
-        HeldLock { waiting: true, remaining: Duration::from_millis(2_500), ..held_by(path, mode, owner, ticket) }
+        HeldLock {
+            waiting: true,
+            remaining: Duration::from_millis(2_500),
+            waited: Duration::from_secs(ticket),
+            ..held_by(path, mode, owner, ticket)
+        }
     }
 
     #[test]
@@ -410,15 +437,18 @@ pub(crate) mod tests {
             awaited_by("dc/b", Mode::Shared, "mover", 12),
             awaited_by("dc", Mode::Exclusive, "failover", 9),
         ];
+        // 10:00:00 UTC on some day.
+        let now = UNIX_EPOCH + Duration::from_secs(20_000 * 86_400 + 10 * 3600);
         assert_eq!(
-            queue(&waiters),
-            "waiters, first in line first:\n  ticket 9 owner \"failover\": dc\n  ticket 12 owner \"mover\": dc/a, dc/b \
-             (shared)\n"
+            queue(&waiters, now),
+            "waiters, first in line first:\n  ticket 9 owner \"failover\" waiting since 09:59:51 UTC (9.0 s): dc\n  \
+             ticket 12 owner \"mover\" waiting since 09:59:48 UTC (12.0 s): dc/a, dc/b (shared)\n"
         );
-        assert_eq!(queue(&[]), "");
+        assert_eq!(queue(&[], now), "");
         let value = json(waiters.iter());
         assert_eq!(value[2]["waiting"], true);
         assert_eq!(value[2]["token"], 9);
+        assert_eq!(value[2]["waited_ms"], 9_000);
         assert_eq!(json([held("x", 1)].iter())[0]["waiting"], false);
     }
 
