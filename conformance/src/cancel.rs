@@ -17,7 +17,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::future::join_all;
 use mutextree_core::backend::stepwise::TRANSIENT_TTL;
-use mutextree_core::backend::{Attempt, Listener, LockKind, LockRequest};
+use mutextree_core::backend::{Attempt, Listener, LockKind, LockRequest, StoreLabels};
 use mutextree_core::{
     Error, Fairness, Grant, HeldLock, LockBackend, LockItems, LockPath, Mode as LockMode, Owner, TreeLock, Ttl,
 };
@@ -180,6 +180,10 @@ impl LockBackend for Gated {
 
     fn listen(&self, items: &LockItems) -> Listener {
         self.inner.listen(items)
+    }
+
+    fn labels(&self) -> StoreLabels<'_> {
+        self.inner.labels()
     }
 
     fn round_trips(&self) -> Option<u64> {

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use mutextree::memory::MemoryStore;
-use mutextree_core::backend::{Attempt, Listener, LockKind, LockRequest, Queue};
+use mutextree_core::backend::{Attempt, Listener, LockKind, LockRequest, Queue, StoreLabels};
 use mutextree_core::{
     Blockers, Error, Fairness, Grant, HeldLock, LockBackend, LockItem, LockItems, LockPath, Mode, Owner, Ttl,
 };
@@ -222,6 +222,10 @@ impl LockBackend for Flawed {
 
     async fn waiters(&self, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
         self.inner.waiters(under).await
+    }
+
+    fn labels(&self) -> StoreLabels<'_> {
+        self.inner.labels()
     }
 
     fn fairness(&self) -> Fairness {

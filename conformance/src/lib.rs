@@ -128,6 +128,7 @@ pub mod oracle;
 pub mod proxy;
 pub mod segments;
 pub mod servers;
+pub mod telemetry;
 
 /// The store under test, as the suite needs it.
 #[async_trait]

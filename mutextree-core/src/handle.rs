@@ -74,11 +74,13 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::{sleep_until, timeout_at, Instant};
+use tracing::Instrument;
 
 use crate::backend::{AbortOnDrop, LockBackend};
 use crate::error::Error;
 use crate::lock::{Attempt, Fairness, Grant, HeldLock, LockItems, LockRequest, Mode, Owner, Ttl};
 use crate::path::LockPath;
+use crate::telemetry::{self, LostReason};
 use crate::wait::{Acquisition, Background, OnWait, Wait};
 
 /// The seed's default ttl: 30 s.
@@ -334,8 +336,10 @@ struct State {
     /// With the expiry the handle believes in (never later than the
     /// store's).
     grant: Option<Grant>,
-    /// Why `grant` was lost; `None` while it is held.
+    /// Why `grant` was lost, in words; `None` while it is held.
     lost: Option<String>,
+    /// When `grant`'s acquisition was granted (a mode change keeps it).
+    granted_at: Option<Instant>,
     /// The automatic refresh of `grant`, while it is held.
     keeper: Option<AbortOnDrop>,
     /// Which acquisition `grant` comes from: a mode change replaces the
@@ -391,6 +395,7 @@ impl Shared {
             *state = State {
                 grant: Some(grant.clone()),
                 lost: None,
+                granted_at: Some(Instant::now()),
                 keeper: self.auto_refresh.then(|| keep_refreshed(self, grant)),
                 acquisition: state.acquisition + 1,
             };
@@ -398,16 +403,42 @@ impl Shared {
         })
     }
 
-    /// Forgets the grant with `token` (released, or found not held),
-    /// returning it.
-    fn forget(&self, token: u64) -> Option<Grant> {
+    /// Forgets the grant with `token`, returning it: its hold ended,
+    /// released, or found no longer held (`lost` says why).
+    fn forget(&self, token: u64, lost: Option<(LostReason, &str)>) -> Option<Grant> {
         let mut forgotten = None;
         self.update(token, |state| {
             let acquisition = state.acquisition;
-            forgotten = std::mem::take(state).grant;
+            let ended = std::mem::take(state);
             state.acquisition = acquisition;
+            if let Some(grant) = &ended.grant {
+                self.report_end(grant, ended.granted_at, lost);
+            }
+            forgotten = ended.grant;
         });
         forgotten
+    }
+
+    /// Reports the end of the hold of `grant`, granted at `granted_at`:
+    /// released, or lost (`lost` says why).
+    fn report_end(&self, grant: &Grant, granted_at: Option<Instant>, lost: Option<(LostReason, &str)>) {
+        let held = granted_at.map_or(Duration::ZERO, |at| at.elapsed());
+        let backend = self.backend.as_ref();
+        match lost {
+            Some((reason, detail)) => telemetry::lost(backend, grant, reason, detail, held),
+            None => telemetry::released(backend, &grant.items, held),
+        }
+    }
+
+    /// What a grant the store no longer has was lost to, judged by the
+    /// local clock: its expiry, or else `otherwise` (a refresh refused,
+    /// someone else's release).
+    fn gone(grant: &Grant, otherwise: LostReason) -> LostReason {
+        if grant.is_expired() {
+            LostReason::Expired
+        } else {
+            otherwise
+        }
     }
 
     /// Replaces the grant with `token` by `changed`, the same acquisition
@@ -421,10 +452,14 @@ impl Shared {
         });
     }
 
-    /// Marks the grant with `token` lost, for `reason`.
-    fn mark_lost(&self, token: u64, reason: String) {
+    /// Marks the grant with `token` lost, for `reason` (`detail` in
+    /// words).
+    fn mark_lost(&self, token: u64, reason: LostReason, detail: String) {
         self.update(token, |state| {
-            state.lost = Some(reason);
+            if let Some(grant) = &state.grant {
+                self.report_end(grant, state.granted_at, Some((reason, &detail)));
+            }
+            state.lost = Some(detail);
             state.keeper = None;
         });
     }
@@ -465,8 +500,12 @@ impl Shared {
     /// this future is dropped, the handle must not go on believing in the
     /// old, longer expiry.
     async fn refresh_in_order(&self, grant: &Grant, ttl: Ttl) -> Result<Grant, Error> {
+        let answered = telemetry::on_grant("refresh", self.backend.as_ref(), grant);
         self.shorten_expiry(grant.token, Instant::now() + ttl.get());
-        let refreshed = self.backend.refresh(grant, ttl).await?;
+        let outcome = self.backend.refresh(grant, ttl).instrument(answered.span()).await;
+        answered.outcome(&outcome);
+        let refreshed = outcome?;
+        telemetry::refreshed(self.backend.as_ref(), grant.remaining());
         self.update(refreshed.token, |state| state.grant = Some(refreshed.clone()));
         Ok(refreshed)
     }
@@ -595,10 +634,16 @@ impl TreeLock {
         // Stop refreshing first: a refresh racing the release would find the
         // lock gone and report a loss that is only the release.
         let stopped_keeper = self.shared.stop_keeper(grant.token);
-        let outcome = self.shared.backend.release(grant).await;
+        let answered = telemetry::on_grant("release", self.shared.backend.as_ref(), grant);
+        let outcome = self.shared.backend.release(grant).instrument(answered.span()).await;
+        answered.outcome(&outcome);
         match &outcome {
-            Ok(()) | Err(Error::NotHeld { .. }) => {
-                self.shared.forget(grant.token);
+            Ok(()) => {
+                self.shared.forget(grant.token, None);
+            }
+            Err(error @ Error::NotHeld { .. }) => {
+                let reason = Shared::gone(grant, LostReason::ForcedRelease);
+                self.shared.forget(grant.token, Some((reason, &error.to_string())));
             }
             Err(_) if stopped_keeper => self.shared.restart_keeper(grant.token),
             Err(_) => {}
@@ -626,7 +671,8 @@ impl TreeLock {
         let grant = self.grant().filter(|g| g.token == token).ok_or_else(|| self.not_held())?;
         match self.shared.refresh_in_order(&grant, ttl).await {
             Err(error @ Error::NotHeld { .. }) => {
-                self.shared.forget(grant.token);
+                let reason = Shared::gone(&grant, LostReason::RefreshRefused);
+                self.shared.forget(grant.token, Some((reason, &error.to_string())));
                 Err(error)
             }
             other => other,
@@ -682,7 +728,8 @@ impl TreeLock {
                     Err(Error::Refused { items: grant.items.with_mode(mode), blockers })
                 }
                 Err(error @ Error::NotHeld { .. }) => {
-                    shared.forget(grant.token);
+                    let reason = Shared::gone(&grant, LostReason::RefreshRefused);
+                    shared.forget(grant.token, Some((reason, &error.to_string())));
                     Err(error)
                 }
                 Err(error) => Err(error),
@@ -868,8 +915,14 @@ impl TreeLock {
         let mut held = false;
         self.shared.state.send_if_modified(|state| {
             held = state.held().is_some();
-            // Forget an expired or lost grant: a new one replaces it.
+            // Forget an expired or lost grant: a new one replaces it. One
+            // that expired unnoticed (no automatic refresh) is reported
+            // lost now; a lost one was reported when it was marked.
             let stale = !held && state.grant.is_some();
+            if let (true, None, Some(grant)) = (stale, &state.lost, &state.grant) {
+                let detail = "its ttl ran out without a refresh";
+                self.shared.report_end(grant, state.granted_at, Some((LostReason::Expired, detail)));
+            }
             if stale {
                 *state = State { acquisition: state.acquisition, ..State::default() };
             }
@@ -895,7 +948,7 @@ fn keep_refreshed(shared: &Arc<Shared>, grant: &Grant) -> AbortOnDrop {
     let token = grant.token;
     let mut next_at = grant.expires_at - grant.ttl * 2 / 3;
     let task = tokio::spawn(async move {
-        let reason = loop {
+        let (reason, detail) = loop {
             sleep_until(next_at).await;
             let Some(shared) = shared.upgrade() else { return };
             let Some(deadline) = shared.grant_with(token).map(|g| g.expires_at) else { return };
@@ -906,14 +959,20 @@ fn keep_refreshed(shared: &Arc<Shared>, grant: &Grant) -> AbortOnDrop {
                 Some((current, outcome))
             });
             match attempt.await {
-                Err(_) => break "the store did not answer a refresh before the lock expired".to_owned(),
+                Err(_) => {
+                    break (
+                        LostReason::StoreUnreachable,
+                        "the store did not answer a refresh before the lock expired".to_owned(),
+                    )
+                }
                 Ok(None) => return,
                 Ok(Some((_, Ok(refreshed)))) => next_at = refreshed.expires_at - refreshed.ttl * 2 / 3,
                 Ok(Some((_, Err(error @ Error::NotHeld { .. })))) => {
-                    break format!("the store refused a refresh: {error}")
+                    break (LostReason::RefreshRefused, format!("the store refused a refresh: {error}"))
                 }
                 Ok(Some((current, Err(error)))) if current.is_expired() => {
-                    break format!("the store stayed unreachable until the lock expired: {error}")
+                    let detail = format!("the store stayed unreachable until the lock expired: {error}");
+                    break (LostReason::StoreUnreachable, detail);
                 }
                 // Retry soon, but not in a tight loop, and once more at
                 // the expiry at the latest.
@@ -923,7 +982,7 @@ fn keep_refreshed(shared: &Arc<Shared>, grant: &Grant) -> AbortOnDrop {
             }
         };
         if let Some(shared) = shared.upgrade() {
-            shared.mark_lost(token, reason);
+            shared.mark_lost(token, reason, detail);
         }
     });
     AbortOnDrop::new(task)
@@ -1018,7 +1077,7 @@ impl Drop for TreeLockGuard {
         if self.released {
             return;
         }
-        let Some(grant) = self.lock.shared.forget(self.grant.token) else { return };
+        let Some(grant) = self.lock.shared.forget(self.grant.token, None) else { return };
         self.lock.shared.background.release(self.lock.backend(), grant);
     }
 }

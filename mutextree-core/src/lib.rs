@@ -41,6 +41,8 @@
 //! * [`handle`]: [`TreeLock`], [`TreeLockGuard`] and [`TreeLock::run`];
 //!   how an acquisition waits is [`Wait`] (the loop itself, for stores' and
 //!   tools' own use, is [`backend::Acquisition`]).
+//! * [`telemetry`]: the spans, events and metrics an application can
+//!   collect (who waits for what, how holds end), and [`LostReason`].
 //! * [`backend`]: the implementer's face (see above).
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
@@ -51,6 +53,7 @@ mod error;
 pub mod handle;
 mod lock;
 pub mod path;
+pub mod telemetry;
 mod text;
 mod validate;
 mod wait;
@@ -60,4 +63,5 @@ pub use error::Error;
 pub use handle::{IntoLockPath, TreeLock, TreeLockBuilder, TreeLockGuard, DEFAULT_TTL};
 pub use lock::{Blockers, Fairness, Grant, HeldLock, LockItem, LockItems, Mode, Namespace, Owner, Ttl};
 pub use path::{LockPath, PathRule, MAX_DEPTH, MAX_PATH_BYTES, MAX_SEGMENT_BYTES};
+pub use telemetry::LostReason;
 pub use wait::Wait;

@@ -41,6 +41,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::{sleep, sleep_until, Instant};
+use tracing::Instrument;
 
 use crate::backend::contract::LockBackend;
 use crate::backend::feed::Listener;
@@ -48,6 +49,7 @@ use crate::backend::stepwise::TRANSIENT_PATIENCE;
 use crate::error::Error;
 use crate::lock::{Attempt, Blockers, Fairness, Grant, HeldLock, LockRequest, Owner, Queue, RESERVATION_TTL};
 use crate::path::LockPath;
+use crate::telemetry::Acquiring;
 
 /// How long an acquisition may wait for a held lock.
 ///
@@ -195,7 +197,20 @@ impl<'a> Acquisition<'a> {
     /// is gone in a moment, and treating it as held would make siblings
     /// refuse each other. A timed wait never goes past its own deadline
     /// for it.
-    pub async fn run(mut self) -> Result<Grant, Error> {
+    pub async fn run(self) -> Result<Grant, Error> {
+        let mut observed = Acquiring::start(self.backend.as_ref(), self.request, self.wait);
+        let span = observed.span();
+        async move {
+            let outcome = self.attempts(&mut observed).await;
+            observed.finish(&outcome);
+            outcome
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The attempts and waits of [`Acquisition::run`], told to `observed`.
+    async fn attempts(mut self, observed: &mut Acquiring) -> Result<Grant, Error> {
         loop {
             let blockers = match self.attempt().await? {
                 Attempt::Granted(grant) => {
@@ -212,6 +227,7 @@ impl<'a> Acquisition<'a> {
             // A multi-path request waits for its blockers one at a time: the
             // first, then whichever is in the way at the next attempt.
             let blocker = blockers.first();
+            observed.refused(blocker, self.ticket);
             let spurious = self.note_blocker(blocker);
             let give_up_at = self.give_up_at(blocker);
             if give_up_at.is_some_and(|at| Instant::now() >= at) {
@@ -220,7 +236,9 @@ impl<'a> Acquisition<'a> {
             if let Some(on_wait) = &self.on_wait {
                 on_wait(blocker);
             }
+            observed.waits();
             self.sleep(blocker, give_up_at, spurious).await;
+            observed.woken(blocker, self.woken_by_change);
             // No attempt starts once the deadline has passed.
             if give_up_at.is_some_and(|at| Instant::now() >= at) {
                 return Err(self.gave_up(blockers));

@@ -19,7 +19,7 @@ use futures::future::{join, try_join_all};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use mutextree_core::backend::url::connect_within;
 use mutextree_core::backend::{async_trait, stepwise::TRANSIENT_TTL, Attempt, Listener, LockKind, LockRequest};
-use mutextree_core::backend::{AbortOnDrop, Check, Queue, RESERVATION_TTL};
+use mutextree_core::backend::{AbortOnDrop, Check, Queue, StoreLabels, RESERVATION_TTL};
 use mutextree_core::{
     Blockers, Error, Fairness, Grant, HeldLock, LockBackend, LockItems, LockPath, Mode, Namespace, Owner, Ttl,
 };
@@ -496,6 +496,10 @@ impl LockBackend for EtcdBackend {
 
     /// Requests this backend (and its clones) sent so far: transactions,
     /// reads and lease requests, not the watch.
+    fn labels(&self) -> StoreLabels<'_> {
+        StoreLabels { store: "etcd", namespace: self.namespace().as_str() }
+    }
+
     fn round_trips(&self) -> Option<u64> {
         Some(self.inner.sent.load(Ordering::Relaxed))
     }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use hashbrown::hash_map::Entry as Slot;
 use mutextree_core::backend::{
-    async_trait, Attempt, ChangeFeed, Check, Listener, LockKind, LockRequest, Queue, RESERVATION_TTL,
+    async_trait, Attempt, ChangeFeed, Check, Listener, LockKind, LockRequest, Queue, StoreLabels, RESERVATION_TTL,
 };
 use mutextree_core::{
     Blockers, Error, Grant, HeldLock, LockBackend, LockItem, LockItems, LockPath, Mode, Namespace, Owner, Ttl,
@@ -138,6 +138,10 @@ impl LockBackend for MemoryBackend {
     async fn waiters(&self, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
         consume_budget().await;
         Ok(self.space.tree().queue.list(under, Instant::now()))
+    }
+
+    fn labels(&self) -> StoreLabels<'_> {
+        StoreLabels { store: "memory", namespace: self.space.name.as_str() }
     }
 
     /// Every release or purge in the namespace wakes every waiter (an

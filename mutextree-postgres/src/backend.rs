@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, QueueMode, RecyclingMethod, Runtime};
 use mutextree_core::backend::url::{connect_failed, connect_timed_out, connect_within};
-use mutextree_core::backend::Check;
 use mutextree_core::backend::{async_trait, Attempt, Listener, LockKind, LockRequest, Queue, RESERVATION_TTL};
+use mutextree_core::backend::{Check, StoreLabels};
 use mutextree_core::{
     Blockers, Error, Fairness, Grant, HeldLock, LockBackend, LockItems, LockPath, Mode, Namespace, Owner, Ttl,
 };
@@ -633,6 +633,10 @@ impl LockBackend for PostgresBackend {
     /// operation, one more the first time a statement is prepared on a
     /// pooled connection, and one more for each call sent again after the
     /// server broke a deadlock.
+    fn labels(&self) -> StoreLabels<'_> {
+        StoreLabels { store: "postgres", namespace: self.namespace().as_str() }
+    }
+
     fn round_trips(&self) -> Option<u64> {
         Some(self.sent.load(Ordering::Relaxed))
     }

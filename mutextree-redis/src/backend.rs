@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use mutextree_core::backend::url::{connect_failed, connect_timed_out, connect_within};
 use mutextree_core::backend::{async_trait, Attempt, ChangeFeed, Listener, LockKind, LockRequest, Queue};
-use mutextree_core::backend::{AbortOnDrop, Check};
+use mutextree_core::backend::{AbortOnDrop, Check, StoreLabels};
 use mutextree_core::{
     Blockers, Error, Fairness, Grant, HeldLock, LockBackend, LockItems, LockPath, Mode, Namespace, Owner, Ttl,
 };
@@ -294,6 +294,10 @@ impl LockBackend for RedisBackend {
     /// library, once per server start, adds two more: the call that found
     /// no function, and `FUNCTION LOAD`; on servers without functions a
     /// `NOSCRIPT` reply, once per script, adds one.)
+    fn labels(&self) -> StoreLabels<'_> {
+        StoreLabels { store: "redis", namespace: self.namespace().as_str() }
+    }
+
     fn round_trips(&self) -> Option<u64> {
         Some(self.inner.scripts.sent.load(Ordering::Relaxed))
     }

@@ -145,12 +145,29 @@ pub trait LockBackend: Send + Sync + fmt::Debug {
         Listener::polling()
     }
 
+    /// Which store this is and which namespace it serves, as the spans
+    /// and metrics of [`telemetry`](crate::telemetry) label them.
+    fn labels(&self) -> StoreLabels<'_> {
+        StoreLabels { store: "custom", namespace: "" }
+    }
+
     /// How many requests this client has sent to its store so far, for
     /// stores that count them (a benchmark's round trips per operation);
     /// `None` for a store without requests or without a count.
     fn round_trips(&self) -> Option<u64> {
         None
     }
+}
+
+/// A backend's name for [`telemetry`](crate::telemetry): its store
+/// (`memory`, `redis`, `postgres`, `etcd`; a metric label) and its
+/// namespace (a span field only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreLabels<'a> {
+    /// The store, as [`Error::Store`] names it.
+    pub store: &'static str,
+    /// The namespace.
+    pub namespace: &'a str,
 }
 
 /// What a grant must find free. One grant routine of a store serves both

@@ -24,7 +24,7 @@ pub mod feed;
 pub mod stepwise;
 pub mod url;
 
-pub use contract::{AbortOnDrop, Check, LockBackend};
+pub use contract::{AbortOnDrop, Check, LockBackend, StoreLabels};
 pub use feed::{ChangeFeed, Listener};
 pub use stepwise::{Stepwise, TRANSIENT_PATIENCE, TRANSIENT_TTL};
 pub use url::{parse_duration, StoreUrl};

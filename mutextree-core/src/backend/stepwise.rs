@@ -52,7 +52,7 @@ use async_trait::async_trait;
 use futures::future::{join, join_all};
 use tokio::time::Instant;
 
-use super::contract::LockBackend;
+use super::contract::{LockBackend, StoreLabels};
 use super::feed::Listener;
 use crate::error::Error;
 use crate::lock::HeldLock;
@@ -256,5 +256,9 @@ impl<B: LockBackend + ?Sized> LockBackend for Stepwise<B> {
 
     fn round_trips(&self) -> Option<u64> {
         self.inner.round_trips()
+    }
+
+    fn labels(&self) -> StoreLabels<'_> {
+        self.inner.labels()
     }
 }

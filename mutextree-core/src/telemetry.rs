@@ -1,0 +1,336 @@
+//! What the lock handle tells the outside world: spans and events through
+//! [`tracing`], and, with the `metrics` feature, metrics through the
+//! [`metrics`](https://docs.rs/metrics) facade.
+//!
+//! Every acquisition of every store goes through one waiting loop
+//! ([`Acquisition`](crate::backend::Acquisition)) and every hold through
+//! one handle, so this is where contention is seen whole: who waited for
+//! what, behind whom, for how long, and how each hold ended. Stores add
+//! events only for what they alone see (a notification channel lost and
+//! back).
+//!
+//! Nothing is printed or counted unless the application installs a
+//! `tracing` subscriber or a `metrics` recorder: with none, a span costs a
+//! check of a cached flag, and a metric a call into the no-op recorder.
+//! Labels are few and bounded (store, mode, outcome, reason): paths,
+//! owners and namespaces are span fields, never metric labels, so a
+//! recorder's series do not grow with the tree.
+//!
+//! # Spans and events
+//!
+//! All under the target `mutextree`:
+//!
+//! | span | level | fields |
+//! | --- | --- | --- |
+//! | `acquire` | DEBUG | `store`, `namespace`, `path`, `mode`, `owner`, `wait`; recorded at the end: `outcome`, `token`, `waited` (seconds) |
+//! | `refresh` | DEBUG | `store`, `namespace`, `path`, `owner`, `token`; `outcome` |
+//! | `release` | DEBUG | `store`, `namespace`, `path`, `owner`, `token`; `outcome` |
+//! | `lost` | WARN | `store`, `namespace`, `path`, `owner`, `token`, `reason`, `held` (seconds) |
+//!
+//! Inside `acquire`: a DEBUG event `refused` for each refusal, naming the
+//! `blocker` (and the `ticket` of a queued waiter), and a TRACE event
+//! `woken` for each wake-up (`by_change`: a change the store reported, or a
+//! timer), naming the blocker waited for. Inside `lost`, a WARN event with
+//! the reason in words.
+//!
+//! # Metrics (feature `metrics`)
+//!
+//! | name | kind | labels |
+//! | --- | --- | --- |
+//! | `mutextree_acquire_seconds` | histogram | `store`, `mode`, `outcome` (`granted`, `refused`, `timed_out`, `error`, `cancelled`) |
+//! | `mutextree_hold_seconds` | histogram | `store`, `mode` |
+//! | `mutextree_waiters` | gauge | `store` |
+//! | `mutextree_lost_total` | counter | `store`, `reason` ([`LostReason`]) |
+//! | `mutextree_refresh_margin_seconds` | histogram | `store`: the life a lock had left when its refresh was confirmed |
+//! | `mutextree_store_errors_total` | counter | `store`, `operation` (`acquire`, `refresh`, `release`) |
+//!
+//! `mode` is `exclusive`, `shared`, or `mixed` for a grant of several paths
+//! in both modes.
+
+use std::fmt;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tracing::field::Empty;
+use tracing::Span;
+
+use crate::backend::LockBackend;
+use crate::lock::LockRequest;
+use crate::{Error, Grant, HeldLock, LockItems, Mode, Wait};
+
+/// Why a held lock was lost, as [`Error::Lost`] tells it in words and the
+/// `mutextree_lost_total` metric labels it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum LostReason {
+    /// Its ttl ran out with no refresh sent.
+    Expired,
+    /// The store answered a refresh that the lock was not held (it had
+    /// expired there, or was released by someone else).
+    RefreshRefused,
+    /// An administrator released it (`release --force`), and the store
+    /// said so.
+    ForcedRelease,
+    /// No refresh was confirmed before the lock's expiry: the store did
+    /// not answer, or failed, until then.
+    StoreUnreachable,
+}
+
+impl LostReason {
+    /// The metric label: `expired`, `refresh_refused`, `forced_release`,
+    /// `store_unreachable`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LostReason::Expired => "expired",
+            LostReason::RefreshRefused => "refresh_refused",
+            LostReason::ForcedRelease => "forced_release",
+            LostReason::StoreUnreachable => "store_unreachable",
+        }
+    }
+}
+
+impl fmt::Display for LostReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The `mode` label of a set of items.
+fn mode_label(items: &LockItems) -> &'static str {
+    let mut modes = items.iter().map(|item| item.mode);
+    let first = modes.next().unwrap_or(Mode::Exclusive);
+    if modes.all(|mode| mode == first) {
+        first.as_str()
+    } else {
+        "mixed"
+    }
+}
+
+/// The labels every span and metric of one backend carries.
+fn store_of(backend: &dyn LockBackend) -> &'static str {
+    backend.labels().store
+}
+
+/// One acquisition, observed from its start to its outcome; an
+/// acquisition dropped before it ended is reported `cancelled`.
+pub(crate) struct Acquiring {
+    span: Span,
+    store: &'static str,
+    mode: &'static str,
+    started: Instant,
+    /// Whether it is counted among the waiters now.
+    waiting: bool,
+    finished: bool,
+}
+
+impl Acquiring {
+    pub(crate) fn start(backend: &dyn LockBackend, request: &LockRequest, wait: Wait) -> Self {
+        let labels = backend.labels();
+        let span = tracing::debug_span!(
+            target: "mutextree",
+            "acquire",
+            store = labels.store,
+            namespace = labels.namespace,
+            path = %request.items,
+            mode = mode_label(&request.items),
+            owner = %request.owner,
+            wait = ?wait,
+            outcome = Empty,
+            token = Empty,
+            waited = Empty,
+        );
+        Acquiring {
+            span,
+            store: labels.store,
+            mode: mode_label(&request.items),
+            started: Instant::now(),
+            waiting: false,
+            finished: false,
+        }
+    }
+
+    /// The acquisition's span, for its attempts and waits.
+    pub(crate) fn span(&self) -> Span {
+        self.span.clone()
+    }
+
+    /// An attempt was refused by `blocker` (queued with `ticket`).
+    pub(crate) fn refused(&self, blocker: &HeldLock, ticket: Option<u64>) {
+        tracing::debug!(target: "mutextree", blocker = %blocker, ticket, "refused");
+    }
+
+    /// The acquisition is about to wait (counted among the waiters until
+    /// it ends).
+    pub(crate) fn waits(&mut self) {
+        if !self.waiting {
+            self.waiting = true;
+            metrics::waiters(self.store, 1.0);
+        }
+    }
+
+    /// A wait behind `blocker` ended: a change the store reported, or a
+    /// timer.
+    pub(crate) fn woken(&self, blocker: &HeldLock, by_change: bool) {
+        tracing::trace!(target: "mutextree", blocker = %blocker, by_change, "woken");
+    }
+
+    /// The acquisition ended with `outcome`.
+    pub(crate) fn finish(&mut self, outcome: &Result<Grant, Error>) {
+        let label = match outcome {
+            Ok(grant) => {
+                self.span.record("token", grant.token);
+                "granted"
+            }
+            Err(Error::Refused { .. }) => "refused",
+            Err(Error::Timeout { .. }) => "timed_out",
+            Err(error) => {
+                if matches!(error, Error::Store { .. }) {
+                    metrics::store_error(self.store, "acquire");
+                }
+                "error"
+            }
+        };
+        self.end(label);
+    }
+
+    fn end(&mut self, outcome: &'static str) {
+        self.finished = true;
+        let waited = self.started.elapsed();
+        self.span.record("outcome", outcome);
+        self.span.record("waited", waited.as_secs_f64());
+        if std::mem::take(&mut self.waiting) {
+            metrics::waiters(self.store, -1.0);
+        }
+        metrics::acquired(self.store, self.mode, outcome, waited);
+    }
+}
+
+impl Drop for Acquiring {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.end("cancelled");
+        }
+    }
+}
+
+/// A store call on a held grant (`refresh`, `release`): its span, and
+/// its outcome once the store answered.
+pub(crate) struct OnGrant {
+    span: Span,
+    store: &'static str,
+    operation: &'static str,
+}
+
+/// Starts [`OnGrant`] for `operation` (`refresh` or `release`) of `grant`.
+pub(crate) fn on_grant(operation: &'static str, backend: &dyn LockBackend, grant: &Grant) -> OnGrant {
+    let labels = backend.labels();
+    // A span's name is part of its static metadata: one macro per name.
+    let span = if operation == "refresh" {
+        tracing::debug_span!(target: "mutextree", "refresh", store = labels.store, namespace = labels.namespace,
+            path = %grant.items, owner = %grant.owner, token = grant.token, outcome = Empty)
+    } else {
+        tracing::debug_span!(target: "mutextree", "release", store = labels.store, namespace = labels.namespace,
+            path = %grant.items, owner = %grant.owner, token = grant.token, outcome = Empty)
+    };
+    OnGrant { span, store: labels.store, operation }
+}
+
+impl OnGrant {
+    /// The call's span, to instrument it with.
+    pub(crate) fn span(&self) -> Span {
+        self.span.clone()
+    }
+
+    /// The store answered `outcome`: `ok`, `not_held` or `error`.
+    pub(crate) fn outcome<T>(&self, outcome: &Result<T, Error>) {
+        let label = match outcome {
+            Ok(_) => "ok",
+            Err(Error::NotHeld { .. }) => "not_held",
+            Err(error) => {
+                if matches!(error, Error::Store { .. }) {
+                    metrics::store_error(self.store, self.operation);
+                }
+                "error"
+            }
+        };
+        self.span.record("outcome", label);
+    }
+}
+
+/// A refresh of a lock that had `margin` of life left was confirmed.
+pub(crate) fn refreshed(backend: &dyn LockBackend, margin: Duration) {
+    metrics::refresh_margin(store_of(backend), margin);
+}
+
+/// A hold of `items` that lasted `held` ended by a release.
+pub(crate) fn released(backend: &dyn LockBackend, items: &LockItems, held: Duration) {
+    metrics::held(store_of(backend), mode_label(items), held);
+}
+
+/// A hold of `grant` that lasted `held` was lost for `reason` (`detail`
+/// in words).
+pub(crate) fn lost(backend: &dyn LockBackend, grant: &Grant, reason: LostReason, detail: &str, held: Duration) {
+    let labels = backend.labels();
+    let span = tracing::warn_span!(
+        target: "mutextree",
+        "lost",
+        store = labels.store,
+        namespace = labels.namespace,
+        path = %grant.items,
+        owner = %grant.owner,
+        token = grant.token,
+        reason = reason.as_str(),
+        held = held.as_secs_f64(),
+    );
+    span.in_scope(|| tracing::warn!(target: "mutextree", "{detail}"));
+    metrics::lost(labels.store, reason);
+    metrics::held(labels.store, mode_label(&grant.items), held);
+}
+
+/// The metrics, or nothing without the `metrics` feature.
+#[cfg(feature = "metrics")]
+mod metrics {
+    use std::time::Duration;
+
+    use super::LostReason;
+
+    pub(super) fn acquired(store: &'static str, mode: &'static str, outcome: &'static str, waited: Duration) {
+        ::metrics::histogram!("mutextree_acquire_seconds", "store" => store, "mode" => mode, "outcome" => outcome)
+            .record(waited.as_secs_f64());
+    }
+
+    pub(super) fn waiters(store: &'static str, change: f64) {
+        ::metrics::gauge!("mutextree_waiters", "store" => store).increment(change);
+    }
+
+    pub(super) fn held(store: &'static str, mode: &'static str, held: Duration) {
+        ::metrics::histogram!("mutextree_hold_seconds", "store" => store, "mode" => mode).record(held.as_secs_f64());
+    }
+
+    pub(super) fn lost(store: &'static str, reason: LostReason) {
+        ::metrics::counter!("mutextree_lost_total", "store" => store, "reason" => reason.as_str()).increment(1);
+    }
+
+    pub(super) fn refresh_margin(store: &'static str, margin: Duration) {
+        ::metrics::histogram!("mutextree_refresh_margin_seconds", "store" => store).record(margin.as_secs_f64());
+    }
+
+    pub(super) fn store_error(store: &'static str, operation: &'static str) {
+        ::metrics::counter!("mutextree_store_errors_total", "store" => store, "operation" => operation).increment(1);
+    }
+}
+
+/// Without the `metrics` feature: nothing is counted, and nothing costs.
+#[cfg(not(feature = "metrics"))]
+mod metrics {
+    use std::time::Duration;
+
+    use super::LostReason;
+
+    pub(super) fn acquired(_: &'static str, _: &'static str, _: &'static str, _: Duration) {}
+    pub(super) fn waiters(_: &'static str, _: f64) {}
+    pub(super) fn held(_: &'static str, _: &'static str, _: Duration) {}
+    pub(super) fn lost(_: &'static str, _: LostReason) {}
+    pub(super) fn refresh_margin(_: &'static str, _: Duration) {}
+    pub(super) fn store_error(_: &'static str, _: &'static str) {}
+}
