@@ -16,6 +16,8 @@ use std::time::Duration;
 use metrics::{Counter, CounterFn, Gauge, GaugeFn, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder};
 use metrics::{SharedString, Unit};
 use mutextree_core::{Error, LockBackend, TreeLock, Wait};
+
+use crate::TestStore;
 use tokio::sync::Notify;
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
@@ -306,20 +308,23 @@ fn lock(store: &Arc<dyn LockBackend>, path: &str, owner: &str, ttl: Duration) ->
 /// `acquire` spans say who asked for what and how it ended, the refusal
 /// names the holder, the `release` span its outcome; the acquisition
 /// histogram counts one of each outcome, the hold histogram one hold.
-/// `connect` makes the store inside the observed runtime.
-pub fn granted_refused_and_released<C, Fut>(paused: bool, store_name: &str, connect: C)
-where
-    C: FnOnce() -> Fut,
-    Fut: Future<Output = Arc<dyn LockBackend>>,
-{
+/// Every store runs it in its conformance suite (`paused` for a store on
+/// tokio's paused clock).
+pub fn granted_refused_and_released<S: TestStore>(store: S, paused: bool) {
+    let name = Arc::new(Mutex::new(""));
+    let store_label = name.clone();
     let seen = observe(paused, || async move {
-        let store = connect().await;
+        let namespace = format!("telemetry-{:012x}", fastrand::u64(..1 << 48));
+        let store = store.connect(&namespace).await.expect("connect");
+        *store_label.lock().expect("name") = store.labels().store;
         let holder = lock(&store, "dc/rack", "holder", Duration::from_secs(30));
         holder.try_acquire().await.expect("granted");
         let late = lock(&store, "dc", "late", Duration::from_secs(30));
         assert!(matches!(late.try_acquire().await, Err(Error::Refused { .. })));
         holder.release().await.expect("released");
     });
+    let store_name = *name.lock().expect("name");
+    assert!(!["", "custom"].contains(&store_name), "a store names itself: {store_name:?}");
     let acquires = seen.spans("acquire");
     assert_eq!(acquires.len(), 2, "{seen:#?}");
     let (granted, refused) = (acquires[0], acquires[1]);
