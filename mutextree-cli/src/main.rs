@@ -49,6 +49,13 @@ struct Cli {
     #[arg(long, env = "MUTEXTREE_NAMESPACE", global = true)]
     namespace: Option<String>,
 
+    /// Say on stderr what the locks do: -v each acquisition with its
+    /// refusals, each refresh, release and loss (and, for run, each lock
+    /// it waits behind and how long the lock took); -vv each wake-up of a
+    /// waiter too.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -83,18 +90,43 @@ struct Man {}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    trace_to_stderr(cli.verbose);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("a tokio runtime can be built");
-    match runtime.block_on(cli.command.execute(cli.store.as_deref(), cli.namespace.as_deref())) {
+    let mut command = cli.command;
+    if let Command::Run(run) = &mut command {
+        run.verbose = cli.verbose > 0;
+    }
+    match runtime.block_on(command.execute(cli.store.as_deref(), cli.namespace.as_deref())) {
         Ok(code) => code,
         Err(error) => {
             eprintln!("mutextree: {error}");
             exit::for_error(&error)
         }
     }
+}
+
+/// Prints the library's spans and events on stderr for `-v` (debug: each
+/// acquisition with its refusals, refresh, release and loss, as each span
+/// closes) and `-vv` (trace: wake-ups too); nothing without.
+fn trace_to_stderr(verbose: u8) {
+    use tracing_subscriber::fmt::format::FmtSpan;
+    use tracing_subscriber::prelude::*;
+
+    let level = match verbose {
+        0 => return,
+        1 => tracing::Level::DEBUG,
+        _ => tracing::Level::TRACE,
+    };
+    let printed = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_span_events(FmtSpan::CLOSE)
+        .with_target(false);
+    let only_ours = tracing_subscriber::filter::Targets::new().with_target("mutextree", level);
+    tracing_subscriber::registry().with(printed.with_filter(only_ours)).init();
 }
 
 impl Command {

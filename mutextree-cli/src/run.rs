@@ -118,10 +118,10 @@ pub(crate) struct Run {
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     kill_after: Duration,
 
-    /// Say on stderr each lock it waits behind, then how long the lock took
-    /// and its fencing token.
-    #[arg(short, long)]
-    verbose: bool,
+    /// Whether to say on stderr each lock it waits behind, then how long
+    /// the lock took and its fencing token: the global `-v`.
+    #[arg(skip)]
+    pub(crate) verbose: bool,
 
     /// Run this shell command with `sh -c` instead of COMMAND.
     #[arg(short = 'c', long = "command", value_name = "SHELL_COMMAND", conflicts_with = "command")]

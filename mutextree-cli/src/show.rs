@@ -12,9 +12,10 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::io::{IsTerminal, Write as _};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mutextree::backend::human;
 use mutextree::{Error, HeldLock, LockBackend, LockItems, LockPath, Mode};
@@ -24,10 +25,12 @@ use crate::{exit, parse_path};
 /// Show the locks held at and under PATH (or in the whole namespace) as a
 /// tree: mode, owner, remaining life and fencing token of each holder, then
 /// the grants that hold several paths at once, one line each, then the
-/// waiters in the queue, first in line first.
+/// waiters in the queue, first in line first. With --watch, again every
+/// second (on a terminal, redrawn in place) until interrupted.
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
   mutextree --store redis://127.0.0.1:6379 status
+  mutextree status eu-west --watch
   mutextree status eu-west --json | jq '.[] | select(.mode == \"shared\") | .owner'
   mutextree status --json | jq 'group_by(.token) | map(select(length > 1))'")]
 pub(crate) struct Status {
@@ -42,28 +45,70 @@ pub(crate) struct Status {
     /// waiter its ticket (in `token`, with `waiting` true).
     #[arg(long)]
     json: bool,
+
+    /// Show it again every second until interrupted (Ctrl-C): on a
+    /// terminal the screen is redrawn in place; otherwise each showing
+    /// follows the last (with --json, one array per line).
+    #[arg(long)]
+    watch: bool,
 }
+
+/// How often `status --watch` asks again.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
+
+/// Clears a terminal and puts the cursor at its top left.
+const CLEAR_SCREEN: &str = "\x1b[H\x1b[2J";
 
 impl Status {
     pub(crate) async fn execute(self, store: &Arc<dyn LockBackend>, namespace: &str) -> Result<ExitCode, Error> {
+        if !self.watch {
+            print!("{}", self.showing(store, namespace).await?);
+            return Ok(ExitCode::SUCCESS);
+        }
+        let redraw = std::io::stdout().is_terminal();
+        let mut every = tokio::time::interval(WATCH_EVERY);
+        let interrupted = tokio::signal::ctrl_c();
+        tokio::pin!(interrupted);
+        loop {
+            tokio::select! {
+                _ = &mut interrupted => return Ok(ExitCode::SUCCESS),
+                _ = every.tick() => {}
+            }
+            let showing = self.showing(store, namespace).await?;
+            if redraw {
+                print!("{CLEAR_SCREEN}{showing}");
+            } else {
+                println!("{showing}");
+            }
+            // A screen is drawn whole, not line by line.
+            let _ = std::io::stdout().flush();
+        }
+    }
+
+    /// What `status` shows now, asking the store.
+    async fn showing(&self, store: &Arc<dyn LockBackend>, namespace: &str) -> Result<String, Error> {
         let held = store.list(self.path.as_ref()).await?;
         let waiters = store.waiters(self.path.as_ref()).await?;
         let namespace = visible(namespace);
         if self.json {
-            println!("{}", json(held.iter().chain(&waiters)));
-            return Ok(ExitCode::SUCCESS);
+            return Ok(format!("{}\n", json(held.iter().chain(&waiters))));
         }
+        let mut out = String::new();
         if held.is_empty() {
             match &self.path {
-                Some(path) => println!("no locks held at or under {} in namespace {namespace}", shown(path)),
-                None => println!("no locks held in namespace {namespace}"),
+                Some(path) => {
+                    let _ = writeln!(out, "no locks held at or under {} in namespace {namespace}", shown(path));
+                }
+                None => {
+                    let _ = writeln!(out, "no locks held in namespace {namespace}");
+                }
             }
         } else {
-            print!("{}", tree(&namespace, self.path.as_ref(), &held));
-            print!("{}", several_paths(&held));
+            out.push_str(&tree(&namespace, self.path.as_ref(), &held));
+            out.push_str(&several_paths(&held));
         }
-        print!("{}", queue(&waiters, SystemTime::now()));
-        Ok(ExitCode::SUCCESS)
+        out.push_str(&queue(&waiters, SystemTime::now()));
+        Ok(out)
     }
 }
 
