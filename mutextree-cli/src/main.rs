@@ -113,6 +113,8 @@ fn main() -> ExitCode {
 /// acquisition with its refusals, refresh, release and loss, as each span
 /// closes) and `-vv` (trace: wake-ups too); nothing without.
 fn trace_to_stderr(verbose: u8) {
+    use std::io::IsTerminal;
+
     use tracing_subscriber::fmt::format::FmtSpan;
     use tracing_subscriber::prelude::*;
 
@@ -123,6 +125,7 @@ fn trace_to_stderr(verbose: u8) {
     };
     let printed = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_span_events(FmtSpan::CLOSE)
         .with_target(false);
     let only_ours = tracing_subscriber::filter::Targets::new().with_target("mutextree", level);

@@ -215,6 +215,50 @@ fn verbose_reports_the_grant_without_a_terminal() {
     assert!(report.ends_with(", token 1"), "{report}");
 }
 
+/// `-v` prints the library's spans as they close (every command takes it),
+/// `-vv` the wake-ups of a waiter too; without it, none.
+#[test]
+fn verbose_prints_the_librarys_events_and_very_verbose_the_wake_ups() {
+    let store = redis();
+    let _held = hold(&store, "T/b", "admin-t");
+    let quiet = output(mutextree(&store).args(["run", "-w", "300ms", "T", "--", "true"]));
+    assert!(!text(&quiet.stderr).contains("acquire{"), "{}", text(&quiet.stderr));
+
+    let verbose = output(mutextree(&store).args(["-v", "run", "-w", "300ms", "T", "--", "true"]));
+    assert_eq!(verbose.status.code(), Some(4), "{}", text(&verbose.stderr));
+    let message = text(&verbose.stderr);
+    let closed = message.lines().find(|line| line.contains("acquire{") && line.contains("close"));
+    let closed = closed.unwrap_or_else(|| panic!("the acquisition's span, closed: {message}"));
+    for field in ["store=\"redis\"", "path=T", "outcome=\"timed_out\""] {
+        assert!(closed.contains(field), "{field} in {closed}");
+    }
+    assert!(message.contains("refused") && message.contains("admin-t"), "each refusal names its blocker: {message}");
+    assert!(!message.contains("woken"), "wake-ups are for -vv: {message}");
+
+    let very = output(mutextree(&store).args(["status", "-vv"]));
+    assert!(very.status.success(), "every command takes -vv: {}", text(&very.stderr));
+    let waiter = output(mutextree(&store).args(["run", "-vv", "-w", "300ms", "T", "--", "true"]));
+    assert!(text(&waiter.stderr).contains("woken"), "{}", text(&waiter.stderr));
+}
+
+/// `status --watch` shows the namespace again every second until
+/// interrupted, and a change between two showings is in the next one.
+#[test]
+fn status_watch_shows_again_until_interrupted() {
+    let store = redis();
+    let mut watcher = mutextree(&store).args(["status", "--watch"]).stdout(Stdio::piped()).spawn().expect("spawn");
+    let mut lines = BufReader::new(watcher.stdout.take().expect("stdout")).lines();
+    let mut next_line = || lines.next().expect("a line").expect("text");
+    assert!(next_line().starts_with("no locks held"), "the first showing");
+    let held = hold(&store, "W/a", "watched");
+    let shown = std::iter::from_fn(|| Some(next_line())).take(20).find(|line| line.contains("\"watched\""));
+    assert!(shown.is_some(), "a lock taken after the first showing is in a later one");
+    drop(held);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(watcher.id() as i32), nix::sys::signal::Signal::SIGINT)
+        .expect("interrupt");
+    assert!(watcher.wait().expect("wait").success(), "an interrupted watch ends well");
+}
+
 #[test]
 fn verbose_names_each_lock_waited_behind_without_a_terminal() {
     let store = redis();

@@ -338,7 +338,9 @@ struct State {
     grant: Option<Grant>,
     /// Why `grant` was lost, in words; `None` while it is held.
     lost: Option<String>,
-    /// When `grant`'s acquisition was granted (a mode change keeps it).
+    /// When `grant`'s acquisition was granted (a mode change keeps it),
+    /// until the end of its hold was reported ([`Shared::report_end`]):
+    /// each hold is reported once, by whoever sees its end first.
     granted_at: Option<Instant>,
     /// The automatic refresh of `grant`, while it is held.
     keeper: Option<AbortOnDrop>,
@@ -411,18 +413,18 @@ impl Shared {
             let acquisition = state.acquisition;
             let ended = std::mem::take(state);
             state.acquisition = acquisition;
-            if let Some(grant) = &ended.grant {
-                self.report_end(grant, ended.granted_at, lost);
-            }
+            let mut ended = ended;
+            self.report_end(&mut ended, lost);
             forgotten = ended.grant;
         });
         forgotten
     }
 
-    /// Reports the end of the hold of `grant`, granted at `granted_at`:
-    /// released, or lost (`lost` says why).
-    fn report_end(&self, grant: &Grant, granted_at: Option<Instant>, lost: Option<(LostReason, &str)>) {
-        let held = granted_at.map_or(Duration::ZERO, |at| at.elapsed());
+    /// Reports the end of the hold of `state`'s grant, released or lost
+    /// (`lost` says why), unless it was reported already.
+    fn report_end(&self, state: &mut State, lost: Option<(LostReason, &str)>) {
+        let (Some(grant), Some(granted_at)) = (&state.grant, state.granted_at.take()) else { return };
+        let held = granted_at.elapsed();
         let backend = self.backend.as_ref();
         match lost {
             Some((reason, detail)) => telemetry::lost(backend, grant, reason, detail, held),
@@ -456,11 +458,23 @@ impl Shared {
     /// words).
     fn mark_lost(&self, token: u64, reason: LostReason, detail: String) {
         self.update(token, |state| {
-            if let Some(grant) = &state.grant {
-                self.report_end(grant, state.granted_at, Some((reason, &detail)));
-            }
+            self.report_end(state, Some((reason, &detail)));
             state.lost = Some(detail);
             state.keeper = None;
+        });
+    }
+
+    /// Reports the hold of the grant with `token` lost for `reason` if its
+    /// expiry has passed by the local clock and nobody reported its end
+    /// yet. The grant is not marked lost: the store may still have it
+    /// (its clock is the one that counts), and a release is still sent.
+    fn report_expiry(&self, token: u64, reason: LostReason, detail: &str) {
+        self.state.send_if_modified(|state| {
+            if state.is(token) && state.lost.is_none() && state.grant.as_ref().is_some_and(Grant::is_expired) {
+                self.report_end(state, Some((reason, detail)));
+            }
+            // Only the report changed: nobody needs to hear of it.
+            false
         });
     }
 
@@ -873,6 +887,7 @@ impl TreeLock {
             now.grant.as_ref().map(|_| now.acquisition)
         };
         let auto_refresh = self.shared.auto_refresh;
+        let shared = Arc::downgrade(&self.shared);
         async move {
             let Some(acquisition) = held else {
                 return Error::Lost { items, reason: "it is not held".into() };
@@ -886,9 +901,9 @@ impl TreeLock {
                     now.grant
                         .as_ref()
                         .filter(|_| now.acquisition == acquisition)
-                        .map(|grant| (grant.items.clone(), grant.expires_at, now.lost.clone()))
+                        .map(|grant| (grant.items.clone(), grant.token, grant.expires_at, now.lost.clone()))
                 };
-                let Some((items, expires_at, lost)) = ours else { return never().await };
+                let Some((items, token, expires_at, lost)) = ours else { return never().await };
                 if let Some(reason) = lost {
                     return Error::Lost { items, reason };
                 }
@@ -899,12 +914,18 @@ impl TreeLock {
                         }
                     }
                     () = sleep_until(expires_at) => {
-                        let reason = if auto_refresh {
-                            "no refresh was confirmed before its ttl ran out (the store did not answer in time)"
+                        let (reason, detail) = if auto_refresh {
+                            (
+                                LostReason::StoreUnreachable,
+                                "no refresh was confirmed before its ttl ran out (the store did not answer in time)",
+                            )
                         } else {
-                            "its ttl ran out without a refresh"
+                            (LostReason::Expired, "its ttl ran out without a refresh")
                         };
-                        return Error::Lost { items, reason: reason.to_owned() };
+                        if let Some(shared) = shared.upgrade() {
+                            shared.report_expiry(token, reason, detail);
+                        }
+                        return Error::Lost { items, reason: detail.to_owned() };
                     }
                 }
             }
@@ -919,11 +940,8 @@ impl TreeLock {
             // that expired unnoticed (no automatic refresh) is reported
             // lost now; a lost one was reported when it was marked.
             let stale = !held && state.grant.is_some();
-            if let (true, None, Some(grant)) = (stale, &state.lost, &state.grant) {
-                let detail = "its ttl ran out without a refresh";
-                self.shared.report_end(grant, state.granted_at, Some((LostReason::Expired, detail)));
-            }
             if stale {
+                self.shared.report_end(state, Some((LostReason::Expired, "its ttl ran out without a refresh")));
                 *state = State { acquisition: state.acquisition, ..State::default() };
             }
             stale

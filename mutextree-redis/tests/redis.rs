@@ -481,3 +481,37 @@ async fn a_url_with_every_duration_grammar_connects() {
         backend.list(None).await.expect("answered");
     }
 }
+
+/// A store that stops answering, seen from the telemetry: an acquisition
+/// fails with a store error (outcome `error`, counted under `acquire`),
+/// the kept lock's refreshes fail (counted under `refresh`) until it is
+/// lost to the unreachable store (reason `store_unreachable`).
+#[test]
+fn a_store_that_stops_answering_is_counted_and_a_kept_lock_lost_to_it() {
+    use conformance::telemetry::observe;
+
+    let data = temp_dir("redis-telemetry").expect("temp dir");
+    let server = servers::redis::own_server(None, &[], &data).expect("redis-server");
+    let url = format!("redis://127.0.0.1:{}/?request_timeout=300ms&connect_timeout=300ms", server.port);
+    let server = std::sync::Mutex::new(Some(server));
+    let seen = observe(false, || async {
+        let store: Arc<dyn LockBackend> = Arc::new(
+            RedisConfig::from_url(&url).expect("url").connect().await.expect("connect").backend("t").expect("ns"),
+        );
+        let kept = TreeLock::builder(store.clone(), "site/kept").ttl(Duration::from_secs(3)).auto_refresh(true).build();
+        let kept = kept.expect("lock");
+        kept.try_acquire().await.expect("granted");
+        server.lock().expect("server").take().expect("running").stop();
+        let late = TreeLock::new(store.clone(), "site/late").expect("lock");
+        assert!(matches!(late.try_acquire().await, Err(Error::Store { .. })));
+        assert!(matches!(kept.lost().await, Error::Lost { .. }));
+    });
+    let labels = |operation| [("store", "redis"), ("operation", operation)];
+    assert!(seen.counter("mutextree_store_errors_total", &labels("acquire")) >= 1, "{seen:#?}");
+    assert!(seen.counter("mutextree_store_errors_total", &labels("refresh")) >= 1, "{seen:#?}");
+    assert_eq!(seen.spans("acquire")[1].field("outcome"), "error");
+    assert!(seen.spans("refresh").iter().all(|span| span.field("outcome") == "error"), "{seen:#?}");
+    let lost = seen.span("lost");
+    assert_eq!(lost.field("reason"), "store_unreachable", "{lost:?}");
+    assert_eq!(seen.counter("mutextree_lost_total", &[("store", "redis"), ("reason", "store_unreachable")]), 1);
+}
