@@ -243,8 +243,9 @@ async fn a_lapsed_reservation_written_again_keeps_when_its_waiter_joined(store: 
     let slow = request(&[("L/slow", EXCLUSIVE)], Queue::Join);
     let joining = Instant::now();
     let (ticket, _) = queued(attempt(&backend, &slow).await);
-    // Another waiter joins later, keeping the queue alive (and renews
-    // nothing, so that no sweep finds the lapsed reservation).
+    // Another waiter joins later and keeps the queue alive; it attempts
+    // nothing more (the sweep of a later write would remove the lapsed
+    // reservation).
     tokio::time::sleep(RESERVATION_TTL / 2).await;
     let other = request(&[("L/other", EXCLUSIVE)], Queue::Join);
     queued(attempt(&backend, &other).await);
