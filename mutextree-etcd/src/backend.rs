@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{
     Client, Compare, CompareOp, GetOptions, KeyValue, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use crate::config::EtcdConfig;
 use crate::error::{connect_error, is_lease_not_found, store_error, STORE};
 use crate::feed::{self, Feeds};
-use crate::layout::{decode_reservation, decode_value, encode_reservation, encode_value, Layout, Range};
+use crate::layout::{decode_reservation, decode_value, encode_reservation, encode_value, Layout, Range, Reservation};
 use crate::members::Members;
 
 /// etcd's minimum lease ttl with its default timing (`--election-timeout`
@@ -239,6 +239,8 @@ impl Lease {
 struct Queued {
     owner: Owner,
     tag: String,
+    /// When it joined the queue (see [`Fair`]).
+    joined: u64,
     keys: Vec<String>,
     earlier: Vec<(Vec<u8>, i64)>,
     /// Whether `earlier` holds all of them (a read stops at
@@ -548,12 +550,12 @@ impl EtcdBackend {
         };
         let keys: Vec<String> =
             request.items.iter().map(|item| layout.new_key(item.mode, &item.path, &request.owner)).collect();
-        let tag = match queue {
-            Queue::Barge | Queue::Try => String::new(),
-            Queue::Join => self.take_tag(),
-            Queue::Waiting(ticket) => self.tag_of(&request.owner, ticket).await?,
+        let (tag, joined) = match queue {
+            Queue::Barge | Queue::Try => (String::new(), join_time()),
+            Queue::Join => (self.take_tag(), join_time()),
+            Queue::Waiting(ticket) => self.wait_of(&request.owner, ticket).await?,
         };
-        let fair = Fair::new(layout, request, &tag);
+        let fair = Fair::new(layout, request, &tag, joined);
         let (compares, then, otherwise) = match queue {
             Queue::Barge => (checks.len(), keys.len(), checks.len()),
             Queue::Try => (checks.len() + fair.ranges.len(), keys.len(), checks.len() + fair.ranges.len()),
@@ -714,16 +716,20 @@ impl EtcdBackend {
         }
     }
 
-    /// The tag of the wait of `owner` with `ticket`: remembered, else read
-    /// from its keys if they are there (one request more), else a new one
-    /// (its reservation lapsed: it is written again).
-    async fn tag_of(&self, owner: &Owner, ticket: u64) -> Result<String, Error> {
+    /// The tag of the wait of `owner` with `ticket` and when it joined the
+    /// queue: remembered, else read from its keys if they are there (one
+    /// request more), else a new tag, joined now (its reservation lapsed:
+    /// it is written again). A value without a join time (written before
+    /// they were kept) is taken as joined now too.
+    async fn wait_of(&self, owner: &Owner, ticket: u64) -> Result<(String, u64), Error> {
         if let Some(waiter) = locked(&self.inner.queued).get(&ticket) {
-            return Ok(waiter.tag.clone());
+            return Ok((waiter.tag.clone(), waiter.joined));
         }
         let found = self.reservation_of(owner, ticket, None).await?;
-        let tag = found.first().and_then(|kv| self.inner.layout.reservation_tag(kv.key())).map(str::to_owned);
-        Ok(tag.unwrap_or_else(|| self.take_tag()))
+        let Some(kv) = found.first() else { return Ok((self.take_tag(), join_time())) };
+        let tag = self.inner.layout.reservation_tag(kv.key()).map_or_else(|| self.take_tag(), str::to_owned);
+        let joined = decode_reservation(kv.value(), kv.create_revision())?.joined;
+        Ok((tag, joined.unwrap_or_else(join_time)))
     }
 
     /// The keys of the reservation of `owner` with `ticket`, read: among
@@ -740,7 +746,8 @@ impl EtcdBackend {
         };
         let found = read_keys(self.send(Txn::new().and_then(reads)).await?);
         let theirs = |kv: &KeyValue| {
-            decode_reservation(kv.value(), kv.create_revision()).is_ok_and(|(of, by)| of == ticket && &by == owner)
+            decode_reservation(kv.value(), kv.create_revision())
+                .is_ok_and(|found| found.ticket == ticket && &found.owner == owner)
         };
         Ok(found.into_iter().filter(|kv| theirs(kv)).collect())
     }
@@ -753,7 +760,7 @@ impl EtcdBackend {
         queued.retain(|_, waiter| now.saturating_duration_since(waiter.noted_at) < RESERVATION_TTL * 2);
         let earlier = earlier.iter().map(|kv| (kv.key().to_vec(), kv.create_revision())).collect();
         let (owner, tag, keys) = (request.owner.clone(), fair.tag.clone(), fair.keys.clone());
-        queued.insert(ticket, Queued { owner, tag, keys, earlier, complete, noted_at: now });
+        queued.insert(ticket, Queued { owner, tag, joined: fair.joined, keys, earlier, complete, noted_at: now });
     }
 
     /// The lease to put a reservation on: the one this backend put its
@@ -1012,11 +1019,15 @@ impl EtcdBackend {
     }
 
     /// A stored item as a [`HeldLock`] with `remaining` life.
-    /// A reservation is described with its ticket as the token.
+    /// A reservation is described with its ticket as the token, and how
+    /// long its waiter has been in line by this client's clock against
+    /// the waiter's (zero where this one is behind, or for a value without
+    /// a join time).
     fn describe_with(&self, kv: &KeyValue, remaining: Duration) -> Result<HeldLock, Error> {
         let (path, mode) = self.inner.layout.item_of(kv.key())?;
         if self.inner.layout.is_reservation(kv.key()) {
-            let (ticket, owner) = decode_reservation(kv.value(), kv.create_revision())?;
+            let Reservation { ticket, owner, joined } = decode_reservation(kv.value(), kv.create_revision())?;
+            let waited = joined.map_or(0, |joined| unix_millis().saturating_sub(joined));
             return Ok(HeldLock {
                 path,
                 mode,
@@ -1025,7 +1036,7 @@ impl EtcdBackend {
                 remaining,
                 transient: false,
                 waiting: true,
-                waited: Duration::ZERO,
+                waited: Duration::from_millis(waited),
             });
         }
         let (transient, owner) = decode_value(kv.value())?;
@@ -1192,16 +1203,19 @@ struct InQueue {
 /// reservation ranges its items must find without earlier waiters (per
 /// item, the conflicting reservations on each strict ancestor, and on the
 /// node and below it: one range each, shared between items), and its own
-/// reservation's keys and owner.
+/// reservation's keys, owner, and when its waiter joined the queue (unix
+/// ms by this side's clock at its `Join`, see [`join_time`]; every
+/// rewrite keeps it).
 struct Fair {
     ranges: Vec<Range>,
     tag: String,
     keys: Vec<String>,
     owner: Owner,
+    joined: u64,
 }
 
 impl Fair {
-    fn new(layout: &Layout, request: &LockRequest, tag: &str) -> Self {
+    fn new(layout: &Layout, request: &LockRequest, tag: &str, joined: u64) -> Self {
         let mut ranges: Vec<Range> = Vec::new();
         for item in &request.items {
             let on_ancestors =
@@ -1217,7 +1231,7 @@ impl Fair {
             .iter()
             .flat_map(|item| layout.reservation_keys(item.mode, &item.path, &request.owner, tag))
             .collect();
-        Fair { ranges, tag: tag.to_owned(), keys, owner: request.owner.clone() }
+        Fair { ranges, tag: tag.to_owned(), keys, owner: request.owner.clone(), joined }
     }
 
     /// No reservation in the way at all: what a request without a ticket
@@ -1264,7 +1278,7 @@ impl Fair {
     /// The reservation's keys on `lease`; with the ticket in the value
     /// unless the keys are new (their create revision is the ticket then).
     fn puts(&self, lease: i64, ticket: Option<u64>) -> Vec<TxnOp> {
-        let value = encode_reservation(ticket, &self.owner);
+        let value = encode_reservation(ticket, self.joined, &self.owner);
         self.keys
             .iter()
             .map(|key| TxnOp::put(key.clone(), value.clone(), Some(PutOptions::new().with_lease(lease))))
@@ -1302,6 +1316,23 @@ fn release_txn(ranges: &[Range], token: u64) -> Txn {
 
 fn delete_range(end: String) -> etcd_client::DeleteOptions {
     etcd_client::DeleteOptions::new().with_range(end)
+}
+
+/// This side's clock, in unix milliseconds rounded down (zero before
+/// 1970).
+fn unix_millis() -> u64 {
+    unix_time().as_millis() as u64
+}
+
+/// This side's clock as a join time: in unix milliseconds rounded up, so
+/// that the whole milliseconds from it to [`unix_millis`] later never
+/// exceed the time between them.
+fn join_time() -> u64 {
+    unix_time().as_nanos().div_ceil(1_000_000) as u64
+}
+
+fn unix_time() -> Duration {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
 }
 
 /// The revision a successful transaction created: the fencing token (and

@@ -78,8 +78,18 @@
 //!
 //! A reservation's value is `Q`, its ticket in decimal where it is not the
 //! key's create revision (a reservation written again after it lapsed),
-//! the unit separator, then the owner id. Reservations are on short leases
-//! of their own (see the backend module).
+//! `@` and the time its waiter joined the queue, the unit separator, then
+//! the owner id. Reservations are on short leases of their own (see the
+//! backend module).
+//!
+//! etcd keeps no time, so the join time is the waiter's own clock's (unix
+//! milliseconds, rounded up), read by the attempt that took the ticket;
+//! its renewals and rewrites put it again unchanged, so that a listing can
+//! say how long the waiter has been in line, by the reading client's clock
+//! (a skew between the two clocks shows in it). A value without one,
+//! written before join times were kept, still reads (as a waiter that has
+//! not waited); the other way round, that version cannot read a value
+//! with one.
 
 use mutextree_core::backend::LockKind;
 use mutextree_core::{Error, LockPath, Mode, Owner};
@@ -350,32 +360,50 @@ pub(crate) fn decode_value(value: &[u8]) -> Result<(bool, Owner), Error> {
 }
 
 const RESERVATION: u8 = b'Q';
+/// Starts the join time in a reservation's value.
+const JOINED: u8 = b'@';
+
+/// What a reservation's keys hold: its ticket, its owner, and when its
+/// waiter joined the queue, in unix milliseconds by the waiter's clock
+/// (`None` in a value written before join times were kept).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Reservation {
+    pub(crate) ticket: u64,
+    pub(crate) owner: Owner,
+    pub(crate) joined: Option<u64>,
+}
 
 /// The value stored under a reservation's keys: its ticket where it is not
-/// the keys' create revision, and its owner.
-pub(crate) fn encode_reservation(ticket: Option<u64>, owner: &Owner) -> Vec<u8> {
+/// the keys' create revision, the time its waiter joined, and its owner.
+pub(crate) fn encode_reservation(ticket: Option<u64>, joined: u64, owner: &Owner) -> Vec<u8> {
     let mut value = vec![RESERVATION];
     if let Some(ticket) = ticket {
         value.extend_from_slice(ticket.to_string().as_bytes());
     }
+    value.push(JOINED);
+    value.extend_from_slice(joined.to_string().as_bytes());
     value.push(OWNER_END as u8);
     value.extend_from_slice(owner.as_str().as_bytes());
     value
 }
 
-/// The ticket and the owner of a stored reservation whose key was created
-/// at `create_revision`.
-pub(crate) fn decode_reservation(value: &[u8], create_revision: i64) -> Result<(u64, Owner), Error> {
+/// A stored reservation whose key was created at `create_revision`.
+pub(crate) fn decode_reservation(value: &[u8], create_revision: i64) -> Result<Reservation, Error> {
     let malformed = || foreign("a value that is not a reservation record");
+    let number = |digits: &[u8]| std::str::from_utf8(digits).ok().and_then(|digits| digits.parse::<u64>().ok());
     let rest = value.strip_prefix(&[RESERVATION]).ok_or_else(malformed)?;
     let end = rest.iter().position(|byte| *byte == OWNER_END as u8).ok_or_else(malformed)?;
-    let ticket = match &rest[..end] {
+    let (ticket, joined) = match rest[..end].iter().position(|byte| *byte == JOINED) {
+        Some(at) => (&rest[..at], Some(number(&rest[at + 1..end]).ok_or_else(malformed)?)),
+        None => (&rest[..end], None),
+    };
+    let ticket = match ticket {
         [] => u64::try_from(create_revision).map_err(|_| malformed())?,
-        digits => std::str::from_utf8(digits).ok().and_then(|digits| digits.parse().ok()).ok_or_else(malformed)?,
+        digits => number(digits).ok_or_else(malformed)?,
     };
     let owner = std::str::from_utf8(&rest[end + 1..]).map_err(|_| foreign("an owner id that is not UTF-8"))?;
     let owner = Owner::new(owner).map_err(|_| foreign("an invalid owner id"))?;
-    Ok((ticket, owner))
+    Ok(Reservation { ticket, owner, joined })
 }
 
 /// Something under the namespace's prefix that this store did not write.
@@ -489,12 +517,18 @@ mod tests {
             }
         }
         assert!(!layout.is_reservation(layout.new_key(x, &path("r"), &owner("w")).as_bytes()));
-        let value = encode_reservation(None, &owner("w 1"));
-        assert_eq!(decode_reservation(&value, 42).expect("ours"), (42, owner("w 1")));
-        let value = encode_reservation(Some(7), &owner("w 1"));
-        assert_eq!(decode_reservation(&value, 42).expect("ours"), (7, owner("w 1")));
-        assert!(decode_reservation(b"Lw", 42).is_err() && decode_reservation(b"Q7w", 42).is_err());
+        let reservation = |ticket, joined| Reservation { ticket, owner: owner("w 1"), joined };
+        let value = encode_reservation(None, 1_733_400_000_123, &owner("w 1"));
+        assert_eq!(decode_reservation(&value, 42).expect("ours"), reservation(42, Some(1_733_400_000_123)));
+        let value = encode_reservation(Some(7), 0, &owner("w 1"));
+        assert_eq!(decode_reservation(&value, 42).expect("ours"), reservation(7, Some(0)));
         assert!(decode_value(&value).is_err(), "not a grant's value");
+        // Written before join times were kept.
+        assert_eq!(decode_reservation(b"Q\x1fw 1", 42).expect("ours"), reservation(42, None));
+        assert_eq!(decode_reservation(b"Q7\x1fw 1", 42).expect("ours"), reservation(7, None));
+        for foreign in [&b"Lw"[..], b"Q7w", b"Q7@\x1fw", b"Q@x\x1fw", b"Q7@1@2\x1fw", b"Qx@1\x1fw"] {
+            assert!(decode_reservation(foreign, 42).is_err(), "{foreign:?}");
+        }
     }
 
     #[test]

@@ -1,15 +1,16 @@
 //! Fair waiting as the etcd store does it: each kind of attempt
 //! (`Try`, `Join`, `Waiting`) in one transaction, a reservation's keys and
 //! ticket as a plain client sees them, their renewal and their lapse on a
-//! short lease of their own, `withdraw`, `waiters`, and the transaction's
-//! size with the reservation checks counted.
+//! short lease of their own, `withdraw`, `waiters` (and how long each
+//! waiter has been in line), and the transaction's size with the
+//! reservation checks counted.
 
 mod common;
 
 use std::time::Duration;
 
 use conformance::servers::etcd;
-use etcd_client::{Client, EventType, GetOptions, KeyValue, WatchOptions};
+use etcd_client::{Client, EventType, GetOptions, KeyValue, PutOptions, WatchOptions};
 use mutextree_core::backend::{Attempt, LockRequest, Queue, RESERVATION_TTL};
 use mutextree_core::{Error, Fairness, Grant, HeldLock, LockBackend, LockItems, LockPath, Mode, Owner, Ttl};
 use mutextree_etcd::{EtcdBackend, EtcdConfig};
@@ -223,15 +224,106 @@ async fn waiting_renews_and_a_grant_deletes_it() {
     assert!(reservation_keys(&namespace).await.is_empty());
 
     // A reservation that lapsed is written again by the next refusal,
-    // with its ticket.
+    // with its ticket and when its waiter joined.
     let holder = granted(&backend, &[("L", X)], "holder", Queue::Try).await;
+    let joining = Instant::now();
     let (ticket, _) = queued(attempt(&backend, &[("L", X)], "slow", Queue::Join).await);
     wait_for_deletes(&namespace, Duration::from_secs(5)).await;
     assert!(backend.waiters(None).await.expect("waiters").is_empty(), "lapsed");
+    let rewriting = Instant::now();
     let (again, _) = queued(attempt(&backend, &[("L", X)], "slow", Queue::Waiting(ticket)).await);
     assert_eq!(again, ticket);
-    assert_eq!(named(&backend.waiters(None).await.expect("waiters")), [("L".into(), X, "slow".into(), ticket, true)]);
+    let listed = backend.waiters(None).await.expect("waiters");
+    let (since_join, since_rewrite) = (joining.elapsed(), rewriting.elapsed());
+    assert_eq!(named(&listed), [("L".into(), X, "slow".into(), ticket, true)]);
+    let waited = listed[0].waited;
+    assert!(waited > since_rewrite && waited <= since_join, "{waited:?}: {since_join:?} since the join");
     backend.release(&holder).await.expect("release");
+}
+
+/// How long the namespace's one waiter has been in line, as `waiters`
+/// says it for each of its items: the least and the most (each item is
+/// read against the clock on its own, so they may be a millisecond apart).
+async fn waited(backend: &EtcdBackend) -> (Duration, Duration) {
+    let listed = backend.waiters(None).await.expect("waiters");
+    let least = listed.iter().map(|held| held.waited).min().expect("a waiter");
+    let most = listed.iter().map(|held| held.waited).max().expect("a waiter");
+    assert!(most - least <= Duration::from_millis(1), "{listed:?}");
+    (least, most)
+}
+
+/// A reservation says how long its waiter has been in line since its
+/// `Join` (by the clocks of the waiter and the reader, here one), through
+/// its renewals by the backend that queued it and by another one that
+/// reads its keys: in the list of waiters and in the refusals it causes.
+/// A grant has not waited.
+#[tokio::test]
+async fn a_reservation_says_how_long_its_waiter_has_been_in_line() {
+    let (backend, namespace) = fresh().await;
+    let holder = granted(&backend, &[("A/B", X)], "holder", Queue::Try).await;
+    let items = [("A", X), ("C", S)];
+    let joining = Instant::now();
+    let (ticket, _) = queued(attempt(&backend, &items, "waiter", Queue::Join).await);
+    let first = waited(&backend).await;
+    assert!(first.1 <= joining.elapsed(), "{first:?}");
+    // Time passing has no event.
+    sleep(Duration::from_millis(400)).await;
+    let renewing = Instant::now();
+    assert_eq!(queued(attempt(&backend, &items, "waiter", Queue::Waiting(ticket)).await).0, ticket);
+    sleep(Duration::from_millis(100)).await;
+    let second = waited(&backend).await;
+    let (since_join, since_renewal) = (joining.elapsed(), renewing.elapsed());
+    assert!(second.0 > first.1 && second.1 <= since_join, "{first:?}, then {second:?} ({since_join:?} since the join)");
+    assert!(
+        second.0 > since_renewal,
+        "{second:?}: in line since the join, not since the renewal {since_renewal:?} ago"
+    );
+    let keys = reservation_keys(&namespace).await;
+    assert!(keys.iter().all(|kv| kv.mod_revision() > kv.create_revision()), "renewed: {keys:?}");
+
+    // Renewed by another client, which reads the join time from the keys.
+    let other = another(&namespace).await;
+    let renewing = Instant::now();
+    assert_eq!(queued(attempt(&other, &items, "waiter", Queue::Waiting(ticket)).await).0, ticket);
+    let third = waited(&other).await;
+    let (since_join, since_renewal) = (joining.elapsed(), renewing.elapsed());
+    assert!(
+        third.0 >= second.1 && third.0 > since_renewal && third.1 <= since_join,
+        "{third:?} ({since_join:?} since the join)"
+    );
+
+    // A refusal by the reservation says it too; a grant has not waited.
+    let refused = blocked(attempt(&backend, &[("A/C", X)], "late", Queue::Try).await);
+    assert_eq!(named(&refused), [("A".into(), X, "waiter".into(), ticket, true)]);
+    assert!(refused[0].waited >= third.1 && refused[0].waited <= joining.elapsed(), "{refused:?}");
+    let refused = blocked(attempt(&backend, &[("A/B/x", X)], "late", Queue::Try).await);
+    assert_eq!((refused[0].token, refused[0].waited), (holder.token, Duration::ZERO));
+    let held = backend.list(None).await.expect("list");
+    assert!(held.len() == 1 && held[0].waited.is_zero(), "{held:?}");
+}
+
+/// A reservation's value as written before join times were kept (no
+/// `@<ms>`) still reads, as a waiter that has not waited; a renewal by a
+/// client that does not know the wait puts a join time in it.
+#[tokio::test]
+async fn a_reservation_stored_without_a_join_time_reads_as_not_waited() {
+    let (backend, namespace) = fresh().await;
+    granted(&backend, &[("A", X)], "holder", Queue::Try).await;
+    let (ticket, _) = queued(attempt(&backend, &[("A/B", X)], "waiter", Queue::Join).await);
+    let mut raw = raw_client().await;
+    for kv in reservation_keys(&namespace).await {
+        assert!(kv.value().contains(&b'@'), "{kv:?}");
+        let options = PutOptions::new().with_lease(kv.lease());
+        raw.put(kv.key(), b"Q\x1fwaiter".to_vec(), Some(options)).await.expect("put");
+    }
+    // Time passing has no event: long enough to show in a join time.
+    sleep(Duration::from_millis(50)).await;
+    let listed = backend.waiters(None).await.expect("waiters");
+    assert_eq!(named(&listed), [("A/B".into(), X, "waiter".into(), ticket, true)]);
+    assert!(listed[0].waited.is_zero(), "{listed:?}");
+    queued(attempt(&another(&namespace).await, &[("A/B", X)], "waiter", Queue::Waiting(ticket)).await);
+    let keys = reservation_keys(&namespace).await;
+    assert!(!keys.is_empty() && keys.iter().all(|kv| kv.value().contains(&b'@')), "{keys:?}");
 }
 
 /// Waits for the next delete of a reservation key of the namespace (a

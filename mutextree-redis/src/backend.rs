@@ -368,13 +368,18 @@ const TRANSIENT: u64 = 1;
 const RESERVED: u64 = 4;
 
 /// A script's row `{key, owner, token, remaining ms, state, mode}` as the
-/// live item it describes.
+/// live item it describes; a reservation's row ends with the milliseconds
+/// its waiter has been in line.
 fn held_lock(row: Value) -> Result<HeldLock, Error> {
     let stored = |error: Error| {
         Error::store_message(STORE, false, format!("the namespace holds a lock this client cannot read: {error}"))
     };
     let Value::Array(fields) = &row else { return Err(unexpected(&row)) };
-    let [key, owner, token, remaining, state, mode] = fields.as_slice() else { return Err(unexpected(&row)) };
+    let (fields, waited) = match fields.as_slice() {
+        [fields @ .., waited] if fields.len() == 6 => (fields, Duration::from_millis(int(waited)?)),
+        fields => (fields, Duration::ZERO),
+    };
+    let [key, owner, token, remaining, state, mode] = fields else { return Err(unexpected(&row)) };
     Ok(HeldLock {
         path: LockPath::from_key(text(key)?).map_err(stored)?,
         mode: match text(mode)? {
@@ -387,7 +392,7 @@ fn held_lock(row: Value) -> Result<HeldLock, Error> {
         remaining: Duration::from_millis(int(remaining)?),
         transient: int(state)? == TRANSIENT,
         waiting: int(state)? == RESERVED,
-        waited: Duration::ZERO,
+        waited,
     })
 }
 

@@ -1,8 +1,8 @@
 //! Fair waiting on the Redis store, on a standalone server and on the
 //! cluster: what the grant scripts decide with waiters' reservations in the
 //! namespace, what they write in its keys, what a withdrawal and the list
-//! of waiters do, and that a namespace without a live reservation pays
-//! nothing for the queue.
+//! of waiters do (how long each waiter has been in line, too), and that a
+//! namespace without a live reservation pays nothing for the queue.
 
 mod common;
 
@@ -191,6 +191,80 @@ async fn waiting_renews_the_reservation_and_a_grant_removes_it(store: Redis) {
     }
 }
 
+/// How long the namespace's one waiter has been in line, as the list of
+/// waiters says it for each of its items.
+async fn waited(backend: &RedisBackend) -> Duration {
+    let listed = backend.waiters(None).await.expect("waiters");
+    assert!(!listed.is_empty() && listed.iter().all(|held| held.waited == listed[0].waited), "{listed:?}");
+    listed[0].waited
+}
+
+async fn a_reservation_says_how_long_its_waiter_has_been_in_line(store: Redis) {
+    // One Exclusive item (its own script) and several items.
+    for of in [&[("A/b", EXCLUSIVE)][..], &[("A/b", SHARED), ("C", EXCLUSIVE)][..]] {
+        let backend = backend(&store).await;
+        let holder = granted(&backend, &request(&[("A/b/held", EXCLUSIVE)], Queue::Try)).await;
+        let waiter = request(of, Queue::Join);
+        let joining = Instant::now();
+        let (ticket, _) = queued(attempt(&backend, &waiter).await);
+        let first = waited(&backend).await;
+        assert!(first <= joining.elapsed(), "{first:?}");
+        // Time passing has no event.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let renewing = Instant::now();
+        assert_eq!(queued(attempt(&backend, &waiter.in_queue(Queue::Waiting(ticket))).await).0, ticket);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let second = waited(&backend).await;
+        let (since_join, since_renewal) = (joining.elapsed(), renewing.elapsed());
+        assert!(second > first && second <= since_join, "{first:?}, then {second:?} ({since_join:?} since the join)");
+        assert!(
+            second > since_renewal,
+            "{second:?}: in line since the join, not since the renewal {since_renewal:?} ago"
+        );
+
+        // A refusal by the reservation says it too; a grant has not waited.
+        let blocker =
+            blocked(attempt(&backend, &request(&[("A/b/other", EXCLUSIVE)], Queue::Try)).await).first().clone();
+        assert_eq!((blocker.token, blocker.waiting), (ticket, true));
+        assert!(blocker.waited >= second && blocker.waited <= joining.elapsed(), "{blocker:?}");
+        let blocker =
+            blocked(attempt(&backend, &request(&[("A/b/held", EXCLUSIVE)], Queue::Try)).await).first().clone();
+        assert_eq!((blocker.token, blocker.waited), (holder.token, Duration::ZERO));
+        let held = backend.list(None).await.expect("list");
+        assert!(held.len() == 1 && held[0].waited.is_zero(), "{held:?}");
+        backend.withdraw(&waiter.owner, ticket).await.expect("withdraw");
+        backend.release(&holder).await.expect("release");
+    }
+}
+
+async fn a_lapsed_reservation_written_again_keeps_when_its_waiter_joined(store: Redis) {
+    let backend = backend(&store).await;
+    let holder = granted(&backend, &request(&[("L", EXCLUSIVE)], Queue::Try)).await;
+    let slow = request(&[("L/slow", EXCLUSIVE)], Queue::Join);
+    let joining = Instant::now();
+    let (ticket, _) = queued(attempt(&backend, &slow).await);
+    // Another waiter joins later and keeps the queue alive; it attempts
+    // nothing more (the sweep of a later write would remove the lapsed
+    // reservation).
+    tokio::time::sleep(RESERVATION_TTL / 2).await;
+    let other = request(&[("L/other", EXCLUSIVE)], Queue::Join);
+    queued(attempt(&backend, &other).await);
+    let left = backend.waiters(Some(&path("L/slow"))).await.expect("waiters")[0].remaining;
+    // Expiry has no event: past the slow waiter's reported life.
+    tokio::time::sleep(left + Duration::from_millis(20)).await;
+    let listed = backend.waiters(None).await.expect("waiters");
+    assert!(listed.len() == 1 && listed[0].owner == other.owner, "lapsed: {listed:?}");
+
+    let renewing = Instant::now();
+    assert_eq!(queued(attempt(&backend, &slow.in_queue(Queue::Waiting(ticket))).await).0, ticket);
+    let listed = backend.waiters(Some(&path("L/slow"))).await.expect("waiters");
+    let (since_join, since_renewal) = (joining.elapsed(), renewing.elapsed());
+    assert_eq!(listed.len(), 1);
+    let waited = listed[0].waited;
+    assert!(waited > since_renewal && waited <= since_join, "{waited:?}: {since_join:?} since the join");
+    backend.release(&holder).await.expect("release");
+}
+
 async fn a_dead_waiters_reservation_lapses_and_then_blocks_nobody(store: Redis) {
     let backend = backend(&store).await;
     let holder = granted(&backend, &request(&[("A/x", EXCLUSIVE)], Queue::Try)).await;
@@ -289,6 +363,37 @@ async fn a_withdrawal_removes_its_owners_reservation_and_tells_waiters() {
     // In order, and nothing else: the withdrawal's items, then the
     // release's (the second withdrawal removed nothing).
     assert_eq!(heard(&mut messages, 2).await, ["A/b/\nC/", "A/"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_stored_without_its_join_time_reads_as_just_joined() {
+    let store = Redis::standalone();
+    let backend = backend(&store).await;
+    let mut raw = raw(store.url()).await;
+    let holder = granted(&backend, &request(&[("A", EXCLUSIVE)], Queue::Try)).await;
+    let waiter = request(&[("A/b", EXCLUSIVE), ("C", SHARED)], Queue::Join);
+    let (ticket, _) = queued(attempt(&backend, &waiter).await);
+    let (queue, field) = (&backend.keys()[5], format!("ticket {ticket}"));
+    let value: String = redis::cmd("HGET").arg(queue).arg(&field).query_async(&mut raw).await.expect("hget");
+    // As the version before join times wrote it: no line of digits after
+    // the first.
+    let mut lines: Vec<&str> = value.lines().collect();
+    assert!(lines.len() == 4 && lines[1].parse::<u64>().is_ok(), "{value:?}");
+    lines.remove(1);
+    let _: () =
+        redis::cmd("HSET").arg(queue).arg(&field).arg(lines.join("\n")).query_async(&mut raw).await.expect("hset");
+    // Time passing has no event: long enough to show in a join time.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let listed = backend.waiters(None).await.expect("waiters");
+    let expected: Vec<String> = (0..2).map(|item| reservation(&waiter, item, ticket)).collect();
+    assert_eq!(listed.iter().map(shown).collect::<Vec<_>>(), expected);
+    assert!(listed.iter().all(|held| held.waited.is_zero()), "{listed:?}");
+    // Its renewal writes the join time again, from then on.
+    queued(attempt(&backend, &waiter.in_queue(Queue::Waiting(ticket))).await);
+    let value: String = redis::cmd("HGET").arg(queue).arg(&field).query_async(&mut raw).await.expect("hget");
+    assert_eq!(value.lines().count(), 4, "{value:?}");
+    backend.withdraw(&waiter.owner, ticket).await.expect("withdraw");
+    backend.release(&holder).await.expect("release");
 }
 
 /// The commands (the scripts' own included) that `requests` cost, each
@@ -409,6 +514,8 @@ common::on_both!(
     a_shared_reservation_delays_writers_only,
     a_join_writes_one_reservation_with_a_ticket_above_every_token,
     waiting_renews_the_reservation_and_a_grant_removes_it,
+    a_reservation_says_how_long_its_waiter_has_been_in_line,
+    a_lapsed_reservation_written_again_keeps_when_its_waiter_joined,
     a_dead_waiters_reservation_lapses_and_then_blocks_nobody,
     dead_reservations_are_swept_while_others_wait,
     waiters_lists_live_reservations_in_key_order,

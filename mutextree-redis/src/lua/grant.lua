@@ -8,7 +8,8 @@
 -- waits: see queue.lua), then each item's key and mode.
 -- Returns {1, token, ttl ms}, {0, row...} or, for a refused request that
 -- waits, {2, ticket, row...}: a row {key, owner, token, remaining ms,
--- state, mode} per blocked item, in item order.
+-- state, mode} per blocked item, in item order (a reservation's with the
+-- ms its waiter has been in line, last).
 local tree, ttl, state, nonce, owner, standing =
   ARGV[1] == 'tree', tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6]
 local items = read_items(7)

@@ -6,7 +6,8 @@
 -- transient), nonce, owner, standing ("barge", "try", "join" or a
 -- ticket), the item's key and mode (exclusive).
 -- Returns {1, token, ttl ms}, {0, row} or {2, ticket, row}, a row being
--- {key, owner, token, remaining ms, state, mode}.
+-- {key, owner, token, remaining ms, state, mode} (a reservation's with the
+-- ms its waiter has been in line, last).
 local tree, ttl, state, nonce, owner, standing, key =
   ARGV[1] == 'tree', tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local fair = tree and standing ~= 'barge'

@@ -2,8 +2,9 @@
 -- waiters scripts use of them. After common.lua and the_way.lua.
 --   KEYS[6] queue:   hash, by field:
 --                      ticket <n>     reservation <n>: "deadline nonce
---                                     owner", then a line per item,
---                                     "mode key"
+--                                     owner", a line "joined" (when its
+--                                     waiter took the ticket), then a line
+--                                     per item, "mode key"
 --                      nonce <id>     the ticket of the reservation that
 --                                     request <id> wrote (a join sent again
 --                                     after a lost reply finds its own)
@@ -24,7 +25,12 @@
 -- its nodes, in the same HMGET). Once it has passed, the first fair grant
 -- drops the three keys whole: everything in them is dead.
 -- A reservation lives RESERVATION from its last write; its waiter writes
--- it again on each attempt.
+-- it again on each attempt. Its `joined` line (in the server's
+-- microseconds, as the deadline) stays as the join wrote it through every
+-- rewrite, so that a listing can say how long the waiter has been in
+-- line. It is digits alone, which no item line is: a reader that does not
+-- know it skips it, and a reservation without one (written before it
+-- existed) reads as joined just now.
 
 local RESERVATION = 3000000
 -- The state of a reservation's row (see `row`): a waiter, not a holder.
@@ -44,9 +50,12 @@ local function read_queued_entry(entry)
   return key, tonumber(ticket), mode
 end
 
--- An item of a live reservation as reported (see `row`).
+-- An item of a live reservation as reported: a row (see `row`) and the
+-- milliseconds its waiter has been in line (none before a clock that went
+-- back).
 local function reserved_row(key, ticket, mode, reservation)
-  return { key, reservation.owner, ticket, remaining(reservation), RESERVED, mode }
+  local waited = math.max(0, math.floor((now - reservation.joined) / 1000))
+  return { key, reservation.owner, ticket, remaining(reservation), RESERVED, mode, waited }
 end
 
 local function decode_reservation(field, value)
@@ -58,7 +67,8 @@ local function decode_reservation(field, value)
   for mode, key in string.gmatch(lines, '\n(%a+) ([^\n]+)') do
     items[#items + 1] = { key = key, mode = mode }
   end
-  return { deadline = tonumber(deadline), nonce = nonce, owner = owner, items = items }
+  local joined = tonumber(string.match(lines, '^\n(%d+)')) or now
+  return { deadline = tonumber(deadline), joined = joined, nonce = nonce, owner = owner, items = items }
 end
 
 -- Removes reservation `ticket` (as read: `reservation`): its items, its
@@ -74,16 +84,21 @@ local function remove_reservation(ticket, reservation)
   redis.call('ZREM', queue_expiry, field)
 end
 
--- The live reservation `ticket`, or nil; an expired one is removed on the
--- way.
-local function live_reservation(ticket)
+-- Reservation `ticket` as stored, live or expired, or nil.
+local function stored_reservation(ticket)
   local field = ticket_field(ticket)
   local value = redis.call('HGET', queue, field)
   if not value then
     return nil
   end
-  local reservation = decode_reservation(field, value)
-  if reservation.deadline <= now then
+  return decode_reservation(field, value)
+end
+
+-- The live reservation `ticket`, or nil; an expired one is removed on the
+-- way.
+local function live_reservation(ticket)
+  local reservation = stored_reservation(ticket)
+  if reservation and reservation.deadline <= now then
     remove_reservation(ticket, reservation)
     return nil
   end
@@ -156,21 +171,29 @@ local function sweep_queue(limit)
 end
 
 -- Writes reservation `ticket` of `owner` for `items`, alive for
--- RESERVATION from now: a new one (request `nonce`'s), one that lapsed,
--- or a renewal (which keeps its request's nonce). Raises its nodes'
--- markers and the namespace's `queue until` (read earlier, or false) to
--- cover it.
+-- RESERVATION from now: a new one (request `nonce`'s, joined now), or a
+-- renewal (which keeps its request's nonce), or one that lapsed (its
+-- nonce goes with it). The last two keep when the waiter joined, if the
+-- reservation is still stored (a lapsed one is gone once the sweep or the
+-- queue's end found it: then it is joined now). Raises its nodes' markers
+-- and the namespace's `queue until` (read earlier, or false) to cover it.
 local function reserve(ticket, owner, nonce, items, queue_until)
-  local held = live_reservation(ticket)
+  local joined = now
+  local held = stored_reservation(ticket)
   if held then
-    nonce = held.nonce
+    joined = held.joined
+    if held.deadline > now then
+      nonce = held.nonce
+    else
+      remove_reservation(ticket, held)
+    end
   end
   local deadline = now + RESERVATION
   local stamp = string.format('%d', deadline)
   local field = ticket_field(ticket)
-  local lines, entries, nodes = { stamp .. ' ' .. nonce .. ' ' .. owner }, {}, {}
+  local lines, entries, nodes = { stamp .. ' ' .. nonce .. ' ' .. owner, string.format('%d', joined) }, {}, {}
   for i, item in ipairs(items) do
-    lines[i + 1] = item.mode .. ' ' .. item.key
+    lines[i + 2] = item.mode .. ' ' .. item.key
     entries[2 * i - 1], entries[2 * i] = 0, queued_entry(item.key, ticket, item.mode)
     nodes[i] = item.key
   end

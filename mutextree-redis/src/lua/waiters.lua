@@ -2,7 +2,7 @@
 -- sorts them, since Lua compares strings by the server's locale); changes
 -- nothing.
 -- ARGV: ZRANGEBYLEX bounds. Returns a row per item, {key, owner, ticket,
--- remaining ms, RESERVED, mode}.
+-- remaining ms, RESERVED, mode, ms its waiter has been in line}.
 local out = {}
 for _, entry in ipairs(redis.call('ZRANGEBYLEX', queued, ARGV[1], ARGV[2])) do
   local key, ticket, mode = read_queued_entry(entry)
