@@ -228,7 +228,7 @@ impl Revocation {
     /// The text a store sends on its channel: the token, a space, the
     /// owner (an owner id may hold spaces, the token none).
     pub fn to_message(&self) -> String {
-        format!("{} {}", self.token, self.owner)
+        format!("{} {}", self.token, self.owner.as_str())
     }
 
     /// Reads [`Revocation::to_message`]'s text; `None` for anything else.
