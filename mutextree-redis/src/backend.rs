@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use mutextree_core::backend::url::{connect_failed, connect_timed_out, connect_within};
 use mutextree_core::backend::{async_trait, Attempt, ChangeFeed, Listener, LockKind, LockRequest, Queue};
-use mutextree_core::backend::{Revocation, RevocationListener, Revocations};
 use mutextree_core::backend::{AbortOnDrop, Check};
+use mutextree_core::backend::{Revocation, RevocationListener, Revocations};
 use mutextree_core::{
     Blockers, Error, Fairness, Grant, HeldLock, LockBackend, LockItems, LockPath, Mode, Namespace, Owner, Ttl,
 };
