@@ -81,8 +81,7 @@ impl Notifications {
     ) -> Self {
         let feed = ChangeFeed::new();
         feed.set_live(false);
-        let revocations = Revocations::new();
-        revocations.set_live(false);
+        let revocations = Revocations::not_live();
         Notifications {
             feed,
             statements,

@@ -118,8 +118,7 @@ impl RedisStore {
         );
         let subscriber = AbortOnDrop::new(tokio::spawn(subscription));
         // Likewise subscribed only while a holder listens.
-        let revocations = Revocations::new();
-        revocations.set_live(false);
+        let revocations = Revocations::not_live();
         let hearing = feed::hear_revocations(
             self.shared.clients.clone(),
             self.shared.config.connect_timeout_value(),

@@ -273,6 +273,14 @@ impl Revocations {
         }
     }
 
+    /// A feed whose store is not subscribed yet: a network store's, which
+    /// subscribes once a holder listens and marks it live then.
+    pub fn not_live() -> Self {
+        let revocations = Revocations::new();
+        revocations.set_live(false);
+        revocations
+    }
+
     /// Tells the listeners of this process: `revocation` was forced.
     pub fn announce(&self, revocation: Revocation) {
         // No listener, nobody to tell.
