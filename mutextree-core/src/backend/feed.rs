@@ -479,6 +479,64 @@ mod tests {
         drop(listener);
     }
 
+    fn grant(owner: &str, token: u64) -> Grant {
+        let path = crate::LockPath::parse("A/B").expect("path");
+        let request = crate::lock::LockRequest::new(
+            path,
+            Owner::new(owner).expect("owner"),
+            crate::Ttl::new(Duration::from_secs(30)).expect("ttl"),
+        );
+        Grant::new(&request, crate::lock::LockKind::Lock, token, Duration::from_secs(30), Instant::now())
+    }
+
+    #[test]
+    fn a_revocation_reads_back_from_its_message() {
+        let revocation = Revocation::of(&grant("web 1 \"quoted\"", 42));
+        assert_eq!(revocation.to_message(), "42 web 1 \"quoted\"");
+        assert_eq!(Revocation::from_message(&revocation.to_message()), Some(revocation));
+        for foreign in ["", "42", "x owner", "42 ", "-1 owner"] {
+            assert_eq!(Revocation::from_message(foreign), None, "{foreign:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_the_holder_of_the_revoked_grant_hears_it() {
+        let revocations = Revocations::new();
+        let mut ours = revocations.listen(&grant("web-1", 7));
+        let mut same_owner = revocations.listen(&grant("web-1", 8));
+        let mut same_token = revocations.listen(&grant("web-2", 7));
+        ours.ready().await;
+        revocations.announce(Revocation::of(&grant("web-1", 7)));
+        ours.revoked().await;
+        let others = async {
+            tokio::join!(same_owner.revoked(), same_token.revoked());
+        };
+        tokio::time::timeout(Duration::from_secs(60), others).await.expect_err("only the holder reacts");
+        let mut unannounced = RevocationListener::unannounced();
+        unannounced.ready().await;
+        tokio::time::timeout(Duration::from_secs(60), unannounced.revoked()).await.expect_err("never heard");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn revocations_are_wanted_while_a_listener_lives() {
+        let revocations = Revocations::not_live();
+        assert!(!revocations.still_wanted());
+        let mut listener = revocations.listen(&grant("web-1", 7));
+        revocations.wanted().await;
+        let ready = tokio::spawn(async move {
+            listener.ready().await;
+            listener
+        });
+        tokio::task::yield_now().await;
+        assert!(!ready.is_finished(), "ready before the store subscribed");
+        revocations.set_live(true);
+        let listener = ready.await.expect("ready once live");
+        assert!(revocations.still_wanted());
+        drop(listener);
+        assert!(revocations.still_wanted(), "it lived since the last question");
+        assert!(!revocations.still_wanted(), "nobody listens");
+    }
+
     #[test]
     fn backoff_grows_to_its_cap_with_jitter() {
         let mut backoff = Backoff::new();
