@@ -49,8 +49,11 @@
 //!   subscription per backend, marked not live while it is down), in a
 //!   task the backend holds in an
 //!   [`AbortOnDrop`](mutextree_core::backend::AbortOnDrop), so it ends
-//!   with the backend's last clone. It is passed what it needs and does
-//!   not use the backend module.
+//!   with the backend's last clone; likewise the revocations a holder
+//!   listens for ([`Revocations`](mutextree_core::backend::Revocations),
+//!   for `listen_revocation`; `revoke` announces them), subscribed only
+//!   while one listens. It is passed what it needs and does not use the
+//!   backend module.
 //! * `src/error.rs`: the store's name in errors and the mapping of client
 //!   errors into [`Error::Store`] with `retryable` set.
 //! * What only this store has keeps files of its own beside these (the
