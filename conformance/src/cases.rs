@@ -30,7 +30,7 @@ pub use crate::modes::{
     shared_ancestor_refuses_exclusive_descendant, shared_holders_coexist_on_one_path,
     siblings_never_conflict_in_any_mode, sixteen_deep_items_or_a_typed_refusal,
 };
-use crate::Ctx;
+use crate::{Algorithm, Ctx};
 
 pub(crate) fn path(text: &str) -> LockPath {
     LockPath::parse(text).expect("test paths are valid")
@@ -663,6 +663,41 @@ pub async fn lost_follows_refreshes_and_ignores_releases(ctx: Ctx) {
     assert!(matches!(error, Error::Lost { .. }), "{error:?}");
     assert!(Instant::now() + timing.slack >= grant.expires_at, "reported before the expiry");
     assert!(!lock.is_held());
+}
+
+/// A forced release reaches its holder at once where the store announces
+/// it: a holder with a 5-minute ttl and automatic refresh (its first
+/// refresh 100 s away) hears of it through `lost()` within seconds, and
+/// counts the lock lost; another holder in the same process does not
+/// react. Through the stepwise algorithm, which announces nothing, it is a
+/// plain release.
+pub async fn a_forced_release_reaches_its_holder_at_once(ctx: Ctx) {
+    let (one, two) = (ctx.client().await, ctx.client().await);
+    let ttl = Duration::from_secs(300);
+    let holder = TreeLock::builder(one.clone(), "A").ttl(ttl).auto_refresh(true).build().expect("lock");
+    let bystander = TreeLock::builder(one.clone(), "B").ttl(ttl).auto_refresh(true).build().expect("lock");
+    let grant = holder.try_acquire().await.expect("free");
+    bystander.try_acquire().await.expect("free");
+    let (lost, bystander_lost) = (holder.lost(), bystander.lost());
+    // The holder's process is subscribed: a revocation sent now is heard.
+    one.listen_revocation(&grant).ready().await;
+
+    // An administrator on another connection takes the lock away.
+    two.revoke(&grant).await.expect("revoked");
+    assert!(two.list(Some(&path("A"))).await.expect("list").is_empty(), "revoked but still held");
+    assert!(matches!(two.revoke(&grant).await, Err(Error::NotHeld { .. })), "revoked twice");
+    if ctx.algorithm() == Algorithm::Stepwise {
+        return;
+    }
+    let limit = Duration::from_secs(10);
+    let error = tokio::time::timeout(limit, lost)
+        .await
+        .expect("the holder hears of the forced release within seconds, not at its refresh 100 s later");
+    assert!(matches!(error, Error::Lost { .. }) && error.to_string().contains("forcibly released"), "{error}");
+    assert!(!holder.is_held());
+    assert!(tokio::time::timeout(ctx.timing().unit, bystander_lost).await.is_err(), "another grant was lost");
+    assert!(bystander.is_held());
+    hold(&ctx, &two, "A").await;
 }
 
 /// A grant whose ttl ran out cannot be refreshed back to life or released,

@@ -49,8 +49,11 @@
 //!   subscription per backend, marked not live while it is down), in a
 //!   task the backend holds in an
 //!   [`AbortOnDrop`](mutextree_core::backend::AbortOnDrop), so it ends
-//!   with the backend's last clone. It is passed what it needs and does
-//!   not use the backend module.
+//!   with the backend's last clone; likewise the revocations a holder
+//!   listens for ([`Revocations`](mutextree_core::backend::Revocations),
+//!   for `listen_revocation`; `revoke` announces them), subscribed only
+//!   while one listens. It is passed what it needs and does not use the
+//!   backend module.
 //! * `src/error.rs`: the store's name in errors and the mapping of client
 //!   errors into [`Error::Store`] with `retryable` set.
 //! * What only this store has keeps files of its own beside these (the
@@ -74,8 +77,8 @@
 //! # Map
 //!
 //! * [`cases`]: the behaviour cases (the seed's table, ownership, expiry,
-//!   refresh, fencing, waiting, special names, namespaces, inspection, bad
-//!   input).
+//!   refresh, forced release, fencing, waiting, special names, namespaces,
+//!   inspection, bad input).
 //! * [`modes`]: the cases of Shared and multi-path grants and of mode
 //!   changes (re-exported by [`cases`]).
 //! * [`fair`]: the cases of fair waiting: reservations and tickets, FIFO
@@ -110,7 +113,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cancel::Gated;
-use mutextree_core::backend::{Attempt, Listener, LockKind, LockRequest, Stepwise};
+use mutextree_core::backend::{Attempt, Listener, LockKind, LockRequest, RevocationListener, Stepwise};
 use mutextree_core::{Error, Fairness, Grant, HeldLock, LockBackend, LockItems, LockPath, Mode, Owner, Ttl};
 
 pub mod cancel;
@@ -307,6 +310,14 @@ impl LockBackend for Mixed {
         self.native.release(grant).await
     }
 
+    async fn revoke(&self, grant: &Grant) -> Result<(), Error> {
+        self.native.revoke(grant).await
+    }
+
+    fn listen_revocation(&self, grant: &Grant) -> RevocationListener {
+        self.native.listen_revocation(grant)
+    }
+
     async fn refresh(&self, grant: &Grant, ttl: Ttl) -> Result<Grant, Error> {
         self.native.refresh(grant, ttl).await
     }
@@ -392,6 +403,7 @@ macro_rules! suite {
                 timed extreme_ttls_are_kept_and_never_immortal,
                 timed auto_refresh_keeps_the_lock_and_reports_its_loss,
                 timed lost_follows_refreshes_and_ignores_releases,
+                timed a_forced_release_reaches_its_holder_at_once,
                 timed cancellation_leaves_nothing_beyond_the_ttl,
                 timed a_timed_wait_cut_at_its_deadline_leaves_nothing,
                 timed a_dropped_acquisition_leaves_nothing,

@@ -1,5 +1,6 @@
 //! `mutextree release --force`: the administrator's way out of a lock
-//! whose holder is gone but whose ttl is long.
+//! whose holder is gone but whose ttl is long, or whose holder must stop
+//! now (the store announces the forced release, and the holder hears it).
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::process::ExitCode;
@@ -21,8 +22,10 @@ use crate::{exit, parse_path};
 ///
 /// Each lock is released only if it is still the one listed (same owner,
 /// same fencing token): a lock granted again in between is left alone.
-/// Its holder finds out at its next refresh or release (NotHeld); the
-/// fencing token is what keeps it from doing harm meanwhile.
+/// Its holder hears of it at once (the store announces it: a `mutextree
+/// run` holding it stops its command), or, if it was not listening, finds
+/// out at its next refresh or release; the fencing token is what keeps it
+/// from doing harm meanwhile.
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
   mutextree --store redis://127.0.0.1:6379 release --force eu-west/rack-12
@@ -71,7 +74,7 @@ impl Release {
         let mut failed = false;
         for grant in &targets {
             let (items, owner, token) = (listed_items(grant), &grant[0].owner, grant[0].token);
-            match store.release(&as_grant(grant)?).await {
+            match store.revoke(&as_grant(grant)?).await {
                 Ok(()) => println!("released {items} (owner {owner}, token {token})"),
                 Err(Error::NotHeld { .. }) => println!("{items} was already released or expired"),
                 Err(error) => {

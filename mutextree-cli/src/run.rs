@@ -22,6 +22,9 @@ use crate::{exit, parse_duration, parse_path};
 /// request's own timeout, at most.
 const SETTLE_LIMIT: Duration = Duration::from_secs(5);
 
+/// How long the command waits for the store's channel of forced releases.
+const REVOCATIONS_WITHIN: Duration = Duration::from_secs(2);
+
 /// Hold the lock on PATH while COMMAND runs: on several paths, each
 /// exclusive or shared, all or nothing.
 ///
@@ -58,10 +61,12 @@ const SETTLE_LIMIT: Duration = Duration::from_secs(5);
 /// single-path run) and MUTEXTREE_ITEMS (every path and its mode, a JSON
 /// array of {"path", "mode"} objects).
 ///
-/// If the lock is lost while it runs (a refresh refused, or the store
-/// unreachable until the ttl ran out), or turns out at the end to have been
-/// lost, mutextree says so, stops COMMAND (SIGTERM, then SIGKILL after
-/// --kill-after) and exits 5. Processes COMMAND started in the background
+/// If the lock is lost while it runs (released by `mutextree release
+/// --force`, a refresh refused, or the store unreachable until the ttl ran
+/// out), or turns out at the end to have been lost, mutextree says why,
+/// stops COMMAND (SIGTERM, then SIGKILL after --kill-after) and exits 5. A
+/// forced release is heard at once (the store announces it), not at the
+/// next refresh, a third of the ttl later. Processes COMMAND started in the background
 /// are not followed. If mutextree itself is killed with SIGKILL, COMMAND
 /// goes on unprotected and the lock expires at its ttl.
 ///
@@ -198,6 +203,12 @@ impl Run {
             None => (self.command[0].clone(), self.command[1..].to_vec()),
         };
         let lost = lock.lost();
+        // `lost` listens for a forced release from now on; once the store's
+        // channel is up (it is opened now, for the first holder), one is
+        // heard at once, so the command starts only then (or after a short
+        // while without it: it is then heard at the next refresh).
+        let mut revocation = lock.backend().listen_revocation(&grant);
+        let _ = tokio::time::timeout(REVOCATIONS_WITHIN, revocation.ready()).await;
         let name = program.to_string_lossy().into_owned();
         let mut command = tokio::process::Command::new(&program);
         command

@@ -478,6 +478,35 @@ fn a_lock_lost_while_the_command_runs_stops_it() {
     assert_eq!(without_force.status.code(), Some(2));
 }
 
+/// A run holding a lock with a 5-minute ttl (its first refresh 100 s
+/// away) hears a forced release at once: it stops its command within
+/// seconds, says why and exits 5.
+#[test]
+fn a_forced_release_stops_a_run_at_once_on_every_store() {
+    for store in every_store() {
+        a_forced_release_stops_a_run_at_once(&store);
+    }
+}
+
+fn a_forced_release_stops_a_run_at_once(store: &(String, String)) {
+    let (run, command_pid) = start_run(store, &["--ttl", "5m", "--kill-after", "5s"], "F", "echo $$; exec sleep 600");
+    let forced_at = Instant::now();
+    let released = output(mutextree(store).args(["release", "--force", "--yes", "F"]));
+    assert!(released.status.success(), "{}: {}", store.0, text(&released.stderr));
+    let finished = run.wait_with_output().expect("wait");
+    let stopped_after = forced_at.elapsed();
+    assert!(
+        stopped_after < Duration::from_secs(10),
+        "stopped {stopped_after:?} after the forced release on {}",
+        store.0
+    );
+    assert_eq!(finished.status.code(), Some(5), "{}: {}", store.0, text(&finished.stderr));
+    assert!(text(&finished.stderr).contains("forcibly released"), "{}: {}", store.0, text(&finished.stderr));
+    let alive = Command::new("kill").args(["-0", &command_pid]).stderr(Stdio::null()).status().expect("kill -0");
+    assert!(!alive.success(), "the command was stopped on {}", store.0);
+    assert_nothing_held(store);
+}
+
 /// A holder stopped (`SIGSTOP`) past its ttl, as a paused process: the lock
 /// goes to another client with a higher token; when the holder resumes, it
 /// learns of the loss at its next refresh, stops its command and exits 5,

@@ -145,7 +145,8 @@ pub enum Error {
     },
 
     /// Automatic refresh could not keep the lock: the store refused the
-    /// refresh, or stayed unreachable until the lock's ttl ran out.
+    /// refresh, or stayed unreachable until the lock's ttl ran out; or the
+    /// lock was released by force ([`LockBackend::revoke`](crate::LockBackend::revoke)).
     #[error("lock on {items} was lost: {reason}")]
     Lost {
         /// The items of the lost grant.

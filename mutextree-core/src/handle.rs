@@ -83,6 +83,9 @@ use crate::path::LockPath;
 use crate::telemetry::{self, LostReason};
 use crate::wait::{Acquisition, Background, OnWait, Wait};
 
+/// Why [`TreeLock::lost`] reports a grant revoked ([`LockBackend::revoke`]).
+const FORCIBLY_RELEASED: &str = "it was forcibly released";
+
 /// The seed's default ttl: 30 s.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
 
@@ -871,7 +874,11 @@ impl TreeLock {
     /// Resolves with [`Error::Lost`] when the grant held now is lost: with
     /// automatic refresh, when a refresh is refused, or when no refresh was
     /// confirmed before the lock's expiry (the store is unreachable or does
-    /// not answer); without, when its ttl runs out. Follows refreshes.
+    /// not answer); without, when its ttl runs out. Either way, as soon as
+    /// it is released by force ([`LockBackend::revoke`]) on a store that
+    /// announces that: this future listens for it from this call on, and
+    /// the handle then counts the grant lost (its automatic refresh stops).
+    /// Follows refreshes.
     /// Resolves at once if nothing is held; never resolves once the grant is
     /// released (or replaced by a new one).
     ///
@@ -884,12 +891,12 @@ impl TreeLock {
         // first polled; it is followed through mode changes.
         let held = {
             let now = state.borrow_and_update();
-            now.grant.as_ref().map(|_| now.acquisition)
+            now.grant.as_ref().map(|grant| (now.acquisition, grant.token, self.shared.backend.listen_revocation(grant)))
         };
         let auto_refresh = self.shared.auto_refresh;
-        let shared = Arc::downgrade(&self.shared);
+        let (backend, shared) = (Arc::clone(&self.shared.backend), Arc::downgrade(&self.shared));
         async move {
-            let Some(acquisition) = held else {
+            let Some((acquisition, mut heard, mut revocation)) = held else {
                 return Error::Lost { items, reason: "it is not held".into() };
             };
             // Released, replaced by a newer grant, or the handle is gone:
@@ -907,7 +914,16 @@ impl TreeLock {
                 if let Some(reason) = lost {
                     return Error::Lost { items, reason };
                 }
+                // A mode change replaced the grant: listen for the new token.
+                if let Some(grant) = state.borrow().grant.as_ref().filter(|grant| grant.token != heard) {
+                    (heard, revocation) = (grant.token, backend.listen_revocation(grant));
+                }
                 tokio::select! {
+                    () = revocation.revoked() => {
+                        if let Some(shared) = shared.upgrade() {
+                            shared.mark_lost(heard, LostReason::ForcedRelease, FORCIBLY_RELEASED.to_owned());
+                        }
+                    }
                     changed = state.changed() => {
                         if changed.is_err() {
                             return never().await;

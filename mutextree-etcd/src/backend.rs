@@ -19,7 +19,9 @@ use futures::future::{join, try_join_all};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use mutextree_core::backend::url::connect_within;
 use mutextree_core::backend::{async_trait, stepwise::TRANSIENT_TTL, Attempt, Listener, LockKind, LockRequest};
-use mutextree_core::backend::{AbortOnDrop, Check, Queue, StoreLabels, RESERVATION_TTL};
+use mutextree_core::backend::{
+    AbortOnDrop, Check, Queue, Revocation, RevocationListener, Revocations, StoreLabels, RESERVATION_TTL,
+};
 use mutextree_core::{
     Blockers, Error, Fairness, Grant, HeldLock, LockBackend, LockItems, LockPath, Mode, Namespace, Owner, Ttl,
 };
@@ -56,6 +58,10 @@ const REMEMBERED_LEASES: usize = 4096;
 /// [`RESERVATION_TTL`] after it was written at most, as a grant lives its
 /// ttl (then etcd's sweep of expired leases, every 500 ms, deletes it).
 const RESERVATION_LEASE: Duration = RESERVATION_TTL;
+
+/// How long a revocation's key stays: long enough for every watch to see
+/// its put, short enough to leave nothing behind.
+const REVOCATION_TTL: Duration = Duration::from_secs(10);
 /// How long after its grant a lease may still take a waiter's renewal: a
 /// renewed reservation lives at least 2.5 s more, and its waiter renews it
 /// at least every third of [`RESERVATION_TTL`] (1 s).
@@ -135,6 +141,8 @@ impl EtcdStore {
                 max_txn_ops: self.config.max_txn_ops_value(),
                 feeds: Arc::new(Feeds::default()),
                 watch: Mutex::new(None),
+                revocations: Revocations::not_live(),
+                revocation_watch: Mutex::new(None),
                 shared_leases: Mutex::new(HashMap::new()),
                 grant_leases: Mutex::new(HashMap::new()),
                 reservation_lease: Mutex::new(None),
@@ -171,6 +179,10 @@ struct Inner {
     /// The watch task, started by the first `listen`; it ends with the
     /// backend's last clone.
     watch: Mutex<Option<AbortOnDrop>>,
+    /// The holders' revocations, fed by a second watch.
+    revocations: Revocations,
+    /// That watch's task, started by the first `listen_revocation`.
+    revocation_watch: Mutex<Option<AbortOnDrop>>,
     /// The lease new grants of each ttl (in seconds) go on, while young.
     shared_leases: Mutex<HashMap<i64, Lease>>,
     /// The lease of each grant this backend made or refreshed, by token:
@@ -275,6 +287,40 @@ impl LockBackend for EtcdBackend {
         }
         self.forget_grant_lease(grant.token);
         Ok(())
+    }
+
+    /// The release, then the revocation's key (see the layout module) on
+    /// a short lease of its own, taken while the release runs. If the key
+    /// cannot be written, the lock is released all the same and its holder
+    /// learns of it at its next refresh.
+    async fn revoke(&self, grant: &Grant) -> Result<(), Error> {
+        let announcing = Ttl::new(REVOCATION_TTL).expect("a valid ttl");
+        let (released, lease) = join(self.release(grant), self.grant_lease(announcing)).await;
+        let lease = lease.ok();
+        if let (Ok(()), Some(lease)) = (&released, lease) {
+            let key = self.inner.layout.revocation_key(grant.token);
+            let message = Revocation::of(grant).to_message();
+            let put = PutOptions::new().with_lease(lease.id);
+            let _ = self.counted().kv(|mut kv| async move { kv.put(key, message, Some(put)).await }).await;
+        } else if let Some(lease) = lease {
+            self.revoke_in_background(lease.id);
+        }
+        released
+    }
+
+    /// Heard by this backend's watch of the revocations' space, open while
+    /// a listener lives.
+    fn listen_revocation(&self, grant: &Grant) -> RevocationListener {
+        let mut task = locked(&self.inner.revocation_watch);
+        if task.is_none() {
+            let hearing = feed::hear_revocations(
+                self.inner.members.clone(),
+                self.inner.layout.clone(),
+                self.inner.revocations.clone(),
+            );
+            *task = Some(AbortOnDrop::new(tokio::spawn(hearing)));
+        }
+        self.inner.revocations.listen(grant)
     }
 
     /// A new lease of its own with the new ttl (so the remaining life is

@@ -24,13 +24,21 @@
 //! [`MAX_FEEDS`] of them, those not listened to for [`FORGET_AFTER`] are
 //! dropped (a waiter that still holds one then wakes only at its blocker's
 //! expiry).
+//!
+//! Holders hear of forced releases through a second watch stream (on the
+//! same connection), on the revocations' space alone (see the layout
+//! module), open only while a holder listens ([`Revocations::wanted`]):
+//! each put there is one revocation, announced to the backend's holders.
+//! Its [`Revocations`] are live from the server's confirmation of the
+//! watch until the stream ends; a revocation put meanwhile is missed, and
+//! its holder finds the grant gone at its next refresh.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use etcd_client::{EventType, WatchClient, WatchFilterType, WatchOptions};
-use mutextree_core::backend::{ChangeFeed, Listener};
+use mutextree_core::backend::{ChangeFeed, Listener, Revocation, Revocations};
 use tokio::time::{sleep, Instant};
 
 use crate::layout::Layout;
@@ -41,6 +49,8 @@ const FIRST_PAUSE: Duration = Duration::from_millis(50);
 const MAX_PAUSE: Duration = Duration::from_secs(2);
 const MAX_FEEDS: usize = 10_000;
 const FORGET_AFTER: Duration = Duration::from_secs(600);
+/// How often the revocations' watch checks that a holder still listens.
+const STILL_WANTED_EVERY: Duration = Duration::from_secs(5);
 
 /// The feeds of one backend's waiters, by the keys of the paths they wait
 /// for.
@@ -143,6 +153,56 @@ async fn watch_once(client: &mut WatchClient, layout: &Layout, feeds: &Feeds, pa
                 .and_then(|key| layout.path_key_of(key));
             if let Some((path_key, _)) = path_key {
                 feeds.deleted(path_key);
+            }
+        }
+    }
+}
+
+/// Keeps the revocations' watch open while holders listen, announcing
+/// each revocation put under the namespace; runs until aborted (the
+/// backend holds it in an `AbortOnDrop`). `revocations` starts not live.
+pub(crate) async fn hear_revocations(members: Arc<Members>, layout: Layout, revocations: Revocations) {
+    let mut pause = FIRST_PAUSE;
+    loop {
+        revocations.wanted().await;
+        let (member, mut client) = members.watch();
+        let unwanted = hear_once(&mut client, &layout, &revocations, &mut pause).await;
+        revocations.set_live(false);
+        if !unwanted {
+            members.failed(member);
+            sleep(pause / 2 + pause.mul_f64(fastrand::f64()) / 2).await;
+            pause = (pause * 2).min(MAX_PAUSE);
+        }
+    }
+}
+
+/// One watch stream on the revocations' space, until it ends (false) or no
+/// holder listens any more (true).
+async fn hear_once(client: &mut WatchClient, layout: &Layout, revocations: &Revocations, pause: &mut Duration) -> bool {
+    let options = WatchOptions::new().with_prefix().with_filters([WatchFilterType::NoDelete]);
+    let Ok(mut stream) = client.watch(layout.revocations(), Some(options)).await else {
+        return false;
+    };
+    loop {
+        tokio::select! {
+            message = stream.message() => {
+                let Ok(Some(response)) = message else { return false };
+                if response.created() {
+                    revocations.set_live(true);
+                    *pause = FIRST_PAUSE;
+                }
+                if response.canceled() {
+                    return false;
+                }
+                let announced = response.events().iter().filter_map(|event| event.kv()?.value_str().ok());
+                for revocation in announced.filter_map(Revocation::from_message) {
+                    revocations.announce(revocation);
+                }
+            }
+            () = sleep(STILL_WANTED_EVERY) => {
+                if !revocations.still_wanted() {
+                    return true;
+                }
             }
         }
     }

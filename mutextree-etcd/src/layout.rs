@@ -90,6 +90,19 @@
 //! written before join times were kept, still reads (as a waiter that has
 //! not waited); the other way round, that version cannot read a value
 //! with one.
+//!
+//! # Revocations
+//!
+//! A forced release announces itself to its holder with one key in a
+//! fifth space, on a short lease of its own:
+//!
+//! ```text
+//! v/<token>     its value: "<token> <owner>" (a revocation's message)
+//! ```
+//!
+//! Holders watch the puts of this space alone: a key per revocation, since
+//! the token is unique, gone with its lease. No other range of the store
+//! covers it, and the waiters' watch of the namespace ignores it.
 
 use mutextree_core::backend::LockKind;
 use mutextree_core::{Error, LockPath, Mode, Owner};
@@ -245,6 +258,16 @@ impl Layout {
         key.strip_prefix(self.namespace_prefix.as_bytes()).is_some_and(|rest| rest.starts_with(b"r"))
     }
 
+    /// The key announcing the revocation of the grant with `token`.
+    pub(crate) fn revocation_key(&self, token: u64) -> String {
+        format!("{}{REVOKED}{token}", self.namespace_prefix)
+    }
+
+    /// The prefix of every revocation's key (for the holders' watch).
+    pub(crate) fn revocations(&self) -> String {
+        format!("{}{REVOKED}", self.namespace_prefix)
+    }
+
     /// The prefix every key of the namespace starts with (for the watch).
     pub(crate) fn namespace_prefix(&self) -> &str {
         &self.namespace_prefix
@@ -319,6 +342,8 @@ impl Layout {
 
 /// The space of all reservations, and that of the Exclusive ones.
 const AWAITED: &str = "r/";
+/// The space of revocations' keys.
+const REVOKED: &str = "v/";
 const EXCLUSIVE_AWAITED: &str = "rx/";
 
 /// The letter of a mode in a reservation's key.
@@ -574,6 +599,18 @@ mod tests {
         let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/path_keys");
         let layout = Exclusive(Layout::new("mt", "app"));
         mutextree_core::checks::replay_seeds(&corpus, |data| mutextree_core::checks::path_keys_with(&layout, data));
+    }
+
+    #[test]
+    fn revocations_are_in_no_other_space() {
+        let layout = Layout::new("mt", "app");
+        let key = layout.revocation_key(42);
+        assert_eq!(key, "mt/app/v/42");
+        assert!(key.starts_with(&layout.revocations()));
+        let others = layout.grants().into_iter().chain(layout.reservations());
+        assert!(others.into_iter().all(|range| !contains(&range, &key)), "a revocation seen as a lock");
+        assert!(layout.path_key_of(&key).is_none(), "the waiters' watch reads it as a node");
+        assert!(!layout.is_reservation(key.as_bytes()));
     }
 
     #[test]

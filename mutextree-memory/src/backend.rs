@@ -10,7 +10,8 @@ use std::time::Duration;
 use dashmap::DashMap;
 use hashbrown::hash_map::Entry as Slot;
 use mutextree_core::backend::{
-    async_trait, Attempt, ChangeFeed, Check, Listener, LockKind, LockRequest, Queue, StoreLabels, RESERVATION_TTL,
+    async_trait, Attempt, ChangeFeed, Check, Listener, LockKind, LockRequest, Queue, Revocation, RevocationListener,
+    Revocations, StoreLabels, RESERVATION_TTL,
 };
 use mutextree_core::{
     Blockers, Error, Grant, HeldLock, LockBackend, LockItem, LockItems, LockPath, Mode, Namespace, Owner, Ttl,
@@ -109,6 +110,19 @@ impl LockBackend for MemoryBackend {
         self.space.release(grant)
     }
 
+    /// Released, then announced to the holders of this store in this
+    /// process (the only place its locks are held).
+    async fn revoke(&self, grant: &Grant) -> Result<(), Error> {
+        consume_budget().await;
+        self.space.release(grant)?;
+        self.space.revocations.announce(Revocation::of(grant));
+        Ok(())
+    }
+
+    fn listen_revocation(&self, grant: &Grant) -> RevocationListener {
+        self.space.revocations.listen(grant)
+    }
+
     async fn refresh(&self, grant: &Grant, ttl: Ttl) -> Result<Grant, Error> {
         consume_budget().await;
         self.space.tree().refresh(grant, ttl, Instant::now())
@@ -151,16 +165,18 @@ impl LockBackend for MemoryBackend {
     }
 }
 
-/// One namespace: its tree, and the wake-ups of its waiters.
+/// One namespace: its tree, the wake-ups of its waiters, and the
+/// revocations its holders listen for.
 struct Space {
     name: Namespace,
     tree: Mutex<Tree>,
     feed: ChangeFeed,
+    revocations: Revocations,
 }
 
 impl Space {
     fn new(name: Namespace) -> Self {
-        Space { name, tree: Mutex::new(Tree::default()), feed: ChangeFeed::new() }
+        Space { name, tree: Mutex::new(Tree::default()), feed: ChangeFeed::new(), revocations: Revocations::new() }
     }
 
     /// The tree, locked. No code panics while holding it (a panic would be

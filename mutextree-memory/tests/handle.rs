@@ -1,6 +1,7 @@
 //! The handle against the memory store with faults injected on its calls
 //! (slow, failed, or lost replies): what the handle believes must never
-//! outlive what the store holds, and a release is never reported as a loss.
+//! outlive what the store holds, and a release is never reported as a loss
+//! (a forced release is, at once).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
@@ -160,4 +161,26 @@ async fn a_release_racing_a_refresh_is_not_a_loss() {
     lock.release().await.expect("release");
     sleep(Duration::from_secs(5)).await;
     assert!(!lost.is_finished(), "a release was reported as a loss");
+}
+
+/// `lost()` follows a mode change: it hears the forced release of the
+/// changed grant (its new token), and only of its own grant.
+#[tokio::test(start_paused = true)]
+async fn a_forced_release_after_a_mode_change_is_heard() {
+    let store: Arc<dyn LockBackend> = Arc::new(MemoryBackend::new());
+    let ttl = Duration::from_secs(300);
+    let lock = TreeLock::builder(store.clone(), "A").ttl(ttl).auto_refresh(true).build().expect("lock");
+    let other = TreeLock::builder(store.clone(), "B").ttl(ttl).build().expect("lock");
+    lock.try_acquire().await.expect("free");
+    let elsewhere = other.try_acquire().await.expect("free");
+    let lost = tokio::spawn(lock.lost());
+    let changed = lock.downgrade().await.expect("downgraded");
+    // On this one-thread runtime the woken `lost` task runs first, and
+    // listens for the new token.
+    tokio::task::yield_now().await;
+    store.revoke(&elsewhere).await.expect("another grant revoked");
+    store.revoke(&changed).await.expect("revoked");
+    let error = tokio::time::timeout(Duration::from_secs(10), lost).await.expect("heard at once").expect("task");
+    assert!(error.to_string().contains("forcibly released"), "{error}");
+    assert!(!lock.is_held());
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, QueueMode, RecyclingMethod, Runtime};
 use mutextree_core::backend::url::{connect_failed, connect_timed_out, connect_within};
+use mutextree_core::backend::RevocationListener;
 use mutextree_core::backend::{async_trait, Attempt, Listener, LockKind, LockRequest, Queue, RESERVATION_TTL};
 use mutextree_core::backend::{Check, StoreLabels};
 use mutextree_core::{
@@ -25,7 +26,7 @@ use tokio_postgres::Row;
 
 use crate::config::{tls, PostgresConfig, Tls};
 use crate::error::{self, unexpected, CallError, STORE};
-use crate::feed::Notifications;
+use crate::feed::{revocation_payload, Notifications};
 use crate::schema::{self, SchemaName, Statements};
 
 /// How many times a call is sent again after the server broke a deadlock
@@ -434,6 +435,24 @@ impl PostgresBackend {
     async fn query_one(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row, Error> {
         self.shared.query_one(&self.sent, sql, params).await
     }
+
+    /// One call of the release function on `grant`; with a `revocation`
+    /// payload, in the statement that also announces it at commit.
+    async fn remove(&self, grant: &Grant, revocation: Option<String>) -> Result<(), Error> {
+        let Some(token) = stored_token(grant) else { return Err(Error::not_held(grant)) };
+        let keys = grant_keys(grant);
+        let (namespace, owner) = (self.namespace.as_str(), grant.owner.as_str());
+        let statements = &self.shared.statements;
+        let row = match &revocation {
+            None => self.query_one(&statements.release, &[&namespace, &keys, &owner, &token]).await?,
+            Some(payload) => self.query_one(&statements.revoke, &[&namespace, &keys, &owner, &token, payload]).await?,
+        };
+        if column::<bool>(&row, 0)? {
+            Ok(())
+        } else {
+            Err(Error::not_held(grant))
+        }
+    }
 }
 
 /// What one call of the grant function does.
@@ -552,15 +571,19 @@ impl LockBackend for PostgresBackend {
     }
 
     async fn release(&self, grant: &Grant) -> Result<(), Error> {
-        let Some(token) = stored_token(grant) else { return Err(Error::not_held(grant)) };
-        let keys = grant_keys(grant);
-        let (namespace, owner) = (self.namespace.as_str(), grant.owner.as_str());
-        let row = self.query_one(&self.shared.statements.release, &[&namespace, &keys, &owner, &token]).await?;
-        if column::<bool>(&row, 0)? {
-            Ok(())
-        } else {
-            Err(Error::not_held(grant))
-        }
+        self.remove(grant, None).await
+    }
+
+    /// The release and, at its commit, a `NOTIFY` on the schema's
+    /// revocation channel, in one statement (see the schema module).
+    async fn revoke(&self, grant: &Grant) -> Result<(), Error> {
+        self.remove(grant, Some(revocation_payload(self.namespace.as_str(), grant))).await
+    }
+
+    /// Heard on this backend's connection listening for revocations (see
+    /// the feed module), open while a listener lives.
+    fn listen_revocation(&self, grant: &Grant) -> RevocationListener {
+        self.notifications.listen_revocation(grant)
     }
 
     async fn refresh(&self, grant: &Grant, ttl: Ttl) -> Result<Grant, Error> {

@@ -25,13 +25,26 @@
 //! (or not notified, before this session's row existed) costs latency,
 //! never progress. Expiry sends nothing: core's wait loop also wakes at the
 //! blocker's expiry.
+//!
+//! Forced releases reach their holders on a second channel, the schema's
+//! revocation channel: the revoking statement notifies it itself (see
+//! `revoke` in the schema module), with the namespace, token and owner as
+//! payload. A second connection, started with the first holder that
+//! listens ([`Notifications::listen_revocation`]) and closed once none has
+//! listened for [`STILL_WANTED_EVERY`], `LISTEN`s on it without a row in
+//! `listeners` (a revocation notifies whether or not anyone listens, and
+//! nothing a holder does may make releases notify); its [`Revocations`]
+//! are live while it does. A revocation sent while it is down is missed:
+//! its holder finds the grant gone at its next refresh.
 
 use std::sync::Mutex;
 use std::time::Duration;
 
+use futures::Stream;
 use futures::StreamExt;
 use mutextree_core::backend::AbortOnDrop;
-use mutextree_core::backend::{ChangeFeed, Listener};
+use mutextree_core::backend::{ChangeFeed, Listener, Revocation, RevocationListener, Revocations};
+use mutextree_core::Grant;
 use tokio_postgres::AsyncMessage;
 
 use crate::config::Tls;
@@ -39,6 +52,10 @@ use crate::schema::ListenerStatements;
 
 const RECONNECT_FIRST: Duration = Duration::from_millis(50);
 const RECONNECT_LAST: Duration = Duration::from_secs(2);
+
+/// How often the revocation connection checks that a holder still
+/// listens.
+const STILL_WANTED_EVERY: Duration = Duration::from_secs(5);
 
 /// What the listening task needs, and the task itself once started.
 pub(crate) struct Notifications {
@@ -50,6 +67,9 @@ pub(crate) struct Notifications {
     /// The listening task, once started; it ends with the backend's last
     /// clone.
     task: Mutex<Option<AbortOnDrop>>,
+    revocations: Revocations,
+    /// The task listening for revocations, once started.
+    revocation_task: Mutex<Option<AbortOnDrop>>,
 }
 
 impl Notifications {
@@ -61,28 +81,48 @@ impl Notifications {
     ) -> Self {
         let feed = ChangeFeed::new();
         feed.set_live(false);
-        Notifications { feed, statements, namespace, config, tls, task: Mutex::new(None) }
+        let revocations = Revocations::not_live();
+        Notifications {
+            feed,
+            statements,
+            namespace,
+            config,
+            tls,
+            task: Mutex::new(None),
+            revocations,
+            revocation_task: Mutex::new(None),
+        }
     }
 
     /// A listener subscribed now, with the listening task running (started,
     /// or started again if its runtime went away).
     pub(crate) fn listen(&self) -> Listener {
         let listener = self.feed.listen();
-        let mut task = self.task.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if task.as_ref().is_none_or(AbortOnDrop::is_finished) {
-            // Without a runtime there is nothing to run it on: the feed stays
-            // not live and waiters poll.
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                let listening = listen_forever(
-                    self.config.clone(),
-                    self.tls.clone(),
-                    self.statements.clone(),
-                    self.namespace.clone(),
-                    self.feed.clone(),
-                );
-                *task = Some(AbortOnDrop::new(runtime.spawn(listening)));
-            }
-        }
+        ensure_running(&self.task, || {
+            listen_forever(
+                self.config.clone(),
+                self.tls.clone(),
+                self.statements.clone(),
+                self.namespace.clone(),
+                self.feed.clone(),
+            )
+        });
+        listener
+    }
+
+    /// A listener for the revocation of `grant`, with the task that hears
+    /// revocations running.
+    pub(crate) fn listen_revocation(&self, grant: &Grant) -> RevocationListener {
+        let listener = self.revocations.listen(grant);
+        ensure_running(&self.revocation_task, || {
+            hear_revocations(
+                self.config.clone(),
+                self.tls.clone(),
+                self.statements.listen_revocations.clone(),
+                self.namespace.clone(),
+                self.revocations.clone(),
+            )
+        });
         listener
     }
 
@@ -98,6 +138,22 @@ impl std::fmt::Debug for Notifications {
             .field("listen", &self.statements.listen)
             .field("namespace", &self.namespace)
             .finish()
+    }
+}
+
+/// Starts the task `start` makes unless it runs (started before, and its
+/// runtime still there). Without a runtime there is nothing to run it on:
+/// its feed stays not live (waiters poll, holders hear of a revocation at
+/// their next refresh).
+fn ensure_running<F>(task: &Mutex<Option<AbortOnDrop>>, start: impl FnOnce() -> F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut task = task.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if task.as_ref().is_none_or(AbortOnDrop::is_finished) {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            *task = Some(AbortOnDrop::new(runtime.spawn(start())));
+        }
     }
 }
 
@@ -164,18 +220,8 @@ async fn listen_once(
         // notify).
         client.batch_execute(&statements.listen).await
     };
-    tokio::pin!(subscribe);
-    loop {
-        tokio::select! {
-            confirmed = &mut subscribe => match confirmed {
-                Ok(()) => break,
-                Err(_) => return false,
-            },
-            message = messages.next() => match message {
-                Some(Ok(_)) => {}
-                Some(Err(_)) | None => return false,
-            },
-        }
+    if !run_while_polled(subscribe, &mut messages).await {
+        return false;
     }
     feed.set_live(true);
     while let Some(Ok(message)) = messages.next().await {
@@ -187,4 +233,99 @@ async fn listen_once(
     }
     // `client` lives until here: dropping it would close the connection.
     true
+}
+
+/// Runs `statements` on a connection whose `messages` must be polled for
+/// it to make progress; whether they succeeded (and the connection is
+/// still up).
+async fn run_while_polled<S>(
+    statements: impl std::future::Future<Output = Result<(), tokio_postgres::Error>>,
+    messages: &mut S,
+) -> bool
+where
+    S: Stream<Item = Result<AsyncMessage, tokio_postgres::Error>> + Unpin,
+{
+    tokio::pin!(statements);
+    loop {
+        tokio::select! {
+            done = &mut statements => return done.is_ok(),
+            message = messages.next() => match message {
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return false,
+            },
+        }
+    }
+}
+
+/// Keeps a connection listening on the revocation channel while holders
+/// listen, reconnecting with jittered backoff; runs until aborted.
+async fn hear_revocations(
+    config: tokio_postgres::Config,
+    tls: Tls,
+    listen: String,
+    namespace: String,
+    revocations: Revocations,
+) {
+    let mut delay = RECONNECT_FIRST;
+    loop {
+        revocations.wanted().await;
+        let was_live = hear_once(&config, tls.clone(), &listen, &namespace, &revocations).await;
+        revocations.set_live(false);
+        if was_live {
+            delay = RECONNECT_FIRST;
+        } else {
+            tokio::time::sleep(delay / 2 + delay.mul_f64(fastrand::f64()) / 2).await;
+            delay = (delay * 2).min(RECONNECT_LAST);
+        }
+    }
+}
+
+/// Connects, listens and announces the namespace's revocations until the
+/// connection ends or no holder listens any more; whether it got as far
+/// as listening.
+async fn hear_once(
+    config: &tokio_postgres::Config,
+    tls: Tls,
+    listen: &str,
+    namespace: &str,
+    revocations: &Revocations,
+) -> bool {
+    let Ok((client, mut connection)) = config.connect(tls).await else { return false };
+    let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+    if !run_while_polled(client.batch_execute(listen), &mut messages).await {
+        return false;
+    }
+    revocations.set_live(true);
+    loop {
+        tokio::select! {
+            message = messages.next() => match message {
+                Some(Ok(AsyncMessage::Notification(notification))) => {
+                    let revocation = notification
+                        .payload()
+                        .split_once(' ')
+                        .filter(|(of, _)| *of == namespace)
+                        .and_then(|(_, message)| Revocation::from_message(message));
+                    if let Some(revocation) = revocation {
+                        revocations.announce(revocation);
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => break,
+            },
+            () = tokio::time::sleep(STILL_WANTED_EVERY) => {
+                if !revocations.still_wanted() {
+                    break;
+                }
+            }
+        }
+    }
+    // `client` lives until here: dropping it closes the connection.
+    drop(client);
+    true
+}
+
+/// The payload of the revocation of `grant` in `namespace`, as
+/// [`hear_once`] reads it.
+pub(crate) fn revocation_payload(namespace: &str, grant: &Grant) -> String {
+    format!("{namespace} {}", Revocation::of(grant).to_message())
 }

@@ -330,6 +330,11 @@ impl SchemaName {
     pub(crate) fn channel(&self) -> String {
         format!("{}_changes", self.0)
     }
+
+    /// The channel forced releases are announced on, to their holders.
+    pub(crate) fn revocation_channel(&self) -> String {
+        format!("{}_revoked", self.0)
+    }
 }
 
 impl Default for SchemaName {
@@ -357,6 +362,10 @@ pub(crate) struct Statements {
     pub(crate) read_version: String,
     pub(crate) grant: String,
     pub(crate) release: String,
+    /// The release, then at commit a `NOTIFY` on the revocation channel
+    /// with the payload `$5` if it released a live grant: one statement,
+    /// one round trip, no function of its own (so no migration).
+    pub(crate) revoke: String,
     pub(crate) refresh: String,
     pub(crate) list_all: String,
     pub(crate) list_under: String,
@@ -386,6 +395,13 @@ impl Statements {
                 "SELECT * FROM {s}.try_grant_queued($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
             ),
             release: format!("SELECT {s}.release_items($1, $2, $3, $4)"),
+            // OFFSET 0 keeps the subquery from being pulled up, so that the
+            // release runs exactly once, before the CASE looks at it.
+            revoke: format!(
+                "SELECT r.released, CASE WHEN r.released THEN pg_notify('{}', $5)::text END \
+                 FROM (SELECT {s}.release_items($1, $2, $3, $4) AS released OFFSET 0) r",
+                schema.revocation_channel()
+            ),
             refresh: format!("SELECT {s}.refresh_items($1, $2, $3, $4, $5)"),
             list_all: format!("{list} ORDER BY l.key, l.token"),
             list_under: format!("{list} AND l.key >= $2 AND l.key < $3 ORDER BY l.key, l.token"),
@@ -450,6 +466,9 @@ pub(crate) struct ListenerStatements {
     pub(crate) register: String,
     /// `LISTEN` on the channel.
     pub(crate) listen: String,
+    /// `LISTEN` on the revocation channel: no row in `listeners` (nothing
+    /// that makes releases notify), as a revocation always notifies.
+    pub(crate) listen_revocations: String,
 }
 
 impl ListenerStatements {
@@ -462,6 +481,7 @@ impl ListenerStatements {
                 "INSERT INTO {s}.listeners (namespace, pid) VALUES ($1::text, pg_backend_pid()) ON CONFLICT DO NOTHING"
             ),
             listen: format!("LISTEN \"{}\"", schema.channel()),
+            listen_revocations: format!("LISTEN \"{}\"", schema.revocation_channel()),
         }
     }
 }
@@ -512,6 +532,8 @@ mod tests {
         let long = "x".repeat(SchemaName::MAX_BYTES + 1);
         assert!(SchemaName::new(long).is_err());
         assert!(SchemaName::default().channel().len() < 64);
+        let longest = SchemaName::new("s".repeat(SchemaName::MAX_BYTES)).expect("valid");
+        assert!(longest.channel().len() < 64 && longest.revocation_channel().len() < 64);
     }
 
     /// The SHA-256 of each released migration's file, as

@@ -12,6 +12,7 @@ use std::time::Duration;
 use mutextree_core::backend::url::{connect_failed, connect_timed_out, connect_within};
 use mutextree_core::backend::{async_trait, Attempt, ChangeFeed, Listener, LockKind, LockRequest, Queue};
 use mutextree_core::backend::{AbortOnDrop, Check, StoreLabels};
+use mutextree_core::backend::{Revocation, RevocationListener, Revocations};
 use mutextree_core::{
     Blockers, Error, Fairness, Grant, HeldLock, LockBackend, LockItems, LockPath, Mode, Namespace, Owner, Ttl,
 };
@@ -116,8 +117,25 @@ impl RedisStore {
             feed.clone(),
         );
         let subscriber = AbortOnDrop::new(tokio::spawn(subscription));
+        // Likewise subscribed only while a holder listens.
+        let revocations = Revocations::not_live();
+        let hearing = feed::hear_revocations(
+            self.shared.clients.clone(),
+            self.shared.config.connect_timeout_value(),
+            self.shared.config.request_timeout_value(),
+            scripts.keys.revocations.clone(),
+            revocations.clone(),
+        );
+        let revocation_subscriber = AbortOnDrop::new(tokio::spawn(hearing));
         Ok(RedisBackend {
-            inner: Arc::new(Inner { store: self.clone(), namespace, scripts, feed, _subscriber: subscriber }),
+            inner: Arc::new(Inner {
+                store: self.clone(),
+                namespace,
+                scripts,
+                feed,
+                revocations,
+                _subscribers: [subscriber, revocation_subscriber],
+            }),
         })
     }
 
@@ -145,7 +163,10 @@ struct Inner {
     namespace: Namespace,
     scripts: Arc<ScriptRunner>,
     feed: ChangeFeed,
-    _subscriber: AbortOnDrop,
+    revocations: Revocations,
+    /// The subscriptions to releases (for waiters) and revocations (for
+    /// holders).
+    _subscribers: [AbortOnDrop; 2],
 }
 
 impl RedisBackend {
@@ -230,6 +251,22 @@ impl LockBackend for RedisBackend {
     async fn release(&self, grant: &Grant) -> Result<(), Error> {
         let head = Args::default().with(self.inner.scripts.channel()).with(nonce());
         self.on_grant(&SCRIPTS.release, grant, head).await
+    }
+
+    /// The release script, then a `PUBLISH` on the namespace's revocation
+    /// channel (a second round trip, paid by revocations only). If the
+    /// publish fails, the lock is released all the same and its holder
+    /// learns of it at its next refresh.
+    async fn revoke(&self, grant: &Grant) -> Result<(), Error> {
+        self.release(grant).await?;
+        let _ = self.inner.scripts.publish_revocation(&Revocation::of(grant)).await;
+        Ok(())
+    }
+
+    /// Heard by this backend's one revocation subscription (see the feed
+    /// module), up while a listener lives.
+    fn listen_revocation(&self, grant: &Grant) -> RevocationListener {
+        self.inner.revocations.listen(grant)
     }
 
     async fn refresh(&self, grant: &Grant, ttl: Ttl) -> Result<Grant, Error> {

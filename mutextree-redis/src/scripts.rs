@@ -14,6 +14,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use mutextree_core::backend::Revocation;
 use mutextree_core::{Error, LockItems, Namespace};
 use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
@@ -165,12 +166,13 @@ pub(crate) struct ScriptRunner {
 }
 
 /// The namespace's keys, all with the hash tag `{<namespace>}` so that they
-/// share one cluster slot, and its release channel.
+/// share one cluster slot, and its release and revocation channels.
 #[derive(Debug)]
 pub(crate) struct Keys {
     /// Declared to every script, in this order (see `lua/common.lua`).
     pub(crate) declared: [String; 8],
     pub(crate) channel: String,
+    pub(crate) revocations: String,
 }
 
 impl Keys {
@@ -180,6 +182,7 @@ impl Keys {
             declared: ["locks", "index", "expiry", "token", "shared", "queue", "queued", "queue-expiry"]
                 .map(|name| format!("{base}:{name}")),
             channel: format!("{base}:released"),
+            revocations: format!("{base}:revoked"),
         }
     }
 }
@@ -260,6 +263,16 @@ impl ScriptRunner {
             Value::Int(1) => Ok(()),
             other => Err(unexpected(&other)),
         }
+    }
+
+    /// Publishes `revocation` on the namespace's revocation channel, to
+    /// every subscriber (of every node, in a cluster). A plain command, not
+    /// a script: the release before it was the atomic step.
+    pub(crate) async fn publish_revocation(&self, revocation: &Revocation) -> Result<(), Error> {
+        let mut command = redis::cmd("PUBLISH");
+        command.arg(&self.keys.revocations).arg(revocation.to_message());
+        self.sent.fetch_add(1, Ordering::Relaxed);
+        self.connection.query(&command).await.map(drop).map_err(store_error)
     }
 
     /// The namespace's release channel.

@@ -382,6 +382,53 @@ async fn requests_sent_twice_get_the_first_answer() {
     assert!(matches!(backend.release(&held).await, Err(Error::NotHeld { .. })));
 }
 
+/// How many connections are subscribed to `channel`.
+async fn subscribers(mut raw: redis::aio::MultiplexedConnection, channel: String) -> u64 {
+    let command = redis::cmd("PUBSUB").arg("NUMSUB").arg(&channel).clone();
+    let (_, count): (String, u64) = command.query_async(&mut raw).await.expect("pubsub numsub");
+    count
+}
+
+/// How many `PUBLISH` calls the server ran, scripts' included.
+async fn publishes(raw: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO").arg("commandstats").query_async(raw).await.expect("info");
+    info.lines()
+        .find_map(|line| line.strip_prefix("cmdstat_publish:calls="))
+        .map_or(0, |rest| rest.split(',').next().and_then(|n| n.parse::<u64>().ok()).expect("calls"))
+}
+
+/// A holder that listens for revocations subscribes to the revocation
+/// channel alone: ordinary releases still publish nothing, and only the
+/// revocation is published (once), which the holder hears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holders_subscription_makes_only_revocations_publish() {
+    let data = temp_dir("redis-data").expect("temp dir");
+    let server = servers::redis::own_server(None, &[], &data).expect("redis-server");
+    let url = format!("redis://127.0.0.1:{}/", server.port);
+    let backend =
+        RedisConfig::from_url(&url).expect("url").connect().await.expect("connect").backend("mt").expect("ns");
+    let mut raw = raw(&url).await;
+    let channel = |suffix: &str| backend.keys()[0].replace(":locks", suffix);
+
+    let store: Arc<dyn LockBackend> = Arc::new(backend.clone());
+    let holder = TreeLock::builder(store, "A").ttl(Duration::from_secs(300)).auto_refresh(true).build().expect("lock");
+    let held = holder.try_acquire().await.expect("free");
+    let lost = holder.lost();
+    backend.listen_revocation(&held).ready().await;
+    assert_eq!(subscribers(raw.clone(), channel(":revoked")).await, 1, "the holder's process is subscribed");
+    assert_eq!(subscribers(raw.clone(), channel(":released")).await, 0, "waiters' channel untouched");
+    let other = grant(&backend, "B", Duration::from_secs(60)).await.granted().expect("free");
+    backend.release(&other).await.expect("release");
+    assert_eq!(publishes(&mut raw).await, 0, "an ordinary release publishes nothing while a holder listens");
+
+    backend.revoke(&held).await.expect("revoke");
+    let error = tokio::time::timeout(Duration::from_secs(10), lost).await.expect("heard at once");
+    assert!(error.to_string().contains("forcibly released"), "{error}");
+    assert_eq!(publishes(&mut raw).await, 1, "the revocation, once");
+    server.stop();
+    let _ = std::fs::remove_dir_all(&data);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_subscription_is_up_while_waiters_wait_and_only_then() {
     let data = temp_dir("redis-data").expect("temp dir");
@@ -396,14 +443,7 @@ async fn the_subscription_is_up_while_waiters_wait_and_only_then() {
         .expect("namespace");
     let channel = backend.keys()[0].replace(":locks", ":released");
     let mut raw = raw(&url).await;
-    let subscribers = |raw: &mut redis::aio::MultiplexedConnection| {
-        let command = redis::cmd("PUBSUB").arg("NUMSUB").arg(&channel).clone();
-        let mut raw = raw.clone();
-        async move {
-            let (_, count): (String, u64) = command.query_async(&mut raw).await.expect("pubsub numsub");
-            count
-        }
-    };
+    let subscribers = |raw: &mut redis::aio::MultiplexedConnection| subscribers(raw.clone(), channel.clone());
     // The server's state has no event to wait for: look until it shows.
     let until_subscribers = |raw: &mut redis::aio::MultiplexedConnection, wanted: u64| {
         let mut raw = raw.clone();
@@ -420,15 +460,6 @@ async fn the_subscription_is_up_while_waiters_wait_and_only_then() {
             .find_map(|line| line.strip_prefix("total_connections_received:"))
             .and_then(|n| n.trim().parse::<u64>().ok())
             .expect("total_connections_received")
-    };
-    let publishes = |raw: &mut redis::aio::MultiplexedConnection| {
-        let mut raw = raw.clone();
-        async move {
-            let info: String = redis::cmd("INFO").arg("commandstats").query_async(&mut raw).await.expect("info");
-            info.lines()
-                .find_map(|line| line.strip_prefix("cmdstat_publish:calls="))
-                .map_or(0, |rest| rest.split(',').next().and_then(|n| n.parse::<u64>().ok()).expect("calls"))
-        }
     };
 
     let held = grant(&backend, "A", Duration::from_secs(60)).await.granted().expect("free");

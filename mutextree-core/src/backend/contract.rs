@@ -9,8 +9,8 @@
 //!
 //! Like object_store's `ObjectStore`, the trait has few default methods,
 //! because a default is easy for an implementer to get subtly wrong. The
-//! ones it has are honest fallbacks (polling with backoff for wake-ups, no
-//! count of round trips). The tree operation has none: a store without an
+//! ones it has are honest fallbacks (polling with backoff for wake-ups, a
+//! forced release that tells nobody, no count of round trips). The tree operation has none: a store without an
 //! atomic one says so by answering with the stepwise algorithm over its
 //! primitives ([`super::stepwise`]), which sits above this contract.
 //!
@@ -26,7 +26,7 @@ use std::fmt;
 use async_trait::async_trait;
 use tokio::task::JoinHandle;
 
-use super::feed::Listener;
+use super::feed::{Listener, RevocationListener};
 use crate::error::Error;
 use crate::lock::{Attempt, Fairness, Grant, HeldLock, LockItems, LockKind, LockRequest, Mode, Owner, Ttl};
 use crate::path::LockPath;
@@ -56,6 +56,41 @@ pub trait LockBackend: Send + Sync + fmt::Debug {
     /// that share its token). Fails with [`Error::NotHeld`], changing
     /// nothing, if it is not live.
     async fn release(&self, grant: &Grant) -> Result<(), Error>;
+
+    /// Releases exactly this grant by force, as [`release`](LockBackend::release)
+    /// does (same outcome, same [`Error::NotHeld`]), and announces it to
+    /// its holder: an administrator taking a lock away.
+    ///
+    /// Why a method of its own: after a plain release the holder learns
+    /// of its loss only at its next refresh (with automatic refresh, up to
+    /// a third of its ttl later: about 100 s with a 5-minute ttl) and works
+    /// on unprotected meanwhile. A store that can notify sends the grant's
+    /// [`Revocation`](super::feed::Revocation) to every process
+    /// that listens ([`listen_revocation`](LockBackend::listen_revocation)),
+    /// so that the holder's [`lost`](crate::TreeLock::lost) resolves at
+    /// once. An ordinary release never announces anything: a revocation is
+    /// rare, and only it pays for the announcement.
+    ///
+    /// The default, for a store that cannot notify (and for the stepwise
+    /// algorithm, [`Stepwise`](super::Stepwise)), is the plain release:
+    /// the holder hears nothing and finds the grant gone at its next
+    /// refresh.
+    async fn revoke(&self, grant: &Grant) -> Result<(), Error> {
+        self.release(grant).await
+    }
+
+    /// A listener that resolves when this grant is revoked
+    /// ([`revoke`](LockBackend::revoke)) by any client of the namespace,
+    /// taken by its holder while it wants to know. A store subscribes to
+    /// its revocations (at most once per backend and process) only while
+    /// such a listener lives; a revocation sent while it is not subscribed
+    /// is missed, which costs latency only.
+    ///
+    /// The default, for a store that cannot notify, never resolves.
+    fn listen_revocation(&self, grant: &Grant) -> RevocationListener {
+        let _ = grant;
+        RevocationListener::unannounced()
+    }
 
     /// Sets the remaining life of exactly this grant to `ttl` (not adds to
     /// it), returning the grant with its new ttl and expiry. Fails with

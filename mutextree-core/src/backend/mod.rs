@@ -3,7 +3,9 @@
 //! API apart).
 //!
 //! * [`LockBackend`] ([`contract`]): the contract a store implements.
-//! * [`ChangeFeed`] and [`Listener`] ([`feed`]): how a store wakes waiters.
+//! * [`ChangeFeed`] and [`Listener`] ([`feed`]): how a store wakes waiters;
+//!   [`Revocations`] and [`RevocationListener`]: how it tells a holder that
+//!   its grant was released by force.
 //! * [`stepwise`]: the seed's tree algorithm over a store's primitives, and
 //!   [`Stepwise`], a store seen through it.
 //! * [`url`]: store URLs, read alike by every store's configuration, and
@@ -25,7 +27,7 @@ pub mod stepwise;
 pub mod url;
 
 pub use contract::{AbortOnDrop, Check, LockBackend, StoreLabels};
-pub use feed::{ChangeFeed, Listener};
+pub use feed::{ChangeFeed, Listener, Revocation, RevocationListener, Revocations};
 pub use stepwise::{Stepwise, TRANSIENT_PATIENCE, TRANSIENT_TTL};
 pub use url::{parse_duration, StoreUrl};
 

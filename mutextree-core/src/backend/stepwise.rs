@@ -193,7 +193,10 @@ async fn lock_parents_then_node<B: LockBackend + ?Sized>(
 
 /// A store seen through the seed's stepwise algorithm: tree grants go
 /// through [`try_grant`] over the store's primitives instead of its
-/// native atomic operation; everything else is the store's own.
+/// native atomic operation; everything else is the store's own, except
+/// forced release: like the seed's clients, a stepwise client neither
+/// announces one nor hears one (the contract's defaults: a plain release,
+/// and a holder that finds its grant gone at its next refresh).
 ///
 /// Useful to check that a store's primitives are enough for tree locks, and
 /// to run old-style clients beside native ones on one namespace (they
