@@ -394,7 +394,7 @@ pub fn a_timed_out_wait_is_traced(paused: bool, store_name: &str, store: Arc<dyn
 /// reason, the token and how long it was held, a WARN event in words, and
 /// the loss counted by reason with its hold. An unkept lock whose ttl ran
 /// out is reported `expired` once its handle finds out (at its next
-/// acquisition).
+/// acquisition); a lock forcibly released, `forced_release` at once.
 pub fn losses_are_traced_with_their_reason(paused: bool, store_name: &str, store: Arc<dyn LockBackend>) {
     let ttl = Duration::from_secs(3);
     let seen = observe(paused, || async move {
@@ -409,13 +409,22 @@ pub fn losses_are_traced_with_their_reason(paused: bool, store_name: &str, store
         tokio::time::sleep(ttl * 2).await;
         unkept.try_acquire().await.expect("granted again");
         unkept.release().await.expect("released");
+
+        let revoked = lock(&store, "dc/revoked", "revoked", ttl);
+        let grant = revoked.try_acquire().await.expect("granted");
+        let lost = revoked.lost();
+        tokio::time::sleep(ttl / 2).await;
+        store.revoke(&grant).await.expect("revoked");
+        assert!(matches!(lost.await, Error::Lost { .. }));
     });
     let losses = seen.spans("lost");
-    assert_eq!(losses.len(), 2, "{seen:#?}");
+    assert_eq!(losses.len(), 3, "{seen:#?}");
     let granted = seen.spans("acquire");
-    for (loss, owner, reason, acquire) in
-        [(losses[0], "kept", "refresh_refused", granted[0]), (losses[1], "unkept", "expired", granted[1])]
-    {
+    for (loss, owner, reason, acquire) in [
+        (losses[0], "kept", "refresh_refused", granted[0]),
+        (losses[1], "unkept", "expired", granted[1]),
+        (losses[2], "revoked", "forced_release", granted[3]),
+    ] {
         assert_eq!(loss.field("store"), store_name, "{loss:?}");
         assert_eq!(loss.field("owner"), format!("\"{owner}\""), "{loss:?}");
         assert_eq!(loss.field("reason"), reason, "{loss:?}");
@@ -425,10 +434,10 @@ pub fn losses_are_traced_with_their_reason(paused: bool, store_name: &str, store
         assert_eq!(seen.counter("mutextree_lost_total", &labels), 1, "{reason}: {seen:#?}");
     }
     let told: Vec<_> = seen.events.iter().filter(|event| event.span == Some("lost")).collect();
-    assert_eq!(told.len(), 2, "{seen:#?}");
+    assert_eq!(told.len(), 3, "{seen:#?}");
     assert!(told.iter().all(|event| event.level == Level::WARN && !event.field("message").is_empty()), "{told:?}");
-    // Two losses and one release: three holds.
-    assert_eq!(seen.histogram("mutextree_hold_seconds", &[("store", store_name)]).len(), 3, "{seen:#?}");
+    // Three losses and one release: four holds.
+    assert_eq!(seen.histogram("mutextree_hold_seconds", &[("store", store_name)]).len(), 4, "{seen:#?}");
     let margins = seen.histogram("mutextree_refresh_margin_seconds", &[("store", store_name)]);
     assert!(margins.is_empty(), "the kept lock's only refresh was refused: {margins:?}");
 }

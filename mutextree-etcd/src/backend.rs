@@ -27,6 +27,8 @@ use mutextree_core::{
 };
 use tokio::time::Instant;
 
+use tracing::Instrument;
+
 use crate::config::EtcdConfig;
 use crate::error::{connect_error, is_lease_not_found, store_error, STORE};
 use crate::feed::{self, Feeds};
@@ -318,7 +320,7 @@ impl LockBackend for EtcdBackend {
                 self.inner.layout.clone(),
                 self.inner.revocations.clone(),
             );
-            *task = Some(AbortOnDrop::new(tokio::spawn(hearing)));
+            *task = Some(AbortOnDrop::new(tokio::spawn(hearing.instrument(self.notifications()))));
         }
         self.inner.revocations.listen(grant)
     }
@@ -537,7 +539,7 @@ impl LockBackend for EtcdBackend {
         let mut task = locked(&self.inner.watch);
         if task.is_none() {
             let watching = feed::run(self.inner.members.clone(), self.inner.layout.clone(), self.inner.feeds.clone());
-            *task = Some(AbortOnDrop::new(tokio::spawn(watching)));
+            *task = Some(AbortOnDrop::new(tokio::spawn(watching.instrument(self.notifications()))));
         }
         self.inner.feeds.listen(items.iter().map(|item| item.path.key().to_owned()).collect())
     }
@@ -545,7 +547,7 @@ impl LockBackend for EtcdBackend {
     /// Requests this backend (and its clones) sent so far: transactions,
     /// reads and lease requests, not the watch.
     fn labels(&self) -> StoreLabels<'_> {
-        StoreLabels { store: "etcd", namespace: self.namespace().as_str() }
+        StoreLabels { store: STORE, namespace: self.namespace().as_str() }
     }
 
     fn round_trips(&self) -> Option<u64> {
@@ -554,6 +556,12 @@ impl LockBackend for EtcdBackend {
 }
 
 impl EtcdBackend {
+    /// The span this backend's watches run in: their comings and goings
+    /// are events in it.
+    fn notifications(&self) -> tracing::Span {
+        tracing::debug_span!(target: "mutextree", "notifications", store = STORE, namespace = self.namespace().as_str())
+    }
+
     /// The namespace this backend works in.
     pub fn namespace(&self) -> &Namespace {
         &self.inner.namespace

@@ -657,7 +657,7 @@ impl LockBackend for PostgresBackend {
     /// pooled connection, and one more for each call sent again after the
     /// server broke a deadlock.
     fn labels(&self) -> StoreLabels<'_> {
-        StoreLabels { store: "postgres", namespace: self.namespace().as_str() }
+        StoreLabels { store: STORE, namespace: self.namespace().as_str() }
     }
 
     fn round_trips(&self) -> Option<u64> {

@@ -47,7 +47,10 @@ use mutextree_core::backend::{ChangeFeed, Listener, Revocation, RevocationListen
 use mutextree_core::Grant;
 use tokio_postgres::AsyncMessage;
 
+use tracing::Instrument;
+
 use crate::config::Tls;
+use crate::error::STORE;
 use crate::schema::ListenerStatements;
 
 const RECONNECT_FIRST: Duration = Duration::from_millis(50);
@@ -152,7 +155,9 @@ where
     let mut task = task.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     if task.as_ref().is_none_or(AbortOnDrop::is_finished) {
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            *task = Some(AbortOnDrop::new(runtime.spawn(start())));
+            // Its connection's comings and goings are events in this span.
+            let span = tracing::debug_span!(target: "mutextree", "notifications", store = STORE);
+            *task = Some(AbortOnDrop::new(runtime.spawn(start().instrument(span))));
         }
     }
 }

@@ -21,6 +21,8 @@ use redis::cluster::ClusterClientBuilder;
 use redis::{RedisError, Value};
 use tokio::time::Instant;
 
+use tracing::Instrument;
+
 use crate::config::RedisConfig;
 use crate::error::{is_retryable, unexpected, STORE};
 use crate::feed;
@@ -116,7 +118,7 @@ impl RedisStore {
             scripts.clone(),
             feed.clone(),
         );
-        let subscriber = AbortOnDrop::new(tokio::spawn(subscription));
+        let subscriber = AbortOnDrop::new(tokio::spawn(subscription.instrument(notifications(namespace.as_str()))));
         // Likewise subscribed only while a holder listens.
         let revocations = Revocations::not_live();
         let hearing = feed::hear_revocations(
@@ -126,7 +128,8 @@ impl RedisStore {
             scripts.keys.revocations.clone(),
             revocations.clone(),
         );
-        let revocation_subscriber = AbortOnDrop::new(tokio::spawn(hearing));
+        let revocation_subscriber =
+            AbortOnDrop::new(tokio::spawn(hearing.instrument(notifications(namespace.as_str()))));
         Ok(RedisBackend {
             inner: Arc::new(Inner {
                 store: self.clone(),
@@ -242,6 +245,12 @@ impl RedisBackend {
     }
 }
 
+/// The span a namespace's notification connections run in: their
+/// comings and goings are events in it.
+fn notifications(namespace: &str) -> tracing::Span {
+    tracing::debug_span!(target: "mutextree", "notifications", store = STORE, namespace)
+}
+
 #[async_trait]
 impl LockBackend for RedisBackend {
     async fn try_lock_key(&self, request: &LockRequest, kind: LockKind) -> Result<Attempt, Error> {
@@ -332,7 +341,7 @@ impl LockBackend for RedisBackend {
     /// no function, and `FUNCTION LOAD`; on servers without functions a
     /// `NOSCRIPT` reply, once per script, adds one.)
     fn labels(&self) -> StoreLabels<'_> {
-        StoreLabels { store: "redis", namespace: self.namespace().as_str() }
+        StoreLabels { store: STORE, namespace: self.namespace().as_str() }
     }
 
     fn round_trips(&self) -> Option<u64> {

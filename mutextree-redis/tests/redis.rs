@@ -516,7 +516,8 @@ async fn a_url_with_every_duration_grammar_connects() {
 /// A store that stops answering, seen from the telemetry: an acquisition
 /// fails with a store error (outcome `error`, counted under `acquire`),
 /// the kept lock's refreshes fail (counted under `refresh`) until it is
-/// lost to the unreachable store (reason `store_unreachable`).
+/// lost to the unreachable store (reason `store_unreachable`), and the
+/// revocation channel its holder listened on goes down.
 #[test]
 fn a_store_that_stops_answering_is_counted_and_a_kept_lock_lost_to_it() {
     use conformance::telemetry::observe;
@@ -531,7 +532,9 @@ fn a_store_that_stops_answering_is_counted_and_a_kept_lock_lost_to_it() {
         );
         let kept = TreeLock::builder(store.clone(), "site/kept").ttl(Duration::from_secs(3)).auto_refresh(true).build();
         let kept = kept.expect("lock");
-        kept.try_acquire().await.expect("granted");
+        let grant = kept.try_acquire().await.expect("granted");
+        // A holder that listens for revocations brings their channel up.
+        store.listen_revocation(&grant).ready().await;
         server.lock().expect("server").take().expect("running").stop();
         let late = TreeLock::new(store.clone(), "site/late").expect("lock");
         assert!(matches!(late.try_acquire().await, Err(Error::Store { .. })));
@@ -544,5 +547,11 @@ fn a_store_that_stops_answering_is_counted_and_a_kept_lock_lost_to_it() {
     assert!(seen.spans("refresh").iter().all(|span| span.field("outcome") == "error"), "{seen:#?}");
     let lost = seen.span("lost");
     assert_eq!(lost.field("reason"), "store_unreachable", "{lost:?}");
+    // The store's own events: its notification channel came and went.
+    let notices = seen.spans("notifications");
+    assert!(notices.iter().all(|span| span.field("store") == "redis" && span.field("namespace") == "t"), "{notices:?}");
+    let channel: Vec<_> = seen.events.iter().filter(|event| event.span == Some("notifications")).collect();
+    let said: Vec<&str> = channel.iter().map(|event| event.field("message")).collect();
+    assert!(said.contains(&"revocation notices up") && said.contains(&"revocation notices down"), "{said:?}");
     assert_eq!(seen.counter("mutextree_lost_total", &[("store", "redis"), ("reason", "store_unreachable")]), 1);
 }

@@ -113,8 +113,13 @@ impl ChangeFeed {
 
     /// Marks the feed live or not (a store's subscription connection went
     /// down or came back). Either way listeners wake and retry once.
+    /// A change is a DEBUG event (target `mutextree`) in the span the
+    /// store runs its channel in.
     pub fn set_live(&self, live: bool) {
         self.state.send_modify(|state| {
+            if state.live != live {
+                tracing::debug!(target: "mutextree", live, "change notifications {}", if live { "up" } else { "down" });
+            }
             state.live = live;
             state.changes = state.changes.wrapping_add(1);
         });
@@ -288,8 +293,12 @@ impl Revocations {
     }
 
     /// Marks the store's channel up or down.
+    /// A change is a DEBUG event (target `mutextree`) in the span the
+    /// store runs its channel in.
     pub fn set_live(&self, live: bool) {
-        self.live.send_replace(live);
+        if self.live.send_replace(live) != live {
+            tracing::debug!(target: "mutextree", live, "revocation notices {}", if live { "up" } else { "down" });
+        }
     }
 
     /// A listener for the revocation of `grant`, announced from now on.
