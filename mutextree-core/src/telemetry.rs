@@ -22,16 +22,19 @@
 //!
 //! | span | level | fields |
 //! | --- | --- | --- |
-//! | `acquire` | DEBUG | `store`, `namespace`, `path`, `mode`, `owner`, `wait`; recorded at the end: `outcome`, `token`, `waited` (seconds) |
-//! | `refresh` | DEBUG | `store`, `namespace`, `path`, `owner`, `token`; `outcome` |
-//! | `release` | DEBUG | `store`, `namespace`, `path`, `owner`, `token`; `outcome` |
+//! | `acquire` | DEBUG | `store`, `namespace`, `path`, `mode`, `owner`, `wait`; recorded at the end: `outcome`, `token`, `waited` (seconds), `error` |
+//! | `refresh` | DEBUG | `store`, `namespace`, `path`, `owner`, `token`; `outcome`, `error` |
+//! | `release` | DEBUG | `store`, `namespace`, `path`, `owner`, `token`; `outcome`, `error` |
 //! | `lost` | WARN | `store`, `namespace`, `path`, `owner`, `token`, `reason`, `held` (seconds) |
+//! | `notifications` | DEBUG | `store`, `namespace` (not for PostgreSQL, whose channel serves every namespace) |
 //!
 //! Inside `acquire`: a DEBUG event `refused` for each refusal, naming the
 //! `blocker` (and the `ticket` of a queued waiter), and a TRACE event
 //! `woken` for each wake-up (`by_change`: a change the store reported, or a
 //! timer), naming the blocker waited for. Inside `lost`, a WARN event with
-//! the reason in words.
+//! the reason in words. A store runs its notification channels (releases
+//! for waiters, forced releases for holders) in a `notifications` span, in
+//! which each channel's coming up and going down is a DEBUG event.
 //!
 //! # Metrics (feature `metrics`)
 //!
@@ -138,6 +141,7 @@ impl Acquiring {
             outcome = Empty,
             token = Empty,
             waited = Empty,
+            error = Empty,
         );
         Acquiring {
             span,
@@ -187,6 +191,7 @@ impl Acquiring {
                 if matches!(error, Error::Store { .. }) {
                     metrics::store_error(self.store, "acquire");
                 }
+                self.span.record("error", tracing::field::display(error));
                 "error"
             }
         };
@@ -227,10 +232,10 @@ pub(crate) fn on_grant(operation: &'static str, backend: &dyn LockBackend, grant
     // A span's name is part of its static metadata: one macro per name.
     let span = if operation == "refresh" {
         tracing::debug_span!(target: "mutextree", "refresh", store = labels.store, namespace = labels.namespace,
-            path = %grant.items, owner = %grant.owner, token = grant.token, outcome = Empty)
+            path = %grant.items, owner = %grant.owner, token = grant.token, outcome = Empty, error = Empty)
     } else {
         tracing::debug_span!(target: "mutextree", "release", store = labels.store, namespace = labels.namespace,
-            path = %grant.items, owner = %grant.owner, token = grant.token, outcome = Empty)
+            path = %grant.items, owner = %grant.owner, token = grant.token, outcome = Empty, error = Empty)
     };
     OnGrant { span, store: labels.store, operation }
 }
@@ -250,6 +255,7 @@ impl OnGrant {
                 if matches!(error, Error::Store { .. }) {
                     metrics::store_error(self.store, self.operation);
                 }
+                self.span.record("error", tracing::field::display(error));
                 "error"
             }
         };

@@ -543,7 +543,9 @@ fn a_store_that_stops_answering_is_counted_and_a_kept_lock_lost_to_it() {
     let labels = |operation| [("store", "redis"), ("operation", operation)];
     assert!(seen.counter("mutextree_store_errors_total", &labels("acquire")) >= 1, "{seen:#?}");
     assert!(seen.counter("mutextree_store_errors_total", &labels("refresh")) >= 1, "{seen:#?}");
-    assert_eq!(seen.spans("acquire")[1].field("outcome"), "error");
+    let failed = seen.spans("acquire")[1];
+    assert_eq!(failed.field("outcome"), "error", "{failed:?}");
+    assert!(failed.field("error").starts_with("redis store error"), "{failed:?}");
     assert!(seen.spans("refresh").iter().all(|span| span.field("outcome") == "error"), "{seen:#?}");
     let lost = seen.span("lost");
     assert_eq!(lost.field("reason"), "store_unreachable", "{lost:?}");
