@@ -240,6 +240,14 @@ impl Layout {
         [AWAITED, EXCLUSIVE_AWAITED].map(|space| Range::prefixed(format!("{}{space}", self.namespace_prefix)))
     }
 
+    /// The key a reservation written again puts (see the backend module's
+    /// `Fair`): its mod revision says when a reservation last came back
+    /// with a ticket older than its keys. Not a lock's nor a reservation's
+    /// key (no space of theirs starts with `q`).
+    pub(crate) fn rewrite_mark(&self) -> String {
+        format!("{}{REWRITE_MARK}", self.namespace_prefix)
+    }
+
     /// Whether a key of this namespace is a reservation's.
     pub(crate) fn is_reservation(&self, key: &[u8]) -> bool {
         key.strip_prefix(self.namespace_prefix.as_bytes()).is_some_and(|rest| rest.starts_with(b"r"))
@@ -320,6 +328,8 @@ impl Layout {
 /// The space of all reservations, and that of the Exclusive ones.
 const AWAITED: &str = "r/";
 const EXCLUSIVE_AWAITED: &str = "rx/";
+/// The key of [`Layout::rewrite_mark`], after the namespace's prefix.
+const REWRITE_MARK: &str = "q";
 
 /// The letter of a mode in a reservation's key.
 fn mode_letter(mode: Mode) -> char {
