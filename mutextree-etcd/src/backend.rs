@@ -542,7 +542,8 @@ impl EtcdBackend {
     /// way, and reads them on failure: a refusal of [`Queue::Join`] writes
     /// its reservation in the same transaction (whose revision is its
     /// ticket), one of [`Queue::Waiting`] writes it again on a young lease
-    /// (renewing it), and a grant of `Waiting` deletes it. After a `Join`
+    /// (renewing it, or if it was gone putting the rewrite mark too), and a
+    /// grant of `Waiting` deletes it. After a `Join`
     /// on a lease that is no longer young, the next round renews at once.
     async fn grant(&self, request: &LockRequest, kind: LockKind, check: Check) -> Result<Attempt, Error> {
         let layout = &self.inner.layout;

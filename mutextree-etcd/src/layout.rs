@@ -67,6 +67,11 @@
 //! (until a compaction), and a new key per wait would make every request on
 //! a busy node slower than the last, as a new key per grant would.
 //!
+//! One more key, `q` (the rewrite mark), is put whenever a reservation is
+//! written again after its keys were gone: its ticket is then older than
+//! its keys, which waiters cannot tell from the keys alone (see the
+//! backend module's `Fair`). It is outside every space above.
+//!
 //! # Values and leases
 //!
 //! The value is one byte for the kind (`L` a lock, `T` a stepwise client's
