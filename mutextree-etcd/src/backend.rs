@@ -242,25 +242,39 @@ impl Lease {
     }
 }
 
-/// A waiter of this backend, by its ticket: its reservation's keys, and
-/// the keys of the conflicting reservations with smaller tickets it saw
-/// last, with their create revisions. Those can only go: a reservation
-/// written later has a later create revision. So once each of them is gone
-/// (or written anew), no earlier waiter is in the way, and a transaction
-/// can check exactly that, key by key (a range compare cannot: an empty
-/// range compares as create revision 0, so "every key's create revision
-/// is at least the ticket" fails on it).
+/// A waiter of this backend, by its ticket: its reservation's keys, the
+/// keys of the conflicting reservations with smaller tickets it saw last,
+/// with their create revisions, and the revision it saw them at. Its next
+/// attempt is held up by no earlier waiter if each of those keys is gone or
+/// created anew since, and no reservation came back since with its old
+/// ticket (see [`Fair`]): a transaction can check exactly that, key by key
+/// and on the rewrite mark. (A range compare cannot check "no key created
+/// before the ticket": an empty range compares as create revision 0.)
 struct Queued {
     owner: Owner,
     tag: String,
     /// When it joined the queue (see [`Fair`]).
     joined: u64,
     keys: Vec<String>,
-    earlier: Vec<(Vec<u8>, i64)>,
+    earlier: Earlier,
     /// Whether `earlier` holds all of them (a read stops at
     /// [`AWAITED_PER_RANGE`] per range).
     complete: bool,
     noted_at: Instant,
+}
+
+/// The earlier waiters' keys a waiter saw, with their create revisions,
+/// and the revision it saw them at.
+#[derive(Clone, Default)]
+struct Earlier {
+    keys: Vec<(Vec<u8>, i64)>,
+    seen_at: i64,
+}
+
+impl Earlier {
+    fn seen(kvs: &[KeyValue], seen_at: i64) -> Self {
+        Earlier { keys: kvs.iter().map(|kv| (kv.key().to_vec(), kv.create_revision())).collect(), seen_at }
+    }
 }
 
 #[async_trait]
@@ -582,7 +596,8 @@ impl EtcdBackend {
     /// way, and reads them on failure: a refusal of [`Queue::Join`] writes
     /// its reservation in the same transaction (whose revision is its
     /// ticket), one of [`Queue::Waiting`] writes it again on a young lease
-    /// (renewing it), and a grant of `Waiting` deletes it. After a `Join`
+    /// (renewing it, or if it was gone putting the rewrite mark too), and a
+    /// grant of `Waiting` deletes it. After a `Join`
     /// on a lease that is no longer young, the next round renews at once.
     async fn grant(&self, request: &LockRequest, kind: LockKind, check: Check) -> Result<Attempt, Error> {
         let layout = &self.inner.layout;
@@ -613,9 +628,11 @@ impl EtcdBackend {
         let (compares, then, otherwise) = match queue {
             Queue::Barge => (checks.len(), keys.len(), checks.len()),
             Queue::Try => (checks.len() + fair.ranges.len(), keys.len(), checks.len() + fair.ranges.len()),
+            // A refused `Join` waits on: a waiter's refusal also reads the
+            // reservations written again and may put the rewrite mark.
             Queue::Join | Queue::Waiting(_) => {
                 let reads = checks.len() + fair.ranges.len();
-                (reads, keys.len() + fair.keys.len(), reads + fair.keys.len())
+                (reads, keys.len() + fair.keys.len(), reads + 2 + fair.keys.len())
             }
         };
         self.check_size(&request.items, compares, then, otherwise)?;
@@ -663,12 +680,16 @@ impl EtcdBackend {
                 return Ok(Attempt::Granted(Grant::new(request, kind, token, lease.ttl, lease.sent_at)));
             }
             round += 1;
+            let before = match queue {
+                Queue::Waiting(ticket) => Some(ticket),
+                _ => None,
+            };
             let ticket = match queue {
                 Queue::Barge | Queue::Try => None,
                 Queue::Join => Some(revision(&response)?),
                 Queue::Waiting(ticket) => Some(ticket),
             };
-            let in_the_way = self.refused_by(&response, reads.len(), ticket, request, &fair);
+            let in_the_way = self.refused_by(&response, reads.len(), ticket, before, request, &fair);
             let renew_now = in_queue.lease.is_some_and(|on| !on.is_younger_than(RESERVATION_LEASE_YOUTH));
             if let Some(ticket) = ticket {
                 queue = Queue::Waiting(ticket);
@@ -742,19 +763,15 @@ impl EtcdBackend {
     /// The earlier waiters in the way of the waiter with `ticket`, if all
     /// of them are known: remembered from its last attempt, or read now
     /// (one request more) for a ticket this backend does not know.
-    async fn earlier(
-        &self,
-        fair: &Fair,
-        request: &LockRequest,
-        ticket: u64,
-    ) -> Result<Option<Vec<(Vec<u8>, i64)>>, Error> {
+    async fn earlier(&self, fair: &Fair<'_>, request: &LockRequest, ticket: u64) -> Result<Option<Earlier>, Error> {
         if let Some(waiter) = locked(&self.inner.queued).get(&ticket) {
             return Ok(waiter.complete.then(|| waiter.earlier.clone()));
         }
         let response = self.send(Txn::new().and_then(fair.reads(Some(ticket), AWAITED_PER_RANGE))).await?;
-        let (earlier, complete) = fair.earlier(read_ranges(&response));
-        self.note_queued(ticket, request, fair, &earlier, complete);
-        Ok(complete.then(|| earlier.iter().map(|kv| (kv.key().to_vec(), kv.create_revision())).collect()))
+        let (earlier, complete) = fair.earlier(read_ranges(&response), Some(ticket));
+        let earlier = Earlier::seen(&earlier, seen_at(&response));
+        self.note_queued(ticket, request, fair, earlier.clone(), complete);
+        Ok(complete.then_some(earlier))
     }
 
     /// A tag for a new wait: a free one of this backend's, or a new one.
@@ -808,11 +825,10 @@ impl EtcdBackend {
 
     /// Remembers the waiter with `ticket` and the earlier waiters it saw;
     /// forgets the waiters not heard of for longer than a reservation lives.
-    fn note_queued(&self, ticket: u64, request: &LockRequest, fair: &Fair, earlier: &[KeyValue], complete: bool) {
+    fn note_queued(&self, ticket: u64, request: &LockRequest, fair: &Fair<'_>, earlier: Earlier, complete: bool) {
         let now = Instant::now();
         let mut queued = locked(&self.inner.queued);
         queued.retain(|_, waiter| now.saturating_duration_since(waiter.noted_at) < RESERVATION_TTL * 2);
-        let earlier = earlier.iter().map(|kv| (kv.key().to_vec(), kv.create_revision())).collect();
         let (owner, tag, keys) = (request.owner.clone(), fair.tag.clone(), fair.keys.clone());
         queued.insert(ticket, Queued { owner, tag, joined: fair.joined, keys, earlier, complete, noted_at: now });
     }
@@ -839,7 +855,7 @@ impl EtcdBackend {
     async fn queue_part(
         &self,
         queue: Queue,
-        fair: &Fair,
+        fair: &Fair<'_>,
         request: &LockRequest,
         room: usize,
     ) -> Result<InQueue, Error> {
@@ -856,9 +872,10 @@ impl EtcdBackend {
             Queue::Waiting(ticket) => {
                 let on = self.reservation_lease(true).await?;
                 let earlier = self.earlier(fair, request, ticket).await?;
-                let otherwise = [fair.reads(Some(ticket), AWAITED_PER_RANGE), fair.puts(on.id, Some(ticket))].concat();
+                let reads = fair.reads(Some(ticket), AWAITED_PER_RANGE);
+                let otherwise = [reads, vec![fair.mark_if_written_again()], fair.puts(on.id, Some(ticket))].concat();
                 InQueue {
-                    compares: fair.gone_compares(earlier.as_deref(), room),
+                    compares: fair.gone_compares(earlier.as_ref(), room),
                     then: fair.deletes(),
                     otherwise,
                     lease: Some(on),
@@ -868,23 +885,26 @@ impl EtcdBackend {
     }
 
     /// What a refused round read in the way: the grants' keys (the first
-    /// `grant_reads` reads), then the reservations'. For a waiter with a
-    /// ticket, those are the earlier ones, remembered for its next round.
+    /// `grant_reads` reads), then the reservations' (read as
+    /// [`Fair::reads`] does for `before`). For a waiter with a ticket,
+    /// those are the earlier ones, remembered for its next round.
     fn refused_by(
         &self,
         response: &TxnResponse,
         grant_reads: usize,
         ticket: Option<u64>,
+        before: Option<u64>,
         request: &LockRequest,
-        fair: &Fair,
+        fair: &Fair<'_>,
     ) -> Vec<KeyValue> {
         let mut found = read_ranges(response);
         let awaited = found.split_off(grant_reads.min(found.len()));
         let mut in_the_way: Vec<KeyValue> = found.into_iter().flat_map(|(kvs, _)| kvs).collect();
         match ticket {
             Some(ticket) => {
-                let (earlier, complete) = fair.earlier(awaited);
-                self.note_queued(ticket, request, fair, &earlier, complete);
+                let (earlier, complete) = fair.earlier(awaited, before);
+                let seen = Earlier::seen(&earlier, seen_at(response));
+                self.note_queued(ticket, request, fair, seen, complete);
                 in_the_way.extend(earlier);
             }
             None => in_the_way.extend(awaited.into_iter().flat_map(|(kvs, _)| kvs)),
@@ -1260,7 +1280,39 @@ struct InQueue {
 /// reservation's keys, owner, and when its waiter joined the queue (unix
 /// ms by this side's clock at its `Join`, see [`join_time`]; every
 /// rewrite keeps it).
-struct Fair {
+///
+/// # Reservations written again
+///
+/// A ticket is the create revision of the reservation's keys until they
+/// are written again (after a lapse or a withdrawal, its next attempt
+/// writes them with the ticket in the value): the new keys are created
+/// after later tickets, yet the reservation keeps its place before them,
+/// as on every store. So a waiter cannot find the earlier ones by create
+/// revision alone, nor take "created anew" for "gone":
+///
+/// * its reads of the ranges (the keys created before its ticket, all
+///   earlier) go with one read of the namespace's reservations created
+///   after it, sorted by value: those written again (a ticket in the value,
+///   whose digits sort before the `@` of a first write) come first, and the
+///   ones with a smaller ticket that conflict with the request are earlier
+///   waiters too;
+/// * a rewrite also puts the namespace's rewrite mark, in the same
+///   transaction (a nested one, which puts it only if the keys were gone);
+///   a waiter compares that the mark did not change since its last look
+///   besides each earlier key's create revision. A key created anew since
+///   is then a later `Join`'s (a tag is reused), not in the way.
+///
+/// Rewrites are rare, so the mark rarely changes; when it does, each
+/// waiter of the namespace looks once more. A request without a ticket
+/// compares that no conflicting reservation exists at all, so none of this
+/// costs it anything: the uncontended grant is the same transaction as
+/// before; only a waiter's refusal reads one range more and puts the mark
+/// when it writes its keys again, and its attempts compare one key more.
+/// The mark is one key per namespace, without a lease: a reservation
+/// written again may outlive any lease the mark could have.
+struct Fair<'a> {
+    layout: &'a Layout,
+    items: &'a LockItems,
     ranges: Vec<Range>,
     tag: String,
     keys: Vec<String>,
@@ -1268,8 +1320,8 @@ struct Fair {
     joined: u64,
 }
 
-impl Fair {
-    fn new(layout: &Layout, request: &LockRequest, tag: &str, joined: u64) -> Self {
+impl<'a> Fair<'a> {
+    fn new(layout: &'a Layout, request: &'a LockRequest, tag: &str, joined: u64) -> Self {
         let mut ranges: Vec<Range> = Vec::new();
         for item in &request.items {
             let on_ancestors =
@@ -1285,7 +1337,7 @@ impl Fair {
             .iter()
             .flat_map(|item| layout.reservation_keys(item.mode, &item.path, &request.owner, tag))
             .collect();
-        Fair { ranges, tag: tag.to_owned(), keys, owner: request.owner.clone(), joined }
+        Fair { layout, items: &request.items, ranges, tag: tag.to_owned(), keys, owner: request.owner.clone(), joined }
     }
 
     /// No reservation in the way at all: what a request without a ticket
@@ -1294,39 +1346,57 @@ impl Fair {
         self.ranges.iter().map(|range| Expect::Empty.compare(range)).collect()
     }
 
-    /// Each earlier waiter's keys gone or written anew since (a create
-    /// revision other than the one seen): what a waiter compares, if all of
-    /// them are known and `room` compares are enough. Otherwise a compare
-    /// that never holds: an earlier waiter is in the way (or was at the
-    /// last look), and the refusal reads them again.
-    fn gone_compares(&self, earlier: Option<&[(Vec<u8>, i64)]>, room: usize) -> Vec<Compare> {
+    /// Each earlier waiter's keys gone or created anew since (a create
+    /// revision other than the one seen), and no reservation written again
+    /// since the look (the rewrite mark unchanged): what a waiter compares,
+    /// if all of them are known and `room` compares are enough. Otherwise a
+    /// compare that never holds: an earlier waiter is in the way (or was at
+    /// the last look), and the refusal reads them again.
+    fn gone_compares(&self, earlier: Option<&Earlier>, room: usize) -> Vec<Compare> {
         match earlier {
-            Some(earlier) if earlier.len() <= room => earlier
+            Some(earlier) if earlier.keys.len() < room => earlier
+                .keys
                 .iter()
                 .map(|(key, created)| Compare::create_revision(key.clone(), CompareOp::NotEqual, *created))
+                .chain([Compare::mod_revision(self.layout.rewrite_mark(), CompareOp::Less, earlier.seen_at + 1)])
                 .collect(),
             _ => vec![Compare::version(self.keys[0].clone(), CompareOp::Less, 0)],
         }
     }
 
     /// A read of each range, earliest waiter first: for a waiter with a
-    /// ticket, of the earlier waiters only.
+    /// ticket, of the keys created before it (all earlier), then of those
+    /// written again after it (see [`Fair`]).
     fn reads(&self, before: Option<u64>, limit: i64) -> Vec<TxnOp> {
-        self.ranges
+        let read = |range: &Range, options: GetOptions| {
+            TxnOp::get(range.start.clone(), Some(options.with_range(range.end.clone()).with_limit(limit)))
+        };
+        let by_creation = GetOptions::new().with_sort(SortTarget::Create, SortOrder::Ascend);
+        let mut reads: Vec<TxnOp> = self
+            .ranges
             .iter()
-            .map(|range| {
-                let options = GetOptions::new()
-                    .with_range(range.end.clone())
-                    .with_sort(SortTarget::Create, SortOrder::Ascend)
-                    .with_limit(limit);
-                let options = match before {
-                    // Tickets are revisions of writes: at least 2.
-                    Some(ticket) => options.with_max_create_revision((ticket as i64 - 1).max(1)),
-                    None => options,
-                };
-                TxnOp::get(range.start.clone(), Some(options))
+            .map(|range| match before {
+                // Tickets are revisions of writes: at least 2.
+                Some(ticket) => read(range, by_creation.clone().with_max_create_revision((ticket as i64 - 1).max(1))),
+                None => read(range, by_creation.clone()),
             })
-            .collect()
+            .collect();
+        if let Some(ticket) = before {
+            let written_after = GetOptions::new()
+                .with_min_create_revision(ticket as i64 + 1)
+                .with_sort(SortTarget::Value, SortOrder::Ascend);
+            // Every reservation's key is in the first space.
+            let [all, _exclusive_again] = self.layout.reservations();
+            reads.push(read(&all, written_after));
+        }
+        reads
+    }
+
+    /// Puts the rewrite mark if the reservation's keys are gone: what a
+    /// waiter's refusal does before it writes them (again).
+    fn mark_if_written_again(&self) -> TxnOp {
+        let gone = Compare::version(self.keys[0].clone(), CompareOp::Equal, 0);
+        TxnOp::txn(Txn::new().when([gone]).and_then([TxnOp::put(self.layout.rewrite_mark(), Vec::new(), None)]))
     }
 
     /// The reservation's keys on `lease`; with the ticket in the value
@@ -1343,12 +1413,37 @@ impl Fair {
         self.keys.iter().map(|key| TxnOp::delete(key.clone(), None)).collect()
     }
 
-    /// The earlier waiters among the reads of the ranges, and whether the
-    /// reads saw all of them.
-    fn earlier(&self, awaited: Vec<(Vec<KeyValue>, bool)>) -> (Vec<KeyValue>, bool) {
-        let complete = awaited.iter().all(|(_, more)| !more);
-        (awaited.into_iter().flat_map(|(kvs, _)| kvs).collect(), complete)
+    /// The earlier waiters among the reads [`Self::reads`] made (`before`
+    /// as given to it), and whether the reads saw all of them.
+    fn earlier(&self, mut awaited: Vec<(Vec<KeyValue>, bool)>, before: Option<u64>) -> (Vec<KeyValue>, bool) {
+        let written_after = before.and_then(|ticket| Some((ticket, awaited.pop()?)));
+        let mut complete = awaited.iter().all(|(_, more)| !more);
+        let mut earlier: Vec<KeyValue> = awaited.into_iter().flat_map(|(kvs, _)| kvs).collect();
+        if let Some((ticket, (kvs, more))) = written_after {
+            // Sorted by value: past the first key written once, none was
+            // written again.
+            complete &= !more || kvs.last().is_some_and(|kv| !is_written_again(kv));
+            earlier.extend(kvs.into_iter().filter(|kv| self.is_earlier_in_the_way(kv, ticket)));
+        }
+        (earlier, complete)
     }
+
+    /// Whether a reservation's key has a ticket before `ticket` and
+    /// conflicts with one of the request's items.
+    fn is_earlier_in_the_way(&self, kv: &KeyValue, ticket: u64) -> bool {
+        let earlier = decode_reservation(kv.value(), kv.create_revision()).is_ok_and(|found| found.ticket < ticket);
+        earlier
+            && self.layout.item_of(kv.key()).is_ok_and(|(path, mode)| {
+                self.items.iter().any(|item| path.overlaps(&item.path) && mode.conflicts_with(item.mode))
+            })
+    }
+}
+
+/// Whether a reservation's key was written again: its ticket is not its
+/// create revision.
+fn is_written_again(kv: &KeyValue) -> bool {
+    decode_reservation(kv.value(), kv.create_revision())
+        .is_ok_and(|found| i64::try_from(found.ticket).ok() != Some(kv.create_revision()))
 }
 
 /// The compare that holds iff every key in `range` was created by the
@@ -1398,6 +1493,12 @@ fn revision(response: &TxnResponse) -> Result<u64, Error> {
         .filter(|revision| *revision > 0)
         .map(|revision| revision as u64)
         .ok_or_else(|| Error::store_message(STORE, false, "a transaction's reply carried no revision"))
+}
+
+/// The revision a transaction's reads saw (zero if the reply carried none:
+/// the rewrite mark then holds a waiter up until it looks again).
+fn seen_at(response: &TxnResponse) -> i64 {
+    response.header().map_or(0, |header| header.revision())
 }
 
 /// Every key the reads of a transaction's branch returned, in order.

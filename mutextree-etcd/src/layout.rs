@@ -67,6 +67,11 @@
 //! (until a compaction), and a new key per wait would make every request on
 //! a busy node slower than the last, as a new key per grant would.
 //!
+//! One more key, `q` (the rewrite mark), is put whenever a reservation is
+//! written again after its keys were gone: its ticket is then older than
+//! its keys, which waiters cannot tell from the keys alone (see the
+//! backend module's `Fair`). It is outside every space above.
+//!
 //! # Values and leases
 //!
 //! The value is one byte for the kind (`L` a lock, `T` a stepwise client's
@@ -253,6 +258,14 @@ impl Layout {
         [AWAITED, EXCLUSIVE_AWAITED].map(|space| Range::prefixed(format!("{}{space}", self.namespace_prefix)))
     }
 
+    /// The key a reservation written again puts (see the backend module's
+    /// `Fair`): its mod revision says when a reservation last came back
+    /// with a ticket older than its keys. Not a lock's nor a reservation's
+    /// key (no space of theirs starts with `q`).
+    pub(crate) fn rewrite_mark(&self) -> String {
+        format!("{}{REWRITE_MARK}", self.namespace_prefix)
+    }
+
     /// Whether a key of this namespace is a reservation's.
     pub(crate) fn is_reservation(&self, key: &[u8]) -> bool {
         key.strip_prefix(self.namespace_prefix.as_bytes()).is_some_and(|rest| rest.starts_with(b"r"))
@@ -345,6 +358,8 @@ const AWAITED: &str = "r/";
 /// The space of revocations' keys.
 const REVOKED: &str = "v/";
 const EXCLUSIVE_AWAITED: &str = "rx/";
+/// The key of [`Layout::rewrite_mark`], after the namespace's prefix.
+const REWRITE_MARK: &str = "q";
 
 /// The letter of a mode in a reservation's key.
 fn mode_letter(mode: Mode) -> char {

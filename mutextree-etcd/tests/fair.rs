@@ -191,11 +191,14 @@ async fn waiting_renews_and_a_grant_deletes_it() {
     let written = reservation_keys(&namespace).await;
 
     // Renewed on a younger lease: past the first lease's ttl, still there.
+    // (The later one is renewed too: one written again would have every
+    // waiter look once more, see the rewrite test below.)
     let started = Instant::now();
     while started.elapsed() < RESERVATION_TTL + Duration::from_secs(1) {
         sleep(RESERVATION_TTL / 3).await;
         let (again, _) = queued(attempt(&backend, &[("A", X)], "first", Queue::Waiting(first)).await);
         assert_eq!(again, first, "the same ticket");
+        queued(attempt(&backend, &[("A/C", X)], "second", Queue::Waiting(second)).await);
     }
     let renewed = reservation_keys(&namespace).await;
     let mine = |kvs: &[KeyValue]| {
@@ -445,12 +448,14 @@ async fn max_txn_ops_counts_the_reservation_checks() {
     assert!(error.to_string().contains("9 operations"), "{error}");
     assert_eq!(small.round_trips().expect("counted"), sent, "nothing sent");
     granted(&small, &[("a/b/c", X)], "x", Queue::Barge).await;
-    // At depth 2: 6 to try; a refused `Join` writes 2 keys beside its 6 reads.
+    // At depth 2: 6 to try; a refused waiter writes 2 keys beside its 6
+    // reads, the read of the reservations written again and the rewrite
+    // mark's put (counted for a `Join` too, which waits on).
     granted(&small, &[("p/q", X)], "x", Queue::Try).await;
     let error = small.try_grant(&request(&[("r/s", X)], "x", Queue::Join)).await.expect_err("too big");
-    assert!(error.to_string().contains("8 operations"), "{error}");
+    assert!(error.to_string().contains("10 operations"), "{error}");
     let error = small.try_grant(&request(&[("r/s", X)], "x", Queue::Waiting(2))).await.expect_err("too big");
-    assert!(error.to_string().contains("8 operations"), "{error}");
+    assert!(error.to_string().contains("10 operations"), "{error}");
     granted(&small, &[("u/v", S)], "x", Queue::Join).await;
     granted(&small, &[("t", X)], "x", Queue::Join).await;
 }
@@ -490,4 +495,65 @@ async fn one_owners_two_waits_are_two_reservations() {
 async fn tags_of(namespace: &str) -> Vec<String> {
     let keys = reservation_keys(namespace).await;
     keys.iter().map(|kv| kv.key_str().expect("utf-8").rsplit_once('\x1f').expect("tag").1.to_owned()).collect()
+}
+
+/// A reservation written again (after a withdrawal here, a lapse alike)
+/// keeps its place in ticket order: a later waiter that saw it before is
+/// still held up by it, although its keys are new (a new create revision,
+/// after the later waiter's ticket), and the earlier waiter goes first.
+#[tokio::test]
+async fn a_reservation_written_again_still_holds_up_later_waiters() {
+    let (backend, namespace) = fresh().await;
+    let other = another(&namespace).await;
+    let holder = granted(&backend, &[("A", X)], "holder", Queue::Try).await;
+    let (first, _) = queued(attempt(&backend, &[("A", X)], "first", Queue::Join).await);
+    let (second, blockers) = queued(attempt(&other, &[("A", X)], "second", Queue::Join).await);
+    assert_eq!(named(&blockers), [("A".into(), X, "holder".into(), holder.token, false)]);
+
+    backend.withdraw(&Owner::new("first").expect("owner"), first).await.expect("withdraw");
+    let (again, _) = queued(attempt(&backend, &[("A", X)], "first", Queue::Waiting(first)).await);
+    assert_eq!(again, first, "the same ticket");
+    backend.release(&holder).await.expect("release");
+
+    let (again, blockers) = queued(attempt(&other, &[("A", X)], "second", Queue::Waiting(second)).await);
+    assert_eq!((again, named(&blockers)), (second, vec![("A".into(), X, "first".into(), first, true)]));
+    let grant = granted(&backend, &[("A", X)], "first", Queue::Waiting(first)).await;
+    backend.release(&grant).await.expect("release");
+    granted(&other, &[("A", X)], "second", Queue::Waiting(second)).await;
+}
+
+/// A later waiter finds an earlier one written again after it joined (its
+/// keys created after the later ticket): a refusal of two items names a
+/// blocker for each, the grant in the way of one and the earlier waiter in
+/// the way of the other; and once only that waiter is in the way, it holds
+/// the later one up, even if it was written again after the later one's
+/// last look, when it was not there.
+#[tokio::test]
+async fn a_waiter_finds_an_earlier_reservation_written_again_after_it_joined() {
+    let (backend, namespace) = fresh().await;
+    let other = another(&namespace).await;
+    let on_z = granted(&backend, &[("Z", X)], "h1", Queue::Try).await;
+    let on_b = granted(&backend, &[("B", X)], "h2", Queue::Try).await;
+    let first_owner = Owner::new("first").expect("owner");
+    let (first, _) = queued(attempt(&backend, &[("A/C", X), ("Z", X)], "first", Queue::Join).await);
+    backend.withdraw(&first_owner, first).await.expect("withdraw");
+    let (second, blockers) = queued(attempt(&other, &[("A", X), ("B", X)], "second", Queue::Join).await);
+    assert_eq!(named(&blockers), [("B".into(), X, "h2".into(), on_b.token, false)]);
+    queued(attempt(&backend, &[("A/C", X), ("Z", X)], "first", Queue::Waiting(first)).await);
+
+    let blockers = queued(attempt(&other, &[("A", X), ("B", X)], "second", Queue::Waiting(second)).await).1;
+    let in_the_way = [("A/C".into(), X, "first".into(), first, true), ("B".into(), X, "h2".into(), on_b.token, false)];
+    assert_eq!(named(&blockers), in_the_way);
+
+    // Gone at the later waiter's last look, written again after it.
+    backend.withdraw(&first_owner, first).await.expect("withdraw");
+    let blockers = queued(attempt(&other, &[("A", X), ("B", X)], "second", Queue::Waiting(second)).await).1;
+    assert_eq!(named(&blockers), [("B".into(), X, "h2".into(), on_b.token, false)]);
+    queued(attempt(&backend, &[("A/C", X), ("Z", X)], "first", Queue::Waiting(first)).await);
+    backend.release(&on_b).await.expect("release");
+    let blockers = queued(attempt(&other, &[("A", X), ("B", X)], "second", Queue::Waiting(second)).await).1;
+    assert_eq!(named(&blockers), [("A/C".into(), X, "first".into(), first, true)]);
+
+    backend.release(&on_z).await.expect("release");
+    granted(&backend, &[("A/C", X), ("Z", X)], "first", Queue::Waiting(first)).await;
 }
