@@ -80,7 +80,7 @@ use crate::backend::{AbortOnDrop, LockBackend};
 use crate::error::Error;
 use crate::lock::{Attempt, Fairness, Grant, HeldLock, LockItems, LockRequest, Mode, Owner, Ttl};
 use crate::path::LockPath;
-use crate::telemetry::{self, LostReason};
+use crate::telemetry::{self, Instruments, LostReason};
 use crate::wait::{Acquisition, Background, OnWait, Wait};
 
 /// Why [`TreeLock::lost`] reports a grant revoked ([`LockBackend::revoke`]).
@@ -284,6 +284,7 @@ impl<H: From<TreeLock>> TreeLockBuilder<H> {
                 on_wait: self.on_wait,
                 background: Background::default(),
                 refreshing: tokio::sync::Mutex::new(()),
+                instruments: Instruments::default(),
                 state: watch::Sender::new(State::default()),
             }),
         }
@@ -328,6 +329,8 @@ struct Shared {
     /// Serialises refreshes (explicit ones and the keeper's), so that their
     /// replies are installed in the order the store applied them.
     refreshing: tokio::sync::Mutex<()>,
+    /// The metrics this handle reports into.
+    instruments: Instruments,
     /// What the handle believes, in one place: a watch, so that
     /// [`TreeLock::lost`] follows it. Never borrowed across an `.await`.
     state: watch::Sender<State>,
@@ -400,7 +403,7 @@ impl Shared {
             *state = State {
                 grant: Some(grant.clone()),
                 lost: None,
-                granted_at: Some(Instant::now()),
+                granted_at: telemetry::hold_started(),
                 keeper: self.auto_refresh.then(|| keep_refreshed(self, grant)),
                 acquisition: state.acquisition + 1,
             };
@@ -431,7 +434,7 @@ impl Shared {
         let backend = self.backend.as_ref();
         match lost {
             Some((reason, detail)) => telemetry::lost(backend, grant, reason, detail, held),
-            None => telemetry::released(backend, &grant.items, held),
+            None => telemetry::released(backend, &self.instruments, &grant.items, held),
         }
     }
 
@@ -624,8 +627,12 @@ impl TreeLock {
         if let Some(fairness) = self.shared.fairness {
             acquisition = acquisition.fairness(fairness);
         }
-        let grant =
-            acquisition.in_background(&self.shared.background).on_wait(self.shared.on_wait.clone()).run().await?;
+        let grant = acquisition
+            .in_background(&self.shared.background)
+            .on_wait(self.shared.on_wait.clone())
+            .reporting_to(&self.shared.instruments)
+            .run()
+            .await?;
         if !self.shared.install(&grant) {
             // Another acquisition through a clone of this handle won the race.
             self.shared.background.release(&self.shared.backend, grant);

@@ -55,7 +55,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tracing::field::Empty;
-use tracing::Span;
+use tracing::{Level, Span};
 
 use crate::backend::LockBackend;
 use crate::lock::LockRequest;
@@ -114,20 +114,52 @@ fn store_of(backend: &dyn LockBackend) -> &'static str {
     backend.labels().store
 }
 
+/// Whether anything can see how long things take: the `metrics` feature
+/// is on, or a subscriber listens at `level`. Reading the clock for
+/// nobody costs a fast lock's handle a tenth of its speed.
+fn timed(level: Level) -> bool {
+    cfg!(feature = "metrics") || tracing::level_enabled!(level)
+}
+
+/// Now, if anything can see how long things take (see [`timed`]):
+/// when a hold starts.
+pub(crate) fn hold_started() -> Option<Instant> {
+    timed(Level::WARN).then(Instant::now)
+}
+
+/// The metric handles of one lock handle, registered on first use and
+/// kept (with the `metrics` feature; nothing without), so that an
+/// acquisition or a hold costs a recorder no lookup. A handle made before
+/// the application installs its recorder counts into no recorder: install
+/// it first, as the `metrics` crate advises.
+#[derive(Debug, Default)]
+pub(crate) struct Instruments {
+    #[cfg(feature = "metrics")]
+    kept: metrics::Kept,
+}
+
 /// One acquisition, observed from its start to its outcome; an
 /// acquisition dropped before it ended is reported `cancelled`.
-pub(crate) struct Acquiring {
+pub(crate) struct Acquiring<'a> {
     span: Span,
     store: &'static str,
     mode: &'static str,
     started: Instant,
+    instruments: Option<&'a Instruments>,
     /// Whether it is counted among the waiters now.
     waiting: bool,
     finished: bool,
 }
 
-impl Acquiring {
-    pub(crate) fn start(backend: &dyn LockBackend, request: &LockRequest, wait: Wait) -> Self {
+impl<'a> Acquiring<'a> {
+    /// An acquisition that started at `started`.
+    pub(crate) fn start(
+        backend: &dyn LockBackend,
+        request: &LockRequest,
+        wait: Wait,
+        started: Instant,
+        instruments: Option<&'a Instruments>,
+    ) -> Self {
         let labels = backend.labels();
         let span = tracing::debug_span!(
             target: "mutextree",
@@ -147,7 +179,8 @@ impl Acquiring {
             span,
             store: labels.store,
             mode: mode_label(&request.items),
-            started: Instant::now(),
+            started,
+            instruments,
             waiting: false,
             finished: false,
         }
@@ -168,7 +201,7 @@ impl Acquiring {
     pub(crate) fn waits(&mut self) {
         if !self.waiting {
             self.waiting = true;
-            metrics::waiters(self.store, 1.0);
+            metrics::waiters(self.instruments, self.store, 1.0);
         }
     }
 
@@ -200,17 +233,20 @@ impl Acquiring {
 
     fn end(&mut self, outcome: &'static str) {
         self.finished = true;
+        if std::mem::take(&mut self.waiting) {
+            metrics::waiters(self.instruments, self.store, -1.0);
+        }
+        if !timed(Level::DEBUG) {
+            return;
+        }
         let waited = self.started.elapsed();
         self.span.record("outcome", outcome);
         self.span.record("waited", waited.as_secs_f64());
-        if std::mem::take(&mut self.waiting) {
-            metrics::waiters(self.store, -1.0);
-        }
-        metrics::acquired(self.store, self.mode, outcome, waited);
+        metrics::acquired(self.instruments, self.store, self.mode, outcome, waited);
     }
 }
 
-impl Drop for Acquiring {
+impl Drop for Acquiring<'_> {
     fn drop(&mut self) {
         if !self.finished {
             self.end("cancelled");
@@ -269,8 +305,8 @@ pub(crate) fn refreshed(backend: &dyn LockBackend, margin: Duration) {
 }
 
 /// A hold of `items` that lasted `held` ended by a release.
-pub(crate) fn released(backend: &dyn LockBackend, items: &LockItems, held: Duration) {
-    metrics::held(store_of(backend), mode_label(items), held);
+pub(crate) fn released(backend: &dyn LockBackend, instruments: &Instruments, items: &LockItems, held: Duration) {
+    metrics::held(Some(instruments), store_of(backend), mode_label(items), held);
 }
 
 /// A hold of `grant` that lasted `held` was lost for `reason` (`detail`
@@ -290,27 +326,67 @@ pub(crate) fn lost(backend: &dyn LockBackend, grant: &Grant, reason: LostReason,
     );
     span.in_scope(|| tracing::warn!(target: "mutextree", "{detail}"));
     metrics::lost(labels.store, reason);
-    metrics::held(labels.store, mode_label(&grant.items), held);
+    metrics::held(None, labels.store, mode_label(&grant.items), held);
 }
 
 /// The metrics, or nothing without the `metrics` feature.
 #[cfg(feature = "metrics")]
 mod metrics {
+    use std::sync::OnceLock;
     use std::time::Duration;
 
-    use super::LostReason;
+    use ::metrics::{Gauge, Histogram};
 
-    pub(super) fn acquired(store: &'static str, mode: &'static str, outcome: &'static str, waited: Duration) {
-        ::metrics::histogram!("mutextree_acquire_seconds", "store" => store, "mode" => mode, "outcome" => outcome)
-            .record(waited.as_secs_f64());
+    use super::{Instruments, LostReason};
+
+    /// The outcomes of an acquisition, in the order [`Kept`] keeps them.
+    const OUTCOMES: [&str; 5] = ["granted", "refused", "timed_out", "error", "cancelled"];
+    /// The modes of a hold, likewise.
+    const MODES: [&str; 3] = ["exclusive", "shared", "mixed"];
+
+    /// The handles of [`Instruments`]: one lock handle has one store and
+    /// one requested mode, so an outcome or a held mode is enough to tell
+    /// its series.
+    #[derive(Debug, Default)]
+    pub(super) struct Kept {
+        acquired: [OnceLock<Histogram>; OUTCOMES.len()],
+        held: [OnceLock<Histogram>; MODES.len()],
+        waiters: OnceLock<Gauge>,
     }
 
-    pub(super) fn waiters(store: &'static str, change: f64) {
-        ::metrics::gauge!("mutextree_waiters", "store" => store).increment(change);
+    /// The handle kept in `slot` (made on first use), or `make()`.
+    fn kept<T: Clone>(slot: Option<&OnceLock<T>>, make: impl FnOnce() -> T) -> T {
+        match slot {
+            Some(slot) => slot.get_or_init(make).clone(),
+            None => make(),
+        }
     }
 
-    pub(super) fn held(store: &'static str, mode: &'static str, held: Duration) {
-        ::metrics::histogram!("mutextree_hold_seconds", "store" => store, "mode" => mode).record(held.as_secs_f64());
+    fn index(all: &[&str], one: &str) -> Option<usize> {
+        all.iter().position(|each| *each == one)
+    }
+
+    pub(super) fn acquired(
+        instruments: Option<&Instruments>,
+        store: &'static str,
+        mode: &'static str,
+        outcome: &'static str,
+        waited: Duration,
+    ) {
+        let make = || ::metrics::histogram!("mutextree_acquire_seconds", "store" => store, "mode" => mode, "outcome" => outcome);
+        let slot = instruments.zip(index(&OUTCOMES, outcome)).map(|(kept, at)| &kept.kept.acquired[at]);
+        kept(slot, make).record(waited.as_secs_f64());
+    }
+
+    pub(super) fn waiters(instruments: Option<&Instruments>, store: &'static str, change: f64) {
+        let make = || ::metrics::gauge!("mutextree_waiters", "store" => store);
+        kept(instruments.map(|kept| &kept.kept.waiters), make).increment(change);
+    }
+
+    pub(super) fn held(instruments: Option<&Instruments>, store: &'static str, mode: &'static str, held: Duration) {
+        let make = || ::metrics::histogram!("mutextree_hold_seconds", "store" => store, "mode" => mode);
+        let slot = instruments.zip(index(&MODES, mode)).map(|(kept, at)| &kept.kept.held[at]);
+        kept(slot, make).record(held.as_secs_f64());
     }
 
     pub(super) fn lost(store: &'static str, reason: LostReason) {
@@ -331,11 +407,11 @@ mod metrics {
 mod metrics {
     use std::time::Duration;
 
-    use super::LostReason;
+    use super::{Instruments, LostReason};
 
-    pub(super) fn acquired(_: &'static str, _: &'static str, _: &'static str, _: Duration) {}
-    pub(super) fn waiters(_: &'static str, _: f64) {}
-    pub(super) fn held(_: &'static str, _: &'static str, _: Duration) {}
+    pub(super) fn acquired(_: Option<&Instruments>, _: &'static str, _: &'static str, _: &'static str, _: Duration) {}
+    pub(super) fn waiters(_: Option<&Instruments>, _: &'static str, _: f64) {}
+    pub(super) fn held(_: Option<&Instruments>, _: &'static str, _: &'static str, _: Duration) {}
     pub(super) fn lost(_: &'static str, _: LostReason) {}
     pub(super) fn refresh_margin(_: &'static str, _: Duration) {}
     pub(super) fn store_error(_: &'static str, _: &'static str) {}

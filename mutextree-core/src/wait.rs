@@ -49,7 +49,7 @@ use crate::backend::stepwise::TRANSIENT_PATIENCE;
 use crate::error::Error;
 use crate::lock::{Attempt, Blockers, Fairness, Grant, HeldLock, LockRequest, Owner, Queue, RESERVATION_TTL};
 use crate::path::LockPath;
-use crate::telemetry::Acquiring;
+use crate::telemetry::{Acquiring, Instruments};
 
 /// How long an acquisition may wait for a held lock.
 ///
@@ -119,6 +119,8 @@ pub struct Acquisition<'a> {
     /// Where a cancelled attempt finishes; one of its own if none is given.
     background: Option<&'a Background>,
     on_wait: Option<OnWait>,
+    /// The metric handles to report into, if the caller keeps some.
+    instruments: Option<&'a Instruments>,
     /// The blocker met last, by path and token.
     last_blocker: Option<(LockPath, u64)>,
     /// Whether the last wake-up was a change the store reported.
@@ -167,6 +169,7 @@ impl<'a> Acquisition<'a> {
             transient_since: None,
             fairness: backend.fairness(),
             ticket: None,
+            instruments: None,
         }
     }
 
@@ -184,6 +187,13 @@ impl<'a> Acquisition<'a> {
         self
     }
 
+    /// Reports into `instruments` (a lock handle's) rather than registering
+    /// its metrics anew.
+    pub(crate) fn reporting_to(mut self, instruments: &'a Instruments) -> Self {
+        self.instruments = Some(instruments);
+        self
+    }
+
     /// Calls `on_wait` each time the acquisition is about to wait behind a
     /// lock.
     pub fn on_wait(mut self, on_wait: Option<OnWait>) -> Self {
@@ -198,7 +208,8 @@ impl<'a> Acquisition<'a> {
     /// refuse each other. A timed wait never goes past its own deadline
     /// for it.
     pub async fn run(self) -> Result<Grant, Error> {
-        let mut observed = Acquiring::start(self.backend.as_ref(), self.request, self.wait);
+        let mut observed =
+            Acquiring::start(self.backend.as_ref(), self.request, self.wait, self.started, self.instruments);
         let span = observed.span();
         async move {
             let outcome = self.attempts(&mut observed).await;
@@ -210,7 +221,7 @@ impl<'a> Acquisition<'a> {
     }
 
     /// The attempts and waits of [`Acquisition::run`], told to `observed`.
-    async fn attempts(mut self, observed: &mut Acquiring) -> Result<Grant, Error> {
+    async fn attempts(mut self, observed: &mut Acquiring<'_>) -> Result<Grant, Error> {
         loop {
             let blockers = match self.attempt().await? {
                 Attempt::Granted(grant) => {
