@@ -74,13 +74,12 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::{sleep_until, timeout_at, Instant};
-use tracing::Instrument;
 
 use crate::backend::{AbortOnDrop, LockBackend};
 use crate::error::Error;
 use crate::lock::{Attempt, Fairness, Grant, HeldLock, LockItems, LockRequest, Mode, Owner, Ttl};
 use crate::path::LockPath;
-use crate::telemetry::{self, Instruments, LostReason};
+use crate::telemetry::{self, in_span, Instruments, LostReason};
 use crate::wait::{Acquisition, Background, OnWait, Wait};
 
 /// Why [`TreeLock::lost`] reports a grant revoked ([`LockBackend::revoke`]).
@@ -522,7 +521,7 @@ impl Shared {
     async fn refresh_in_order(&self, grant: &Grant, ttl: Ttl) -> Result<Grant, Error> {
         let answered = telemetry::on_grant("refresh", self.backend.as_ref(), grant);
         self.shorten_expiry(grant.token, Instant::now() + ttl.get());
-        let outcome = self.backend.refresh(grant, ttl).instrument(answered.span()).await;
+        let outcome = in_span(answered.span(), self.backend.refresh(grant, ttl)).await;
         answered.outcome(&outcome);
         let refreshed = outcome?;
         telemetry::refreshed(self.backend.as_ref(), grant.remaining());
@@ -659,7 +658,7 @@ impl TreeLock {
         // lock gone and report a loss that is only the release.
         let stopped_keeper = self.shared.stop_keeper(grant.token);
         let answered = telemetry::on_grant("release", self.shared.backend.as_ref(), grant);
-        let outcome = self.shared.backend.release(grant).instrument(answered.span()).await;
+        let outcome = in_span(answered.span(), self.shared.backend.release(grant)).await;
         answered.outcome(&outcome);
         match &outcome {
             Ok(()) => {

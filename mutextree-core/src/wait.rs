@@ -41,7 +41,6 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::{sleep, sleep_until, Instant};
-use tracing::Instrument;
 
 use crate::backend::contract::LockBackend;
 use crate::backend::feed::Listener;
@@ -49,7 +48,7 @@ use crate::backend::stepwise::TRANSIENT_PATIENCE;
 use crate::error::Error;
 use crate::lock::{Attempt, Blockers, Fairness, Grant, HeldLock, LockRequest, Owner, Queue, RESERVATION_TTL};
 use crate::path::LockPath;
-use crate::telemetry::{Acquiring, Instruments};
+use crate::telemetry::{in_span, Acquiring, Instruments};
 
 /// How long an acquisition may wait for a held lock.
 ///
@@ -210,14 +209,9 @@ impl<'a> Acquisition<'a> {
     pub async fn run(self) -> Result<Grant, Error> {
         let mut observed =
             Acquiring::start(self.backend.as_ref(), self.request, self.wait, self.started, self.instruments);
-        let span = observed.span();
-        async move {
-            let outcome = self.attempts(&mut observed).await;
-            observed.finish(&outcome);
-            outcome
-        }
-        .instrument(span)
-        .await
+        let outcome = in_span(observed.span(), self.attempts(&mut observed)).await;
+        observed.finish(&outcome);
+        outcome
     }
 
     /// The attempts and waits of [`Acquisition::run`], told to `observed`.
