@@ -273,7 +273,7 @@ use mutextree_core::backend::quote;
 use mutextree_core::Error;
 
 /// The version of the objects this crate creates and uses.
-pub(crate) const VERSION: i32 = 6;
+pub(crate) const VERSION: i32 = 7;
 
 /// The name of a PostgreSQL schema the store keeps its objects in.
 ///
@@ -356,6 +356,7 @@ impl fmt::Debug for SchemaName {
 pub(crate) struct Statements {
     pub(crate) read_version: String,
     pub(crate) grant: String,
+    pub(crate) grant_exclusive: String,
     pub(crate) release: String,
     pub(crate) refresh: String,
     pub(crate) list_all: String,
@@ -370,21 +371,23 @@ impl Statements {
         let s = schema.quoted();
         let list = format!(
             "SELECT l.key, l.owner, l.token, \
-                    (extract(epoch FROM l.expires_at - n.now) * 1000000)::bigint, l.transient, l.mode \
+                    (extract(epoch FROM l.expires_at - n.now) * 1000000)::bigint, l.transient, l.mode, 0::bigint \
              FROM {s}.locks l, (SELECT clock_timestamp() AS now) n \
              WHERE l.namespace = $1 AND l.expires_at > n.now"
         );
         let waiters = format!(
             "SELECT r.key, r.owner, r.ticket, \
-                    (extract(epoch FROM r.expires_at - n.now) * 1000000)::bigint, false, r.mode \
+                    (extract(epoch FROM r.expires_at - n.now) * 1000000)::bigint, false, r.mode, \
+                    greatest((extract(epoch FROM n.now - r.joined_at) * 1000000)::bigint, 0) \
              FROM {s}.reservations r, (SELECT clock_timestamp() AS now) n \
              WHERE r.namespace = $1 AND r.expires_at > n.now"
         );
         Statements {
             read_version: format!("SELECT version FROM {s}.schema_version"),
             grant: format!(
-                "SELECT * FROM {s}.try_grant_queued($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
+                "SELECT * FROM {s}.try_grant_general($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
             ),
+            grant_exclusive: format!("SELECT * FROM {s}.try_grant_exclusive($1, $2, $3, $4, $5, $6, $7, $8, $9)"),
             release: format!("SELECT {s}.release_items($1, $2, $3, $4)"),
             refresh: format!("SELECT {s}.refresh_items($1, $2, $3, $4, $5)"),
             list_all: format!("{list} ORDER BY l.key, l.token"),
@@ -408,6 +411,7 @@ const MIGRATIONS: [&str; VERSION as usize] = [
     include_str!("migrations/0004_try_locks_first.sql"),
     include_str!("migrations/0005_modes_and_items.sql"),
     include_str!("migrations/0006_fair_waiting.sql"),
+    include_str!("migrations/0007_one_exclusive_item_and_waited.sql"),
 ];
 
 /// The statements that take the schema from `version - 1` to `version`.
@@ -516,13 +520,14 @@ mod tests {
 
     /// The SHA-256 of each released migration's file, as
     /// `sha256sum src/migrations/*.sql` prints it.
-    const RELEASED: [&str; 6] = [
+    const RELEASED: [&str; 7] = [
         "306db937814fdbdcd85009cb7f375c47657aa5f39d2ec457290f798a0aa1f2f0",
         "7ff07ddb8ef729a3d9efad66f4ca0131390636808011c7654cd9dec06784014c",
         "41c72b29fb91f23992a317c63464abb3ba36f0ac5e06c82c909477625e18b1ea",
         "5f4edc589e89479fdca77c188b39d77396d1232893736f6da7144abfe61b7351",
         "d7e5ad45dded0bb7b80fc01e7e36cf0264bb89c21e8ec5e12fdf924aeb302e48",
         "4369596d7c06a677f251d1934887f2c4e0efa875d2d0885bdad77dfe590435da",
+        "afca287269f3e9cc012e9bd0728905e8e101a13dd8f76e048346dae6b58b131d",
     ];
 
     #[test]

@@ -55,7 +55,7 @@ async fn concurrent_migrations_of_a_fresh_schema_all_succeed() {
         let client = inspector(&url).await;
         let versions = client.query(&format!("SELECT version FROM \"{schema}\".schema_version"), &[]).await;
         let versions: Vec<i32> = versions.expect("version table").iter().map(|row| row.get(0)).collect();
-        assert_eq!(versions, [6], "one version row");
+        assert_eq!(versions, [7], "one version row");
         // A later start finds the current version and changes nothing.
         PostgresConfig::from_url(&url).expect("url").schema(schema.clone()).connect().await.expect("again");
         client.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE")).await.expect("drop");
@@ -245,7 +245,7 @@ async fn an_older_schema_is_migrated() {
         .expect("back to version 1");
     let backend = config.connect().await.expect("migrate").backend("older").expect("namespace");
     let version = client.query_one(&format!("SELECT version FROM \"{schema}\".schema_version"), &[]).await;
-    assert_eq!(version.expect("version").get::<_, i32>(0), 6);
+    assert_eq!(version.expect("version").get::<_, i32>(0), 7);
     let settings = client
         .query(
             "SELECT p.proname::text, array_to_string(p.proconfig, ',') FROM pg_proc p \
@@ -262,6 +262,8 @@ async fn an_older_schema_is_migrated() {
         ("release", None),
         ("release_items", None),
         ("try_grant", generic.clone()),
+        ("try_grant_exclusive", generic.clone()),
+        ("try_grant_general", generic.clone()),
         ("try_grant_items", generic.clone()),
         ("try_grant_queued", generic.clone()),
         ("withdraw", generic),
@@ -329,7 +331,7 @@ async fn a_version_2_schema_is_migrated() {
 
     let backend = Arc::new(config.connect().await.expect("migrate").backend("older").expect("namespace"));
     let version = client.query_one(&format!("SELECT version FROM \"{schema}\".schema_version"), &[]).await;
-    assert_eq!(version.expect("version").get::<_, i32>(0), 6);
+    assert_eq!(version.expect("version").get::<_, i32>(0), 7);
     let rows = client.query_one(&format!("SELECT count(*) FROM \"{schema}\".listeners"), &[]).await;
     assert_eq!(rows.expect("listeners table").get::<_, i64>(0), 0);
     let long = Duration::from_secs(60);

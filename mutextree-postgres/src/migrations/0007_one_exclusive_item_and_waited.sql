@@ -1,0 +1,554 @@
+
+-- A grant function made for the common request, one Exclusive item; the
+-- time a waiter joined the queue, kept by its reservation; and the general
+-- grant function again, reporting how long a waiter in the way has waited.
+-- See "One Exclusive item" and "Fair waiting" in the crate's schema module.
+-- Every statement can run again on a schema it already changed.
+
+-- When the waiter took its ticket (a renewal keeps it). Reservations
+-- written before this version count from the upgrade; the grant function
+-- of version 6, still called by clients of that version, leaves it to the
+-- default.
+ALTER TABLE {schema}.reservations ADD COLUMN IF NOT EXISTS joined_at timestamptz NOT NULL
+    DEFAULT clock_timestamp();
+
+-- try_grant_queued for a tree request of one Exclusive item p_key (not a
+-- mode change), whose strict ancestors are p_ancestors (root first) and
+-- whose subtree's keys end before p_range_end. It takes the same advisory
+-- locks (each ancestor's key shared, then the node's exclusively: that is
+-- their order by key), honours the queue the same way (p_queue, p_ticket,
+-- p_reservation_ms) and answers in the same columns, with
+-- blocker_waited_us beside them (a reservation's time in the queue, 0 for
+-- a grant).
+CREATE OR REPLACE FUNCTION {schema}.try_grant_exclusive(
+    p_namespace text, p_owner text, p_ttl_ms bigint, p_key text, p_range_end text, p_ancestors text[],
+    p_queue text, p_ticket bigint, p_reservation_ms bigint,
+    OUT outcome text, OUT token bigint,
+    OUT blocked_items integer[], OUT blocker_keys text[], OUT blocker_modes text[], OUT blocker_owners text[],
+    OUT blocker_tokens bigint[], OUT blocker_remaining_us bigint[], OUT blocker_transient boolean[],
+    OUT blocker_waiting boolean[], OUT blocker_waited_us bigint[])
+LANGUAGE plpgsql VOLATILE SET plan_cache_mode = force_generic_plan AS $fn$
+DECLARE
+    v_pass integer;
+    v_free boolean := true;
+    v_ancestor text;
+    v_found boolean;
+    v_waiting boolean := false;
+    v_now timestamptz;
+    v_writes boolean := p_queue IN ('join', 'waiting');
+    -- Only tickets below this one are ahead of the request.
+    v_before bigint := CASE WHEN p_queue = 'waiting' THEN p_ticket ELSE 9223372036854775807 END;
+    v_reservation interval := p_reservation_ms * interval '1 millisecond';
+    v_live_until timestamptz;
+    v_joined_at timestamptz;
+    v_blocker {schema}.locks%ROWTYPE;
+    v_held {schema}.locks%ROWTYPE;
+    v_row {schema}.locks%ROWTYPE;
+BEGIN
+    -- Under REPEATABLE READ or SERIALIZABLE every statement would read the
+    -- snapshot taken before the advisory locks were granted.
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'mutextree grants need READ COMMITTED, not %', current_setting('transaction_isolation')
+            USING ERRCODE = '25001';
+    END IF;
+
+    -- 1. The advisory locks, as in try_grant_queued: each only if it is
+    --    free at once; otherwise a look without waiting first (unless the
+    --    refusal writes a reservation), then the locks waited for, each in
+    --    a statement of its own, and a second look.
+    FOREACH v_ancestor IN ARRAY p_ancestors LOOP
+        v_free := pg_try_advisory_xact_lock_shared(hashtextextended(p_namespace || ' ' || v_ancestor, 0));
+        EXIT WHEN NOT v_free;
+    END LOOP;
+    IF v_free THEN
+        v_free := pg_try_advisory_xact_lock(hashtextextended(p_namespace || ' ' || p_key, 0));
+    END IF;
+
+    FOR v_pass IN CASE WHEN v_free OR v_writes THEN 2 ELSE 1 END..2 LOOP
+        IF v_pass = 2 AND NOT v_free THEN
+            FOREACH v_ancestor IN ARRAY p_ancestors LOOP
+                PERFORM pg_advisory_xact_lock_shared(hashtextextended(p_namespace || ' ' || v_ancestor, 0));
+            END LOOP;
+            PERFORM pg_advisory_xact_lock(hashtextextended(p_namespace || ' ' || p_key, 0));
+        END IF;
+        v_now := clock_timestamp();
+
+        -- 2. The check: each ancestor by one lookup of the whole primary
+        --    key, root first, until a held lock; then the subtree by a
+        --    range of it. Every live row is in the way. A held lock is
+        --    reported rather than a stepwise client's transient one when
+        --    both are there. Expiry is tested as a difference (see "Plans"
+        --    in the schema module).
+        v_found := false;
+        FOREACH v_ancestor IN ARRAY p_ancestors LOOP
+            SELECT * INTO v_row FROM {schema}.locks l
+             WHERE l.namespace = p_namespace AND l.key = v_ancestor AND l.expires_at - v_now > interval '0'
+             LIMIT 1;
+            IF FOUND AND (NOT v_found OR NOT v_row.transient) THEN
+                v_blocker := v_row;
+                v_found := true;
+                EXIT WHEN NOT v_row.transient;
+            END IF;
+        END LOOP;
+        IF NOT v_found OR v_blocker.transient THEN
+            SELECT * INTO v_row FROM {schema}.locks l
+             WHERE l.namespace = p_namespace AND l.key >= p_key AND l.key < p_range_end
+               AND l.expires_at - v_now > interval '0'
+             ORDER BY l.key LIMIT 1;
+            IF FOUND THEN
+                IF v_row.transient THEN
+                    SELECT * INTO v_held FROM {schema}.locks l
+                     WHERE l.namespace = p_namespace AND l.key >= p_key AND l.key < p_range_end
+                       AND l.expires_at - v_now > interval '0' AND NOT l.transient
+                     ORDER BY l.key LIMIT 1;
+                    IF FOUND THEN
+                        v_row := v_held;
+                    END IF;
+                END IF;
+                IF NOT v_found OR NOT v_row.transient THEN
+                    v_blocker := v_row;
+                END IF;
+                v_found := true;
+            END IF;
+        END IF;
+
+        -- A waiter ahead, if no grant is in the way and a reservation of
+        -- the namespace may be live (the mark: one lookup, which a refusal
+        -- that writes its reservation reads too, to move the mark only
+        -- when it must): a live reservation with a smaller ticket on an
+        -- ancestor (the head of its key's queue) or in the subtree, in
+        -- either mode.
+        IF p_queue <> 'barge' AND (v_writes OR NOT v_found) THEN
+            SELECT q.live_until INTO v_live_until FROM {schema}.queues q WHERE q.namespace = p_namespace;
+        END IF;
+        IF NOT v_found AND v_live_until - v_now > interval '0' THEN
+            FOREACH v_ancestor IN ARRAY p_ancestors LOOP
+                SELECT r.key, r.mode, r.owner, r.ticket, r.expires_at, r.joined_at
+                  INTO v_blocker.key, v_blocker.mode, v_blocker.owner, v_blocker.token, v_blocker.expires_at,
+                       v_joined_at
+                  FROM {schema}.reservations r
+                 WHERE r.namespace = p_namespace AND r.key = v_ancestor AND r.ticket < v_before
+                   AND r.expires_at - v_now > interval '0'
+                 ORDER BY r.ticket LIMIT 1;
+                v_found := FOUND;
+                EXIT WHEN v_found;
+            END LOOP;
+            IF NOT v_found THEN
+                SELECT r.key, r.mode, r.owner, r.ticket, r.expires_at, r.joined_at
+                  INTO v_blocker.key, v_blocker.mode, v_blocker.owner, v_blocker.token, v_blocker.expires_at,
+                       v_joined_at
+                  FROM {schema}.reservations r
+                 WHERE r.namespace = p_namespace AND r.key >= p_key AND r.key < p_range_end
+                   AND r.ticket < v_before AND r.expires_at - v_now > interval '0'
+                 ORDER BY r.key, r.ticket LIMIT 1;
+                v_found := FOUND;
+            END IF;
+            v_blocker.transient := false;
+            v_waiting := v_found;
+        END IF;
+        EXIT WHEN v_found;
+    END LOOP;
+
+    IF v_found THEN
+        blocked_items := ARRAY[1];
+        blocker_keys := ARRAY[v_blocker.key];
+        blocker_modes := ARRAY[v_blocker.mode];
+        blocker_owners := ARRAY[v_blocker.owner];
+        blocker_tokens := ARRAY[v_blocker.token];
+        blocker_remaining_us := ARRAY[(extract(epoch FROM v_blocker.expires_at - v_now) * 1000000)::bigint];
+        blocker_transient := ARRAY[v_blocker.transient];
+        blocker_waiting := ARRAY[v_waiting];
+        blocker_waited_us := ARRAY[CASE WHEN v_waiting
+                                        THEN greatest((extract(epoch FROM v_now - v_joined_at) * 1000000)::bigint, 0)
+                                        ELSE 0 END];
+        IF NOT v_writes THEN
+            outcome := 'blocked';
+            RETURN;
+        END IF;
+        -- 3. Refused in the queue, as in try_grant_queued: the ticket, the
+        --    reservation written (a waiter's renewed, keeping when it
+        --    joined, or written again if it lapsed), the mark moved.
+        outcome := 'queued';
+        IF p_queue = 'join' THEN
+            token := nextval('{schema}.tokens');
+        ELSE
+            token := p_ticket;
+        END IF;
+        INSERT INTO {schema}.reservations AS r (namespace, key, ticket, mode, owner, expires_at, joined_at)
+        VALUES (p_namespace, p_key, try_grant_exclusive.token, 'exclusive', p_owner, v_now + v_reservation, v_now)
+        ON CONFLICT (namespace, key, ticket) DO UPDATE SET expires_at = excluded.expires_at
+         WHERE r.owner = excluded.owner;
+        IF NOT coalesce(v_live_until - v_now >= v_reservation, false) THEN
+            INSERT INTO {schema}.queues AS q (namespace, live_until) VALUES (p_namespace, v_now + 2 * v_reservation)
+            ON CONFLICT (namespace) DO UPDATE SET live_until = greatest(q.live_until, excluded.live_until);
+        END IF;
+        RETURN;
+    END IF;
+
+    -- 4. The grant: the expired rows of the subtree removed (a stepwise
+    --    client may have locked a descendant's key since the check: that
+    --    row is live and stays), the row written.
+    DELETE FROM {schema}.locks l
+     WHERE l.namespace = p_namespace AND l.key >= p_key AND l.key < p_range_end
+       AND l.expires_at - v_now <= interval '0';
+    INSERT INTO {schema}.locks (namespace, key, owner, token, expires_at, transient, mode)
+    VALUES (p_namespace, p_key, p_owner, nextval('{schema}.tokens'), v_now + p_ttl_ms * interval '1 millisecond',
+            false, 'exclusive')
+    RETURNING locks.token INTO token;
+    outcome := 'granted';
+
+    -- A waiter's grant takes its reservation's place.
+    IF p_queue = 'waiting' THEN
+        DELETE FROM {schema}.reservations r
+         WHERE r.namespace = p_namespace AND r.ticket = p_ticket AND r.owner = p_owner;
+    END IF;
+
+    -- 5. The bounded sweep, as in try_grant_queued, after one grant in 128.
+    IF token % 128 = 0 THEN
+        DELETE FROM {schema}.locks l
+         USING (SELECT e.namespace, e.key, e.token FROM {schema}.locks e WHERE e.expires_at <= v_now
+                 ORDER BY e.expires_at LIMIT 256 FOR UPDATE SKIP LOCKED) old
+         WHERE l.namespace = old.namespace AND l.key = old.key AND l.token = old.token AND l.expires_at <= v_now;
+        DELETE FROM {schema}.reservations r
+         USING (SELECT e.namespace, e.key, e.ticket FROM {schema}.reservations e WHERE e.expires_at <= v_now
+                 ORDER BY e.expires_at LIMIT 256 FOR UPDATE SKIP LOCKED) old
+         WHERE r.namespace = old.namespace AND r.key = old.key AND r.ticket = old.ticket AND r.expires_at <= v_now;
+    END IF;
+END
+$fn$;
+
+-- try_grant_queued again, for every other request (several items, a
+-- Shared one, a single-key lock, a mode change), with blocker_waited_us:
+-- how long each reservation in the way has been in the queue (0 for a
+-- grant). A reservation it writes records when its waiter joined; a
+-- renewal keeps that.
+CREATE OR REPLACE FUNCTION {schema}.try_grant_general(
+    p_namespace text, p_owner text, p_ttl_ms bigint, p_tree boolean, p_transient boolean, p_changing bigint,
+    p_keys text[], p_modes text[], p_range_ends text[], p_depths integer[], p_ancestors text[],
+    p_lock_keys text[], p_lock_modes text[], p_queue text, p_ticket bigint, p_reservation_ms bigint,
+    OUT outcome text, OUT token bigint,
+    OUT blocked_items integer[], OUT blocker_keys text[], OUT blocker_modes text[], OUT blocker_owners text[],
+    OUT blocker_tokens bigint[], OUT blocker_remaining_us bigint[], OUT blocker_transient boolean[],
+    OUT blocker_waiting boolean[], OUT blocker_waited_us bigint[])
+LANGUAGE plpgsql VOLATILE SET plan_cache_mode = force_generic_plan AS $fn$
+DECLARE
+    v_pass integer;
+    v_free boolean := true;
+    v_lock integer;
+    v_item integer;
+    v_at integer;
+    v_first integer;
+    v_from integer;
+    v_found boolean;
+    v_waiting boolean;
+    v_exclusive boolean;
+    v_now timestamptz;
+    v_fair boolean := p_tree AND p_changing = 0 AND p_queue <> 'barge';
+    v_writes boolean := p_tree AND p_changing = 0 AND p_queue IN ('join', 'waiting');
+    -- Only tickets below this one are ahead of the request.
+    v_before bigint := CASE WHEN p_queue = 'waiting' THEN p_ticket ELSE 9223372036854775807 END;
+    v_reservation interval := p_reservation_ms * interval '1 millisecond';
+    v_live_until timestamptz;
+    v_joined_at timestamptz;
+    v_queued boolean := false;
+    v_blocker {schema}.locks%ROWTYPE;
+    v_held {schema}.locks%ROWTYPE;
+    v_row {schema}.locks%ROWTYPE;
+BEGIN
+    -- Under REPEATABLE READ or SERIALIZABLE every statement would read the
+    -- snapshot taken before the advisory locks were granted.
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'mutextree grants need READ COMMITTED, not %', current_setting('transaction_isolation')
+            USING ERRCODE = '25001';
+    END IF;
+
+    -- 1. The advisory locks, in the order of p_lock_keys, each only if it
+    --    is free at once. When they all are, the check below runs once,
+    --    with a snapshot taken after they were held. Otherwise the ones
+    --    taken so far stay held (the waiting pass takes them first anyway),
+    --    and the call first looks without waiting: a live lock it sees
+    --    refuses the call at once (it was live at that instant), so
+    --    refusals never queue behind the lock holders. Only then does it
+    --    wait for the locks, each in a statement of its own, and look again.
+    --    A request that writes its reservation when refused ('join',
+    --    'waiting') always waits for its locks before it looks: a
+    --    reservation is written under the locks of its items, as a grant is.
+    FOR v_lock IN 1..cardinality(p_lock_keys) LOOP
+        IF p_lock_modes[v_lock] = 'exclusive' THEN
+            v_free := pg_try_advisory_xact_lock(hashtextextended(p_namespace || ' ' || p_lock_keys[v_lock], 0));
+        ELSE
+            v_free := pg_try_advisory_xact_lock_shared(hashtextextended(p_namespace || ' ' || p_lock_keys[v_lock], 0));
+        END IF;
+        EXIT WHEN NOT v_free;
+    END LOOP;
+
+    FOR v_pass IN CASE WHEN v_free OR v_writes THEN 2 ELSE 1 END..2 LOOP
+        IF v_pass = 2 AND NOT v_free THEN
+            FOR v_lock IN 1..cardinality(p_lock_keys) LOOP
+                IF p_lock_modes[v_lock] = 'exclusive' THEN
+                    PERFORM pg_advisory_xact_lock(hashtextextended(p_namespace || ' ' || p_lock_keys[v_lock], 0));
+                ELSE
+                    PERFORM pg_advisory_xact_lock_shared(hashtextextended(p_namespace || ' ' || p_lock_keys[v_lock], 0));
+                END IF;
+            END LOOP;
+        END IF;
+        v_now := clock_timestamp();
+
+        -- A change needs its grant live (each item's row by one lookup of
+        -- the whole primary key).
+        IF p_changing <> 0 THEN
+            v_found := false;
+            FOR v_item IN 1..cardinality(p_keys) LOOP
+                PERFORM FROM {schema}.locks l
+                 WHERE l.namespace = p_namespace AND l.key = p_keys[v_item] AND l.owner = p_owner
+                   AND l.token = p_changing AND l.expires_at - v_now > interval '0';
+                v_found := FOUND;
+                EXIT WHEN v_found;
+            END LOOP;
+            IF NOT v_found THEN
+                outcome := 'not held';
+                RETURN;
+            END IF;
+        END IF;
+
+        -- Whether a reservation of the namespace may be live: one lookup,
+        -- which finds nothing, or a mark in the past, while nobody waits.
+        IF v_fair THEN
+            SELECT q.live_until INTO v_live_until FROM {schema}.queues q WHERE q.namespace = p_namespace;
+            v_queued := coalesce(v_live_until - v_now > interval '0', false);
+        END IF;
+
+        -- 2. The check, item by item: the node alone, or its ancestors (by
+        --    equality) and its subtree (a range of the primary key). Every
+        --    live row in the way blocks an Exclusive item; only Exclusive
+        --    rows block a Shared one, read through their partial index. The
+        --    rows of the grant being changed are not in the way. A held
+        --    lock is reported rather than a stepwise client's transient one
+        --    when both are there. Expiry is tested as a difference, which
+        --    the index on expires_at cannot serve, so these statements leave
+        --    the planner no other choice, whatever its statistics say (see
+        --    "Plans" in the schema module). The blockers' arrays stay null
+        --    until an item is blocked.
+        v_first := 1;
+        FOR v_item IN 1..cardinality(p_keys) LOOP
+            v_found := false;
+            v_waiting := false;
+            v_from := v_first;
+            v_exclusive := p_modes[v_item] = 'exclusive';
+            IF NOT p_tree THEN
+                SELECT * INTO v_blocker FROM {schema}.locks l
+                 WHERE l.namespace = p_namespace AND l.key = p_keys[v_item] AND l.expires_at - v_now > interval '0'
+                 LIMIT 1;
+                v_found := FOUND;
+            ELSE
+                -- Each ancestor by one lookup of the whole primary key (or
+                -- of the partial index), root first, until a held lock.
+                FOR v_at IN v_first..v_first + p_depths[v_item] - 2 LOOP
+                    IF v_exclusive THEN
+                        SELECT * INTO v_row FROM {schema}.locks l
+                         WHERE l.namespace = p_namespace AND l.key = p_ancestors[v_at]
+                           AND l.expires_at - v_now > interval '0' AND l.token <> p_changing
+                         LIMIT 1;
+                    ELSE
+                        SELECT * INTO v_row FROM {schema}.locks l
+                         WHERE l.namespace = p_namespace AND l.key = p_ancestors[v_at] AND l.mode = 'exclusive'
+                           AND l.expires_at - v_now > interval '0' AND l.token <> p_changing
+                         LIMIT 1;
+                    END IF;
+                    IF FOUND AND (NOT v_found OR NOT v_row.transient) THEN
+                        v_blocker := v_row;
+                        v_found := true;
+                        EXIT WHEN NOT v_row.transient;
+                    END IF;
+                END LOOP;
+                v_first := v_first + p_depths[v_item] - 1;
+                IF NOT v_found OR v_blocker.transient THEN
+                    IF v_exclusive THEN
+                        SELECT * INTO v_row FROM {schema}.locks l
+                         WHERE l.namespace = p_namespace AND l.key >= p_keys[v_item] AND l.key < p_range_ends[v_item]
+                           AND l.expires_at - v_now > interval '0' AND l.token <> p_changing
+                         ORDER BY l.key LIMIT 1;
+                    ELSE
+                        SELECT * INTO v_row FROM {schema}.locks l
+                         WHERE l.namespace = p_namespace AND l.key >= p_keys[v_item] AND l.key < p_range_ends[v_item]
+                           AND l.mode = 'exclusive' AND l.expires_at - v_now > interval '0' AND l.token <> p_changing
+                         ORDER BY l.key LIMIT 1;
+                    END IF;
+                    IF FOUND THEN
+                        IF v_row.transient THEN
+                            IF v_exclusive THEN
+                                SELECT * INTO v_held FROM {schema}.locks l
+                                 WHERE l.namespace = p_namespace AND l.key >= p_keys[v_item]
+                                   AND l.key < p_range_ends[v_item] AND l.expires_at - v_now > interval '0'
+                                   AND l.token <> p_changing AND NOT l.transient
+                                 ORDER BY l.key LIMIT 1;
+                            ELSE
+                                SELECT * INTO v_held FROM {schema}.locks l
+                                 WHERE l.namespace = p_namespace AND l.key >= p_keys[v_item]
+                                   AND l.key < p_range_ends[v_item] AND l.mode = 'exclusive'
+                                   AND l.expires_at - v_now > interval '0' AND l.token <> p_changing
+                                   AND NOT l.transient
+                                 ORDER BY l.key LIMIT 1;
+                            END IF;
+                            IF FOUND THEN
+                                v_row := v_held;
+                            END IF;
+                        END IF;
+                        IF NOT v_found OR NOT v_row.transient THEN
+                            v_blocker := v_row;
+                        END IF;
+                        v_found := true;
+                    END IF;
+                END IF;
+            END IF;
+
+            -- An item no grant is in the way of may have a waiter ahead of
+            -- it: a live reservation with a smaller ticket, on an ancestor
+            -- (by equality, the head of each key's queue) or in the subtree
+            -- (a range of the primary key), checked as a grant's rows are.
+            -- Reported with its ticket as the token.
+            IF NOT v_found AND v_queued THEN
+                FOR v_at IN v_from..v_from + p_depths[v_item] - 2 LOOP
+                    SELECT r.key, r.mode, r.owner, r.ticket, r.expires_at, r.joined_at
+                      INTO v_blocker.key, v_blocker.mode, v_blocker.owner, v_blocker.token, v_blocker.expires_at,
+                           v_joined_at
+                      FROM {schema}.reservations r
+                     WHERE r.namespace = p_namespace AND r.key = p_ancestors[v_at] AND r.ticket < v_before
+                       AND (v_exclusive OR r.mode = 'exclusive') AND r.expires_at - v_now > interval '0'
+                     ORDER BY r.ticket LIMIT 1;
+                    v_found := FOUND;
+                    EXIT WHEN v_found;
+                END LOOP;
+                IF NOT v_found THEN
+                    IF v_exclusive THEN
+                        SELECT r.key, r.mode, r.owner, r.ticket, r.expires_at, r.joined_at
+                          INTO v_blocker.key, v_blocker.mode, v_blocker.owner, v_blocker.token, v_blocker.expires_at,
+                               v_joined_at
+                          FROM {schema}.reservations r
+                         WHERE r.namespace = p_namespace AND r.key >= p_keys[v_item] AND r.key < p_range_ends[v_item]
+                           AND r.ticket < v_before AND r.expires_at - v_now > interval '0'
+                         ORDER BY r.key, r.ticket LIMIT 1;
+                    ELSE
+                        SELECT r.key, r.mode, r.owner, r.ticket, r.expires_at, r.joined_at
+                          INTO v_blocker.key, v_blocker.mode, v_blocker.owner, v_blocker.token, v_blocker.expires_at,
+                               v_joined_at
+                          FROM {schema}.reservations r
+                         WHERE r.namespace = p_namespace AND r.key >= p_keys[v_item] AND r.key < p_range_ends[v_item]
+                           AND r.mode = 'exclusive' AND r.ticket < v_before AND r.expires_at - v_now > interval '0'
+                         ORDER BY r.key, r.ticket LIMIT 1;
+                    END IF;
+                    v_found := FOUND;
+                END IF;
+                v_blocker.transient := false;
+                v_waiting := v_found;
+            END IF;
+
+            IF v_found THEN
+                blocked_items := blocked_items || v_item;
+                blocker_keys := blocker_keys || v_blocker.key;
+                blocker_modes := blocker_modes || v_blocker.mode;
+                blocker_owners := blocker_owners || v_blocker.owner;
+                blocker_tokens := blocker_tokens || v_blocker.token;
+                blocker_remaining_us := blocker_remaining_us
+                    || (extract(epoch FROM v_blocker.expires_at - v_now) * 1000000)::bigint;
+                blocker_transient := blocker_transient || v_blocker.transient;
+                blocker_waiting := blocker_waiting || v_waiting;
+                blocker_waited_us := blocker_waited_us
+                    || CASE WHEN v_waiting
+                            THEN greatest((extract(epoch FROM v_now - v_joined_at) * 1000000)::bigint, 0)
+                            ELSE 0 END;
+            END IF;
+        END LOOP;
+        EXIT WHEN blocked_items IS NOT NULL;
+    END LOOP;
+
+    IF blocked_items IS NOT NULL THEN
+        IF NOT v_writes THEN
+            outcome := 'blocked';
+            RETURN;
+        END IF;
+        -- 3. Refused in the queue: a joining request takes its ticket now;
+        --    the reservation is written (or, for a waiter, renewed, or
+        --    written again if it lapsed), and the namespace's mark moved
+        --    past its expiry if it was not already: to twice the
+        --    reservation's life, so that a namespace's waiters move it once
+        --    per reservation's life rather than at every attempt.
+        outcome := 'queued';
+        IF p_queue = 'join' THEN
+            token := nextval('{schema}.tokens');
+        ELSE
+            token := p_ticket;
+        END IF;
+        INSERT INTO {schema}.reservations AS r (namespace, key, ticket, mode, owner, expires_at, joined_at)
+        SELECT p_namespace, i.key, try_grant_general.token, i.mode, p_owner, v_now + v_reservation, v_now
+          FROM unnest(p_keys, p_modes) AS i(key, mode)
+        ON CONFLICT (namespace, key, ticket) DO UPDATE SET expires_at = excluded.expires_at
+         WHERE r.owner = excluded.owner;
+        IF NOT coalesce(v_live_until - v_now >= v_reservation, false) THEN
+            INSERT INTO {schema}.queues AS q (namespace, live_until) VALUES (p_namespace, v_now + 2 * v_reservation)
+            ON CONFLICT (namespace) DO UPDATE SET live_until = greatest(q.live_until, excluded.live_until);
+        END IF;
+        RETURN;
+    END IF;
+    outcome := 'granted';
+    token := nextval('{schema}.tokens');
+
+    -- 4. A mode change: the grant's rows get their new mode and the new
+    --    token, with the same expiry.
+    IF p_changing <> 0 THEN
+        FOR v_item IN 1..cardinality(p_keys) LOOP
+            UPDATE {schema}.locks l SET mode = p_modes[v_item], token = try_grant_general.token
+             WHERE l.namespace = p_namespace AND l.key = p_keys[v_item] AND l.owner = p_owner
+               AND l.token = p_changing;
+        END LOOP;
+        RETURN;
+    END IF;
+
+    -- 4. A new grant. Nothing live is in the way of its items: in an
+    --    Exclusive item's subtree, what is left has expired; in a Shared
+    --    one's, the Exclusive rows left have. (A stepwise client may have
+    --    locked a descendant's key since the check: its key lock does not
+    --    wait for this node's; that row is live and stays.) Expired
+    --    ancestors, and expired Shared rows under a Shared item, are left
+    --    to the sweep. A single-key lock removes the expired rows of its
+    --    key.
+    FOR v_item IN 1..cardinality(p_keys) LOOP
+        IF NOT p_tree THEN
+            DELETE FROM {schema}.locks l
+             WHERE l.namespace = p_namespace AND l.key = p_keys[v_item] AND l.expires_at - v_now <= interval '0';
+        ELSIF p_modes[v_item] = 'exclusive' THEN
+            DELETE FROM {schema}.locks l
+             WHERE l.namespace = p_namespace AND l.key >= p_keys[v_item] AND l.key < p_range_ends[v_item]
+               AND l.expires_at - v_now <= interval '0';
+        ELSE
+            DELETE FROM {schema}.locks l
+             WHERE l.namespace = p_namespace AND l.key >= p_keys[v_item] AND l.key < p_range_ends[v_item]
+               AND l.mode = 'exclusive' AND l.expires_at - v_now <= interval '0';
+        END IF;
+        INSERT INTO {schema}.locks (namespace, key, owner, token, expires_at, transient, mode)
+        VALUES (p_namespace, p_keys[v_item], p_owner, try_grant_general.token,
+                v_now + p_ttl_ms * interval '1 millisecond', p_transient, p_modes[v_item]);
+    END LOOP;
+
+    -- A waiter's grant takes its reservation's place. (It refuses the same
+    -- requests the reservation refused, so nobody is woken.)
+    IF v_writes AND p_queue = 'waiting' THEN
+        DELETE FROM {schema}.reservations r
+         WHERE r.namespace = p_namespace AND r.ticket = p_ticket AND r.owner = p_owner;
+    END IF;
+
+    -- 5. The bounded sweep of expired rows and reservations anywhere: up
+    --    to 256 of each, after one grant in 128 on average for each of its
+    --    items.
+    IF token % 128 < cardinality(p_keys) THEN
+        DELETE FROM {schema}.locks l
+         USING (SELECT e.namespace, e.key, e.token FROM {schema}.locks e WHERE e.expires_at <= v_now
+                 ORDER BY e.expires_at LIMIT 256 FOR UPDATE SKIP LOCKED) old
+         WHERE l.namespace = old.namespace AND l.key = old.key AND l.token = old.token AND l.expires_at <= v_now;
+        DELETE FROM {schema}.reservations r
+         USING (SELECT e.namespace, e.key, e.ticket FROM {schema}.reservations e WHERE e.expires_at <= v_now
+                 ORDER BY e.expires_at LIMIT 256 FOR UPDATE SKIP LOCKED) old
+         WHERE r.namespace = old.namespace AND r.key = old.key AND r.ticket = old.ticket AND r.expires_at <= v_now;
+    END IF;
+END
+$fn$;
