@@ -5,8 +5,9 @@
 //! waiter going ahead of later tickets only, renewing its reservation,
 //! writing it again once lapsed, and its grant removing it; a dead
 //! waiter's reservation lapsing within its life and then swept; withdrawal
-//! and the wake-up it sends; the listing of waiters; a schema of version 5
-//! with live locks migrated; crossing multi-path waiters that never
+//! and the wake-up it sends; the listing of waiters; a waiter's time in
+//! line kept through renewals; schemas of versions 5 and 6 with live locks
+//! (and a waiter) migrated; crossing multi-path waiters that never
 //! deadlock; and an uncontended grant that reads no reservation.
 
 use std::sync::Arc;
@@ -365,6 +366,158 @@ async fn waiters_lists_live_reservations_one_entry_per_item_in_key_order() {
     f.backend.withdraw(&Owner::new("one").expect("owner"), one).await.expect("withdraw");
     assert_eq!(tokens(f.backend.waiters(None).await.expect("waiters")), [two, three]);
     f.drop_schema().await;
+}
+
+/// A reservation reports how long its waiter has been in line, by the
+/// server's clock: in the listing of waiters and as a blocker, from either
+/// grant function (one Exclusive item, or several items). A renewal keeps
+/// the time it joined: what it reports grows across renewals, and never
+/// exceeds the real time since the join.
+#[tokio::test]
+async fn a_waiters_time_in_line_grows_through_renewals_and_is_bounded_by_the_time_since_it_joined() {
+    const APART: Duration = Duration::from_millis(300);
+    let f = Fixture::new("fair_waited").await;
+    let holder = granted(f.attempt(&[("A", Exclusive)], "holder", Queue::Try).await);
+    let before_joins = Instant::now();
+    let (one, _) = queued(f.attempt(&[("A/B", Exclusive)], "one", Queue::Join).await);
+    let (many, _) = queued(f.attempt(&[("A/C", Exclusive), ("Q", Shared)], "many", Queue::Join).await);
+    let waited = |held: Vec<HeldLock>| held.iter().map(|held| (held.token, held.waited)).collect::<Vec<_>>();
+    let first = waited(f.backend.waiters(None).await.expect("waiters"));
+    let bound = before_joins.elapsed();
+    assert_eq!(first.iter().map(|(ticket, _)| *ticket).collect::<Vec<_>>(), [one, many, many]);
+    assert!(first.iter().all(|(_, waited)| *waited <= bound), "{first:?} after {bound:?}");
+
+    // Time passes; each waiter renews (with either function), and keeps
+    // the time it joined.
+    tokio::time::sleep(APART).await;
+    queued(f.attempt(&[("A/B", Exclusive)], "one", Queue::Waiting(one)).await);
+    queued(f.attempt(&[("A/C", Exclusive), ("Q", Shared)], "many", Queue::Waiting(many)).await);
+    let renewed = waited(f.backend.waiters(None).await.expect("waiters"));
+    let bound = before_joins.elapsed();
+    for ((ticket, before), (again, after)) in first.iter().zip(&renewed) {
+        assert_eq!(ticket, again);
+        assert!(*after >= *before + APART, "ticket {ticket}: {before:?}, then {after:?} after a renewal");
+        assert!(*after <= bound, "ticket {ticket}: {after:?} after {bound:?}");
+    }
+
+    // As a blocker, from either function.
+    f.backend.release(&holder).await.expect("release");
+    for items in [&[("A/B/x", Exclusive)][..], &[("A/B/x", Exclusive), ("Z", Shared)]] {
+        let blockers = blocked(f.attempt(items, "other", Queue::Try).await);
+        let bound = before_joins.elapsed();
+        assert_eq!(described(&blockers[0]), ("A/B".into(), Exclusive, "one".into(), one, true));
+        assert!(blockers[0].waited >= renewed[0].1 && blockers[0].waited <= bound, "{blockers:?} after {bound:?}");
+    }
+    // A grant reports none.
+    let grant = granted(f.attempt(&[("A/B", Exclusive)], "one", Queue::Waiting(one)).await);
+    let blockers = blocked(f.attempt(&[("A/B/x", Exclusive)], "other", Queue::Try).await);
+    assert_eq!((blockers[0].token, blockers[0].waited), (grant.token, Duration::ZERO));
+    f.drop_schema().await;
+}
+
+/// A schema made by versions 1 to 6 exactly as released, holding a lock
+/// and a waiter's reservation written by version 6's function, is migrated
+/// by the next client: the lock refuses requests and the reservation
+/// queues them, and reports its waiter's time in line from the upgrade
+/// on; a client of version 6 still running keeps granting, queueing,
+/// renewing (which keeps the time its waiter joined) and honouring the new
+/// client's reservations; and the step to version 7 can run again without
+/// changing anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_6_schema_with_a_live_lock_and_waiter_is_migrated() {
+    let url = postgres::url();
+    let schema = fresh_name("six");
+    let client = inspector(&url).await;
+    install_released(&client, &schema, 6).await;
+    // Version 6's grant of one Exclusive item: (owner, key, range end,
+    // ancestors, queue, ticket) to (outcome, token, blocker tokens,
+    // blockers waiting).
+    let old_grant = format!(
+        "SELECT outcome, token, blocker_tokens, blocker_waiting FROM \"{schema}\".try_grant_queued('app', $1, \
+         60000, true, false, 0, ARRAY[$2::text], ARRAY['exclusive'], ARRAY[$3::text], \
+         ARRAY[cardinality($4::text[]) + 1], $4::text[], $4::text[] || $2::text, \
+         array_fill('shared'::text, ARRAY[cardinality($4::text[])]) || 'exclusive'::text, $5, $6, 3000)"
+    );
+    let old_grant = |owner: &'static str, key: &'static str, end: &'static str, ancestors: &'static [&'static str]| {
+        let (client, sql) = (&client, &old_grant);
+        move |queue: &'static str, ticket: i64| async move {
+            let row = client
+                .query_one(sql, &[&owner, &key, &end, &ancestors, &queue, &ticket])
+                .await
+                .expect("version 6's grant");
+            let tokens: Option<Vec<i64>> = row.get(2);
+            let waiting: Option<Vec<bool>> = row.get(3);
+            (row.get::<_, String>(0), row.get::<_, Option<i64>>(1), tokens.unwrap_or_default(), waiting)
+        }
+    };
+    let (outcome, lock, _, _) = old_grant("old", "a/", "a0", &[])("try", 0).await;
+    assert_eq!(outcome, "granted");
+    let lock = lock.expect("token");
+    let old_waiter = old_grant("old waiter", "a/x/", "a/x0", &["a/"]);
+    let (outcome, ticket, tokens, _) = old_waiter("join", 0).await;
+    assert_eq!((outcome.as_str(), tokens.as_slice()), ("queued", &[lock][..]));
+    let ticket = ticket.expect("ticket");
+
+    let before_upgrade = Instant::now();
+    let (backend, held) = migrated(&url, &schema, &client).await;
+    assert_eq!(held, [("a".into(), Exclusive, lock as u64)]);
+    let attempt = |items: &'static [(&'static str, Mode)], owner: &'static str, queue: Queue| {
+        let backend = &backend;
+        async move { backend.try_grant(&request(items, owner, queue)).await.expect("attempt") }
+    };
+    assert_eq!(blocked(attempt(&[("a/x/y", Exclusive)], "new", Queue::Try).await)[0].token, lock as u64);
+    let waited = || async {
+        let waiters = backend.waiters(None).await.expect("waiters");
+        waiters.iter().map(|held| (held.token, held.waited)).collect::<Vec<_>>()
+    };
+    let first = waited().await;
+    assert_eq!(first.len(), 1);
+    assert!(first[0].1 <= before_upgrade.elapsed(), "{first:?}");
+
+    // The client of version 6 renews its waiter's reservation, which
+    // keeps the time it joined.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(old_waiter("waiting", ticket).await.0, "queued");
+    let renewed = waited().await;
+    assert!(renewed[0].1 >= first[0].1 + Duration::from_millis(200), "{first:?}, then {renewed:?}");
+
+    let released_old =
+        client.query_one(&format!("SELECT \"{schema}\".release_items('app', ARRAY['a/'], 'old', $1)"), &[&lock]).await;
+    assert!(released_old.expect("version 6's release").get::<_, bool>(0));
+    let blockers = blocked(attempt(&[("a/x/y", Exclusive)], "new", Queue::Try).await);
+    assert_eq!(described(&blockers[0]), ("a/x".into(), Exclusive, "old waiter".into(), ticket as u64, true));
+    assert!(blockers[0].waited >= renewed[0].1 && blockers[0].waited <= before_upgrade.elapsed(), "{blockers:?}");
+    assert_eq!(old_waiter("waiting", ticket).await.0, "granted", "nothing is in the way now");
+    assert_eq!(waited().await, [], "its grant removed its reservation");
+
+    // It honours the new client's reservations, and the new client its.
+    let holder = granted(attempt(&[("b", Exclusive)], "new", Queue::Try).await);
+    let (new_ticket, _) = queued(attempt(&[("b/c", Exclusive)], "new waiter", Queue::Join).await);
+    let old_reader = old_grant("old", "b/c/d/", "b/c/d0", &["b/", "b/c/"]);
+    let (outcome, _, tokens, waiting) = old_reader("try", 0).await;
+    assert_eq!((outcome.as_str(), tokens.as_slice()), ("blocked", &[holder.token as i64][..]));
+    assert_eq!(waiting, Some(vec![false]));
+    backend.release(&holder).await.expect("release");
+    let (outcome, _, tokens, waiting) = old_reader("try", 0).await;
+    assert_eq!((outcome.as_str(), tokens.as_slice()), ("blocked", &[new_ticket as i64][..]));
+    assert_eq!(waiting, Some(vec![true]));
+    let (outcome, old_ticket, _, _) = old_reader("join", 0).await;
+    assert_eq!(outcome, "queued");
+    let old_ticket = old_ticket.expect("ticket") as u64;
+    assert!(old_ticket > new_ticket);
+
+    // The step to version 7 again changes nothing: both reservations stay,
+    // with the times their waiters joined.
+    let before = waited().await;
+    client.batch_execute(&released(RELEASED[6], &schema)).await.expect("again");
+    let after = waited().await;
+    assert_eq!(after.iter().map(|(ticket, _)| *ticket).collect::<Vec<_>>(), [new_ticket, old_ticket]);
+    for ((_, before), (_, after)) in before.iter().zip(&after) {
+        assert!(after >= before, "{before:?}, then {after:?}");
+    }
+    let blockers = blocked(attempt(&[("b/c", Exclusive)], "someone", Queue::Try).await);
+    assert_eq!(described(&blockers[0]), ("b/c".into(), Exclusive, "new waiter".into(), new_ticket, true));
+    client.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE")).await.expect("drop");
 }
 
 /// A schema made by versions 1 to 5 exactly as released, holding locks
