@@ -257,10 +257,12 @@ async fn an_older_schema_is_migrated() {
     let settings: Vec<(String, Option<String>)> = settings.iter().map(|row| (row.get(0), row.get(1))).collect();
     let generic = Some("plan_cache_mode=force_generic_plan".to_owned());
     let expected = [
+        ("keep_reservation", generic.clone()),
         ("refresh", generic.clone()),
         ("refresh_items", generic.clone()),
         ("release", None),
         ("release_items", None),
+        ("sweep_expired", generic.clone()),
         ("try_grant", generic.clone()),
         ("try_grant_exclusive", generic.clone()),
         ("try_grant_general", generic.clone()),

@@ -12,6 +12,48 @@
 ALTER TABLE {schema}.reservations ADD COLUMN IF NOT EXISTS joined_at timestamptz NOT NULL
     DEFAULT clock_timestamp();
 
+-- The bounded sweep of both grant functions: up to 256 expired rows and
+-- 256 expired reservations anywhere, oldest first, through the indexes on
+-- expires_at.
+CREATE OR REPLACE FUNCTION {schema}.sweep_expired(p_now timestamptz)
+RETURNS void LANGUAGE plpgsql VOLATILE SET plan_cache_mode = force_generic_plan AS $fn$
+BEGIN
+    DELETE FROM {schema}.locks l
+     USING (SELECT e.namespace, e.key, e.token FROM {schema}.locks e WHERE e.expires_at <= p_now
+             ORDER BY e.expires_at LIMIT 256 FOR UPDATE SKIP LOCKED) old
+     WHERE l.namespace = old.namespace AND l.key = old.key AND l.token = old.token AND l.expires_at <= p_now;
+    DELETE FROM {schema}.reservations r
+     USING (SELECT e.namespace, e.key, e.ticket FROM {schema}.reservations e WHERE e.expires_at <= p_now
+             ORDER BY e.expires_at LIMIT 256 FOR UPDATE SKIP LOCKED) old
+     WHERE r.namespace = old.namespace AND r.key = old.key AND r.ticket = old.ticket AND r.expires_at <= p_now;
+END
+$fn$;
+
+-- A refused request's reservation, for both grant functions: a row per
+-- item (p_keys, p_modes) with the ticket p_ticket, living p_reservation
+-- from p_now and joined at p_now; a row already there of the same owner
+-- (a waiter's renewal) only gets the new expiry, and keeps the time its
+-- waiter joined. The namespace's mark (p_live_until as the caller read
+-- it) is moved past the reservation's expiry if it was not already: to
+-- twice the reservation's life, so that a namespace's waiters move it
+-- once per reservation's life rather than at every attempt.
+CREATE OR REPLACE FUNCTION {schema}.keep_reservation(
+    p_namespace text, p_owner text, p_ticket bigint, p_keys text[], p_modes text[], p_now timestamptz,
+    p_reservation interval, p_live_until timestamptz)
+RETURNS void LANGUAGE plpgsql VOLATILE SET plan_cache_mode = force_generic_plan AS $fn$
+BEGIN
+    INSERT INTO {schema}.reservations AS r (namespace, key, ticket, mode, owner, expires_at, joined_at)
+    SELECT p_namespace, i.key, p_ticket, i.mode, p_owner, p_now + p_reservation, p_now
+      FROM unnest(p_keys, p_modes) AS i(key, mode)
+    ON CONFLICT (namespace, key, ticket) DO UPDATE SET expires_at = excluded.expires_at
+     WHERE r.owner = excluded.owner;
+    IF NOT coalesce(p_live_until - p_now >= p_reservation, false) THEN
+        INSERT INTO {schema}.queues AS q (namespace, live_until) VALUES (p_namespace, p_now + 2 * p_reservation)
+        ON CONFLICT (namespace) DO UPDATE SET live_until = greatest(q.live_until, excluded.live_until);
+    END IF;
+END
+$fn$;
+
 -- try_grant_queued for a tree request of one Exclusive item p_key (not a
 -- mode change), whose strict ancestors are p_ancestors (root first) and
 -- whose subtree's keys end before p_range_end. It takes the same advisory
@@ -165,23 +207,17 @@ BEGIN
             outcome := 'blocked';
             RETURN;
         END IF;
-        -- 3. Refused in the queue, as in try_grant_queued: the ticket, the
-        --    reservation written (a waiter's renewed, keeping when it
-        --    joined, or written again if it lapsed), the mark moved.
+        -- 3. Refused in the queue, as in try_grant_general: a joining
+        --    request takes its ticket now; the reservation is written (or,
+        --    for a waiter, renewed, or written again if it lapsed).
         outcome := 'queued';
         IF p_queue = 'join' THEN
             token := nextval('{schema}.tokens');
         ELSE
             token := p_ticket;
         END IF;
-        INSERT INTO {schema}.reservations AS r (namespace, key, ticket, mode, owner, expires_at, joined_at)
-        VALUES (p_namespace, p_key, try_grant_exclusive.token, 'exclusive', p_owner, v_now + v_reservation, v_now)
-        ON CONFLICT (namespace, key, ticket) DO UPDATE SET expires_at = excluded.expires_at
-         WHERE r.owner = excluded.owner;
-        IF NOT coalesce(v_live_until - v_now >= v_reservation, false) THEN
-            INSERT INTO {schema}.queues AS q (namespace, live_until) VALUES (p_namespace, v_now + 2 * v_reservation)
-            ON CONFLICT (namespace) DO UPDATE SET live_until = greatest(q.live_until, excluded.live_until);
-        END IF;
+        PERFORM {schema}.keep_reservation(p_namespace, p_owner, token, ARRAY[p_key], ARRAY['exclusive'], v_now,
+                                          v_reservation, v_live_until);
         RETURN;
     END IF;
 
@@ -203,16 +239,9 @@ BEGIN
          WHERE r.namespace = p_namespace AND r.ticket = p_ticket AND r.owner = p_owner;
     END IF;
 
-    -- 5. The bounded sweep, as in try_grant_queued, after one grant in 128.
+    -- 5. The bounded sweep (see sweep_expired), after one grant in 128.
     IF token % 128 = 0 THEN
-        DELETE FROM {schema}.locks l
-         USING (SELECT e.namespace, e.key, e.token FROM {schema}.locks e WHERE e.expires_at <= v_now
-                 ORDER BY e.expires_at LIMIT 256 FOR UPDATE SKIP LOCKED) old
-         WHERE l.namespace = old.namespace AND l.key = old.key AND l.token = old.token AND l.expires_at <= v_now;
-        DELETE FROM {schema}.reservations r
-         USING (SELECT e.namespace, e.key, e.ticket FROM {schema}.reservations e WHERE e.expires_at <= v_now
-                 ORDER BY e.expires_at LIMIT 256 FOR UPDATE SKIP LOCKED) old
-         WHERE r.namespace = old.namespace AND r.key = old.key AND r.ticket = old.ticket AND r.expires_at <= v_now;
+        PERFORM {schema}.sweep_expired(v_now);
     END IF;
 END
 $fn$;
@@ -469,25 +498,16 @@ BEGIN
         END IF;
         -- 3. Refused in the queue: a joining request takes its ticket now;
         --    the reservation is written (or, for a waiter, renewed, or
-        --    written again if it lapsed), and the namespace's mark moved
-        --    past its expiry if it was not already: to twice the
-        --    reservation's life, so that a namespace's waiters move it once
-        --    per reservation's life rather than at every attempt.
+        --    written again if it lapsed), and the namespace's mark moved if
+        --    needed (see keep_reservation).
         outcome := 'queued';
         IF p_queue = 'join' THEN
             token := nextval('{schema}.tokens');
         ELSE
             token := p_ticket;
         END IF;
-        INSERT INTO {schema}.reservations AS r (namespace, key, ticket, mode, owner, expires_at, joined_at)
-        SELECT p_namespace, i.key, try_grant_general.token, i.mode, p_owner, v_now + v_reservation, v_now
-          FROM unnest(p_keys, p_modes) AS i(key, mode)
-        ON CONFLICT (namespace, key, ticket) DO UPDATE SET expires_at = excluded.expires_at
-         WHERE r.owner = excluded.owner;
-        IF NOT coalesce(v_live_until - v_now >= v_reservation, false) THEN
-            INSERT INTO {schema}.queues AS q (namespace, live_until) VALUES (p_namespace, v_now + 2 * v_reservation)
-            ON CONFLICT (namespace) DO UPDATE SET live_until = greatest(q.live_until, excluded.live_until);
-        END IF;
+        PERFORM {schema}.keep_reservation(p_namespace, p_owner, token, p_keys, p_modes, v_now, v_reservation,
+                                          v_live_until);
         RETURN;
     END IF;
     outcome := 'granted';
@@ -537,18 +557,10 @@ BEGIN
          WHERE r.namespace = p_namespace AND r.ticket = p_ticket AND r.owner = p_owner;
     END IF;
 
-    -- 5. The bounded sweep of expired rows and reservations anywhere: up
-    --    to 256 of each, after one grant in 128 on average for each of its
-    --    items.
+    -- 5. The bounded sweep (see sweep_expired), after one grant in 128 on
+    --    average for each of its items.
     IF token % 128 < cardinality(p_keys) THEN
-        DELETE FROM {schema}.locks l
-         USING (SELECT e.namespace, e.key, e.token FROM {schema}.locks e WHERE e.expires_at <= v_now
-                 ORDER BY e.expires_at LIMIT 256 FOR UPDATE SKIP LOCKED) old
-         WHERE l.namespace = old.namespace AND l.key = old.key AND l.token = old.token AND l.expires_at <= v_now;
-        DELETE FROM {schema}.reservations r
-         USING (SELECT e.namespace, e.key, e.ticket FROM {schema}.reservations e WHERE e.expires_at <= v_now
-                 ORDER BY e.expires_at LIMIT 256 FOR UPDATE SKIP LOCKED) old
-         WHERE r.namespace = old.namespace AND r.key = old.key AND r.ticket = old.ticket AND r.expires_at <= v_now;
+        PERFORM {schema}.sweep_expired(v_now);
     END IF;
 END
 $fn$;
