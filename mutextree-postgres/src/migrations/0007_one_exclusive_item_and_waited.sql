@@ -29,21 +29,25 @@ BEGIN
 END
 $fn$;
 
--- A refused request's reservation, for both grant functions: a row per
--- item (p_keys, p_modes) with the ticket p_ticket, living p_reservation
--- from p_now and joined at p_now; a row already there of the same owner
--- (a waiter's renewal) only gets the new expiry, and keeps the time its
--- waiter joined. The namespace's mark (p_live_until as the caller read
--- it) is moved past the reservation's expiry if it was not already: to
--- twice the reservation's life, so that a namespace's waiters move it
--- once per reservation's life rather than at every attempt.
+-- A refused request's reservation, for both grant functions; returns its
+-- ticket. A joining request (p_queue 'join') takes its ticket now; a
+-- waiter ('waiting') has p_ticket. A row per item (p_keys, p_modes),
+-- living p_reservation from p_now and joined at p_now; a row already
+-- there of the same owner (a waiter's renewal) only gets the new expiry,
+-- and keeps the time its waiter joined. The namespace's mark (p_live_until
+-- as the caller read it) is moved past the reservation's expiry if it was
+-- not already: to twice the reservation's life, so that a namespace's
+-- waiters move it once per reservation's life rather than at every
+-- attempt.
 CREATE OR REPLACE FUNCTION {schema}.keep_reservation(
-    p_namespace text, p_owner text, p_ticket bigint, p_keys text[], p_modes text[], p_now timestamptz,
-    p_reservation interval, p_live_until timestamptz)
-RETURNS void LANGUAGE plpgsql VOLATILE SET plan_cache_mode = force_generic_plan AS $fn$
+    p_namespace text, p_owner text, p_queue text, p_ticket bigint, p_keys text[], p_modes text[],
+    p_now timestamptz, p_reservation interval, p_live_until timestamptz)
+RETURNS bigint LANGUAGE plpgsql VOLATILE SET plan_cache_mode = force_generic_plan AS $fn$
+DECLARE
+    v_ticket bigint := CASE WHEN p_queue = 'join' THEN nextval('{schema}.tokens') ELSE p_ticket END;
 BEGIN
     INSERT INTO {schema}.reservations AS r (namespace, key, ticket, mode, owner, expires_at, joined_at)
-    SELECT p_namespace, i.key, p_ticket, i.mode, p_owner, p_now + p_reservation, p_now
+    SELECT p_namespace, i.key, v_ticket, i.mode, p_owner, p_now + p_reservation, p_now
       FROM unnest(p_keys, p_modes) AS i(key, mode)
     ON CONFLICT (namespace, key, ticket) DO UPDATE SET expires_at = excluded.expires_at
      WHERE r.owner = excluded.owner;
@@ -51,6 +55,7 @@ BEGIN
         INSERT INTO {schema}.queues AS q (namespace, live_until) VALUES (p_namespace, p_now + 2 * p_reservation)
         ON CONFLICT (namespace) DO UPDATE SET live_until = greatest(q.live_until, excluded.live_until);
     END IF;
+    RETURN v_ticket;
 END
 $fn$;
 
@@ -207,17 +212,12 @@ BEGIN
             outcome := 'blocked';
             RETURN;
         END IF;
-        -- 3. Refused in the queue, as in try_grant_general: a joining
-        --    request takes its ticket now; the reservation is written (or,
-        --    for a waiter, renewed, or written again if it lapsed).
+        -- 3. Refused in the queue: the reservation written (or, for a
+        --    waiter, renewed, or written again if it lapsed), and the
+        --    namespace's mark moved if needed (see keep_reservation).
         outcome := 'queued';
-        IF p_queue = 'join' THEN
-            token := nextval('{schema}.tokens');
-        ELSE
-            token := p_ticket;
-        END IF;
-        PERFORM {schema}.keep_reservation(p_namespace, p_owner, token, ARRAY[p_key], ARRAY['exclusive'], v_now,
-                                          v_reservation, v_live_until);
+        token := {schema}.keep_reservation(p_namespace, p_owner, p_queue, p_ticket, ARRAY[p_key],
+                                           ARRAY['exclusive'], v_now, v_reservation, v_live_until);
         RETURN;
     END IF;
 
@@ -496,18 +496,12 @@ BEGIN
             outcome := 'blocked';
             RETURN;
         END IF;
-        -- 3. Refused in the queue: a joining request takes its ticket now;
-        --    the reservation is written (or, for a waiter, renewed, or
-        --    written again if it lapsed), and the namespace's mark moved if
-        --    needed (see keep_reservation).
+        -- 3. Refused in the queue: the reservation written (or, for a
+        --    waiter, renewed, or written again if it lapsed), and the
+        --    namespace's mark moved if needed (see keep_reservation).
         outcome := 'queued';
-        IF p_queue = 'join' THEN
-            token := nextval('{schema}.tokens');
-        ELSE
-            token := p_ticket;
-        END IF;
-        PERFORM {schema}.keep_reservation(p_namespace, p_owner, token, p_keys, p_modes, v_now, v_reservation,
-                                          v_live_until);
+        token := {schema}.keep_reservation(p_namespace, p_owner, p_queue, p_ticket, p_keys, p_modes, v_now,
+                                           v_reservation, v_live_until);
         RETURN;
     END IF;
     outcome := 'granted';
