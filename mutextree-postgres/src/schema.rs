@@ -282,8 +282,10 @@
 //!    on a schema it already changed.
 //! 7. The grant function for one Exclusive item, `try_grant_exclusive`
 //!    (see "One Exclusive item"); the column `joined_at` of
-//!    `reservations`; and `try_grant_general`, which is `try_grant_queued`
-//!    reporting each reservation in the way with its time in line. The
+//!    `reservations`; `try_grant_general`, which is `try_grant_queued`
+//!    reporting each reservation in the way with its time in line; and
+//!    the two functions both call, `keep_reservation` (a refusal's
+//!    reservation and mark) and `sweep_expired` (the bounded sweep). The
 //!    grant functions of versions 4 to 6 stay, for clients of those
 //!    versions still running while their schema is upgraded: the tables
 //!    are the same, and `joined_at` defaults to the time its row is
