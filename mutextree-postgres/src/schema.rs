@@ -413,10 +413,16 @@ pub(crate) struct Statements {
 impl Statements {
     pub(crate) fn new(schema: &SchemaName) -> Self {
         let s = schema.quoted();
+        // A node's Exclusive row, and its Shared holders (never its marker).
         let list = format!(
             "SELECT l.key, l.owner, l.token, \
                     (extract(epoch FROM l.expires_at - n.now) * 1000000)::bigint, l.transient, l.mode, 0::bigint \
-             FROM {s}.locks l, (SELECT clock_timestamp() AS now) n \
+             FROM (SELECT e.namespace, e.key, e.owner, e.token, e.expires_at, e.transient, e.mode \
+                   FROM {s}.locks e WHERE e.mode = 'exclusive' \
+                   UNION ALL \
+                   SELECT h.namespace, h.key, h.owner, h.token, h.expires_at, h.transient, 'shared' \
+                   FROM {s}.shared_holders h) l, \
+                  (SELECT clock_timestamp() AS now) n \
              WHERE l.namespace = $1 AND l.expires_at > n.now"
         );
         let waiters = format!(
@@ -571,7 +577,7 @@ mod tests {
         "5f4edc589e89479fdca77c188b39d77396d1232893736f6da7144abfe61b7351",
         "d7e5ad45dded0bb7b80fc01e7e36cf0264bb89c21e8ec5e12fdf924aeb302e48",
         "4369596d7c06a677f251d1934887f2c4e0efa875d2d0885bdad77dfe590435da",
-        "744cb0ccf1507fb2deabe663736c51e49c151d170b3081be205f798122d26407",
+        "74f20dec5a269d7b01c34f07509e0fc21ed4786b109b2384c90d99c64a756c84",
     ];
 
     #[test]

@@ -1,27 +1,121 @@
+-- Shared holders in a table of their own, so that a node's row in `locks`
+-- is unique by key again; a grant function made for the common request,
+-- one Exclusive item; the time a waiter joined the queue, kept by its
+-- reservation; and the general grant function again, reporting how long a
+-- waiter in the way has waited. See "Modes and multi-path grants", "One
+-- Exclusive item" and "Fair waiting" in the crate's schema module. Every
+-- statement can run again on a schema it already changed.
 
--- A grant function made for the common request, one Exclusive item; the
--- time a waiter joined the queue, kept by its reservation; and the general
--- grant function again, reporting how long a waiter in the way has waited.
--- See "One Exclusive item" and "Fair waiting" in the crate's schema module.
--- Every statement can run again on a schema it already changed.
+-- No grant of an older client runs while the rows move: one that started
+-- before finishes first, one that starts later waits for this commit and
+-- then meets the functions below.
+LOCK TABLE {schema}.locks, {schema}.reservations IN ACCESS EXCLUSIVE MODE;
 
 -- When the waiter took its ticket (a renewal keeps it). Reservations
--- written before this version count from the upgrade; the grant function
--- of version 6, still called by clients of that version, leaves it to the
--- default.
+-- written before this version count from the upgrade.
 ALTER TABLE {schema}.reservations ADD COLUMN IF NOT EXISTS joined_at timestamptz NOT NULL
     DEFAULT clock_timestamp();
 
--- The bounded sweep of both grant functions: up to 256 expired rows and
--- 256 expired reservations anywhere, oldest first, through the indexes on
--- expires_at.
+-- The Shared holders of a node: one row per Shared item of a grant, with
+-- the grant's owner, token and expiry. Their node's row in `locks` is the
+-- marker `holders`, which lives at least as long as the holders do.
+CREATE TABLE IF NOT EXISTS {schema}.shared_holders (
+    namespace  text COLLATE "C" NOT NULL,
+    key        text COLLATE "C" NOT NULL,
+    token      bigint NOT NULL,
+    owner      text NOT NULL,
+    expires_at timestamptz NOT NULL,
+    transient  boolean NOT NULL,
+    CONSTRAINT shared_holders_pkey PRIMARY KEY (namespace, key, token)
+);
+-- The sweep, oldest first.
+CREATE INDEX IF NOT EXISTS shared_holders_expires_at ON {schema}.shared_holders (expires_at);
+
+-- The Shared rows of version 6 move there; of the Exclusive rows of a key
+-- (one live at most, and expired ones a mode change left), the one that
+-- expires last stays; a node's row is unique by key again; and each node
+-- with holders gets its marker, expiring with the last of them, in place
+-- of an Exclusive row that expired before them (a live one outlives them
+-- all: none of them is live).
+INSERT INTO {schema}.shared_holders (namespace, key, token, owner, expires_at, transient)
+SELECT l.namespace, l.key, l.token, l.owner, l.expires_at, l.transient FROM {schema}.locks l WHERE l.mode = 'shared'
+ON CONFLICT (namespace, key, token) DO NOTHING;
+DELETE FROM {schema}.locks l WHERE l.mode = 'shared';
+DELETE FROM {schema}.locks l
+ WHERE EXISTS (SELECT FROM {schema}.locks o
+                WHERE o.namespace = l.namespace AND o.key = l.key AND (o.expires_at, o.token) > (l.expires_at, l.token));
+DROP INDEX IF EXISTS {schema}.locks_exclusive;
+ALTER TABLE {schema}.locks DROP CONSTRAINT IF EXISTS locks_pkey;
+ALTER TABLE {schema}.locks ADD CONSTRAINT locks_pkey PRIMARY KEY (namespace, key);
+ALTER TABLE {schema}.locks DROP CONSTRAINT IF EXISTS locks_mode;
+ALTER TABLE {schema}.locks ADD CONSTRAINT locks_mode CHECK (mode IN ('exclusive', 'holders'));
+INSERT INTO {schema}.locks AS l (namespace, key, owner, token, expires_at, transient, mode)
+SELECT h.namespace, h.key, '', 0, max(h.expires_at), false, 'holders'
+  FROM {schema}.shared_holders h GROUP BY h.namespace, h.key
+ON CONFLICT (namespace, key) DO UPDATE
+   SET owner = '', token = 0, expires_at = excluded.expires_at, transient = false, mode = 'holders'
+ WHERE l.mode = 'exclusive' AND l.expires_at < excluded.expires_at;
+
+-- The grant functions of versions 4 to 6 know Shared rows in `locks` only:
+-- a client of those versions still running is refused, with the version
+-- it needs, rather than misled. (Their releases and refreshes go on
+-- working: `release` and `refresh` touch Exclusive rows only, and
+-- `release_items` and `refresh_items` below know both tables.)
+CREATE OR REPLACE FUNCTION {schema}.try_grant(
+    p_namespace text, p_key text, p_ancestors text[], p_range_end text,
+    p_owner text, p_ttl_ms bigint, p_tree boolean, p_transient boolean,
+    OUT granted boolean, OUT token bigint,
+    OUT blocker_key text, OUT blocker_owner text, OUT blocker_token bigint,
+    OUT blocker_remaining_us bigint, OUT blocker_transient boolean)
+LANGUAGE plpgsql VOLATILE AS $fn$
+BEGIN
+    RAISE EXCEPTION 'this mutextree schema is at version 7, whose grants need a client of schema version 7'
+        USING ERRCODE = '0A000', HINT = 'upgrade the client; its releases and refreshes still work';
+END
+$fn$;
+CREATE OR REPLACE FUNCTION {schema}.try_grant_items(
+    p_namespace text, p_owner text, p_ttl_ms bigint, p_tree boolean, p_transient boolean, p_changing bigint,
+    p_keys text[], p_modes text[], p_range_ends text[], p_depths integer[], p_ancestors text[],
+    p_lock_keys text[], p_lock_modes text[],
+    OUT outcome text, OUT token bigint,
+    OUT blocked_items integer[], OUT blocker_keys text[], OUT blocker_modes text[], OUT blocker_owners text[],
+    OUT blocker_tokens bigint[], OUT blocker_remaining_us bigint[], OUT blocker_transient boolean[])
+LANGUAGE plpgsql VOLATILE AS $fn$
+BEGIN
+    RAISE EXCEPTION 'this mutextree schema is at version 7, whose grants need a client of schema version 7'
+        USING ERRCODE = '0A000', HINT = 'upgrade the client; its releases and refreshes still work';
+END
+$fn$;
+CREATE OR REPLACE FUNCTION {schema}.try_grant_queued(
+    p_namespace text, p_owner text, p_ttl_ms bigint, p_tree boolean, p_transient boolean, p_changing bigint,
+    p_keys text[], p_modes text[], p_range_ends text[], p_depths integer[], p_ancestors text[],
+    p_lock_keys text[], p_lock_modes text[], p_queue text, p_ticket bigint, p_reservation_ms bigint,
+    OUT outcome text, OUT token bigint,
+    OUT blocked_items integer[], OUT blocker_keys text[], OUT blocker_modes text[], OUT blocker_owners text[],
+    OUT blocker_tokens bigint[], OUT blocker_remaining_us bigint[], OUT blocker_transient boolean[],
+    OUT blocker_waiting boolean[])
+LANGUAGE plpgsql VOLATILE AS $fn$
+BEGIN
+    RAISE EXCEPTION 'this mutextree schema is at version 7, whose grants need a client of schema version 7'
+        USING ERRCODE = '0A000', HINT = 'upgrade the client; its releases and refreshes still work';
+END
+$fn$;
+
+-- The bounded sweep of both grant functions: up to 256 expired rows, 256
+-- expired Shared holders and 256 expired reservations anywhere, oldest
+-- first, through the indexes on expires_at. (A marker expires with the
+-- last of its holders, or later.)
 CREATE OR REPLACE FUNCTION {schema}.sweep_expired(p_now timestamptz)
 RETURNS void LANGUAGE plpgsql VOLATILE SET plan_cache_mode = force_generic_plan AS $fn$
 BEGIN
     DELETE FROM {schema}.locks l
-     USING (SELECT e.namespace, e.key, e.token FROM {schema}.locks e WHERE e.expires_at <= p_now
+     USING (SELECT e.namespace, e.key FROM {schema}.locks e WHERE e.expires_at <= p_now
              ORDER BY e.expires_at LIMIT 256 FOR UPDATE SKIP LOCKED) old
-     WHERE l.namespace = old.namespace AND l.key = old.key AND l.token = old.token AND l.expires_at <= p_now;
+     WHERE l.namespace = old.namespace AND l.key = old.key AND l.expires_at <= p_now;
+    DELETE FROM {schema}.shared_holders h
+     USING (SELECT e.namespace, e.key, e.token FROM {schema}.shared_holders e WHERE e.expires_at <= p_now
+             ORDER BY e.expires_at LIMIT 256 FOR UPDATE SKIP LOCKED) old
+     WHERE h.namespace = old.namespace AND h.key = old.key AND h.token = old.token AND h.expires_at <= p_now;
     DELETE FROM {schema}.reservations r
      USING (SELECT e.namespace, e.key, e.ticket FROM {schema}.reservations e WHERE e.expires_at <= p_now
              ORDER BY e.expires_at LIMIT 256 FOR UPDATE SKIP LOCKED) old
@@ -56,6 +150,72 @@ BEGIN
         ON CONFLICT (namespace) DO UPDATE SET live_until = greatest(q.live_until, excluded.live_until);
     END IF;
     RETURN v_ticket;
+END
+$fn$;
+
+-- A node's marker, written or kept alive until at least p_expires_at: by
+-- a Shared grant or a downgrade (whose check found no live Exclusive row
+-- there: an expired one becomes the marker), and by a Shared holder's
+-- refresh (p_written false: an existing marker only).
+CREATE OR REPLACE FUNCTION {schema}.mark_holders(
+    p_namespace text, p_key text, p_expires_at timestamptz, p_written boolean)
+RETURNS void LANGUAGE plpgsql VOLATILE SET plan_cache_mode = force_generic_plan AS $fn$
+BEGIN
+    IF NOT p_written THEN
+        UPDATE {schema}.locks l SET expires_at = greatest(l.expires_at, p_expires_at)
+         WHERE l.namespace = p_namespace AND l.key = p_key AND l.mode = 'holders';
+        RETURN;
+    END IF;
+    INSERT INTO {schema}.locks AS l (namespace, key, owner, token, expires_at, transient, mode)
+    VALUES (p_namespace, p_key, '', 0, p_expires_at, false, 'holders')
+    ON CONFLICT (namespace, key) DO UPDATE
+       SET owner = '', token = 0, transient = false, mode = 'holders',
+           expires_at = CASE WHEN l.mode = 'holders' THEN greatest(l.expires_at, excluded.expires_at)
+                             ELSE excluded.expires_at END;
+END
+$fn$;
+
+-- For an Exclusive item's check whose plain look found a marker first:
+-- the first row in the way in key order, on the key p_from (p_to null) or
+-- in the range from p_from to p_to, not of the grant p_changing, and only
+-- held rows if p_held: an Exclusive row, or for a marker with a live
+-- holder, that holder (a held one rather than a transient one, then the
+-- oldest), in its place. Null if nothing is in the way. A marker is read
+-- here only: it may outlive its holders (a release leaves it), so it is
+-- in the way only with a live holder, which these statements see in one
+-- snapshot (the function is STABLE), taken after the caller's look.
+CREATE OR REPLACE FUNCTION {schema}.first_in_the_way(
+    p_namespace text, p_from text, p_to text, p_now timestamptz, p_changing bigint, p_held boolean)
+RETURNS {schema}.locks LANGUAGE plpgsql STABLE SET plan_cache_mode = force_generic_plan AS $fn$
+DECLARE
+    v_row {schema}.locks;
+BEGIN
+    IF p_to IS NULL THEN
+        SELECT * INTO v_row FROM {schema}.locks l
+         WHERE l.namespace = p_namespace AND l.key = p_from AND l.expires_at - p_now > interval '0'
+           AND NOT (p_held AND l.transient)
+           AND (l.mode = 'exclusive' AND l.token <> p_changing OR l.mode = 'holders' AND EXISTS (
+               SELECT FROM {schema}.shared_holders h
+                WHERE h.namespace = l.namespace AND h.key = l.key AND h.expires_at - p_now > interval '0'
+                  AND h.token <> p_changing AND NOT (p_held AND h.transient)));
+    ELSE
+        SELECT * INTO v_row FROM {schema}.locks l
+         WHERE l.namespace = p_namespace AND l.key >= p_from AND l.key < p_to AND l.expires_at - p_now > interval '0'
+           AND NOT (p_held AND l.transient)
+           AND (l.mode = 'exclusive' AND l.token <> p_changing OR l.mode = 'holders' AND EXISTS (
+               SELECT FROM {schema}.shared_holders h
+                WHERE h.namespace = l.namespace AND h.key = l.key AND h.expires_at - p_now > interval '0'
+                  AND h.token <> p_changing AND NOT (p_held AND h.transient)))
+         ORDER BY l.key LIMIT 1;
+    END IF;
+    IF v_row.mode = 'holders' THEN
+        SELECT h.namespace, h.key, h.owner, h.token, h.expires_at, h.transient, 'shared' INTO v_row
+          FROM {schema}.shared_holders h
+         WHERE h.namespace = v_row.namespace AND h.key = v_row.key AND h.expires_at - p_now > interval '0'
+           AND h.token <> p_changing AND NOT (p_held AND h.transient)
+         ORDER BY h.transient, h.token LIMIT 1;
+    END IF;
+    RETURN v_row;
 END
 $fn$;
 
@@ -120,9 +280,10 @@ BEGIN
         END IF;
         v_now := clock_timestamp();
 
-        -- 2. The check: each ancestor by one lookup of the whole primary
-        --    key, root first, until a held lock; then the subtree by a
-        --    range of it. Every live row is in the way. A held lock is
+        -- 2. The check: each ancestor by one lookup of the primary key,
+        --    root first, until a held lock; then the subtree by a range of
+        --    it. Every live Exclusive row is in the way, and every marker
+        --    with a live holder (see first_in_the_way). A held lock is
         --    reported rather than a stepwise client's transient one when
         --    both are there. Expiry is tested as a difference (see "Plans"
         --    in the schema module).
@@ -131,7 +292,10 @@ BEGIN
             SELECT * INTO v_row FROM {schema}.locks l
              WHERE l.namespace = p_namespace AND l.key = v_ancestor AND l.expires_at - v_now > interval '0'
              LIMIT 1;
-            IF FOUND AND (NOT v_found OR NOT v_row.transient) THEN
+            IF v_row.mode = 'holders' THEN
+                v_row := {schema}.first_in_the_way(p_namespace, v_ancestor, NULL, v_now, 0, false);
+            END IF;
+            IF v_row.key IS NOT NULL AND (NOT v_found OR NOT v_row.transient) THEN
                 v_blocker := v_row;
                 v_found := true;
                 EXIT WHEN NOT v_row.transient;
@@ -142,13 +306,19 @@ BEGIN
              WHERE l.namespace = p_namespace AND l.key >= p_key AND l.key < p_range_end
                AND l.expires_at - v_now > interval '0'
              ORDER BY l.key LIMIT 1;
-            IF FOUND THEN
+            IF v_row.mode = 'holders' THEN
+                v_row := {schema}.first_in_the_way(p_namespace, p_key, p_range_end, v_now, 0, false);
+            END IF;
+            IF v_row.key IS NOT NULL THEN
                 IF v_row.transient THEN
                     SELECT * INTO v_held FROM {schema}.locks l
                      WHERE l.namespace = p_namespace AND l.key >= p_key AND l.key < p_range_end
                        AND l.expires_at - v_now > interval '0' AND NOT l.transient
                      ORDER BY l.key LIMIT 1;
-                    IF FOUND THEN
+                    IF v_held.mode = 'holders' THEN
+                        v_held := {schema}.first_in_the_way(p_namespace, p_key, p_range_end, v_now, 0, true);
+                    END IF;
+                    IF v_held.key IS NOT NULL THEN
                         v_row := v_held;
                     END IF;
                 END IF;
@@ -221,12 +391,13 @@ BEGIN
         RETURN;
     END IF;
 
-    -- 4. The grant: the expired rows of the subtree removed (a stepwise
-    --    client may have locked a descendant's key since the check: that
-    --    row is live and stays), the row written.
+    -- 4. The grant: the expired rows of the subtree removed, and its
+    --    markers, which have no live holder (a stepwise client may have
+    --    locked a descendant's key since the check: that row is live and
+    --    stays), the row written.
     DELETE FROM {schema}.locks l
      WHERE l.namespace = p_namespace AND l.key >= p_key AND l.key < p_range_end
-       AND l.expires_at - v_now <= interval '0';
+       AND (l.expires_at - v_now <= interval '0' OR l.mode = 'holders');
     INSERT INTO {schema}.locks (namespace, key, owner, token, expires_at, transient, mode)
     VALUES (p_namespace, p_key, p_owner, nextval('{schema}.tokens'), v_now + p_ttl_ms * interval '1 millisecond',
             false, 'exclusive')
@@ -280,6 +451,8 @@ DECLARE
     v_live_until timestamptz;
     v_joined_at timestamptz;
     v_queued boolean := false;
+    v_expires_at timestamptz;
+    v_transient boolean;
     v_blocker {schema}.locks%ROWTYPE;
     v_held {schema}.locks%ROWTYPE;
     v_row {schema}.locks%ROWTYPE;
@@ -324,13 +497,19 @@ BEGIN
         v_now := clock_timestamp();
 
         -- A change needs its grant live (each item's row by one lookup of
-        -- the whole primary key).
+        -- a primary key: its node's row if it is Exclusive, its holder if
+        -- it is Shared).
         IF p_changing <> 0 THEN
             v_found := false;
             FOR v_item IN 1..cardinality(p_keys) LOOP
                 PERFORM FROM {schema}.locks l
                  WHERE l.namespace = p_namespace AND l.key = p_keys[v_item] AND l.owner = p_owner
-                   AND l.token = p_changing AND l.expires_at - v_now > interval '0';
+                   AND l.token = p_changing AND l.mode = 'exclusive' AND l.expires_at - v_now > interval '0';
+                v_found := FOUND;
+                EXIT WHEN v_found;
+                PERFORM FROM {schema}.shared_holders h
+                 WHERE h.namespace = p_namespace AND h.key = p_keys[v_item] AND h.token = p_changing
+                   AND h.owner = p_owner AND h.expires_at - v_now > interval '0';
                 v_found := FOUND;
                 EXIT WHEN v_found;
             END LOOP;
@@ -349,9 +528,10 @@ BEGIN
 
         -- 2. The check, item by item: the node alone, or its ancestors (by
         --    equality) and its subtree (a range of the primary key). Every
-        --    live row in the way blocks an Exclusive item; only Exclusive
-        --    rows block a Shared one, read through their partial index. The
-        --    rows of the grant being changed are not in the way. A held
+        --    live Exclusive row in the way blocks an Exclusive item, and
+        --    every marker with a live holder (see first_in_the_way); only
+        --    Exclusive rows block a Shared one. The grant being changed is
+        --    not in the way. A held
         --    lock is reported rather than a stepwise client's transient one
         --    when both are there. Expiry is tested as a difference, which
         --    the index on expires_at cannot serve, so these statements leave
@@ -368,23 +548,30 @@ BEGIN
                 SELECT * INTO v_blocker FROM {schema}.locks l
                  WHERE l.namespace = p_namespace AND l.key = p_keys[v_item] AND l.expires_at - v_now > interval '0'
                  LIMIT 1;
-                v_found := FOUND;
+                IF v_blocker.mode = 'holders' THEN
+                    v_blocker := {schema}.first_in_the_way(p_namespace, p_keys[v_item], NULL, v_now, 0, false);
+                END IF;
+                v_found := v_blocker.key IS NOT NULL;
             ELSE
-                -- Each ancestor by one lookup of the whole primary key (or
-                -- of the partial index), root first, until a held lock.
+                -- Each ancestor by one lookup of the primary key, root
+                -- first, until a held lock.
                 FOR v_at IN v_first..v_first + p_depths[v_item] - 2 LOOP
                     IF v_exclusive THEN
                         SELECT * INTO v_row FROM {schema}.locks l
                          WHERE l.namespace = p_namespace AND l.key = p_ancestors[v_at]
-                           AND l.expires_at - v_now > interval '0' AND l.token <> p_changing
+                           AND l.expires_at - v_now > interval '0' AND (l.token <> p_changing OR l.mode = 'holders')
                          LIMIT 1;
+                        IF v_row.mode = 'holders' THEN
+                            v_row := {schema}.first_in_the_way(p_namespace, p_ancestors[v_at], NULL, v_now, p_changing,
+                                                               false);
+                        END IF;
                     ELSE
                         SELECT * INTO v_row FROM {schema}.locks l
                          WHERE l.namespace = p_namespace AND l.key = p_ancestors[v_at] AND l.mode = 'exclusive'
                            AND l.expires_at - v_now > interval '0' AND l.token <> p_changing
                          LIMIT 1;
                     END IF;
-                    IF FOUND AND (NOT v_found OR NOT v_row.transient) THEN
+                    IF v_row.key IS NOT NULL AND (NOT v_found OR NOT v_row.transient) THEN
                         v_blocker := v_row;
                         v_found := true;
                         EXIT WHEN NOT v_row.transient;
@@ -395,22 +582,30 @@ BEGIN
                     IF v_exclusive THEN
                         SELECT * INTO v_row FROM {schema}.locks l
                          WHERE l.namespace = p_namespace AND l.key >= p_keys[v_item] AND l.key < p_range_ends[v_item]
-                           AND l.expires_at - v_now > interval '0' AND l.token <> p_changing
+                           AND l.expires_at - v_now > interval '0' AND (l.token <> p_changing OR l.mode = 'holders')
                          ORDER BY l.key LIMIT 1;
+                        IF v_row.mode = 'holders' THEN
+                            v_row := {schema}.first_in_the_way(p_namespace, p_keys[v_item], p_range_ends[v_item], v_now,
+                                                               p_changing, false);
+                        END IF;
                     ELSE
                         SELECT * INTO v_row FROM {schema}.locks l
                          WHERE l.namespace = p_namespace AND l.key >= p_keys[v_item] AND l.key < p_range_ends[v_item]
                            AND l.mode = 'exclusive' AND l.expires_at - v_now > interval '0' AND l.token <> p_changing
                          ORDER BY l.key LIMIT 1;
                     END IF;
-                    IF FOUND THEN
+                    IF v_row.key IS NOT NULL THEN
                         IF v_row.transient THEN
                             IF v_exclusive THEN
                                 SELECT * INTO v_held FROM {schema}.locks l
                                  WHERE l.namespace = p_namespace AND l.key >= p_keys[v_item]
                                    AND l.key < p_range_ends[v_item] AND l.expires_at - v_now > interval '0'
-                                   AND l.token <> p_changing AND NOT l.transient
+                                   AND (l.token <> p_changing OR l.mode = 'holders') AND NOT l.transient
                                  ORDER BY l.key LIMIT 1;
+                                IF v_held.mode = 'holders' THEN
+                                    v_held := {schema}.first_in_the_way(p_namespace, p_keys[v_item],
+                                                                        p_range_ends[v_item], v_now, p_changing, true);
+                                END IF;
                             ELSE
                                 SELECT * INTO v_held FROM {schema}.locks l
                                  WHERE l.namespace = p_namespace AND l.key >= p_keys[v_item]
@@ -419,7 +614,7 @@ BEGIN
                                    AND NOT l.transient
                                  ORDER BY l.key LIMIT 1;
                             END IF;
-                            IF FOUND THEN
+                            IF v_held.key IS NOT NULL THEN
                                 v_row := v_held;
                             END IF;
                         END IF;
@@ -507,41 +702,81 @@ BEGIN
     outcome := 'granted';
     token := nextval('{schema}.tokens');
 
-    -- 4. A mode change: the grant's rows get their new mode and the new
-    --    token, with the same expiry.
+    -- 4. A mode change: the grant's items get their new mode and the new
+    --    token, with the same expiry. An item that stays in its mode keeps
+    --    its row; an upgraded one's holder becomes its node's row, in place
+    --    of the marker (the check found no other live holder there); a
+    --    downgraded one's row becomes a holder, and its node's marker.
     IF p_changing <> 0 THEN
         FOR v_item IN 1..cardinality(p_keys) LOOP
-            UPDATE {schema}.locks l SET mode = p_modes[v_item], token = try_grant_general.token
-             WHERE l.namespace = p_namespace AND l.key = p_keys[v_item] AND l.owner = p_owner
-               AND l.token = p_changing;
+            IF p_modes[v_item] = 'exclusive' THEN
+                UPDATE {schema}.locks l SET token = try_grant_general.token
+                 WHERE l.namespace = p_namespace AND l.key = p_keys[v_item] AND l.owner = p_owner
+                   AND l.token = p_changing AND l.mode = 'exclusive';
+                CONTINUE WHEN FOUND;
+                DELETE FROM {schema}.shared_holders h
+                 WHERE h.namespace = p_namespace AND h.key = p_keys[v_item] AND h.token = p_changing
+                   AND h.owner = p_owner
+                RETURNING h.expires_at, h.transient INTO v_expires_at, v_transient;
+                CONTINUE WHEN NOT FOUND;
+                INSERT INTO {schema}.locks AS l (namespace, key, owner, token, expires_at, transient, mode)
+                VALUES (p_namespace, p_keys[v_item], p_owner, try_grant_general.token, v_expires_at, v_transient,
+                        'exclusive')
+                ON CONFLICT (namespace, key) DO UPDATE
+                   SET owner = excluded.owner, token = excluded.token, expires_at = excluded.expires_at,
+                       transient = excluded.transient, mode = 'exclusive';
+            ELSE
+                UPDATE {schema}.shared_holders h SET token = try_grant_general.token
+                 WHERE h.namespace = p_namespace AND h.key = p_keys[v_item] AND h.token = p_changing
+                   AND h.owner = p_owner;
+                CONTINUE WHEN FOUND;
+                DELETE FROM {schema}.locks l
+                 WHERE l.namespace = p_namespace AND l.key = p_keys[v_item] AND l.owner = p_owner
+                   AND l.token = p_changing AND l.mode = 'exclusive'
+                RETURNING l.expires_at, l.transient INTO v_expires_at, v_transient;
+                CONTINUE WHEN NOT FOUND;
+                INSERT INTO {schema}.shared_holders (namespace, key, token, owner, expires_at, transient)
+                VALUES (p_namespace, p_keys[v_item], try_grant_general.token, p_owner, v_expires_at, v_transient);
+                PERFORM {schema}.mark_holders(p_namespace, p_keys[v_item], v_expires_at, true);
+            END IF;
         END LOOP;
         RETURN;
     END IF;
 
     -- 4. A new grant. Nothing live is in the way of its items: in an
-    --    Exclusive item's subtree, what is left has expired; in a Shared
-    --    one's, the Exclusive rows left have. (A stepwise client may have
-    --    locked a descendant's key since the check: its key lock does not
-    --    wait for this node's; that row is live and stays.) Expired
-    --    ancestors, and expired Shared rows under a Shared item, are left
-    --    to the sweep. A single-key lock removes the expired rows of its
-    --    key.
+    --    Exclusive item's subtree, what is left has expired, and its
+    --    markers have no live holder; in a Shared one's, the Exclusive rows
+    --    left have expired. (A stepwise client may have locked a
+    --    descendant's key since the check: its key lock does not wait for
+    --    this node's; that row is live and stays.) Expired ancestors, and
+    --    expired holders under a Shared item, are left to the sweep. A
+    --    single-key lock removes its key's row if it expired or is a
+    --    marker. An Exclusive item's row is its node's; a Shared item's is
+    --    a holder, and its node's row the marker.
+    v_expires_at := v_now + p_ttl_ms * interval '1 millisecond';
     FOR v_item IN 1..cardinality(p_keys) LOOP
         IF NOT p_tree THEN
             DELETE FROM {schema}.locks l
-             WHERE l.namespace = p_namespace AND l.key = p_keys[v_item] AND l.expires_at - v_now <= interval '0';
+             WHERE l.namespace = p_namespace AND l.key = p_keys[v_item]
+               AND (l.expires_at - v_now <= interval '0' OR l.mode = 'holders');
         ELSIF p_modes[v_item] = 'exclusive' THEN
             DELETE FROM {schema}.locks l
              WHERE l.namespace = p_namespace AND l.key >= p_keys[v_item] AND l.key < p_range_ends[v_item]
-               AND l.expires_at - v_now <= interval '0';
+               AND (l.expires_at - v_now <= interval '0' OR l.mode = 'holders');
         ELSE
             DELETE FROM {schema}.locks l
              WHERE l.namespace = p_namespace AND l.key >= p_keys[v_item] AND l.key < p_range_ends[v_item]
                AND l.mode = 'exclusive' AND l.expires_at - v_now <= interval '0';
         END IF;
-        INSERT INTO {schema}.locks (namespace, key, owner, token, expires_at, transient, mode)
-        VALUES (p_namespace, p_keys[v_item], p_owner, try_grant_general.token,
-                v_now + p_ttl_ms * interval '1 millisecond', p_transient, p_modes[v_item]);
+        IF p_modes[v_item] = 'exclusive' THEN
+            INSERT INTO {schema}.locks (namespace, key, owner, token, expires_at, transient, mode)
+            VALUES (p_namespace, p_keys[v_item], p_owner, try_grant_general.token, v_expires_at, p_transient,
+                    'exclusive');
+        ELSE
+            INSERT INTO {schema}.shared_holders (namespace, key, token, owner, expires_at, transient)
+            VALUES (p_namespace, p_keys[v_item], try_grant_general.token, p_owner, v_expires_at, p_transient);
+            PERFORM {schema}.mark_holders(p_namespace, p_keys[v_item], v_expires_at, true);
+        END IF;
     END LOOP;
 
     -- A waiter's grant takes its reservation's place. (It refuses the same
@@ -556,5 +791,76 @@ BEGIN
     IF token % 128 < cardinality(p_keys) THEN
         PERFORM {schema}.sweep_expired(v_now);
     END IF;
+END
+$fn$;
+
+-- Removes every item of exactly this grant: each its node's row, or, not
+-- being there, its Shared holder (each by one lookup of a primary key);
+-- true if it was live. A marker left without live holders stays, in
+-- nobody's way, until an Exclusive grant over it or the sweep removes it.
+-- If a session listens for the namespace, waiters hear of it on the
+-- channel (sent at commit); an expired grant is removed silently.
+CREATE OR REPLACE FUNCTION {schema}.release_items(p_namespace text, p_keys text[], p_owner text, p_token bigint)
+RETURNS boolean LANGUAGE plpgsql VOLATILE AS $fn$
+DECLARE
+    v_now timestamptz := clock_timestamp();
+    v_item integer;
+    v_removed boolean;
+    v_live boolean := false;
+BEGIN
+    FOR v_item IN 1..cardinality(p_keys) LOOP
+        DELETE FROM {schema}.locks l
+         WHERE l.namespace = p_namespace AND l.key = p_keys[v_item] AND l.owner = p_owner AND l.token = p_token
+           AND l.mode = 'exclusive'
+        RETURNING l.expires_at > v_now INTO v_removed;
+        IF NOT FOUND THEN
+            DELETE FROM {schema}.shared_holders h
+             WHERE h.namespace = p_namespace AND h.key = p_keys[v_item] AND h.token = p_token AND h.owner = p_owner
+            RETURNING h.expires_at > v_now INTO v_removed;
+        END IF;
+        v_live := v_live OR coalesce(v_removed, false);
+    END LOOP;
+    IF v_live THEN
+        -- Held until commit: a session registering as a listener waits for
+        -- this release to commit, or this release, looking in a statement
+        -- of its own (a snapshot taken after the lock), sees its row.
+        PERFORM pg_advisory_xact_lock_shared(hashtextextended('mutextree listeners {schema_name} ' || p_namespace, 1));
+        IF EXISTS (SELECT 1 FROM {schema}.listeners r
+                    WHERE r.namespace = p_namespace
+                      AND EXISTS (SELECT 1 FROM pg_stat_get_activity(r.pid))) THEN
+            PERFORM pg_notify('{channel}', p_namespace);
+        END IF;
+    END IF;
+    RETURN v_live;
+END
+$fn$;
+
+-- Sets the remaining life of every item of exactly this grant, if it is
+-- live: its node's row, or its Shared holder, whose marker then lives at
+-- least as long (each by one lookup of a primary key).
+CREATE OR REPLACE FUNCTION {schema}.refresh_items(
+    p_namespace text, p_keys text[], p_owner text, p_token bigint, p_ttl_ms bigint)
+RETURNS boolean LANGUAGE plpgsql VOLATILE SET plan_cache_mode = force_generic_plan AS $fn$
+DECLARE
+    v_now timestamptz := clock_timestamp();
+    v_expires_at timestamptz := v_now + p_ttl_ms * interval '1 millisecond';
+    v_item integer;
+    v_live boolean := false;
+BEGIN
+    FOR v_item IN 1..cardinality(p_keys) LOOP
+        UPDATE {schema}.locks l SET expires_at = v_expires_at
+         WHERE l.namespace = p_namespace AND l.key = p_keys[v_item] AND l.owner = p_owner AND l.token = p_token
+           AND l.mode = 'exclusive' AND l.expires_at - v_now > interval '0';
+        IF NOT FOUND THEN
+            UPDATE {schema}.shared_holders h SET expires_at = v_expires_at
+             WHERE h.namespace = p_namespace AND h.key = p_keys[v_item] AND h.token = p_token AND h.owner = p_owner
+               AND h.expires_at - v_now > interval '0';
+            IF FOUND THEN
+                PERFORM {schema}.mark_holders(p_namespace, p_keys[v_item], v_expires_at, false);
+            END IF;
+        END IF;
+        v_live := v_live OR FOUND;
+    END LOOP;
+    RETURN v_live;
 END
 $fn$;
