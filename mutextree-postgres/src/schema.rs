@@ -38,7 +38,16 @@
 //! items are on comparable paths, so the second grant sees the first and
 //! refuses. The argument does not depend on the modes: a Shared item takes
 //! the same locks as an Exclusive one, and only its check counts fewer
-//! rows as in the way (see "Modes and multi-path grants"). The price is
+//! rows as in the way (see "Modes and multi-path grants"). Nor on where a
+//! Shared item's rows live (since version 7 a holder in `shared_holders`
+//! and its node's marker in `locks`): both are written by the grant, under
+//! the exclusive lock on the node's key, and an Exclusive check reads both
+//! under the locks of its own items. Releases and refreshes take no
+//! advisory lock: a release only removes rows, so a check that saw them
+//! just before was right to refuse; a refresh only extends a live row,
+//! which a check under the same locks would count in the way anyway; and
+//! a marker left behind by its last holder's release is in nobody's way
+//! (see "Modes and multi-path grants"). The price is
 //! that two Shared grants of one
 //! node, or of a node and its descendant, take turns for the moment of
 //! their calls (both succeed); a Shared item could not take its node's key
@@ -66,33 +75,57 @@
 //!
 //! # Modes and multi-path grants
 //!
-//! Since version 5 a row of `locks` is one item of a grant: its key, its
-//! `mode` (`shared` or `exclusive`), and the grant's owner, token and
-//! expiry, which all its items share. The primary key is (namespace, key,
-//! token), so several Shared holders sit on one key; a stepwise client's
-//! locks are Exclusive rows. `try_grant_items` (since version 6
-//! `try_grant_queued`, since version 7 `try_grant_general`) checks the
-//! items one by one, under the locks of all
-//! of them: an Exclusive item is blocked by any live row on an ancestor,
-//! on its node or below; a Shared item only by an Exclusive one, which it
-//! finds through a partial index on the Exclusive rows, so its cost does
-//! not grow with the Shared holders around it. It
-//! reports a blocker for every blocked item, and grants (one token, one
-//! expiry, a row per item) only if none is blocked. A single-key lock
-//! (the stepwise primitive) is blocked by any live row on its key, Shared
+//! A grant has items, each a node in a mode, and one owner, token and
+//! expiry. Since version 7 (as in the Redis store) a node has at most one
+//! row in `locks`, whose primary key is (namespace, key): either its
+//! Exclusive item (`mode` `exclusive`; a stepwise client's locks are
+//! Exclusive rows), or the *marker* of its Shared holders (`mode`
+//! `holders`, no owner, token 0), while each Shared item is a row of
+//! `shared_holders`, whose primary key is (namespace, key, token). A Shared
+//! grant writes its holder and its node's marker, or moves the marker's
+//! expiry to its own if that is later: a marker lives at least as long as
+//! its holders. A release removes the holder only, so a marker may outlive
+//! its holders: it is in the way only while it has a live holder, and an
+//! Exclusive grant over it, or the sweep once it expires, removes it.
+//!
+//! `try_grant_general` (in versions 5 and 6 `try_grant_items` and
+//! `try_grant_queued`) checks the items one by one, under the locks of all
+//! of them: an Exclusive item is blocked by any live Exclusive row on an
+//! ancestor, on its node or below, and by any marker there with a live
+//! holder; a Shared item only by an Exclusive row, so its cost does not
+//! grow with the Shared holders around it (one marker per node). Every
+//! lookup is by the primary key of `locks`, unique by key: an insert marks
+//! the index entries of the key's earlier rows dead, so later lookups skip
+//! them. A look that finds a marker first calls `first_in_the_way`, which
+//! looks again counting only markers with a live holder and reports that
+//! holder, in one snapshot (it is `STABLE`): the plain look of an
+//! uncontended grant stays one index lookup. A refusal reports a blocker
+//! for every blocked item; a grant (one token, one expiry, a row per item)
+//! happens only if none is blocked. A single-key lock (the stepwise
+//! primitive) is blocked by any live row on its key, Shared holders
 //! included.
+//!
+//! Until version 6 every item was a row of `locks`, whose primary key was
+//! (namespace, key, token), with a partial index on the Exclusive rows.
+//! Measured with `pgbench` calling the functions, every lookup of a key
+//! then walked the index entries of that key's earlier grants not yet
+//! vacuumed, and every grant wrote one more index (see BENCHMARKS.md).
 //!
 //! A mode change is a call of the same function with the grant's token: it
 //! takes the locks and runs the checks of a grant of the same items in
 //! their new mode, not counting the grant's own rows, and on success gives
-//! the rows the new mode and a new token, with the same expiry. Natively
+//! the items the new mode and a new token, with the same expiry (an
+//! upgraded item's holder becomes its node's row in place of the marker,
+//! which had no other live holder; a downgraded one's row becomes a holder
+//! and its node's marker). Natively
 //! nothing can be in the way of a downgrade; beside stepwise clients, a
 //! key lock on an ancestor whose client has not yet looked below it is
 //! (see `LockBackend::change_mode`), and the downgrade's locks meet that
 //! key lock's on the ancestor's key, so the downgrade either sees its row
 //! and is refused, or commits first, and the key lock's token is newer.
 //! Release and refresh act on the rows of the grant's keys with its owner
-//! and token: every item at once.
+//! and token, in `locks` or in `shared_holders`: every item at once (a
+//! Shared holder's refresh also moves its marker's expiry).
 //!
 //! # Fair waiting
 //!
@@ -182,12 +215,14 @@
 //! # Keeping the table small
 //!
 //! A grant removes the expired rows of the subtree of each Exclusive item,
-//! and the expired Exclusive rows under each Shared item (through the
-//! partial index: the live Shared rows there stay unread); and one grant in
+//! and the markers there (none has a live holder, or the grant would have
+//! been refused), and the expired Exclusive rows under each Shared item
+//! (its holders stay unread: a node's marker stands for them); and one grant in
 //! 128 for each of its items, on average (the token modulo 128 below the
 //! number of items), also removes up to 256 expired rows anywhere, oldest
 //! first, through the index on `expires_at` (and since version 6 up to 256
-//! expired reservations, through theirs): a bounded amount of work per
+//! expired reservations, since version 7 up to 256 expired Shared holders,
+//! through theirs): a bounded amount of work per
 //! grant, and the tables hold little more than the live locks and waiters.
 //!
 //! # Plans
@@ -206,9 +241,7 @@
 //! however many locks were held (10k or 100k alike).
 //!
 //! So, since version 2, the statements of a grant or a refresh that find
-//! rows by their primary key (or, for a Shared item, by the partial index
-//! on Exclusive rows, which a statement that says `mode = 'exclusive'` in
-//! its text can use whatever its parameters) test expiry as a difference
+//! rows by their primary key test expiry as a difference
 //! (`expires_at - now > interval '0'`), which no index serves and no
 //! statistics describe, and the grant and refresh functions run with
 //! `plan_cache_mode = force_generic_plan`: each statement is planned once
@@ -276,24 +309,38 @@
 //! 6. Fair waiting (see "Fair waiting"): the tables `reservations` and
 //!    `queues`, and the functions `try_grant_queued` and `withdraw`. The
 //!    grant functions of versions 4 and 5 stay, for clients of those
-//!    versions still running while their schema is upgraded: they neither
+//!    versions still running while their schema is upgraded (until
+//!    version 7): they neither
 //!    read nor write reservations (they barge), and count the same grants
 //!    as in the way as before. Every statement of this step can run again
 //!    on a schema it already changed.
-//! 7. The grant function for one Exclusive item, `try_grant_exclusive`
-//!    (see "One Exclusive item"); the column `joined_at` of
-//!    `reservations`; `try_grant_general`, which is `try_grant_queued`
-//!    reporting each reservation in the way with its time in line; and
-//!    the two functions both call, `keep_reservation` (a refusal's
-//!    reservation and mark) and `sweep_expired` (the bounded sweep). The
-//!    grant functions of versions 4 to 6 stay, for clients of those
-//!    versions still running while their schema is upgraded: the tables
-//!    are the same, and `joined_at` defaults to the time its row is
-//!    written, which is when a version 6 client's waiter joined (a renewal
-//!    there updates the expiry only), so old and new clients honour each
-//!    other's reservations. Reservations already there count their time in
-//!    line from the upgrade. Every statement of this step can run again on
-//!    a schema it already changed.
+//! 7. A node's row unique by key again (see "Modes and multi-path
+//!    grants"): the table `shared_holders`, the primary key of `locks`
+//!    (namespace, key), the marker mode `holders`, the partial index
+//!    `locks_exclusive` dropped. Under an exclusive lock on both tables,
+//!    the Shared rows move to `shared_holders`, each node with holders
+//!    gets its marker, and of a key's Exclusive rows (one live at most)
+//!    the one that expires last stays. The grant function for one
+//!    Exclusive item, `try_grant_exclusive` (see "One Exclusive item");
+//!    the column `joined_at` of `reservations` (reservations already there
+//!    count their time in line from the upgrade); `try_grant_general`,
+//!    `try_grant_queued` for the new layout, reporting each reservation in
+//!    the way with its time in line; the functions they call,
+//!    `keep_reservation` (a refusal's reservation and mark),
+//!    `sweep_expired` (the bounded sweep), `mark_holders` and
+//!    `first_in_the_way`; and `release_items` and `refresh_items` for the
+//!    new layout. The grant functions of versions 4 to 6 (`try_grant`,
+//!    `try_grant_items`, `try_grant_queued`) would write Shared rows where
+//!    no check looks for them: they are replaced by functions that raise
+//!    an error (SQLSTATE 0A000) saying that grants need a client of
+//!    schema version 7. Clients of those versions still running can still
+//!    release and refresh what they hold (`release` and `refresh` touch
+//!    Exclusive rows only, `release_items` and `refresh_items` know both
+//!    tables), and a grant of theirs that was already running when the
+//!    step began finishes before it (the step's table locks wait for it);
+//!    their listings name a marker's mode `holders`, which they refuse as
+//!    unexpected, rather than list a node's Shared holders wrongly. Every
+//!    statement of this step can run again on a schema it already changed.
 //!
 //! Each version is a fixed file in `src/migrations/`, its text exactly as
 //! it was released, with only the schema's name spliced in. Installed

@@ -440,7 +440,6 @@ async fn a_version_6_schema_with_live_locks_and_a_waiter_is_migrated() {
         "SELECT outcome, token, blocker_tokens FROM \"{schema}\".try_grant_queued('app', $1, 60000, true, false, 0, \
          $2::text[], $3::text[], $4::text[], $5::integer[], $6::text[], $7::text[], $8::text[], $9, $10, 3000)"
     );
-    #[allow(clippy::type_complexity)]
     let old_grant = |owner: &'static str,
                      items: &'static [(&'static str, &'static str, &'static str, i32)],
                      ancestors: &'static [&'static str],
