@@ -338,8 +338,9 @@
 //!    Exclusive rows only, `release_items` and `refresh_items` know both
 //!    tables), and a grant of theirs that was already running when the
 //!    step began finishes before it (the step's table locks wait for it);
-//!    their listings name a marker's mode `holders`, which they refuse as
-//!    unexpected, rather than list a node's Shared holders wrongly. Every
+//!    their listings refuse a marker as unexpected (versions 5 and 6 by
+//!    its mode `holders`, version 4 by its empty owner) rather than list a
+//!    node's Shared holders wrongly. Every
 //!    statement of this step can run again on a schema it already changed.
 //!
 //! Each version is a fixed file in `src/migrations/`, its text exactly as
