@@ -291,7 +291,6 @@ impl PostgresBackend {
             GrantCall::KeyOnly => (Check::KeyOnly, Queue::Barge, None),
             GrantCall::Change(grant) => (Check::Tree, Queue::Barge, Some(grant)),
         };
-        let arrays = GrantItems::new(items, check);
         let (queue, ticket) = queue_arguments(queue)?;
         let reservation_ms = millis(RESERVATION_TTL);
         let ttl_ms = millis(ttl);
@@ -300,30 +299,51 @@ impl PostgresBackend {
             None => 0,
             Some(grant) => stored_token(grant).ok_or_else(|| Error::not_held(grant))?,
         };
+        let (namespace, owner_text) = (self.namespace.as_str(), owner.as_str());
         let sent_at = Instant::now();
-        let row = self
-            .query_one(
-                &self.shared.statements.grant,
-                &[
-                    &self.namespace.as_str(),
-                    &owner.as_str(),
-                    &ttl_ms,
-                    &tree,
-                    &transient,
-                    &changing_token,
-                    &arrays.keys,
-                    &arrays.modes,
-                    &arrays.range_ends,
-                    &arrays.depths,
-                    &arrays.ancestors,
-                    &arrays.lock_keys,
-                    &arrays.lock_modes,
-                    &queue,
-                    &ticket,
-                    &reservation_ms,
-                ],
-            )
-            .await?;
+        // The common request, one Exclusive item of a new tree grant, has
+        // a function of its own (see "One Exclusive item" in the schema
+        // module); it answers in the same columns.
+        let single = items.first();
+        let row = if items.len() == 1 && single.mode == Mode::Exclusive && tree && !transient && changing.is_none() {
+            let path = &single.path;
+            let ancestors: Vec<&str> = path.ancestor_keys().collect();
+            let statement = &self.shared.statements.grant_exclusive;
+            let range_end = path.key_range_end();
+            let params: [&(dyn ToSql + Sync); 9] = [
+                &namespace,
+                &owner_text,
+                &ttl_ms,
+                &path.key(),
+                &range_end,
+                &ancestors,
+                &queue,
+                &ticket,
+                &reservation_ms,
+            ];
+            self.query_one(statement, &params).await?
+        } else {
+            let arrays = GrantItems::new(items, check);
+            let params: [&(dyn ToSql + Sync); 16] = [
+                &namespace,
+                &owner_text,
+                &ttl_ms,
+                &tree,
+                &transient,
+                &changing_token,
+                &arrays.keys,
+                &arrays.modes,
+                &arrays.range_ends,
+                &arrays.depths,
+                &arrays.ancestors,
+                &arrays.lock_keys,
+                &arrays.lock_modes,
+                &queue,
+                &ticket,
+                &reservation_ms,
+            ];
+            self.query_one(&self.shared.statements.grant, &params).await?
+        };
         match (column::<&str>(&row, 0)?, changing) {
             ("granted", None) => {
                 let (items, owner, token) = (items.clone(), owner.clone(), token(column(&row, 1)?)?);
@@ -355,18 +375,28 @@ impl PostgresBackend {
         let remaining_us: Vec<i64> = column(row, 7)?;
         let transient: Vec<bool> = column(row, 8)?;
         let waiting: Vec<bool> = column(row, 9)?;
+        let waited_us: Vec<i64> = column(row, 10)?;
         let in_order = blocked.windows(2).all(|pair| pair[0] < pair[1]);
         let in_range = blocked.iter().all(|&item| item >= 1 && item as usize <= items);
-        let lengths =
-            [keys.len(), modes.len(), owners.len(), tokens.len(), remaining_us.len(), transient.len(), waiting.len()];
+        let lengths = [
+            keys.len(),
+            modes.len(),
+            owners.len(),
+            tokens.len(),
+            remaining_us.len(),
+            transient.len(),
+            waiting.len(),
+            waited_us.len(),
+        ];
         let same_length = lengths.iter().all(|&length| length == blocked.len());
         if !(in_order && in_range && same_length) {
             return Err(unexpected(format!("blockers of items {blocked:?} for a request of {items}")));
         }
-        let described = keys.into_iter().zip(modes).zip(owners).zip(tokens).zip(remaining_us);
-        let mut held = described.zip(transient).zip(waiting).map(
-            |((((((key, mode), owner), token), remaining_us), transient), waiting)| -> Result<HeldLock, Error> {
-                let held = self.held(key, &mode, owner, token, remaining_us, transient)?;
+        let described = keys.into_iter().zip(modes).zip(owners).zip(tokens);
+        let times = remaining_us.into_iter().zip(waited_us);
+        let mut held = described.zip(times).zip(transient).zip(waiting).map(
+            |((((((key, mode), owner), token), times), transient), waiting)| -> Result<HeldLock, Error> {
+                let held = self.held(key, &mode, owner, token, times, transient)?;
                 Ok(HeldLock { waiting, ..held })
             },
         );
@@ -375,16 +405,19 @@ impl PostgresBackend {
     }
 
     /// A lock (or, with `waiting` set afterwards, a reservation, its
-    /// ticket as `token_value`) as the server described it.
+    /// ticket as `token_value`) as the server described it; `times` are
+    /// its remaining life and, for a reservation, its waiter's time in the
+    /// queue, in microseconds.
     fn held(
         &self,
         key: String,
         mode: &str,
         owner: String,
         token_value: i64,
-        remaining_us: i64,
+        times: (i64, i64),
         transient: bool,
     ) -> Result<HeldLock, Error> {
+        let (remaining_us, waited_us) = times;
         let path = LockPath::from_key(&key).map_err(|error| unexpected(format!("a lock row's key: {error}")))?;
         let owner = Owner::new(owner).map_err(|error| unexpected(format!("a lock row's owner: {error}")))?;
         let mode = match mode {
@@ -400,14 +433,15 @@ impl PostgresBackend {
             remaining: Duration::from_micros(remaining_us.max(0) as u64),
             transient,
             waiting: false,
-            waited: Duration::ZERO,
+            waited: Duration::from_micros(waited_us.max(0) as u64),
         })
     }
 
     /// The rows of a listing statement, as held locks: `all` for the
     /// namespace, or `below` for `under` and below it (its key range).
     /// Each row is key, owner, token (or ticket), remaining microseconds,
-    /// transient, mode.
+    /// transient, mode, and the microseconds a reservation's waiter has
+    /// been in the queue (0 for a lock).
     async fn listing(&self, all: &str, below: &str, under: Option<&LockPath>) -> Result<Vec<HeldLock>, Error> {
         let namespace = self.namespace.as_str();
         let rows = match under {
@@ -420,8 +454,8 @@ impl PostgresBackend {
         .map_err(Error::from)?;
         rows.iter()
             .map(|row| {
-                let mode = column::<&str>(row, 5)?;
-                self.held(column(row, 0)?, mode, column(row, 1)?, column(row, 2)?, column(row, 3)?, column(row, 4)?)
+                let (mode, times) = (column::<&str>(row, 5)?, (column(row, 3)?, column(row, 6)?));
+                self.held(column(row, 0)?, mode, column(row, 1)?, column(row, 2)?, times, column(row, 4)?)
             })
             .collect()
     }

@@ -5,9 +5,11 @@
 //! waiter going ahead of later tickets only, renewing its reservation,
 //! writing it again once lapsed, and its grant removing it; a dead
 //! waiter's reservation lapsing within its life and then swept; withdrawal
-//! and the wake-up it sends; the listing of waiters; a schema of version 5
-//! with live locks migrated; crossing multi-path waiters that never
-//! deadlock; and an uncontended grant that reads no reservation.
+//! and the wake-up it sends; the listing of waiters; a waiter's time in
+//! line kept through renewals; schemas of versions 5 and 6 with live locks
+//! (Exclusive, Shared, multi-path) and a waiter migrated, their clients'
+//! grants refused; crossing multi-path waiters that never deadlock; and an
+//! uncontended grant that reads no reservation.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -367,12 +369,229 @@ async fn waiters_lists_live_reservations_one_entry_per_item_in_key_order() {
     f.drop_schema().await;
 }
 
+/// A reservation reports how long its waiter has been in line, by the
+/// server's clock: in the listing of waiters and as a blocker, from either
+/// grant function (one Exclusive item, or several items). A renewal keeps
+/// the time it joined: what it reports grows across renewals, and never
+/// exceeds the real time since the join.
+#[tokio::test]
+async fn a_waiters_time_in_line_grows_through_renewals_and_is_bounded_by_the_time_since_it_joined() {
+    const APART: Duration = Duration::from_millis(300);
+    let f = Fixture::new("fair_waited").await;
+    let holder = granted(f.attempt(&[("A", Exclusive)], "holder", Queue::Try).await);
+    let before_joins = Instant::now();
+    let (one, _) = queued(f.attempt(&[("A/B", Exclusive)], "one", Queue::Join).await);
+    let (many, _) = queued(f.attempt(&[("A/C", Exclusive), ("Q", Shared)], "many", Queue::Join).await);
+    let waited = |held: Vec<HeldLock>| held.iter().map(|held| (held.token, held.waited)).collect::<Vec<_>>();
+    let first = waited(f.backend.waiters(None).await.expect("waiters"));
+    let bound = before_joins.elapsed();
+    assert_eq!(first.iter().map(|(ticket, _)| *ticket).collect::<Vec<_>>(), [one, many, many]);
+    assert!(first.iter().all(|(_, waited)| *waited <= bound), "{first:?} after {bound:?}");
+
+    // Time passes; each waiter renews (with either function), and keeps
+    // the time it joined.
+    tokio::time::sleep(APART).await;
+    queued(f.attempt(&[("A/B", Exclusive)], "one", Queue::Waiting(one)).await);
+    queued(f.attempt(&[("A/C", Exclusive), ("Q", Shared)], "many", Queue::Waiting(many)).await);
+    let renewed = waited(f.backend.waiters(None).await.expect("waiters"));
+    let bound = before_joins.elapsed();
+    for ((ticket, before), (again, after)) in first.iter().zip(&renewed) {
+        assert_eq!(ticket, again);
+        assert!(*after >= *before + APART, "ticket {ticket}: {before:?}, then {after:?} after a renewal");
+        assert!(*after <= bound, "ticket {ticket}: {after:?} after {bound:?}");
+    }
+
+    // As a blocker, from either function.
+    f.backend.release(&holder).await.expect("release");
+    for items in [&[("A/B/x", Exclusive)][..], &[("A/B/x", Exclusive), ("Z", Shared)]] {
+        let blockers = blocked(f.attempt(items, "other", Queue::Try).await);
+        let bound = before_joins.elapsed();
+        assert_eq!(described(&blockers[0]), ("A/B".into(), Exclusive, "one".into(), one, true));
+        assert!(blockers[0].waited >= renewed[0].1 && blockers[0].waited <= bound, "{blockers:?} after {bound:?}");
+    }
+    // A grant reports none.
+    let grant = granted(f.attempt(&[("A/B", Exclusive)], "one", Queue::Waiting(one)).await);
+    let blockers = blocked(f.attempt(&[("A/B/x", Exclusive)], "other", Queue::Try).await);
+    assert_eq!((blockers[0].token, blockers[0].waited), (grant.token, Duration::ZERO));
+    f.drop_schema().await;
+}
+
+/// A schema made by versions 1 to 6 exactly as released, holding locks
+/// granted by version 6's function (Exclusive, two Shared holders of one
+/// node, and a multi-path grant of a Shared and an Exclusive item) and a
+/// waiter's reservation, is migrated by the next client: the Shared rows
+/// move to their holders' table behind their node's marker, every lock
+/// refuses what it refused and lets through what it let through, the
+/// reservation queues requests and reports its waiter's time in line from
+/// the upgrade on; a client of version 6 still running releases and
+/// refreshes its grants, Shared and multi-path ones included, but its
+/// grants are refused with the version they need; and the step to version
+/// 7 can run again without changing anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_6_schema_with_live_locks_and_a_waiter_is_migrated() {
+    let url = postgres::url();
+    let schema = fresh_name("six");
+    let client = inspector(&url).await;
+    install_released(&client, &schema, 6).await;
+    // Version 6's grant: (owner, keys, modes, range ends, depths,
+    // ancestors, advisory keys and modes, queue, ticket) to (outcome,
+    // token, blocker tokens).
+    let old_grant_sql = format!(
+        "SELECT outcome, token, blocker_tokens FROM \"{schema}\".try_grant_queued('app', $1, 60000, true, false, 0, \
+         $2::text[], $3::text[], $4::text[], $5::integer[], $6::text[], $7::text[], $8::text[], $9, $10, 3000)"
+    );
+    let old_grant = |owner: &'static str,
+                     items: &'static [(&'static str, &'static str, &'static str, i32)],
+                     ancestors: &'static [&'static str],
+                     locks: &'static [(&'static str, &'static str)]| {
+        let (client, sql) = (&client, &old_grant_sql);
+        move |queue: &'static str, ticket: i64| async move {
+            let keys: Vec<&str> = items.iter().map(|item| item.0).collect();
+            let modes: Vec<&str> = items.iter().map(|item| item.1).collect();
+            let ends: Vec<&str> = items.iter().map(|item| item.2).collect();
+            let depths: Vec<i32> = items.iter().map(|item| item.3).collect();
+            let lock_keys: Vec<&str> = locks.iter().map(|lock| lock.0).collect();
+            let lock_modes: Vec<&str> = locks.iter().map(|lock| lock.1).collect();
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 10] =
+                [&owner, &keys, &modes, &ends, &depths, &ancestors, &lock_keys, &lock_modes, &queue, &ticket];
+            client.query_one(sql, &params).await
+        }
+    };
+    let outcome = |row: Result<tokio_postgres::Row, tokio_postgres::Error>| {
+        let row = row.expect("version 6's grant");
+        let tokens: Option<Vec<i64>> = row.get(2);
+        (row.get::<_, String>(0), row.get::<_, Option<i64>>(1).map(|token| token as u64), tokens.unwrap_or_default())
+    };
+    let lock = outcome(old_grant("old", &[("a/", "exclusive", "a0", 1)], &[], &[("a/", "exclusive")])("try", 0).await);
+    assert_eq!(lock.0, "granted");
+    let lock = lock.1.expect("token");
+    let mut reader_tokens = Vec::new();
+    for owner in ["old reader", "old reader 2"] {
+        let reader =
+            old_grant(owner, &[("b/c/", "shared", "b/c0", 2)], &["b/"], &[("b/", "shared"), ("b/c/", "exclusive")]);
+        let (result, token, _) = outcome(reader("try", 0).await);
+        assert_eq!(result, "granted");
+        reader_tokens.push(token.expect("token"));
+    }
+    let multi = old_grant(
+        "old multi",
+        &[("m/1/", "shared", "m/10", 2), ("m/2/", "exclusive", "m/20", 2)],
+        &["m/", "m/"],
+        &[("m/", "shared"), ("m/1/", "exclusive"), ("m/2/", "exclusive")],
+    );
+    let (result, multi, _) = outcome(multi("try", 0).await);
+    assert_eq!(result, "granted");
+    let multi = multi.expect("token");
+    let old_waiter = old_grant(
+        "old waiter",
+        &[("a/x/", "exclusive", "a/x0", 2)],
+        &["a/"],
+        &[("a/", "shared"), ("a/x/", "exclusive")],
+    );
+    let (result, ticket, tokens) = outcome(old_waiter("join", 0).await);
+    assert_eq!((result.as_str(), tokens.as_slice()), ("queued", &[lock as i64][..]));
+    let ticket = ticket.expect("ticket");
+
+    let before_upgrade = Instant::now();
+    let (backend, held) = migrated(&url, &schema, &client).await;
+    assert_eq!(
+        held,
+        [
+            ("a".into(), Exclusive, lock),
+            ("b/c".into(), Shared, reader_tokens[0]),
+            ("b/c".into(), Shared, reader_tokens[1]),
+            ("m/1".into(), Shared, multi),
+            ("m/2".into(), Exclusive, multi),
+        ]
+    );
+    let markers = client
+        .query(&format!("SELECT key, owner, token FROM \"{schema}\".locks WHERE mode = 'holders' ORDER BY key"), &[])
+        .await
+        .expect("markers");
+    let markers: Vec<(String, String, i64)> = markers.iter().map(|row| (row.get(0), row.get(1), row.get(2))).collect();
+    assert_eq!(markers, [("b/c/".into(), "".into(), 0), ("m/1/".into(), "".into(), 0)]);
+    let attempt = |items: &'static [(&'static str, Mode)], owner: &'static str, queue: Queue| {
+        let backend = &backend;
+        async move { backend.try_grant(&request(items, owner, queue)).await.expect("attempt") }
+    };
+    assert_eq!(blocked(attempt(&[("a/x/y", Exclusive)], "new", Queue::Try).await)[0].token, lock);
+    let blockers = blocked(attempt(&[("b", Exclusive)], "new", Queue::Try).await);
+    assert_eq!(described(&blockers[0]), ("b/c".into(), Shared, "old reader".into(), reader_tokens[0], false));
+    assert_eq!(blocked(attempt(&[("b/c", Exclusive)], "new", Queue::Try).await)[0].token, reader_tokens[0]);
+    let new_reader = granted(attempt(&[("b/c/d", Shared)], "new", Queue::Try).await);
+    let blockers = blocked(attempt(&[("m", Shared)], "new", Queue::Try).await);
+    assert_eq!(described(&blockers[0]), ("m/2".into(), Exclusive, "old multi".into(), multi, false));
+    granted(attempt(&[("m/1/z", Shared)], "new", Queue::Barge).await);
+    let waited = || async {
+        let waiters = backend.waiters(None).await.expect("waiters");
+        waiters.iter().map(|held| (held.token, held.waited)).collect::<Vec<_>>()
+    };
+    let first = waited().await;
+    assert_eq!(first.iter().map(|(ticket, _)| *ticket).collect::<Vec<_>>(), [ticket]);
+    assert!(first[0].1 <= before_upgrade.elapsed(), "{first:?}");
+
+    // A client of version 6 still running: its grants are refused, with
+    // the version they need, whatever they ask for.
+    for refused in [
+        old_waiter("waiting", ticket as i64).await,
+        old_grant("old", &[("z/", "shared", "z0", 1)], &[], &[("z/", "exclusive")])("try", 0).await,
+    ] {
+        let error = refused.expect_err("version 6's grant");
+        let message = error.as_db_error().expect("from the server").message();
+        assert!(message.contains("need a client of schema version 7"), "{message}");
+    }
+    // Its refreshes and releases work, on Shared holders and multi-path
+    // grants too.
+    let refresh = format!("SELECT \"{schema}\".refresh_items('app', $1::text[], $2, $3, 120000)");
+    let release = format!("SELECT \"{schema}\".release_items('app', $1::text[], $2, $3)");
+    let call = |sql: &str, keys: &'static [&'static str], owner: &'static str, token: u64| {
+        let (client, sql) = (&client, sql.to_owned());
+        async move {
+            let row = client.query_one(&sql, &[&keys, &owner, &(token as i64)]).await.expect("version 6's call");
+            row.get::<_, bool>(0)
+        }
+    };
+    assert!(call(&refresh, &["b/c/"], "old reader", reader_tokens[0]).await);
+    let listed = backend.list(None).await.expect("list");
+    let refreshed = listed.iter().find(|held| held.token == reader_tokens[0]).expect("the reader");
+    assert!(refreshed.remaining > LONG, "{refreshed:?}");
+    assert!(call(&release, &["m/1/", "m/2/"], "old multi", multi).await);
+    assert!(!call(&release, &["m/1/", "m/2/"], "old multi", multi).await, "released once");
+    assert!(call(&release, &["a/"], "old", lock).await);
+
+    // The reservation, written by version 6, queues requests until its
+    // waiter (here through the new client) is granted.
+    let blockers = blocked(attempt(&[("a/x/y", Exclusive)], "new", Queue::Try).await);
+    assert_eq!(described(&blockers[0]), ("a/x".into(), Exclusive, "old waiter".into(), ticket, true));
+    assert!(blockers[0].waited >= first[0].1 && blockers[0].waited <= before_upgrade.elapsed(), "{blockers:?}");
+    granted(attempt(&[("a/x", Exclusive)], "old waiter", Queue::Waiting(ticket)).await);
+    assert_eq!(waited().await, [], "its grant removed its reservation");
+    let (new_ticket, _) = queued(attempt(&[("b/c", Exclusive)], "new waiter", Queue::Join).await);
+
+    // The step to version 7 again changes nothing.
+    let listed = |held: Vec<HeldLock>| held.iter().map(described).collect::<Vec<_>>();
+    let (before, waiting) = (listed(backend.list(None).await.expect("list")), waited().await);
+    client.batch_execute(&released(RELEASED[6], &schema)).await.expect("again");
+    assert_eq!(listed(backend.list(None).await.expect("list")), before);
+    assert_eq!(waited().await.iter().map(|(ticket, _)| *ticket).collect::<Vec<_>>(), [new_ticket]);
+    assert!(waited().await[0].1 >= waiting[0].1);
+
+    // Once the Shared holders of a node are gone, an Exclusive grant takes
+    // the node in the place of their marker.
+    backend.release(&new_reader).await.expect("release");
+    assert!(call(&release, &["b/c/"], "old reader", reader_tokens[0]).await);
+    assert_eq!(blocked(attempt(&[("b", Exclusive)], "new", Queue::Barge).await)[0].token, reader_tokens[1]);
+    assert!(call(&release, &["b/c/"], "old reader 2", reader_tokens[1]).await);
+    granted(attempt(&[("b/c", Exclusive)], "new waiter", Queue::Waiting(new_ticket)).await);
+    client.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE")).await.expect("drop");
+}
+
 /// A schema made by versions 1 to 5 exactly as released, holding locks
 /// granted by version 5's function, is migrated by the next client: the
 /// locks are kept and refuse requests, waiters queue behind them; a client
-/// of version 5 still running keeps granting and refusing as before
-/// (barging); and the step to version 6 can run again without changing
-/// anything.
+/// of version 5 still running releases, but its grants are refused with
+/// the version they need; and the step to version 7 can run again without
+/// changing anything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_5_schema_with_live_locks_is_migrated() {
     let url = postgres::url();
@@ -380,13 +599,13 @@ async fn a_version_5_schema_with_live_locks_is_migrated() {
     let client = inspector(&url).await;
     install_released(&client, &schema, 5).await;
     // Version 5's grant of one item: (key, mode, range end, ancestors).
-    let old_grant = format!(
+    let old_grant_sql = format!(
         "SELECT outcome, token FROM \"{schema}\".try_grant_items('app', 'old', 60000, true, false, 0, \
          ARRAY[$1::text], ARRAY[$2::text], ARRAY[$3::text], ARRAY[cardinality($4::text[]) + 1], $4::text[], \
          $4::text[] || $1::text, array_fill('shared'::text, ARRAY[cardinality($4::text[])]) || 'exclusive'::text)"
     );
     let old_grant = |key: &'static str, mode: &'static str, end: &'static str, ancestors: Vec<&'static str>| {
-        let (client, sql) = (&client, &old_grant);
+        let (client, sql) = (&client, &old_grant_sql);
         async move {
             let row = client.query_one(sql, &[&key, &mode, &end, &ancestors]).await.expect("version 5's grant");
             (row.get::<_, String>(0), row.get::<_, Option<i64>>(1))
@@ -409,23 +628,24 @@ async fn a_version_5_schema_with_live_locks_is_migrated() {
     assert_eq!(blocked(attempt(&[("b", Exclusive)], Queue::Try).await)[0].token, shared);
     granted(attempt(&[("b/c/d", Shared)], Queue::Try).await);
 
-    // A client of version 5 still running: refused by a live lock, and it
-    // barges past a waiter.
-    assert_eq!(old_grant("b/", "exclusive", "b0", vec![]).await.0, "blocked");
+    // A client of version 5 still running: its release works, its grants
+    // are refused with the version they need.
     let released_old = client
         .query_one(&format!("SELECT \"{schema}\".release_items('app', ARRAY['a/'], 'old', $1)"), &[&(exclusive as i64)])
         .await;
     assert!(released_old.expect("version 5's release").get::<_, bool>(0));
-    assert_eq!(old_grant("a/x/", "exclusive", "a/x0", vec!["a/"]).await.0, "granted");
+    let refused = client.query_one(&old_grant_sql, &[&"c/", &"exclusive", &"c0", &Vec::<&str>::new()]).await;
+    let message = refused.expect_err("version 5's grant").as_db_error().expect("from the server").message().to_owned();
+    assert!(message.contains("need a client of schema version 7"), "{message}");
 
-    // The step to version 6 again changes nothing.
-    client.batch_execute(&released(RELEASED[5], &schema)).await.expect("again");
+    // The step to version 7 again changes nothing.
+    client.batch_execute(&released(RELEASED[6], &schema)).await.expect("again");
     let waiters = backend.waiters(None).await.expect("waiters");
     assert_eq!(
         waiters.iter().map(described).collect::<Vec<_>>(),
         [("a/x".into(), Exclusive, "new".into(), ticket, true)]
     );
-    assert_eq!(backend.list(None).await.expect("list").len(), 3);
+    assert_eq!(backend.list(None).await.expect("list").len(), 2, "the Shared holders, old and new");
     client.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE")).await.expect("drop");
 }
 

@@ -259,6 +259,9 @@ async fn a_key_lock_is_refused_by_a_shared_holder_and_blocks_a_shared_request() 
 #[tokio::test]
 async fn every_operation_is_one_round_trip() {
     let backend = backend().await;
+    // Each grant function prepared: one Exclusive item has its own.
+    let alone = granted(&backend, &[("alone", Exclusive)], "me").await;
+    backend.release(&alone).await.expect("release");
     let warm = granted(&backend, &[("warm", Shared)], "me").await;
     let warm = backend.change_mode(&warm, Exclusive).await.expect("upgrade").granted().expect("free");
     let warm = backend.refresh(&warm, Ttl::new(LONG).expect("ttl")).await.expect("refresh");
@@ -403,12 +406,18 @@ async fn operations_read_a_few_index_pages_whatever_the_namespace_holds() {
     let client = inspector(&url).await;
     client
         .batch_execute(&format!(
-            "ANALYZE \"{schema}\".locks; \
+            "ANALYZE \"{schema}\".locks; ANALYZE \"{schema}\".shared_holders; \
              ALTER TABLE \"{schema}\".locks SET (autovacuum_enabled = false); \
+             ALTER TABLE \"{schema}\".shared_holders SET (autovacuum_enabled = false); \
              INSERT INTO \"{schema}\".locks \
-             SELECT 'reads', 'background/g' || (i / 1000) || '/n' || i || '/', 'holder', nextval('\"{schema}\".tokens'), \
-                    clock_timestamp() + interval '1 hour', false, CASE WHEN i % 3 = 0 THEN 'exclusive' ELSE 'shared' END \
+             SELECT 'reads', 'background/g' || (i / 1000) || '/n' || i || '/', CASE WHEN i % 3 = 0 THEN 'holder' ELSE '' END, \
+                    CASE WHEN i % 3 = 0 THEN nextval('\"{schema}\".tokens') ELSE 0 END, \
+                    clock_timestamp() + interval '1 hour', false, CASE WHEN i % 3 = 0 THEN 'exclusive' ELSE 'holders' END \
              FROM generate_series(1, 10000) i; \
+             INSERT INTO \"{schema}\".shared_holders \
+             SELECT 'reads', 'background/g' || (i / 1000) || '/n' || i || '/', nextval('\"{schema}\".tokens'), 'holder', \
+                    clock_timestamp() + interval '1 hour', false \
+             FROM generate_series(1, 10000) i WHERE i % 3 <> 0; \
              INSERT INTO \"{schema}\".locks VALUES \
                  ('reads', 'background/g0/', 'holder', nextval('\"{schema}\".tokens'), clock_timestamp() + interval '1 hour', \
                   false, 'exclusive');"
@@ -418,7 +427,8 @@ async fn operations_read_a_few_index_pages_whatever_the_namespace_holds() {
     let counters = format!(
         "SELECT sum(s.idx_scan)::bigint, sum(b.idx_blks_hit + b.idx_blks_read)::bigint \
          FROM pg_stat_user_indexes s JOIN pg_statio_user_indexes b USING (indexrelid) \
-         WHERE s.schemaname = '{schema}' AND s.relname = 'locks' AND s.indexrelname <> 'locks_expires_at'"
+         WHERE s.schemaname = '{schema}' AND s.relname IN ('locks', 'shared_holders') \
+           AND s.indexrelname NOT IN ('locks_expires_at', 'shared_holders_expires_at')"
     );
     let read =
         || async { client.query_one(&counters, &[]).await.map(|row| (row.get::<_, i64>(0), row.get::<_, i64>(1))) };
@@ -427,7 +437,8 @@ async fn operations_read_a_few_index_pages_whatever_the_namespace_holds() {
     let mut operations = 0;
     for round in 0..ROUNDS {
         if round == ROUNDS / 2 {
-            client.batch_execute(&format!("ANALYZE \"{schema}\".locks")).await.expect("analyze");
+            let analyze = format!("ANALYZE \"{schema}\".locks; ANALYZE \"{schema}\".shared_holders");
+            client.batch_execute(&analyze).await.expect("analyze");
         }
         let single = granted(&backend, &[("work/a/b", Exclusive)], "me").await;
         backend.release(&single).await.expect("release");

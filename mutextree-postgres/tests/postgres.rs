@@ -55,7 +55,7 @@ async fn concurrent_migrations_of_a_fresh_schema_all_succeed() {
         let client = inspector(&url).await;
         let versions = client.query(&format!("SELECT version FROM \"{schema}\".schema_version"), &[]).await;
         let versions: Vec<i32> = versions.expect("version table").iter().map(|row| row.get(0)).collect();
-        assert_eq!(versions, [6], "one version row");
+        assert_eq!(versions, [7], "one version row");
         // A later start finds the current version and changes nothing.
         PostgresConfig::from_url(&url).expect("url").schema(schema.clone()).connect().await.expect("again");
         client.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE")).await.expect("drop");
@@ -245,7 +245,7 @@ async fn an_older_schema_is_migrated() {
         .expect("back to version 1");
     let backend = config.connect().await.expect("migrate").backend("older").expect("namespace");
     let version = client.query_one(&format!("SELECT version FROM \"{schema}\".schema_version"), &[]).await;
-    assert_eq!(version.expect("version").get::<_, i32>(0), 6);
+    assert_eq!(version.expect("version").get::<_, i32>(0), 7);
     let settings = client
         .query(
             "SELECT p.proname::text, array_to_string(p.proconfig, ',') FROM pg_proc p \
@@ -257,13 +257,19 @@ async fn an_older_schema_is_migrated() {
     let settings: Vec<(String, Option<String>)> = settings.iter().map(|row| (row.get(0), row.get(1))).collect();
     let generic = Some("plan_cache_mode=force_generic_plan".to_owned());
     let expected = [
+        ("first_in_the_way", generic.clone()),
+        ("keep_reservation", generic.clone()),
+        ("mark_holders", generic.clone()),
         ("refresh", generic.clone()),
         ("refresh_items", generic.clone()),
         ("release", None),
         ("release_items", None),
-        ("try_grant", generic.clone()),
-        ("try_grant_items", generic.clone()),
-        ("try_grant_queued", generic.clone()),
+        ("sweep_expired", generic.clone()),
+        ("try_grant", None),
+        ("try_grant_exclusive", generic.clone()),
+        ("try_grant_general", generic.clone()),
+        ("try_grant_items", None),
+        ("try_grant_queued", None),
         ("withdraw", generic),
     ];
     assert_eq!(settings, expected.map(|(name, setting)| (name.to_owned(), setting)));
@@ -312,15 +318,21 @@ async fn a_version_2_schema_is_migrated() {
         .await
         .expect("back to version 2");
     let mut raw = RawListener::new(&url, &schema).await;
-    // Version 2's release notifies with nobody listening.
+    // Version 2's release notifies with nobody listening (the row is the
+    // one version 2's grant wrote; the schema's grant function is the
+    // current version's, which refuses the arguments of version 2's).
     let grant = client
         .query_one(
-            &format!("SELECT * FROM \"{schema}\".try_grant('older', 'x/', '{{}}', 'x0', 'me', 60000, true, false)"),
+            &format!(
+                "INSERT INTO \"{schema}\".locks (namespace, key, owner, token, expires_at, transient) \
+                 VALUES ('older', 'x/', 'me', nextval('\"{schema}\".tokens'), clock_timestamp() + interval '1 minute', \
+                         false) RETURNING token"
+            ),
             &[],
         )
         .await
         .expect("grant");
-    let token: i64 = grant.get(1);
+    let token: i64 = grant.get(0);
     client
         .query_one(&format!("SELECT \"{schema}\".release('older', 'x/', 'me', $1)"), &[&token])
         .await
@@ -329,7 +341,7 @@ async fn a_version_2_schema_is_migrated() {
 
     let backend = Arc::new(config.connect().await.expect("migrate").backend("older").expect("namespace"));
     let version = client.query_one(&format!("SELECT version FROM \"{schema}\".schema_version"), &[]).await;
-    assert_eq!(version.expect("version").get::<_, i32>(0), 6);
+    assert_eq!(version.expect("version").get::<_, i32>(0), 7);
     let rows = client.query_one(&format!("SELECT count(*) FROM \"{schema}\".listeners"), &[]).await;
     assert_eq!(rows.expect("listeners table").get::<_, i64>(0), 0);
     let long = Duration::from_secs(60);
@@ -654,18 +666,18 @@ async fn connection_errors_say_what_the_server_said() {
 /// A schema made by versions 1 to 4 exactly as released, holding locks
 /// granted by version 4's functions, is migrated by the next client: the
 /// locks are kept, listed as Exclusive, and keep Shared requests out;
-/// a client of version 4 still running keeps working against the new
-/// table (its functions stay); and the step to version 5 can run again
-/// without changing anything.
+/// a client of version 4 still running can release, but its grants are
+/// refused with the version they need; and the step to version 7 can run
+/// again without changing anything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_4_schema_with_locks_is_migrated() {
     let url = postgres::url();
     let schema = fresh_name("four");
     let client = inspector(&url).await;
     install_released(&client, &schema, 4).await;
-    let old_grant = format!("SELECT * FROM \"{schema}\".try_grant('app', $1, $2, $3, 'old', 60000, true, false)");
+    let old_grant_sql = format!("SELECT * FROM \"{schema}\".try_grant('app', $1, $2, $3, 'old', 60000, true, false)");
     let old_grant = |key: &'static str, ancestors: Vec<&'static str>, end: &'static str| {
-        let (client, sql) = (&client, &old_grant);
+        let (client, sql) = (&client, &old_grant_sql);
         async move {
             let row = client.query_one(sql, &[&key, &ancestors, &end]).await.expect("version 4's grant");
             (row.get::<_, bool>(0), row.get::<_, Option<i64>>(1))
@@ -688,16 +700,19 @@ async fn a_version_4_schema_with_locks_is_migrated() {
     let reader = backend.try_grant(&shared("b", "new")).await.expect("attempt");
     assert!(matches!(reader, Attempt::Blocked(ref held) if held.first().token == child), "{reader:?}");
 
-    // A client of version 4 still running: its release and grant work, and
-    // it takes a Shared row for a lock.
+    // A client of version 4 still running: its release works; its grant,
+    // which knows nothing of Shared holders, is refused with the version
+    // it needs.
     let released_old =
         client.query_one(&format!("SELECT \"{schema}\".release('app', 'a/', 'old', $1)"), &[&(parent as i64)]).await;
     assert!(released_old.expect("version 4's release").get::<_, bool>(0));
     let reader = backend.try_grant(&shared("a/x", "new")).await.expect("attempt").granted().expect("free");
-    assert_eq!(old_grant("a/", vec![], "a0").await, (false, None), "version 4's grant sees the Shared row");
+    let refused = client.query_one(&old_grant_sql, &[&"c/", &Vec::<&str>::new(), &"c0"]).await;
+    let message = refused.expect_err("version 4's grant").as_db_error().expect("from the server").message().to_owned();
+    assert!(message.contains("need a client of schema version 7"), "{message}");
 
-    // The step to version 5 again changes nothing.
-    client.batch_execute(&released(RELEASED[4], &schema)).await.expect("again");
+    // The step to version 7 again changes nothing.
+    client.batch_execute(&released(RELEASED[6], &schema)).await.expect("again");
     let held_again = backend.list(None).await.expect("list");
     assert_eq!(held_again.iter().map(|lock| lock.token).collect::<Vec<_>>(), [reader.token, child]);
     backend.release(&reader).await.expect("release");

@@ -36,13 +36,14 @@ pub(crate) async fn inspector(url: &str) -> tokio_postgres::Client {
 }
 
 /// The released migrations, in order, as the crate's files hold them.
-pub(crate) const RELEASED: [&str; 6] = [
+pub(crate) const RELEASED: [&str; 7] = [
     include_str!("../../src/migrations/0001_locks_and_functions.sql"),
     include_str!("../../src/migrations/0002_generic_plans.sql"),
     include_str!("../../src/migrations/0003_listeners.sql"),
     include_str!("../../src/migrations/0004_try_locks_first.sql"),
     include_str!("../../src/migrations/0005_modes_and_items.sql"),
     include_str!("../../src/migrations/0006_fair_waiting.sql"),
+    include_str!("../../src/migrations/0007_one_exclusive_item_and_waited.sql"),
 ];
 
 /// A released migration's text for `schema`, as the crate fills it in.
@@ -96,7 +97,7 @@ pub(crate) async fn migrated(
     let config = PostgresConfig::from_url(url).expect("url").schema(schema);
     let backend = config.connect().await.expect("migrate").backend("app").expect("namespace");
     let version = client.query_one(&format!("SELECT version FROM \"{schema}\".schema_version"), &[]).await;
-    assert_eq!(version.expect("version").get::<_, i32>(0), 6);
+    assert_eq!(version.expect("version").get::<_, i32>(0), 7);
     let held = backend.list(None).await.expect("list");
     let held = held.iter().map(|lock| (lock.path.to_string(), lock.mode, lock.token)).collect();
     (backend, held)
