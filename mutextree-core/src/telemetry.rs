@@ -171,8 +171,21 @@ impl<'a> Acquiring<'a> {
         started: Instant,
         instruments: Option<&'a Instruments>,
     ) -> Self {
+        let mut acquiring = Acquiring {
+            span: Span::none(),
+            store: "",
+            mode: "",
+            started,
+            instruments,
+            waiting: false,
+            finished: false,
+        };
+        if !timed(Level::DEBUG) {
+            // Nothing listens: not even the labels are worth asking for.
+            return acquiring;
+        }
         let labels = backend.labels();
-        let span = tracing::debug_span!(
+        acquiring.span = tracing::debug_span!(
             target: "mutextree",
             "acquire",
             store = labels.store,
@@ -186,15 +199,9 @@ impl<'a> Acquiring<'a> {
             waited = Empty,
             error = Empty,
         );
-        Acquiring {
-            span,
-            store: labels.store,
-            mode: mode_label(&request.items),
-            started,
-            instruments,
-            waiting: false,
-            finished: false,
-        }
+        acquiring.store = labels.store;
+        acquiring.mode = mode_label(&request.items);
+        acquiring
     }
 
     /// The acquisition's span, for its attempts and waits.
@@ -275,6 +282,9 @@ pub(crate) struct OnGrant {
 
 /// Starts [`OnGrant`] for `operation` (`refresh` or `release`) of `grant`.
 pub(crate) fn on_grant(operation: &'static str, backend: &dyn LockBackend, grant: &Grant) -> OnGrant {
+    if !timed(Level::DEBUG) {
+        return OnGrant { span: Span::none(), store: "", operation };
+    }
     let labels = backend.labels();
     // A span's name is part of its static metadata: one macro per name.
     let span = if operation == "refresh" {

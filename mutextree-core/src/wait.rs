@@ -206,7 +206,7 @@ impl<'a> Acquisition<'a> {
     /// is gone in a moment, and treating it as held would make siblings
     /// refuse each other. A timed wait never goes past its own deadline
     /// for it.
-    pub async fn run(self) -> Result<Grant, Error> {
+    pub async fn run(mut self) -> Result<Grant, Error> {
         let mut observed =
             Acquiring::start(self.backend.as_ref(), self.request, self.wait, self.started, self.instruments);
         let outcome = in_span(observed.span(), self.attempts(&mut observed)).await;
@@ -215,7 +215,7 @@ impl<'a> Acquisition<'a> {
     }
 
     /// The attempts and waits of [`Acquisition::run`], told to `observed`.
-    async fn attempts(mut self, observed: &mut Acquiring<'_>) -> Result<Grant, Error> {
+    async fn attempts(&mut self, observed: &mut Acquiring<'_>) -> Result<Grant, Error> {
         loop {
             let blockers = match self.attempt().await? {
                 Attempt::Granted(grant) => {
