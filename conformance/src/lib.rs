@@ -363,10 +363,6 @@ macro_rules! suite {
         fn __conformance_store() -> impl $crate::TestStore {
             $store
         }
-        #[test]
-        fn telemetry_of_a_granted_refused_and_released_lock() {
-            $crate::telemetry::granted_refused_and_released(__conformance_store(), $crate::suite!(@paused $clock));
-        }
         $crate::suite!(@mode native, Native, $clock);
         $crate::suite!(@mode stepwise, Stepwise, $clock);
         $crate::suite!(@mode mixed, Mixed, $clock);

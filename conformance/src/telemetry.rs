@@ -5,7 +5,11 @@
 //! store runs all of them, each network store at least one.
 //!
 //! The subscriber and recorder are local to the runtime's one thread (not
-//! global), so tests running at once never see each other's spans.
+//! global), so tests running at once never see each other's spans. Run
+//! them in a test binary of their own: `tracing` caches per call site
+//! whether anyone listens, and a test without a subscriber on another
+//! thread that reaches a call site first, while a subscriber is being
+//! installed here, can leave it cached as unheard.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -308,7 +312,7 @@ fn lock(store: &Arc<dyn LockBackend>, path: &str, owner: &str, ttl: Duration) ->
 /// `acquire` spans say who asked for what and how it ended, the refusal
 /// names the holder, the `release` span its outcome; the acquisition
 /// histogram counts one of each outcome, the hold histogram one hold.
-/// Every store runs it in its conformance suite (`paused` for a store on
+/// Every store runs it in its telemetry tests (`paused` for a store on
 /// tokio's paused clock).
 pub fn granted_refused_and_released<S: TestStore>(store: S, paused: bool) {
     let name = Arc::new(Mutex::new(""));

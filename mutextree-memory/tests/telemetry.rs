@@ -1,7 +1,7 @@
 //! What a lock's life reports on the memory store, through a test
 //! subscriber and a test recorder (the cases are in
-//! `conformance::telemetry`; the conformance suite runs the first), on
-//! tokio's paused clock.
+//! `conformance::telemetry`), on tokio's paused clock, in a test binary
+//! of their own (see there why).
 
 use std::sync::Arc;
 
@@ -11,6 +11,21 @@ use mutextree_memory::MemoryStore;
 
 fn store() -> Arc<dyn LockBackend> {
     Arc::new(MemoryStore::new().backend("telemetry").expect("namespace"))
+}
+
+/// The memory store as the telemetry cases connect to it.
+struct Memory;
+
+#[mutextree_core::backend::async_trait]
+impl conformance::TestStore for Memory {
+    async fn connect(&self, namespace: &str) -> Result<Arc<dyn LockBackend>, mutextree_core::Error> {
+        Ok(Arc::new(MemoryStore::new().backend(namespace)?))
+    }
+}
+
+#[test]
+fn granted_refused_and_released() {
+    telemetry::granted_refused_and_released(Memory, true);
 }
 
 #[test]
