@@ -185,13 +185,15 @@ impl<'a> Acquiring<'a> {
             return acquiring;
         }
         let labels = backend.labels();
+        acquiring.store = labels.store;
+        acquiring.mode = mode_label(&request.items);
         acquiring.span = tracing::debug_span!(
             target: "mutextree",
             "acquire",
             store = labels.store,
             namespace = labels.namespace,
             path = %request.items,
-            mode = mode_label(&request.items),
+            mode = acquiring.mode,
             owner = %request.owner,
             wait = ?wait,
             outcome = Empty,
@@ -199,8 +201,6 @@ impl<'a> Acquiring<'a> {
             waited = Empty,
             error = Empty,
         );
-        acquiring.store = labels.store;
-        acquiring.mode = mode_label(&request.items);
         acquiring
     }
 
