@@ -79,7 +79,7 @@ use crate::backend::{AbortOnDrop, LockBackend};
 use crate::error::Error;
 use crate::lock::{Attempt, Fairness, Grant, HeldLock, LockItems, LockRequest, Mode, Owner, Ttl};
 use crate::path::LockPath;
-use crate::telemetry::{self, in_span, Instruments, LostReason};
+use crate::telemetry::{self, Instruments, LostReason};
 use crate::wait::{Acquisition, Background, OnWait, Wait};
 
 /// Why [`TreeLock::lost`] reports a grant revoked ([`LockBackend::revoke`]).
@@ -284,7 +284,7 @@ impl<H: From<TreeLock>> TreeLockBuilder<H> {
                 background: Background::default(),
                 refreshing: tokio::sync::Mutex::new(()),
                 instruments: Instruments::default(),
-                state: watch::Sender::new(State::default()),
+                state: Watched::new(State::default()),
             }),
         }
         .into())
@@ -330,9 +330,51 @@ struct Shared {
     refreshing: tokio::sync::Mutex<()>,
     /// The metrics this handle reports into.
     instruments: Instruments,
-    /// What the handle believes, in one place: a watch, so that
-    /// [`TreeLock::lost`] follows it. Never borrowed across an `.await`.
-    state: watch::Sender<State>,
+    /// What the handle believes, in one place, followed by
+    /// [`TreeLock::lost`]. Never borrowed across an `.await`.
+    state: Watched<State>,
+}
+
+/// A value that tasks can follow, as through a `watch` channel, but whose
+/// changes cost a mutex and no more while nobody follows: a lock handle
+/// changes its state at every grant and release, and a `watch` channel
+/// wakes eight wait lists (eight more mutexes) at every change, whether
+/// anyone waits or not: a quarter of a fast store's handle.
+struct Watched<T> {
+    value: std::sync::Mutex<T>,
+    /// Ticks at each change while anyone follows.
+    changes: watch::Sender<()>,
+}
+
+impl<T> Watched<T> {
+    fn new(value: T) -> Self {
+        Watched { value: std::sync::Mutex::new(value), changes: watch::Sender::new(()) }
+    }
+
+    /// The value, locked. No code panics while holding it; if one did, the
+    /// value is still what its last change left.
+    fn borrow(&self) -> std::sync::MutexGuard<'_, T> {
+        self.value.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Changes the value with `modify`, which says whether it changed it;
+    /// followers hear of a change. Whether it changed.
+    fn send_if_modified(&self, modify: impl FnOnce(&mut T) -> bool) -> bool {
+        let mut value = self.borrow();
+        let modified = modify(&mut value);
+        // Asked under the lock: a follower subscribes before it reads the
+        // value, so it either reads this change or is counted here.
+        if modified && self.changes.receiver_count() > 0 {
+            self.changes.send_replace(());
+        }
+        modified
+    }
+
+    /// Follows the changes from now on: read the value after subscribing,
+    /// and again after each tick.
+    fn subscribe(&self) -> watch::Receiver<()> {
+        self.changes.subscribe()
+    }
 }
 
 /// The grant a handle holds, or the one it just lost and why.
@@ -343,8 +385,9 @@ struct State {
     grant: Option<Grant>,
     /// Why `grant` was lost, in words; `None` while it is held.
     lost: Option<String>,
-    /// When `grant`'s acquisition was granted (a mode change keeps it),
-    /// until the end of its hold was reported ([`Shared::report_end`]):
+    /// When the hold of `grant`'s acquisition began (its granting request
+    /// was sent; a mode change keeps it), if anything can see how long
+    /// holds take, until the end of its hold was reported ([`Shared::report_end`]):
     /// each hold is reported once, by whoever sees its end first.
     granted_at: Option<Instant>,
     /// The automatic refresh of `grant`, while it is held.
@@ -402,7 +445,7 @@ impl Shared {
             *state = State {
                 grant: Some(grant.clone()),
                 lost: None,
-                granted_at: telemetry::hold_started(),
+                granted_at: telemetry::hold_started(grant),
                 keeper: self.auto_refresh.then(|| keep_refreshed(self, grant)),
                 acquisition: state.acquisition + 1,
             };
@@ -519,11 +562,9 @@ impl Shared {
     /// this future is dropped, the handle must not go on believing in the
     /// old, longer expiry.
     async fn refresh_in_order(&self, grant: &Grant, ttl: Ttl) -> Result<Grant, Error> {
-        let answered = telemetry::on_grant("refresh", self.backend.as_ref(), grant);
         self.shorten_expiry(grant.token, Instant::now() + ttl.get());
-        let outcome = in_span(answered.span(), self.backend.refresh(grant, ttl)).await;
-        answered.outcome(&outcome);
-        let refreshed = outcome?;
+        let backend = self.backend.as_ref();
+        let refreshed = telemetry::on_grant("refresh", backend, grant, backend.refresh(grant, ttl)).await?;
         telemetry::refreshed(self.backend.as_ref(), grant.remaining());
         self.update(refreshed.token, |state| state.grant = Some(refreshed.clone()));
         Ok(refreshed)
@@ -657,9 +698,8 @@ impl TreeLock {
         // Stop refreshing first: a refresh racing the release would find the
         // lock gone and report a loss that is only the release.
         let stopped_keeper = self.shared.stop_keeper(grant.token);
-        let answered = telemetry::on_grant("release", self.shared.backend.as_ref(), grant);
-        let outcome = in_span(answered.span(), self.shared.backend.release(grant)).await;
-        answered.outcome(&outcome);
+        let backend = self.shared.backend.as_ref();
+        let outcome = telemetry::on_grant("release", backend, grant, backend.release(grant)).await;
         match &outcome {
             Ok(()) => {
                 self.shared.forget(grant.token, None);
@@ -892,11 +932,11 @@ impl TreeLock {
     /// in `tokio::select!`.
     pub fn lost(&self) -> impl Future<Output = Error> + Send + 'static {
         let items = self.items().clone();
-        let mut state = self.shared.state.subscribe();
+        let mut changes = self.shared.state.subscribe();
         // The acquisition held when `lost()` is called, not when it is
         // first polled; it is followed through mode changes.
         let held = {
-            let now = state.borrow_and_update();
+            let now = self.shared.state.borrow();
             now.grant.as_ref().map(|grant| (now.acquisition, grant.token, self.shared.backend.listen_revocation(grant)))
         };
         let auto_refresh = self.shared.auto_refresh;
@@ -909,8 +949,10 @@ impl TreeLock {
             // nothing was lost, and this never resolves.
             let never = std::future::pending::<Error>;
             loop {
+                changes.borrow_and_update();
+                let Some(following) = shared.upgrade() else { return never().await };
                 let ours = {
-                    let now = state.borrow_and_update();
+                    let now = following.state.borrow();
                     now.grant
                         .as_ref()
                         .filter(|_| now.acquisition == acquisition)
@@ -921,16 +963,17 @@ impl TreeLock {
                     return Error::Lost { items, reason };
                 }
                 // A mode change replaced the grant: listen for the new token.
-                if let Some(grant) = state.borrow().grant.as_ref().filter(|grant| grant.token != heard) {
+                if let Some(grant) = following.state.borrow().grant.as_ref().filter(|grant| grant.token != heard) {
                     (heard, revocation) = (grant.token, backend.listen_revocation(grant));
                 }
+                drop(following);
                 tokio::select! {
                     () = revocation.revoked() => {
                         if let Some(shared) = shared.upgrade() {
                             shared.mark_lost(heard, LostReason::ForcedRelease, FORCIBLY_RELEASED.to_owned());
                         }
                     }
-                    changed = state.changed() => {
+                    changed = changes.changed() => {
                         if changed.is_err() {
                             return never().await;
                         }

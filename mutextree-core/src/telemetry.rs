@@ -10,8 +10,11 @@
 //! back).
 //!
 //! Nothing is printed or counted unless the application installs a
-//! `tracing` subscriber or a `metrics` recorder: with none, a span costs a
-//! check of a cached flag, and a metric a call into the no-op recorder.
+//! `tracing` subscriber or builds with the `metrics` feature. With
+//! neither, an acquisition or a store call on a held grant checks one
+//! flag and runs bare: no span, no observer, no clock read. With the
+//! feature, every acquisition and hold is timed and reported to the
+//! installed recorder (the no-op one if none); BENCHMARKS.md measures both.
 //! Labels are few and bounded (store, mode, outcome, reason): paths,
 //! owners and namespaces are span fields, never metric labels, so a
 //! recorder's series do not grow with the tree.
@@ -41,7 +44,7 @@
 //! | name | kind | labels |
 //! | --- | --- | --- |
 //! | `mutextree_acquire_seconds` | histogram | `store`, `mode`, `outcome` (`granted`, `refused`, `timed_out`, `error`, `cancelled`) |
-//! | `mutextree_hold_seconds` | histogram | `store`, `mode` |
+//! | `mutextree_hold_seconds` | histogram | `store`, `mode`: from the moment the granting request was sent (where the expiry counts from) to the release or loss |
 //! | `mutextree_waiters` | gauge | `store` |
 //! | `mutextree_lost_total` | counter | `store`, `reason` ([`LostReason`]) |
 //! | `mutextree_refresh_margin_seconds` | histogram | `store`: the life a lock had left when its refresh was confirmed |
@@ -54,6 +57,7 @@ use std::fmt;
 use std::future::Future;
 use std::time::Duration;
 
+use futures::future::Either;
 use tokio::time::Instant;
 use tracing::field::Empty;
 use tracing::{Instrument, Level, Span};
@@ -122,20 +126,21 @@ fn timed(level: Level) -> bool {
     cfg!(feature = "metrics") || tracing::level_enabled!(level)
 }
 
-/// Now, if anything can see how long things take (see [`timed`]):
-/// when a hold starts.
-pub(crate) fn hold_started() -> Option<Instant> {
-    timed(Level::WARN).then(Instant::now)
+/// Whether anything listens to an acquisition or a store call on a held
+/// grant: a subscriber at DEBUG, or the metrics. When nothing does, they
+/// run bare: with a fast store, even a disabled span's layer and an
+/// observer nobody reads cost the handle a tenth of its speed (the copies
+/// of a larger future at every call).
+pub(crate) fn watched() -> bool {
+    timed(Level::DEBUG)
 }
 
-/// Runs `work` in `span`, or bare when nothing listens (one layer fewer
-/// to poll on the fast path).
-pub(crate) async fn in_span<F: Future>(span: Span, work: F) -> F::Output {
-    if span.is_disabled() {
-        work.await
-    } else {
-        work.instrument(span).await
-    }
+/// When the hold of `grant` started, if anything can see how long holds
+/// take (see [`timed`]): when its granting request was sent (the earliest
+/// moment the store may have granted it, and where its expiry counts
+/// from), read off the grant rather than the clock.
+pub(crate) fn hold_started(grant: &Grant) -> Option<Instant> {
+    timed(Level::WARN).then(|| grant.expires_at.checked_sub(grant.ttl).unwrap_or(grant.expires_at))
 }
 
 /// The metric handles of one lock handle, registered on first use and
@@ -163,7 +168,8 @@ pub(crate) struct Acquiring<'a> {
 }
 
 impl<'a> Acquiring<'a> {
-    /// An acquisition that started at `started`.
+    /// An acquisition that started at `started`, observed because
+    /// something listens ([`watched`]).
     pub(crate) fn start(
         backend: &dyn LockBackend,
         request: &LockRequest,
@@ -171,29 +177,15 @@ impl<'a> Acquiring<'a> {
         started: Instant,
         instruments: Option<&'a Instruments>,
     ) -> Self {
-        let mut acquiring = Acquiring {
-            span: Span::none(),
-            store: "",
-            mode: "",
-            started,
-            instruments,
-            waiting: false,
-            finished: false,
-        };
-        if !timed(Level::DEBUG) {
-            // Nothing listens: not even the labels are worth asking for.
-            return acquiring;
-        }
         let labels = backend.labels();
-        acquiring.store = labels.store;
-        acquiring.mode = mode_label(&request.items);
-        acquiring.span = tracing::debug_span!(
+        let mode = mode_label(&request.items);
+        let span = tracing::debug_span!(
             target: "mutextree",
             "acquire",
             store = labels.store,
             namespace = labels.namespace,
             path = %request.items,
-            mode = acquiring.mode,
+            mode,
             owner = %request.owner,
             wait = ?wait,
             outcome = Empty,
@@ -201,7 +193,7 @@ impl<'a> Acquiring<'a> {
             waited = Empty,
             error = Empty,
         );
-        acquiring
+        Acquiring { span, store: labels.store, mode, started, instruments, waiting: false, finished: false }
     }
 
     /// The acquisition's span, for its attempts and waits.
@@ -254,9 +246,6 @@ impl<'a> Acquiring<'a> {
         if std::mem::take(&mut self.waiting) {
             metrics::waiters(self.instruments, self.store, -1.0);
         }
-        if !timed(Level::DEBUG) {
-            return;
-        }
         let waited = self.started.elapsed();
         self.span.record("outcome", outcome);
         self.span.record("waited", waited.as_secs_f64());
@@ -272,52 +261,43 @@ impl Drop for Acquiring<'_> {
     }
 }
 
-/// A store call on a held grant (`refresh`, `release`): its span, and
-/// its outcome once the store answered.
-pub(crate) struct OnGrant {
-    span: Span,
-    store: &'static str,
+/// `call`, a store call on a held grant (`operation`: `refresh` or
+/// `release`): in its span, its outcome recorded, if anything listens
+/// ([`watched`]); else bare.
+pub(crate) fn on_grant<'f, T: 'f>(
     operation: &'static str,
-}
-
-/// Starts [`OnGrant`] for `operation` (`refresh` or `release`) of `grant`.
-pub(crate) fn on_grant(operation: &'static str, backend: &dyn LockBackend, grant: &Grant) -> OnGrant {
-    if !timed(Level::DEBUG) {
-        return OnGrant { span: Span::none(), store: "", operation };
+    backend: &'f dyn LockBackend,
+    grant: &'f Grant,
+    call: impl Future<Output = Result<T, Error>> + 'f,
+) -> impl Future<Output = Result<T, Error>> + 'f {
+    if !watched() {
+        return Either::Left(call);
     }
-    let labels = backend.labels();
-    // A span's name is part of its static metadata: one macro per name.
-    let span = if operation == "refresh" {
-        tracing::debug_span!(target: "mutextree", "refresh", store = labels.store, namespace = labels.namespace,
-            path = %grant.items, owner = %grant.owner, token = grant.token, outcome = Empty, error = Empty)
-    } else {
-        tracing::debug_span!(target: "mutextree", "release", store = labels.store, namespace = labels.namespace,
-            path = %grant.items, owner = %grant.owner, token = grant.token, outcome = Empty, error = Empty)
-    };
-    OnGrant { span, store: labels.store, operation }
-}
-
-impl OnGrant {
-    /// The call's span, to instrument it with.
-    pub(crate) fn span(&self) -> Span {
-        self.span.clone()
-    }
-
-    /// The store answered `outcome`: `ok`, `not_held` or `error`.
-    pub(crate) fn outcome<T>(&self, outcome: &Result<T, Error>) {
-        let label = match outcome {
+    Either::Right(async move {
+        let labels = backend.labels();
+        // A span's name is part of its static metadata: one macro per name.
+        let span = if operation == "refresh" {
+            tracing::debug_span!(target: "mutextree", "refresh", store = labels.store, namespace = labels.namespace,
+                path = %grant.items, owner = %grant.owner, token = grant.token, outcome = Empty, error = Empty)
+        } else {
+            tracing::debug_span!(target: "mutextree", "release", store = labels.store, namespace = labels.namespace,
+                path = %grant.items, owner = %grant.owner, token = grant.token, outcome = Empty, error = Empty)
+        };
+        let outcome = if span.is_disabled() { call.await } else { call.instrument(span.clone()).await };
+        let label = match &outcome {
             Ok(_) => "ok",
             Err(Error::NotHeld { .. }) => "not_held",
             Err(error) => {
                 if matches!(error, Error::Store { .. }) {
-                    metrics::store_error(self.store, self.operation);
+                    metrics::store_error(labels.store, operation);
                 }
-                self.span.record("error", tracing::field::display(error));
+                span.record("error", tracing::field::display(error));
                 "error"
             }
         };
-        self.span.record("outcome", label);
-    }
+        span.record("outcome", label);
+        outcome
+    })
 }
 
 /// A refresh of a lock that had `margin` of life left was confirmed.
@@ -375,11 +355,12 @@ mod metrics {
         waiters: OnceLock<Gauge>,
     }
 
-    /// The handle kept in `slot` (made on first use), or `make()`.
-    fn kept<T: Clone>(slot: Option<&OnceLock<T>>, make: impl FnOnce() -> T) -> T {
+    /// Uses the handle kept in `slot` (made on first use), or `make()`'s;
+    /// a kept handle is borrowed, not cloned (no reference count moved).
+    fn with_kept<T>(slot: Option<&OnceLock<T>>, make: impl FnOnce() -> T, use_it: impl FnOnce(&T)) {
         match slot {
-            Some(slot) => slot.get_or_init(make).clone(),
-            None => make(),
+            Some(slot) => use_it(slot.get_or_init(make)),
+            None => use_it(&make()),
         }
     }
 
@@ -396,18 +377,18 @@ mod metrics {
     ) {
         let make = || ::metrics::histogram!("mutextree_acquire_seconds", "store" => store, "mode" => mode, "outcome" => outcome);
         let slot = instruments.zip(index(&OUTCOMES, outcome)).map(|(kept, at)| &kept.kept.acquired[at]);
-        kept(slot, make).record(waited.as_secs_f64());
+        with_kept(slot, make, |histogram| histogram.record(waited.as_secs_f64()));
     }
 
     pub(super) fn waiters(instruments: Option<&Instruments>, store: &'static str, change: f64) {
         let make = || ::metrics::gauge!("mutextree_waiters", "store" => store);
-        kept(instruments.map(|kept| &kept.kept.waiters), make).increment(change);
+        with_kept(instruments.map(|kept| &kept.kept.waiters), make, |gauge| gauge.increment(change));
     }
 
     pub(super) fn held(instruments: Option<&Instruments>, store: &'static str, mode: &'static str, held: Duration) {
         let make = || ::metrics::histogram!("mutextree_hold_seconds", "store" => store, "mode" => mode);
         let slot = instruments.zip(index(&MODES, mode)).map(|(kept, at)| &kept.kept.held[at]);
-        kept(slot, make).record(held.as_secs_f64());
+        with_kept(slot, make, |histogram| histogram.record(held.as_secs_f64()));
     }
 
     pub(super) fn lost(store: &'static str, reason: LostReason) {

@@ -41,6 +41,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::{sleep, sleep_until, Instant};
+use tracing::Instrument;
 
 use crate::backend::contract::LockBackend;
 use crate::backend::feed::Listener;
@@ -48,7 +49,7 @@ use crate::backend::stepwise::TRANSIENT_PATIENCE;
 use crate::error::Error;
 use crate::lock::{Attempt, Blockers, Fairness, Grant, HeldLock, LockRequest, Owner, Queue, RESERVATION_TTL};
 use crate::path::LockPath;
-use crate::telemetry::{in_span, Acquiring, Instruments};
+use crate::telemetry::{self, Acquiring, Instruments};
 
 /// How long an acquisition may wait for a held lock.
 ///
@@ -206,16 +207,27 @@ impl<'a> Acquisition<'a> {
     /// is gone in a moment, and treating it as held would make siblings
     /// refuse each other. A timed wait never goes past its own deadline
     /// for it.
+    ///
+    /// Observed (see [`telemetry`](crate::telemetry)) only if a subscriber
+    /// or the metrics can see it: otherwise the attempts run bare, with no
+    /// span layer and no observer in their future.
     pub async fn run(mut self) -> Result<Grant, Error> {
+        if !telemetry::watched() {
+            return self.attempts(None).await;
+        }
         let mut observed =
             Acquiring::start(self.backend.as_ref(), self.request, self.wait, self.started, self.instruments);
-        let outcome = in_span(observed.span(), self.attempts(&mut observed)).await;
+        let span = observed.span();
+        let attempts = self.attempts(Some(&mut observed));
+        // With the metrics alone, no subscriber: no span to enter.
+        let outcome = if span.is_disabled() { attempts.await } else { attempts.instrument(span).await };
         observed.finish(&outcome);
         outcome
     }
 
-    /// The attempts and waits of [`Acquisition::run`], told to `observed`.
-    async fn attempts(&mut self, observed: &mut Acquiring<'_>) -> Result<Grant, Error> {
+    /// The attempts and waits of [`Acquisition::run`], told to `observed`
+    /// if anything listens.
+    async fn attempts(&mut self, mut observed: Option<&mut Acquiring<'_>>) -> Result<Grant, Error> {
         loop {
             let blockers = match self.attempt().await? {
                 Attempt::Granted(grant) => {
@@ -232,7 +244,9 @@ impl<'a> Acquisition<'a> {
             // A multi-path request waits for its blockers one at a time: the
             // first, then whichever is in the way at the next attempt.
             let blocker = blockers.first();
-            observed.refused(blocker, self.ticket);
+            if let Some(observed) = &observed {
+                observed.refused(blocker, self.ticket);
+            }
             let spurious = self.note_blocker(blocker);
             let give_up_at = self.give_up_at(blocker);
             if give_up_at.is_some_and(|at| Instant::now() >= at) {
@@ -241,9 +255,13 @@ impl<'a> Acquisition<'a> {
             if let Some(on_wait) = &self.on_wait {
                 on_wait(blocker);
             }
-            observed.waits();
+            if let Some(observed) = observed.as_deref_mut() {
+                observed.waits();
+            }
             self.sleep(blocker, give_up_at, spurious).await;
-            observed.woken(blocker, self.woken_by_change);
+            if let Some(observed) = &observed {
+                observed.woken(blocker, self.woken_by_change);
+            }
             // No attempt starts once the deadline has passed.
             if give_up_at.is_some_and(|at| Instant::now() >= at) {
                 return Err(self.gave_up(blockers));

@@ -1,14 +1,20 @@
 //! The cost of what the lock handle reports: acquire+release pairs per
 //! second through [`TreeLock`] (the acquisition loop, the handle's state,
-//! its spans and metrics), one client on one core and 16 clients on two
-//! worker threads, each on its own depth-3 path.
+//! its spans and metrics) on the memory store, one client on one core and
+//! 16 clients on two worker threads, each on its own depth-3 path.
 //!
-//! `cargo bench -p mutextree-memory --bench handle` measures with no
-//! `tracing` subscriber; `--features metrics` with
-//! `MUTEXTREE_BENCH_RECORDER=prometheus` measures with the metrics on and
-//! a Prometheus recorder installed (without its HTTP listener). Rows last
-//! `MUTEXTREE_BENCH_SECS` seconds (default 3). BENCHMARKS.md compares the
-//! builds, alternating, in one run.
+//! `cargo bench -p mutextree-load --bench handle` measures with no
+//! `tracing` subscriber and without the `metrics` feature; `--features
+//! metrics` with `MUTEXTREE_BENCH_RECORDER=prometheus` measures with the
+//! metrics on and a Prometheus recorder installed (without its HTTP
+//! listener). Rows last `MUTEXTREE_BENCH_SECS` seconds (default 3);
+//! `MUTEXTREE_BENCH_CLIENTS` picks them (default `1,16`). BENCHMARKS.md
+//! compares the builds, alternating, in one run.
+//!
+//! It lives in this crate because nothing here turns the `metrics`
+//! feature on behind its back: a benchmark of a store's crate is built
+//! with that crate's dev-dependencies, and the conformance suite turns it
+//! on in the core for its tests of the metrics.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,7 +26,8 @@ fn main() {
     let seconds: f64 = std::env::var("MUTEXTREE_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(3.0);
     let duration = Duration::from_secs_f64(seconds);
     let recorder = install_recorder();
-    for clients in [1, 16] {
+    let rows = std::env::var("MUTEXTREE_BENCH_CLIENTS").unwrap_or_else(|_| "1,16".to_owned());
+    for clients in rows.split(',').map(|clients| clients.trim().parse::<usize>().expect("a number of clients")) {
         let pairs = pairs_per_second(clients, duration);
         println!("| {clients} | {recorder} | {pairs:.0} |");
     }
