@@ -55,7 +55,7 @@ async fn concurrent_migrations_of_a_fresh_schema_all_succeed() {
         let client = inspector(&url).await;
         let versions = client.query(&format!("SELECT version FROM \"{schema}\".schema_version"), &[]).await;
         let versions: Vec<i32> = versions.expect("version table").iter().map(|row| row.get(0)).collect();
-        assert_eq!(versions, [7], "one version row");
+        assert_eq!(versions, [8], "one version row");
         // A later start finds the current version and changes nothing.
         PostgresConfig::from_url(&url).expect("url").schema(schema.clone()).connect().await.expect("again");
         client.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE")).await.expect("drop");
@@ -245,7 +245,7 @@ async fn an_older_schema_is_migrated() {
         .expect("back to version 1");
     let backend = config.connect().await.expect("migrate").backend("older").expect("namespace");
     let version = client.query_one(&format!("SELECT version FROM \"{schema}\".schema_version"), &[]).await;
-    assert_eq!(version.expect("version").get::<_, i32>(0), 7);
+    assert_eq!(version.expect("version").get::<_, i32>(0), 8);
     let settings = client
         .query(
             "SELECT p.proname::text, array_to_string(p.proconfig, ',') FROM pg_proc p \
@@ -341,7 +341,7 @@ async fn a_version_2_schema_is_migrated() {
 
     let backend = Arc::new(config.connect().await.expect("migrate").backend("older").expect("namespace"));
     let version = client.query_one(&format!("SELECT version FROM \"{schema}\".schema_version"), &[]).await;
-    assert_eq!(version.expect("version").get::<_, i32>(0), 7);
+    assert_eq!(version.expect("version").get::<_, i32>(0), 8);
     let rows = client.query_one(&format!("SELECT count(*) FROM \"{schema}\".listeners"), &[]).await;
     assert_eq!(rows.expect("listeners table").get::<_, i64>(0), 0);
     let long = Duration::from_secs(60);
@@ -716,5 +716,58 @@ async fn a_version_4_schema_with_locks_is_migrated() {
     let held_again = backend.list(None).await.expect("list");
     assert_eq!(held_again.iter().map(|lock| lock.token).collect::<Vec<_>>(), [reader.token, child]);
     backend.release(&reader).await.expect("release");
+    client.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE")).await.expect("drop");
+}
+
+/// A version 7 schema with a live lock is migrated to version 8: the lock
+/// is kept, the CHECK constraint on the mode is gone, a version 7 client
+/// still connected grants and releases as before (the arguments and
+/// results are unchanged), and the step to version 8 can run again.
+#[tokio::test]
+async fn a_version_7_schema_with_a_lock_is_migrated() {
+    let url = postgres::url();
+    let schema = fresh_name("seven");
+    let client = inspector(&url).await;
+    install_released(&client, &schema, 7).await;
+    let old_grant_sql = format!(
+        "SELECT outcome, token FROM \"{schema}\".try_grant_exclusive('app', 'old', 60000, $1, $2, $3, 'try', 0, 5000)"
+    );
+    let old_grant = |key: &'static str, end: &'static str, ancestors: Vec<&'static str>| {
+        let (client, sql) = (&client, &old_grant_sql);
+        async move {
+            let row = client.query_one(sql, &[&key, &end, &ancestors]).await.expect("version 7's grant");
+            (row.get::<_, String>(0), row.get::<_, Option<i64>>(1))
+        }
+    };
+    let (outcome, held_before) = old_grant("a/b/", "a/b0", vec!["a/"]).await;
+    assert_eq!(outcome, "granted");
+    let held_before = held_before.expect("token") as u64;
+
+    let (backend, held) = migrated(&url, &schema, &client).await;
+    assert_eq!(held, [("a/b".to_owned(), Mode::Exclusive, held_before)]);
+    let constraints = client
+        .query_one(
+            "SELECT count(*) FROM pg_constraint WHERE conname = 'locks_mode' AND connamespace = $1::text::regnamespace",
+            &[&format!("\"{schema}\"")],
+        )
+        .await
+        .expect("constraints");
+    assert_eq!(constraints.get::<_, i64>(0), 0, "the CHECK constraint on the mode is gone");
+
+    // The version 7 client still connected: its grant is refused by the
+    // lock it holds, and granted elsewhere; its release works.
+    assert_eq!(old_grant("a/", "a0", vec![]).await.0, "blocked");
+    let (outcome, other) = old_grant("c/", "c0", vec![]).await;
+    assert_eq!(outcome, "granted");
+    let release_sql = format!("SELECT \"{schema}\".release_items('app', $1, 'old', $2)");
+    let released_old = client.query_one(&release_sql, &[&vec!["c/"], &other.expect("token")]).await;
+    assert!(released_old.expect("release").get::<_, bool>(0));
+    let again = client.query_one(&release_sql, &[&vec!["c/"], &other.expect("token")]).await;
+    assert!(!again.expect("release").get::<_, bool>(0), "a grant is released once");
+
+    // The step to version 8 again changes nothing.
+    client.batch_execute(&released(RELEASED[7], &schema)).await.expect("again");
+    let held_again = backend.list(None).await.expect("list");
+    assert_eq!(held_again.iter().map(|lock| lock.token).collect::<Vec<_>>(), [held_before]);
     client.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE")).await.expect("drop");
 }
