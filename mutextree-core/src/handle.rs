@@ -565,7 +565,7 @@ impl Shared {
         self.shorten_expiry(grant.token, Instant::now() + ttl.get());
         let backend = self.backend.as_ref();
         let refreshed = telemetry::on_grant("refresh", backend, grant, backend.refresh(grant, ttl)).await?;
-        telemetry::refreshed(self.backend.as_ref(), grant.remaining());
+        telemetry::refreshed(backend, grant.remaining());
         self.update(refreshed.token, |state| state.grant = Some(refreshed.clone()));
         Ok(refreshed)
     }

@@ -60,6 +60,7 @@ use std::time::Duration;
 use futures::future::Either;
 use tokio::time::Instant;
 use tracing::field::Empty;
+use tracing::instrument::Instrumented;
 use tracing::{Instrument, Level, Span};
 
 use crate::backend::LockBackend;
@@ -133,6 +134,18 @@ fn timed(level: Level) -> bool {
 /// of a larger future at every call).
 pub(crate) fn watched() -> bool {
     timed(Level::DEBUG)
+}
+
+/// `work` in `span`, or bare when the span is disabled (the metrics
+/// alone, no subscriber: no span to enter at every poll). A plain function
+/// rather than an `async fn`: that would be one layer of futures more,
+/// and a copy of `work` into it at every call.
+pub(crate) fn in_span<F: Future>(span: Span, work: F) -> Either<F, Instrumented<F>> {
+    if span.is_disabled() {
+        Either::Left(work)
+    } else {
+        Either::Right(work.instrument(span))
+    }
 }
 
 /// When the hold of `grant` started, if anything can see how long holds
@@ -283,7 +296,7 @@ pub(crate) fn on_grant<'f, T: 'f>(
             tracing::debug_span!(target: "mutextree", "release", store = labels.store, namespace = labels.namespace,
                 path = %grant.items, owner = %grant.owner, token = grant.token, outcome = Empty, error = Empty)
         };
-        let outcome = if span.is_disabled() { call.await } else { call.instrument(span.clone()).await };
+        let outcome = in_span(span.clone(), call).await;
         let label = match &outcome {
             Ok(_) => "ok",
             Err(Error::NotHeld { .. }) => "not_held",

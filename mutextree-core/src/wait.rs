@@ -41,7 +41,6 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::{sleep, sleep_until, Instant};
-use tracing::Instrument;
 
 use crate::backend::contract::LockBackend;
 use crate::backend::feed::Listener;
@@ -49,7 +48,7 @@ use crate::backend::stepwise::TRANSIENT_PATIENCE;
 use crate::error::Error;
 use crate::lock::{Attempt, Blockers, Fairness, Grant, HeldLock, LockRequest, Owner, Queue, RESERVATION_TTL};
 use crate::path::LockPath;
-use crate::telemetry::{self, Acquiring, Instruments};
+use crate::telemetry::{self, in_span, Acquiring, Instruments};
 
 /// How long an acquisition may wait for a held lock.
 ///
@@ -217,10 +216,7 @@ impl<'a> Acquisition<'a> {
         }
         let mut observed =
             Acquiring::start(self.backend.as_ref(), self.request, self.wait, self.started, self.instruments);
-        let span = observed.span();
-        let attempts = self.attempts(Some(&mut observed));
-        // With the metrics alone, no subscriber: no span to enter.
-        let outcome = if span.is_disabled() { attempts.await } else { attempts.instrument(span).await };
+        let outcome = in_span(observed.span(), self.attempts(Some(&mut observed))).await;
         observed.finish(&outcome);
         outcome
     }
