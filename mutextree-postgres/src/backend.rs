@@ -477,7 +477,13 @@ impl PostgresBackend {
         let keys = grant_keys(grant);
         let (namespace, owner) = (self.namespace.as_str(), grant.owner.as_str());
         let statements = &self.shared.statements;
+        // One Exclusive item has a function of its own, which removes one
+        // key's row (see "One Exclusive item" in the schema module).
+        let single = grant.items.len() == 1 && grant.items.first().mode == Mode::Exclusive;
         let row = match &revocation {
+            None if single => {
+                self.query_one(&statements.release_exclusive, &[&namespace, &keys[0], &owner, &token]).await?
+            }
             None => self.query_one(&statements.release, &[&namespace, &keys, &owner, &token]).await?,
             Some(payload) => self.query_one(&statements.revoke, &[&namespace, &keys, &owner, &token, payload]).await?,
         };

@@ -182,13 +182,30 @@
 //! mark in the past in one whose waiters have gone. Barging requests, the
 //! stepwise primitive and mode changes do not read it.
 //!
+//! Since version 9 the schema has a mark of its own, ahead of every
+//! namespace's: the last value of the sequence `queue_mark`, in seconds
+//! since the epoch, which the single Exclusive grant reads with one
+//! function call (`pg_sequence_last_value`, no statement) before it reads
+//! its namespace's: while nobody waits anywhere in the schema, that grant
+//! reads no table for the queue at all (the lookup of `queues` was about
+//! 4 % of the instructions the server ran for a grant and release). A
+//! refusal that writes a reservation moves it to twice the reservation's
+//! life ahead if the reservation would outlive it, under an advisory lock
+//! of its own (seed 1), so that two moves never lower it. `setval` is not
+//! transactional: the mark moves before the reservation commits (and
+//! stays if that rolls back, which costs only lookups), so a check that
+//! sees the reservation sees the mark. The step to version 9 starts it at
+//! the latest namespace mark, or, on a schema that had a version before,
+//! a minute ahead if that is later (see "Versions").
+//!
 //! Expired reservations are removed by the grants' bounded sweep (see
 //! "Keeping the table small"); checks and listings ignore them until then.
 //!
 //! # One Exclusive item
 //!
 //! Most requests are one Exclusive item: since version 7 they call
-//! `try_grant_exclusive`, made for that request, and every other one
+//! `try_grant_exclusive` (since version 9 `grant_exclusive`), made for
+//! that request, and every other one
 //! (several items, a Shared item, a stepwise client's single-key lock, a
 //! mode change) calls `try_grant_general`. Both answer in the same
 //! columns. The single-item function does what the general one does for
@@ -205,6 +222,25 @@
 //! a server measured with `pgbench` calling the functions, the general
 //! function spent 15 to 20 µs more on such a request than one made for
 //! it.
+//!
+//! PL/pgSQL prepares every expression it evaluates again in every
+//! transaction, and every call is a transaction of its own: measured with
+//! `cachegrind` on the server, ten more `IF`s cost a grant and release
+//! about 5 % more instructions. So `grant_exclusive` (version 9) is
+//! written for the fewest on its way to a grant: its look takes the first
+//! live row on an ancestor's key or in the subtree as the blocker when it
+//! is a held Exclusive row, and leaves the rest (a stepwise client's
+//! transient row, a marker, which counts only with a live holder) to
+//! `exclusive_blocker`, which checks the long way; it keeps no flags its
+//! rows can answer, and builds the refusal's arrays only on a refusal. It
+//! answers a `grant_answer`, a named composite type in the columns of the
+//! other grant functions: PostgreSQL finds a named type's columns in its
+//! cache, where a function with `OUT` parameters builds them at every
+//! call. And a grant of one Exclusive item is released by `release`
+//! (version 3's function, kept for older clients), which removes one
+//! key's row, where `release_items` walks an array of keys and looks in
+//! `shared_holders` for what it did not find: 2 % of a grant and release,
+//! in instructions.
 //!
 //! # Why the server's clock, read at the call
 //!
@@ -353,6 +389,22 @@
 //!    is prepared again in every transaction, and every call is a
 //!    transaction of its own): what only a refusal needs is worked out on
 //!    the refusal. Every statement of this step can run again.
+//! 9. The same work again for less of the server's time: the type
+//!    `grant_answer` and the functions `grant_exclusive` and
+//!    `exclusive_blocker` (see "One Exclusive item"), which the client
+//!    calls for one Exclusive item in place of `try_grant_exclusive`; the
+//!    schema's queue mark, the sequence `queue_mark` (see "Fair waiting"),
+//!    and `keep_reservation` replaced to move it too. The client releases
+//!    a grant of one Exclusive item with `release`. `try_grant_exclusive`
+//!    stays, so clients of version 8 already connected keep working: it
+//!    reads the namespace's mark as before, and its refusals move both
+//!    marks (through the new `keep_reservation`). A refusal of version 8
+//!    that was already running when the step committed writes its
+//!    namespace's mark only; on a schema that had a version before the
+//!    step, the schema's mark starts a minute ahead, and that refusal's
+//!    waiter renews its reservation (which moves the schema's mark)
+//!    within a reservation's life of 3 s. Every statement of this step
+//!    can run again.
 //!
 //! Each version is a fixed file in `src/migrations/`, its text exactly as
 //! it was released, with only the schema's name spliced in. Installed
@@ -376,7 +428,7 @@ use mutextree_core::backend::quote;
 use mutextree_core::Error;
 
 /// The version of the objects this crate creates and uses.
-pub(crate) const VERSION: i32 = 8;
+pub(crate) const VERSION: i32 = 9;
 
 /// The name of a PostgreSQL schema the store keeps its objects in.
 ///
@@ -466,6 +518,8 @@ pub(crate) struct Statements {
     pub(crate) grant: String,
     pub(crate) grant_exclusive: String,
     pub(crate) release: String,
+    /// The release of a grant of one Exclusive item: its key, not an array.
+    pub(crate) release_exclusive: String,
     /// The release, then at commit a `NOTIFY` on the revocation channel
     /// with the payload `$5` if it released a live grant: one statement,
     /// one round trip, no function of its own (so no migration).
@@ -505,8 +559,9 @@ impl Statements {
             grant: format!(
                 "SELECT * FROM {s}.try_grant_general($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
             ),
-            grant_exclusive: format!("SELECT * FROM {s}.try_grant_exclusive($1, $2, $3, $4, $5, $6, $7, $8, $9)"),
+            grant_exclusive: format!("SELECT * FROM {s}.grant_exclusive($1, $2, $3, $4, $5, $6, $7, $8, $9)"),
             release: format!("SELECT {s}.release_items($1, $2, $3, $4)"),
+            release_exclusive: format!("SELECT {s}.release($1, $2, $3, $4)"),
             // OFFSET 0 keeps the subquery from being pulled up, so that the
             // release runs exactly once, before the CASE looks at it.
             revoke: format!(
@@ -538,6 +593,7 @@ const MIGRATIONS: [&str; VERSION as usize] = [
     include_str!("migrations/0006_fair_waiting.sql"),
     include_str!("migrations/0007_one_exclusive_item_and_waited.sql"),
     include_str!("migrations/0008_leaner_grant_and_release.sql"),
+    include_str!("migrations/0009_grant_exclusive.sql"),
 ];
 
 /// The statements that take the schema from `version - 1` to `version`.
@@ -652,7 +708,7 @@ mod tests {
 
     /// The SHA-256 of each released migration's file, as
     /// `sha256sum src/migrations/*.sql` prints it.
-    const RELEASED: [&str; 8] = [
+    const RELEASED: [&str; 9] = [
         "306db937814fdbdcd85009cb7f375c47657aa5f39d2ec457290f798a0aa1f2f0",
         "7ff07ddb8ef729a3d9efad66f4ca0131390636808011c7654cd9dec06784014c",
         "41c72b29fb91f23992a317c63464abb3ba36f0ac5e06c82c909477625e18b1ea",
@@ -661,6 +717,7 @@ mod tests {
         "4369596d7c06a677f251d1934887f2c4e0efa875d2d0885bdad77dfe590435da",
         "74f20dec5a269d7b01c34f07509e0fc21ed4786b109b2384c90d99c64a756c84",
         "29e13e27b039bf62d62114af3be3ea47215e99547b8b35a80a01608249e71ed3",
+        "0ed866dedd1fb749803345a63035195bb101bca58e177fef475f8a573aca8ff9",
     ];
 
     #[test]

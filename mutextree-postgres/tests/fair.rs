@@ -720,11 +720,14 @@ async fn crossing_fair_waiters_never_deadlock_nor_overlap() {
     drop(server);
 }
 
-/// While nobody waits in the namespace, a grant reads its queue's mark
-/// (one lookup) and no reservation; once a waiter's reservation lives
-/// anywhere in it, grants look for reservations in their way.
+/// While nobody waits in the schema, a grant reads neither its
+/// namespace's queue mark nor any reservation: the schema's mark (a
+/// sequence) lies in the past. Once a waiter's reservation lives anywhere
+/// in the namespace, its refusal has moved the schema's mark ahead, and
+/// grants read the namespace's mark and look for reservations in their
+/// way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_uncontended_grant_reads_the_mark_and_no_reservation() {
+async fn an_uncontended_grant_reads_no_mark_and_no_reservation() {
     const PAIRS: i64 = 50;
     let url = postgres::url();
     let f = Fixture::new("fair_cost").await;
@@ -776,13 +779,67 @@ async fn an_uncontended_grant_reads_the_mark_and_no_reservation() {
             }
         }
     };
+    // A new schema's mark starts in the past.
     let (reservations, marks) = round(false).await;
     // The sweep's look at the oldest reservations, after one grant in 128,
     // is all: a look for reservations in a grant's way is at least one
     // scan per grant.
     assert!(reservations <= 2, "{reservations} scans of reservations with nobody waiting");
-    assert!(marks >= PAIRS, "{marks} lookups of the mark for {PAIRS} grants");
-    let (reservations, _) = round(true).await;
+    assert_eq!(marks, 0, "lookups of the namespace's mark with nobody waiting");
+    let (reservations, marks) = round(true).await;
+    assert!(marks >= PAIRS, "{marks} lookups of the namespace's mark for {PAIRS} grants beside a waiter");
     assert!(reservations >= PAIRS, "{reservations} scans of reservations for {PAIRS} grants beside a waiter");
     f.drop_schema().await;
+}
+
+/// A version 8 schema with a waiter is migrated to version 9. The new
+/// grant function reads the namespace's mark only while the schema's lies
+/// ahead, and the step starts that one ahead of every reservation: a try
+/// in the waiter's way is refused and names it. A client of version 8
+/// still connected joins the queue as before; the step can run again.
+#[tokio::test]
+async fn a_version_8_schema_with_a_waiter_is_migrated() {
+    let url = postgres::url();
+    let schema = fresh_name("eight");
+    let client = inspector(&url).await;
+    install_released(&client, &schema, 8).await;
+    let old_grant_sql = format!(
+        "SELECT outcome, token FROM \"{schema}\".try_grant_exclusive('app', $1, 60000, $2, $3, $4, $5, 0, 5000)"
+    );
+    let old_grant = |owner: &'static str, key: &'static str, end: &'static str, queue: &'static str| {
+        let (client, sql) = (&client, &old_grant_sql);
+        async move {
+            let ancestors: Vec<&str> = if key == "a/b/c/" { vec!["a/", "a/b/"] } else { vec!["a/"] };
+            let row =
+                client.query_one(sql, &[&owner, &key, &end, &ancestors, &queue]).await.expect("version 8's grant");
+            (row.get::<_, String>(0), row.get::<_, Option<i64>>(1).expect("token or ticket") as u64)
+        }
+    };
+    let (outcome, holder) = old_grant("holder", "a/b/", "a/b0", "try").await;
+    assert_eq!(outcome, "granted");
+    let (outcome, ticket) = old_grant("waiter", "a/b/", "a/b0", "join").await;
+    assert_eq!(outcome, "queued");
+    let release_sql = format!("SELECT \"{schema}\".release_items('app', ARRAY['a/b/'], 'holder', $1)");
+    client.query_one(&release_sql, &[&(holder as i64)]).await.expect("version 8's release");
+
+    let (backend, held) = migrated(&url, &schema, &client).await;
+    assert!(held.is_empty(), "{held:?}");
+    let try_parent = request(&[("a", Exclusive)], "new", Queue::Try);
+    let refused = blocked(backend.try_grant(&try_parent).await.expect("attempt"));
+    assert_eq!(refused.iter().map(described).collect::<Vec<_>>(), [described_waiter(ticket)]);
+
+    // The version 8 client still connected joins behind the waiter.
+    let (outcome, _) = old_grant("late", "a/b/c/", "a/b/c0", "join").await;
+    assert_eq!(outcome, "queued");
+
+    // The step to version 9 again changes nothing.
+    client.batch_execute(&released(RELEASED[8], &schema)).await.expect("again");
+    let refused = blocked(backend.try_grant(&try_parent).await.expect("attempt"));
+    assert_eq!(refused.iter().map(described).collect::<Vec<_>>(), [described_waiter(ticket)]);
+    client.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE")).await.expect("drop");
+}
+
+/// The waiter of the version 8 schema, as a blocker.
+fn described_waiter(ticket: u64) -> (String, Mode, String, u64, bool) {
+    ("a/b".to_owned(), Exclusive, "waiter".to_owned(), ticket, true)
 }

@@ -259,9 +259,12 @@ async fn a_key_lock_is_refused_by_a_shared_holder_and_blocks_a_shared_request() 
 #[tokio::test]
 async fn every_operation_is_one_round_trip() {
     let backend = backend().await;
-    // Each grant function prepared: one Exclusive item has its own.
+    // Each grant and release function prepared: one Exclusive item has
+    // its own.
     let alone = granted(&backend, &[("alone", Exclusive)], "me").await;
     backend.release(&alone).await.expect("release");
+    let reading = granted(&backend, &[("reading", Shared)], "me").await;
+    backend.release(&reading).await.expect("release");
     let warm = granted(&backend, &[("warm", Shared)], "me").await;
     let warm = backend.change_mode(&warm, Exclusive).await.expect("upgrade").granted().expect("free");
     let warm = backend.refresh(&warm, Ttl::new(LONG).expect("ttl")).await.expect("refresh");

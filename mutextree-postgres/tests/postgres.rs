@@ -55,7 +55,7 @@ async fn concurrent_migrations_of_a_fresh_schema_all_succeed() {
         let client = inspector(&url).await;
         let versions = client.query(&format!("SELECT version FROM \"{schema}\".schema_version"), &[]).await;
         let versions: Vec<i32> = versions.expect("version table").iter().map(|row| row.get(0)).collect();
-        assert_eq!(versions, [8], "one version row");
+        assert_eq!(versions, [9], "one version row");
         // A later start finds the current version and changes nothing.
         PostgresConfig::from_url(&url).expect("url").schema(schema.clone()).connect().await.expect("again");
         client.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE")).await.expect("drop");
@@ -245,7 +245,7 @@ async fn an_older_schema_is_migrated() {
         .expect("back to version 1");
     let backend = config.connect().await.expect("migrate").backend("older").expect("namespace");
     let version = client.query_one(&format!("SELECT version FROM \"{schema}\".schema_version"), &[]).await;
-    assert_eq!(version.expect("version").get::<_, i32>(0), 8);
+    assert_eq!(version.expect("version").get::<_, i32>(0), 9);
     let settings = client
         .query(
             "SELECT p.proname::text, array_to_string(p.proconfig, ',') FROM pg_proc p \
@@ -257,7 +257,9 @@ async fn an_older_schema_is_migrated() {
     let settings: Vec<(String, Option<String>)> = settings.iter().map(|row| (row.get(0), row.get(1))).collect();
     let generic = Some("plan_cache_mode=force_generic_plan".to_owned());
     let expected = [
+        ("exclusive_blocker", generic.clone()),
         ("first_in_the_way", generic.clone()),
+        ("grant_exclusive", generic.clone()),
         ("keep_reservation", generic.clone()),
         ("mark_holders", generic.clone()),
         ("refresh", generic.clone()),
@@ -341,7 +343,7 @@ async fn a_version_2_schema_is_migrated() {
 
     let backend = Arc::new(config.connect().await.expect("migrate").backend("older").expect("namespace"));
     let version = client.query_one(&format!("SELECT version FROM \"{schema}\".schema_version"), &[]).await;
-    assert_eq!(version.expect("version").get::<_, i32>(0), 8);
+    assert_eq!(version.expect("version").get::<_, i32>(0), 9);
     let rows = client.query_one(&format!("SELECT count(*) FROM \"{schema}\".listeners"), &[]).await;
     assert_eq!(rows.expect("listeners table").get::<_, i64>(0), 0);
     let long = Duration::from_secs(60);

@@ -36,7 +36,7 @@ pub(crate) async fn inspector(url: &str) -> tokio_postgres::Client {
 }
 
 /// The released migrations, in order, as the crate's files hold them.
-pub(crate) const RELEASED: [&str; 8] = [
+pub(crate) const RELEASED: [&str; 9] = [
     include_str!("../../src/migrations/0001_locks_and_functions.sql"),
     include_str!("../../src/migrations/0002_generic_plans.sql"),
     include_str!("../../src/migrations/0003_listeners.sql"),
@@ -45,6 +45,7 @@ pub(crate) const RELEASED: [&str; 8] = [
     include_str!("../../src/migrations/0006_fair_waiting.sql"),
     include_str!("../../src/migrations/0007_one_exclusive_item_and_waited.sql"),
     include_str!("../../src/migrations/0008_leaner_grant_and_release.sql"),
+    include_str!("../../src/migrations/0009_grant_exclusive.sql"),
 ];
 
 /// A released migration's text for `schema`, as the crate fills it in.
@@ -98,7 +99,7 @@ pub(crate) async fn migrated(
     let config = PostgresConfig::from_url(url).expect("url").schema(schema);
     let backend = config.connect().await.expect("migrate").backend("app").expect("namespace");
     let version = client.query_one(&format!("SELECT version FROM \"{schema}\".schema_version"), &[]).await;
-    assert_eq!(version.expect("version").get::<_, i32>(0), 8);
+    assert_eq!(version.expect("version").get::<_, i32>(0), 9);
     let held = backend.list(None).await.expect("list");
     let held = held.iter().map(|lock| (lock.path.to_string(), lock.mode, lock.token)).collect();
     (backend, held)
