@@ -182,9 +182,9 @@
 //! mark in the past in one whose waiters have gone. Barging requests, the
 //! stepwise primitive and mode changes do not read it.
 //!
-//! Since version 9 the schema has a mark of its own, ahead of every
-//! namespace's: the last value of the sequence `queue_mark`, in seconds
-//! since the epoch, which the single Exclusive grant reads with one
+//! Since version 9 the schema has a mark of its own, which no reservation
+//! of the schema outlives: the last value of the sequence `queue_mark`, in
+//! seconds since the epoch, which the single Exclusive grant reads with one
 //! function call (`pg_sequence_last_value`, no statement) before it reads
 //! its namespace's: while nobody waits anywhere in the schema, that grant
 //! reads no table for the queue at all (the lookup of `queues` was about
@@ -194,9 +194,12 @@
 //! of its own (seed 1), so that two moves never lower it. `setval` is not
 //! transactional: the mark moves before the reservation commits (and
 //! stays if that rolls back, which costs only lookups), so a check that
-//! sees the reservation sees the mark. The step to version 9 starts it at
-//! the latest namespace mark, or, on a schema that had a version before,
-//! a minute ahead if that is later (see "Versions").
+//! sees the reservation sees the mark. A mark that reads null (a role that
+//! may not read the sequence, on a server that answers null rather than
+//! refuse) counts as ahead. The step to version 9 starts it at the latest
+//! namespace mark, or, on a schema that had a version before, ten minutes
+//! ahead if that is later (see "Versions"). Clients need the same
+//! privileges on `queue_mark` as on `tokens`: to read it, and to move it.
 //!
 //! Expired reservations are removed by the grants' bounded sweep (see
 //! "Keeping the table small"); checks and listings ignore them until then.
@@ -401,7 +404,7 @@
 //!    marks (through the new `keep_reservation`). A refusal of version 8
 //!    that was already running when the step committed writes its
 //!    namespace's mark only; on a schema that had a version before the
-//!    step, the schema's mark starts a minute ahead, and that refusal's
+//!    step, the schema's mark starts ten minutes ahead, and that refusal's
 //!    waiter renews its reservation (which moves the schema's mark)
 //!    within a reservation's life of 3 s. Every statement of this step
 //!    can run again.
@@ -717,7 +720,7 @@ mod tests {
         "4369596d7c06a677f251d1934887f2c4e0efa875d2d0885bdad77dfe590435da",
         "74f20dec5a269d7b01c34f07509e0fc21ed4786b109b2384c90d99c64a756c84",
         "29e13e27b039bf62d62114af3be3ea47215e99547b8b35a80a01608249e71ed3",
-        "0ed866dedd1fb749803345a63035195bb101bca58e177fef475f8a573aca8ff9",
+        "c076f202d9c4a5f316ec4f428c1754b8ada2d556bb8a6df6db2e0f2962ec8d6f",
     ];
 
     #[test]

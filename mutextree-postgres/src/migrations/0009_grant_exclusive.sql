@@ -11,16 +11,20 @@
 -- function call and no statement, and reads its namespace's mark (a
 -- lookup of queues) only while it lies ahead. setval is not transactional: the mark moves before
 -- the reservation that moves it commits (and stays if that rolls back),
--- so a check that sees the reservation sees the mark. It starts at the
--- latest namespace mark, and on a schema that had a version before this
--- step's transaction (its row in schema_version), a minute ahead if that
--- is later: a refusal of a version 8 function still running writes its
+-- so a check that sees the reservation sees the mark. A mark that reads
+-- null (a role that may not read the sequence, on servers that answer
+-- null rather than refuse) counts as ahead. It starts at the latest
+-- namespace mark, and on a schema that had a version before this step's
+-- transaction (its row in schema_version), ten minutes ahead if that is
+-- later: a refusal of a version 8 function still running writes its
 -- namespace's mark only, and its waiter renews the reservation (through
--- keep_reservation below) well within that minute.
+-- keep_reservation below) well within that time, which counts from here,
+-- not from the commit.
 CREATE SEQUENCE IF NOT EXISTS {schema}.queue_mark AS bigint MINVALUE 0;
+SELECT pg_advisory_xact_lock(hashtextextended('mutextree queue mark {schema_name}', 1));
 SELECT setval('{schema}.queue_mark',
               greatest(coalesce(pg_sequence_last_value('{schema}.queue_mark'), 0),
-                       (SELECT ceil(date_part('epoch', clock_timestamp() + interval '1 minute'))::bigint
+                       (SELECT ceil(date_part('epoch', clock_timestamp() + interval '10 minutes'))::bigint
                           FROM {schema}.schema_version),
                        (SELECT ceil(date_part('epoch', max(q.live_until)))::bigint FROM {schema}.queues q),
                        0));
@@ -201,7 +205,7 @@ BEGIN
             -- reservation with a smaller ticket on an ancestor (the head
             -- of its key's queue) or in the subtree, in either mode.
             IF v_row.key IS NULL AND p_queue <> 'barge'
-               AND pg_sequence_last_value('{schema}.queue_mark') > date_part('epoch', v_now) THEN
+               AND (pg_sequence_last_value('{schema}.queue_mark') > date_part('epoch', v_now)) IS NOT FALSE THEN
                 SELECT q.live_until INTO v_live_until FROM {schema}.queues q WHERE q.namespace = p_namespace;
                 IF v_live_until - v_now > interval '0' THEN
                     v_before := CASE WHEN p_queue = 'waiting' THEN p_ticket ELSE 9223372036854775807 END;
@@ -234,7 +238,6 @@ BEGIN
         END LOOP;
         PERFORM pg_advisory_xact_lock(hashtextextended(p_namespace || ' ' || p_key, 0));
         v_free := true;
-        v_row := NULL;
     END LOOP;
 
     IF v_row.key IS NOT NULL THEN
