@@ -304,9 +304,8 @@ impl PostgresBackend {
         // The common request, one Exclusive item of a new tree grant, has
         // a function of its own (see "One Exclusive item" in the schema
         // module); it answers in the same columns.
-        let single = items.first();
-        let row = if items.len() == 1 && single.mode == Mode::Exclusive && tree && !transient && changing.is_none() {
-            let path = &single.path;
+        let row = if one_exclusive(items) && tree && !transient && changing.is_none() {
+            let path = &items.first().path;
             let ancestors: Vec<&str> = path.ancestor_keys().collect();
             let statement = &self.shared.statements.grant_exclusive;
             let range_end = path.key_range_end();
@@ -474,18 +473,20 @@ impl PostgresBackend {
     /// payload, in the statement that also announces it at commit.
     async fn remove(&self, grant: &Grant, revocation: Option<String>) -> Result<(), Error> {
         let Some(token) = stored_token(grant) else { return Err(Error::not_held(grant)) };
-        let keys = grant_keys(grant);
         let (namespace, owner) = (self.namespace.as_str(), grant.owner.as_str());
         let statements = &self.shared.statements;
-        // One Exclusive item has a function of its own, which removes one
-        // key's row (see "One Exclusive item" in the schema module).
-        let single = grant.items.len() == 1 && grant.items.first().mode == Mode::Exclusive;
         let row = match &revocation {
-            None if single => {
-                self.query_one(&statements.release_exclusive, &[&namespace, &keys[0], &owner, &token]).await?
+            // One Exclusive item has a function of its own, which removes
+            // one key's row (see "One Exclusive item" in the schema module).
+            None if one_exclusive(&grant.items) => {
+                let key = grant.items.first().path.key();
+                self.query_one(&statements.release_exclusive, &[&namespace, &key, &owner, &token]).await?
             }
-            None => self.query_one(&statements.release, &[&namespace, &keys, &owner, &token]).await?,
-            Some(payload) => self.query_one(&statements.revoke, &[&namespace, &keys, &owner, &token, payload]).await?,
+            None => self.query_one(&statements.release, &[&namespace, &grant_keys(grant), &owner, &token]).await?,
+            Some(payload) => {
+                let keys = grant_keys(grant);
+                self.query_one(&statements.revoke, &[&namespace, &keys, &owner, &token, payload]).await?
+            }
         };
         if column::<bool>(&row, 0)? {
             Ok(())
@@ -581,6 +582,12 @@ fn queue_arguments(queue: Queue) -> Result<(&'static str, i64), Error> {
             ("waiting", ticket)
         }
     })
+}
+
+/// Whether `items` are one Exclusive item: the common request, which the
+/// schema serves with functions of its own.
+fn one_exclusive(items: &LockItems) -> bool {
+    items.len() == 1 && items.first().mode == Mode::Exclusive
 }
 
 /// The keys of a grant's items, as release and refresh match them.
